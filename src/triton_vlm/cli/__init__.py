@@ -1,0 +1,1 @@
+"""The ``triton-vlm`` command line."""

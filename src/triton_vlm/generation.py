@@ -1,0 +1,85 @@
+"""The batched decode loop shared by every family (CPU and GPU, served and direct).
+
+One call generates for a whole batch: a left-padded prefill, then one forward step per token for all rows
+that are still running. Rows stop on their own EOS or ``max_tokens``; each row samples with its own
+parameters (:class:`~triton_vlm.sampling.RowSampler`). Explicit position ids make a padded row see exactly
+the positions it would see alone, so a batch returns what single requests return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from triton_vlm.models.base import ModelFamily
+from triton_vlm.sampling import RowSampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
+
+
+def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torch.Tensor:
+    """Positions counted over real tokens only: ``first, first+1, ...``; padding gets ``pad``."""
+    counted = attention_mask.long().cumsum(-1) - 1 + first
+    return torch.where(attention_mask.bool(), counted, torch.full_like(counted, pad))
+
+
+@torch.inference_mode()
+def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list[Image.Image],
+                   prompts: list[str], params: list[SamplingParams]) -> list[GenerationOutput]:
+    """Generate for ``len(prompts)`` requests in one batched loop; ``prompts`` are user prompts."""
+    from transformers import DynamicCache
+
+    device = model.device
+    texts = [family.render_prompt(processor, p) for p in prompts]
+    inputs = family.encode(processor, images, texts)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    attention_mask = inputs["attention_mask"]
+    positions = position_ids_for(attention_mask, family.first_position(model), family.pad_position(model))
+    prompt_tokens = attention_mask.sum(-1).tolist()
+
+    batch = len(prompts)
+    stop_ids = torch.tensor(sorted(family.stop_token_ids(model, processor)), device=device)
+    pad_id = processor.tokenizer.pad_token_id or 0
+    limits = torch.tensor([p.max_tokens for p in params], device=device)
+    sampler = RowSampler(params, device)
+    cache = DynamicCache()
+
+    logits = family.prefill(model, inputs, positions, cache)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    finish = ["length"] * batch
+    running = torch.ones(batch, dtype=torch.bool, device=device)
+    step = 0
+    while True:
+        tokens = sampler(logits.float())
+        is_stop = torch.isin(tokens, stop_ids)
+        step += 1
+        for row in running.nonzero().flatten().tolist():
+            if is_stop[row]:
+                finish[row] = "stop"
+            else:
+                generated[row].append(int(tokens[row]))
+        running &= ~is_stop & (limits > step)
+        if not running.any():
+            break
+        # Finished rows keep stepping with a pad token (masked out) until the whole batch is done.
+        tokens = torch.where(running, tokens, torch.full_like(tokens, pad_id))
+        attention_mask = torch.cat([attention_mask, running.to(attention_mask.dtype)[:, None]], dim=-1)
+        positions = positions[:, -1:] + 1
+        logits = family.decode(model, tokens[:, None], attention_mask, positions, cache)
+
+    return [
+        GenerationOutput(text=family.decode_text(processor, ids), token_ids=tuple(ids),
+                         prompt_tokens=int(n), finish_reason=reason)
+        for ids, n, reason in zip(generated, prompt_tokens, finish)
+    ]

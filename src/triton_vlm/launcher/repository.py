@@ -1,0 +1,60 @@
+"""Find the model repository and render the copy that one server run serves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from triton_vlm.launcher.distribution import LauncherError
+from triton_vlm.model_config import dump_model_config, force_instance_kind, load_model_config
+from triton_vlm.models import get_family
+
+
+def default_model_repository() -> Path:
+    """``$TRITON_VLM_MODEL_REPOSITORY``, else ``triton_models/`` in the current directory or a parent of it,
+    else the one beside this source tree."""
+    explicit = os.environ.get("TRITON_VLM_MODEL_REPOSITORY")
+    if explicit:
+        return Path(explicit)
+    for directory in [Path.cwd(), *Path.cwd().parents, *Path(__file__).resolve().parents]:
+        candidate = directory / "triton_models"
+        if candidate.is_dir():
+            return candidate
+    raise LauncherError("no model repository found: run from the project directory or set "
+                        "TRITON_VLM_MODEL_REPOSITORY")
+
+
+def list_models(repository: Path) -> list[str]:
+    return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+
+
+def model_family(repository: Path, model: str) -> str:
+    config = load_model_config(repository / model / "config.pbtxt")
+    param = config.parameters.get("model_family")
+    return param.string_value if param else model
+
+
+def servable_models(repository: Path) -> list[str]:
+    """Models whose family this version can serve (the default selection)."""
+    return [m for m in list_models(repository) if get_family(model_family(repository, m)).supported]
+
+
+def render_repository(source: Path, target: Path, models: list[str], instance_kind: str | None) -> Path:
+    """Copy ``models`` from ``source`` to ``target``; with ``instance_kind`` ("KIND_CPU"/"KIND_GPU") every
+    instance group is rewritten to it (GPU configs on a host without GPUs)."""
+    known = list_models(source)
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise LauncherError(f"unknown model(s) {', '.join(unknown)}; the repository {source} has: "
+                            f"{', '.join(known)}")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for model in models:
+        shutil.copytree(source / model, target / model, ignore=shutil.ignore_patterns("__pycache__"))
+        config = load_model_config(source / model / "config.pbtxt")
+        if instance_kind:
+            force_instance_kind(config, instance_kind)
+        (target / model / "config.pbtxt").write_text(dump_model_config(config))
+    return target

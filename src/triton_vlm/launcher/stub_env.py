@@ -1,0 +1,87 @@
+"""The Python environment Triton's stub runs in, and the numpy 2 trap.
+
+The stub ignores PYTHONPATH and takes its environment from the first ``python3`` on PATH. Triton 2.51's stub
+was built with a pybind11 that predates numpy 2: with numpy 2 every STRING input crashes it ("unpack_from
+requires a buffer of at least 84215049 bytes"; python_backend PR #384, server issue #7722). Where numpy 2 is
+installed we build a small venv with numpy 1.26 that still sees this environment's packages (torch, ...).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import logging
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+from triton_vlm.launcher.distribution import LauncherError
+
+log = logging.getLogger("triton_vlm")
+
+NUMPY1_SPEC = "numpy>=1.26,<2"
+
+
+def numpy_major() -> int:
+    try:
+        return int(importlib.metadata.version("numpy").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return 0
+
+
+def stub_python_bin(work_dir: Path) -> Path:
+    """The directory to put first on PATH so the stub picks a numpy-1 Python that sees our packages."""
+    here = Path(sys.executable).parent
+    if numpy_major() < 2:
+        return here
+    return _numpy1_overlay(work_dir / "stub-env")
+
+
+def _numpy1_overlay(env_dir: Path) -> Path:
+    bin_dir = env_dir / "bin"
+    marker = env_dir / ".numpy1-ready"
+    if marker.exists():
+        return bin_dir
+    log.info("numpy 2 found: preparing a numpy 1.26 environment for the Triton stub in %s", env_dir)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(env_dir)], check=True)
+    site_dir = Path(subprocess.check_output(
+        [str(bin_dir / "python3"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        text=True).strip())
+    _install_numpy1(site_dir)
+    # Our site-packages come after the overlay's own, so its numpy 1.26 wins and torch & co. are still found.
+    # addsitedir (not a bare path) so .pth files there (editable installs) are processed too.
+    paths = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    (site_dir / "zz_triton_vlm_host.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in paths))
+    marker.write_text(NUMPY1_SPEC + "\n")
+    return bin_dir
+
+
+def _install_numpy1(site_dir: Path) -> None:
+    wheels = _numpy1_wheels()
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", str(site_dir)]
+    if wheels:
+        command = pip + ["--no-index", wheels[0]]
+    else:
+        command = pip + [NUMPY1_SPEC]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LauncherError(
+            "numpy 2 is installed, and Triton 2.51's Python stub crashes on STRING inputs with numpy 2. "
+            "Installing numpy<2 for the stub failed: give a numpy 1.26 wheel for this Python via "
+            "TRITON_VLM_NUMPY1_WHEEL=/path/to/numpy-1.26.4-...whl, or install 'numpy<2' in this environment. "
+            f"pip said: {result.stderr.strip()[-400:]}"
+        )
+
+
+def _numpy1_wheels() -> list[str]:
+    explicit = os.environ.get("TRITON_VLM_NUMPY1_WHEEL")
+    if explicit:
+        return [explicit]
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    found: list[str] = []
+    for directory in filter(None, os.environ.get("TRITON_VLM_WHEELHOUSE", "").split(os.pathsep)):
+        found += sorted(glob.glob(os.path.join(directory, f"numpy-1.*-{tag}-{tag}-*.whl")))
+    return found

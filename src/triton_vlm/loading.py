@@ -1,0 +1,115 @@
+"""Find and load weights: tiny checkpoint, a local directory, or a Hugging Face id (cached or downloaded)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from triton_vlm.errors import ModelLoadError
+from triton_vlm.models import ModelFamily, get_family
+from triton_vlm.settings import ModelSettings, parse_bool
+
+log = logging.getLogger("triton_vlm")
+
+
+@dataclass
+class LoadedModel:
+    family: ModelFamily
+    model: Any
+    processor: Any
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    load_seconds: float
+
+
+def resolve_device(settings: ModelSettings, instance_kind: str = "CPU", device_id: int = 0) -> torch.device:
+    """``device=auto`` follows the Triton instance: a GPU instance uses its GPU, anything else the CPU."""
+    if settings.device != "auto":
+        return torch.device(settings.device)
+    if instance_kind.upper() == "GPU" and torch.cuda.is_available():
+        return torch.device("cuda", device_id)
+    return torch.device("cpu")
+
+
+def resolve_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype:
+    if settings.dtype != "auto":
+        return getattr(torch, settings.dtype)
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def hub_offline() -> bool:
+    return any(parse_bool(os.environ.get(k, "0"), name=k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
+    """Load model and processor for ``settings`` on ``device``; every failure is a :class:`ModelLoadError`
+    whose message names the weights and how to provide them."""
+    family = get_family(settings.family)
+    if not family.supported:
+        raise ModelLoadError(f"model {settings.model_name!r}: family {family.name!r} cannot be served yet")
+    dtype = resolve_dtype(settings, device)
+    _quiet_transformers()
+    source, revision, local_only = _weights_source(settings, family)
+    started = time.perf_counter()
+    try:
+        model, processor = family.load(source, revision=revision, dtype=dtype, device=device,
+                                       local_files_only=local_only,
+                                       trust_remote_code=settings.trust_remote_code)
+    except ModelLoadError:
+        raise
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelLoadError(f"model {settings.model_name!r}: out of GPU memory loading {source} ({exc})") from exc
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(_missing_weights_message(settings, source, revision, local_only, exc)) from exc
+    seconds = time.perf_counter() - started
+    log.info("loaded model %s (%s from %s) on %s as %s in %.1fs", settings.model_name, family.name, source,
+             device, str(dtype).removeprefix("torch."), seconds)
+    return LoadedModel(family, model, processor, device, dtype, source, seconds)
+
+
+def _quiet_transformers() -> None:
+    # Progress bars and backend notices would land in Triton's log (and the CLI's stderr) on every load.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _weights_source(settings: ModelSettings, family: ModelFamily) -> tuple[str, str | None, bool]:
+    if settings.tiny:
+        from triton_vlm.tiny import ensure_tiny_checkpoint
+
+        return str(ensure_tiny_checkpoint(family.name)), None, True
+    if settings.local_path:
+        path = Path(settings.local_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model {settings.model_name!r}: local_path {str(path)!r} is not a checkpoint directory "
+                "(no config.json). Point it at a directory made by save_pretrained or `huggingface-cli download`."
+            )
+        return str(path), None, True
+    model_id = settings.hf_model_id or family.default_hf_model_id
+    return model_id, settings.revision or None, hub_offline()
+
+
+def _missing_weights_message(settings: ModelSettings, source: str, revision: str | None, local_only: bool,
+                             exc: Exception) -> str:
+    from triton_vlm.settings import env_prefix
+
+    where = "offline mode (HF_HUB_OFFLINE=1) found no cached copy" if local_only else (
+        "the Hugging Face Hub could not be reached and no cached copy was found")
+    return (
+        f"model {settings.model_name!r}: cannot load weights {source!r} (revision {revision or 'default'}): "
+        f"{where}. Provide them by one of: (1) on a connected machine run "
+        f"`huggingface-cli download {source}` and copy the cache to HF_HOME "
+        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); (2) set {env_prefix(settings.model_name)}"
+        f"LOCAL_PATH (or the local_path parameter) to a checkpoint directory; (3) use --tiny for test weights. "
+        f"Cause: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    )

@@ -1,0 +1,102 @@
+"""The adapter interface every model family implements.
+
+The generation loop (:mod:`triton_vlm.generation`) is family-agnostic: it asks the adapter how to render a
+prompt, encode a batch, number positions and run one forward step. Differences between families live here,
+as small overrides, never as copies of the loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from triton_vlm.errors import InvalidInputError
+
+
+class ModelFamily(ABC):
+    """One model architecture: how to load it, prompt it, step it and build a tiny copy of it."""
+
+    name: ClassVar[str]
+    #: Real weights served by default (Hugging Face model id).
+    default_hf_model_id: ClassVar[str]
+    #: Whether :meth:`load` can serve this family in this version of the project.
+    supported: ClassVar[bool] = True
+    #: Tokens a user prompt may not contain because the processor gives them structural meaning.
+    reserved_prompt_tokens: ClassVar[tuple[str, ...]] = ()
+
+    # -- loading -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def model_class(self) -> type: ...
+
+    def load(self, source: str, *, revision: str | None, dtype: torch.dtype, device: torch.device,
+             local_files_only: bool, trust_remote_code: bool) -> tuple[Any, Any]:
+        """Load ``(model, processor)`` from a local directory or a hub id; weights from safetensors only."""
+        from transformers import AutoProcessor
+
+        common = dict(revision=revision, local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(source, **common)
+        model = self.model_class().from_pretrained(source, dtype=dtype, use_safetensors=True, **common)
+        model.to(device).eval()
+        processor.tokenizer.padding_side = "left"
+        return model, processor
+
+    @abstractmethod
+    def build_tiny(self, path: Path) -> None:
+        """Write a tiny random-weight checkpoint of the real architecture (model + processor) to ``path``."""
+
+    # -- prompting ---------------------------------------------------------------------------------------
+    def validate_prompt(self, prompt: str) -> None:
+        for token in self.reserved_prompt_tokens:
+            if token in prompt:
+                raise InvalidInputError(f"prompt: may not contain the reserved token {token!r}")
+
+    @abstractmethod
+    def render_prompt(self, processor: Any, prompt: str) -> str:
+        """The full model input text for a user prompt (chat template, image placeholder)."""
+
+    def encode(self, processor: Any, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded batch tensors for the first forward pass."""
+        return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+
+    # -- stepping ----------------------------------------------------------------------------------------
+    #: Position id of the first real token. RoPE models count from 0; fairseq-style models from pad+1.
+    def first_position(self, model: Any) -> int:
+        return 0
+
+    def pad_position(self, model: Any) -> int:
+        return 0
+
+    def prefill(self, model: Any, inputs: dict[str, torch.Tensor], position_ids: torch.Tensor,
+                cache: Any) -> torch.Tensor:
+        """First forward pass over the whole prompt (and image); returns last-position logits [batch, vocab]."""
+        out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                    **{cache_kwarg(model.forward): cache})
+        return out.logits[:, -1, :]
+
+    def decode(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One incremental step for the tokens just chosen; returns logits [batch, vocab]."""
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=True, **{cache_kwarg(model.forward): cache})
+        return out.logits[:, -1, :]
+
+    def stop_token_ids(self, model: Any, processor: Any) -> set[int]:
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = processor.tokenizer.eos_token_id
+        ids = eos if isinstance(eos, (list, tuple)) else [eos]
+        return {int(i) for i in ids if i is not None}
+
+    def decode_text(self, processor: Any, token_ids: list[int]) -> str:
+        return processor.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+def cache_kwarg(forward: Any) -> str:
+    """The name a model's forward uses for its KV cache: ``cache`` (transformers >= 5.2x) or the older one."""
+    parameters = inspect.signature(forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"

@@ -1,0 +1,34 @@
+"""Maps a family name to its adapter class, importing the module only when first asked for."""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+from triton_vlm.errors import UnknownModelError
+from triton_vlm.models.base import ModelFamily
+
+# name -> (module, class). Adding a family is one line here and one module.
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "llava": ("triton_vlm.models.llava", "LlavaFamily"),
+    "kosmos2": ("triton_vlm.models.kosmos2", "Kosmos2Family"),
+    "moondream2": ("triton_vlm.models.moondream2", "Moondream2Family"),
+}
+
+
+def available_families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+@cache
+def get_family(name: str) -> ModelFamily:
+    """The adapter instance for ``name``; raises :class:`UnknownModelError` listing the known ones."""
+    try:
+        module_name, class_name = _FAMILIES[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model family {name!r}; known families: {', '.join(available_families())}"
+        ) from None
+    family = getattr(importlib.import_module(module_name), class_name)()
+    assert isinstance(family, ModelFamily)
+    return family

@@ -1,0 +1,136 @@
+"""One served model in one process: lazy, thread-safe loading and batched generation with per-request errors.
+
+Both the Triton backend and ``triton-vlm infer --direct`` go through :class:`VLMRuntime`, so a served answer
+and a direct answer come from the same code with the same settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
+from triton_vlm.generation import GenerationOutput, generate_batch
+from triton_vlm.images import decode_image
+from triton_vlm.loading import LoadedModel, load_model
+from triton_vlm.models import get_family
+from triton_vlm.sampling import SamplingParams
+from triton_vlm.settings import ModelSettings
+
+log = logging.getLogger("triton_vlm")
+
+#: Longest prompt accepted, in characters (the token limit is the model's context, checked at encode).
+MAX_PROMPT_CHARS = 16_000
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    image: Image.Image
+    prompt: str
+    params: SamplingParams
+
+
+class VLMRuntime:
+    """Owns one model: validates requests, loads weights once on first use, generates batches."""
+
+    def __init__(self, settings: ModelSettings, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+        self.family = get_family(settings.family)
+        self._loaded: LoadedModel | None = None
+        self._load_lock = threading.Lock()
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    def ensure_loaded(self) -> LoadedModel:
+        """Load the weights if this is the first call; concurrent callers wait for the one load.
+
+        A failed load raises and leaves nothing cached, so the next request tries again.
+        """
+        if self._loaded is None:
+            with self._load_lock:
+                if self._loaded is None:
+                    log.info("model %s: loading weights on first use (this can take a while)",
+                             self.settings.model_name)
+                    self._loaded = load_model(self.settings, self.device)
+        return self._loaded
+
+    def make_request(self, image_bytes: bytes, prompt: str | bytes, *, max_tokens: int | None = None,
+                     temperature: float | None = None, top_p: float | None = None,
+                     seed: int | None = None) -> GenerationRequest:
+        """Validate raw request values; raises :class:`InvalidInputError` naming the bad field."""
+        if isinstance(prompt, bytes):
+            try:
+                prompt = prompt.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(f"prompt: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if not prompt.strip():
+            raise InvalidInputError("prompt: empty; ask the model something")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidInputError(f"prompt: {len(prompt)} characters is over the limit of {MAX_PROMPT_CHARS}")
+        if "\x00" in prompt:
+            raise InvalidInputError("prompt: contains a NUL character")
+        self.family.validate_prompt(prompt)
+        limit = self.settings.max_tokens_limit
+        max_tokens = self.settings.default_max_tokens if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= limit:
+            raise InvalidInputError(f"max_tokens must be in [1, {limit}], got {max_tokens}")
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            seed=seed,
+        )
+        image = decode_image(image_bytes, max_bytes=self.settings.max_image_bytes,
+                             max_pixels=self.settings.max_image_pixels)
+        return GenerationRequest(image=image, prompt=prompt, params=params)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
+        """Generate for all ``requests`` in one batch; each slot holds an output or that request's error.
+
+        If the batch fails as a whole, each request is retried alone, so only the request at fault fails.
+        Load failures are returned for every request (and retried on the next call).
+        """
+        if not requests:
+            return []
+        try:
+            loaded = self.ensure_loaded()
+        except TritonVLMError as exc:
+            return [exc] * len(requests)
+        try:
+            return list(self._run(loaded, requests))
+        except Exception as exc:
+            if len(requests) == 1:
+                return [_as_error(exc)]
+            log.warning("model %s: batch of %d failed (%s); retrying one by one",
+                        self.settings.model_name, len(requests), exc)
+            results: list[GenerationOutput | TritonVLMError] = []
+            for request in requests:
+                try:
+                    results.extend(self._run(loaded, [request]))
+                except Exception as single_exc:
+                    results.append(_as_error(single_exc))
+            return results
+
+    def _run(self, loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+        return generate_batch(
+            loaded.family, loaded.model, loaded.processor,
+            [r.image for r in requests], [r.prompt for r in requests], [r.params for r in requests],
+        )
+
+
+def _as_error(exc: Exception) -> TritonVLMError:
+    if isinstance(exc, TritonVLMError):
+        return exc
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return GenerationError(f"out of GPU memory while generating: {exc}")
+    if isinstance(exc, (ValueError, IndexError)):
+        # Processor and embedding errors for one request (prompt too long for the context, token mismatch).
+        return InvalidInputError(f"request rejected by the model's processor: {exc}")
+    return GenerationError(f"generation failed: {type(exc).__name__}: {exc}")

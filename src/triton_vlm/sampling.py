@@ -1,0 +1,75 @@
+"""Per-request sampling parameters and the token choice for a batch where each row has its own."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from triton_vlm.errors import InvalidInputError
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. ``temperature == 0`` is greedy (the default, reproducible)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidInputError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise InvalidInputError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidInputError(f"seed must be in [0, 2**63-1], got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RowSampler:
+    """Chooses the next token of every row; each sampled row draws from its own seeded generator.
+
+    Own generators make a seeded request give the same text whatever batch it lands in.
+    """
+
+    def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
+        self.params = params
+        self.greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        self.sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+        self.generators: dict[int, torch.Generator] = {}
+        for row in self.sampled_rows:
+            seed = params[row].seed
+            generator = torch.Generator(device=device)
+            generator.manual_seed(secrets.randbelow(MAX_SEED) if seed is None else seed)
+            self.generators[row] = generator
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [batch, vocab] -> next token ids [batch]."""
+        tokens = logits.argmax(dim=-1)
+        for row in self.sampled_rows:
+            p = self.params[row]
+            probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                probs = _top_p_filter(probs, p.top_p)
+            tokens[row] = torch.multinomial(probs, 1, generator=self.generators[row])[0]
+        return tokens
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_probs, order = probs.sort(descending=True)
+    # Keep the smallest prefix whose mass reaches top_p; the top token always survives.
+    drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    sorted_probs[drop] = 0.0
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return filtered / filtered.sum()

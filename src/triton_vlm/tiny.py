@@ -1,0 +1,110 @@
+"""Tiny random-weight checkpoints of the real architectures, built locally (no hub needed).
+
+Each family's ``build_tiny`` writes a checkpoint in the same file layout as its real one, so the serving code
+loads it through exactly the path real weights take. Builds are deterministic (seeded): every process that
+builds or loads ``<root>/<family>`` gets the same weights, which is what served-vs-direct parity relies on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+#: Bump when a tiny builder changes, so stale checkpoints in caches are rebuilt.
+TINY_FORMAT_VERSION = 1
+SEED = 1234
+
+CORPUS = [
+    "a photo of a cat sitting on a red mat next to a window",
+    "what is in this image? describe the picture in detail.",
+    "the quick brown fox jumps over the lazy dog in the green field",
+    "an image of a snowman warming himself by a fire",
+    "two people riding bicycles down a busy city street at night",
+    "a bowl of fruit with apples, bananas and oranges on a wooden table",
+    "How many objects are there? Answer with one word.",
+    "USER: ASSISTANT: yes no red blue green yellow black white left right top bottom",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000",
+]
+
+
+def tiny_root() -> Path:
+    """Where tiny checkpoints live: ``$TRITON_VLM_CACHE/tiny`` or ``~/.cache/triton-vlm/tiny``."""
+    base = os.environ.get("TRITON_VLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "triton-vlm"
+    )
+    return Path(base) / "tiny"
+
+
+def tiny_checkpoint_dir(family: str, root: Path | None = None) -> Path:
+    return (root or tiny_root()) / f"{family}-v{TINY_FORMAT_VERSION}"
+
+
+def ensure_tiny_checkpoint(family: str, root: Path | None = None) -> Path:
+    """Build the tiny checkpoint of ``family`` unless it exists; safe when processes race for it."""
+    from triton_vlm.models import get_family
+
+    target = tiny_checkpoint_dir(family, root)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").exists():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            get_family(family).build_tiny(staging)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def seeded() -> None:
+    import torch
+
+    torch.manual_seed(SEED)
+
+
+def train_llama_style_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A SentencePiece-like BPE (metaspace, byte fallback) vocabulary and merges, trained on :data:`CORPUS`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    state = json.loads(tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    return state["vocab"], merges  # type: ignore[return-value]
+
+
+def train_unigram_vocab(vocab_size: int, specials: list[str]) -> list[tuple[str, float]]:
+    """A SentencePiece-like unigram vocabulary (token, log-prob) with ``specials`` first, as XLM-R has."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False,
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:'-"),
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return [(token, float(score)) for token, score in json.loads(tokenizer.to_str())["model"]["vocab"]]
