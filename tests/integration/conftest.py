@@ -1,0 +1,64 @@
+"""One real tritonserver (tiny weights, free loopback ports) shared by the whole integration session."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from triton_vlm.launcher import ServerOptions, TritonServer
+
+SERVED_MODELS = ("llava", "kosmos2", "moondream2")
+WORKING_MODELS = ("llava", "kosmos2")
+
+
+@dataclass
+class RunningServer:
+    server: TritonServer
+    log_path: Path
+    startup_metrics: str  # scraped before any inference request
+
+    @property
+    def http_url(self) -> str:
+        return self.server.http_url
+
+    @property
+    def grpc_url(self) -> str:
+        return self.server.grpc_url
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.server.metrics_url, timeout=10) as response:
+            return response.read().decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _ports() -> tuple[int, int, int]:
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    http, grpc, metrics = sorted(ports)
+    return http, grpc, metrics
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    http, grpc, metrics = _ports()
+    options = ServerOptions(models=SERVED_MODELS, tiny=True, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    with open(log_path, "w") as log_file:
+        server = TritonServer(options, log_file=log_file)
+        server.start()
+        try:
+            server.wait_until_ready(timeout=180)
+            with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+                startup = response.read().decode()
+            yield RunningServer(server, log_path, startup)
+        finally:
+            code = server.stop()
+    assert code == 0, f"tritonserver exited with {code}; log:\n{log_path.read_text()[-3000:]}"
