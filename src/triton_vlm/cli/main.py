@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -49,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--image", required=True, type=Path)
     infer.add_argument("--prompt", required=True)
     where = infer.add_mutually_exclusive_group()
-    where.add_argument("--url", default="localhost:8000", help="server address (HTTP, or gRPC with --grpc)")
+    where.add_argument("--url", default=os.environ.get("TRITON_VLM_URL", "localhost:8000"),
+                       help="server address, HTTP or gRPC with --grpc (default: $TRITON_VLM_URL or localhost:8000)")
     where.add_argument("--direct", action="store_true", help="run in this process, without Triton")
     infer.add_argument("--grpc", action="store_true", help="talk gRPC instead of HTTP")
     infer.add_argument("--tiny", action="store_true", help="with --direct: the tiny checkpoints")
