@@ -49,7 +49,9 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
     prompt_tokens = attention_mask.sum(-1).tolist()
 
     batch = len(prompts)
-    stop_ids = torch.tensor(sorted(family.stop_token_ids(model, processor)), device=device)
+    stop_ids = torch.tensor(sorted(family.stop_token_ids(model, processor)), device=device, dtype=torch.long)
+    # Rows that ignore EOS must never match: -1 is no token id.
+    row_stop = torch.tensor([p.ignore_eos for p in params], device=device)
     pad_id = processor.tokenizer.pad_token_id or 0
     limits = torch.tensor([p.max_tokens for p in params], device=device)
     sampler = RowSampler(params, device)
@@ -62,7 +64,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
     step = 0
     while True:
         tokens = sampler(logits.float())
-        is_stop = torch.isin(tokens, stop_ids)
+        is_stop = torch.isin(tokens, stop_ids) & ~row_stop
         step += 1
         for row in running.nonzero().flatten().tolist():
             if is_stop[row]:

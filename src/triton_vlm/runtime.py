@@ -63,7 +63,7 @@ class VLMRuntime:
 
     def make_request(self, image_bytes: bytes, prompt: str | bytes, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
-                     seed: int | None = None) -> GenerationRequest:
+                     seed: int | None = None, ignore_eos: bool = False) -> GenerationRequest:
         """Validate raw request values; raises :class:`InvalidInputError` naming the bad field."""
         if isinstance(prompt, bytes):
             try:
@@ -86,6 +86,7 @@ class VLMRuntime:
             temperature=0.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
             seed=seed,
+            ignore_eos=ignore_eos,
         )
         image = decode_image(image_bytes, max_bytes=self.settings.max_image_bytes,
                              max_pixels=self.settings.max_image_pixels)

@@ -21,6 +21,8 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    #: Generate exactly ``max_tokens`` tokens whatever the model says (benchmarks).
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,33 +39,41 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-class RowSampler:
-    """Chooses the next token of every row; each sampled row draws from its own seeded generator.
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A generator seeded for this request (random seed when none given); None for greedy requests."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbelow(MAX_SEED) if params.seed is None else params.seed)
+    return generator
 
-    Own generators make a seeded request give the same text whatever batch it lands in.
-    """
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Next token of every row of ``logits`` [rows, vocab]: argmax for greedy rows, a draw from the row's
+    own generator (temperature, then top-p) for the others."""
+    tokens = logits.argmax(dim=-1)
+    for row, (p, generator) in enumerate(zip(params, generators)):
+        if generator is None:
+            continue
+        probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            probs = _top_p_filter(probs, p.top_p)
+        tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
+    return tokens
+
+
+class RowSampler:
+    """Chooses the next token of every row of a fixed batch; each sampled row has its own seeded generator,
+    so a seeded request gives the same text whatever batch it lands in."""
 
     def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
         self.params = params
-        self.greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-        self.sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-        self.generators: dict[int, torch.Generator] = {}
-        for row in self.sampled_rows:
-            seed = params[row].seed
-            generator = torch.Generator(device=device)
-            generator.manual_seed(secrets.randbelow(MAX_SEED) if seed is None else seed)
-            self.generators[row] = generator
+        self.generators = [make_generator(p, device) for p in params]
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` [batch, vocab] -> next token ids [batch]."""
-        tokens = logits.argmax(dim=-1)
-        for row in self.sampled_rows:
-            p = self.params[row]
-            probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                probs = _top_p_filter(probs, p.top_p)
-            tokens[row] = torch.multinomial(probs, 1, generator=self.generators[row])[0]
-        return tokens
+        return choose_tokens(logits, self.params, self.generators)
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

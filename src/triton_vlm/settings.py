@@ -13,7 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from triton_vlm.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from triton_vlm.engine.config import EngineConfig
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -59,6 +64,11 @@ class ModelSettings:
     max_tokens_limit: int = 1024
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Engine (the <model>_stream models): see triton_vlm.engine.EngineConfig.
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    kv_cache_memory_fraction: float = 0.85
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -78,9 +88,11 @@ class ModelSettings:
 
     @classmethod
     def from_parameters(
-        cls, model_name: str, parameters: Mapping[str, str], env: Mapping[str, str] | None = None
+        cls, model_name: str, parameters: Mapping[str, str], env: Mapping[str, str] | None = None,
+        env_aliases: tuple[str, ...] = (),
     ) -> ModelSettings:
-        """Build settings from config.pbtxt parameters, then apply ``TRITON_VLM_<MODEL>_<KEY>`` overrides."""
+        """Build settings from config.pbtxt parameters, then apply ``TRITON_VLM_<MODEL>_<KEY>`` overrides
+        (for each alias in ``env_aliases`` first, then for ``model_name``)."""
         env = os.environ if env is None else env
         fields = {f.name: f for f in dataclasses.fields(cls)}
         raw: dict[str, str] = {}
@@ -88,13 +100,16 @@ class ModelSettings:
             key = "family" if key == "model_family" else key
             if key in fields:
                 raw[key] = value
-        prefix = env_prefix(model_name)
-        for key in fields:
-            env_key = prefix + ("MODEL_FAMILY" if key == "family" else key.upper())
-            if env_key in env:
-                raw[key] = env[env_key]
+        for name in (*env_aliases, model_name):
+            prefix = env_prefix(name)
+            for key in fields:
+                env_key = prefix + ("MODEL_FAMILY" if key == "family" else key.upper())
+                if env_key in env:
+                    raw[key] = env[env_key]
         if "tiny" not in raw and tiny_mode(env):
             raw["tiny"] = "1"
+        if "family" not in raw:
+            raise InvalidInputError(f"model {model_name!r}: parameter 'model_family' is required")
         values: dict[str, object] = {"model_name": model_name}
         for key, value in raw.items():
             if key == "model_name":
@@ -102,17 +117,23 @@ class ModelSettings:
             kind = fields[key].type
             if kind == "bool":
                 values[key] = parse_bool(value, name=key)
-            elif kind == "int":
+            elif kind in ("int", "float"):
                 try:
-                    values[key] = int(value)
+                    values[key] = int(value) if kind == "int" else float(value)
                 except ValueError:
-                    raise InvalidInputError(f"model {model_name!r}: {key} must be an integer, got {value!r}")
+                    raise InvalidInputError(f"model {model_name!r}: {key} must be a number, got {value!r}") from None
             else:
                 values[key] = value.strip()
         return cls(**values)  # type: ignore[arg-type]
 
     def with_overrides(self, **changes: object) -> ModelSettings:
         return dataclasses.replace(self, **changes)
+
+    def engine_config(self) -> EngineConfig:
+        from triton_vlm.engine.config import EngineConfig
+
+        return EngineConfig(max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                            kv_cache_memory_fraction=self.kv_cache_memory_fraction, cuda_graphs=self.cuda_graphs)
 
 
 def read_config_parameters(config_path: Path) -> tuple[str, dict[str, str]]:

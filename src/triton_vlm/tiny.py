@@ -81,8 +81,11 @@ def seeded() -> None:
     torch.manual_seed(SEED)
 
 
-def train_llama_style_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A SentencePiece-like BPE (metaspace, byte fallback) vocabulary and merges, trained on :data:`CORPUS`."""
+def train_llama_style_vocab(vocab_size: int, pad_to: int | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A SentencePiece-like BPE (metaspace, byte fallback) vocabulary and merges, trained on :data:`CORPUS`.
+
+    ``pad_to`` appends filler pieces up to that size, so ids line up with a full-size model (32000 for Llama-2).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     specials = ["<unk>", "<s>", "</s>"]
@@ -93,7 +96,10 @@ def train_llama_style_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple
     tokenizer.train_from_iterator(CORPUS, trainer)
     state = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return state["vocab"], merges  # type: ignore[return-value]
+    vocab = dict(state["vocab"])
+    for index in range(len(vocab), pad_to or 0):
+        vocab[f"▁filler{index}"] = index  # decodable, never produced by encoding (no merge reaches it)
+    return vocab, merges  # type: ignore[return-value]
 
 
 def train_unigram_vocab(vocab_size: int, specials: list[str]) -> list[tuple[str, float]]:

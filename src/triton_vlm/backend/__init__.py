@@ -1,5 +1,28 @@
-"""Triton Python-backend glue. Importable only inside Triton's stub (it needs ``triton_python_backend_utils``)."""
+"""Triton Python-backend glue. Importable only inside Triton's stub (it needs ``triton_python_backend_utils``).
 
-from triton_vlm.backend.python_model import TritonVLMModel
+- ``TritonVLMModel`` (python_model.py): one batched HF generation per ``execute`` (the CPU default).
+- ``TritonVLMStreamModel`` (stream_model.py): the decoupled ``<model>_stream`` model, on the engine.
+- ``ForwardingModel`` (proxy.py): the public model on engine hosts, forwarding to ``<model>_stream``.
 
-__all__ = ["TritonVLMModel"]
+Imports are lazy so the forwarding model's processes never load torch.
+"""
+
+from typing import Any
+
+__all__ = ["ForwardingModel", "TritonVLMModel", "TritonVLMStreamModel"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TritonVLMModel":
+        from triton_vlm.backend.python_model import TritonVLMModel
+
+        return TritonVLMModel
+    if name == "TritonVLMStreamModel":
+        from triton_vlm.backend.stream_model import TritonVLMStreamModel
+
+        return TritonVLMStreamModel
+    if name == "ForwardingModel":
+        from triton_vlm.backend.proxy import ForwardingModel
+
+        return ForwardingModel
+    raise AttributeError(name)

@@ -7,20 +7,14 @@ would fail the whole batch.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, ClassVar
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
 from triton_vlm.backend.metrics import BackendMetrics
-from triton_vlm.errors import InvalidInputError, ModelLoadError, TritonVLMError
+from triton_vlm.backend.requests import error_response, output_response, parse_request, runtime_from_args
+from triton_vlm.errors import ModelLoadError, TritonVLMError
 from triton_vlm.generation import GenerationOutput
-from triton_vlm.images import image_bytes_from_tensor
-from triton_vlm.loading import resolve_device
-from triton_vlm.runtime import GenerationRequest, VLMRuntime
-from triton_vlm.settings import ModelSettings, parameters_from_json_config
+from triton_vlm.runtime import GenerationRequest
 
 log = logging.getLogger("triton_vlm")
 
@@ -31,18 +25,13 @@ class TritonVLMModel:
     family: ClassVar[str | None] = None
 
     def initialize(self, args: dict[str, str]) -> None:
-        _configure_logging()
-        config = json.loads(args["model_config"])
-        parameters = parameters_from_json_config(config)
-        if self.family:
-            parameters.setdefault("model_family", self.family)
-        self.model_name = args["model_name"]
-        self.settings = ModelSettings.from_parameters(self.model_name, parameters)
-        device = resolve_device(self.settings, args.get("model_instance_kind", "CPU"),
-                                int(args.get("model_instance_device_id", 0)))
-        self.runtime = VLMRuntime(self.settings, device)
+        configure_logging()
+        self.runtime = runtime_from_args(args, self.family)
+        self.settings = self.runtime.settings
+        self.model_name = self.settings.model_name
         self.metrics = BackendMetrics(self.model_name)
-        log.info("model %s (%s) ready on %s; weights load %s", self.model_name, self.settings.family, device,
+        log.info("model %s (%s) ready on %s; weights load %s", self.model_name, self.settings.family,
+                 self.runtime.device,
                  "now (preload)" if self.settings.preload else "on the first request")
         if self.settings.preload:
             self._load()
@@ -53,7 +42,7 @@ class TritonVLMModel:
         slots: list[int] = []
         for index, request in enumerate(requests):
             try:
-                batch.append(self._parse(request))
+                batch.append(parse_request(request, self.runtime))
                 slots.append(index)
             except TritonVLMError as exc:
                 responses[index] = self._error_response(exc)
@@ -86,57 +75,19 @@ class TritonVLMModel:
         self.metrics.loaded.set(1)
         self.metrics.load_seconds.set(loaded.load_seconds)
 
-    def _parse(self, request: Any) -> GenerationRequest:
-        image = _input(request, "image")
-        prompt = _input(request, "prompt")
-        if image is None or prompt is None:
-            raise InvalidInputError("inputs 'image' and 'prompt' are required")
-        prompts = prompt.reshape(-1)
-        if prompts.size != 1:
-            raise InvalidInputError(f"prompt: expected one string, got {prompts.size}")
-        value = prompts[0]
-        return self.runtime.make_request(
-            image_bytes_from_tensor(image),
-            value if isinstance(value, (bytes, str)) else str(value),
-            max_tokens=_scalar(request, "max_tokens", int),
-            temperature=_scalar(request, "temperature", float),
-            top_p=_scalar(request, "top_p", float),
-            seed=_scalar(request, "seed", int),
-        )
-
     def _response(self, output: GenerationOutput) -> Any:
         self.metrics.prompt_tokens.increment(output.prompt_tokens)
         self.metrics.generated_tokens.increment(len(output.token_ids))
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("generated_text", np.array([[output.text.encode("utf-8")]], dtype=np.object_)),
-            pb_utils.Tensor("generated_tokens", np.array([[len(output.token_ids)]], dtype=np.int32)),
-            pb_utils.Tensor("prompt_tokens", np.array([[output.prompt_tokens]], dtype=np.int32)),
-            pb_utils.Tensor("finish_reason", np.array([[output.finish_reason.encode()]], dtype=np.object_)),
-        ])
+        return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason)
 
     def _error_response(self, exc: TritonVLMError) -> Any:
         self.metrics.request_errors.increment(1)
         if isinstance(exc, ModelLoadError):
             log.error("%s", exc)
-        code = getattr(pb_utils.TritonError, exc.triton_code, pb_utils.TritonError.INTERNAL)
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc), code))
+        return error_response(exc)
 
 
-def _input(request: Any, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def _scalar(request: Any, name: str, kind: type) -> Any:
-    array = _input(request, name)
-    if array is None:
-        return None
-    if array.size != 1:
-        raise InvalidInputError(f"{name}: expected one value, got {array.size}")
-    return kind(array.reshape(-1)[0])
-
-
-def _configure_logging() -> None:
+def configure_logging() -> None:
     # The stub's stdout/stderr land in Triton's log; one handler per process.
     root = logging.getLogger("triton_vlm")
     if not root.handlers:

@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--instance-kind", choices=("auto", "cpu", "gpu"), default="auto",
                        help="auto: GPU instances where a GPU exists, else CPU")
     serve.add_argument("--preload", action="store_true", help="load weights at start instead of on first request")
+    serve.add_argument("--engine", choices=("auto", "on", "off"), default="auto",
+                       help="route public models through the <model>_stream engine (auto: on GPU hosts)")
     serve.add_argument("--model-repository", type=Path, default=None)
     serve.add_argument("--log-verbose", type=int, default=0)
     serve.set_defaults(handler=_serve)
@@ -75,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
         models=tuple(m for m in args.models.split(",") if m), model_repository=args.model_repository,
         http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port, host=args.host,
         tiny=args.tiny, preload=args.preload, instance_kind=args.instance_kind, log_verbose=args.log_verbose,
+        engine=args.engine,
     )
     server = TritonServer(options)
 

@@ -8,8 +8,10 @@ Errors come back as the project's exception tree (:mod:`triton_vlm.errors`): a b
 from __future__ import annotations
 
 import io
+import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -71,11 +73,13 @@ class TritonVLMClient:
     """
 
     def __init__(self, url: str = "localhost:8000", *, protocol: Protocol = "http",
-                 timeout: float = 300.0) -> None:
+                 timeout: float = 300.0, grpc_url: str | None = None) -> None:
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
         self.url = url.removeprefix("http://").removeprefix("grpc://").rstrip("/")
         self.protocol: Protocol = protocol
+        #: Where :meth:`stream` connects (token streaming is gRPC); default: this host, port 8001.
+        self.grpc_url = grpc_url or (self.url if protocol == "grpc" else self.url.rsplit(":", 1)[0] + ":8001")
         self.timeout = timeout
         self._local = threading.local()
         self._clients: list[Any] = []
@@ -94,14 +98,7 @@ class TritonVLMClient:
         """Like :meth:`infer`, with token counts, finish reason and latency."""
         module = self._module()
         data = np.frombuffer(encode_image(image), dtype=np.uint8)[None, :]
-        inputs = [self._tensor(module, "image", data, "UINT8"),
-                  self._tensor(module, "prompt", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES")]
-        for name, value, dtype, triton_type in (("max_tokens", max_tokens, np.int32, "INT32"),
-                                                ("temperature", temperature, np.float32, "FP32"),
-                                                ("top_p", top_p, np.float32, "FP32"),
-                                                ("seed", seed, np.int64, "INT64")):
-            if value is not None:
-                inputs.append(self._tensor(module, name, np.array([[value]], dtype=dtype), triton_type))
+        inputs = self._inputs(module, data, prompt, max_tokens, temperature, top_p, seed)
         outputs = [module.InferRequestedOutput(n) for n in
                    ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")]
         started = time.perf_counter()
@@ -115,6 +112,44 @@ class TritonVLMClient:
             finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"),
             latency_s=latency,
         )
+
+    def stream(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+               ignore_eos: bool = False) -> Iterator[str]:
+        """Yield the answer piece by piece as the engine generates it (gRPC streaming to ``<model>_stream``).
+
+        The pieces concatenate to the text :meth:`infer` returns. Leaving the loop early cancels the request.
+        """
+        import tritonclient.grpc as grpc_module
+        from tritonclient.utils import InferenceServerException
+
+        target = model_name if model_name.endswith("_stream") else f"{model_name}_stream"
+        data = np.frombuffer(encode_image(image), dtype=np.uint8)[None, :]
+        inputs = self._inputs(grpc_module, data, prompt, max_tokens, temperature, top_p, seed)
+        inputs.append(self._tensor(grpc_module, "ignore_eos", np.array([[ignore_eos]], dtype=np.bool_), "BOOL"))
+        inputs.append(self._tensor(grpc_module, "stream", np.array([[True]], dtype=np.bool_), "BOOL"))
+        pieces: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        client = grpc_module.InferenceServerClient(self.grpc_url)
+        try:
+            client.start_stream(callback=lambda result, error: pieces.put((result, error)),
+                                stream_timeout=self.timeout)
+            client.async_stream_infer(target, inputs)
+            while True:
+                try:
+                    result, error = pieces.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise ServerUnreachableError(f"no response from {target} in {self.timeout:.0f}s") from None
+                if error is not None:
+                    raise _translate(error, target, self.grpc_url) if isinstance(
+                        error, InferenceServerException) else ServerUnreachableError(str(error))
+                piece = result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8")
+                if piece:
+                    yield piece
+                if result.as_numpy("finish_reason").reshape(-1)[0]:
+                    return
+        finally:
+            client.stop_stream(cancel_requests=True)
+            client.close()
 
     # -- server state -------------------------------------------------------------------------------------
     def is_ready(self, model_name: str | None = None) -> bool:
@@ -181,6 +216,18 @@ class TritonVLMClient:
     def _timeout_kwargs(self) -> dict[str, Any]:
         return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
 
+    def _inputs(self, module: Any, data: np.ndarray, prompt: str, max_tokens: int | None,
+                temperature: float | None, top_p: float | None, seed: int | None) -> list[Any]:
+        inputs = [self._tensor(module, "image", data, "UINT8"),
+                  self._tensor(module, "prompt", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES")]
+        for name, value, dtype, triton_type in (("max_tokens", max_tokens, np.int32, "INT32"),
+                                                ("temperature", temperature, np.float32, "FP32"),
+                                                ("top_p", top_p, np.float32, "FP32"),
+                                                ("seed", seed, np.int64, "INT64")):
+            if value is not None:
+                inputs.append(self._tensor(module, name, np.array([[value]], dtype=dtype), triton_type))
+        return inputs
+
     @staticmethod
     def _tensor(module: Any, name: str, array: np.ndarray, triton_type: str) -> Any:
         tensor = module.InferInput(name, list(array.shape), triton_type)
@@ -199,8 +246,14 @@ class TritonVLMClient:
 
 
 def _translate(exc: Any, model_name: str | None, url: str) -> TritonVLMError:
+    from triton_vlm.error_tags import split_error_tag
+
     message = exc.message() or str(exc)
     status = str(exc.status() or "")
+    code, untagged = split_error_tag(message)
+    if message != untagged:  # a tagged stream error: the tag is the status
+        message = untagged
+        status = {"INVALID_ARG": "400", "UNAVAILABLE": "503", "NOT_FOUND": "404"}.get(code, "500")
     lowered = message.lower()
     if "unknown model" in lowered or ("not found" in lowered and model_name and model_name in message):
         return UnknownModelError(f"model {model_name!r} is not served at {url}: {message}")

@@ -32,12 +32,48 @@ def list_models(repository: Path) -> list[str]:
 def model_family(repository: Path, model: str) -> str:
     config = load_model_config(repository / model / "config.pbtxt")
     param = config.parameters.get("model_family")
-    return param.string_value if param else model
+    if param and param.string_value:
+        return param.string_value
+    base = config.parameters.get("base_model")
+    return model_family(repository, base.string_value) if base and base.string_value else model
+
+
+def base_model(repository: Path, model: str) -> str | None:
+    """For a companion model (``<m>_stream``), the model whose weights it serves."""
+    param = load_model_config(repository / model / "config.pbtxt").parameters.get("base_model")
+    return param.string_value if param and param.string_value else None
+
+
+def companions(repository: Path, model: str) -> list[str]:
+    return [m for m in list_models(repository) if base_model(repository, m) == model]
 
 
 def servable_models(repository: Path) -> list[str]:
-    """Models whose family this version can serve (the default selection)."""
-    return [m for m in list_models(repository) if get_family(model_family(repository, m)).supported]
+    """Models whose family this version can serve (the default selection); companions come with their base."""
+    return [m for m in list_models(repository)
+            if base_model(repository, m) is None and get_family(model_family(repository, m)).supported]
+
+
+FORWARDER_SOURCE = '''"""Forwards {model} requests to {target} (rendered by triton-vlm's launcher for engine hosts)."""
+
+from triton_vlm.backend import ForwardingModel
+
+
+class TritonPythonModel(ForwardingModel):
+    pass
+'''
+
+
+def make_forwarder(model_dir: Path, target: str, instances: int) -> None:
+    """Turn a rendered public model into a light forwarder to ``target``, with ``instances`` CPU instances."""
+    config = load_model_config(model_dir / "config.pbtxt")
+    del config.instance_group[:]
+    group = config.instance_group.add()
+    group.kind = group.KIND_CPU
+    group.count = instances
+    config.parameters["forward_to"].string_value = target
+    (model_dir / "config.pbtxt").write_text(dump_model_config(config))
+    (model_dir / "1" / "model.py").write_text(FORWARDER_SOURCE.format(model=model_dir.name, target=target))
 
 
 def render_repository(source: Path, target: Path, models: list[str], instance_kind: str | None) -> Path:

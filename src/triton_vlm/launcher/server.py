@@ -20,8 +20,8 @@ from typing import IO
 
 from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
-from triton_vlm.launcher.repository import (default_model_repository, model_family, render_repository,
-                                            servable_models)
+from triton_vlm.launcher.repository import (companions, default_model_repository, make_forwarder, model_family,
+                                            render_repository, servable_models)
 from triton_vlm.launcher.stub_env import stub_python_bin
 from triton_vlm.settings import env_prefix
 
@@ -41,6 +41,9 @@ class ServerOptions:
     tiny: bool = False
     preload: bool = False
     instance_kind: str = "auto"  # auto | cpu | gpu
+    #: auto: on GPU hosts public models forward to their ``<m>_stream`` engine model; on: always; off: never.
+    engine: str = "auto"
+    forwarder_instances: int = 8
     work_dir: Path | None = None
     log_verbose: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -48,6 +51,8 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if self.instance_kind not in ("auto", "cpu", "gpu"):
             raise LauncherError(f"instance kind must be auto, cpu or gpu, not {self.instance_kind!r}")
+        if self.engine not in ("auto", "on", "off"):
+            raise LauncherError(f"engine must be auto, on or off, not {self.engine!r}")
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) != 3:
             raise LauncherError(f"HTTP, gRPC and metrics ports must differ, got {ports}")
@@ -98,11 +103,17 @@ class TritonServer:
                                     f"stop it or choose another port with --{name.lower()}-port")
         dist = find_distribution()
         repository = opts.model_repository or default_model_repository()
-        self.models = list(opts.models) or servable_models(repository)
-        if not self.models:
+        public = list(opts.models) or servable_models(repository)
+        if not public:
             raise LauncherError(f"no servable models in {repository}")
+        streams = {m: companions(repository, m) for m in public}
+        self.models = public + [c for m in public for c in streams[m] if c not in public]
         kind = self._instance_kind()
         served = render_repository(repository, self.work_dir / "models", self.models, kind)
+        if opts.engine == "on" or (opts.engine == "auto" and kind != "KIND_CPU"):
+            for model in public:
+                if streams[model]:
+                    make_forwarder(served / model, streams[model][0], opts.forwarder_instances)
         backends = prepare_backend_dir(dist, self.work_dir)
         env = self._environment(dist)
         if opts.tiny:

@@ -45,6 +45,10 @@ class ModelFamily(ABC):
         processor.tokenizer.padding_side = "left"
         return model, processor
 
+    def engine_adapter(self) -> Any | None:
+        """How :mod:`triton_vlm.engine` runs this family; None where only the HF path is available."""
+        return None
+
     @abstractmethod
     def build_tiny(self, path: Path) -> None:
         """Write a tiny random-weight checkpoint of the real architecture (model + processor) to ``path``."""

@@ -1,0 +1,105 @@
+"""Where does an engine step spend its time on the GPU? (llava-1.5-7b architecture, random fp16 weights)"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from triton_vlm.bench.checkpoints import random_llava_7b
+from triton_vlm.engine import EngineConfig, LLMEngine
+from triton_vlm.models import get_family
+
+
+def timed(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main() -> None:
+    from triton_vlm.engine import kernels
+
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.float16)
+    r = torch.randn(64, 4096, device="cuda", dtype=torch.float16)
+    w = torch.rand(4096, device="cuda", dtype=torch.float16)
+    ref = kernels.rms_norm_torch(x + r, w, 1e-5)
+    r2 = r.clone()
+    got = kernels.add_rms_norm(x, r2, w, 1e-5)
+    print("add_rms_norm max err", (got - ref).abs().max().item(), "res err", (r2 - (x + r)).abs().max().item())
+    q = torch.randn(64, 48, 128, device="cuda", dtype=torch.float16)[:, :32]  # strided like a qkv split
+    cos = torch.randn(64, 1, 128, device="cuda", dtype=torch.float16)
+    sin = torch.randn(64, 1, 128, device="cuda", dtype=torch.float16)
+    print("rope max err", (kernels.rope(q, cos, sin) - kernels.rope_torch(q, cos, sin)).abs().max().item())
+    gu = torch.randn(64, 2 * 11008, device="cuda", dtype=torch.float16)
+    print("silu_mul max err", (kernels.silu_mul(gu) - kernels.silu_mul_torch(gu)).abs().max().item(), flush=True)
+    model, processor = random_llava_7b(torch.device("cuda"))
+    family = get_family("llava")
+    t = time.perf_counter()
+    engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=768, max_num_seqs=64))
+    runner = engine.runner
+    layer = runner.decoder.layers[0]
+    print(f"engine built in {time.perf_counter() - t:.1f}s; layouts (column-major?): qkv {layer.qkv.stride(0) == 1} "
+          f"o {layer.o.stride(0) == 1} gate_up {layer.gate_up.stride(0) == 1} down {layer.down.stride(0) == 1}")
+    print("slots", engine.cache.num_slots, flush=True)
+    for batch in (1, 64):
+        runner._step_inputs[:, :batch] = torch.tensor([[5], [engine.cache.scratch_position], [700]], device="cuda")
+        graph_ms = timed(lambda: runner._replay(batch, 768))
+        eager_ms = 0.0
+        print(f"decode batch {batch}: graph {graph_ms:.2f} ms, eager {eager_ms:.2f} ms", flush=True)
+    weights = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters()) + \
+        model.lm_head.weight.numel() * 2
+    print(f"LM weights {weights / 1e9:.2f} GB -> {weights / 3.0e12 * 1e3:.2f} ms at 3.0 TB/s", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    runner._step_inputs[:, :1] = torch.tensor([[5], [engine.cache.scratch_position], [700]], device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            runner._decode_eager(1, 768)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8))
+    prompt = "Describe this image in detail, including the colors, objects and their positions."
+    from triton_vlm.sampling import SamplingParams
+
+    for count in (1, 6):
+        items = [(image, prompt, SamplingParams(max_tokens=1))] * count
+        engine.generate(items)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.generate(items)
+        torch.cuda.synchronize()
+        print(f"prefill+vision {count} request(s): {(time.perf_counter() - t) * 1e3:.1f} ms", flush=True)
+    engine.start()
+    from bench.gpu_engine_probe import engine_run
+
+    images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(192)]
+    prompts = [prompt] * len(images)
+    t = time.perf_counter()
+    for image in images[:32]:
+        engine.prepare(image, prompt, SamplingParams(max_tokens=4), lambda out: None)
+    print(f"prepare (processor) per request: {(time.perf_counter() - t) / 32 * 1e3:.1f} ms", flush=True)
+    engine_run(engine, images, prompts, 1, 1)
+    for conc, total in ((1, 2), (64, 192)):
+        engine.stats = type(engine.stats)()
+        result = engine_run(engine, images, prompts, conc, total)
+        stats = engine.stats
+        print(f"engine c{conc}: {result['output_tok_s']:.0f} tok/s in {result['seconds']:.2f}s, ttft p50 "
+              f"{result['ttft_p50_s'] * 1e3:.0f} ms; steps {stats.steps}, prefill tokens {stats.prefill_tokens}, "
+              f"phases " + ", ".join(f"{k} {v:.2f}s" for k, v in stats.seconds.items()), flush=True)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Reading Triton requests and writing Triton responses, shared by every backend model kind."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_vlm.error_tags import tag_error
+from triton_vlm.errors import InvalidInputError, TritonVLMError
+from triton_vlm.images import image_bytes_from_tensor
+from triton_vlm.loading import resolve_device
+from triton_vlm.runtime import GenerationRequest, VLMRuntime
+from triton_vlm.settings import ModelSettings, parameters_from_json_config
+
+
+def runtime_from_args(args: dict[str, str], family: str | None) -> VLMRuntime:
+    """The :class:`VLMRuntime` a model instance serves, from Triton's ``initialize`` arguments."""
+    config = json.loads(args["model_config"])
+    parameters = parameters_from_json_config(config)
+    aliases: tuple[str, ...] = ()
+    base = parameters.get("base_model")
+    if base:
+        # A companion model (<m>_stream) shares its base model's weights settings, file and env overrides.
+        from pathlib import Path
+
+        from triton_vlm.settings import read_config_parameters
+
+        _, base_parameters = read_config_parameters(Path(args["model_repository"]).parent / base / "config.pbtxt")
+        parameters = {**base_parameters, **parameters}
+        aliases = (base,)
+    if family:
+        parameters.setdefault("model_family", family)
+    settings = ModelSettings.from_parameters(args["model_name"], parameters, env_aliases=aliases)
+    device = resolve_device(settings, args.get("model_instance_kind", "CPU"),
+                            int(args.get("model_instance_device_id", 0)))
+    return VLMRuntime(settings, device)
+
+
+def input_array(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def input_scalar(request: Any, name: str, kind: type) -> Any:
+    array = input_array(request, name)
+    if array is None:
+        return None
+    if array.size != 1:
+        raise InvalidInputError(f"{name}: expected one value, got {array.size}")
+    return kind(array.reshape(-1)[0])
+
+
+def parse_request(request: Any, runtime: VLMRuntime) -> GenerationRequest:
+    """Validate one Triton request into a :class:`GenerationRequest`; :class:`InvalidInputError` if bad."""
+    image = input_array(request, "image")
+    prompt = input_array(request, "prompt")
+    if image is None or prompt is None:
+        raise InvalidInputError("inputs 'image' and 'prompt' are required")
+    prompts = prompt.reshape(-1)
+    if prompts.size != 1:
+        raise InvalidInputError(f"prompt: expected one string, got {prompts.size}")
+    value = prompts[0]
+    return runtime.make_request(
+        image_bytes_from_tensor(image),
+        value if isinstance(value, (bytes, str)) else str(value),
+        max_tokens=input_scalar(request, "max_tokens", int),
+        temperature=input_scalar(request, "temperature", float),
+        top_p=input_scalar(request, "top_p", float),
+        seed=input_scalar(request, "seed", int),
+        ignore_eos=bool(input_scalar(request, "ignore_eos", bool) or False),
+    )
+
+
+def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish_reason: str | None) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("generated_text", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+        pb_utils.Tensor("generated_tokens", np.array([[generated_tokens]], dtype=np.int32)),
+        pb_utils.Tensor("prompt_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
+        pb_utils.Tensor("finish_reason", np.array([[(finish_reason or "").encode()]], dtype=np.object_)),
+    ])
+
+
+def error_response(exc: TritonVLMError, *, tagged: bool = False) -> Any:
+    """A per-request error response. ``tagged`` prefixes the code (see :mod:`triton_vlm.error_tags`) for
+    paths that lose Triton's code: decoupled streams and BLS."""
+    code = getattr(pb_utils.TritonError, exc.triton_code, pb_utils.TritonError.INTERNAL)
+    message = tag_error(exc.triton_code, str(exc)) if tagged else str(exc)
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))

@@ -1,0 +1,164 @@
+"""The decoupled ``<model>_stream`` Triton model: triton-vlm's engine, with token streaming.
+
+``execute`` only validates, tokenizes and enqueues (it returns at once, so Triton keeps feeding requests and
+the engine batches them continuously). The engine thread hands raw token ids to one response thread, which
+owns all per-request streaming state: it detokenizes, sends deltas (or one final answer when the request
+says ``stream: false``), notices cancelled requests and aborts them in the engine, and ends every request
+with exactly one FINAL response.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import triton_python_backend_utils as pb_utils
+
+from triton_vlm.backend.metrics import BackendMetrics
+from triton_vlm.backend.python_model import configure_logging
+from triton_vlm.backend.requests import (error_response, input_scalar, output_response, parse_request,
+                                         runtime_from_args)
+from triton_vlm.engine import LLMEngine, RequestOutput
+from triton_vlm.errors import GenerationError, TritonVLMError
+
+log = logging.getLogger("triton_vlm")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+@dataclass
+class _Open:
+    request_id: str
+    sender: Any
+    stream: bool
+
+
+@dataclass
+class _Stream:
+    sender: Any
+    stream: bool
+    token_ids: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+
+
+class TritonVLMStreamModel:
+    """Base for ``triton_models/<m>_stream/1/model.py``; subclasses set :attr:`family`."""
+
+    family: ClassVar[str | None] = None
+
+    def initialize(self, args: dict[str, str]) -> None:
+        configure_logging()
+        self.runtime = runtime_from_args(args, self.family)
+        self.model_name = self.runtime.settings.model_name
+        self.metrics = BackendMetrics(self.model_name)
+        self._engine: LLMEngine | None = None
+        self._engine_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[_Open | RequestOutput | None] = queue.SimpleQueue()
+        self._ids = 0
+        self._sender = threading.Thread(target=self._send_loop, name="triton-vlm-responses", daemon=True)
+        self._sender.start()
+        if self.runtime.settings.preload:
+            self._ensure_engine()
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed = parse_request(request, self.runtime)
+                stream = input_scalar(request, "stream", bool)
+                engine = self._ensure_engine()
+                self._ids += 1
+                request_id = f"{request.request_id() or 'req'}-{self._ids}"
+                engine_request = engine.prepare(parsed.image, parsed.prompt, parsed.params, self._outbox.put,
+                                                request_id=request_id)
+                # Registered before the engine can answer: the response thread sees _Open first.
+                self._outbox.put(_Open(request_id, sender, True if stream is None else stream))
+                engine.submit(engine_request)
+            except TritonVLMError as exc:
+                self.metrics.request_errors.increment(1)
+                sender.send(error_response(exc, tagged=True), flags=FINAL)
+        return None
+
+    def finalize(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+        self._outbox.put(None)
+        self._sender.join(timeout=10)
+
+    # -- engine -------------------------------------------------------------------------------------------
+    def _ensure_engine(self) -> LLMEngine:
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    try:
+                        loaded = self.runtime.ensure_loaded()
+                    except TritonVLMError:
+                        self.metrics.load_failures.increment(1)
+                        raise
+                    try:
+                        engine = LLMEngine(loaded.family, loaded.model, loaded.processor,
+                                           self.runtime.settings.engine_config())
+                        engine.runner.warmup()
+                    except (NotImplementedError, MemoryError) as exc:
+                        raise GenerationError(f"model {self.model_name!r}: engine unavailable: {exc}") from exc
+                    self.metrics.loaded.set(1)
+                    self.metrics.load_seconds.set(loaded.load_seconds)
+                    self._engine = engine.start()
+        return self._engine
+
+    # -- the response thread ------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        streams: dict[str, _Stream] = {}
+        while True:
+            try:
+                message = self._outbox.get(timeout=0.05)
+            except queue.Empty:
+                message = False  # type: ignore[assignment]
+            if message is None:
+                return
+            if isinstance(message, _Open):
+                streams[message.request_id] = _Stream(message.sender, message.stream)
+            elif isinstance(message, RequestOutput):
+                state = streams.get(message.request_id)
+                if state is not None:
+                    try:
+                        self._deliver(state, message)
+                    except Exception:  # a client that went away must not stop the thread
+                        log.exception("sending a response failed")
+                        message = RequestOutput(message.request_id, (), True, "abort")
+                    if message.finished:
+                        del streams[message.request_id]
+            self._abort_cancelled(streams)
+
+    def _deliver(self, state: _Stream, out: RequestOutput) -> None:
+        state.token_ids.extend(out.new_token_ids)
+        if out.finished and out.error is not None:
+            self.metrics.request_errors.increment(1)
+            error = out.error if isinstance(out.error, TritonVLMError) else GenerationError(str(out.error))
+            state.sender.send(error_response(error, tagged=True), flags=FINAL)
+            return
+        if out.finish_reason == "abort":
+            state.sender.send(flags=FINAL)
+            return
+        processor = self.runtime.loaded.processor  # type: ignore[union-attr]
+        text = self.runtime.family.decode_text(processor, state.token_ids)
+        if out.finished:
+            self.metrics.prompt_tokens.increment(out.prompt_tokens)
+            self.metrics.generated_tokens.increment(out.generated_tokens)
+            piece = text[state.sent_chars:] if state.stream else text
+            state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, out.finish_reason),
+                              flags=FINAL)
+        elif state.stream and not text.endswith("\ufffd") and len(text) > state.sent_chars:
+            # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
+            piece, state.sent_chars = text[state.sent_chars:], len(text)
+            state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None))
+
+    def _abort_cancelled(self, streams: dict[str, _Stream]) -> None:
+        if self._engine is None:
+            return
+        for request_id, state in list(streams.items()):
+            is_cancelled = getattr(state.sender, "is_cancelled", None)
+            if is_cancelled is not None and is_cancelled():
+                self._engine.abort(request_id)

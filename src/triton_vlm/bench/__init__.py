@@ -1,0 +1,1 @@
+"""Benchmarks: full-size architectures with random weights, workloads, and reports."""

@@ -1,0 +1,71 @@
+"""Full-size model architectures with random weights, for benchmarks where real weights can't be downloaded.
+
+Speed depends on shapes, not on weight values, so llava-1.5-7b's exact config with random fp16 weights runs
+as fast as the real thing. The processor is the real one's kind (CLIP 336 px, a Llama-style tokenizer with
+the same 32000-piece id space, ``<image>`` = 32000, ``<pad>`` = 32001).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def llava_7b_config() -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=32001)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                       projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                       vision_feature_layer=-2, pad_token_id=32001)
+
+
+def llava_7b_processor() -> Any:
+    from transformers import CLIPImageProcessor, LlamaTokenizer, LlavaProcessor
+
+    from triton_vlm.models.llava import CHAT_TEMPLATE, IMAGE_TOKEN
+    from triton_vlm.tiny import train_llama_style_vocab
+
+    vocab, merges = train_llama_style_vocab(vocab_size=600, pad_to=32000)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                          vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                          image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+
+
+def random_llava_7b(device: torch.device, dtype: torch.dtype = torch.float16) -> tuple[Any, Any]:
+    """``(model, processor)`` with llava-1.5-7b's architecture and random weights, built on ``device``."""
+    from transformers import LlavaForConditionalGeneration
+
+    processor = llava_7b_processor()
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == 32000
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(llava_7b_config())
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 32001
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def save_random_llava_7b(path: Path, device: torch.device) -> Path:
+    """Write the random llava-1.5-7b checkpoint (13.5 GB in fp16) so a server loads it the real way."""
+    model, processor = random_llava_7b(device)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -1,0 +1,255 @@
+"""LLMEngine: the continuous-batching loop, on its own thread.
+
+Callers (the Triton backend's execute, the CLI, benchmarks) only enqueue: ``submit`` and ``abort`` put
+messages in a thread-safe inbox. The engine thread owns the scheduler, the KV cache and every sequence, and
+runs ``step()`` = schedule -> execute -> update, draining the inbox between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from triton_vlm.engine.config import EngineConfig
+from triton_vlm.engine.kv_cache import SlotKVCache
+from triton_vlm.engine.request import EngineRequest, RequestOutput, Sequence, SequenceStatus
+from triton_vlm.engine.runner import ModelRunner
+from triton_vlm.engine.scheduler import Scheduler
+from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
+from triton_vlm.models.base import ModelFamily
+from triton_vlm.sampling import SamplingParams, choose_tokens, make_generator
+
+log = logging.getLogger("triton_vlm")
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters, written by the engine thread only; read them for reports, not for control."""
+
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("schedule", "vision", "prefill", "decode", "update"), 0.0))
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class LLMEngine:
+    """Serves one loaded model. Thread-safe entry points: :meth:`submit`, :meth:`abort`, :meth:`shutdown`."""
+
+    def __init__(self, family: ModelFamily, model: Any, processor: Any, config: EngineConfig | None = None) -> None:
+        adapter = family.engine_adapter()
+        if adapter is None:
+            raise GenerationError(f"the engine does not support the {family.name} family yet")
+        self.family = family
+        self.adapter = adapter
+        self.model = model
+        self.processor = processor
+        self.config = config or EngineConfig()
+        self.decoder = adapter.build_decoder(model)
+        device = next(model.parameters()).device
+        max_len = min(self.config.max_model_len, adapter.context_length(model))
+        self.max_model_len = max_len
+        self.cache = SlotKVCache.sized_for(
+            self.decoder.num_layers, self.decoder.num_kv_heads, self.decoder.head_dim, max_len,
+            self.config.max_num_seqs, model.dtype, device, self.config.kv_cache_memory_fraction)
+        self.scheduler = Scheduler(self.config, self.cache)
+        self.runner = ModelRunner(adapter, model, self.decoder, self.cache, self.config)
+        self.stop_token_ids = frozenset(family.stop_token_ids(model, processor))
+        self._inbox: queue.SimpleQueue[EngineRequest | _Abort | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._generators: dict[Sequence, torch.Generator | None] = {}
+        self.stats = EngineStats()
+
+    # -- thread-safe API ----------------------------------------------------------------------------------
+    def prepare(self, image: Any, prompt: str, params: SamplingParams, on_output: Any, *,
+                request_id: str | None = None, ignore_eos: bool | None = None) -> EngineRequest:
+        """Tokenize a request (on the caller's thread) and check that it fits the context."""
+        prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, image, prompt)
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidInputError(
+                f"prompt of {len(prompt_ids)} tokens (image included) + max_tokens {params.max_tokens} exceeds "
+                f"the engine's context of {self.max_model_len} tokens")
+        return EngineRequest(request_id=request_id or f"req-{next(self._ids)}", prompt_ids=prompt_ids,
+                             params=params, on_output=on_output, mm_inputs=mm_inputs,
+                             stop_token_ids=frozenset() if (params.ignore_eos if ignore_eos is None else ignore_eos)
+                             else self.stop_token_ids)
+
+    def submit(self, request: EngineRequest) -> None:
+        self._inbox.put(request)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def start(self) -> LLMEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="triton-vlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            block = not self.scheduler.has_work()
+            if not self._drain(block=block):
+                return
+            self.step()
+
+    def _drain(self, block: bool) -> bool:
+        """Move inbox messages into the scheduler; False once shutdown was asked for."""
+        while True:
+            try:
+                message = self._inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return True
+            block = False
+            if message is None:
+                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                    self._finish(seq, "abort")
+                return False
+            if isinstance(message, _Abort):
+                seq = self.scheduler.find(message.request_id)
+                if seq is not None:
+                    self._finish(seq, "abort")
+            else:
+                seq = Sequence(message)
+                self._generators[seq] = make_generator(message.params, self.runner.device)
+                self.scheduler.add(seq)
+
+    def step(self) -> bool:
+        """One scheduling round; returns False when there was nothing to do."""
+        clock = time.perf_counter()
+        seconds = self.stats.seconds
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[phase] += now - clock
+            clock = now
+
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return False
+        self.stats.steps += 1
+        lap("schedule")
+        try:
+            if plan.admitted:
+                self.runner.build_prompt_embeds(plan.admitted)
+                lap("vision")
+            finished_prefill = [c.seq for c in plan.prefill if c.completes_prompt]
+            rows: list[Sequence] = []
+            logits = []
+            if plan.prefill:
+                prefill_logits = self.runner.prefill(plan.prefill)
+                keep = [i for i, c in enumerate(plan.prefill) if c.completes_prompt]
+                if keep:
+                    logits.append(prefill_logits[keep])
+                    rows += finished_prefill
+            tokens: list[int] = []
+            if logits:  # prompt-completing prefills: their first token
+                tokens = choose_tokens(torch.cat(logits).float(), [s.request.params for s in rows],
+                                       [self._generators[s] for s in rows]).tolist()
+            if plan.prefill:
+                self.stats.prefill_tokens += sum(c.length for c in plan.prefill)
+                lap("prefill")
+            if plan.decode:
+                sampled = [self._generators[s] for s in plan.decode]
+                decode_logits, greedy = self.runner.decode(
+                    plan.decode, need_logits=any(g is not None for g in sampled))
+                if decode_logits is not None:
+                    greedy = choose_tokens(decode_logits.float(), [s.request.params for s in plan.decode],
+                                           sampled).tolist()
+                rows += plan.decode
+                tokens += greedy
+                self.stats.decode_tokens += len(plan.decode)
+                lap("decode")
+        except Exception as exc:  # a failed step fails the requests in it, never the engine
+            log.exception("engine step failed")
+            error = exc if isinstance(exc, TritonVLMError) else GenerationError(f"{type(exc).__name__}: {exc}")
+            for seq in {*plan.admitted, *(c.seq for c in plan.prefill), *plan.decode}:
+                self._finish(seq, "error", error)
+            return True
+        for chunk in plan.prefill:
+            chunk.seq.num_prefilled += chunk.length
+        for seq in finished_prefill:
+            seq.status = SequenceStatus.DECODING
+            seq.prompt_embeds = None
+        for seq, token in zip(rows, tokens):
+            self._append(seq, token)
+        lap("update")
+        return True
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        request = seq.request
+        if token in request.stop_token_ids:
+            self._finish(seq, "stop")
+            return
+        seq.output_ids.append(token)
+        done = len(seq.output_ids) >= request.params.max_tokens or seq.length >= self.max_model_len
+        if done:
+            self.scheduler.finish(seq, "length")
+            self._generators.pop(seq, None)
+        request.on_output(RequestOutput(request.request_id, (token,), done, "length" if done else None,
+                                        seq.prompt_len, len(seq.output_ids)))
+
+    def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
+        self.scheduler.finish(seq, reason)
+        self._generators.pop(seq, None)
+        seq.request.on_output(RequestOutput(seq.request.request_id, (), True, reason, seq.prompt_len,
+                                            len(seq.output_ids), error))
+
+    # -- synchronous helper -------------------------------------------------------------------------------
+    def generate(self, items: list[tuple[Any, str, SamplingParams]], *, ignore_eos: bool | None = None,
+                 timeout: float = 600.0) -> list[list[int]]:
+        """Submit ``(image, prompt, params)`` items and wait for all; returns each one's token ids.
+
+        Works with or without the background thread (without it, this thread drives the steps)."""
+        results: dict[str, list[int]] = {}
+        done = threading.Event()
+        remaining = [len(items)]
+        errors: dict[str, Exception] = {}
+        lock = threading.Lock()
+
+        def collect(out: RequestOutput) -> None:
+            with lock:
+                results.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.error is not None:
+                    errors[out.request_id] = out.error
+                if out.finished:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+
+        requests = [self.prepare(image, prompt, params, collect, ignore_eos=ignore_eos)
+                    for image, prompt, params in items]
+        for request in requests:
+            results[request.request_id] = []
+            self.submit(request)
+        if self._thread is None:
+            deadline = time.monotonic() + timeout
+            while not done.is_set() and time.monotonic() < deadline:
+                self._drain(block=False)
+                self.step()
+        elif not done.wait(timeout):
+            raise GenerationError(f"engine did not finish {len(items)} requests in {timeout:.0f}s")
+        if errors:
+            raise next(iter(errors.values()))
+        return [results[r.request_id] for r in requests]

@@ -1,0 +1,208 @@
+"""The forward pass of a Hugging Face Llama-family language model over the engine's slot KV cache.
+
+We reuse the model's own modules (embeddings, RMSNorms, rotary embedding, lm_head) and its weights, fused
+for fewer, larger matmuls: q/k/v into one projection and gate/up into another. The fused tensors share
+storage with the original parameters (those become views), so the HF model keeps working and memory does
+not double.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from triton_vlm.engine import kernels
+from triton_vlm.engine.kv_cache import SlotKVCache
+
+
+def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
+    """Concatenate the weights of ``linears`` and make each original weight a view of the result."""
+    fused = torch.cat([lin.weight.data for lin in linears], dim=0)
+    offset = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = fused[offset:offset + rows]
+        offset += rows
+    return fused
+
+
+@dataclass
+class _Layer:
+    input_norm: Any
+    post_norm: Any
+    eps: float
+    qkv: torch.Tensor
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def _fastest_layout(weight: torch.Tensor, batches: tuple[int, ...] = (1, 64)) -> torch.Tensor:
+    """``weight`` [out, in] stored either row-major or column-major, whichever cuBLAS multiplies faster at
+    decode batch sizes (for some shapes the other layout picks a much better GEMV kernel). The result is a
+    [out, in] tensor (possibly a transposed view) holding the only copy of the data."""
+    if weight.device.type != "cuda":
+        return weight
+    candidates = [weight, weight.t().contiguous().t()]
+    timings = []
+    for candidate in candidates:
+        inputs = [torch.randn(b, weight.shape[1], device=weight.device, dtype=weight.dtype) for b in batches]
+        for x in inputs:
+            F.linear(x, candidate)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            for x in inputs:
+                F.linear(x, candidate)
+        end.record()
+        end.synchronize()
+        timings.append(start.elapsed_time(end))
+    return candidates[timings.index(min(timings))]
+
+
+def _relayout(linears: tuple[torch.nn.Linear, ...], fused: torch.Tensor) -> torch.Tensor:
+    best = _fastest_layout(fused)
+    if best is not fused:
+        offset = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = best[offset:offset + rows]
+            offset += rows
+    return best
+
+
+class LlamaDecoder:
+    """Prefill (packed chunks of several sequences) and decode (one token per slot) for Llama models."""
+
+    def __init__(self, language_model: Any, lm_head: torch.nn.Linear) -> None:
+        config = language_model.config
+        unsupported = [n for n in ("q_proj", "o_proj") if getattr(
+            language_model.layers[0].self_attn, n).bias is not None]
+        if unsupported or getattr(config, "mlp_bias", False):
+            raise NotImplementedError("LlamaDecoder: biased projections are not supported")
+        self.embed_tokens = language_model.embed_tokens
+        self.norm = language_model.norm
+        self.rotary = language_model.rotary_emb
+        self.lm_head = lm_head
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_layers = config.num_hidden_layers
+        self.vocab_size = lm_head.weight.shape[0]
+        self.layers = []
+        for layer in language_model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm,
+                eps=layer.input_layernorm.variance_epsilon,
+                qkv=_relayout((attn.q_proj, attn.k_proj, attn.v_proj), _fuse(attn.q_proj, attn.k_proj, attn.v_proj)),
+                o=_relayout((attn.o_proj,), attn.o_proj.weight.data),
+                gate_up=_relayout((mlp.gate_proj, mlp.up_proj), _fuse(mlp.gate_proj, mlp.up_proj)),
+                down=_relayout((mlp.down_proj,), mlp.down_proj.weight.data),
+            ))
+        self._gqa = self.num_kv_heads != self.num_heads
+        self.fused = kernels.fused_available(lm_head.weight.device)
+
+    # -- shared pieces ------------------------------------------------------------------------------------
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [tokens, 1, head_dim] for ``positions``; computed once per forward, shared by all layers."""
+        cos, sin = self.rotary(h, positions[None, :])
+        return cos[0][:, None, :], sin[0][:, None, :]
+
+    def _norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: Any, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new residual, normalized): ``residual + x`` then RMSNorm, fused on GPU."""
+        if self.fused:
+            if residual is None:
+                return x, kernels.add_rms_norm(x, None, norm.weight, eps)
+            return residual, kernels.add_rms_norm(x, residual, norm.weight, eps)
+        summed = x if residual is None else residual + x
+        return summed, kernels.rms_norm_torch(summed, norm.weight, eps)
+
+    def _qkv(self, x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor):  # type: ignore[no-untyped-def]
+        """``x`` is the normalized layer input; returns rotated q, k and v per head."""
+        q, k, v = F.linear(x, layer.qkv).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+             self.num_kv_heads * self.head_dim], dim=-1)
+        tokens = x.shape[0]
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        rotate = kernels.rope if self.fused else kernels.rope_torch
+        return rotate(q, cos, sin), rotate(k, cos, sin), v.view(tokens, self.num_kv_heads, self.head_dim)
+
+    def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Any) -> torch.Tensor:
+        """All decoder layers; ``attend(index, q, k, v)`` stores K/V and returns attention [tokens, hidden]."""
+        residual: torch.Tensor | None = None
+        x = h
+        for index, layer in enumerate(self.layers):
+            residual, normed = self._norm(x, residual, layer.input_norm, layer.eps)
+            q, k, v = self._qkv(normed, layer, cos, sin)
+            attn = F.linear(attend(index, q, k, v), layer.o)
+            residual, normed = self._norm(attn, residual, layer.post_norm, layer.eps)
+            gate_up = F.linear(normed, layer.gate_up)
+            x = F.linear(kernels.silu_mul(gate_up) if self.fused else kernels.silu_mul_torch(gate_up), layer.down)
+        assert residual is not None
+        return residual + x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+    # -- prefill ------------------------------------------------------------------------------------------
+    def prefill(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache) -> torch.Tensor:
+        """Run packed prompt chunks. ``embeds`` [tokens, hidden] holds the chunks back to back;
+        ``chunks`` are ``(slot, start, length)``. Returns each chunk's last hidden state [chunks, hidden]."""
+        positions = torch.cat([torch.arange(s, s + n, device=embeds.device) for _, s, n in chunks])
+        cos, sin = self._rope(embeds, positions)
+        masks = []
+        for _, start, length in chunks:
+            end = start + length
+            # A later chunk sees the whole cached prefix and is causal within itself.
+            masks.append(None if start == 0 else (torch.arange(end, device=embeds.device)[None, :]
+                                                   <= torch.arange(start, end, device=embeds.device)[:, None]))
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = cache.keys[index], cache.values[index]
+            outputs = []
+            offset = 0
+            for (slot, start, length), mask in zip(chunks, masks):
+                end = start + length
+                keys[slot, :, start:end] = k[offset:offset + length].transpose(0, 1)
+                values[slot, :, start:end] = v[offset:offset + length].transpose(0, 1)
+                out = F.scaled_dot_product_attention(
+                    q[offset:offset + length].transpose(0, 1)[None], keys[slot, :, :end][None],
+                    values[slot, :, :end][None], attn_mask=mask, is_causal=mask is None, enable_gqa=self._gqa)
+                outputs.append(out[0].transpose(0, 1).reshape(length, -1))
+                offset += length
+            return torch.cat(outputs)
+
+        h = self._layers(embeds, cos, sin, attend)
+        ends = torch.tensor([n for _, _, n in chunks], device=h.device).cumsum(0) - 1
+        return h[ends]
+
+    # -- decode -------------------------------------------------------------------------------------------
+    def decode(self, step_inputs: torch.Tensor, cache: SlotKVCache, context: int) -> torch.Tensor:
+        """One token for each of the first ``batch`` slots (row i is slot i).
+
+        ``step_inputs`` [3, batch] holds per row: the token, where its K/V goes (the scratch column for idle
+        rows) and how many positions it attends to. ``context`` bounds every length (a graph bucket).
+        Returns logits [batch, vocab]."""
+        tokens, write_positions, lengths = step_inputs[0], step_inputs[1], step_inputs[2]
+        batch = tokens.shape[0]
+        slots = torch.arange(batch, device=tokens.device)
+        mask = (torch.arange(context, device=tokens.device)[None, :] < lengths[:, None])[:, None, None, :]
+        h = self.embed_tokens(tokens)
+        cos, sin = self._rope(h, lengths - 1)
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = cache.keys[index], cache.values[index]
+            keys[slots, :, write_positions] = k
+            values[slots, :, write_positions] = v
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :], keys[:batch, :, :context], values[:batch, :, :context], attn_mask=mask,
+                enable_gqa=self._gqa)
+            return out.reshape(batch, -1)
+
+        h = self._layers(h, cos, sin, attend)
+        return self.logits(h)

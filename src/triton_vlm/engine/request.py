@@ -1,0 +1,73 @@
+"""What goes into the engine (EngineRequest), what comes out (RequestOutput), and the state in between."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from triton_vlm.sampling import SamplingParams
+
+
+@dataclass
+class EngineRequest:
+    """A tokenized request. ``on_output`` is called on the engine thread for every new piece of output and
+    must return quickly (put into a queue, send a Triton response)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_output: Callable[[RequestOutput], None]
+    #: Family-specific multimodal inputs for the engine adapter (e.g. ``pixel_values``).
+    mm_inputs: dict[str, Any] = field(default_factory=dict)
+    #: Stop on these token ids (EOS); empty with ``ignore_eos`` benchmarks.
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    error: Exception | None = None
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Engine-side state of one request. Owned by the engine thread alone."""
+
+    request: EngineRequest
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int = -1
+    #: Prompt positions already in the KV cache.
+    num_prefilled: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    #: Prompt embeddings (text + image), built once when the sequence is admitted, freed after prefill.
+    prompt_embeds: torch.Tensor | None = None
+    finish_reason: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        """Positions this sequence occupies once its last token is written."""
+        return self.prompt_len + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]

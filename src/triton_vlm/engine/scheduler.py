@@ -1,0 +1,91 @@
+"""Continuous batching: which requests run in the next step, and how much of each prompt is prefilled.
+
+Every step decodes all running sequences, and spends at most ``max_prefill_tokens`` on prompts (oldest
+first, chunked), so a long prompt never stalls the decodes already under way.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from triton_vlm.engine.config import EngineConfig
+from triton_vlm.engine.kv_cache import SlotKVCache
+from triton_vlm.engine.request import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.start + self.length == self.seq.prompt_len
+
+
+@dataclass
+class SchedulerOutput:
+    #: Sequences admitted this step: their prompt embeddings (vision included) must be built first.
+    admitted: list[Sequence] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefill or self.decode)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; the engine thread is its only caller."""
+
+    def __init__(self, config: EngineConfig, cache: SlotKVCache) -> None:
+        self.config = config
+        self.cache = cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        limit = min(self.config.max_num_seqs, self.cache.num_slots)
+        while self.waiting and len(self.running) < limit and self.cache.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.cache.allocate()
+            seq.status = SequenceStatus.PREFILLING
+            self.running.append(seq)
+            out.admitted.append(seq)
+        budget = self.config.max_prefill_tokens
+        for seq in self.running:
+            if seq.status is SequenceStatus.DECODING:
+                out.decode.append(seq)
+            elif seq.status is SequenceStatus.PREFILLING and budget > 0:
+                length = min(seq.prompt_len - seq.num_prefilled, budget)
+                out.prefill.append(PrefillChunk(seq, seq.num_prefilled, length))
+                budget -= length
+        return out
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take ``seq`` out of the queue or the running set and give its slot back."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.prompt_embeds = None
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.slot >= 0:
+            self.cache.release(seq.slot)
+            seq.slot = -1
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request.request_id == request_id:
+                return seq
+        return None

@@ -1,0 +1,64 @@
+"""Small builders shared by the unit tests (images, ports)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = ROOT / "triton_models"
+SAMPLE_IMAGE = ROOT / "test_images" / "sample_image.jpg"
+
+BIG = 10**9  # a limit that never triggers
+
+
+def rgb_array(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def image_bytes(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
+    return encode(Image.fromarray(rgb_array(width, height, seed)), fmt)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid-looking PNG of ``width`` x ``height`` (8-bit grey) with almost no pixel data: a few hundred bytes
+    that claim a huge image (the shape of a decompression bomb)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def multi_frame(fmt: str, frames: int = 2, size: tuple[int, int] = (24, 20)) -> bytes:
+    images = [Image.fromarray(rgb_array(*size, seed=i)) for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format=fmt, save_all=True, append_images=images[1:])
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound to 0, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def truncated_animated_gif() -> bytes:
+    """A 2-frame GIF cut off 10 bytes into its second frame (an interrupted upload of an animation)."""
+    first_frame_only = encode(Image.fromarray(rgb_array(24, 20, seed=0)), "GIF")
+    return multi_frame("GIF")[: len(first_frame_only) + 10]

@@ -1,0 +1,282 @@
+"""triton_vlm.launcher: repository rendering, options, ports, backend layout, the stub's Python."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as pb
+
+from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer
+from triton_vlm.launcher import server as server_module
+from triton_vlm.launcher import stub_env
+from triton_vlm.launcher.distribution import (TritonDistribution, find_distribution, library_path,
+                                              prepare_backend_dir)
+from triton_vlm.launcher.repository import (companions, default_model_repository, list_models, model_family,
+                                            render_repository, servable_models)
+from triton_vlm.model_config import load_model_config
+
+from .helpers import REPOSITORY, free_port
+
+
+# -- repository ------------------------------------------------------------------------------------------------------
+def test_list_and_servable_models() -> None:
+    assert list_models(REPOSITORY) == ["kosmos2", "llava", "llava_stream", "moondream2"]
+    # moondream2 is not supported yet; llava_stream is llava's companion, served along with it.
+    assert servable_models(REPOSITORY) == ["kosmos2", "llava"]
+    assert model_family(REPOSITORY, "kosmos2") == "kosmos2"
+    assert model_family(REPOSITORY, "llava_stream") == "llava"
+    assert companions(REPOSITORY, "llava") == ["llava_stream"] and companions(REPOSITORY, "kosmos2") == []
+
+
+def test_model_family_defaults_to_model_name(tmp_path: Path) -> None:
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.pbtxt").write_text('name: "llava"\n')
+    (tmp_path / "not-a-model").mkdir()
+    assert list_models(tmp_path) == ["llava"]
+    assert model_family(tmp_path, "llava") == "llava"
+
+
+def test_render_repository_copies_selected_models_as_cpu(tmp_path: Path) -> None:
+    target = render_repository(REPOSITORY, tmp_path / "models", ["llava"], "KIND_CPU")
+    assert target == tmp_path / "models"
+    assert sorted(p.name for p in target.iterdir()) == ["llava"]
+    assert (target / "llava" / "1" / "model.py").read_text() == (REPOSITORY / "llava" / "1" / "model.py").read_text()
+    assert not list(target.rglob("__pycache__"))
+    config = load_model_config(target / "llava" / "config.pbtxt")
+    assert [g.kind for g in config.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
+    original = load_model_config(REPOSITORY / "llava" / "config.pbtxt")
+    assert original.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU  # the source is untouched
+    config.ClearField("instance_group")
+    original.ClearField("instance_group")
+    assert config == original  # nothing else changed
+
+
+def test_render_repository_without_kind_keeps_config(tmp_path: Path) -> None:
+    target = render_repository(REPOSITORY, tmp_path / "models", ["kosmos2", "moondream2"], None)
+    assert sorted(p.name for p in target.iterdir()) == ["kosmos2", "moondream2"]
+    for model in ("kosmos2", "moondream2"):
+        assert load_model_config(target / model / "config.pbtxt") == load_model_config(
+            REPOSITORY / model / "config.pbtxt")
+
+
+def test_render_repository_replaces_a_stale_target(tmp_path: Path) -> None:
+    target = tmp_path / "models"
+    (target / "old-model").mkdir(parents=True)
+    (target / "stale.txt").write_text("x")
+    render_repository(REPOSITORY, target, ["kosmos2"], "KIND_GPU")
+    assert sorted(p.name for p in target.iterdir()) == ["kosmos2"]
+    config = load_model_config(target / "kosmos2" / "config.pbtxt")
+    assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+
+
+def test_render_repository_unknown_model_lists_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(LauncherError) as info:
+        render_repository(REPOSITORY, tmp_path / "models", ["llava", "gpt5", "blip"], "KIND_CPU")
+    message = str(info.value)
+    assert "unknown model(s) gpt5, blip" in message
+    assert "kosmos2, llava, moondream2" in message
+    assert not (tmp_path / "models").exists()
+
+
+def test_default_model_repository(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TRITON_VLM_MODEL_REPOSITORY", str(tmp_path / "explicit"))
+    assert default_model_repository() == tmp_path / "explicit"
+    monkeypatch.delenv("TRITON_VLM_MODEL_REPOSITORY")
+    (tmp_path / "project" / "triton_models").mkdir(parents=True)
+    (tmp_path / "project" / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "project" / "sub")
+    assert default_model_repository() == tmp_path / "project" / "triton_models"
+    monkeypatch.chdir(tmp_path)
+    assert default_model_repository() == REPOSITORY  # the one beside the source tree
+
+
+# -- options and ports ----------------------------------------------------------------------------------------------
+def test_default_options() -> None:
+    options = ServerOptions()
+    assert (options.http_port, options.grpc_port, options.metrics_port, options.host) == (
+        8000, 8001, 8002, "127.0.0.1")
+    assert options.instance_kind == "auto" and options.models == ()
+
+
+@pytest.mark.parametrize("ports", [(8000, 8000, 8002), (1, 2, 1), (5, 5, 5)])
+def test_ports_must_differ(ports: tuple[int, int, int]) -> None:
+    http, grpc, metrics = ports
+    with pytest.raises(LauncherError, match="ports must differ"):
+        ServerOptions(http_port=http, grpc_port=grpc, metrics_port=metrics)
+
+
+@pytest.mark.parametrize("kind", ["GPU", "tpu", ""])
+def test_bad_instance_kind(kind: str) -> None:
+    with pytest.raises(LauncherError, match="instance kind must be auto, cpu or gpu"):
+        ServerOptions(instance_kind=kind)
+
+
+def test_port_in_use() -> None:
+    port = free_port()
+    assert server_module.port_in_use("127.0.0.1", port) is False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))
+        assert server_module.port_in_use("127.0.0.1", port) is True
+        assert server_module.port_in_use("localhost", port) is True
+        sock.listen()
+        assert server_module.port_in_use("0.0.0.0", port) is True
+    assert server_module.port_in_use("127.0.0.1", port) is False
+
+
+def test_start_refuses_a_busy_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ports = [free_port() for _ in range(3)]
+    while len(set(ports)) < 3:
+        ports = [free_port() for _ in range(3)]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", ports[1]))
+        sock.listen()
+        server = TritonServer(ServerOptions(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                                            work_dir=tmp_path))
+        with pytest.raises(LauncherError, match=f"gRPC port {ports[1]} is already in use.*--grpc-port"):
+            server.start()
+    assert server.process is None
+
+
+def test_instance_kind_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def kind(option: str, gpu: bool) -> str | None:
+        monkeypatch.setattr(server_module, "gpu_available", lambda: gpu)
+        return TritonServer(ServerOptions(instance_kind=option, work_dir=tmp_path))._instance_kind()
+
+    assert kind("cpu", True) == "KIND_CPU"
+    assert kind("auto", False) == "KIND_CPU"
+    assert kind("auto", True) is None  # as configured (GPU)
+    assert kind("gpu", False) == "KIND_GPU"
+
+
+def test_server_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "stub_python_bin", lambda work_dir: tmp_path / "stub-bin")
+    server = TritonServer(ServerOptions(tiny=True, preload=True, work_dir=tmp_path,
+                                        extra_env={"EXTRA": "1"}))
+    server.models = ["llava", "kosmos2"]
+    env = server._environment(find_distribution())
+    assert env["PATH"].split(os.pathsep)[:2] == [str(tmp_path / "stub-bin"), str(Path(sys.executable).parent)]
+    assert env["TRITON_VLM_TINY"] == "1"
+    assert env["TRITON_VLM_LLAVA_PRELOAD"] == "1" and env["TRITON_VLM_KOSMOS2_PRELOAD"] == "1"
+    assert env["EXTRA"] == "1"
+    assert env["LD_LIBRARY_PATH"].startswith(str(find_distribution().libs))
+
+
+def test_urls_for_wildcard_host(tmp_path: Path) -> None:
+    server = TritonServer(ServerOptions(host="0.0.0.0", http_port=1, grpc_port=2, metrics_port=3,
+                                        work_dir=tmp_path))
+    assert (server.http_url, server.grpc_url, server.metrics_url) == (
+        "127.0.0.1:1", "127.0.0.1:2", "http://127.0.0.1:3/metrics")
+
+
+def test_stop_without_start_cleans_own_work_dir() -> None:
+    server = TritonServer(ServerOptions())
+    assert server.work_dir.is_dir()
+    assert server.stop() is None
+    assert not server.work_dir.exists()
+
+
+def test_stop_keeps_a_given_work_dir(tmp_path: Path) -> None:
+    TritonServer(ServerOptions(work_dir=tmp_path)).stop()
+    assert tmp_path.is_dir()
+
+
+# -- distribution and backend directory ----------------------------------------------------------------------------
+def test_find_distribution_in_the_pytriton_wheel() -> None:
+    dist = find_distribution()
+    assert dist.binary.is_file() and os.access(dist.binary, os.X_OK)
+    assert dist.root.name == "tritonserver" and dist.root.parent.name == "pytriton"
+    assert dist.libs is not None and dist.libs.is_dir()
+
+
+def test_find_distribution_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_VLM_TRITON_HOME", str(tmp_path / "tree"))
+    with pytest.raises(LauncherError, match="tritonserver binary missing at"):
+        find_distribution()
+    (tmp_path / "tree" / "bin").mkdir(parents=True)
+    (tmp_path / "tree" / "bin" / "tritonserver").write_text("")
+    (tmp_path / "nvidia_pytriton.libs").mkdir()
+    dist = find_distribution()
+    assert dist.root == tmp_path / "tree" and dist.libs == tmp_path / "nvidia_pytriton.libs"
+    monkeypatch.setenv("TRITON_VLM_TRITON_LIBS", "/opt/libs")
+    assert find_distribution().libs == Path("/opt/libs")
+
+
+def test_prepare_backend_dir_links_library_and_stub(tmp_path: Path) -> None:
+    dist = find_distribution()
+    backends = prepare_backend_dir(dist, tmp_path)
+    assert backends == tmp_path / "backends"
+    python = backends / "python"
+    library = python / "libtriton_python.so"
+    stub = python / "triton_python_backend_stub"
+    assert library.is_symlink() and library.resolve() == (dist.python_backend / "libtriton_python.so").resolve()
+    assert stub.is_symlink()
+    assert stub.resolve() == dist.stub_for(sys.version_info[:2]).resolve()
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in str(os.readlink(stub))
+    assert not (python / "__pycache__").exists()
+    # Running it again (a reused work dir) replaces the links instead of failing.
+    assert prepare_backend_dir(dist, tmp_path) == backends
+    assert stub.resolve() == dist.stub_for(sys.version_info[:2]).resolve()
+
+
+def test_prepare_backend_dir_without_a_stub_for_this_python(tmp_path: Path) -> None:
+    with pytest.raises(LauncherError) as info:
+        prepare_backend_dir(find_distribution(), tmp_path, version=(2, 7))
+    message = str(info.value)
+    assert "no Triton Python backend stub for Python 2.7" in message
+    assert "3.11" in message and "3.10" in message
+
+
+def test_library_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/already/here")
+    parts = library_path(TritonDistribution(tmp_path, tmp_path / "libs")).split(os.pathsep)
+    assert parts[0] == str(tmp_path / "libs") and parts[-1] == "/already/here"
+    monkeypatch.delenv("LD_LIBRARY_PATH")
+    assert str(tmp_path) not in library_path(TritonDistribution(tmp_path, None))
+
+
+# -- stub environment ---------------------------------------------------------------------------------------------
+def test_numpy_major_reads_the_installed_numpy() -> None:
+    import numpy
+
+    assert stub_env.numpy_major() == int(numpy.__version__.split(".")[0])
+
+
+def test_numpy_1_uses_this_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stub_env, "numpy_major", lambda: 1)
+    assert stub_env.stub_python_bin(tmp_path) == Path(sys.executable).parent
+    assert not (tmp_path / "stub-env").exists()
+
+
+def test_numpy_2_without_a_numpy_1_wheel_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stub_env, "numpy_major", lambda: 2)
+    monkeypatch.setenv("TRITON_VLM_NUMPY1_WHEEL", str(tmp_path / "numpy-1.26.4-cp311-cp311-nothere.whl"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # never reach a package index from a unit test
+    with pytest.raises(LauncherError) as info:
+        stub_env.stub_python_bin(tmp_path)
+    message = str(info.value)
+    assert "numpy 2 is installed" in message and "TRITON_VLM_NUMPY1_WHEEL" in message
+    assert not (tmp_path / "stub-env" / ".numpy1-ready").exists()
+
+
+def test_numpy_2_overlay_is_reused_once_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stub_env, "numpy_major", lambda: 2)
+    (tmp_path / "stub-env").mkdir()
+    (tmp_path / "stub-env" / ".numpy1-ready").write_text("numpy>=1.26,<2\n")
+    monkeypatch.setattr(stub_env.subprocess, "run", lambda *a, **k: pytest.fail("must not rebuild"))
+    assert stub_env.stub_python_bin(tmp_path) == tmp_path / "stub-env" / "bin"
+
+
+def test_numpy1_wheelhouse_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    wheel = tmp_path / f"numpy-1.26.4-{tag}-{tag}-manylinux_2_17_x86_64.whl"
+    wheel.write_bytes(b"")
+    (tmp_path / f"numpy-2.1.0-{tag}-{tag}-manylinux_2_17_x86_64.whl").write_bytes(b"")
+    monkeypatch.delenv("TRITON_VLM_NUMPY1_WHEEL", raising=False)
+    monkeypatch.setenv("TRITON_VLM_WHEELHOUSE", str(tmp_path))
+    assert stub_env._numpy1_wheels() == [str(wheel)]
+    monkeypatch.setenv("TRITON_VLM_NUMPY1_WHEEL", "/x/numpy.whl")
+    assert stub_env._numpy1_wheels() == ["/x/numpy.whl"]

@@ -1,0 +1,83 @@
+"""triton_vlm.models and triton_vlm.errors: the family registry, adapters' prompts, the error tree."""
+
+from __future__ import annotations
+
+import pytest
+
+from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, ModelUnavailableError,
+                               ServerUnreachableError, TritonVLMError, UnknownModelError)
+from triton_vlm.models import ModelFamily, available_families, get_family
+from triton_vlm.models.base import cache_kwarg
+from triton_vlm.models.llava import IMAGE_TOKEN, LlavaFamily
+
+
+def test_registry() -> None:
+    assert available_families() == ["kosmos2", "llava", "moondream2"]
+    for name in available_families():
+        family = get_family(name)
+        assert isinstance(family, ModelFamily) and family.name == name
+        assert get_family(name) is family  # one adapter instance per family
+    assert get_family("llava").supported and get_family("kosmos2").supported
+    assert not get_family("moondream2").supported
+
+
+def test_unknown_family_lists_known_ones() -> None:
+    with pytest.raises(UnknownModelError) as info:
+        get_family("blip2")
+    assert str(info.value) == "unknown model family 'blip2'; known families: kosmos2, llava, moondream2"
+    assert isinstance(info.value, KeyError)
+
+
+def test_default_model_ids() -> None:
+    assert get_family("llava").default_hf_model_id == "llava-hf/llava-1.5-7b-hf"
+    assert get_family("kosmos2").default_hf_model_id == "microsoft/kosmos-2-patch14-224"
+
+
+def test_moondream2_explains_itself() -> None:
+    family = get_family("moondream2")
+    for call in (family.model_class, lambda: family.render_prompt(None, "x")):
+        with pytest.raises(ModelLoadError, match="moondream2 is not supported yet.*Serve llava or kosmos2"):
+            call()
+
+
+def test_llava_prompt_without_chat_template() -> None:
+    class Bare:
+        chat_template = None
+
+    assert LlavaFamily().render_prompt(Bare(), "What?") == f"USER: {IMAGE_TOKEN}\nWhat? ASSISTANT:"
+
+
+def test_kosmos2_prompt_is_the_user_text(kosmos2_runtime) -> None:  # type: ignore[no-untyped-def]
+    loaded = kosmos2_runtime.ensure_loaded()
+    assert loaded.family.render_prompt(loaded.processor, "<grounding> An image of") == "<grounding> An image of"
+    assert loaded.family.first_position(loaded.model) == loaded.model.config.text_config.pad_token_id + 1
+
+
+def test_validate_prompt_allows_ordinary_text() -> None:
+    get_family("llava").validate_prompt("an <img> tag and image words")
+    with pytest.raises(InvalidInputError, match="'<image>'"):
+        get_family("llava").validate_prompt("x<image>y")
+
+
+def test_cache_kwarg() -> None:
+    def new(input_ids, cache=None): ...  # noqa: ANN001, ANN202, E704
+    def old(input_ids, past_key_values=None): ...  # noqa: ANN001, ANN202, E704
+    assert cache_kwarg(new) == "cache" and cache_kwarg(old) == "past_key_values"
+
+
+@pytest.mark.parametrize("error, code, bases", [
+    (InvalidInputError("x"), "INVALID_ARG", (ValueError,)),
+    (ModelUnavailableError("x"), "UNAVAILABLE", ()),
+    (ModelLoadError("x"), "UNAVAILABLE", (ModelUnavailableError,)),
+    (UnknownModelError("x"), "NOT_FOUND", (KeyError,)),
+    (GenerationError("x"), "INTERNAL", ()),
+    (ServerUnreachableError("x"), "UNAVAILABLE", ()),
+])
+def test_error_tree(error: TritonVLMError, code: str, bases: tuple[type, ...]) -> None:
+    assert isinstance(error, TritonVLMError) and error.triton_code == code
+    assert all(isinstance(error, b) for b in bases)
+
+
+def test_unknown_model_error_is_not_quoted() -> None:
+    assert str(UnknownModelError("model 'x' missing")) == "model 'x' missing"
+    assert str(UnknownModelError()) == ""

@@ -1,0 +1,199 @@
+"""triton_vlm.tiny: building, caching and loading the tiny random-weight checkpoints."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from triton_vlm.errors import ModelLoadError
+from triton_vlm.models import get_family
+from triton_vlm.tiny import (TINY_FORMAT_VERSION, ensure_tiny_checkpoint, tiny_checkpoint_dir, tiny_root,
+                             train_llama_style_vocab, train_unigram_vocab)
+
+FAMILIES = ("llava", "kosmos2")
+
+
+class CountingBuild:
+    def __init__(self, family: str, fail: bool = False) -> None:
+        self.original = get_family(family).build_tiny
+        self.calls = 0
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def __call__(self, path: Path) -> None:
+        with self.lock:
+            self.calls += 1
+        if self.fail:
+            (path / "partial.bin").write_bytes(b"half")
+            raise RuntimeError("build interrupted")
+        self.original(path)
+
+
+def test_tiny_root_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TRITON_VLM_CACHE", str(tmp_path / "c"))
+    assert tiny_root() == tmp_path / "c" / "tiny"
+    monkeypatch.delenv("TRITON_VLM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tiny_root() == tmp_path / "xdg" / "triton-vlm" / "tiny"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert tiny_root() == Path.home() / ".cache" / "triton-vlm" / "tiny"
+
+
+def test_checkpoint_dir_is_versioned(tmp_path: Path) -> None:
+    assert tiny_checkpoint_dir("llava", tmp_path) == tmp_path / f"llava-v{TINY_FORMAT_VERSION}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_call_reuses_the_checkpoint(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = ensure_tiny_checkpoint(family)  # the session cache (built here or by a runtime fixture)
+    weights = first / "model.safetensors"
+    stamp = (weights.stat().st_mtime_ns, (first / "config.json").stat().st_mtime_ns)
+    counting = CountingBuild(family)
+    monkeypatch.setattr(get_family(family), "build_tiny", counting)
+    assert ensure_tiny_checkpoint(family) == first
+    assert counting.calls == 0
+    assert (weights.stat().st_mtime_ns, (first / "config.json").stat().st_mtime_ns) == stamp
+
+
+def test_build_writes_a_complete_checkpoint(tmp_path: Path) -> None:
+    target = ensure_tiny_checkpoint("kosmos2", tmp_path)
+    assert target == tiny_checkpoint_dir("kosmos2", tmp_path)
+    names = {p.name for p in target.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= names
+    assert any(n.startswith("tokenizer") or n == "sentencepiece.bpe.model" for n in names)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".kosmos2-v") and p.is_dir()]
+
+
+def test_concurrent_builders_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counting = CountingBuild("kosmos2")
+    monkeypatch.setattr(get_family("kosmos2"), "build_tiny", counting)
+    barrier = threading.Barrier(4)
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            results.append(ensure_tiny_checkpoint("kosmos2", tmp_path))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert counting.calls == 1
+    assert results == [tiny_checkpoint_dir("kosmos2", tmp_path)] * 4
+    assert (results[0] / "config.json").is_file() and (results[0] / "model.safetensors").is_file()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.is_dir() and p != results[0]]
+    assert leftovers == []  # no staging directories left behind
+
+
+def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(get_family("kosmos2"), "build_tiny", CountingBuild("kosmos2", fail=True))
+    with pytest.raises(RuntimeError, match="build interrupted"):
+        ensure_tiny_checkpoint("kosmos2", tmp_path)
+    assert not tiny_checkpoint_dir("kosmos2", tmp_path).exists()
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []
+    monkeypatch.undo()
+    assert (ensure_tiny_checkpoint("kosmos2", tmp_path) / "config.json").is_file()  # a retry succeeds
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_builds_are_deterministic(family: str, tmp_path: Path) -> None:
+    session = ensure_tiny_checkpoint(family)
+    other = ensure_tiny_checkpoint(family, tmp_path / "elsewhere")
+    assert other != session
+    assert (other / "model.safetensors").read_bytes() == (session / "model.safetensors").read_bytes()
+    assert (other / "config.json").read_text() == (session / "config.json").read_text()
+
+
+def test_moondream2_has_no_tiny_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not supported yet"):
+        ensure_tiny_checkpoint("moondream2", tmp_path)
+    assert not tiny_checkpoint_dir("moondream2", tmp_path).exists()
+
+
+def test_tiny_llava_loads_with_the_real_classes() -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    path = ensure_tiny_checkpoint("llava")
+    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    assert isinstance(processor, LlavaProcessor)
+    assert isinstance(LlavaProcessor.from_pretrained(path, local_files_only=True), LlavaProcessor)
+    tokenizer = processor.tokenizer
+    assert model.config.text_config.vocab_size == len(tokenizer)
+    assert model.config.image_token_index == tokenizer.convert_tokens_to_ids("<image>")
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert processor.chat_template  # the LLaVA-1.5 "USER: <image>\n... ASSISTANT:" format
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+
+
+def test_tiny_kosmos2_loads_with_the_real_classes() -> None:
+    from transformers import AutoProcessor, Kosmos2ForConditionalGeneration, Kosmos2Processor
+
+    path = ensure_tiny_checkpoint("kosmos2")
+    model = Kosmos2ForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    assert isinstance(processor, Kosmos2Processor)
+    assert isinstance(Kosmos2Processor.from_pretrained(path, local_files_only=True), Kosmos2Processor)
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    assert "<grounding>" in processor.tokenizer.get_vocab()
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+
+
+def test_tiny_llava_renders_the_llava_prompt(llava_runtime: Any) -> None:
+    loaded = llava_runtime.ensure_loaded()
+    assert loaded.family.render_prompt(loaded.processor, "What is this?") == "USER: <image>\nWhat is this? ASSISTANT:"
+
+
+def test_llama_style_vocab_is_deterministic() -> None:
+    vocab, merges = train_llama_style_vocab(600)
+    assert {"<unk>", "<s>", "</s>", "<0x0A>"} <= set(vocab) and merges
+    assert all(train_llama_style_vocab(600) == (vocab, merges) for _ in range(3))
+
+
+def test_unigram_vocab_has_specials_first() -> None:
+    unigram = train_unigram_vocab(200, ["<s>", "<pad>", "</s>", "<unk>"])
+    assert [t for t, _ in unigram[:4]] == ["<s>", "<pad>", "</s>", "<unk>"]
+    assert len(unigram) > 50
+
+
+UNIGRAM_BUG = (
+    "src bug: tiny.py train_unigram_vocab (used by the kosmos2 tiny build) is not deterministic: tokenizers' "
+    "UnigramTrainer orders equal-score pieces differently on every run (and scores differ in the last bits), "
+    "so two kosmos2 tiny builds get different tokenizer.json files and the same prompt maps to different "
+    "token ids, although model.safetensors is identical; served-vs-direct parity then depends on sharing "
+    "one cache directory")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=UNIGRAM_BUG)
+def test_unigram_vocab_is_deterministic() -> None:
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    first = train_unigram_vocab(400, specials)
+    assert all(train_unigram_vocab(400, specials) == first for _ in range(3))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=UNIGRAM_BUG)
+def test_kosmos2_tokenizer_is_identical_across_builds(tmp_path: Path) -> None:
+    session = (ensure_tiny_checkpoint("kosmos2") / "tokenizer.json").read_bytes()
+    for root in ("a", "b", "c"):
+        assert (ensure_tiny_checkpoint("kosmos2", tmp_path / root) / "tokenizer.json").read_bytes() == session
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_processor_files_are_identical_across_builds(family: str, tmp_path: Path) -> None:
+    session = ensure_tiny_checkpoint(family)
+    other = ensure_tiny_checkpoint(family, tmp_path)
+    names = sorted(p.name for p in session.iterdir())
+    assert names == sorted(p.name for p in other.iterdir())
+    skip = {"model.safetensors"} | ({"tokenizer.json"} if family == "kosmos2" else set())  # see UNIGRAM_BUG
+    for name in names:
+        if name not in skip:
+            assert (other / name).read_bytes() == (session / name).read_bytes(), name
