@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Start the triton-vlm server in the foreground (Ctrl-C or SIGTERM stops it cleanly).
-# First run creates .venv and installs the project. Flags go to `triton-vlm serve`:
-#   --tiny  --models llava,kosmos2  --http-port N  --grpc-port N  --metrics-port N  --host ADDR
+# First run creates .venv and installs the project. It then picks how to run (`triton-vlm start`):
+#   NVIDIA GPU + Docker with the NVIDIA runtime  -> docker compose -f docker-compose.yml up
+#   Docker, no GPU                               -> docker compose -f docker-compose-cpu.yml up
+#   no (working) Docker                          -> the embedded tritonserver from the Python wheel
+# Flags:  --mode auto|gpu|cpu|embedded  --dry-run  --tiny  --models llava,kosmos2  --preload
+#         --http-port N  --grpc-port N  --metrics-port N  --host ADDR      (see docs/deployment.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -f .venv/.installed ]; then
   echo "[triton-vlm] first run: creating .venv (a few minutes)" >&2
   make install >&2
 fi
-exec .venv/bin/triton-vlm serve "$@"
+exec .venv/bin/triton-vlm start "$@"

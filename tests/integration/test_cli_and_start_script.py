@@ -63,7 +63,7 @@ def test_start_script_serves_real_weights_config_and_stops_cleanly(tmp_path: Pat
     http, grpc, metrics = free_port(), free_port(), free_port()
     while len({http, grpc, metrics}) < 3:
         grpc, metrics = free_port(), free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), TRITON_VLM_MODE="embedded")
     log = open(tmp_path / "start.log", "w")
     process = subprocess.Popen(
         [str(ROOT / "triton_start.sh"), "--models", "llava", "--http-port", str(http), "--grpc-port", str(grpc),

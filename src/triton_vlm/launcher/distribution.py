@@ -18,7 +18,12 @@ class LauncherError(TritonVLMError):
 
 @dataclass(frozen=True)
 class TritonDistribution:
-    """A ``tritonserver`` tree: the wheel's ``pytriton/tritonserver`` or any tree with the same layout."""
+    """A ``tritonserver`` tree: the wheel's ``pytriton/tritonserver``, or a server install such as NVIDIA's
+    container image (``/opt/tritonserver``).
+
+    The wheel ships one Python backend stub per Python version under ``python_backend_stubs/X.Y/``; a server
+    install has a single stub, built for its own Python, inside ``backends/python/``.
+    """
 
     root: Path
     libs: Path | None
@@ -31,8 +36,21 @@ class TritonDistribution:
     def python_backend(self) -> Path:
         return self.root / "backends" / "python"
 
+    @property
+    def stubs_dir(self) -> Path:
+        return self.root / "python_backend_stubs"
+
+    @property
+    def bundled_stub(self) -> Path:
+        """The stub a server install keeps beside the backend library (``backends/python``)."""
+        return self.python_backend / "triton_python_backend_stub"
+
     def stub_for(self, version: tuple[int, int]) -> Path:
-        return self.root / "python_backend_stubs" / f"{version[0]}.{version[1]}" / "triton_python_backend_stub"
+        return self.stubs_dir / f"{version[0]}.{version[1]}" / "triton_python_backend_stub"
+
+    @property
+    def has_versioned_stubs(self) -> bool:
+        return self.stubs_dir.is_dir()
 
 
 def find_distribution() -> TritonDistribution:
@@ -42,6 +60,9 @@ def find_distribution() -> TritonDistribution:
         root = Path(override)
         libs = os.environ.get("TRITON_VLM_TRITON_LIBS")
         dist = TritonDistribution(root, Path(libs) if libs else _sibling_libs(root))
+        if not dist.root.is_dir():
+            raise LauncherError(f"TRITON_VLM_TRITON_HOME={override} is not a directory; point it at a Triton "
+                                "server tree (the one holding bin/tritonserver, e.g. /opt/tritonserver)")
     else:
         spec = importlib.util.find_spec("pytriton")
         if spec is None or not spec.submodule_search_locations:
@@ -61,16 +82,31 @@ def _sibling_libs(root: Path) -> Path | None:
                       root.parent.parent / "nvidia_pytriton.libs"):
         if candidate.is_dir():
             return candidate
+    # A server install (NVIDIA's image: /opt/tritonserver/lib holds libtritonserver.so).
+    if (root / "lib").is_dir():
+        return root / "lib"
     return None
 
 
 def prepare_backend_dir(dist: TritonDistribution, work_dir: Path,
                         version: tuple[int, int] | None = None) -> Path:
-    """A ``backends/python`` directory holding the backend library and the stub matching our Python."""
+    """A backend directory whose ``python/`` holds the backend library and the stub matching our Python.
+
+    A tree without ``python_backend_stubs/`` (a server install such as NVIDIA's image) already has its stub in
+    ``backends/python``, built for the Python installed beside it: its own ``backends`` directory is used as is.
+    """
     version = version or (sys.version_info.major, sys.version_info.minor)
+    if not dist.has_versioned_stubs:
+        if not (dist.python_backend / "libtriton_python.so").is_file():
+            raise LauncherError(f"the Triton tree {dist.root} has no Python backend "
+                                f"({dist.python_backend / 'libtriton_python.so'} is missing)")
+        if not dist.bundled_stub.is_file():
+            raise LauncherError(f"the Triton tree {dist.root} has no Python backend stub: neither "
+                                f"{dist.bundled_stub} nor {dist.stubs_dir}/<python version>/ exists")
+        return dist.python_backend.parent
     stub = dist.stub_for(version)
     if not stub.is_file():
-        available = sorted(p.name for p in (dist.root / "python_backend_stubs").glob("*"))
+        available = sorted(p.name for p in dist.stubs_dir.glob("*"))
         raise LauncherError(
             f"no Triton Python backend stub for Python {version[0]}.{version[1]} (available: "
             f"{', '.join(available) or 'none'}); use one of those Python versions for the virtual environment."

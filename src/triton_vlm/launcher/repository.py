@@ -8,7 +8,6 @@ from pathlib import Path
 
 from triton_vlm.launcher.distribution import LauncherError
 from triton_vlm.model_config import dump_model_config, force_instance_kind, load_model_config
-from triton_vlm.models import get_family
 
 
 def default_model_repository() -> Path:
@@ -50,6 +49,8 @@ def companions(repository: Path, model: str) -> list[str]:
 
 def servable_models(repository: Path) -> list[str]:
     """Models whose family this version can serve (the default selection); companions come with their base."""
+    from triton_vlm.models import get_family  # imports torch: only when a server really starts
+
     return [m for m in list_models(repository)
             if base_model(repository, m) is None and get_family(model_family(repository, m)).supported]
 
