@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -27,12 +28,24 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     """Open PNG/JPEG/... bytes as an upright RGB image.
 
     Raises :class:`InvalidInputError` for empty, oversized, truncated or unknown data, for images above
-    ``max_pixels`` (checked from the header, before any pixel is decoded) and for multi-frame files.
+    ``max_pixels`` (checked from the header, before any pixel is decoded) and for multi-frame files. Every
+    failure while decoding is an :class:`InvalidInputError`: PIL's own exceptions never escape.
     """
     if not data:
         raise InvalidInputError("image: empty; send the bytes of a PNG or JPEG file")
     if len(data) > max_bytes:
         raise InvalidInputError(f"image: {len(data)} bytes is over the limit of {max_bytes} bytes")
+    try:
+        return _decode(data, max_pixels)
+    except InvalidInputError:
+        raise
+    except Exception as exc:  # a last net: PIL raises a zoo of types (IndexError, struct.error, ...) on bad data
+        raise InvalidInputError(
+            f"image: cannot decode {len(data)} bytes ({type(exc).__name__}: {exc}); send an intact PNG or JPEG"
+        ) from None
+
+
+def _decode(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -52,17 +65,47 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         raise InvalidInputError(f"image: {width}x{height} pixels is over the limit of {max_pixels} pixels")
     if width < 1 or height < 1:
         raise InvalidInputError(f"image: invalid size {width}x{height}")
-    if getattr(image, "n_frames", 1) > 1:
-        raise InvalidInputError(f"image: {image.n_frames} frames (animated or multi-page); send a single image")
     try:
+        # Counting frames reads every frame header: a truncated animation fails here (IndexError, struct.error).
+        frames = getattr(image, "n_frames", 1)
+    except Exception as exc:
+        raise InvalidInputError(
+            f"image: corrupt or truncated {image.format} data (cannot count its frames: {type(exc).__name__}: {exc})"
+        ) from None
+    if frames > 1:
+        raise InvalidInputError(f"image: {frames} frames (animated or multi-page); send a single image")
+    try:
+        bits = _sample_bits(image)  # before load(): PIL forgets the raw sample layout once pixels are decoded
         image.load()
         image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        return _to_rgb(image, bits)
     except Exception as exc:
         raise InvalidInputError(f"image: corrupt or truncated {image.format} data ({exc})") from None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _sample_bits(image: Image.Image) -> tuple[int, bool] | None:
+    """``(bits per sample, signed)`` of an integer greyscale image, where the file says; None otherwise."""
+    if image.mode.startswith("I;16"):
+        return 16, image.mode.endswith("S")
+    if image.mode != "I":
+        return None
+    tags = getattr(image, "tag_v2", None)  # TIFF: BitsPerSample (258), SampleFormat (339, 2 = signed)
+    if tags is not None and tags.get(258):
+        bits = tags[258]
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        sample_format = tags.get(339, 1)
+        sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+        return int(bits), sample_format == 2
+    for tile in getattr(image, "tile", None) or ():  # e.g. a 16-bit PNG opened as "I" reads raw mode "I;16B"
+        args = tile.args if hasattr(tile, "args") else tile[3]
+        rawmode = args if isinstance(args, str) else (args[0] if args else "")
+        match = re.fullmatch(r"I;(8|16|32)([A-Z]*)", str(rawmode))
+        if match:
+            return int(match[1]), "S" in match[2]
+    return None
+
+
+def _to_rgb(image: Image.Image, bits: tuple[int, bool] | None = None) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -70,9 +113,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grey: scale to 8 bits instead of clipping everything above 255 to white.
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # Integer grey (16-bit PNG/TIFF, 32-bit TIFF): scale the file's full sample range to 8 bits, so a dark
+        # image stays dark (never by the image's own peak). Without a known depth, values are taken as 8-bit
+        # and clipped to 0..255. Negative samples are black.
         array = np.asarray(image, dtype=np.float64)
-        peak = array.max() or 1.0
-        return Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L").convert("RGB")
+        if image.mode.startswith("I;16") and bits is None:
+            bits = (16, image.mode.endswith("S"))
+        if bits is not None:
+            depth, signed = bits
+            array = array * (255.0 / float(2 ** (depth - 1 if signed else depth) - 1))
+        grey = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
     return image.convert("RGB")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import struct
 import sys
 import types
 from typing import Any
@@ -175,9 +174,6 @@ def test_scalar_inputs_must_be_single_values(backend: Any) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.xfail(strict=True, raises=(IndexError, struct.error), reason=(
-    "src bug (impact of images.py n_frames outside try): a truncated animated GIF makes decode_image raise "
-    "IndexError, which _parse does not catch, so execute() raises and every request in the batch fails"))
 def test_corrupt_gif_fails_only_its_own_request(backend: Any, llava_runtime: VLMRuntime) -> None:
     from .helpers import truncated_animated_gif
 

@@ -132,13 +132,34 @@ def test_16_bit_png_is_scaled_not_clipped() -> None:
     assert len(np.unique(out)) > 200
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "src bug: images.py _to_rgb scales 16-bit grey by the image's own peak (array.max()) instead of the "
-    "16-bit range, so a uniformly dark 16-bit PNG (every pixel 1000/65535) decodes as pure white"))
 def test_dark_16_bit_png_stays_dark() -> None:
     dark = np.full((4, 4), 1000, np.uint16)
     out = np.asarray(decode(encode(Image.fromarray(dark))))
     assert out.max() <= 10  # 1000/65535 of full scale is about 4/255
+    assert np.all(out == 4)  # round(1000 / 65535 * 255)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grey_scales_by_the_16_bit_range(fmt: str) -> None:
+    values = np.array([[0, 257, 1000, 32768, 65535]], np.uint16)
+    out = np.asarray(decode(encode(Image.fromarray(values), fmt)))[..., 0]
+    assert out.tolist() == [[0, 1, 4, 128, 255]]
+
+
+def test_32_bit_tiff_scales_by_its_signed_32_bit_range() -> None:
+    values = np.array([[-5, 100, 2**30, 2**31 - 1]], np.int32)
+    data = encode(Image.fromarray(values), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    out = np.asarray(decode(data))[..., 0]
+    assert out.tolist() == [[0, 0, 128, 255]]  # negative clipped to black; 100/(2**31-1) is black too
+
+
+def test_int_grey_without_a_known_depth_is_clipped_to_8_bits() -> None:
+    from triton_vlm.images import _sample_bits, _to_rgb
+
+    image = Image.fromarray(np.array([[-3, 0, 100, 255, 300, 70000]], np.int32))
+    assert image.mode == "I" and _sample_bits(image) is None
+    assert np.asarray(_to_rgb(image))[..., 0].tolist() == [[0, 0, 100, 255, 255, 255]]
 
 
 @pytest.mark.parametrize("orientation, size", [(1, (40, 20)), (3, (40, 20)), (6, (20, 40)), (8, (20, 40))])
@@ -248,14 +269,29 @@ CORRUPT_MULTI_FRAME = {
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.xfail(strict=True, raises=(IndexError, TypeError, struct.error), reason=(
-    "src bug: images.py decode_image reads image.n_frames (line ~55) outside any try, so a truncated "
-    "animated GIF / multi-page TIFF escapes as IndexError/TypeError/struct.error instead of InvalidInputError"))
 @pytest.mark.parametrize("name", sorted(CORRUPT_MULTI_FRAME))
 def test_corrupt_multi_frame_files_are_invalid_input(name: str) -> None:
     data = CORRUPT_MULTI_FRAME[name]()
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match=r"^image: corrupt or truncated (GIF|TIFF) data") as info:
         decode(data)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no PIL traceback chained in
+
+
+@pytest.mark.parametrize("exc", [IndexError("list index out of range"), struct.error("unpack requires"),
+                                 TypeError("bad"), KeyError("x")])
+def test_any_pil_failure_after_open_is_invalid_input(exc: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever PIL raises while checking or decoding the pixels, the caller sees InvalidInputError."""
+    import triton_vlm.images as images
+
+    def boom(image: Image.Image, bits: object = None) -> Image.Image:
+        raise exc
+
+    monkeypatch.setattr(images, "_to_rgb", boom)
+    with pytest.raises(InvalidInputError, match="^image: "):
+        decode(image_bytes(8, 8))
+    monkeypatch.setattr(images, "_sample_bits", boom)
+    with pytest.raises(InvalidInputError, match="^image: "):
+        decode(image_bytes(8, 8))
 
 
 # -- properties -----------------------------------------------------------------------------------------------
