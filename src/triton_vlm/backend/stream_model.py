@@ -117,6 +117,8 @@ class TritonVLMStreamModel:
             except queue.Empty:
                 message = False  # type: ignore[assignment]
             if message is None:
+                for state in streams.values():  # shutting down: every open request still ends FINAL
+                    _send_final(state.sender)
                 return
             if isinstance(message, _Open):
                 streams[message.request_id] = _Stream(message.sender, message.stream)
@@ -127,6 +129,9 @@ class TritonVLMStreamModel:
                         self._deliver(state, message)
                     except Exception:  # a client that went away must not stop the thread
                         log.exception("sending a response failed")
+                        _send_final(state.sender)
+                        if not message.finished and self._engine is not None:
+                            self._engine.abort(message.request_id)
                         message = RequestOutput(message.request_id, (), True, "abort")
                     if message.finished:
                         del streams[message.request_id]
@@ -162,3 +167,11 @@ class TritonVLMStreamModel:
             is_cancelled = getattr(state.sender, "is_cancelled", None)
             if is_cancelled is not None and is_cancelled():
                 self._engine.abort(request_id)
+
+
+def _send_final(sender: Any) -> None:
+    """End a request whatever state its client is in: Triton keeps a model loaded until every request ended."""
+    try:
+        sender.send(flags=FINAL)
+    except Exception:
+        log.debug("final flag not delivered", exc_info=True)

@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=None)
     infer.set_defaults(handler=_infer, verbose=False)
 
+    bench = commands.add_parser("bench", help="benchmark a served model against the HF-generate baseline")
+    from triton_vlm.bench.cli import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_bench)
+
     tiny = commands.add_parser("make-tiny", help="build the tiny random-weight checkpoints")
     tiny.add_argument("--families", default="llava,kosmos2")
     tiny.add_argument("--output", type=Path, default=None, help="directory (default: the tiny cache)")
@@ -193,6 +199,12 @@ def _infer(args: argparse.Namespace) -> int:
     with TritonVLMClient(args.url, protocol="grpc" if args.grpc else "http") as client:
         print(client.infer(args.model, args.image, args.prompt, **sampling))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from triton_vlm.bench.cli import run
+
+    return run(args)
 
 
 def _make_tiny(args: argparse.Namespace) -> int:

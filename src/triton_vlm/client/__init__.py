@@ -1,5 +1,5 @@
 """Python client for triton-vlm servers (HTTP or gRPC), built on ``tritonclient``."""
 
-from triton_vlm.client.client import InferenceResult, TritonVLMClient, encode_image
+from triton_vlm.client.client import InferenceResult, StreamPiece, TritonVLMClient, encode_image
 
-__all__ = ["InferenceResult", "TritonVLMClient", "encode_image"]
+__all__ = ["InferenceResult", "StreamPiece", "TritonVLMClient", "encode_image"]

@@ -27,6 +27,16 @@ Protocol = Literal["http", "grpc"]
 
 
 @dataclass(frozen=True)
+class StreamPiece:
+    """One streamed response: new text, tokens generated so far, and the finish reason on the last one."""
+
+    text: str
+    generated_tokens: int
+    prompt_tokens: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
 class InferenceResult:
     """Everything a served model returns for one request."""
 
@@ -120,6 +130,15 @@ class TritonVLMClient:
 
         The pieces concatenate to the text :meth:`infer` returns. Leaving the loop early cancels the request.
         """
+        for piece in self.stream_pieces(model_name, image, prompt, max_tokens=max_tokens, temperature=temperature,
+                                        top_p=top_p, seed=seed, ignore_eos=ignore_eos):
+            if piece.text:
+                yield piece.text
+
+    def stream_pieces(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
+                      temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                      ignore_eos: bool = False) -> Iterator[StreamPiece]:
+        """Like :meth:`stream`, with token counts and the finish reason (the last piece has one)."""
         import tritonclient.grpc as grpc_module
         from tritonclient.utils import InferenceServerException
 
@@ -142,10 +161,13 @@ class TritonVLMClient:
                 if error is not None:
                     raise _translate(error, target, self.grpc_url) if isinstance(
                         error, InferenceServerException) else ServerUnreachableError(str(error))
-                piece = result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8")
-                if piece:
-                    yield piece
-                if result.as_numpy("finish_reason").reshape(-1)[0]:
+                piece = StreamPiece(
+                    text=result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8"),
+                    generated_tokens=int(result.as_numpy("generated_tokens").reshape(-1)[0]),
+                    prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
+                    finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"))
+                yield piece
+                if piece.finish_reason:
                     return
         finally:
             client.stop_stream(cancel_requests=True)

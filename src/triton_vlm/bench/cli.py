@@ -1,0 +1,126 @@
+"""``triton-vlm bench``: throughput and latency through the real server, beside the HF-generate baseline."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from triton_vlm.bench.workload import RunResult, Workload, format_table, plot, run_hf_baseline, run_served
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help="gRPC address of a running server (host:8001)")
+    where.add_argument("--serve", action="store_true", help="start a server with the configured weights")
+    parser.add_argument("--tiny", action="store_true", help="tiny checkpoints (starts a tiny server without --url)")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated concurrency levels")
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
+    parser.add_argument("--image-size", type=int, default=336)
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run plain HF generate in this process (default: on)")
+    parser.add_argument("--json", type=Path, default=None, help="write results here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    parser.add_argument("--engine", choices=("auto", "on", "off"), default="auto", help="for a started server")
+
+
+def run(args: argparse.Namespace) -> int:
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    workload = Workload(model=args.model, image_size=args.image_size, max_tokens=args.max_tokens,
+                        requests=args.requests)
+    baseline: list[RunResult] = []
+    if args.baseline:
+        # First, and freed before the server starts: both would not fit one GPU together.
+        from triton_vlm.direct import direct_runtime
+
+        runtime = direct_runtime(args.model, tiny=args.tiny)
+        baseline = [run_hf_baseline(runtime, workload, c) for c in levels]
+        del runtime
+        _free_memory()
+        print(format_table(f"HF generate baseline ({args.model}, in-process)", baseline), flush=True)
+    server = None
+    url = args.url
+    if url is None:
+        server = _start_server(args)
+        url = server.grpc_url
+    try:
+        served = [run_served(url, workload, c) for c in levels]
+    finally:
+        if server is not None:
+            server.stop()
+    print(format_table(f"triton-vlm served ({args.model}, gRPC streaming through Triton)", served), flush=True)
+    ratios = {f"c{s.concurrency}": s.output_tok_s / b.output_tok_s for s, b in zip(served, baseline)}
+    if ratios:
+        print("served / baseline throughput: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
+    report: dict[str, Any] = {
+        "command": "triton-vlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "workload": {"model": args.model, "image_size": args.image_size, "max_tokens": args.max_tokens,
+                     "requests": args.requests, "prompt": workload.prompt, "ignore_eos": True},
+        "runs": [r.as_json() for r in served],
+        "baseline": [r.as_json() for r in baseline],
+        "ratios": ratios,
+    }
+    report.update(_environment())
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.plot and not plot(str(args.plot), served, baseline):
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    failed = sum(r.errors for r in served)
+    return 1 if failed else 0
+
+
+def _start_server(args: argparse.Namespace) -> Any:
+    from triton_vlm.launcher import ServerOptions, TritonServer
+    from triton_vlm.launcher.server import port_in_use
+
+    ports: list[int] = []
+    port = 18000
+    while len(ports) < 3:
+        if not port_in_use("127.0.0.1", port):
+            ports.append(port)
+        port += 1
+    import tempfile
+
+    log_path = Path(tempfile.mkstemp(prefix="triton-vlm-bench-", suffix=".log")[1])
+    print(f"[triton-vlm] starting a server for the benchmark; its log: {log_path}", flush=True)
+    server = TritonServer(ServerOptions(models=(args.model,), tiny=args.tiny, preload=True, engine=args.engine,
+                                        http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2]),
+                          log_file=open(log_path, "w"))
+    server.start()
+    try:
+        server.wait_until_ready(timeout=900)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def _environment() -> dict[str, Any]:
+    import platform
+
+    info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+    except ImportError:
+        pass
+    return info

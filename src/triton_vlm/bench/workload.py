@@ -1,0 +1,187 @@
+"""A serving benchmark: closed-loop clients streaming from a running server, and the HF-generate baseline.
+
+Each client keeps one request in flight (gRPC streaming, so time to first token and inter-token latency are
+seen as a user sees them). Images are distinct per request (no cache can help), EOS is ignored so every
+request generates exactly ``max_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_PROMPT = "Describe this image in detail, including the colors, objects and their positions."
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    image_size: int = 336
+    prompt: str = DEFAULT_PROMPT
+    max_tokens: int = 128
+    requests: int = 64
+
+    def image(self, index: int) -> bytes:
+        pixels = np.random.default_rng(index).integers(0, 255, (self.image_size, self.image_size, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+@dataclass
+class RunResult:
+    concurrency: int
+    requests: int
+    seconds: float
+    output_tokens: int
+    output_tok_s: float
+    requests_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    itl_p50_s: float
+    itl_p99_s: float
+    errors: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(data.pop("extra"))
+        return data
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(values, q))
+
+
+def run_served(grpc_url: str, workload: Workload, concurrency: int, timeout: float = 600.0) -> RunResult:
+    """``concurrency`` clients, each streaming one request at a time, until ``workload.requests`` are done."""
+    from triton_vlm.client import TritonVLMClient
+
+    images = [workload.image(i) for i in range(workload.requests)]
+    lock = threading.Lock()
+    next_index = [0]
+    ttfts: list[float] = []
+    itls: list[float] = []
+    tokens = [0]
+    errors = [0]
+
+    def client_loop() -> None:
+        client = TritonVLMClient(grpc_url, protocol="grpc", timeout=timeout)
+        while True:
+            with lock:
+                index = next_index[0]
+                if index >= workload.requests:
+                    return
+                next_index[0] += 1
+            start = last = time.perf_counter()
+            last_tokens = 0
+            try:
+                for piece in client.stream_pieces(workload.model, images[index], workload.prompt,
+                                                  max_tokens=workload.max_tokens, ignore_eos=True):
+                    now = time.perf_counter()
+                    if last_tokens == 0 and piece.generated_tokens > 0:
+                        with lock:
+                            ttfts.append(now - start)
+                    elif piece.generated_tokens > last_tokens:
+                        with lock:
+                            itls.append((now - last) / (piece.generated_tokens - last_tokens))
+                    last, last_tokens = now, piece.generated_tokens
+                with lock:
+                    tokens[0] += last_tokens
+            except Exception:  # counted, not fatal: a benchmark reports errors
+                with lock:
+                    errors[0] += 1
+
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(concurrency)]
+    begin = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    elapsed = time.perf_counter() - begin
+    done = workload.requests - errors[0]
+    return RunResult(concurrency=concurrency, requests=workload.requests, seconds=elapsed, output_tokens=tokens[0],
+                     output_tok_s=tokens[0] / elapsed, requests_s=done / elapsed,
+                     ttft_p50_s=_percentile(ttfts, 50), ttft_p99_s=_percentile(ttfts, 99),
+                     itl_p50_s=_percentile(itls, 50), itl_p99_s=_percentile(itls, 99), errors=errors[0])
+
+
+def run_hf_baseline(runtime: Any, workload: Workload, batch: int) -> RunResult:
+    """Plain ``transformers.generate`` on batches of ``batch`` requests (EOS ignored), in this process."""
+    import torch
+
+    loaded = runtime.ensure_loaded()
+    model, processor, family = loaded.model, loaded.processor, loaded.family
+    images = [Image.open(io.BytesIO(workload.image(i))).convert("RGB") for i in range(batch)]
+    texts = [family.render_prompt(processor, workload.prompt)] * batch
+
+    def once() -> float:
+        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt").to(model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=workload.max_tokens, min_new_tokens=workload.max_tokens,
+                           do_sample=False)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    once()  # warm-up
+    rounds = max(1, min(3, workload.requests // batch))
+    seconds = sum(once() for _ in range(rounds))
+    produced = rounds * batch * workload.max_tokens
+    per_token = seconds / rounds / workload.max_tokens
+    return RunResult(concurrency=batch, requests=rounds * batch, seconds=seconds, output_tokens=produced,
+                     output_tok_s=produced / seconds, requests_s=rounds * batch / seconds,
+                     ttft_p50_s=float("nan"), ttft_p99_s=float("nan"), itl_p50_s=per_token, itl_p99_s=per_token,
+                     extra={"kind": "hf_generate_static_batch"})
+
+
+def format_table(title: str, rows: list[RunResult]) -> str:
+    header = f"{'concurrency':>11} {'tok/s':>10} {'req/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9} {'errors':>6}"
+    lines = [title, header]
+    for r in rows:
+        lines.append(f"{r.concurrency:>11} {r.output_tok_s:>10.1f} {r.requests_s:>8.2f} {r.ttft_p50_s * 1e3:>7.1f}ms "
+                     f"{r.ttft_p99_s * 1e3:>7.1f}ms {r.itl_p50_s * 1e3:>7.2f}ms {r.itl_p99_s * 1e3:>7.2f}ms {r.errors:>6}")
+    return "\n".join(lines)
+
+
+def plot(path: str, served: list[RunResult], baseline: list[RunResult]) -> bool:
+    """Throughput vs concurrency, served vs baseline, as a PNG; False where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r.concurrency for r in served], [r.output_tok_s for r in served], "o-", label="triton-vlm (served)")
+    if baseline:
+        ax.plot([r.concurrency for r in baseline], [r.output_tok_s for r in baseline], "s--",
+                label="HF generate (in-process)")
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens / s")
+    ax.set_xscale("log", base=2)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
