@@ -102,6 +102,7 @@ class TritonVLMModel:
             temperature=_scalar(request, "temperature", float),
             top_p=_scalar(request, "top_p", float),
             seed=_scalar(request, "seed", int),
+            task=_scalar(request, "task", _as_text),
         )
 
     def _response(self, output: GenerationOutput) -> Any:
@@ -134,6 +135,11 @@ def _scalar(request: Any, name: str, kind: type) -> Any:
     if array.size != 1:
         raise InvalidInputError(f"{name}: expected one value, got {array.size}")
     return kind(array.reshape(-1)[0])
+
+
+def _as_text(value: Any) -> bytes | str:
+    # STRING tensors arrive as bytes objects; the runtime decodes (and validates) the UTF-8.
+    return value if isinstance(value, (bytes, str)) else str(value)
 
 
 def _configure_logging() -> None:
