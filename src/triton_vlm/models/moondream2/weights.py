@@ -19,9 +19,10 @@ import torch
 
 from triton_vlm.errors import ModelLoadError
 
-#: Files fetched from the Hub for a real checkpoint (moondream.py is read, never executed: it tells which
-#: tokenizer generation the weights belong to).
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "moondream.py")
+#: Files fetched from the Hub for a real checkpoint. moondream.py is read, never executed: it tells which
+#: tokenizer generation the weights belong to; tokenizer.json is the tokenizer of the older generation.
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "moondream.py",
+                    "tokenizer.json")
 OFFICIAL_PREFIX = "model."
 
 # (official name, our name). "{i}" is a block index, "{p}" a Linear/LayerNorm "weight" or "bias".
