@@ -35,9 +35,10 @@ def direct_runtime(model: str, *, tiny: bool = False, repository: Path | None = 
     return VLMRuntime(settings, resolved)
 
 
-def direct_infer(runtime: VLMRuntime, image: ImageLike, prompt: str, **sampling: object) -> GenerationOutput:
+def direct_infer(runtime: VLMRuntime, image: ImageLike, prompt: str, *, task: str | None = None,
+                 **sampling: object) -> GenerationOutput:
     """One request through ``runtime``; raises the request's :class:`TritonVLMError` if it fails."""
-    request = runtime.make_request(encode_image(image), prompt, **sampling)  # type: ignore[arg-type]
+    request = runtime.make_request(encode_image(image), prompt, task=task, **sampling)  # type: ignore[arg-type]
     (result,) = runtime.generate([request])
     if isinstance(result, TritonVLMError):
         raise result

@@ -34,12 +34,15 @@ def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torc
 
 @torch.inference_mode()
 def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list[Image.Image],
-                   prompts: list[str], params: list[SamplingParams]) -> list[GenerationOutput]:
-    """Generate for ``len(prompts)`` requests in one batched loop; ``prompts`` are user prompts."""
+                   prompts: list[str], params: list[SamplingParams],
+                   tasks: list[str | None] | None = None) -> list[GenerationOutput]:
+    """Generate for ``len(prompts)`` requests in one batched loop; ``prompts`` are user prompts and ``tasks``
+    their (normalized) task names, None for the family's default."""
     from transformers import DynamicCache
 
     device = model.device
-    texts = [family.render_prompt(processor, p) for p in prompts]
+    tasks = tasks or [None] * len(prompts)
+    texts = [family.render_request(processor, p, t) for p, t in zip(prompts, tasks)]
     inputs = family.encode(processor, images, texts)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in inputs:

@@ -38,10 +38,13 @@ def resolve_device(settings: ModelSettings, instance_kind: str = "CPU", device_i
     return torch.device("cpu")
 
 
-def resolve_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype:
+def resolve_dtype(settings: ModelSettings, device: torch.device, family: ModelFamily | None = None) -> torch.dtype:
+    """``dtype=auto``: float32 on CPU; on GPU the family's :attr:`~ModelFamily.auto_cuda_dtype` (float16)."""
     if settings.dtype != "auto":
         return getattr(torch, settings.dtype)
-    return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    return getattr(torch, family.auto_cuda_dtype) if family is not None else torch.float16
 
 
 def hub_offline() -> bool:
@@ -54,7 +57,7 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
     family = get_family(settings.family)
     if not family.supported:
         raise ModelLoadError(f"model {settings.model_name!r}: family {family.name!r} cannot be served yet")
-    dtype = resolve_dtype(settings, device)
+    dtype = resolve_dtype(settings, device, family)
     _quiet_transformers()
     source, revision, local_only = _weights_source(settings, family)
     started = time.perf_counter()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
-from triton_vlm.generation import GenerationOutput, generate_batch
+from triton_vlm.generation import GenerationOutput
 from triton_vlm.images import decode_image
 from triton_vlm.loading import LoadedModel, load_model
 from triton_vlm.models import get_family
@@ -32,6 +32,8 @@ class GenerationRequest:
     image: Image.Image
     prompt: str
     params: SamplingParams
+    #: The family's canonical task name (e.g. moondream2's "detect"); None: its default behaviour.
+    task: str | None = None
 
 
 class VLMRuntime:
@@ -63,14 +65,15 @@ class VLMRuntime:
 
     def make_request(self, image_bytes: bytes, prompt: str | bytes, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
-                     seed: int | None = None, ignore_eos: bool = False) -> GenerationRequest:
-        """Validate raw request values; raises :class:`InvalidInputError` naming the bad field."""
-        if isinstance(prompt, bytes):
-            try:
-                prompt = prompt.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidInputError(f"prompt: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        if not prompt.strip():
+                     seed: int | None = None, ignore_eos: bool = False,
+                     task: str | bytes | None = None) -> GenerationRequest:
+        """Validate raw request values; raises :class:`InvalidInputError` naming the bad field.
+
+        ``task`` names one of the family's skills (see ``ModelFamily.tasks``); families without any refuse it.
+        """
+        prompt = _text("prompt", prompt)
+        task = self.family.normalize_task(None if task is None else _text("task", task))
+        if not prompt.strip() and self.family.prompt_required(task):
             raise InvalidInputError("prompt: empty; ask the model something")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidInputError(f"prompt: {len(prompt)} characters is over the limit of {MAX_PROMPT_CHARS}")
@@ -90,7 +93,7 @@ class VLMRuntime:
         )
         image = decode_image(image_bytes, max_bytes=self.settings.max_image_bytes,
                              max_pixels=self.settings.max_image_pixels)
-        return GenerationRequest(image=image, prompt=prompt, params=params)
+        return GenerationRequest(image=image, prompt=prompt, params=params, task=task)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
         """Generate for all ``requests`` in one batch; each slot holds an output or that request's error.
@@ -120,10 +123,19 @@ class VLMRuntime:
             return results
 
     def _run(self, loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        return generate_batch(
-            loaded.family, loaded.model, loaded.processor,
-            [r.image for r in requests], [r.prompt for r in requests], [r.params for r in requests],
+        return loaded.family.generate(
+            loaded.model, loaded.processor, [r.image for r in requests], [r.prompt for r in requests],
+            [r.params for r in requests], [r.task for r in requests],
         )
+
+
+def _text(field: str, value: str | bytes) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"{field}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return value
 
 
 def _as_error(exc: Exception) -> TritonVLMError:

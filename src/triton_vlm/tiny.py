@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 #: Bump when a tiny builder changes, so stale checkpoints in caches are rebuilt.
 TINY_FORMAT_VERSION = 1
@@ -100,6 +101,20 @@ def train_llama_style_vocab(vocab_size: int, pad_to: int | None = None) -> tuple
     for index in range(len(vocab), pad_to or 0):
         vocab[f"▁filler{index}"] = index  # decodable, never produced by encoding (no merge reaches it)
     return vocab, merges  # type: ignore[return-value]
+
+
+def train_byte_level_bpe(vocab_size: int, specials: list[str], extra_corpus: list[str] | None = None) -> Any:
+    """A GPT-2-style byte-level BPE ``tokenizers.Tokenizer``, ``specials`` first (ids 0..), trained on
+    :data:`CORPUS` plus ``extra_corpus``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS + list(extra_corpus or []), trainer)
+    return tokenizer
 
 
 def train_unigram_vocab(vocab_size: int, specials: list[str]) -> list[tuple[str, float]]:

@@ -13,7 +13,7 @@ from tests.conftest import free_port
 from triton_vlm.launcher import ServerOptions, TritonServer
 
 SERVED_MODELS = ("llava", "kosmos2", "moondream2")
-WORKING_MODELS = ("llava", "kosmos2")
+WORKING_MODELS = ("llava", "kosmos2", "moondream2")
 
 
 @dataclass

@@ -15,12 +15,13 @@ from PIL import Image
 from tests.integration.conftest import SERVED_MODELS, WORKING_MODELS, RunningServer
 from triton_client import TritonVLMClient
 from triton_vlm.direct import direct_runtime
-from triton_vlm.errors import InvalidInputError, ModelUnavailableError, UnknownModelError
+from triton_vlm.errors import InvalidInputError, UnknownModelError
 from triton_vlm.runtime import VLMRuntime
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of"}
+PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
+           "moondream2": "What is in this image?"}
 MAX_TOKENS = 12
 
 
@@ -221,7 +222,17 @@ def test_unknown_model(triton: RunningServer, sample_image_bytes: bytes) -> None
             client.infer("nonexistent", sample_image_bytes, "hi")
 
 
-def test_moondream2_does_not_pretend(triton: RunningServer, sample_image_bytes: bytes) -> None:
+def test_moondream2_skills_served_equal_direct(triton: RunningServer, direct: dict[str, VLMRuntime],
+                                               sample_image_bytes: bytes) -> None:
     with TritonVLMClient(triton.http_url) as client:
-        with pytest.raises(ModelUnavailableError, match="moondream2.*cannot be served yet"):
-            client.infer("moondream2", sample_image_bytes, "What is this?")
+        for task, prompt in (("caption:short", ""), ("detect", "house"), ("point", "tree")):
+            served = client.infer("moondream2", sample_image_bytes, prompt, task=task, max_tokens=8)
+            runtime = direct["moondream2"]
+            (expected,) = runtime.generate([runtime.make_request(sample_image_bytes, prompt, task=task,
+                                                                 max_tokens=8)])
+            assert served == expected.text  # type: ignore[union-attr]
+            if task in ("detect", "point"):
+                answer = json.loads(served)
+                assert isinstance(answer, dict)
+        with pytest.raises(InvalidInputError, match="task"):
+            client.infer("llava", sample_image_bytes, "x", task="detect")

@@ -71,7 +71,13 @@ def parse_request(request: Any, runtime: VLMRuntime) -> GenerationRequest:
         top_p=input_scalar(request, "top_p", float),
         seed=input_scalar(request, "seed", int),
         ignore_eos=bool(input_scalar(request, "ignore_eos", bool) or False),
+        task=input_scalar(request, "task", _as_text),
     )
+
+
+def _as_text(value: Any) -> bytes | str:
+    # STRING tensors arrive as bytes objects; the runtime decodes (and validates) the UTF-8.
+    return value if isinstance(value, (bytes, str)) else str(value)
 
 
 def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish_reason: str | None) -> Any:

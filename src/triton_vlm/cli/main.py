@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--temperature", type=float, default=None)
     infer.add_argument("--top-p", type=float, default=None)
     infer.add_argument("--seed", type=int, default=None)
+    infer.add_argument("--task", default=None,
+                       help="a skill of models that have several (moondream2: query, caption[:short|normal|long], "
+                            "detect, point)")
     infer.set_defaults(handler=_infer, verbose=False)
 
     bench = commands.add_parser("bench", help="benchmark a served model against the HF-generate baseline")
@@ -192,12 +195,12 @@ def _infer(args: argparse.Namespace) -> int:
         from triton_vlm.direct import direct_infer, direct_runtime
 
         runtime = direct_runtime(args.model, tiny=args.tiny)
-        print(direct_infer(runtime, args.image, args.prompt, **sampling).text)
+        print(direct_infer(runtime, args.image, args.prompt, task=args.task, **sampling).text)
         return 0
     from triton_vlm.client import TritonVLMClient
 
     with TritonVLMClient(args.url, protocol="grpc" if args.grpc else "http") as client:
-        print(client.infer(args.model, args.image, args.prompt, **sampling))
+        print(client.infer(args.model, args.image, args.prompt, task=args.task, **sampling))
     return 0
 
 

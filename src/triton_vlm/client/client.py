@@ -97,18 +97,26 @@ class TritonVLMClient:
 
     # -- inference ----------------------------------------------------------------------------------------
     def infer(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
-              temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> str:
-        """The generated text for ``prompt`` about ``image``."""
+              temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+              task: str | None = None) -> str:
+        """The generated text for ``prompt`` about ``image``.
+
+        ``task`` picks a skill of models that have several (moondream2: ``caption[:short|normal|long]``,
+        ``query``, ``detect``, ``point``); leave it out for the others.
+        """
         return self.infer_result(model_name, image, prompt, max_tokens=max_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed).text
+                                 top_p=top_p, seed=seed, task=task).text
 
     def infer_result(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
-                     seed: int | None = None) -> InferenceResult:
+                     seed: int | None = None, task: str | None = None) -> InferenceResult:
         """Like :meth:`infer`, with token counts, finish reason and latency."""
         module = self._module()
         data = np.frombuffer(encode_image(image), dtype=np.uint8)[None, :]
         inputs = self._inputs(module, data, prompt, max_tokens, temperature, top_p, seed)
+        if task is not None:
+            inputs.append(self._tensor(module, "task", np.array([[task.encode("utf-8")]], dtype=np.object_),
+                                       "BYTES"))
         outputs = [module.InferRequestedOutput(n) for n in
                    ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")]
         started = time.perf_counter()

@@ -10,12 +10,16 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image
 
 from triton_vlm.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from triton_vlm.generation import GenerationOutput
+    from triton_vlm.sampling import SamplingParams
 
 
 class ModelFamily(ABC):
@@ -28,6 +32,10 @@ class ModelFamily(ABC):
     supported: ClassVar[bool] = True
     #: Tokens a user prompt may not contain because the processor gives them structural meaning.
     reserved_prompt_tokens: ClassVar[tuple[str, ...]] = ()
+    #: Precision of ``dtype=auto`` on a GPU: the one the weights were trained and released in.
+    auto_cuda_dtype: ClassVar[str] = "float16"
+    #: Task names a request may give in its optional ``task`` input; empty: the family has one behaviour.
+    tasks: ClassVar[tuple[str, ...]] = ()
 
     # -- loading -----------------------------------------------------------------------------------------
     @abstractmethod
@@ -59,13 +67,38 @@ class ModelFamily(ABC):
             if token in prompt:
                 raise InvalidInputError(f"prompt: may not contain the reserved token {token!r}")
 
-    @abstractmethod
-    def render_prompt(self, processor: Any, prompt: str) -> str:
-        """The full model input text for a user prompt (chat template, image placeholder)."""
+    def normalize_task(self, task: str | None) -> str | None:
+        """The canonical name of a request's ``task`` (None: the default behaviour); raises
+        :class:`InvalidInputError` for a task this family does not have."""
+        if task is None or not task.strip():
+            return None
+        raise InvalidInputError(f"task: model family {self.name!r} takes no task (got {task!r}); leave it out")
 
-    def encode(self, processor: Any, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+    def prompt_required(self, task: str | None) -> bool:
+        """Whether a request with this (normalized) task needs a non-empty prompt."""
+        return True
+
+    @abstractmethod
+    def render_prompt(self, processor: Any, prompt: str) -> Any:
+        """The full model input for a user prompt: text with chat template and image placeholder for
+        processor-based families, or whatever this family's :meth:`encode` takes."""
+
+    def render_request(self, processor: Any, prompt: str, task: str | None) -> Any:
+        """:meth:`render_prompt` under a (normalized) task; families with tasks override this."""
+        return self.render_prompt(processor, prompt)
+
+    def encode(self, processor: Any, images: list[Image.Image], texts: list[Any]) -> dict[str, torch.Tensor]:
         """Left-padded batch tensors for the first forward pass."""
         return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+
+    # -- generating --------------------------------------------------------------------------------------
+    def generate(self, model: Any, processor: Any, images: list[Image.Image], prompts: list[str],
+                 params: list[SamplingParams], tasks: list[str | None]) -> list[GenerationOutput]:
+        """Outputs for a batch of requests. The shared decode loop, unless a family has tasks it answers
+        another way (it then splits the batch and still runs its text tasks through the loop)."""
+        from triton_vlm.generation import generate_batch
+
+        return generate_batch(self, model, processor, images, prompts, params, tasks)
 
     # -- stepping ----------------------------------------------------------------------------------------
     #: Position id of the first real token. RoPE models count from 0; fairseq-style models from pad+1.

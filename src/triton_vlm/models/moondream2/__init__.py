@@ -1,0 +1,11 @@
+"""moondream2 (``vikhyatk/moondream2``, 2025 releases), implemented natively: no ``trust_remote_code``.
+
+Modules, one job each: :mod:`.config` (sizes), :mod:`.image` (crops), :mod:`.vision` / :mod:`.text` /
+:mod:`.region` / :mod:`.model` (the network), :mod:`.weights` (official key names, loading), :mod:`.tokenizer`
+(which tokenizer, from where), :mod:`.tasks` / :mod:`.processor` / :mod:`.locate` (skills and prompts), and
+:mod:`.family` (the adapter the runtime uses).
+"""
+
+from triton_vlm.models.moondream2.family import DEFAULT_REVISION, Moondream2Family
+
+__all__ = ["DEFAULT_REVISION", "Moondream2Family"]
