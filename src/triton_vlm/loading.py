@@ -59,7 +59,13 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
         raise ModelLoadError(f"model {settings.model_name!r}: family {family.name!r} cannot be served yet")
     dtype = resolve_dtype(settings, device, family)
     _quiet_transformers()
-    source, revision, local_only = _weights_source(settings, family)
+    try:
+        source, revision, local_only = _weights_source(settings, family)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # e.g. building the tiny checkpoint failed (disk full, read-only cache)
+        raise ModelLoadError(f"model {settings.model_name!r}: cannot prepare the weights "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from exc
     started = time.perf_counter()
     try:
         model, processor = family.load(source, revision=revision, dtype=dtype, device=device,
@@ -69,8 +75,8 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
         raise
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(f"model {settings.model_name!r}: out of GPU memory loading {source} ({exc})") from exc
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ModelLoadError(_missing_weights_message(settings, source, revision, local_only, exc)) from exc
+    except Exception as exc:  # missing files (OSError), bad config (ValueError), corrupt weights (SafetensorError)...
+        raise ModelLoadError(_load_failure_message(settings, source, revision, local_only, exc)) from exc
     seconds = time.perf_counter() - started
     log.info("loaded model %s (%s from %s) on %s as %s in %.1fs", settings.model_name, family.name, source,
              device, str(dtype).removeprefix("torch."), seconds)
@@ -102,10 +108,56 @@ def _weights_source(settings: ModelSettings, family: ModelFamily) -> tuple[str, 
     return model_id, settings.revision or None, hub_offline()
 
 
-def _missing_weights_message(settings: ModelSettings, source: str, revision: str | None, local_only: bool,
-                             exc: Exception) -> str:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` says the weight files are there but unreadable (truncated, not safetensors)."""
+    return type(exc).__name__ == "SafetensorError" or isinstance(exc, EOFError) or "deserializ" in str(exc)
+
+
+def _load_failure_message(settings: ModelSettings, source: str, revision: str | None, local_only: bool,
+                          exc: BaseException) -> str:
+    """Why loading ``source`` failed and what to do: about the directory for a tiny or local checkpoint,
+    about the hub (cache, offline mode, download) for a hub id."""
     from triton_vlm.settings import env_prefix
 
+    cause = f"Cause: {type(exc).__name__}: {_first_line(exc)}"
+    corrupt = _is_corrupt(exc)
+    if settings.tiny:
+        return (f"model {settings.model_name!r}: the tiny checkpoint {source!r} cannot be loaded"
+                f"{' (corrupt or incomplete files)' if corrupt else ''}; delete that directory and it is rebuilt "
+                f"on the next load. {cause}")
+    if settings.local_path:
+        what = ("its weights are corrupt or incomplete (an interrupted copy?)" if corrupt else
+                "it does not hold a complete, loadable checkpoint")
+        return (
+            f"model {settings.model_name!r}: cannot load the checkpoint in local_path {source!r}: {what}. "
+            f"The directory needs config.json, the processor/tokenizer files and model.safetensors (or "
+            f"sharded safetensors with their index), as written by save_pretrained. Fix or replace it, or set "
+            f"{env_prefix(settings.model_name)}LOCAL_PATH (or the local_path parameter) to another checkpoint "
+            f"directory. {cause}"
+        )
+    if corrupt:
+        return (
+            f"model {settings.model_name!r}: the cached weights of {source!r} (revision {revision or 'default'}) "
+            f"are corrupt or incomplete (an interrupted download?). Download them again with "
+            f"`huggingface-cli download {source} --force-download` (cache in HF_HOME, "
+            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}). {cause}"
+        )
+    return _missing_weights_message(settings, source, revision, local_only, exc)
+
+
+def _missing_weights_message(settings: ModelSettings, source: str, revision: str | None, local_only: bool,
+                             exc: BaseException) -> str:
+    """Hub weights not found: offline without a cached copy, or the hub unreachable. For a tiny or local
+    checkpoint (``source`` is a directory, not a hub id) the message is about that directory instead."""
+    from triton_vlm.settings import env_prefix
+
+    if settings.local_path or settings.tiny:
+        return _load_failure_message(settings, source, revision, local_only, exc)
     where = "offline mode (HF_HUB_OFFLINE=1) found no cached copy" if local_only else (
         "the Hugging Face Hub could not be reached and no cached copy was found")
     return (
@@ -114,5 +166,5 @@ def _missing_weights_message(settings: ModelSettings, source: str, revision: str
         f"`huggingface-cli download {source}` and copy the cache to HF_HOME "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); (2) set {env_prefix(settings.model_name)}"
         f"LOCAL_PATH (or the local_path parameter) to a checkpoint directory; (3) use --tiny for test weights. "
-        f"Cause: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        f"Cause: {type(exc).__name__}: {_first_line(exc)}"
     )

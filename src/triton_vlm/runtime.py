@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
+from triton_vlm.errors import GenerationError, InvalidInputError, ModelLoadError, TritonVLMError
 from triton_vlm.generation import GenerationOutput
 from triton_vlm.images import decode_image
 from triton_vlm.loading import LoadedModel, load_model
@@ -53,14 +53,21 @@ class VLMRuntime:
     def ensure_loaded(self) -> LoadedModel:
         """Load the weights if this is the first call; concurrent callers wait for the one load.
 
-        A failed load raises and leaves nothing cached, so the next request tries again.
+        A failed load raises :class:`ModelLoadError` (whatever went wrong underneath) and leaves nothing
+        cached, so the next request tries again.
         """
         if self._loaded is None:
             with self._load_lock:
                 if self._loaded is None:
                     log.info("model %s: loading weights on first use (this can take a while)",
                              self.settings.model_name)
-                    self._loaded = load_model(self.settings, self.device)
+                    try:
+                        self._loaded = load_model(self.settings, self.device)
+                    except TritonVLMError:
+                        raise
+                    except Exception as exc:  # load_model converts what it knows; nothing else may escape
+                        raise ModelLoadError(f"model {self.settings.model_name!r}: loading failed "
+                                             f"({type(exc).__name__}: {exc})") from exc
         return self._loaded
 
     def make_request(self, image_bytes: bytes, prompt: str | bytes, *, max_tokens: int | None = None,
@@ -105,8 +112,10 @@ class VLMRuntime:
             return []
         try:
             loaded = self.ensure_loaded()
-        except TritonVLMError as exc:
-            return [exc] * len(requests)
+        except Exception as exc:  # never raise for a load failure: every request gets the error
+            error = exc if isinstance(exc, TritonVLMError) else ModelLoadError(
+                f"model {self.settings.model_name!r}: loading failed ({type(exc).__name__}: {exc})")
+            return [error] * len(requests)
         try:
             return list(self._run(loaded, requests))
         except Exception as exc:
