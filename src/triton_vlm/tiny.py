@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 #: Bump when a tiny builder changes, so stale checkpoints in caches are rebuilt.
-TINY_FORMAT_VERSION = 1
+#: 2: the kosmos2 unigram vocabulary is canonical (rounded scores, sorted), so its tokenizer.json is reproducible.
+TINY_FORMAT_VERSION = 2
+#: Decimal places kept of a trained unigram log-probability (the trainer's last bits vary from run to run).
+UNIGRAM_SCORE_DECIMALS = 6
 SEED = 1234
 
 CORPUS = [
@@ -118,7 +121,15 @@ def train_byte_level_bpe(vocab_size: int, specials: list[str], extra_corpus: lis
 
 
 def train_unigram_vocab(vocab_size: int, specials: list[str]) -> list[tuple[str, float]]:
-    """A SentencePiece-like unigram vocabulary (token, log-prob) with ``specials`` first, as XLM-R has."""
+    """A SentencePiece-like unigram vocabulary (token, log-prob) with ``specials`` first, as XLM-R has.
+
+    Deterministic: tokenizers' UnigramTrainer returns its pieces in a different order on every run (hash-map
+    order), with scores that differ in the last bits (summation order), and it gives the required characters
+    the model lacks the scores ``min + k * 1e-4`` in hash-map order too. So the trained pieces are made
+    canonical: scores rounded to :data:`UNIGRAM_SCORE_DECIMALS` places; those ``min + k * 1e-4`` scores handed
+    to the single characters at the bottom in sorted character order; then everything sorted by
+    ``(-score, token)`` after the specials (which keep their given order and ids).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.Unigram())
@@ -128,4 +139,16 @@ def train_unigram_vocab(vocab_size: int, specials: list[str]) -> list[tuple[str,
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:'-"),
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
-    return [(token, float(score)) for token, score in json.loads(tokenizer.to_str())["model"]["vocab"]]
+    trained = json.loads(tokenizer.to_str())["model"]["vocab"]
+    special_set = set(specials)
+    head = {token: float(score) for token, score in trained if token in special_set}
+    scores = {token: round(float(score), UNIGRAM_SCORE_DECIMALS) for token, score in trained
+              if token not in special_set}
+    # The trainer's filler scores for required characters: floor, floor + 1e-4, ... (one per character).
+    floor = min(scores.values())
+    singles = [token for token in scores if len(token) == 1]
+    band = sorted(token for token in singles if scores[token] < floor + 1e-4 * (len(singles) + 1))
+    for token, score in zip(band, sorted((scores[t] for t in band), reverse=True)):
+        scores[token] = score
+    pieces = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+    return [(token, head.get(token, 0.0)) for token in specials] + pieces
