@@ -15,8 +15,8 @@ from triton_vlm.launcher import server as server_module
 from triton_vlm.launcher import stub_env
 from triton_vlm.launcher.distribution import (TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
-from triton_vlm.launcher.repository import (companions, default_model_repository, list_models, model_family,
-                                            render_repository, servable_models)
+from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, list_models,
+                                            make_forwarder, model_family, render_repository, servable_models)
 from triton_vlm.model_config import load_model_config
 
 from .helpers import REPOSITORY, free_port
@@ -25,11 +25,86 @@ from .helpers import REPOSITORY, free_port
 # -- repository ------------------------------------------------------------------------------------------------------
 def test_list_and_servable_models() -> None:
     assert list_models(REPOSITORY) == ["kosmos2", "llava", "llava_stream", "moondream2"]
-    # moondream2 is not supported yet; llava_stream is llava's companion, served along with it.
-    assert servable_models(REPOSITORY) == ["kosmos2", "llava"]
+    # Every family is served (moondream2 natively since its merge); llava_stream is llava's companion,
+    # served along with it, never selected on its own.
+    assert servable_models(REPOSITORY) == ["kosmos2", "llava", "moondream2"]
     assert model_family(REPOSITORY, "kosmos2") == "kosmos2"
     assert model_family(REPOSITORY, "llava_stream") == "llava"
     assert companions(REPOSITORY, "llava") == ["llava_stream"] and companions(REPOSITORY, "kosmos2") == []
+    assert base_model(REPOSITORY, "llava_stream") == "llava" and base_model(REPOSITORY, "llava") is None
+
+
+def write_model(repository: Path, name: str, parameters: dict[str, str]) -> None:
+    (repository / name / "1").mkdir(parents=True)
+    params = "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in parameters.items())
+    (repository / name / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "python"\n{params}')
+    (repository / name / "1" / "model.py").write_text("")
+
+
+def test_companions_follow_base_model_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_model(tmp_path, "alpha", {"model_family": "llava"})
+    write_model(tmp_path, "alpha_stream", {"base_model": "alpha"})
+    write_model(tmp_path, "alpha_stream2", {"base_model": "alpha", "max_num_seqs": "4"})
+    write_model(tmp_path, "beta", {"model_family": "kosmos2"})
+    write_model(tmp_path, "gamma", {"model_family": "kosmos2", "base_model": ""})  # empty: not a companion
+    assert companions(tmp_path, "alpha") == ["alpha_stream", "alpha_stream2"]
+    assert companions(tmp_path, "beta") == [] and companions(tmp_path, "alpha_stream") == []
+    assert [base_model(tmp_path, m) for m in ("alpha", "alpha_stream", "gamma")] == [None, "alpha", None]
+    # A companion's family is its base model's (the companion config names none).
+    assert model_family(tmp_path, "alpha_stream2") == "llava"
+    assert servable_models(tmp_path) == ["alpha", "beta", "gamma"]
+    # Only families this version can serve are selected by default.
+    from triton_vlm.models import get_family
+
+    monkeypatch.setattr(type(get_family("kosmos2")), "supported", False)
+    assert servable_models(tmp_path) == ["alpha"]
+
+
+def test_make_forwarder_turns_a_public_model_into_a_cpu_forwarder(tmp_path: Path) -> None:
+    target = render_repository(REPOSITORY, tmp_path / "models", ["llava", "llava_stream"], "KIND_GPU")
+    make_forwarder(target / "llava", "llava_stream", 6)
+    config = load_model_config(target / "llava" / "config.pbtxt")
+    assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [
+        (pb.ModelInstanceGroup.KIND_CPU, 6, [])]
+    assert config.parameters["forward_to"].string_value == "llava_stream"
+    # Everything else (inputs, outputs, batching, the weights parameters) is the public model's contract.
+    original = load_model_config(REPOSITORY / "llava" / "config.pbtxt")
+    del config.parameters["forward_to"]
+    config.ClearField("instance_group")
+    original.ClearField("instance_group")
+    assert config == original
+    source = (target / "llava" / "1" / "model.py").read_text()
+    assert "from triton_vlm.backend import ForwardingModel" in source
+    assert "class TritonPythonModel(ForwardingModel)" in source and "llava_stream" in source
+    compile(source, "model.py", "exec")
+    # The companion and the source repository are untouched.
+    assert (target / "llava_stream" / "1" / "model.py").read_text() == (
+        REPOSITORY / "llava_stream" / "1" / "model.py").read_text()
+    assert "ForwardingModel" not in (REPOSITORY / "llava" / "1" / "model.py").read_text()
+    assert load_model_config(REPOSITORY / "llava" / "config.pbtxt").instance_group[0].kind == (
+        pb.ModelInstanceGroup.KIND_GPU)
+
+
+def test_forwarder_model_py_loads_without_torch(tmp_path: Path) -> None:
+    """The forwarder's processes must stay light: its model.py imports the ForwardingModel, never torch."""
+    import subprocess
+    import textwrap
+
+    target = render_repository(REPOSITORY, tmp_path / "models", ["kosmos2"], None)
+    make_forwarder(target / "kosmos2", "kosmos2_stream", 2)
+    script = textwrap.dedent(f"""
+        import importlib.util, sys, types
+        sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+        spec = importlib.util.spec_from_file_location("model", {str(target / "kosmos2" / "1" / "model.py")!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        from triton_vlm.backend.proxy import ForwardingModel
+        assert issubclass(module.TritonPythonModel, ForwardingModel)
+        print("torch" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_model_family_defaults_to_model_name(tmp_path: Path) -> None:
@@ -78,7 +153,7 @@ def test_render_repository_unknown_model_lists_known_ones(tmp_path: Path) -> Non
         render_repository(REPOSITORY, tmp_path / "models", ["llava", "gpt5", "blip"], "KIND_CPU")
     message = str(info.value)
     assert "unknown model(s) gpt5, blip" in message
-    assert "kosmos2, llava, moondream2" in message
+    assert message.endswith("has: kosmos2, llava, llava_stream, moondream2")
     assert not (tmp_path / "models").exists()
 
 
@@ -194,9 +269,11 @@ def test_find_distribution_in_the_pytriton_wheel() -> None:
 
 def test_find_distribution_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_VLM_TRITON_HOME", str(tmp_path / "tree"))
-    with pytest.raises(LauncherError, match="tritonserver binary missing at"):
+    with pytest.raises(LauncherError, match=r"TRITON_VLM_TRITON_HOME=.*/tree is not a directory.*bin/tritonserver"):
         find_distribution()
     (tmp_path / "tree" / "bin").mkdir(parents=True)
+    with pytest.raises(LauncherError, match="tritonserver binary missing at .*/tree/bin/tritonserver"):
+        find_distribution()
     (tmp_path / "tree" / "bin" / "tritonserver").write_text("")
     (tmp_path / "nvidia_pytriton.libs").mkdir()
     dist = find_distribution()

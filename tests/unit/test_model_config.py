@@ -13,7 +13,21 @@ from triton_vlm.model_config import dump_model_config, force_instance_kind, load
 from .helpers import REPOSITORY
 
 CONFIGS = sorted(REPOSITORY.glob("*/config.pbtxt"))
-OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64}
+#: Public models: one per family, served by the shared backend (and by the engine through a forwarder).
+PUBLIC = ("kosmos2", "llava", "moondream2")
+#: Companion models: decoupled engine models serving a public model's weights.
+COMPANIONS = {"llava_stream": "llava"}
+OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64,
+            "ignore_eos": pb.TYPE_BOOL}
+#: Inputs only some public models take.
+EXTRA_OPTIONAL = {"moondream2": {"task": pb.TYPE_STRING}}
+OUTPUTS = {"generated_text": pb.TYPE_STRING, "generated_tokens": pb.TYPE_INT32, "prompt_tokens": pb.TYPE_INT32,
+           "finish_reason": pb.TYPE_STRING}
+ENGINE_PARAMETERS = ("max_model_len", "max_num_seqs", "kv_cache_memory_fraction", "cuda_graphs")
+
+
+def load(model: str) -> pb.ModelConfig:
+    return load_model_config(REPOSITORY / model / "config.pbtxt")
 
 
 @pytest.fixture(params=CONFIGS, ids=lambda p: p.parent.name)
@@ -21,8 +35,13 @@ def config(request: pytest.FixtureRequest) -> pb.ModelConfig:
     return load_model_config(request.param)
 
 
+@pytest.fixture(params=PUBLIC)
+def public(request: pytest.FixtureRequest) -> pb.ModelConfig:
+    return load(request.param)
+
+
 def test_every_model_directory_has_a_parsing_config() -> None:
-    assert {p.parent.name for p in CONFIGS} == {"llava", "kosmos2", "moondream2"}
+    assert {p.parent.name for p in CONFIGS} == {*PUBLIC, *COMPANIONS}
     for path in CONFIGS:
         assert load_model_config(path).name == path.parent.name
         assert (path.parent / "1" / "model.py").is_file()
@@ -32,9 +51,7 @@ def test_backend_is_python(config: pb.ModelConfig) -> None:
     assert config.backend == "python"
 
 
-def test_input_contract(config: pb.ModelConfig) -> None:
-    inputs = {i.name: i for i in config.input}
-    assert set(inputs) == {"image", "prompt", *OPTIONAL}
+def assert_common_inputs(inputs: dict[str, pb.ModelInput]) -> None:
     image = inputs["image"]
     assert image.data_type == pb.TYPE_UINT8 and list(image.dims) == [-1] and image.allow_ragged_batch
     assert not image.optional
@@ -45,13 +62,24 @@ def test_input_contract(config: pb.ModelConfig) -> None:
         assert inputs[name].data_type == dtype and list(inputs[name].dims) == [1], name
 
 
+def test_input_contract(public: pb.ModelConfig) -> None:
+    inputs = {i.name: i for i in public.input}
+    extra = EXTRA_OPTIONAL.get(public.name, {})
+    assert set(inputs) == {"image", "prompt", *OPTIONAL, *extra}
+    assert_common_inputs(inputs)
+    for name, dtype in extra.items():
+        assert inputs[name].optional and inputs[name].data_type == dtype and list(inputs[name].dims) == [1]
+
+
+def test_ignore_eos_is_an_optional_bool_everywhere(config: pb.ModelConfig) -> None:
+    ignore_eos = {i.name: i for i in config.input}["ignore_eos"]
+    assert ignore_eos.optional and ignore_eos.data_type == pb.TYPE_BOOL and list(ignore_eos.dims) == [1]
+
+
 def test_output_contract(config: pb.ModelConfig) -> None:
     outputs = {o.name: o for o in config.output}
-    assert outputs["generated_text"].data_type == pb.TYPE_STRING
-    assert list(outputs["generated_text"].dims) == [1]
-    assert outputs["generated_tokens"].data_type == pb.TYPE_INT32
-    assert outputs["prompt_tokens"].data_type == pb.TYPE_INT32
-    assert outputs["finish_reason"].data_type == pb.TYPE_STRING
+    assert {name: o.data_type for name, o in outputs.items()} == OUTPUTS
+    assert all(list(o.dims) == [1] for o in outputs.values())
 
 
 def test_batching_contract(config: pb.ModelConfig) -> None:
@@ -59,13 +87,44 @@ def test_batching_contract(config: pb.ModelConfig) -> None:
     assert config.HasField("dynamic_batching")
 
 
+def test_public_models_are_not_decoupled(public: pb.ModelConfig) -> None:
+    assert not public.model_transaction_policy.decoupled
+
+
 def test_instances_are_gpu_by_default(config: pb.ModelConfig) -> None:
     assert len(config.instance_group) >= 1
     assert all(g.kind == pb.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
 
 
-def test_parameters_name_the_family(config: pb.ModelConfig) -> None:
-    assert config.parameters["model_family"].string_value == config.name
+def test_parameters_name_the_family(public: pb.ModelConfig) -> None:
+    assert public.parameters["model_family"].string_value == public.name
+    assert "base_model" not in public.parameters
+
+
+# -- the llava_stream companion ------------------------------------------------------------------------------
+@pytest.mark.parametrize("companion, base", sorted(COMPANIONS.items()))
+def test_companion_contract(companion: str, base: str) -> None:
+    config, base_config = load(companion), load(base)
+    assert config.model_transaction_policy.decoupled
+    assert config.parameters["base_model"].string_value == base
+    assert "model_family" not in config.parameters  # the family comes from the base model
+    inputs = {i.name: i for i in config.input}
+    base_inputs = {i.name: i for i in base_config.input}
+    assert set(inputs) == {*base_inputs, "stream"}
+    assert_common_inputs(inputs)
+    for name, spec in base_inputs.items():
+        assert inputs[name] == spec, name
+    stream = inputs["stream"]
+    assert stream.optional and stream.data_type == pb.TYPE_BOOL and list(stream.dims) == [1]
+    assert list(config.output) == list(base_config.output)  # same outputs, same order
+    for key in ENGINE_PARAMETERS:
+        assert config.parameters[key].string_value, key
+    assert config.max_batch_size >= base_config.max_batch_size
+
+
+def test_companion_model_py_serves_the_base_family() -> None:
+    source = (REPOSITORY / "llava_stream" / "1" / "model.py").read_text()
+    assert "TritonVLMStreamModel" in source and 'family = "llava"' in source
 
 
 def test_force_instance_kind_cpu_clears_gpus() -> None:

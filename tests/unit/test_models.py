@@ -17,8 +17,8 @@ def test_registry() -> None:
         family = get_family(name)
         assert isinstance(family, ModelFamily) and family.name == name
         assert get_family(name) is family  # one adapter instance per family
-    assert get_family("llava").supported and get_family("kosmos2").supported
-    assert not get_family("moondream2").supported
+    # Every registered family is served (moondream2 natively since its merge).
+    assert all(get_family(name).supported for name in available_families())
 
 
 def test_unknown_family_lists_known_ones() -> None:
@@ -31,13 +31,16 @@ def test_unknown_family_lists_known_ones() -> None:
 def test_default_model_ids() -> None:
     assert get_family("llava").default_hf_model_id == "llava-hf/llava-1.5-7b-hf"
     assert get_family("kosmos2").default_hf_model_id == "microsoft/kosmos-2-patch14-224"
+    assert get_family("moondream2").default_hf_model_id == "vikhyatk/moondream2"
 
 
-def test_moondream2_explains_itself() -> None:
+def test_moondream2_is_native() -> None:
+    from triton_vlm.models.moondream2.model import Moondream2Model
+
     family = get_family("moondream2")
-    for call in (family.model_class, lambda: family.render_prompt(None, "x")):
-        with pytest.raises(ModelLoadError, match="moondream2 is not supported yet.*Serve llava or kosmos2"):
-            call()
+    assert family.model_class() is Moondream2Model  # no transformers remote code
+    with pytest.raises(InvalidInputError, match="reserved token"):
+        family.validate_prompt("hi <|endoftext|>")
 
 
 def test_llava_prompt_without_chat_template() -> None:

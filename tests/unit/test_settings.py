@@ -107,18 +107,44 @@ def test_bad_bool_names_the_key_and_value(key: str) -> None:
         settings({**BASE, key: "sometimes"})
 
 
-@pytest.mark.parametrize("key", ["default_max_tokens", "max_tokens_limit", "max_image_bytes", "max_image_pixels"])
+INT_KEYS = ["default_max_tokens", "max_tokens_limit", "max_image_bytes", "max_image_pixels", "max_model_len",
+            "max_num_seqs"]
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
 @pytest.mark.parametrize("value", ["12.5", "ten", "", "0x10"])
 def test_bad_int_names_model_key_and_value(key: str, value: str) -> None:
     with pytest.raises(InvalidInputError) as info:
         settings({**BASE, key: value})
     message = str(info.value)
-    assert "'llava'" in message and key in message and "must be an integer" in message and repr(value) in message
+    assert "'llava'" in message and key in message and "must be a number" in message and repr(value) in message
+
+
+@pytest.mark.parametrize("value", ["ten", "", "0x10", "85%"])
+def test_bad_float_names_model_key_and_value(value: str) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        settings({**BASE, "kv_cache_memory_fraction": value})
+    assert str(info.value) == f"model 'llava': kv_cache_memory_fraction must be a number, got {value!r}"
 
 
 def test_bad_int_from_env_is_reported_too() -> None:
-    with pytest.raises(InvalidInputError, match="max_tokens_limit must be an integer, got 'lots'"):
+    with pytest.raises(InvalidInputError, match="max_tokens_limit must be a number, got 'lots'"):
         settings(env={"TRITON_VLM_LLAVA_MAX_TOKENS_LIMIT": "lots"})
+
+
+def test_engine_settings_parse_and_reach_the_engine_config() -> None:
+    s = settings({**BASE, "max_model_len": " 512 ", "max_num_seqs": "8", "kv_cache_memory_fraction": "0.5",
+                  "cuda_graphs": "false"}, env={"TRITON_VLM_LLAVA_MAX_NUM_SEQS": "4"})
+    assert (s.max_model_len, s.max_num_seqs, s.kv_cache_memory_fraction, s.cuda_graphs) == (512, 4, 0.5, False)
+    assert isinstance(s.kv_cache_memory_fraction, float) and isinstance(s.max_num_seqs, int)
+    engine = s.engine_config()
+    assert (engine.max_model_len, engine.max_num_seqs, engine.kv_cache_memory_fraction, engine.cuda_graphs) == (
+        512, 4, 0.5, False)
+
+
+def test_engine_settings_defaults() -> None:
+    s = settings()
+    assert (s.max_model_len, s.max_num_seqs, s.kv_cache_memory_fraction, s.cuda_graphs) == (2048, 64, 0.85, True)
 
 
 def test_int_values_tolerate_whitespace() -> None:
@@ -146,13 +172,10 @@ def test_validation_errors_are_clear(changes: dict[str, str], fragment: str) -> 
     assert "'llava'" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "src bug: settings.py from_parameters builds ModelSettings(**values) without 'family' when no "
-    "model_family parameter/env exists, so the dataclass raises TypeError (missing positional argument) "
-    "instead of the InvalidInputError \"parameter 'model_family' is required\" of __post_init__"))
 def test_missing_family_is_an_error() -> None:
-    with pytest.raises(InvalidInputError, match="model_family"):
+    with pytest.raises(InvalidInputError) as info:
         settings({"hf_model_id": "x/y"})
+    assert str(info.value) == "model 'llava': parameter 'model_family' is required"
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:3"])
@@ -225,22 +248,41 @@ def test_env_prefix(name: str, prefix: str) -> None:
 CONFIGS = sorted(REPOSITORY.glob("*/config.pbtxt"))
 
 
-def test_repository_has_the_three_models() -> None:
-    assert [c.parent.name for c in CONFIGS] == ["kosmos2", "llava", "moondream2"]
+PUBLIC = ["kosmos2", "llava", "moondream2"]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.parent.name)
-def test_read_config_parameters_of_real_configs(config) -> None:  # type: ignore[no-untyped-def]
-    name, parameters = read_config_parameters(config)
-    assert name == config.parent.name
+def test_repository_has_the_three_public_models_and_the_llava_companion() -> None:
+    assert [c.parent.name for c in CONFIGS] == ["kosmos2", "llava", "llava_stream", "moondream2"]
+    assert [c.parent.name for c in CONFIGS if "model_family" in read_config_parameters(c)[1]] == PUBLIC
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_read_config_parameters_of_real_configs(name: str) -> None:
+    config = REPOSITORY / name / "config.pbtxt"
+    read_name, parameters = read_config_parameters(config)
+    assert read_name == name
     assert parameters["model_family"] == name
     assert all(isinstance(v, str) for v in parameters.values())
     s = ModelSettings.from_parameters(name, parameters, env={})
     assert s.family == name
     assert s.hf_model_id == get_family(name).default_hf_model_id
-    assert (s.revision, s.dtype, s.device, s.preload, s.trust_remote_code, s.tiny) == (
-        "main", "auto", "auto", False, False, False)
+    assert (s.dtype, s.device, s.preload, s.trust_remote_code, s.tiny) == ("auto", "auto", False, False, False)
+    assert s.revision == ("2025-06-21" if name == "moondream2" else "main")  # moondream2 pins its release
     assert (s.default_max_tokens, s.max_tokens_limit) == (128, 1024)
+
+
+def test_llava_stream_settings_combine_base_and_engine_parameters() -> None:
+    """As the stream backend does: llava's parameters, overridden by llava_stream's own."""
+    name, parameters = read_config_parameters(REPOSITORY / "llava_stream" / "config.pbtxt")
+    assert name == "llava_stream" and parameters["base_model"] == "llava" and "model_family" not in parameters
+    with pytest.raises(InvalidInputError, match="parameter 'model_family' is required"):
+        ModelSettings.from_parameters(name, parameters, env={})  # alone it names no family
+    _, base = read_config_parameters(REPOSITORY / "llava" / "config.pbtxt")
+    env = {"TRITON_VLM_LLAVA_DTYPE": "float16", "TRITON_VLM_LLAVA_STREAM_MAX_NUM_SEQS": "16"}
+    s = ModelSettings.from_parameters(name, {**base, **parameters}, env=env, env_aliases=("llava",))
+    assert (s.model_name, s.family, s.hf_model_id) == ("llava_stream", "llava", "llava-hf/llava-1.5-7b-hf")
+    assert s.dtype == "float16"  # the base model's variables apply to its companion
+    assert (s.max_model_len, s.max_num_seqs, s.kv_cache_memory_fraction, s.cuda_graphs) == (2048, 16, 0.85, True)
 
 
 def test_read_config_parameters_falls_back_to_directory_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
