@@ -11,11 +11,15 @@ import torch
 from triton_vlm.errors import InvalidInputError
 
 MAX_SEED = 2**63 - 1
+#: Temperatures below this are greedy. Dividing logits by a tiny positive temperature (1e-40) overflows
+#: them to inf and the softmax to NaN; at 1e-5 the distribution is already argmax in every practical case.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request. ``temperature == 0`` is greedy (the default, reproducible)."""
+    """How to pick tokens for one request. ``temperature == 0`` is greedy (the default, reproducible), and so
+    is any temperature below :data:`MIN_TEMPERATURE` (accepted, but sampling there would not stay finite)."""
 
     max_tokens: int = 128
     temperature: float = 0.0
@@ -36,7 +40,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -77,9 +81,17 @@ class RowSampler:
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all but the smallest most-probable prefix whose mass reaches ``top_p`` (``>=``), renormalized.
+
+    A token is dropped when the tokens before it already reach ``top_p``, so the top token always survives
+    and [0.5, 0.25, 0.25] with ``top_p=0.5`` keeps one token.
+    """
     sorted_probs, order = probs.sort(descending=True)
-    # Keep the smallest prefix whose mass reaches top_p; the top token always survives.
-    drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    # Mass of the more probable tokens, as a shifted cumulative sum (no cancellation error from subtracting).
+    before = sorted_probs.cumsum(-1).roll(1, dims=-1)
+    before[..., 0] = 0.0
+    drop = before >= top_p
+    drop[..., 0] = False  # the top token survives whatever top_p says
     sorted_probs[drop] = 0.0
     filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return filtered / filtered.sum()

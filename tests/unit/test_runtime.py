@@ -275,17 +275,13 @@ def test_generate_end_to_end(runtime: VLMRuntime) -> None:
                for r in results)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "src bug: SamplingParams accepts any temperature > 0, but a subnormal one (1e-40) overflows logits/"
-    "temperature to inf, torch.multinomial fails, and the request gets GenerationError (INTERNAL) instead "
-    "of an answer (or an InvalidInputError at validation)"))
-def test_tiny_positive_temperature_is_answered_or_rejected(llava_runtime: VLMRuntime) -> None:
-    try:
-        request = llava_runtime.make_request(IMAGE, "hi", temperature=1e-40, max_tokens=3)
-    except InvalidInputError:
-        return
-    (result,) = llava_runtime.generate([request])
+@pytest.mark.parametrize("temperature", [1e-40, 1e-8])
+def test_tiny_positive_temperature_is_answered_greedily(llava_runtime: VLMRuntime, temperature: float) -> None:
+    tiny = llava_runtime.make_request(IMAGE, "hi", temperature=temperature, max_tokens=3, seed=1)
+    greedy = llava_runtime.make_request(IMAGE, "hi", temperature=0.0, max_tokens=3)
+    result, expected = llava_runtime.generate([tiny, greedy])
     assert isinstance(result, GenerationOutput), result
+    assert result.token_ids == expected.token_ids
 
 
 # -- _as_error -----------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.sampling import MAX_SEED, RowSampler, SamplingParams, _top_p_filter
+from triton_vlm.sampling import (MAX_SEED, MIN_TEMPERATURE, RowSampler, SamplingParams, _top_p_filter,
+                                 choose_tokens, make_generator)
 
 CPU = torch.device("cpu")
 
@@ -49,6 +50,26 @@ def test_invalid_params(kwargs: dict[str, object], fragment: str) -> None:
 ])
 def test_boundary_params_are_valid(kwargs: dict[str, object]) -> None:
     SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-6, MIN_TEMPERATURE / 2])
+def test_tiny_positive_temperatures_are_greedy(temperature: float) -> None:
+    params = SamplingParams(temperature=temperature, seed=3)  # still valid: the range is [0, 100]
+    assert params.greedy
+    assert make_generator(params, CPU) is None
+    logits = random_logits(3, seed=9) * 30
+    tokens = choose_tokens(logits.clone(), [params] * 3, [None] * 3)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.equal(RowSampler([params] * 3, CPU)(logits.clone()), logits.argmax(-1))
+
+
+def test_min_temperature_itself_samples_and_stays_finite() -> None:
+    params = SamplingParams(temperature=MIN_TEMPERATURE, seed=3)
+    assert not params.greedy and make_generator(params, CPU) is not None
+    logits = torch.tensor([[50.0, 49.99999, -20.0, 10.0]])  # logits / 1e-5 reach 5e6: softmax must stay finite
+    sampler = RowSampler([params], CPU)
+    seen = {int(sampler(logits.clone())[0]) for _ in range(20)}
+    assert seen <= {0, 1} and 0 in seen
 
 
 def test_params_are_frozen() -> None:
@@ -154,13 +175,30 @@ def test_top_p_filter_always_keeps_top_token() -> None:
     assert torch.equal(_top_p_filter(probs.clone(), 0.5 - 1e-4), torch.tensor([0.0, 1.0, 0.0]))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "src bug (boundary): sampling.py _top_p_filter drops a token only when the mass before it is > top_p, so "
-    "when a prefix reaches top_p exactly (probs [0.5, 0.25, 0.25], top_p=0.5) it keeps one token more than "
-    "the smallest prefix reaching top_p (should be >=)"))
 def test_top_p_filter_exact_boundary() -> None:
     probs = torch.tensor([0.5, 0.25, 0.25])
     assert torch.equal(_top_p_filter(probs.clone(), 0.5), torch.tensor([1.0, 0.0, 0.0]))
+    # Just above the boundary the next token is needed; a prefix of 0.75 reaches 0.75 exactly.
+    assert torch.equal(_top_p_filter(probs.clone(), 0.5 + 1e-6), torch.tensor([2 / 3, 1 / 3, 0.0]))
+    assert torch.equal(_top_p_filter(probs.clone(), 0.75), torch.tensor([2 / 3, 1 / 3, 0.0]))
+    assert torch.equal(_top_p_filter(probs.clone(), 1.0), probs)
+
+
+def test_top_p_filter_exact_boundary_in_any_order() -> None:
+    probs = torch.tensor([0.125, 0.25, 0.5, 0.125])  # sorted: 0.5 (2), 0.25 (1), 0.125, 0.125
+    assert torch.equal(_top_p_filter(probs.clone(), 0.5), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(_top_p_filter(probs.clone(), 0.75), torch.tensor([0.0, 1 / 3, 2 / 3, 0.0]))
+
+
+def test_top_p_filter_keeps_the_top_token_even_for_a_nonpositive_top_p() -> None:
+    probs = torch.tensor([0.2, 0.5, 0.3])
+    assert torch.equal(_top_p_filter(probs.clone(), 0.0), torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_top_p_sampling_at_the_exact_boundary_never_draws_the_dropped_tokens() -> None:
+    probs = torch.tensor([0.25, 0.5, 0.25])
+    sampler = RowSampler([SamplingParams(temperature=1.0, top_p=0.5, seed=4)], CPU)
+    assert {int(sampler(probs.log()[None].clone())[0]) for _ in range(200)} == {1}
 
 
 @given(st.lists(st.floats(0.001, 1.0), min_size=1, max_size=12), st.floats(0.01, 1.0))
