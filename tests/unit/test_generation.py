@@ -179,3 +179,48 @@ def test_default_stop_tokens_are_the_eos(runtime: VLMRuntime) -> None:
     loaded = runtime.ensure_loaded()
     stops = loaded.family.stop_token_ids(loaded.model, loaded.processor)
     assert stops == {loaded.processor.tokenizer.eos_token_id}
+
+
+# -- ignore_eos -------------------------------------------------------------------------------------------------
+def test_ignore_eos_row_runs_to_max_tokens(runtime: VLMRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    imgs = images()[:1]
+    (plain,) = run(runtime, imgs, PROMPTS[:1], [SamplingParams(max_tokens=6)])
+    assert len(plain.token_ids) == 6  # the tiny models never say EOS within 6 tokens
+    first = plain.token_ids[0]
+    family = runtime.ensure_loaded().family
+    monkeypatch.setattr(family, "stop_token_ids", lambda model, processor: {first})
+    stopping, ignoring = run(runtime, imgs * 2, PROMPTS[:1] * 2,
+                             [SamplingParams(max_tokens=6), SamplingParams(max_tokens=6, ignore_eos=True)])
+    assert stopping.finish_reason == "stop" and stopping.token_ids == ()
+    # The row that ignores EOS keeps the "EOS" token and everything after it: the unpatched greedy answer.
+    assert ignoring.finish_reason == "length" and ignoring.token_ids == plain.token_ids
+    assert ignoring.token_ids[0] == first
+
+
+def test_ignore_eos_is_per_row(llava_runtime: VLMRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = llava_runtime
+    imgs = images()
+    plain = run(runtime, imgs, PROMPTS, [SamplingParams(max_tokens=8)] * 3)
+    # Every row's own first token is a stop token now: rows stop at once unless they ignore EOS.
+    stops = {out.token_ids[0] for out in plain}
+    family = runtime.ensure_loaded().family
+    monkeypatch.setattr(family, "stop_token_ids", lambda model, processor: stops)
+    params = [SamplingParams(max_tokens=8, ignore_eos=True), SamplingParams(max_tokens=8),
+              SamplingParams(max_tokens=5, ignore_eos=True)]
+    out = run(runtime, imgs, PROMPTS, params)
+    assert (out[0].finish_reason, out[0].token_ids) == ("length", plain[0].token_ids)
+    assert (out[1].finish_reason, out[1].token_ids) == ("stop", ())
+    assert (out[2].finish_reason, out[2].token_ids) == ("length", plain[2].token_ids[:5])
+    assert out[0].text == family.decode_text(runtime.ensure_loaded().processor, list(plain[0].token_ids))
+
+
+def test_ignore_eos_with_sampling_matches_the_same_seed_without_eos(llava_runtime: VLMRuntime,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = llava_runtime
+    imgs = images()[:1]
+    sampled = SamplingParams(max_tokens=8, temperature=1.5, seed=21, ignore_eos=True)
+    (free,) = run(runtime, imgs, PROMPTS[:1], [sampled])
+    family = runtime.ensure_loaded().family
+    monkeypatch.setattr(family, "stop_token_ids", lambda model, processor: set(free.token_ids))
+    (again,) = run(runtime, imgs, PROMPTS[:1], [sampled])
+    assert again.token_ids == free.token_ids and again.finish_reason == "length"

@@ -295,3 +295,20 @@ def test_as_error_mapping() -> None:
     other = _as_error(KeyError("k"))
     assert isinstance(other, GenerationError) and "KeyError" in str(other)
     assert all(isinstance(e, TritonVLMError) for e in (oom, other))
+
+
+def test_make_request_passes_ignore_eos() -> None:
+    assert fresh().make_request(IMAGE, "hi").params.ignore_eos is False
+    request = fresh().make_request(IMAGE, "hi", max_tokens=4, ignore_eos=True)
+    assert request.params == SamplingParams(max_tokens=4, ignore_eos=True)
+
+
+def test_generate_honours_ignore_eos(llava_runtime: VLMRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    (plain,) = llava_runtime.generate([llava_runtime.make_request(IMAGE, "hi", max_tokens=4)])
+    family = llava_runtime.ensure_loaded().family
+    monkeypatch.setattr(family, "stop_token_ids", lambda model, processor: {plain.token_ids[0]})
+    stopped, ignored = llava_runtime.generate([llava_runtime.make_request(IMAGE, "hi", max_tokens=4),
+                                               llava_runtime.make_request(IMAGE, "hi", max_tokens=4, ignore_eos=True)])
+    assert isinstance(stopped, GenerationOutput) and stopped.finish_reason == "stop" and stopped.token_ids == ()
+    assert isinstance(ignored, GenerationOutput) and ignored.finish_reason == "length"
+    assert ignored.token_ids == plain.token_ids
