@@ -282,3 +282,19 @@ def test_hub_offline(env: dict[str, str], expected: bool, monkeypatch: pytest.Mo
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert hub_offline() is expected
+
+
+def test_missing_weights_message_for_a_directory_never_suggests_downloading_it(tmp_path: Path) -> None:
+    from triton_vlm.loading import _missing_weights_message
+
+    cause = OSError("Error no file named model.safetensors found in directory")
+    local = real_settings("llava").with_overrides(local_path=str(tmp_path))
+    message = _missing_weights_message(local, str(tmp_path), None, True, cause)
+    assert f"local_path {str(tmp_path)!r}" in message and "TRITON_VLM_LLAVA_LOCAL_PATH" in message
+    assert "offline mode" not in message and "huggingface-cli download" not in message
+    tiny = real_settings("llava").with_overrides(tiny=True)
+    message = _missing_weights_message(tiny, str(tmp_path), None, True, cause)
+    assert "tiny checkpoint" in message and "offline mode" not in message
+    # A hub id keeps the hub advice.
+    hub = _missing_weights_message(real_settings("llava"), "llava-hf/llava-1.5-7b-hf", "main", True, cause)
+    assert "offline mode (HF_HUB_OFFLINE=1)" in hub and "huggingface-cli download llava-hf/llava-1.5-7b-hf" in hub
