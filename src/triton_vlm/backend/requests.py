@@ -23,13 +23,15 @@ def runtime_from_args(args: dict[str, str], family: str | None) -> VLMRuntime:
     aliases: tuple[str, ...] = ()
     base = parameters.get("base_model")
     if base:
-        # A companion model (<m>_stream) shares its base model's weights settings, file and env overrides.
-        from pathlib import Path
+        # A companion model (<m>_stream) shares its base model's weights settings and env overrides. The
+        # launcher copies the base's parameters in; a repository served without it is read here.
+        if "hf_model_id" not in parameters:
+            from pathlib import Path
 
-        from triton_vlm.settings import read_config_parameters
+            from triton_vlm.settings import read_config_parameters
 
-        _, base_parameters = read_config_parameters(Path(args["model_repository"]).parent / base / "config.pbtxt")
-        parameters = {**base_parameters, **parameters}
+            _, base_parameters = read_config_parameters(Path(args["model_repository"]).parent / base / "config.pbtxt")
+            parameters = {**base_parameters, **parameters}
         aliases = (base,)
     if family:
         parameters.setdefault("model_family", family)

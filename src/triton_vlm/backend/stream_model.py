@@ -112,33 +112,48 @@ class TritonVLMStreamModel:
     def _send_loop(self) -> None:
         streams: dict[str, _Stream] = {}
         while True:
+            # Take everything pending, then send at most one response per request: when the engine outpaces
+            # the IPC to Triton, deltas merge instead of queueing up (and the GIL stays with the engine).
             try:
-                message = self._outbox.get(timeout=0.05)
+                batch = [self._outbox.get(timeout=0.05)]
             except queue.Empty:
-                message = False  # type: ignore[assignment]
-            if message is None:
-                for state in streams.values():  # shutting down: every open request still ends FINAL
-                    _send_final(state.sender)
-                return
-            if isinstance(message, _Open):
-                streams[message.request_id] = _Stream(message.sender, message.stream)
-            elif isinstance(message, RequestOutput):
-                state = streams.get(message.request_id)
-                if state is not None:
-                    try:
-                        self._deliver(state, message)
-                    except Exception:  # a client that went away must not stop the thread
-                        log.exception("sending a response failed")
+                batch = []
+            while True:
+                try:
+                    batch.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            pending: dict[str, RequestOutput] = {}
+            for message in batch:
+                if message is None:
+                    self._flush(streams, pending)
+                    for state in streams.values():  # shutting down: every open request still ends FINAL
                         _send_final(state.sender)
-                        if not message.finished and self._engine is not None:
-                            self._engine.abort(message.request_id)
-                        message = RequestOutput(message.request_id, (), True, "abort")
-                    if message.finished:
-                        del streams[message.request_id]
+                    return
+                if isinstance(message, _Open):
+                    streams[message.request_id] = _Stream(message.sender, message.stream)
+                elif message.request_id in streams:
+                    streams[message.request_id].token_ids.extend(message.new_token_ids)
+                    pending[message.request_id] = message  # the latest carries counts and finish state
+            self._flush(streams, pending)
             self._abort_cancelled(streams)
 
+    def _flush(self, streams: dict[str, _Stream], pending: dict[str, RequestOutput]) -> None:
+        for request_id, out in pending.items():
+            state = streams[request_id]
+            try:
+                self._deliver(state, out)
+            except Exception:  # a client that went away must not stop the thread
+                log.exception("sending a response failed")
+                _send_final(state.sender)
+                if not out.finished and self._engine is not None:
+                    self._engine.abort(request_id)
+                out = RequestOutput(request_id, (), True, "abort")
+            if out.finished:
+                del streams[request_id]
+
     def _deliver(self, state: _Stream, out: RequestOutput) -> None:
-        state.token_ids.extend(out.new_token_ids)
+        """Send what ``out`` (the latest output, tokens already merged into ``state``) calls for."""
         if out.finished and out.error is not None:
             self.metrics.request_errors.increment(1)
             error = out.error if isinstance(out.error, TritonVLMError) else GenerationError(str(out.error))
@@ -147,6 +162,8 @@ class TritonVLMStreamModel:
         if out.finish_reason == "abort":
             state.sender.send(flags=FINAL)
             return
+        if not (out.finished or state.stream):
+            return  # a whole-answer request: nothing to send until the end
         processor = self.runtime.loaded.processor  # type: ignore[union-attr]
         text = self.runtime.family.decode_text(processor, state.token_ids)
         if out.finished:
@@ -155,7 +172,7 @@ class TritonVLMStreamModel:
             piece = text[state.sent_chars:] if state.stream else text
             state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, out.finish_reason),
                               flags=FINAL)
-        elif state.stream and not text.endswith("\ufffd") and len(text) > state.sent_chars:
+        elif not text.endswith("\ufffd") and len(text) > state.sent_chars:
             # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
             piece, state.sent_chars = text[state.sent_chars:], len(text)
             state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None))

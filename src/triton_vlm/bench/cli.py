@@ -20,7 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--serve", action="store_true", help="start a server with the configured weights")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints (starts a tiny server without --url)")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated concurrency levels")
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--requests", default="64",
+                        help="requests per concurrency level (one number, or one per level)")
+    parser.add_argument("--api", choices=("stream", "infer", "both"), default="stream",
+                        help="stream from <model>_stream, plain infer on the public model, or both")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
     parser.add_argument("--image-size", type=int, default=336)
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
@@ -32,15 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    workload = Workload(model=args.model, image_size=args.image_size, max_tokens=args.max_tokens,
-                        requests=args.requests)
+    counts = [int(n) for n in str(args.requests).split(",") if n.strip()]
+    counts = counts * len(levels) if len(counts) == 1 else counts
+    if len(counts) != len(levels):
+        raise SystemExit("--requests: give one number or one per concurrency level")
+    workloads = [Workload(model=args.model, image_size=args.image_size, max_tokens=args.max_tokens, requests=n)
+                 for n in counts]
+    workload = workloads[0]
     baseline: list[RunResult] = []
     if args.baseline:
         # First, and freed before the server starts: both would not fit one GPU together.
         from triton_vlm.direct import direct_runtime
 
         runtime = direct_runtime(args.model, tiny=args.tiny)
-        baseline = [run_hf_baseline(runtime, workload, c) for c in levels]
+        baseline = [run_hf_baseline(runtime, w, c) for w, c in zip(workloads, levels)]
         del runtime
         _free_memory()
         print(format_table(f"HF generate baseline ({args.model}, in-process)", baseline), flush=True)
@@ -49,19 +57,21 @@ def run(args: argparse.Namespace) -> int:
     if url is None:
         server = _start_server(args)
         url = server.grpc_url
+    apis = ["stream", "infer"] if args.api == "both" else [args.api]
     try:
-        served = [run_served(url, workload, c) for c in levels]
+        served = [run_served(url, w, c, api=api) for api in apis for w, c in zip(workloads, levels)]
     finally:
         if server is not None:
             server.stop()
     print(format_table(f"triton-vlm served ({args.model}, gRPC streaming through Triton)", served), flush=True)
-    ratios = {f"c{s.concurrency}": s.output_tok_s / b.output_tok_s for s, b in zip(served, baseline)}
+    ratios = {f"{s.extra['api']}_c{s.concurrency}": s.output_tok_s / b.output_tok_s
+              for s, b in zip(served, baseline * len(apis))}
     if ratios:
         print("served / baseline throughput: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
     report: dict[str, Any] = {
         "command": "triton-vlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "workload": {"model": args.model, "image_size": args.image_size, "max_tokens": args.max_tokens,
-                     "requests": args.requests, "prompt": workload.prompt, "ignore_eos": True},
+                     "requests": counts, "prompt": workload.prompt, "ignore_eos": True},
         "runs": [r.as_json() for r in served],
         "baseline": [r.as_json() for r in baseline],
         "ratios": ratios,

@@ -62,8 +62,12 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def run_served(grpc_url: str, workload: Workload, concurrency: int, timeout: float = 600.0) -> RunResult:
-    """``concurrency`` clients, each streaming one request at a time, until ``workload.requests`` are done."""
+def run_served(grpc_url: str, workload: Workload, concurrency: int, timeout: float = 600.0,
+               api: str = "stream") -> RunResult:
+    """``concurrency`` clients, each with one request at a time, until ``workload.requests`` are done.
+
+    ``api="stream"`` streams from ``<model>_stream`` (TTFT and ITL as a user sees them); ``api="infer"`` sends
+    plain ``infer`` calls to the public model (TTFT is then the whole latency)."""
     from triton_vlm.client import TritonVLMClient
 
     images = [workload.image(i) for i in range(workload.requests)]
@@ -73,6 +77,7 @@ def run_served(grpc_url: str, workload: Workload, concurrency: int, timeout: flo
     itls: list[float] = []
     tokens = [0]
     errors = [0]
+    first_error: list[str] = []
 
     def client_loop() -> None:
         client = TritonVLMClient(grpc_url, protocol="grpc", timeout=timeout)
@@ -85,6 +90,13 @@ def run_served(grpc_url: str, workload: Workload, concurrency: int, timeout: flo
             start = last = time.perf_counter()
             last_tokens = 0
             try:
+                if api == "infer":
+                    result = client.infer_result(workload.model, images[index], workload.prompt,
+                                                 max_tokens=workload.max_tokens, ignore_eos=True)
+                    with lock:
+                        ttfts.append(time.perf_counter() - start)
+                        tokens[0] += result.generated_tokens
+                    continue
                 for piece in client.stream_pieces(workload.model, images[index], workload.prompt,
                                                   max_tokens=workload.max_tokens, ignore_eos=True):
                     now = time.perf_counter()
@@ -97,9 +109,11 @@ def run_served(grpc_url: str, workload: Workload, concurrency: int, timeout: flo
                     last, last_tokens = now, piece.generated_tokens
                 with lock:
                     tokens[0] += last_tokens
-            except Exception:  # counted, not fatal: a benchmark reports errors
+            except Exception as exc:  # counted, not fatal: a benchmark reports errors
                 with lock:
                     errors[0] += 1
+                    if not first_error:
+                        first_error.append(f"{type(exc).__name__}: {exc}"[:500])
 
     threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(concurrency)]
     begin = time.perf_counter()
@@ -112,7 +126,8 @@ def run_served(grpc_url: str, workload: Workload, concurrency: int, timeout: flo
     return RunResult(concurrency=concurrency, requests=workload.requests, seconds=elapsed, output_tokens=tokens[0],
                      output_tok_s=tokens[0] / elapsed, requests_s=done / elapsed,
                      ttft_p50_s=_percentile(ttfts, 50), ttft_p99_s=_percentile(ttfts, 99),
-                     itl_p50_s=_percentile(itls, 50), itl_p99_s=_percentile(itls, 99), errors=errors[0])
+                     itl_p50_s=_percentile(itls, 50), itl_p99_s=_percentile(itls, 99), errors=errors[0],
+                     extra={"api": api, "first_error": first_error[0] if first_error else None})
 
 
 def run_hf_baseline(runtime: Any, workload: Workload, batch: int) -> RunResult:
@@ -124,7 +139,7 @@ def run_hf_baseline(runtime: Any, workload: Workload, batch: int) -> RunResult:
     images = [Image.open(io.BytesIO(workload.image(i))).convert("RGB") for i in range(batch)]
     texts = [family.render_prompt(processor, workload.prompt)] * batch
 
-    def once() -> float:
+    def once(new_tokens: int = workload.max_tokens) -> float:
         inputs = processor(images=images, text=texts, padding=True, return_tensors="pt").to(model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -132,14 +147,13 @@ def run_hf_baseline(runtime: Any, workload: Workload, batch: int) -> RunResult:
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=workload.max_tokens, min_new_tokens=workload.max_tokens,
-                           do_sample=False)
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    once()  # warm-up
-    rounds = max(1, min(3, workload.requests // batch))
+    once(new_tokens=4)  # warm-up
+    rounds = max(1, min(2, workload.requests // batch))
     seconds = sum(once() for _ in range(rounds))
     produced = rounds * batch * workload.max_tokens
     per_token = seconds / rounds / workload.max_tokens

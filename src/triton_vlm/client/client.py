@@ -109,11 +109,15 @@ class TritonVLMClient:
 
     def infer_result(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
-                     seed: int | None = None, task: str | None = None) -> InferenceResult:
-        """Like :meth:`infer`, with token counts, finish reason and latency."""
+                     seed: int | None = None, task: str | None = None,
+                     ignore_eos: bool = False) -> InferenceResult:
+        """Like :meth:`infer`, with token counts, finish reason and latency. ``ignore_eos`` generates exactly
+        ``max_tokens`` tokens (benchmarks)."""
         module = self._module()
         data = np.frombuffer(encode_image(image), dtype=np.uint8)[None, :]
         inputs = self._inputs(module, data, prompt, max_tokens, temperature, top_p, seed)
+        if ignore_eos:
+            inputs.append(self._tensor(module, "ignore_eos", np.array([[True]], dtype=np.bool_), "BOOL"))
         if task is not None:
             inputs.append(self._tensor(module, "task", np.array([[task.encode("utf-8")]], dtype=np.object_),
                                        "BYTES"))
@@ -156,7 +160,7 @@ class TritonVLMClient:
         inputs.append(self._tensor(grpc_module, "ignore_eos", np.array([[ignore_eos]], dtype=np.bool_), "BOOL"))
         inputs.append(self._tensor(grpc_module, "stream", np.array([[True]], dtype=np.bool_), "BOOL"))
         pieces: queue.Queue[tuple[Any, Any]] = queue.Queue()
-        client = grpc_module.InferenceServerClient(self.grpc_url)
+        client = self._stream_client(grpc_module)
         try:
             client.start_stream(callback=lambda result, error: pieces.put((result, error)),
                                 stream_timeout=self.timeout)
@@ -179,7 +183,6 @@ class TritonVLMClient:
                     return
         finally:
             client.stop_stream(cancel_requests=True)
-            client.close()
 
     # -- server state -------------------------------------------------------------------------------------
     def is_ready(self, model_name: str | None = None) -> bool:
@@ -239,6 +242,16 @@ class TritonVLMClient:
                 client = module.InferenceServerClient(self.url, connection_timeout=self.timeout,
                                                       network_timeout=self.timeout)
             self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
+
+    def _stream_client(self, grpc_module: Any) -> Any:
+        """This thread's gRPC client for streams (a channel is costly to set up; a stream is not)."""
+        client = getattr(self._local, "stream_client", None)
+        if client is None:
+            client = grpc_module.InferenceServerClient(self.grpc_url)
+            self._local.stream_client = client
             with self._clients_lock:
                 self._clients.append(client)
         return client

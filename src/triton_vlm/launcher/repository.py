@@ -91,6 +91,13 @@ def render_repository(source: Path, target: Path, models: list[str], instance_ki
     for model in models:
         shutil.copytree(source / model, target / model, ignore=shutil.ignore_patterns("__pycache__"))
         config = load_model_config(source / model / "config.pbtxt")
+        base = config.parameters.get("base_model")
+        if base and base.string_value:
+            # A companion serves its base model's weights: copy the base's settings in (its own win), so the
+            # companion's stub needs nothing but its own config.
+            for key, value in load_model_config(source / base.string_value / "config.pbtxt").parameters.items():
+                if key not in config.parameters:
+                    config.parameters[key].string_value = value.string_value
         if instance_kind:
             force_instance_kind(config, instance_kind)
         (target / model / "config.pbtxt").write_text(dump_model_config(config))

@@ -52,11 +52,55 @@ def _numpy1_overlay(env_dir: Path) -> Path:
     _install_numpy1(site_dir)
     # Our site-packages come after the overlay's own, so its numpy 1.26 wins and torch & co. are still found.
     # addsitedir (not a bare path) so .pth files there (editable installs) are processed too.
-    paths = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    # PYTHONPATH first, as in this process (the stub ignores PYTHONPATH itself), then site-packages, then the
+    # directory holding triton_vlm (a source checkout that was never installed).
+    import triton_vlm
+
+    hosts = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    views = [str(_numpy1_view(Path(p), env_dir / "host-site" / str(i))) for i, p in enumerate(hosts)]
+    candidates = [*os.environ.get("PYTHONPATH", "").split(os.pathsep), *views,
+                  str(Path(triton_vlm.__file__).resolve().parents[1])]
+    paths = list(dict.fromkeys(os.path.abspath(p) for p in candidates if p and os.path.isdir(p)))
     (site_dir / "zz_triton_vlm_host.pth").write_text(
         "".join(f"import site; site.addsitedir({p!r})\n" for p in paths))
     marker.write_text(NUMPY1_SPEC + "\n")
     return bin_dir
+
+
+#: Installed here with numpy 2 but unusable under numpy 1.26 (scipy >= 1.17 uses ``np.long``); transformers
+#: imports them only when present, so the stub's view leaves them out.
+NEEDS_NUMPY2 = {"scipy", "sklearn", "scikit_learn"}
+
+
+def _numpy1_view(host_site: Path, view: Path) -> Path:
+    """A directory of links to ``host_site``'s entries, minus the packages that need numpy 2."""
+    blocked = set(NEEDS_NUMPY2) | _requires_numpy2(host_site)
+    view.mkdir(parents=True, exist_ok=True)
+    for entry in host_site.iterdir():
+        name = entry.name.split("-")[0].split(".")[0].lower()
+        if name in blocked or entry.name == "numpy" or name == "numpy":
+            continue
+        link = view / entry.name
+        if not link.exists():
+            link.symlink_to(entry)
+    return view
+
+
+def _requires_numpy2(host_site: Path) -> set[str]:
+    """Top-level names of distributions whose metadata requires numpy >= 2."""
+    import re
+
+    names: set[str] = set()
+    for metadata in host_site.glob("*.dist-info/METADATA"):
+        text = metadata.read_text(errors="replace")
+        if not re.search(r"^Requires-Dist: numpy\s*\(?[^;\n]*>=\s*2", text, flags=re.M | re.I):
+            continue
+        top_level = metadata.parent / "top_level.txt"
+        dist = metadata.parent.name.split("-")[0].lower()
+        names.add(dist)
+        if top_level.is_file():
+            names.update(line.strip().lower() for line in top_level.read_text().splitlines() if line.strip())
+    return names
 
 
 def _install_numpy1(site_dir: Path) -> None:
