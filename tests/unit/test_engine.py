@@ -429,19 +429,11 @@ def test_sequences_end_finished(loaded: Any) -> None:
 
 
 # -- known engine bugs (src/triton_vlm/engine/engine.py, not fixed here) ------------------------------------------
-@pytest.mark.xfail(strict=True, raises=GenerationError, reason=(
-    "src bug: engine.py LLMEngine.generate([]) waits for a 'done' event that only the last finishing request "
-    "sets, so with no requests it never fires: the threaded mode raises 'engine did not finish 0 requests' "
-    "after the whole timeout (600 s by default) and the synchronous mode spins step() until the timeout"))
 def test_generate_with_no_requests_returns_at_once(loaded: Any, threaded: list) -> None:
     engine = start(make_engine(loaded), threaded)
     assert engine.generate([], timeout=0.5) == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "src bug: engine.py LLMEngine.generate without the engine thread returns partial token lists when its "
-    "timeout passes (the threaded mode raises GenerationError), and leaves the unfinished requests in the "
-    "scheduler holding KV slots"))
 def test_synchronous_generate_timeout_is_an_error(loaded: Any) -> None:
     engine = make_engine(loaded)
     try:

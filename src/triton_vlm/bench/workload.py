@@ -182,7 +182,10 @@ def plot(path: str, served: list[RunResult], baseline: list[RunResult]) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r.concurrency for r in served], [r.output_tok_s for r in served], "o-", label="triton-vlm (served)")
+    for api, label in (("stream", "triton-vlm, gRPC streaming"), ("infer", "triton-vlm, plain infer")):
+        rows = [r for r in served if r.extra.get("api", "stream") == api]
+        if rows:
+            ax.plot([r.concurrency for r in rows], [r.output_tok_s for r in rows], "o-", label=label)
     if baseline:
         ax.plot([r.concurrency for r in baseline], [r.output_tok_s for r in baseline], "s--",
                 label="HF generate (in-process)")

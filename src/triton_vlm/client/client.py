@@ -98,14 +98,14 @@ class TritonVLMClient:
     # -- inference ----------------------------------------------------------------------------------------
     def infer(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
               temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-              task: str | None = None) -> str:
+              task: str | None = None, ignore_eos: bool = False) -> str:
         """The generated text for ``prompt`` about ``image``.
 
         ``task`` picks a skill of models that have several (moondream2: ``caption[:short|normal|long]``,
         ``query``, ``detect``, ``point``); leave it out for the others.
         """
         return self.infer_result(model_name, image, prompt, max_tokens=max_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed, task=task).text
+                                 top_p=top_p, seed=seed, task=task, ignore_eos=ignore_eos).text
 
     def infer_result(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,

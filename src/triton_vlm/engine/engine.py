@@ -221,7 +221,10 @@ class LLMEngine:
                  timeout: float = 600.0) -> list[list[int]]:
         """Submit ``(image, prompt, params)`` items and wait for all; returns each one's token ids.
 
-        Works with or without the background thread (without it, this thread drives the steps)."""
+        Works with or without the background thread (without it, this thread drives the steps). On timeout
+        the unfinished requests are aborted (their KV slots freed) and :class:`GenerationError` is raised."""
+        if not items:
+            return []
         results: dict[str, list[int]] = {}
         done = threading.Event()
         remaining = [len(items)]
@@ -248,7 +251,13 @@ class LLMEngine:
             while not done.is_set() and time.monotonic() < deadline:
                 self._drain(block=False)
                 self.step()
-        elif not done.wait(timeout):
+        else:
+            done.wait(timeout)
+        if not done.is_set():
+            for request in requests:
+                self.abort(request.request_id)
+            if self._thread is None:
+                self._drain(block=False)
             raise GenerationError(f"engine did not finish {len(items)} requests in {timeout:.0f}s")
         if errors:
             raise next(iter(errors.values()))

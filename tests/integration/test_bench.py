@@ -1,0 +1,38 @@
+"""``triton-vlm bench`` on a CPU with tiny models: the issue's command and its JSON schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+CLI = Path(sys.executable).parent / "triton-vlm"
+
+
+def test_bench_tiny_reports_served_runs_baseline_and_ratios(tmp_path: Path) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = subprocess.run(
+        [str(CLI), "bench", "--tiny", "--model", "llava", "--concurrency", "1,4", "--requests", "4,8",
+         "--max-tokens", "6", "--json", str(out), "--plot", str(png), "--api", "both"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert [(r["api"], r["concurrency"]) for r in runs] == [("stream", 1), ("stream", 4), ("infer", 1), ("infer", 4)]
+    for run in runs:
+        for key in ("concurrency", "output_tok_s", "requests_s", "ttft_p50_s", "itl_p50_s"):
+            assert key in run
+        assert run["errors"] == 0 and run["output_tok_s"] > 0
+        assert run["output_tokens"] == 6 * (4 if run["concurrency"] == 1 else 8)  # EOS ignored
+    assert all(r["ttft_p50_s"] > 0 and r["itl_p50_s"] > 0 for r in runs if r["api"] == "stream")
+    assert [b["concurrency"] for b in report["baseline"]] == [1, 4]
+    assert set(report["ratios"]) == {"stream_c1", "stream_c4", "infer_c1", "infer_c4"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "triton-vlm served" in result.stdout and "HF generate baseline" in result.stdout

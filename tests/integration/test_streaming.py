@@ -1,0 +1,108 @@
+"""The engine path through Triton: token streaming from llava_stream, and the forwarding public model."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import free_port
+from tests.integration.conftest import RunningServer
+from triton_client import TritonVLMClient
+from triton_vlm.direct import direct_runtime
+from triton_vlm.errors import InvalidInputError
+from triton_vlm.launcher import ServerOptions, TritonServer
+from triton_vlm.runtime import VLMRuntime
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "What is in this image?"
+
+
+@pytest.fixture(scope="module")
+def llava() -> VLMRuntime:
+    return direct_runtime("llava", tiny=True, device="cpu")
+
+
+def _expected(runtime: VLMRuntime, image: bytes, prompt: str = PROMPT, **sampling: object) -> str:
+    (out,) = runtime.generate([runtime.make_request(image, prompt, **sampling)])  # type: ignore[arg-type]
+    assert not isinstance(out, Exception), out
+    return out.text
+
+
+def test_stream_pieces_join_to_the_direct_answer(triton: RunningServer, llava: VLMRuntime,
+                                                 sample_image_bytes: bytes) -> None:
+    client = TritonVLMClient(triton.http_url, grpc_url=triton.grpc_url)
+    pieces = list(client.stream_pieces("llava", sample_image_bytes, PROMPT, max_tokens=12))
+    client.close()
+    assert len(pieces) >= 2, "tokens should arrive in several responses"
+    assert pieces[-1].finish_reason in ("stop", "length") and all(not p.finish_reason for p in pieces[:-1])
+    assert [p.generated_tokens for p in pieces] == sorted(p.generated_tokens for p in pieces)
+    assert "".join(p.text for p in pieces) == _expected(llava, sample_image_bytes, max_tokens=12)
+
+
+def test_concurrent_streams_equal_direct(triton: RunningServer, llava: VLMRuntime, sample_image_bytes: bytes) -> None:
+    prompts = [f"{PROMPT} {'please ' * i}" for i in range(6)]
+    client = TritonVLMClient(triton.grpc_url, protocol="grpc")
+    with ThreadPoolExecutor(6) as pool:
+        texts = list(pool.map(lambda p: "".join(client.stream("llava", sample_image_bytes, p, max_tokens=10)),
+                              prompts))
+    client.close()
+    assert texts == [_expected(llava, sample_image_bytes, p, max_tokens=10) for p in prompts]
+
+
+def test_stream_errors_are_typed_and_the_stream_model_keeps_serving(triton: RunningServer,
+                                                                    sample_image_bytes: bytes) -> None:
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
+        with pytest.raises(InvalidInputError, match="not a recognised image"):
+            list(client.stream("llava", b"not an image", PROMPT))
+        with pytest.raises(InvalidInputError, match="exceeds the engine's context"):
+            list(client.stream("llava", sample_image_bytes, PROMPT, max_tokens=1024))
+        assert "".join(client.stream("llava", sample_image_bytes, PROMPT, max_tokens=3))
+
+
+def test_leaving_a_stream_early_cancels_it(triton: RunningServer, sample_image_bytes: bytes) -> None:
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
+        stream: Iterator[str] = client.stream("llava", sample_image_bytes, PROMPT, max_tokens=900,
+                                              ignore_eos=True)
+        next(stream)
+        stream.close()  # the generator's finally cancels the request
+        assert "".join(client.stream("llava", sample_image_bytes, PROMPT, max_tokens=3))
+
+
+@pytest.fixture(scope="module")
+def forwarding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """llava served the GPU way: the public model forwards to llava_stream (the engine)."""
+    ports = {free_port() for _ in range(3)}
+    while len(ports) < 3:
+        ports.add(free_port())
+    http, grpc, metrics = sorted(ports)
+    log = open(tmp_path_factory.mktemp("forwarding") / "tritonserver.log", "w")
+    server = TritonServer(ServerOptions(models=("llava",), tiny=True, engine="on", forwarder_instances=2,
+                                        http_port=http, grpc_port=grpc, metrics_port=metrics), log_file=log)
+    server.start()
+    try:
+        server.wait_until_ready(timeout=180)
+        yield server
+    finally:
+        code = server.stop()
+        log.close()
+    assert code == 0
+
+
+def test_forwarding_model_serves_plain_infer_from_the_engine(forwarding_server: TritonServer, llava: VLMRuntime,
+                                                             sample_image_bytes: bytes) -> None:
+    with urllib.request.urlopen(f"http://{forwarding_server.http_url}/v2/models/llava/config") as response:
+        config = response.read().decode()
+    assert '"forward_to"' in config and "KIND_CPU" in config
+    images = [sample_image_bytes] * 6
+    prompts = [f"{PROMPT} {'now ' * i}" for i in range(6)]
+    client = TritonVLMClient(forwarding_server.http_url)
+    with ThreadPoolExecutor(6) as pool:
+        served = list(pool.map(lambda ip: client.infer("llava", ip[0], ip[1], max_tokens=10), zip(images, prompts)))
+    with pytest.raises(InvalidInputError, match="not a recognised image"):
+        client.infer("llava", b"garbage", PROMPT)  # the engine's INVALID_ARG survives the hop as HTTP 400
+    client.close()
+    assert served == [_expected(llava, i, p, max_tokens=10) for i, p in zip(images, prompts)]
