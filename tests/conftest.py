@@ -26,6 +26,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int = 3) -> tuple[int, ...]:
+    """``count`` distinct free loopback ports, ascending (HTTP, gRPC, metrics)."""
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return tuple(sorted(ports))
+
+
 @pytest.fixture(scope="session")
 def sample_image_bytes() -> bytes:
     return SAMPLE_IMAGE.read_bytes()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_ports
 from triton_vlm.launcher import ServerOptions, TritonServer
 
 SERVED_MODELS = ("llava", "kosmos2", "moondream2")
@@ -38,18 +38,10 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-def _ports() -> tuple[int, int, int]:
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(free_port())
-    http, grpc, metrics = sorted(ports)
-    return http, grpc, metrics
-
-
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    http, grpc, metrics = _ports()
+    http, grpc, metrics = free_ports()
     options = ServerOptions(models=SERVED_MODELS, tiny=True, http_port=http, grpc_port=grpc, metrics_port=metrics)
     with open(log_path, "w") as log_file:
         server = TritonServer(options, log_file=log_file)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLE_IMAGE, free_port
+from tests.conftest import ROOT, SAMPLE_IMAGE, free_ports
 from tests.integration.conftest import RunningServer
 from triton_client import TritonVLMClient
 from triton_vlm.direct import direct_runtime
@@ -60,9 +60,7 @@ def _tritonserver_pids(port: int) -> list[int]:
 def test_start_script_serves_real_weights_config_and_stops_cleanly(tmp_path: Path) -> None:
     """Without --tiny the real checkpoints are configured; offline, the first request explains how to get
     them, the server keeps running, and SIGTERM stops everything."""
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    while len({http, grpc, metrics}) < 3:
-        grpc, metrics = free_port(), free_port()
+    http, grpc, metrics = free_ports()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), TRITON_VLM_MODE="embedded")
     log = open(tmp_path / "start.log", "w")
     process = subprocess.Popen(

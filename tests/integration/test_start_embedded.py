@@ -13,20 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_ports
 from tests.unit.fakehost import make_host
 from tests.unit.test_deploy_dockerfile import TRITON_CONTAINER, find
 from tests.unit.test_deploy_helm import TRITON_METRICS
 
 pytestmark = pytest.mark.integration
-
-
-def _ports() -> tuple[int, int, int]:
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(free_port())
-    http, grpc, metrics = sorted(ports)
-    return http, grpc, metrics
 
 
 def _get(url: str) -> str:
@@ -86,7 +78,7 @@ def _assert_gone(pgid: int | None) -> None:
 
 
 def test_embedded_mode_starts_reports_and_stops_cleanly(tmp_path: Path) -> None:
-    http, grpc, metrics = _ports()
+    http, grpc, metrics = free_ports()
     args = ["--mode", "embedded", "--tiny", "--http-port", str(http), "--grpc-port", str(grpc),
             "--metrics-port", str(metrics)]
     started = time.monotonic()
@@ -109,7 +101,7 @@ def test_embedded_mode_starts_reports_and_stops_cleanly(tmp_path: Path) -> None:
 def test_fresh_machine_without_docker_falls_back_to_embedded(tmp_path: Path) -> None:
     """The README's first command on a host with no docker (and no nvidia-smi) on PATH."""
     host = make_host(tmp_path / "host")
-    http, grpc, metrics = _ports()
+    http, grpc, metrics = free_ports()
     args = ["--tiny", "--models", "llava", "--http-port", str(http), "--grpc-port", str(grpc),
             "--metrics-port", str(metrics)]
     env = host.env()

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_ports
 from tests.integration.conftest import RunningServer
 from triton_client import TritonVLMClient
 from triton_vlm.direct import direct_runtime
@@ -75,10 +75,7 @@ def test_leaving_a_stream_early_cancels_it(triton: RunningServer, sample_image_b
 @pytest.fixture(scope="module")
 def forwarding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """llava served the GPU way: the public model forwards to llava_stream (the engine)."""
-    ports = {free_port() for _ in range(3)}
-    while len(ports) < 3:
-        ports.add(free_port())
-    http, grpc, metrics = sorted(ports)
+    http, grpc, metrics = free_ports()
     log = open(tmp_path_factory.mktemp("forwarding") / "tritonserver.log", "w")
     server = TritonServer(ServerOptions(models=("llava",), tiny=True, engine="on", forwarder_instances=2,
                                         http_port=http, grpc_port=grpc, metrics_port=metrics), log_file=log)

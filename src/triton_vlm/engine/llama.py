@@ -18,15 +18,19 @@ from triton_vlm.engine import kernels
 from triton_vlm.engine.kv_cache import SlotKVCache
 
 
-def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
-    """Concatenate the weights of ``linears`` and make each original weight a view of the result."""
-    fused = torch.cat([lin.weight.data for lin in linears], dim=0)
+def _point_into(linears: tuple[torch.nn.Linear, ...], fused: torch.Tensor) -> torch.Tensor:
+    """Make each linear's weight a view of its rows of ``fused`` (no copy stays behind); returns ``fused``."""
     offset = 0
     for lin in linears:
         rows = lin.weight.shape[0]
         lin.weight.data = fused[offset:offset + rows]
         offset += rows
     return fused
+
+
+def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
+    """Concatenate the weights of ``linears``; the originals become views of the result."""
+    return _point_into(linears, torch.cat([lin.weight.data for lin in linears], dim=0))
 
 
 @dataclass
@@ -65,13 +69,7 @@ def _fastest_layout(weight: torch.Tensor, batches: tuple[int, ...] = (1, 64)) ->
 
 def _relayout(linears: tuple[torch.nn.Linear, ...], fused: torch.Tensor) -> torch.Tensor:
     best = _fastest_layout(fused)
-    if best is not fused:
-        offset = 0
-        for lin in linears:
-            rows = lin.weight.shape[0]
-            lin.weight.data = best[offset:offset + rows]
-            offset += rows
-    return best
+    return best if best is fused else _point_into(linears, best)
 
 
 class LlamaDecoder:
