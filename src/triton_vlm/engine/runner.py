@@ -41,6 +41,8 @@ class ModelRunner:
         pinned = self.device.type == "cuda"
         self._host_inputs = torch.zeros((3, limit), dtype=torch.long, pin_memory=pinned)
         self._host_np = self._host_inputs.numpy()  # same memory; numpy indexing is cheaper per step
+        self._host_tokens = torch.zeros(limit, dtype=torch.long, pin_memory=pinned)
+        self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
         self._step_inputs = torch.zeros((3, limit), dtype=torch.long, device=self.device)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
@@ -84,9 +86,20 @@ class ModelRunner:
         else:
             logits = self._decode_eager(batch, context)
             greedy = logits.argmax(dim=-1)
-        greedy_tokens = greedy.tolist()
+        greedy_tokens = self._to_host(greedy)
         rows = torch.tensor(slots, device=self.device)
         return (logits[rows] if need_logits else None), [greedy_tokens[slot] for slot in slots]
+
+    def _to_host(self, tokens: torch.Tensor) -> list[int]:
+        """Tokens as a list. On GPU: an async copy and an event wait, which (unlike ``tolist``) lets go of the
+        GIL while the step runs, so the response thread works in parallel instead of between steps."""
+        if self._step_done is None:
+            return tokens.tolist()
+        host = self._host_tokens[:tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        self._step_done.record()
+        self._step_done.synchronize()
+        return host.tolist()
 
     def _decode_eager(self, batch: int, context: int) -> torch.Tensor:
         return self.decoder.decode(self._step_inputs[:, :batch], self.cache, context)
