@@ -1,0 +1,299 @@
+"""The OpenAI-compatible front against the real tritonserver (tiny weights), with the official ``openai`` client.
+
+One front process (started the way the launcher starts it) points at the session's tritonserver over gRPC,
+with an API key and small body/image limits so the 413 paths are cheap to reach.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import SAMPLE_IMAGE, free_port
+from tests.integration.conftest import WORKING_MODELS, RunningServer
+from triton_client import TritonVLMClient
+from triton_vlm.openai import OpenAIOptions
+from triton_vlm.openai.config import MiB
+from triton_vlm.openai.process import OpenAIFront
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "sk-test-" + "0123456789abcdef"
+PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
+           "moondream2": "What is in this image?"}
+MAX_TOKENS = 10
+
+
+@dataclass
+class Front:
+    options: OpenAIOptions
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.options.base_url
+
+    @property
+    def root(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=120)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def front(triton: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    options = OpenAIOptions(port=free_port(), triton_grpc_url=triton.grpc_url, api_keys=(API_KEY,),
+                            max_body_bytes=2 * MiB, max_image_bytes=1 * MiB, cors_origins=("https://ui.example",))
+    log_path = tmp_path_factory.mktemp("openai") / "front.log"
+    with open(log_path, "w") as log_file:
+        process = OpenAIFront(options, log_file=log_file).start()
+        try:
+            process.wait_until_ready(timeout=60)
+            yield Front(options, log_path)
+        finally:
+            code = process.stop()
+    assert code == 0, log_path.read_text()[-3000:]
+    assert API_KEY not in log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.open(SAMPLE_IMAGE).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(image: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(image).decode()}"
+
+
+def user(text: str, image: bytes | None) -> dict:
+    parts: list[dict] = [{"type": "text", "text": text}]
+    if image is not None:
+        parts.append({"type": "image_url", "image_url": {"url": data_uri(image)}})
+    return {"role": "user", "content": parts}
+
+
+def _raw(url: str, *, method: str = "GET", body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+# -- models -------------------------------------------------------------------------------------------------
+def test_list_and_retrieve_models(front: Front) -> None:
+    client = front.client()
+    models = client.models.list()
+    assert sorted(m.id for m in models.data) == sorted(WORKING_MODELS)  # llava_stream is not a model of its own
+    assert all(m.object == "model" and m.owned_by == "triton-vlm" for m in models.data)
+    assert client.models.retrieve("llava").id == "llava"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+# -- answers --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", WORKING_MODELS)
+def test_chat_equals_the_kserve_client_streamed_or_not(front: Front, triton: RunningServer, png: bytes,
+                                                      model: str) -> None:
+    """Greedy: the non-streamed content, the streamed chunks joined, and TritonVLMClient.infer agree; usage comes
+    from Triton's token counts."""
+    with TritonVLMClient(triton.http_url) as kserve:
+        expected = kserve.infer_result(model, png, PROMPTS[model], max_tokens=MAX_TOKENS)
+    client = front.client()
+    messages = [user(PROMPTS[model], png)]
+    answer = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS)
+    assert answer.object == "chat.completion" and answer.model == model and answer.id.startswith("chatcmpl-")
+    (choice,) = answer.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (expected.prompt_tokens,
+                                                                            expected.generated_tokens)
+    assert answer.usage.total_tokens == expected.prompt_tokens + expected.generated_tokens
+
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_completion_tokens=MAX_TOKENS,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    pieces = [c.choices[0].delta.content for c in with_choices if c.choices[0].delta.content]
+    assert "".join(pieces) == expected.text
+    assert [c.choices[0].finish_reason for c in with_choices][-1] == expected.finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert usage_chunk.usage.model_dump() == answer.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    if model == "llava":  # llava_stream: the engine's token stream, several pieces
+        assert len(pieces) >= 2
+    else:  # no <model>_stream companion: the whole answer as one chunk (tiny kosmos2 may answer nothing)
+        assert len(pieces) == (1 if expected.text else 0)
+
+
+def test_sampling_parameters_reach_the_model(front: Front, triton: RunningServer, png: bytes) -> None:
+    client = front.client()
+    sampled = dict(temperature=1.0, top_p=0.9, seed=1234, max_tokens=MAX_TOKENS)
+    messages = [user("Describe it.", png)]
+    runs = [client.chat.completions.create(model="llava", messages=messages, **sampled).choices[0].message.content
+            for _ in range(2)]
+    with TritonVLMClient(triton.http_url) as kserve:
+        expected = kserve.infer("llava", png, "Describe it.", max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9,
+                                seed=1234)
+    assert runs == [expected, expected]
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="llava", messages=messages, stream=True, **sampled) if c.choices)
+    assert streamed == expected
+    # OpenAI's top_p=0 keeps only the most likely token: greedy, whatever the temperature.
+    greedy = client.chat.completions.create(model="llava", messages=messages, max_tokens=MAX_TOKENS, top_p=0,
+                                            temperature=1.5, seed=5)
+    with TritonVLMClient(triton.http_url) as kserve:
+        assert greedy.choices[0].message.content == kserve.infer("llava", png, "Describe it.", max_tokens=MAX_TOKENS)
+
+
+def test_system_and_earlier_turns_are_folded_into_the_prompt(front: Front, triton: RunningServer,
+                                                             png: bytes) -> None:
+    """As docs/openai.md says: system text first, then a User/Assistant transcript, then the question."""
+    client = front.client()
+    messages = [{"role": "system", "content": "Answer briefly."}, user("What is this?", png),
+                {"role": "assistant", "content": "A house."}, {"role": "user", "content": "What colour is it?"}]
+    answer = client.chat.completions.create(model="moondream2", messages=messages, max_tokens=MAX_TOKENS)
+    prompt = "Answer briefly.\n\nUser: What is this?\nAssistant: A house.\nUser: What colour is it?"
+    with TritonVLMClient(triton.http_url) as kserve:
+        assert answer.choices[0].message.content == kserve.infer("moondream2", png, prompt, max_tokens=MAX_TOKENS)
+
+
+def test_moondream2_task_extension(front: Front, triton: RunningServer, png: bytes) -> None:
+    client = front.client()
+    answer = client.chat.completions.create(model="moondream2", messages=[user("house", png)], max_tokens=MAX_TOKENS,
+                                            extra_body={"task": "detect"})
+    with TritonVLMClient(triton.http_url) as kserve:
+        assert answer.choices[0].message.content == kserve.infer("moondream2", png, "house", task="detect",
+                                                                 max_tokens=MAX_TOKENS)
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+def _status_error(error: pytest.ExceptionInfo[openai.APIStatusError]) -> dict:
+    body = error.value.body
+    assert isinstance(body, dict), body
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_errors_have_openai_status_codes(front: Front, png: bytes, stream: bool) -> None:
+    client = front.client()
+
+    def ask(**kwargs: object) -> object:
+        request = {"model": "llava", "messages": [user("What is this?", png)], "max_tokens": 4, "stream": stream,
+                   **kwargs}
+        result = client.chat.completions.create(**request)  # type: ignore[call-overload]
+        return list(result) if stream else result
+
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(messages=[user("What is this?", None)])
+    assert _status_error(error)["code"] == "image_required"
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(messages=[user("What is this?", b"definitely not an image")])
+    assert "image" in _status_error(error)["message"] and error.value.status_code == 400
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(messages=[{"role": "user", "content": [{"type": "text", "text": "Compare."},
+                                                   {"type": "image_url", "image_url": {"url": data_uri(png)}},
+                                                   {"type": "image_url", "image_url": {"url": data_uri(png)}}]}])
+    assert _status_error(error)["code"] == "too_many_images"
+    with pytest.raises(openai.NotFoundError) as error:
+        ask(model="gpt-4o")
+    assert _status_error(error) == {**_status_error(error), "param": "model", "code": "model_not_found"}
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(max_tokens=100000)
+    body = _status_error(error)
+    assert body["param"] == "max_tokens" and "max_tokens must be in [1, 1024]" in body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "https://example.com/cat.png"}}]}])
+    assert _status_error(error)["code"] == "remote_images_disabled"
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(n=2)
+    assert _status_error(error)["param"] == "n"
+    with pytest.raises(openai.BadRequestError):
+        ask(stop=["\n"])
+    with pytest.raises(openai.BadRequestError):
+        ask(messages=[{"role": "assistant", "content": "Hello"}])
+    assert ask()  # and the server keeps serving
+
+
+def test_stream_max_tokens_over_the_engine_context_is_a_400(front: Front, png: bytes) -> None:
+    """llava_stream (the tiny engine's short context) refuses before the first token: still a status code."""
+    with pytest.raises(openai.BadRequestError, match="context"):
+        list(front.client().chat.completions.create(model="llava", messages=[user("Hi", png)], max_tokens=1024,
+                                                    stream=True))
+
+
+def test_too_large_bodies_and_images_are_413(front: Front, png: bytes) -> None:
+    client = front.client()
+    big = png + b"\0" * (front.options.max_image_bytes + 10 - len(png))  # under the body limit, over the image one
+    with pytest.raises(openai.APIStatusError) as error:
+        client.chat.completions.create(model="llava", messages=[user("Hi", big)], max_tokens=2)
+    assert error.value.status_code == 413 and _status_error(error)["code"] == "image_too_large"
+    huge = b"\0" * (front.options.max_body_bytes + 1)
+    with pytest.raises(openai.APIStatusError) as error:
+        client.chat.completions.create(model="llava", messages=[user("Hi", huge)], max_tokens=2)
+    assert error.value.status_code == 413 and _status_error(error)["code"] == "request_too_large"
+
+
+def test_api_key_is_required_except_for_health(front: Front, png: bytes) -> None:
+    with pytest.raises(openai.AuthenticationError) as error:
+        front.client(api_key="sk-wrong").models.list()
+    assert _status_error(error)["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        front.client(api_key="sk-wrong").chat.completions.create(model="llava", messages=[user("Hi", png)])
+    for path in ("/v1/models", "/v1/models/llava", "/openapi.json"):
+        status, headers, body = _raw(front.root + path)
+        assert status == 401 and headers["www-authenticate"] == "Bearer", path
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    status, _, _ = _raw(front.root + "/v1/models", headers={"Authorization": "Basic " + API_KEY})
+    assert status == 401
+    assert _raw(front.root + "/health")[0] == 200
+    status, _, body = _raw(front.root + "/health/ready")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert API_KEY not in front.log()
+
+
+def test_cors_only_for_configured_origins(front: Front) -> None:
+    preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    status, headers, _ = _raw(front.root + "/v1/chat/completions", method="OPTIONS", headers=preflight)
+    assert status == 200 and headers["access-control-allow-origin"] == "https://ui.example"
+    status, headers, _ = _raw(front.root + "/v1/chat/completions", method="OPTIONS",
+                              headers={**preflight, "Origin": "https://evil.example"})
+    assert status == 400 and "access-control-allow-origin" not in {k.lower() for k in headers}
+
+
+def test_openapi_describes_the_api(front: Front) -> None:
+    status, _, body = _raw(front.root + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
+    schema = json.loads(body)
+    assert status == 200 and schema["openapi"].startswith("3.")
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
+    assert {"application/json", "text/event-stream"} == set(chat["responses"]["200"]["content"])
+    assert {"400", "401", "404", "413", "429", "500", "503"} <= set(chat["responses"]) and "422" not in chat["responses"]
+    assert {"ChatCompletion", "ChatCompletionChunk", "ErrorResponse", "ModelList"} <= set(schema["components"]["schemas"])
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
