@@ -297,3 +297,75 @@ def test_openapi_describes_the_api(front: Front) -> None:
     assert {"400", "401", "404", "413", "429", "500", "503"} <= set(chat["responses"]) and "422" not in chat["responses"]
     assert {"ChatCompletion", "ChatCompletionChunk", "ErrorResponse", "ModelList"} <= set(schema["components"]["schemas"])
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+# -- the OpenAPI description, checked by a schema-driven fuzzer ------------------------------------------------
+OPERATIONS = [("GET", "/health"), ("GET", "/health/ready"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
+              ("POST", "/v1/chat/completions")]
+
+
+@pytest.fixture(scope="module")
+def openapi_schema(front: Front) -> object:
+    import schemathesis
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    schema = schemathesis.openapi.from_url(front.root + "/openapi.json", headers=auth, timeout=30)
+    schema.config.update(base_url=front.root, headers=auth, request_timeout=60)
+    return schema
+
+
+def test_the_fuzzer_covers_every_operation(openapi_schema: object) -> None:
+    found = {(op.ok().method.upper(), op.ok().path) for op in openapi_schema.get_all_operations()}  # type: ignore[attr-defined]
+    assert found == set(OPERATIONS)
+
+
+# Negative data only where there is something to make invalid: the GETs have no query or body, and any string
+# is a valid path segment.
+FUZZ_CASES = [(method, path, "positive") for method, path in OPERATIONS] + [("POST", "/v1/chat/completions",
+                                                                              "negative")]
+
+
+@pytest.mark.parametrize("method, path, mode", FUZZ_CASES, ids=[f"{m} {p} {g}" for m, p, g in FUZZ_CASES])
+def test_openapi_fuzzing(openapi_schema: object, front: Front, method: str, path: str, mode: str) -> None:
+    """schemathesis against the running front (127.0.0.1 only), 40 requests per operation (100 for the chat):
+    no 5xx,
+    every status, content type, header and body as /openapi.json documents them, invalid input answered 4xx,
+    and the API key really checked."""
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, ignored_auth, negative_data_rejection,
+                                                   response_headers_conformance, response_schema_conformance,
+                                                   status_code_conformance)
+
+    operation = openapi_schema[path][method]  # type: ignore[index]
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+              response_headers_conformance, negative_data_rejection, ignored_auth]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    statuses: list[int] = []
+
+    def fuzz(strategy: object, examples: int) -> None:
+        @given(case=strategy)
+        @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case: object) -> None:
+            assert front.root.startswith("http://127.0.0.1:")
+            body = getattr(case, "body", None)
+            if mode == "positive" and isinstance(body, dict) and isinstance(body.get("model"), str):
+                body["model"] = "llava"  # a served model, so requests get past the model lookup to the rest
+            response = case.call_and_validate(base_url=front.root, headers=auth, checks=checks,  # type: ignore
+                                              timeout=60)
+            statuses.append(response.status_code)
+
+        run()
+
+    fuzz(operation.as_strategy(generation_mode=GenerationMode(mode)), 100 if method == "POST" else 40)
+    if mode == "positive":  # the description's own examples (a real image for the chat) must work as documented
+        for strategy in openapi_schema.get_strategies_from_examples(operation):  # type: ignore[attr-defined]
+            fuzz(strategy, 1)
+    assert statuses and all(code < 500 for code in statuses)
+    if "{" in path or method == "POST":  # inputs to vary: many distinct requests
+        assert len(statuses) >= 20, statuses
+    if path == "/v1/chat/completions":
+        assert 400 in statuses
+        assert mode == "negative" or 200 in statuses, statuses

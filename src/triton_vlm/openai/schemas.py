@@ -84,8 +84,21 @@ class StreamOptions(_Request):
     include_usage: bool | None = Field(default=None, description="Send a last chunk with the token usage.")
 
 
+#: A 16x16 red PNG, for the description's example request.
+EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mM8oaHBQApgYiARjGoY1T"
+                 "B0NAAAjC0BOJDndDkAAAAASUVORK5CYII=")
+EXAMPLE_REQUEST = {
+    "model": "llava",
+    "messages": [{"role": "user", "content": [{"type": "text", "text": "What colour is this image?"},
+                                              {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}}]}],
+    "max_completion_tokens": 16,
+}
+
+
 class ChatCompletionRequest(_Request):
     """``POST /v1/chat/completions``. The last message must be the user's; exactly one image per request."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [EXAMPLE_REQUEST]})
 
     model: str = Field(description="A model from GET /v1/models, e.g. llava, kosmos2, moondream2.")
     messages: list[Message] = Field(min_length=1)
