@@ -52,7 +52,11 @@ def decode_data_uri(url: str, *, max_bytes: int, param: str) -> bytes:
             raise APIError(400, "the data URI's base64 payload is not valid base64", param=param,
                            code="invalid_image_url") from None
     else:
-        data = unquote_to_bytes(payload)
+        try:
+            data = unquote_to_bytes(payload)
+        except UnicodeEncodeError:
+            raise APIError(400, "the data URI is not valid text (lone surrogate)", param=param,
+                           code="invalid_image_url") from None
     if len(data) > max_bytes:
         raise _too_large(param, len(data), max_bytes)
     if not data:
