@@ -7,8 +7,14 @@ with an API key and small body/image limits so the 413 paths are cheap to reach.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +25,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import SAMPLE_IMAGE, free_port
+from tests.conftest import ROOT, SAMPLE_IMAGE, free_port, free_ports
 from tests.integration.conftest import WORKING_MODELS, RunningServer
 from triton_client import TritonVLMClient
 from triton_vlm.openai import OpenAIOptions
@@ -297,6 +303,84 @@ def test_openapi_describes_the_api(front: Front) -> None:
     assert {"400", "401", "404", "413", "429", "500", "503"} <= set(chat["responses"]) and "422" not in chat["responses"]
     assert {"ChatCompletion", "ChatCompletionChunk", "ErrorResponse", "ModelList"} <= set(schema["components"]["schemas"])
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+# -- the README's and docs/openai.md's examples, as written ------------------------------------------------------
+def test_readme_openai_commands_run(front: Front) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## OpenAI-compatible API", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [line for line in block.splitlines() if line.startswith("curl ")]
+    assert len(commands) == 2 and "--openai-port 9000 --api-key sk-my-key" in block
+    answers = []
+    for command in commands:
+        command = command.replace("127.0.0.1:9000", f"127.0.0.1:{front.options.port}").replace("sk-my-key", API_KEY)
+        result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        answers.append(json.loads(result.stdout))
+    assert answers[0]["object"] == "list" and "llava" in {m["id"] for m in answers[0]["data"]}
+    assert answers[1]["object"] == "chat.completion" and answers[1]["usage"]["completion_tokens"] <= 16
+
+
+def test_docs_python_example_runs(front: Front) -> None:
+    (snippet,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "openai.md").read_text(), flags=re.S)
+    code = snippet.replace("http://127.0.0.1:9000/v1", front.base_url).replace("sk-my-key", API_KEY)
+    out = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "docs/openai.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert "CompletionUsage" in out.getvalue() or "prompt_tokens" in out.getvalue()
+
+
+# -- started by the launcher ------------------------------------------------------------------------------------
+def _pids(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def test_start_script_runs_the_front_and_stops_it(tmp_path: Path, png: bytes) -> None:
+    """./triton_start.sh --openai-port N --api-key-file F: the front comes up beside tritonserver (loopback), the
+    key file is honoured, and SIGTERM ends both: no orphan."""
+    http, grpc, metrics, port = free_ports(4)
+    keys = tmp_path / "keys"
+    keys.write_text("# one key per line\nsk-from-file\n")
+    log_path = tmp_path / "start.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_VLM_API_KEY")}
+    args = ["--mode", "embedded", "--tiny", "--models", "kosmos2", "--http-port", str(http), "--grpc-port",
+            str(grpc), "--metrics-port", str(metrics), "--openai-port", str(port), "--api-key-file", str(keys)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(ROOT / "triton_start.sh"), *args], stdout=log, stderr=subprocess.STDOUT,
+                                   env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 90
+            while "Ctrl-C to stop" not in log_path.read_text() and time.monotonic() < deadline:
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            output = log_path.read_text()
+            assert f"OpenAI   http://127.0.0.1:{port}/v1" in output, output[-3000:]
+            fronts = _pids(f"triton_vlm.openai --host 127.0.0.1 --port {port}")
+            assert len(fronts) == 1
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-from-file", max_retries=0)
+            assert [m.id for m in client.models.list().data] == ["kosmos2"]
+            answer = client.chat.completions.create(model="kosmos2", max_tokens=4, messages=[
+                user("<grounding>An image of", png)])
+            assert answer.usage is not None and answer.usage.completion_tokens <= 4
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-other", max_retries=0).models.list()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=60)
+    assert code == 0, log_path.read_text()[-3000:]
+    deadline = time.monotonic() + 10
+    while (_pids(f"--port {port}") or _pids(f"--http-port={http}")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _pids(f"triton_vlm.openai --host 127.0.0.1 --port {port}"), "the OpenAI front outlived the launcher"
+    assert not _pids(f"tritonserver.*--http-port={http}")
+    assert "sk-from-file" not in log_path.read_text()
 
 
 # -- the OpenAPI description, checked by a schema-driven fuzzer ------------------------------------------------
