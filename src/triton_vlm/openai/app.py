@@ -198,7 +198,8 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
             except TritonVLMError as exc:
                 raise from_triton(exc, name) from None
         if name not in models:
-            raise APIError(404, f"The model '{name}' does not exist; this server has: {', '.join(models) or 'none'}",
+            served_names = ", ".join(models) or "none"
+            raise APIError(404, f"The model '{name}' does not exist; this server has: {served_names}",
                            param="model", code="model_not_found")
         return models[name]
 

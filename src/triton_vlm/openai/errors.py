@@ -49,7 +49,8 @@ def from_triton(exc: TritonVLMError, model: str, *, max_tokens_param: str = "max
     used for the token limit."""
     message = str(exc)
     if isinstance(exc, UnknownModelError):
-        return APIError(404, f"The model '{model}' does not exist: {message}", param="model", code="model_not_found")
+        return APIError(404, f"The model '{model}' does not exist: {message}", param="model",
+                        code="model_not_found")
     if isinstance(exc, InvalidInputError):
         return APIError(400, message, param=_param_for(message, max_tokens_param), code="invalid_value")
     if isinstance(exc, TritonTimeoutError):

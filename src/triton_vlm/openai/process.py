@@ -77,7 +77,8 @@ class OpenAIFront:
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
-                raise LauncherError(f"the OpenAI front exited (code {code}) before it was ready; see its log above")
+                raise LauncherError(f"the OpenAI front exited (code {code}) before it was ready; see its log "
+                                    f"above")
             try:
                 with urllib.request.urlopen(self.health_url, timeout=2) as response:
                     if response.status == 200:

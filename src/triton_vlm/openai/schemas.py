@@ -85,8 +85,8 @@ class StreamOptions(_Request):
 
 
 #: A 16x16 red PNG, for the description's example request.
-EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mM8oaHBQApgYiARjGoY1T"
-                 "B0NAAAjC0BOJDndDkAAAAASUVORK5CYII=")
+EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mM8oaHBQ"
+                 "ApgYiARjGoY1TB0NAAAjC0BOJDndDkAAAAASUVORK5CYII=")
 EXAMPLE_REQUEST = {
     "model": "llava",
     "messages": [{"role": "user", "content": [{"type": "text", "text": "What colour is this image?"},
