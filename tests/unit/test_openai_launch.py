@@ -149,3 +149,23 @@ def test_compose_profiles_are_kept_and_endpoints_name_the_api() -> None:
     assert "COMPOSE_PROFILES" not in compose_environment(ServerOptions(), base={})
     assert "OpenAI   http://127.0.0.1:9300/v1" in endpoints_text(_openai_options(), "docker")
     assert "OpenAI" not in endpoints_text(ServerOptions(), "docker")
+
+
+def test_the_server_stops_waiting_when_the_front_dies(tmp_path: Path) -> None:
+    import subprocess
+
+    from triton_vlm.launcher import TritonServer
+    from triton_vlm.openai.process import OpenAIFront
+
+    server = TritonServer(ServerOptions(work_dir=tmp_path))
+    server.process = subprocess.Popen(["sleep", "30"])
+    server.openai_front = OpenAIFront(OpenAIOptions())
+    server.openai_front.process = subprocess.Popen(["sh", "-c", "exit 3"])
+    try:
+        assert server.wait(poll_s=0.05) == 1
+    finally:
+        server.process.kill()
+        server.process.wait()
+    server.process = subprocess.Popen(["sh", "-c", "exit 7"])
+    server.openai_front = None
+    assert server.wait(poll_s=0.05) == 7

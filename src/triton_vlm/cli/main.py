@@ -210,8 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
               f"[triton-vlm]   metrics  {server.metrics_url}\n"
               + (f"[triton-vlm]   OpenAI   {server.options.openai.base_url}\n" if server.options.openai else "")
               + "[triton-vlm] Ctrl-C to stop", flush=True)
-        assert server.process is not None
-        return server.process.wait()
+        return server.wait()
     except KeyboardInterrupt:
         print("[triton-vlm] stopping", flush=True)
         return 0

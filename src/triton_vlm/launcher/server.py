@@ -170,6 +170,20 @@ class TritonServer:
             time.sleep(0.25)
         raise LauncherError(f"tritonserver was not ready after {timeout:.0f}s ({url})")
 
+    def wait(self, poll_s: float = 0.5) -> int:
+        """Until tritonserver exits (its exit code), or the OpenAI front does (1: a server whose advertised API
+        died should not go on half-working; the caller stops the rest)."""
+        assert self.process is not None, "start() first"
+        while True:
+            try:
+                return self.process.wait(timeout=poll_s)
+            except subprocess.TimeoutExpired:
+                pass
+            front = self.openai_front
+            if front is not None and front.process is not None and front.process.poll() is not None:
+                log.error("the OpenAI front exited (code %s); stopping", front.process.returncode)
+                return 1
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the server (Triton unloads models and ends its stubs), SIGKILL the group if it hangs."""
         front, self.openai_front = self.openai_front, None
