@@ -30,15 +30,16 @@ COPY src ./src
 COPY triton_models ./triton_models
 # numpy<2: Triton 2.51's Python stub crashes on STRING inputs under numpy 2 (python_backend PR #384).
 # The last step checks that the launcher finds the image's server and its Python backend stub.
-RUN pip install --no-cache-dir "numpy>=1.26,<2" . \
+RUN pip install --no-cache-dir "numpy>=1.26,<2" "./[openai]" \
     && mkdir -p /cache/huggingface /cache/triton-vlm "${HOME}" \
     && chown -R triton-server:triton-server /cache "${HOME}" \
     && python3 -c "from pathlib import Path; from triton_vlm.launcher.distribution import find_distribution, prepare_backend_dir; d = find_distribution(); print(d.binary, prepare_backend_dir(d, Path('/tmp')))"
 
 # triton-server (uid/gid 1000) comes with NVIDIA's image; numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 1000:1000
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002 9000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
-# NVIDIA's entrypoint stays; it runs this command. --instance-kind cpu for hosts without GPUs.
+# NVIDIA's entrypoint stays; it runs this command. --instance-kind cpu for hosts without GPUs. The compose files'
+# `openai` service runs `triton-vlm openai` (port 9000) from this image too.
 CMD ["triton-vlm", "serve", "--host", "0.0.0.0", "--instance-kind", "gpu"]

@@ -85,7 +85,8 @@ def test_environment_points_the_launcher_at_the_image() -> None:
 
 def test_installs_the_project_with_numpy_1() -> None:
     runs = " ".join(find("RUN"))
-    assert 'pip install --no-cache-dir "numpy>=1.26,<2" .' in runs  # Triton 2.51's stub and numpy 2 don't mix
+    # Triton 2.51's stub and numpy 2 don't mix; the openai extra serves the compose `openai` service.
+    assert 'pip install --no-cache-dir "numpy>=1.26,<2" "./[openai]"' in runs
     assert "torch==${TORCH_VERSION}" in runs
     assert "find_distribution" in runs and "prepare_backend_dir" in runs  # build fails if the layout changed
 
@@ -105,7 +106,7 @@ def test_runs_unprivileged_with_healthcheck_ports_and_launcher() -> None:
     (user,) = find("USER")
     assert user == "1000:1000"  # numeric: Kubernetes runAsNonRoot can check it
     (exposed,) = find("EXPOSE")
-    assert exposed.split() == ["8000", "8001", "8002"]
+    assert exposed.split() == ["8000", "8001", "8002", "9000"]  # 9000: the OpenAI API (compose `openai` service)
     (health,) = find("HEALTHCHECK")
     assert "/v2/health/ready" in health and "--start-period=600s" in health
     (command,) = find("CMD")

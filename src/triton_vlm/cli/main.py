@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
                             "detect, point)")
     infer.set_defaults(handler=_infer, verbose=False)
 
+    openai = commands.add_parser("openai", help="run the OpenAI-compatible API (chat completions with images) in "
+                                                "front of a running Triton")
+    from triton_vlm.openai.cli import add_arguments as add_openai_arguments
+
+    add_openai_arguments(openai)
+    openai.set_defaults(handler=_openai)
+
     bench = commands.add_parser("bench", help="benchmark a served model against the HF-generate baseline")
     from triton_vlm.bench.cli import add_arguments as add_bench_arguments
 
@@ -113,16 +120,36 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="route public models through their <model>_stream engine (auto: on GPU hosts)")
     parser.add_argument("--model-repository", type=Path, default=None)
     parser.add_argument("--log-verbose", type=int, default=0)
+    from triton_vlm.openai.cli import add_access_arguments
+
+    openai_port = os.environ.get("TRITON_VLM_OPENAI_PORT")
+    parser.add_argument("--openai-port", type=int, default=int(openai_port) if openai_port else None,
+                        help="also serve the OpenAI-compatible API (/v1/chat/completions) on this port "
+                             "(default: $TRITON_VLM_OPENAI_PORT, else off); see docs/openai.md")
+    add_access_arguments(parser)
 
 
 def _server_options(args: argparse.Namespace) -> ServerOptions:
     from triton_vlm.launcher import ServerOptions
 
+    openai = None
+    if args.openai_port is not None:
+        from triton_vlm.openai import OpenAIOptions, load_api_keys
+        from triton_vlm.openai.cli import _origins
+
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+        openai = OpenAIOptions(port=args.openai_port, host=args.host, triton_grpc_url=f"{host}:{args.grpc_port}",
+                               api_keys=load_api_keys(args.api_key, args.api_key_file),
+                               cors_origins=_origins(args.cors_origin),
+                               allow_remote_images=args.allow_remote_images)
+    elif args.api_key or args.api_key_file or args.cors_origin or args.allow_remote_images:
+        print("[triton-vlm] note: --api-key, --api-key-file, --cors-origin and --allow-remote-images apply to "
+              "the OpenAI API, which runs only with --openai-port", file=sys.stderr, flush=True)
     return ServerOptions(
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         model_repository=args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, host=args.host, tiny=args.tiny, preload=args.preload,
-        instance_kind=args.instance_kind, log_verbose=args.log_verbose, engine=args.engine,
+        instance_kind=args.instance_kind, log_verbose=args.log_verbose, engine=args.engine, openai=openai,
     )
 
 
@@ -147,8 +174,10 @@ def _start(args: argparse.Namespace) -> int:
         else:
             say(f"[triton-vlm] would run: {' '.join(compose_command(host.compose, compose_file(plan.mode)))}")
         return 0
-    for name, port in (("HTTP", options.http_port), ("gRPC", options.grpc_port),
-                       ("metrics", options.metrics_port)):
+    ports = [("HTTP", options.http_port), ("gRPC", options.grpc_port), ("metrics", options.metrics_port)]
+    if options.openai is not None:
+        ports.append(("OpenAI", options.openai.port))
+    for name, port in ports:
         if port_in_use(options.host, port):
             raise LauncherError(f"{name} port {port} is already in use by another program (another "
                                 f"tritonserver?): stop it, or choose another port with --{name.lower()}-port")
@@ -179,9 +208,9 @@ def _serve(args: argparse.Namespace) -> int:
               f"[triton-vlm]   HTTP     http://{server.http_url}\n"
               f"[triton-vlm]   gRPC     {server.grpc_url}\n"
               f"[triton-vlm]   metrics  {server.metrics_url}\n"
-              f"[triton-vlm] Ctrl-C to stop", flush=True)
-        assert server.process is not None
-        return server.process.wait()
+              + (f"[triton-vlm]   OpenAI   {server.options.openai.base_url}\n" if server.options.openai else "")
+              + "[triton-vlm] Ctrl-C to stop", flush=True)
+        return server.wait()
     except KeyboardInterrupt:
         print("[triton-vlm] stopping", flush=True)
         return 0
@@ -202,6 +231,12 @@ def _infer(args: argparse.Namespace) -> int:
     with TritonVLMClient(args.url, protocol="grpc" if args.grpc else "http") as client:
         print(client.infer(args.model, args.image, args.prompt, task=args.task, **sampling))
     return 0
+
+
+def _openai(args: argparse.Namespace) -> int:
+    from triton_vlm.openai.cli import run
+
+    return run(args)
 
 
 def _bench(args: argparse.Namespace) -> int:

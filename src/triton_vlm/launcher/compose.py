@@ -63,6 +63,14 @@ def compose_environment(options: ServerOptions, base: Mapping[str, str] | None =
         env["TRITON_VLM_TINY"] = "1"
     if options.preload:
         env["TRITON_VLM_PRELOAD"] = "1"
+    if options.openai is not None:
+        # The `openai` service has the `openai` profile: it runs only when asked for.
+        profiles = [p for p in env.get("COMPOSE_PROFILES", "").split(",") if p and p != "openai"]
+        env["COMPOSE_PROFILES"] = ",".join([*profiles, "openai"])
+        env["TRITON_OPENAI_PORT"] = str(options.openai.port)
+        env["TRITON_VLM_API_KEY"] = ",".join(options.openai.api_keys)
+        env["TRITON_VLM_OPENAI_CORS_ORIGINS"] = ",".join(options.openai.cors_origins)
+        env["TRITON_VLM_OPENAI_ALLOW_REMOTE_IMAGES"] = "1" if options.openai.allow_remote_images else "0"
     return env
 
 
@@ -72,7 +80,8 @@ def endpoints_text(options: ServerOptions, label: str) -> str:
             f"[triton-vlm]   HTTP     http://{host}:{options.http_port}\n"
             f"[triton-vlm]   gRPC     {host}:{options.grpc_port}\n"
             f"[triton-vlm]   metrics  http://{host}:{options.metrics_port}/metrics\n"
-            f"[triton-vlm] Ctrl-C to stop")
+            + (f"[triton-vlm]   OpenAI   http://{host}:{options.openai.port}/v1\n" if options.openai else "")
+            + "[triton-vlm] Ctrl-C to stop")
 
 
 def is_ready(url: str) -> bool:

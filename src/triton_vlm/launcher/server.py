@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
@@ -24,6 +24,10 @@ from triton_vlm.launcher.repository import (companions, default_model_repository
                                             render_repository, servable_models)
 from triton_vlm.launcher.stub_env import stub_python_bin
 from triton_vlm.settings import env_prefix
+
+if TYPE_CHECKING:
+    from triton_vlm.openai import OpenAIOptions
+    from triton_vlm.openai.process import OpenAIFront
 
 log = logging.getLogger("triton_vlm")
 
@@ -47,6 +51,8 @@ class ServerOptions:
     work_dir: Path | None = None
     log_verbose: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Also run the OpenAI-compatible front (its own process, stopped with the server); None: don't.
+    openai: OpenAIOptions | None = None
 
     def __post_init__(self) -> None:
         if self.instance_kind not in ("auto", "cpu", "gpu"):
@@ -56,6 +62,8 @@ class ServerOptions:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) != 3:
             raise LauncherError(f"HTTP, gRPC and metrics ports must differ, got {ports}")
+        if self.openai is not None and self.openai.port in ports:
+            raise LauncherError(f"the OpenAI port {self.openai.port} is already the HTTP, gRPC or metrics port")
 
 
 def gpu_available() -> bool:
@@ -93,12 +101,16 @@ class TritonServer:
         self._own_work_dir = options.work_dir is None
         self.work_dir = options.work_dir or Path(tempfile.mkdtemp(prefix="triton-vlm-"))
         self.models: list[str] = []
+        self.openai_front: OpenAIFront | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> TritonServer:
         opts = self.options
-        for name, port in (("HTTP", opts.http_port), ("gRPC", opts.grpc_port), ("metrics", opts.metrics_port)):
-            if port_in_use(opts.host, port):
+        busy = [("HTTP", opts.http_port), ("gRPC", opts.grpc_port), ("metrics", opts.metrics_port)]
+        if opts.openai is not None:
+            busy.append(("OpenAI", opts.openai.port))
+        for name, port in busy:
+            if port_in_use(opts.host if name != "OpenAI" else opts.openai.host, port):  # type: ignore[union-attr]
                 raise LauncherError(f"{name} port {port} is already in use (another tritonserver?); "
                                     f"stop it or choose another port with --{name.lower()}-port")
         dist = find_distribution()
@@ -132,11 +144,18 @@ class TritonServer:
             command, env=env, cwd=self.work_dir, stdout=self.log_file, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent,
         )
+        if opts.openai is not None:
+            from triton_vlm.openai.process import OpenAIFront
+
+            self.openai_front = OpenAIFront(opts.openai, log_file=self.log_file).start()
         return self
 
     def wait_until_ready(self, timeout: float = 120.0) -> None:
-        """Block until ``/v2/health/ready`` answers 200; raise with the reason if the server exits first."""
+        """Block until ``/v2/health/ready`` answers 200 (and the OpenAI front's ``/health``, if it runs); raise
+        with the reason if the server exits first."""
         deadline = time.monotonic() + timeout
+        if self.openai_front is not None:
+            self.openai_front.wait_until_ready(timeout)
         url = f"http://{self._client_host()}:{self.options.http_port}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
@@ -151,8 +170,25 @@ class TritonServer:
             time.sleep(0.25)
         raise LauncherError(f"tritonserver was not ready after {timeout:.0f}s ({url})")
 
+    def wait(self, poll_s: float = 0.5) -> int:
+        """Until tritonserver exits (its exit code), or the OpenAI front does (1: a server whose advertised API
+        died should not go on half-working; the caller stops the rest)."""
+        assert self.process is not None, "start() first"
+        while True:
+            try:
+                return self.process.wait(timeout=poll_s)
+            except subprocess.TimeoutExpired:
+                pass
+            front = self.openai_front
+            if front is not None and front.process is not None and front.process.poll() is not None:
+                log.error("the OpenAI front exited (code %s); stopping", front.process.returncode)
+                return 1
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the server (Triton unloads models and ends its stubs), SIGKILL the group if it hangs."""
+        front, self.openai_front = self.openai_front, None
+        if front is not None:
+            front.stop()
         process, self.process = self.process, None
         code = None
         if process is not None:
@@ -209,6 +245,8 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")])
         env["LD_LIBRARY_PATH"] = library_path(dist)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        for secret in ("TRITON_VLM_API_KEY", "TRITON_VLM_API_KEY_FILE"):  # the OpenAI front's, not Triton's
+            env.pop(secret, None)
         if self.options.tiny:
             env["TRITON_VLM_TINY"] = "1"
         if self.options.preload:

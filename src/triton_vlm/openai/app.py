@@ -1,0 +1,429 @@
+"""The FastAPI application: ``/v1/models``, ``/v1/chat/completions``, health, and the OpenAPI description.
+
+Build it with :func:`create_app`; ``gateway`` may be any object with :class:`~triton_vlm.openai.triton.
+TritonGateway`'s methods (tests pass a fake).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from triton_vlm.errors import TritonVLMError
+from triton_vlm.openai.config import OpenAIOptions
+from triton_vlm.openai.errors import APIError, from_triton
+from triton_vlm.openai.images import image_bytes
+from triton_vlm.openai.messages import conversation
+from triton_vlm.openai.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse,
+                                       Health, ModelCard, ModelList)
+from triton_vlm.openai.triton import Piece, Sampling, ServedModel, TritonGateway
+
+log = logging.getLogger("triton_vlm.openai")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (bad field, no image, bad image, ...)"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Request body or image too large"},
+    429: {"model": ErrorResponse, "description": "Too many requests in flight; retry later"},
+    500: {"model": ErrorResponse, "description": "The model failed while generating"},
+    503: {"model": ErrorResponse, "description": "Triton or the model is unavailable; retry later"},
+    504: {"model": ErrorResponse, "description": "Triton did not answer in time"},
+}
+STREAM_DESCRIPTION = ("With `stream: true`: server-sent events, each `data: <ChatCompletionChunk JSON>`, the "
+                      "last chunk with a finish_reason, then (with stream_options.include_usage) a chunk with "
+                      "the usage and no choices, then `data: [DONE]`.")
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+# -- request body limit -------------------------------------------------------------------------------------
+class BodyLimit:
+    """Reads each request body (up to ``limit`` bytes) before the app sees it; a larger one is a 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(413, f"request body is over this server's limit of {self.limit} bytes",
+                             code="request_too_large")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await error_response(APIError(400, "invalid Content-Length header"))(scope, receive, send)
+                return
+            if size > self.limit:
+                await error_response(too_large)(scope, receive, send)
+                return
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.limit:
+                await error_response(too_large)(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# -- the app ------------------------------------------------------------------------------------------------
+def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
+    gateway = gateway if gateway is not None else TritonGateway(options.triton_grpc_url,
+                                                                timeout_s=options.request_timeout_s)
+    started = int(time.time())
+    in_flight = 0
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await gateway.close()
+
+    app = FastAPI(
+        title="triton-vlm OpenAI-compatible API",
+        version="1",
+        description="OpenAI chat completions with images, in front of Triton (llava, kosmos2, moondream2). "
+                    "Exactly one image per request, as a data URI. See docs/openai.md.",
+        docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+    )
+
+    # -- auth ---------------------------------------------------------------------------------------------
+    keys = [key.encode("latin-1") for key in options.api_keys]
+    bearer = HTTPBearer(auto_error=False, description="An API key given to the server (--api-key)")
+
+    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not keys:
+            return
+        if credentials is None:
+            raise APIError(401, "You didn't provide an API key: send it in the Authorization header "
+                                "(Authorization: Bearer YOUR_KEY).", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        presented = credentials.credentials.encode("latin-1", "replace")
+        matched = False
+        for key in keys:  # every key is compared, so the time taken does not tell which one nearly matched
+            matched |= hmac.compare_digest(presented, key)
+        if not matched:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    guarded = [Depends(authorize)] if keys else []
+
+    # -- errors -------------------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        message = {404: "Unknown URL: see /openapi.json for this server's endpoints",
+                   405: "Method not allowed on this URL"}.get(status, str(exc.detail))
+        return error_response(APIError(status, message, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return error_response(APIError(500, f"internal error ({type(exc).__name__})", code="internal_error"))
+
+    # -- health and description ---------------------------------------------------------------------------
+    @app.get("/health", response_model=Health, tags=["health"], summary="Liveness (no API key needed)")
+    async def health() -> Health:
+        return Health(status="ok")
+
+    @app.get("/health/ready", response_model=Health, tags=["health"],
+             responses={503: {"model": Health, "description": "Triton is not ready"}},
+             summary="Readiness: Triton answers and is ready (no API key needed)")
+    async def health_ready() -> Any:
+        if await gateway.ready():
+            return Health(status="ok", triton=options.triton_grpc_url)
+        return JSONResponse(Health(status="unavailable", triton=options.triton_grpc_url).model_dump(),
+                            status_code=503)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
+    async def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    # -- models -------------------------------------------------------------------------------------------
+    async def served() -> dict[str, ServedModel]:
+        try:
+            return await gateway.models()
+        except TritonVLMError as exc:
+            raise from_triton(exc, "") from None
+
+    async def find_model(name: str) -> ServedModel:
+        models = await served()
+        if name not in models:
+            try:
+                models = await gateway.models(refresh=True)
+            except TritonVLMError as exc:
+                raise from_triton(exc, name) from None
+        if name not in models:
+            served_names = ", ".join(models) or "none"
+            raise APIError(404, f"The model '{name}' does not exist; this server has: {served_names}",
+                           param="model", code="model_not_found")
+        return models[name]
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=guarded, tags=["models"],
+             responses=_pick(ERROR_RESPONSES, 401, 500, 503), summary="The models served")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, created=started) for name in await served()])
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, dependencies=guarded, tags=["models"],
+             responses=_pick(ERROR_RESPONSES, 401, 404, 500, 503), summary="One served model")
+    async def get_model(model: str) -> ModelCard:
+        return ModelCard(id=(await find_model(model)).name, created=started)
+
+    # -- chat completions ---------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", dependencies=guarded, tags=["chat"], response_model=ChatCompletion,
+              responses={200: {"description": "The answer; with `stream: true`, server-sent events instead.",
+                               "content": {"text/event-stream": {"schema": {"type": "string",
+                                                                            "description": STREAM_DESCRIPTION}}}},
+                         **ERROR_RESPONSES},
+              summary="Answer a question about one image")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        nonlocal in_flight
+        if in_flight >= options.max_concurrent_requests:
+            raise APIError(429, f"too many requests in flight (limit {options.max_concurrent_requests}); retry "
+                                f"shortly", code="rate_limit_exceeded")
+        in_flight += 1
+        handed_over = False
+
+        def release() -> None:
+            nonlocal in_flight
+            in_flight -= 1
+
+        try:
+            refuse_unsupported(body)
+            model = await find_model(body.model)
+            chat = conversation(body.messages)
+            _check_text(chat.prompt, "messages")
+            if body.task is not None:
+                _check_text(body.task, "task")
+            image = await image_bytes(chat.image_url, param=chat.image_param, max_bytes=options.max_image_bytes,
+                                      allow_remote=options.allow_remote_images,
+                                      allow_private=options.allow_private_image_hosts,
+                                      timeout_s=options.remote_image_timeout_s)
+            sampling = sampling_of(body)
+            limit_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+            created = int(time.time())
+            if not body.stream:
+                try:
+                    answer = await gateway.infer(model.name, image, chat.prompt, sampling)
+                except TritonVLMError as exc:
+                    raise from_triton(exc, model.name, max_tokens_param=limit_field) from None
+                return completion(completion_id, created, model.name, answer)
+
+            if model.streams:
+                pieces = gateway.stream(model.name, image, chat.prompt, sampling)
+            else:
+                pieces = _one(gateway.infer(model.name, image, chat.prompt, sampling))
+            try:  # the first piece before the 200: an error up to here still gets its own status
+                first = await pieces.__anext__()
+            except TritonVLMError as exc:
+                await pieces.aclose()
+                raise from_triton(exc, model.name, max_tokens_param=limit_field) from None
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = sse_events(completion_id, created, model.name, first, pieces, include_usage, release)
+            handed_over = True
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        finally:
+            if not handed_over:
+                release()
+
+    _install_openapi(app)
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)  # type: ignore[arg-type]
+    if options.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins),  # type: ignore[arg-type]
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False, max_age=600)
+    return app
+
+
+# -- pieces of the chat handler ---------------------------------------------------------------------------
+def refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """400 for known OpenAI parameters whose effect this server cannot give (rather than silently ignore)."""
+    checks: list[tuple[str, bool, str]] = [
+        ("stop", bool(body.stop), "stop sequences are not supported"),
+        ("presence_penalty", bool(body.presence_penalty), "presence_penalty is not supported (must be 0)"),
+        ("frequency_penalty", bool(body.frequency_penalty), "frequency_penalty is not supported (must be 0)"),
+        ("logprobs", bool(body.logprobs), "logprobs are not supported"),
+        ("top_logprobs", body.top_logprobs is not None, "top_logprobs is not supported"),
+        ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
+        ("tools", bool(body.tools), "tools are not supported: these models call no tools"),
+        ("response_format", bool(body.response_format) and (body.response_format or {}).get("type") != "text",
+         'only response_format {"type": "text"} is supported'),
+    ]
+    for param, bad, message in checks:
+        if bad:
+            raise APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def sampling_of(body: ChatCompletionRequest) -> Sampling:
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    temperature, top_p = body.temperature, body.top_p
+    if top_p is not None and top_p == 0:  # OpenAI's top_p=0 keeps only the top token: greedy
+        temperature, top_p = 0.0, None
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=body.seed, task=body.task)
+
+
+def _check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param}: the text is not valid Unicode (lone surrogate)", param=param,
+                       code="invalid_value") from None
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def completion(completion_id: str, created: int, model: str, answer: Piece) -> ChatCompletion:
+    return ChatCompletion.model_validate({
+        "id": completion_id, "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                     "finish_reason": _finish(answer.finish_reason)}],
+        "usage": _usage(answer),
+    })
+
+
+def _usage(piece: Piece) -> dict[str, int]:
+    return {"prompt_tokens": piece.prompt_tokens, "completion_tokens": piece.completion_tokens,
+            "total_tokens": piece.prompt_tokens + piece.completion_tokens}
+
+
+async def _one(answer: Any) -> AsyncIterator[Piece]:
+    """A whole answer as a one-piece stream (models without a ``<model>_stream`` companion)."""
+    yield await answer
+
+
+async def sse_events(completion_id: str, created: int, model: str, first: Piece, rest: AsyncIterator[Piece],
+                     include_usage: bool, release: Callable[[], None]) -> AsyncIterator[str]:
+    """``data: {chunk}`` events: the role, the text as it comes, the finish reason, the usage, ``[DONE]``."""
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                 "model": model, "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    def delta(content: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]
+
+    try:
+        yield event(delta({"role": "assistant", "content": ""}))
+        piece = first
+        while True:
+            if piece.text:
+                yield event(delta({"content": piece.text}))
+            if piece.finish_reason:
+                break
+            try:
+                piece = await rest.__anext__()
+            except StopAsyncIteration:  # a whole answer (one piece) always has its finish reason
+                break
+            except TritonVLMError as exc:
+                yield f"data: {json.dumps(from_triton(exc, model).body())}\n\n"
+                return
+        yield event(delta({}, _finish(piece.finish_reason)))
+        if include_usage:
+            yield event([], _usage(piece))
+        yield "data: [DONE]\n\n"
+    finally:
+        release()
+        await rest.aclose()
+
+
+def validation_error(errors: Any) -> APIError:
+    """A 400 naming the first invalid field (FastAPI would answer 422; OpenAI answers 400)."""
+    errors = list(errors)
+    if not errors:
+        return APIError(400, "invalid request body")
+    first = errors[0]
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ""
+    for part in location:
+        param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    if kind == "missing" and not location:
+        return APIError(400, "the request needs a JSON body", code="invalid_json")
+    message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request body")
+    return APIError(400, message + (f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""),
+                    param=param or None, code="invalid_value")
+
+
+def _pick(responses: dict[int | str, dict[str, Any]], *codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: responses[code] for code in codes}
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """FastAPI's description, with 400 where FastAPI documents 422 (this API answers validation errors 400)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            # The streamed events' shape: not a JSON response of its own, so described beside the others.
+            chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in chunk.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components["ChatCompletionChunk"] = chunk
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

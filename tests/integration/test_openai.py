@@ -1,0 +1,468 @@
+"""The OpenAI-compatible front against the real tritonserver (tiny weights), with the official ``openai`` client.
+
+One front process (started the way the launcher starts it) points at the session's tritonserver over gRPC,
+with an API key and small body/image limits so the 413 paths are cheap to reach.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, SAMPLE_IMAGE, free_port, free_ports
+from tests.integration.conftest import WORKING_MODELS, RunningServer
+from triton_client import TritonVLMClient
+from triton_vlm.openai import OpenAIOptions
+from triton_vlm.openai.config import MiB
+from triton_vlm.openai.process import OpenAIFront
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "sk-test-" + "0123456789abcdef"
+PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
+           "moondream2": "What is in this image?"}
+MAX_TOKENS = 10
+
+
+@dataclass
+class Front:
+    options: OpenAIOptions
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.options.base_url
+
+    @property
+    def root(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=120)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def front(triton: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    options = OpenAIOptions(port=free_port(), triton_grpc_url=triton.grpc_url, api_keys=(API_KEY,),
+                            max_body_bytes=2 * MiB, max_image_bytes=1 * MiB, cors_origins=("https://ui.example",))
+    log_path = tmp_path_factory.mktemp("openai") / "front.log"
+    with open(log_path, "w") as log_file:
+        process = OpenAIFront(options, log_file=log_file).start()
+        try:
+            process.wait_until_ready(timeout=60)
+            yield Front(options, log_path)
+        finally:
+            code = process.stop()
+    assert code == 0, log_path.read_text()[-3000:]
+    assert API_KEY not in log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.open(SAMPLE_IMAGE).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(image: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(image).decode()}"
+
+
+def user(text: str, image: bytes | None) -> dict:
+    parts: list[dict] = [{"type": "text", "text": text}]
+    if image is not None:
+        parts.append({"type": "image_url", "image_url": {"url": data_uri(image)}})
+    return {"role": "user", "content": parts}
+
+
+def _raw(url: str, *, method: str = "GET", body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+# -- models -------------------------------------------------------------------------------------------------
+def test_list_and_retrieve_models(front: Front) -> None:
+    client = front.client()
+    models = client.models.list()
+    assert sorted(m.id for m in models.data) == sorted(WORKING_MODELS)  # llava_stream is not a model of its own
+    assert all(m.object == "model" and m.owned_by == "triton-vlm" for m in models.data)
+    assert client.models.retrieve("llava").id == "llava"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+# -- answers --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", WORKING_MODELS)
+def test_chat_equals_the_kserve_client_streamed_or_not(front: Front, triton: RunningServer, png: bytes,
+                                                      model: str) -> None:
+    """Greedy: the non-streamed content, the streamed chunks joined, and TritonVLMClient.infer agree; usage comes
+    from Triton's token counts."""
+    with TritonVLMClient(triton.http_url) as kserve:
+        expected = kserve.infer_result(model, png, PROMPTS[model], max_tokens=MAX_TOKENS)
+    client = front.client()
+    messages = [user(PROMPTS[model], png)]
+    answer = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS)
+    assert answer.object == "chat.completion" and answer.model == model and answer.id.startswith("chatcmpl-")
+    (choice,) = answer.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (expected.prompt_tokens,
+                                                                            expected.generated_tokens)
+    assert answer.usage.total_tokens == expected.prompt_tokens + expected.generated_tokens
+
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_completion_tokens=MAX_TOKENS,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    pieces = [c.choices[0].delta.content for c in with_choices if c.choices[0].delta.content]
+    assert "".join(pieces) == expected.text
+    assert [c.choices[0].finish_reason for c in with_choices][-1] == expected.finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert usage_chunk.usage.model_dump() == answer.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    if model == "llava":  # llava_stream: the engine's token stream, several pieces
+        assert len(pieces) >= 2
+    else:  # no <model>_stream companion: the whole answer as one chunk (tiny kosmos2 may answer nothing)
+        assert len(pieces) == (1 if expected.text else 0)
+
+
+def test_leaving_a_stream_early_and_asking_again(front: Front, png: bytes) -> None:
+    client = front.client()
+    stream = client.chat.completions.create(model="llava", messages=[user("Describe it.", png)], max_tokens=400,
+                                            temperature=1.0, seed=1, stream=True)
+    next(iter(stream))
+    stream.close()  # closes the connection: the front closes the gRPC stream, which cancels it in Triton
+    again = client.chat.completions.create(model="llava", messages=[user("Describe it.", png)], max_tokens=3)
+    assert again.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sampling_parameters_reach_the_model(front: Front, triton: RunningServer, png: bytes) -> None:
+    client = front.client()
+    sampled = dict(temperature=1.0, top_p=0.9, seed=1234, max_tokens=MAX_TOKENS)
+    messages = [user("Describe it.", png)]
+    runs = [client.chat.completions.create(model="llava", messages=messages, **sampled).choices[0].message.content
+            for _ in range(2)]
+    with TritonVLMClient(triton.http_url) as kserve:
+        expected = kserve.infer("llava", png, "Describe it.", max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9,
+                                seed=1234)
+    assert runs == [expected, expected]
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="llava", messages=messages, stream=True, **sampled) if c.choices)
+    assert streamed == expected
+    # OpenAI's top_p=0 keeps only the most likely token: greedy, whatever the temperature.
+    greedy = client.chat.completions.create(model="llava", messages=messages, max_tokens=MAX_TOKENS, top_p=0,
+                                            temperature=1.5, seed=5)
+    with TritonVLMClient(triton.http_url) as kserve:
+        assert greedy.choices[0].message.content == kserve.infer("llava", png, "Describe it.", max_tokens=MAX_TOKENS)
+
+
+def test_system_and_earlier_turns_are_folded_into_the_prompt(front: Front, triton: RunningServer,
+                                                             png: bytes) -> None:
+    """As docs/openai.md says: system text first, then a User/Assistant transcript, then the question."""
+    client = front.client()
+    messages = [{"role": "system", "content": "Answer briefly."}, user("What is this?", png),
+                {"role": "assistant", "content": "A house."}, {"role": "user", "content": "What colour is it?"}]
+    answer = client.chat.completions.create(model="moondream2", messages=messages, max_tokens=MAX_TOKENS)
+    prompt = "Answer briefly.\n\nUser: What is this?\nAssistant: A house.\nUser: What colour is it?"
+    with TritonVLMClient(triton.http_url) as kserve:
+        assert answer.choices[0].message.content == kserve.infer("moondream2", png, prompt, max_tokens=MAX_TOKENS)
+
+
+def test_moondream2_task_extension(front: Front, triton: RunningServer, png: bytes) -> None:
+    client = front.client()
+    answer = client.chat.completions.create(model="moondream2", messages=[user("house", png)], max_tokens=MAX_TOKENS,
+                                            extra_body={"task": "detect"})
+    with TritonVLMClient(triton.http_url) as kserve:
+        assert answer.choices[0].message.content == kserve.infer("moondream2", png, "house", task="detect",
+                                                                 max_tokens=MAX_TOKENS)
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+def _status_error(error: pytest.ExceptionInfo[openai.APIStatusError]) -> dict:
+    body = error.value.body
+    assert isinstance(body, dict), body
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_errors_have_openai_status_codes(front: Front, png: bytes, stream: bool) -> None:
+    client = front.client()
+
+    def ask(**kwargs: object) -> object:
+        request = {"model": "llava", "messages": [user("What is this?", png)], "max_tokens": 4, "stream": stream,
+                   **kwargs}
+        result = client.chat.completions.create(**request)  # type: ignore[call-overload]
+        return list(result) if stream else result
+
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(messages=[user("What is this?", None)])
+    assert _status_error(error)["code"] == "image_required"
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(messages=[user("What is this?", b"definitely not an image")])
+    assert "image" in _status_error(error)["message"] and error.value.status_code == 400
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(messages=[{"role": "user", "content": [{"type": "text", "text": "Compare."},
+                                                   {"type": "image_url", "image_url": {"url": data_uri(png)}},
+                                                   {"type": "image_url", "image_url": {"url": data_uri(png)}}]}])
+    assert _status_error(error)["code"] == "too_many_images"
+    with pytest.raises(openai.NotFoundError) as error:
+        ask(model="gpt-4o")
+    assert _status_error(error) == {**_status_error(error), "param": "model", "code": "model_not_found"}
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(max_tokens=100000)
+    body = _status_error(error)
+    assert body["param"] == "max_tokens" and "max_tokens must be in [1, 1024]" in body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "https://example.com/cat.png"}}]}])
+    assert _status_error(error)["code"] == "remote_images_disabled"
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(n=2)
+    assert _status_error(error)["param"] == "n"
+    with pytest.raises(openai.BadRequestError):
+        ask(stop=["\n"])
+    with pytest.raises(openai.BadRequestError):
+        ask(messages=[{"role": "assistant", "content": "Hello"}])
+    assert ask()  # and the server keeps serving
+
+
+def test_stream_max_tokens_over_the_engine_context_is_a_400(front: Front, png: bytes) -> None:
+    """llava_stream (the tiny engine's short context) refuses before the first token: still a status code."""
+    with pytest.raises(openai.BadRequestError, match="context"):
+        list(front.client().chat.completions.create(model="llava", messages=[user("Hi", png)], max_tokens=1024,
+                                                    stream=True))
+
+
+def test_too_large_bodies_and_images_are_413(front: Front, png: bytes) -> None:
+    client = front.client()
+    big = png + b"\0" * (front.options.max_image_bytes + 10 - len(png))  # under the body limit, over the image one
+    with pytest.raises(openai.APIStatusError) as error:
+        client.chat.completions.create(model="llava", messages=[user("Hi", big)], max_tokens=2)
+    assert error.value.status_code == 413 and _status_error(error)["code"] == "image_too_large"
+    huge = b"\0" * (front.options.max_body_bytes + 1)
+    with pytest.raises(openai.APIStatusError) as error:
+        client.chat.completions.create(model="llava", messages=[user("Hi", huge)], max_tokens=2)
+    assert error.value.status_code == 413 and _status_error(error)["code"] == "request_too_large"
+
+
+def test_api_key_is_required_except_for_health(front: Front, png: bytes) -> None:
+    with pytest.raises(openai.AuthenticationError) as error:
+        front.client(api_key="sk-wrong").models.list()
+    assert _status_error(error)["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        front.client(api_key="sk-wrong").chat.completions.create(model="llava", messages=[user("Hi", png)])
+    for path in ("/v1/models", "/v1/models/llava", "/openapi.json"):
+        status, headers, body = _raw(front.root + path)
+        assert status == 401 and headers["www-authenticate"] == "Bearer", path
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    status, _, _ = _raw(front.root + "/v1/models", headers={"Authorization": "Basic " + API_KEY})
+    assert status == 401
+    assert _raw(front.root + "/health")[0] == 200
+    status, _, body = _raw(front.root + "/health/ready")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert API_KEY not in front.log()
+
+
+def test_cors_only_for_configured_origins(front: Front) -> None:
+    preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    status, headers, _ = _raw(front.root + "/v1/chat/completions", method="OPTIONS", headers=preflight)
+    assert status == 200 and headers["access-control-allow-origin"] == "https://ui.example"
+    status, headers, _ = _raw(front.root + "/v1/chat/completions", method="OPTIONS",
+                              headers={**preflight, "Origin": "https://evil.example"})
+    assert status == 400 and "access-control-allow-origin" not in {k.lower() for k in headers}
+
+
+def test_openapi_describes_the_api(front: Front) -> None:
+    status, _, body = _raw(front.root + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
+    schema = json.loads(body)
+    assert status == 200 and schema["openapi"].startswith("3.")
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
+    assert {"application/json", "text/event-stream"} == set(chat["responses"]["200"]["content"])
+    assert {"400", "401", "404", "413", "429", "500", "503"} <= set(chat["responses"])
+    assert "422" not in chat["responses"]  # validation errors are 400s, as OpenAI answers them
+    components = set(schema["components"]["schemas"])
+    assert {"ChatCompletion", "ChatCompletionChunk", "ErrorResponse", "ModelList"} <= components
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+# -- the README's and docs/openai.md's examples, as written ------------------------------------------------------
+def test_readme_openai_commands_run(front: Front) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## OpenAI-compatible API", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [line for line in block.splitlines() if line.startswith("curl ")]
+    assert len(commands) == 2 and "--openai-port 9000 --api-key sk-my-key" in block
+    answers = []
+    for command in commands:
+        command = command.replace("127.0.0.1:9000", f"127.0.0.1:{front.options.port}").replace("sk-my-key", API_KEY)
+        result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        answers.append(json.loads(result.stdout))
+    assert answers[0]["object"] == "list" and "llava" in {m["id"] for m in answers[0]["data"]}
+    assert answers[1]["object"] == "chat.completion" and answers[1]["usage"]["completion_tokens"] <= 16
+
+
+def test_docs_python_example_runs(front: Front) -> None:
+    (snippet,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "openai.md").read_text(), flags=re.S)
+    code = snippet.replace("http://127.0.0.1:9000/v1", front.base_url).replace("sk-my-key", API_KEY)
+    out = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "docs/openai.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert "CompletionUsage" in out.getvalue() or "prompt_tokens" in out.getvalue()
+
+
+# -- started by the launcher ------------------------------------------------------------------------------------
+def _pids(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def test_start_script_runs_the_front_and_stops_it(tmp_path: Path, png: bytes) -> None:
+    """./triton_start.sh --openai-port N --api-key-file F: the front comes up beside tritonserver (loopback), the
+    key file is honoured, and SIGTERM ends both: no orphan."""
+    http, grpc, metrics, port = free_ports(4)
+    keys = tmp_path / "keys"
+    keys.write_text("# one key per line\nsk-from-file\n")
+    log_path = tmp_path / "start.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_VLM_API_KEY")}
+    args = ["--mode", "embedded", "--tiny", "--models", "kosmos2", "--http-port", str(http), "--grpc-port",
+            str(grpc), "--metrics-port", str(metrics), "--openai-port", str(port), "--api-key-file", str(keys)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(ROOT / "triton_start.sh"), *args], stdout=log, stderr=subprocess.STDOUT,
+                                   env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 90
+            while "Ctrl-C to stop" not in log_path.read_text() and time.monotonic() < deadline:
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            output = log_path.read_text()
+            assert f"OpenAI   http://127.0.0.1:{port}/v1" in output, output[-3000:]
+            fronts = _pids(f"triton_vlm.openai --host 127.0.0.1 --port {port}")
+            assert len(fronts) == 1
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-from-file", max_retries=0)
+            assert [m.id for m in client.models.list().data] == ["kosmos2"]
+            answer = client.chat.completions.create(model="kosmos2", max_tokens=4, messages=[
+                user("<grounding>An image of", png)])
+            assert answer.usage is not None and answer.usage.completion_tokens <= 4
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-other", max_retries=0).models.list()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=60)
+    assert code == 0, log_path.read_text()[-3000:]
+    deadline = time.monotonic() + 10
+    while (_pids(f"--port {port}") or _pids(f"--http-port={http}")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _pids(f"triton_vlm.openai --host 127.0.0.1 --port {port}"), "the OpenAI front outlived the launcher"
+    assert not _pids(f"tritonserver.*--http-port={http}")
+    assert "sk-from-file" not in log_path.read_text()
+
+
+# -- the OpenAPI description, checked by a schema-driven fuzzer ------------------------------------------------
+OPERATIONS = [("GET", "/health"), ("GET", "/health/ready"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
+              ("POST", "/v1/chat/completions")]
+
+
+@pytest.fixture(scope="module")
+def openapi_schema(front: Front) -> object:
+    import schemathesis
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    schema = schemathesis.openapi.from_url(front.root + "/openapi.json", headers=auth, timeout=30)
+    schema.config.update(base_url=front.root, headers=auth, request_timeout=60)
+    return schema
+
+
+def test_the_fuzzer_covers_every_operation(openapi_schema: object) -> None:
+    operations = [op.ok() for op in openapi_schema.get_all_operations()]  # type: ignore[attr-defined]
+    found = {(op.method.upper(), op.path) for op in operations}
+    assert found == set(OPERATIONS)
+
+
+# Negative data only where there is something to make invalid: the GETs have no query or body, and any string
+# is a valid path segment.
+FUZZ_CASES = [(method, path, "positive") for method, path in OPERATIONS] + [("POST", "/v1/chat/completions",
+                                                                              "negative")]
+
+
+@pytest.mark.parametrize("method, path, mode", FUZZ_CASES, ids=[f"{m} {p} {g}" for m, p, g in FUZZ_CASES])
+def test_openapi_fuzzing(openapi_schema: object, front: Front, method: str, path: str, mode: str) -> None:
+    """schemathesis against the running front (127.0.0.1 only), 40 requests per operation (100 for the chat):
+    no 5xx,
+    every status, content type, header and body as /openapi.json documents them, invalid input answered 4xx,
+    and the API key really checked."""
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, ignored_auth, negative_data_rejection,
+                                                   response_headers_conformance, response_schema_conformance,
+                                                   status_code_conformance)
+
+    operation = openapi_schema[path][method]  # type: ignore[index]
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+              response_headers_conformance, negative_data_rejection, ignored_auth]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    statuses: list[int] = []
+
+    def fuzz(strategy: object, examples: int) -> None:
+        @given(case=strategy)
+        @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case: object) -> None:
+            assert front.root.startswith("http://127.0.0.1:")
+            body = getattr(case, "body", None)
+            if mode == "positive" and isinstance(body, dict) and isinstance(body.get("model"), str):
+                body["model"] = "llava"  # a served model, so requests get past the model lookup to the rest
+            response = case.call_and_validate(base_url=front.root, headers=auth, checks=checks,  # type: ignore
+                                              timeout=60)
+            statuses.append(response.status_code)
+
+        run()
+
+    fuzz(operation.as_strategy(generation_mode=GenerationMode(mode)), 100 if method == "POST" else 40)
+    if mode == "positive":  # the description's own examples (a real image for the chat) must work as documented
+        for strategy in openapi_schema.get_strategies_from_examples(operation):  # type: ignore[attr-defined]
+            fuzz(strategy, 1)
+    assert statuses and all(code < 500 for code in statuses)
+    if "{" in path or method == "POST":  # inputs to vary: many distinct requests
+        assert len(statuses) >= 20, statuses
+    if path == "/v1/chat/completions":
+        assert 400 in statuses
+        assert mode == "negative" or 200 in statuses, statuses

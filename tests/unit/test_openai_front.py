@@ -1,0 +1,528 @@
+"""The OpenAI-compatible front without Triton: message rules, images, keys, limits, streaming and errors, through
+FastAPI's test client and a fake gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import http.server
+import io
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, ServerUnreachableError,
+                               UnknownModelError)
+from triton_vlm.openai import OpenAIOptions, load_api_keys
+from triton_vlm.openai.app import create_app
+from triton_vlm.openai.config import OpenAIConfigError
+from triton_vlm.openai.errors import APIError, TritonTimeoutError, from_triton
+from triton_vlm.openai.images import decode_data_uri, fetch_image, image_bytes, is_public_address
+from triton_vlm.openai.messages import conversation
+from triton_vlm.openai.schemas import ChatCompletionRequest
+from triton_vlm.openai.triton import Piece, Sampling, ServedModel
+
+KEY = "sk-unit-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _png(size: tuple[int, int] = (8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PNG = _png()
+DATA_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+
+class FakeGateway:
+    """Answers like Triton would; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, bytes, str, Sampling]] = []
+        self.fail: Exception | None = None
+        self.fail_after_pieces: Exception | None = None
+        self.hold: threading.Event | None = None
+        self.closed_streams = 0
+
+    async def ready(self) -> bool:
+        return True
+
+    async def models(self, refresh: bool = False) -> dict[str, ServedModel]:
+        return {"llava": ServedModel("llava", True), "kosmos2": ServedModel("kosmos2", False)}
+
+    async def _maybe_wait(self) -> None:
+        while self.hold is not None and not self.hold.is_set():
+            await asyncio.sleep(0.01)
+
+    async def infer(self, model: str, image: bytes, prompt: str, sampling: Sampling) -> Piece:
+        self.calls.append(("infer", model, image, prompt, sampling))
+        await self._maybe_wait()
+        if self.fail:
+            raise self.fail
+        return Piece("The answer.", 40, 3, "stop")
+
+    async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling) -> AsyncIterator[Piece]:
+        self.calls.append(("stream", model, image, prompt, sampling))
+        try:
+            if self.fail:
+                raise self.fail
+            for i, word in enumerate(["The", " answer", "."]):
+                if i == 2 and self.fail_after_pieces:
+                    raise self.fail_after_pieces
+                yield Piece(word, 40, i + 1, "length" if i == 2 else "")
+        finally:
+            self.closed_streams += 1
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def gateway() -> FakeGateway:
+    return FakeGateway()
+
+
+def make_client(gateway: FakeGateway, **options: Any) -> TestClient:
+    return TestClient(create_app(OpenAIOptions(**{"api_keys": (KEY,), **options}), gateway))
+
+
+@pytest.fixture
+def client(gateway: FakeGateway) -> Iterator[TestClient]:
+    with make_client(gateway) as test_client:
+        yield test_client
+
+
+def user(text: str = "What is this?", *urls: str) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        *({"type": "image_url", "image_url": {"url": u}} for u in urls)]}
+
+
+def chat(client: TestClient, **body: Any) -> Any:
+    return client.post("/v1/chat/completions", json={"model": "llava", "messages": [user("Hi", DATA_URI)], **body},
+                       headers=AUTH)
+
+
+def events(text: str) -> list[Any]:
+    lines = [line.removeprefix("data: ") for line in text.split("\n\n") if line.startswith("data: ")]
+    return [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+# -- messages -----------------------------------------------------------------------------------------------
+def _messages(*messages: dict[str, Any]) -> Any:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": list(messages)}).messages
+
+
+def test_a_single_user_message_is_the_prompt_as_is() -> None:
+    parsed = conversation(_messages({"role": "user", "content": [
+        {"type": "text", "text": "What is"}, {"type": "image_url", "image_url": {"url": DATA_URI}},
+        {"type": "text", "text": "in it?"}]}))
+    assert parsed.prompt == "What is\nin it?"
+    assert parsed.image_url == DATA_URI and parsed.image_param == "messages[0].content[1].image_url.url"
+
+
+def test_system_text_and_earlier_turns_are_folded() -> None:
+    parsed = conversation(_messages(
+        {"role": "system", "content": "Be brief."}, {"role": "developer", "content": [{"type": "text", "text": "No"
+                                                                                       " lists."}]},
+        user("What is this?", DATA_URI), {"role": "assistant", "content": "A house."},
+        {"role": "user", "content": "What colour?"}))
+    assert parsed.prompt == ("Be brief.\nNo lists.\n\nUser: What is this?\nAssistant: A house.\n"
+                             "User: What colour?")
+    assert parsed.image_param == "messages[2].content[1].image_url.url"  # the image may come in an earlier turn
+
+
+@pytest.mark.parametrize("messages, code, param", [
+    ([user("Hi")], "image_required", "messages"),
+    ([{"role": "user", "content": "Hi"}], "image_required", "messages"),
+    ([user("Hi", DATA_URI, DATA_URI)], "too_many_images", "messages[0].content[2].image_url.url"),
+    ([user("Hi", DATA_URI), {"role": "assistant", "content": "Yes"}, user("And?", DATA_URI)], "too_many_images",
+     "messages[2].content[1].image_url.url"),
+    ([user("Hi", DATA_URI), {"role": "assistant", "content": "Yes"}], None, "messages[1].role"),
+    ([{"role": "tool", "content": "42", "tool_call_id": "c1"}, user("Hi", DATA_URI)], "unsupported_value",
+     "messages[0].role"),
+    ([{"role": "assistant", "tool_calls": [{"id": "c1"}]}, user("Hi", DATA_URI)], "unsupported_value",
+     "messages[0].tool_calls"),
+])
+def test_message_rules_are_400s(messages: list[dict[str, Any]], code: str | None, param: str) -> None:
+    with pytest.raises(APIError) as error:
+        conversation(_messages(*messages))
+    assert error.value.status == 400 and error.value.code == code and error.value.param == param
+
+
+# -- images ---------------------------------------------------------------------------------------------------
+def test_data_uris() -> None:
+    encoded = base64.b64encode(PNG).decode()
+    spaced = "\n".join(encoded[i:i + 10] for i in range(0, len(encoded), 10))
+    assert decode_data_uri(f"data:image/png;base64,{spaced}", max_bytes=10**6, param="p") == PNG
+    assert decode_data_uri(f"data:;base64,{encoded}", max_bytes=10**6, param="p") == PNG
+    assert decode_data_uri("data:application/octet-stream,%89PNG", max_bytes=10**6, param="p") == b"\x89PNG"
+    for bad, code in (("data:text/plain;base64,aGk=", "invalid_image_url"), ("data:image/png;base64",
+                                                                           "invalid_image_url"),
+                      ("data:image/png;base64,***", "invalid_image_url"), ("data:image/png;base64,",
+                                                                           "invalid_image_url")):
+        with pytest.raises(APIError) as error:
+            decode_data_uri(bad, max_bytes=10**6, param="p")
+        assert (error.value.status, error.value.code, error.value.param) == (400, code, "p"), bad
+    with pytest.raises(APIError) as error:
+        decode_data_uri(f"data:image/png;base64,{encoded}", max_bytes=len(PNG) - 1, param="p")
+    assert error.value.status == 413 and error.value.code == "image_too_large"
+    with pytest.raises(APIError) as error:  # refused from its length, before decoding
+        decode_data_uri("data:image/png;base64," + "A" * 4000, max_bytes=100, param="p")
+    assert error.value.status == 413
+
+
+@pytest.mark.parametrize("url, code", [
+    ("https://example.com/cat.png", "remote_images_disabled"), ("http://10.0.0.1/x.png", "remote_images_disabled"),
+    ("file:///etc/passwd", "invalid_image_url"), ("ftp://example.com/x.png", "invalid_image_url"),
+    ("just text", "invalid_image_url"),
+])
+def test_only_data_uris_unless_remote_images_are_allowed(url: str, code: str) -> None:
+    with pytest.raises(APIError) as error:
+        asyncio.run(image_bytes(url, param="p", max_bytes=10**6, allow_remote=False, allow_private=False,
+                                timeout_s=1))
+    assert error.value.status == 400 and error.value.code == code
+
+
+def test_public_addresses() -> None:
+    assert is_public_address("93.184.216.34") and is_public_address("2606:2800:220:1::1")
+    for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fe80::1", "0.0.0.0",
+                    "100.64.0.1", "::ffff:127.0.0.1", "224.0.0.1", "fd00::1"):
+        assert not is_public_address(address), address
+
+
+class _ImageServer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/cat.png":
+            self._send(200, PNG)
+        elif self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/cat.png")
+            self.end_headers()
+        elif self.path == "/to-file":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.end_headers()
+        elif self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+        elif self.path == "/big":
+            self._send(200, b"\0" * 5000)
+        elif self.path == "/big-chunked":  # no Content-Length: the limit applies while reading
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"\0" * 5000)
+        elif self.path == "/slow":
+            time.sleep(1.5)
+            self._send(200, PNG)
+        else:
+            self._send(404, b"no")
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageServer)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _fetch(url: str, *, allow_private: bool = True, max_bytes: int = 4000, timeout_s: float = 5) -> bytes:
+    return asyncio.run(fetch_image(url, max_bytes=max_bytes, timeout_s=timeout_s, allow_private=allow_private,
+                                   param="p"))
+
+
+def test_remote_images_with_limits(image_server: str) -> None:
+    assert _fetch(f"{image_server}/cat.png") == PNG
+    assert _fetch(f"{image_server}/redirect") == PNG
+    for path, status, code in (("/big", 413, "image_too_large"), ("/big-chunked", 413, "image_too_large"),
+                               ("/missing", 400, "image_fetch_failed"), ("/loop", 400, "image_fetch_failed"),
+                               ("/to-file", 400, "image_url_forbidden")):
+        with pytest.raises(APIError) as error:
+            _fetch(image_server + path)
+        assert (error.value.status, error.value.code) == (status, code), path
+    started = time.monotonic()
+    with pytest.raises(APIError, match="longer than 0.5 s"):
+        _fetch(f"{image_server}/slow", timeout_s=0.5)
+    assert time.monotonic() - started < 1.4
+
+
+def test_remote_images_refuse_private_addresses_by_default(image_server: str) -> None:
+    port = image_server.rsplit(":", 1)[1]
+    for url in (f"{image_server}/cat.png", f"http://localhost:{port}/cat.png", f"http://[::1]:{port}/cat.png"):
+        with pytest.raises(APIError) as error:
+            _fetch(url, allow_private=False)
+        assert (error.value.status, error.value.code) == (400, "image_url_forbidden"), url
+        assert "non-public" in error.value.message or "not a public address" in error.value.message
+
+
+def test_remote_images_through_the_app(gateway: FakeGateway, image_server: str) -> None:
+    with make_client(gateway, allow_remote_images=True, allow_private_image_hosts=True) as client:
+        response = client.post("/v1/chat/completions", headers=AUTH, json={
+            "model": "llava", "messages": [user("Hi", f"{image_server}/cat.png")]})
+        assert response.status_code == 200 and gateway.calls[-1][2] == PNG
+    with make_client(gateway, allow_remote_images=True) as client:
+        response = client.post("/v1/chat/completions", headers=AUTH, json={
+            "model": "llava", "messages": [user("Hi", f"{image_server}/cat.png")]})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "image_url_forbidden"
+
+
+# -- keys -----------------------------------------------------------------------------------------------------
+def test_api_keys_from_flag_environment_and_file(tmp_path: Any) -> None:
+    assert load_api_keys("k1", env={}) == ("k1",)
+    assert load_api_keys(env={"TRITON_VLM_API_KEY": "k1, k2"}) == ("k1", "k2")
+    keys = tmp_path / "keys"
+    keys.write_text("# team A\nk3\n\n  k4  \nk3\n")
+    assert load_api_keys(key_file=keys, env={}) == ("k3", "k4")
+    assert load_api_keys(env={"TRITON_VLM_API_KEY_FILE": str(keys)}) == ("k3", "k4")
+    assert load_api_keys("k1", keys, env={"TRITON_VLM_API_KEY": "ignored"}) == ("k1", "k3", "k4")
+    assert load_api_keys(env={}) == ()
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(OpenAIConfigError, match="holds no key"):
+        load_api_keys(key_file=tmp_path / "empty", env={})
+    with pytest.raises(OpenAIConfigError, match="cannot read"):
+        load_api_keys(key_file=tmp_path / "missing", env={})
+    (tmp_path / "bad").write_text("good\nsecret with space\n")
+    with pytest.raises(OpenAIConfigError, match="line 2") as error:
+        load_api_keys(key_file=tmp_path / "bad", env={})
+    assert "secret" not in str(error.value)
+    assert "sk-hidden" not in repr(OpenAIOptions(api_keys=("sk-hidden",)))
+
+
+def test_keys_are_compared_in_constant_time(gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Any) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    with make_client(gateway, api_keys=("first-key", "second-key")) as client:
+        assert client.get("/v1/models", headers={"Authorization": "Bearer second-key"}).status_code == 200
+        assert compared == [(b"second-key", b"first-key"), (b"second-key", b"second-key")]  # every key, always
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic Zmlyc3Qta2V5"},
+                        {"Authorization": "Bearer first-key2"}, {"Authorization": "Bearer \u00e9".encode("latin-1")}):
+            response = client.get("/v1/models", headers=headers)
+            assert response.status_code == 401, headers
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/health").status_code == 200 and client.get("/health/ready").status_code == 200
+
+
+def test_without_keys_everything_is_open(gateway: FakeGateway) -> None:
+    with TestClient(create_app(OpenAIOptions(), gateway)) as client:
+        assert client.get("/v1/models").status_code == 200
+        assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
+
+
+# -- chat -----------------------------------------------------------------------------------------------------
+def test_chat_answer_and_what_reaches_triton(client: TestClient, gateway: FakeGateway) -> None:
+    response = chat(client, max_tokens=7, temperature=0.5, top_p=0.8, seed=3, user="ignored", unknown_field=1)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "The answer.",
+                                                        "refusal": None}, "finish_reason": "stop",
+                                "logprobs": None}]
+    assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 3, "total_tokens": 43}
+    assert gateway.calls[-1] == ("infer", "llava", PNG, "Hi", Sampling(max_tokens=7, temperature=0.5, top_p=0.8,
+                                                                       seed=3))
+    chat(client, max_tokens=7, max_completion_tokens=9, top_p=0, temperature=1.0, extra={"task": "x"}, task="detect")
+    assert gateway.calls[-1][4] == Sampling(max_tokens=9, temperature=0.0, top_p=None, task="detect")
+
+
+def test_streaming_events(client: TestClient, gateway: FakeGateway) -> None:
+    response = chat(client, stream=True, stream_options={"include_usage": True})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    got = events(response.text)
+    assert got[-1] == "[DONE]"
+    chunks = got[:-1]
+    assert [c["choices"][0]["delta"] for c in chunks[:-1]] == [{"role": "assistant", "content": ""},
+                                                               {"content": "The"}, {"content": " answer"},
+                                                               {"content": "."}, {}]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 40, "completion_tokens": 3,
+                                                                   "total_tokens": 43}
+    assert all(c["usage"] is None for c in chunks[:-1]) and len({c["id"] for c in chunks}) == 1
+    assert gateway.calls[-1][0] == "stream" and gateway.closed_streams == 1
+    plain = events(chat(client, stream=True).text)
+    assert all("usage" not in c for c in plain[:-1])
+    # kosmos2 has no kosmos2_stream: the whole answer in one chunk
+    whole = events(chat(client, model="kosmos2", stream=True).text)
+    assert [c["choices"][0]["delta"] for c in whole[:-1]] == [{"role": "assistant", "content": ""},
+                                                              {"content": "The answer."}, {}]
+    assert gateway.calls[-1][0] == "infer"
+
+
+@pytest.mark.parametrize("error, status, code", [
+    (InvalidInputError("image: not a recognised image (PIL: cannot identify)"), 400, "invalid_value"),
+    (InvalidInputError("max_tokens must be in [1, 1024], got 5000"), 400, "invalid_value"),
+    (UnknownModelError("gone"), 404, "model_not_found"),
+    (ModelUnavailableError("weights missing"), 503, "model_unavailable"),
+    (ServerUnreachableError("refused"), 503, "triton_unreachable"),
+    (TritonTimeoutError("slow"), 504, "timeout"),
+    (GenerationError("CUDA error"), 500, "generation_error"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_triton_errors_before_the_first_token_get_their_status(client: TestClient, gateway: FakeGateway,
+                                                              error: Exception, status: int, code: str,
+                                                              stream: bool) -> None:
+    gateway.fail = error
+    response = chat(client, stream=stream, max_tokens=5000)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code and set(response.json()["error"]) == {"message", "type",
+                                                                                           "param", "code"}
+    if status in (503,):
+        assert response.headers["retry-after"] == "1"
+    if "max_tokens" in str(error):
+        assert response.json()["error"]["param"] == "max_tokens"
+    assert from_triton(error, "llava").status == status  # type: ignore[arg-type]
+
+
+def test_an_error_mid_stream_is_an_error_event(client: TestClient, gateway: FakeGateway) -> None:
+    gateway.fail_after_pieces = GenerationError("the engine died")
+    got = events(chat(client, stream=True).text)
+    assert got[-1] == {"error": {"message": "the engine died", "type": "server_error", "param": None,
+                                 "code": "generation_error"}}
+    assert "[DONE]" not in got and gateway.closed_streams == 1
+
+
+def test_unsupported_parameters_are_400(client: TestClient) -> None:
+    for field, value in (("n", 2), ("stop", "\n"), ("stop", ["x"]), ("presence_penalty", 0.5),
+                         ("frequency_penalty", -1), ("logprobs", True), ("top_logprobs", 2), ("logit_bias", {"1": 2}),
+                         ("tools", [{"type": "function"}]), ("response_format", {"type": "json_object"}),
+                         ("temperature", 2.5), ("top_p", 1.5), ("seed", -1), ("max_tokens", 0),
+                         ("max_completion_tokens", 2**31)):
+        response = chat(client, **{field: value})
+        assert response.status_code == 400, (field, value)
+        assert response.json()["error"]["param"] == field, (field, value, response.json())
+    for field, value in (("n", 1), ("stop", []), ("presence_penalty", 0), ("logprobs", False),
+                         ("response_format", {"type": "text"}), ("stream", None)):
+        assert chat(client, **{field: value}).status_code == 200, (field, value)
+
+
+def test_unknown_model_urls_and_methods(client: TestClient) -> None:
+    response = chat(client, model="gpt-4o")
+    assert response.status_code == 404
+    assert response.json()["error"] == {"message": "The model 'gpt-4o' does not exist; this server has: llava, "
+                                                   "kosmos2", "type": "invalid_request_error", "param": "model",
+                                        "code": "model_not_found"}
+    assert client.get("/v1/models/gpt-4o", headers=AUTH).status_code == 404
+    assert client.get("/v1/models/kosmos2", headers=AUTH).json()["id"] == "kosmos2"
+    assert client.get("/v1/nothing", headers=AUTH).json()["error"]["type"] == "invalid_request_error"
+    assert client.get("/v1/chat/completions", headers=AUTH).status_code == 405
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={**AUTH,
+                                                                                 "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+
+
+def test_body_limit_with_and_without_content_length(gateway: FakeGateway) -> None:
+    with make_client(gateway, max_body_bytes=2000) as client:
+        assert chat(client).status_code == 200
+        response = chat(client, messages=[user("x" * 3000, DATA_URI)])
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+        def chunked() -> Iterator[bytes]:
+            yield b'{"model": "llava", "messages": ['
+            for _ in range(40):
+                yield b'{"role": "system", "content": "' + b"y" * 100 + b'"},'
+            yield b"]}"
+
+        response = client.post("/v1/chat/completions", content=chunked(), headers={**AUTH,
+                                                                                 "Content-Type": "application/json"})
+        assert response.status_code == 413
+
+
+def test_too_many_requests_in_flight_is_429(gateway: FakeGateway) -> None:
+    gateway.hold = threading.Event()
+    with make_client(gateway, max_concurrent_requests=1) as client:
+        first = threading.Thread(target=lambda: chat(client))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not gateway.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        response = chat(client)
+        assert response.status_code == 429 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "rate_limit_exceeded"
+        gateway.hold.set()
+        first.join(timeout=10)
+        assert chat(client).status_code == 200  # the slot came back
+        assert chat(client, stream=True).status_code == 200
+        assert chat(client, stream=True).status_code == 200  # streams give theirs back when they end
+
+
+def test_cors_is_off_unless_configured(gateway: FakeGateway) -> None:
+    preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "POST"}
+    with make_client(gateway) as client:
+        response = client.options("/v1/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+    with make_client(gateway, cors_origins=("https://ui.example",)) as client:
+        response = client.options("/v1/chat/completions", headers=preflight)
+        assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "https://ui.example"
+        response = client.get("/v1/models", headers={**AUTH, "Origin": "https://ui.example"})
+        assert response.headers["access-control-allow-origin"] == "https://ui.example"
+
+
+# -- any text, any numbers: never a 5xx -----------------------------------------------------------------------
+texts = st.text(st.characters(codec=None), max_size=40)  # lone surrogates included
+
+
+_PROPERTY_GATEWAY = FakeGateway()
+_property_client: TestClient | None = None
+
+
+def _client_for_properties() -> TestClient:
+    global _property_client
+    if _property_client is None:
+        _property_client = TestClient(create_app(OpenAIOptions(), _PROPERTY_GATEWAY))
+    return _property_client
+
+
+@settings(max_examples=100)
+@given(question=texts, system=st.none() | texts, temperature=st.none() | st.floats(-1, 3),
+       top_p=st.none() | st.floats(-1, 2), seed=st.none() | st.integers(-2**64, 2**64),
+       max_tokens=st.none() | st.integers(-5, 2**40), stream=st.booleans(), image=st.sampled_from(
+           [DATA_URI, "data:image/png;base64,@@", "data:,", "data:image/png;base64," + "QQ==" * 5, "http://x/y.png",
+            "data:image/png,%ZZ%ff", "data:image/png,\udc80"]))
+def test_well_formed_requests_never_fail_with_5xx(question: str, system: str | None, temperature: float | None,
+                                                  top_p: float | None, seed: int | None, max_tokens: int | None,
+                                                  stream: bool, image: str) -> None:
+    gateway, client = _PROPERTY_GATEWAY, _client_for_properties()
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [user(question, image)]
+    body = {"model": "llava", "messages": messages, "stream": stream}
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed),
+                        ("max_tokens", max_tokens)):
+        if value is not None:
+            body[name] = value
+    response = client.post("/v1/chat/completions", content=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    else:
+        prompt = gateway.calls[-1][3]
+        assert prompt == (f"{system}\n\n{question}" if system is not None else question)
