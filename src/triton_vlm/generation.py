@@ -8,7 +8,8 @@ the positions it would see alone, so a batch returns what single requests return
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ class GenerationOutput:
     token_ids: tuple[int, ...]
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
+    #: Structured extras by output name (e.g. kosmos2's ``entities`` JSON); see ``ModelFamily.extra_outputs``.
+    extras: Mapping[str, str] = field(default_factory=dict)
 
 
 def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torch.Tensor:
@@ -48,7 +51,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     attention_mask = inputs["attention_mask"]
-    positions = position_ids_for(attention_mask, family.first_position(model), family.pad_position(model))
+    positions = family.position_ids(model, inputs)
     prompt_tokens = attention_mask.sum(-1).tolist()
 
     batch = len(prompts)
@@ -80,11 +83,12 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
         # Finished rows keep stepping with a pad token (masked out) until the whole batch is done.
         tokens = torch.where(running, tokens, torch.full_like(tokens, pad_id))
         attention_mask = torch.cat([attention_mask, running.to(attention_mask.dtype)[:, None]], dim=-1)
-        positions = positions[:, -1:] + 1
+        positions = positions[..., -1:] + 1  # [batch, 1], or [3, batch, 1] for multimodal RoPE
         logits = family.decode(model, tokens[:, None], attention_mask, positions, cache)
 
-    return [
-        GenerationOutput(text=family.decode_text(processor, ids), token_ids=tuple(ids),
-                         prompt_tokens=int(n), finish_reason=reason)
-        for ids, n, reason in zip(generated, prompt_tokens, finish)
-    ]
+    outputs = []
+    for ids, n, reason, image, prompt in zip(generated, prompt_tokens, finish, images, prompts):
+        text, extras = family.decode_output(processor, ids, image, prompt)
+        outputs.append(GenerationOutput(text=text, token_ids=tuple(ids), prompt_tokens=int(n), finish_reason=reason,
+                                        extras=extras))
+    return outputs

@@ -95,7 +95,9 @@ def _weights_source(settings: ModelSettings, family: ModelFamily) -> tuple[str, 
     if settings.tiny:
         from triton_vlm.tiny import ensure_tiny_checkpoint
 
-        return str(ensure_tiny_checkpoint(family.name)), None, True
+        variant = family.tiny_variant(settings.hf_model_id or family.default_hf_model_id)
+        path = ensure_tiny_checkpoint(family.name, variant=variant) if variant else ensure_tiny_checkpoint(family.name)
+        return str(path), None, True
     if settings.local_path:
         path = Path(settings.local_path).expanduser()
         if not (path / "config.json").is_file():

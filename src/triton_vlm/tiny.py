@@ -45,15 +45,23 @@ def tiny_root() -> Path:
     return Path(base) / "tiny"
 
 
-def tiny_checkpoint_dir(family: str, root: Path | None = None) -> Path:
-    return (root or tiny_root()) / f"{family}-v{TINY_FORMAT_VERSION}"
+def tiny_checkpoint_dir(family: str, root: Path | None = None, variant: str | None = None) -> Path:
+    name = f"{family}-{variant}" if variant else family
+    return (root or tiny_root()) / f"{name}-v{TINY_FORMAT_VERSION}"
 
 
-def ensure_tiny_checkpoint(family: str, root: Path | None = None) -> Path:
-    """Build the tiny checkpoint of ``family`` unless it exists; safe when processes race for it."""
+def ensure_tiny_checkpoint(family: str, root: Path | None = None, variant: str | None = None) -> Path:
+    """Build the tiny checkpoint of ``family`` unless it exists; safe when processes race for it.
+
+    ``variant``: for families of several architectures (``auto``), which one (see ``ModelFamily.tiny_variant``);
+    by default the one standing in for the family's default weights.
+    """
     from triton_vlm.models import get_family
 
-    target = tiny_checkpoint_dir(family, root)
+    if variant is None:
+        adapter = get_family(family)
+        variant = adapter.tiny_variant(adapter.default_hf_model_id)
+    target = tiny_checkpoint_dir(family, root, variant)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +70,11 @@ def ensure_tiny_checkpoint(family: str, root: Path | None = None) -> Path:
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            get_family(family).build_tiny(staging)
+            builder = get_family(family)
+            if variant:
+                builder.build_tiny(staging, variant=variant)  # type: ignore[call-arg]
+            else:
+                builder.build_tiny(staging)
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -12,8 +12,9 @@ import pytest
 from tests.conftest import free_ports
 from triton_vlm.launcher import ServerOptions, TritonServer
 
-SERVED_MODELS = ("llava", "kosmos2", "moondream2")
-WORKING_MODELS = ("llava", "kosmos2", "moondream2")
+# smolvlm: the auto family (a directory written by `triton-vlm add-model`), a tiny Idefics3 under --tiny.
+SERVED_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
+WORKING_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
 
 
 @dataclass

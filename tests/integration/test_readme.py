@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -28,16 +29,20 @@ def test_readme_names_the_two_commands() -> None:
     assert "./triton_start.sh" in first and "make test" in first
 
 
-def test_readme_cli_lines_run(triton: RunningServer) -> None:
+def test_readme_cli_lines_run(triton: RunningServer, tmp_path: Path) -> None:
     lines = [line for block in _blocks("bash") for line in block.splitlines()
              if line.startswith(".venv/bin/triton-vlm")]
     assert len(lines) >= 2
     env = dict(os.environ, TRITON_VLM_URL=triton.http_url)
     for line in lines:
         command = shlex.split(line.split(" #")[0])
+        if command[1] == "add-model":  # it writes a model directory: into a scratch repository, not the project's
+            command += ["--model-repository", str(tmp_path)]
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{line}\n{result.stderr}"
         assert result.stdout.strip(), line
+        if command[1] == "add-model":
+            assert (tmp_path / command[2] / "config.pbtxt").is_file()
 
 
 def test_readme_python_snippet_runs(triton: RunningServer) -> None:

@@ -21,7 +21,7 @@ from triton_vlm.runtime import VLMRuntime
 pytestmark = pytest.mark.integration
 
 PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
-           "moondream2": "What is in this image?"}
+           "moondream2": "What is in this image?", "smolvlm": "What is in this image?"}
 MAX_TOKENS = 12
 
 

@@ -26,13 +26,15 @@ settings.register_profile(
 )
 settings.load_profile("unit")
 
-FAMILIES = ("llava", "kosmos2")
+FAMILIES = ("llava", "kosmos2", "auto")
+#: The model each family's runtime serves (auto: the scaffolded SmolVLM, a tiny Idefics3 under --tiny).
+MODELS = {"llava": "llava", "kosmos2": "kosmos2", "auto": "smolvlm"}
 
 
 def _runtime(family: str):  # type: ignore[no-untyped-def]
     from triton_vlm.direct import direct_runtime
 
-    runtime = direct_runtime(family, tiny=True, device="cpu")
+    runtime = direct_runtime(MODELS[family], tiny=True, device="cpu")
     runtime.ensure_loaded()
     return runtime
 
@@ -46,6 +48,12 @@ def llava_runtime():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def kosmos2_runtime():  # type: ignore[no-untyped-def]
     return _runtime("kosmos2")
+
+
+@pytest.fixture(scope="session")
+def auto_runtime():  # type: ignore[no-untyped-def]
+    """The ``auto`` family serving ``triton_models/smolvlm`` (its tiny stand-in: Idefics3)."""
+    return _runtime("auto")
 
 
 @pytest.fixture(params=FAMILIES)

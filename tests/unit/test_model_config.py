@@ -13,8 +13,10 @@ from triton_vlm.model_config import dump_model_config, force_instance_kind, load
 from .helpers import REPOSITORY
 
 CONFIGS = sorted(REPOSITORY.glob("*/config.pbtxt"))
-#: Public models: one per family, served by the shared backend (and by the engine through a forwarder).
-PUBLIC = ("kosmos2", "llava", "moondream2")
+#: Public models: one per family, served by the shared backend (and by the engine through a forwarder), plus
+#: smolvlm, made by `triton-vlm add-model` for the auto family.
+PUBLIC = ("kosmos2", "llava", "moondream2", "smolvlm")
+FAMILY_OF = {"smolvlm": "auto"}
 #: Companion models: decoupled engine models serving a public model's weights.
 COMPANIONS = {"llava_stream": "llava"}
 OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64,
@@ -23,6 +25,8 @@ OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": p
 EXTRA_OPTIONAL = {"moondream2": {"task": pb.TYPE_STRING}}
 OUTPUTS = {"generated_text": pb.TYPE_STRING, "generated_tokens": pb.TYPE_INT32, "prompt_tokens": pb.TYPE_INT32,
            "finish_reason": pb.TYPE_STRING}
+#: Outputs only some models have (the family's optional outputs; clients ask for them or not).
+EXTRA_OUTPUTS = {"kosmos2": {"entities": pb.TYPE_STRING}}
 ENGINE_PARAMETERS = ("max_model_len", "max_num_seqs", "kv_cache_memory_fraction", "cuda_graphs")
 
 
@@ -78,7 +82,8 @@ def test_ignore_eos_is_an_optional_bool_everywhere(config: pb.ModelConfig) -> No
 
 def test_output_contract(config: pb.ModelConfig) -> None:
     outputs = {o.name: o for o in config.output}
-    assert {name: o.data_type for name, o in outputs.items()} == OUTPUTS
+    assert {name: o.data_type for name, o in outputs.items()} == {**OUTPUTS, **EXTRA_OUTPUTS.get(config.name, {})}
+    assert [o.name for o in config.output][:4] == list(OUTPUTS)  # the common outputs first, in this order
     assert all(list(o.dims) == [1] for o in outputs.values())
 
 
@@ -97,7 +102,7 @@ def test_instances_are_gpu_by_default(config: pb.ModelConfig) -> None:
 
 
 def test_parameters_name_the_family(public: pb.ModelConfig) -> None:
-    assert public.parameters["model_family"].string_value == public.name
+    assert public.parameters["model_family"].string_value == FAMILY_OF.get(public.name, public.name)
     assert "base_model" not in public.parameters
 
 

@@ -117,7 +117,7 @@ def test_image_limits_come_from_settings() -> None:
 
 
 def test_unknown_family() -> None:
-    with pytest.raises(UnknownModelError, match="unknown model family 'nope'; known families: kosmos2, llava"):
+    with pytest.raises(UnknownModelError, match="unknown model family 'nope'; known families: auto, kosmos2, llava"):
         fresh("nope")
 
 

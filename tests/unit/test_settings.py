@@ -248,24 +248,27 @@ def test_env_prefix(name: str, prefix: str) -> None:
 CONFIGS = sorted(REPOSITORY.glob("*/config.pbtxt"))
 
 
-PUBLIC = ["kosmos2", "llava", "moondream2"]
+PUBLIC = ["kosmos2", "llava", "moondream2", "smolvlm"]
+#: Public models whose family is not their name (made by `triton-vlm add-model`).
+FAMILY_OF = {"smolvlm": "auto"}
 
 
-def test_repository_has_the_three_public_models_and_the_llava_companion() -> None:
-    assert [c.parent.name for c in CONFIGS] == ["kosmos2", "llava", "llava_stream", "moondream2"]
+def test_repository_has_the_public_models_and_the_llava_companion() -> None:
+    assert [c.parent.name for c in CONFIGS] == ["kosmos2", "llava", "llava_stream", "moondream2", "smolvlm"]
     assert [c.parent.name for c in CONFIGS if "model_family" in read_config_parameters(c)[1]] == PUBLIC
 
 
 @pytest.mark.parametrize("name", PUBLIC)
 def test_read_config_parameters_of_real_configs(name: str) -> None:
     config = REPOSITORY / name / "config.pbtxt"
+    family = FAMILY_OF.get(name, name)
     read_name, parameters = read_config_parameters(config)
     assert read_name == name
-    assert parameters["model_family"] == name
+    assert parameters["model_family"] == family
     assert all(isinstance(v, str) for v in parameters.values())
     s = ModelSettings.from_parameters(name, parameters, env={})
-    assert s.family == name
-    assert s.hf_model_id == get_family(name).default_hf_model_id
+    assert s.family == family
+    assert s.hf_model_id == get_family(family).default_hf_model_id
     assert (s.dtype, s.device, s.preload, s.trust_remote_code, s.tiny) == ("auto", "auto", False, False, False)
     assert s.revision == ("2025-06-21" if name == "moondream2" else "main")  # moondream2 pins its release
     assert (s.default_max_tokens, s.max_tokens_limit) == (128, 1024)

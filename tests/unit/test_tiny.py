@@ -208,3 +208,15 @@ def test_processor_files_are_identical_across_builds(family: str, tmp_path: Path
     assert "tokenizer.json" in names
     for name in names:
         assert (other / name).read_bytes() == (session / name).read_bytes(), name
+
+
+def test_auto_tiny_checkpoint_is_per_architecture_and_reproducible(tmp_path: Path) -> None:
+    first = ensure_tiny_checkpoint("auto", tmp_path / "a", variant="idefics3")
+    assert first == tiny_checkpoint_dir("auto", tmp_path / "a", "idefics3")
+    assert first.name == f"auto-idefics3-v{TINY_FORMAT_VERSION}"
+    second = ensure_tiny_checkpoint("auto", tmp_path / "b", variant="idefics3")
+    names = sorted(p.name for p in first.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(names)
+    assert names == sorted(p.name for p in second.iterdir())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name

@@ -11,7 +11,8 @@ import logging
 from typing import Any, ClassVar
 
 from triton_vlm.backend.metrics import BackendMetrics
-from triton_vlm.backend.requests import error_response, output_response, parse_request, runtime_from_args
+from triton_vlm.backend.requests import (declared_extra_outputs, error_response, output_response, parse_request,
+                                         runtime_from_args)
 from triton_vlm.errors import ModelLoadError, TritonVLMError
 from triton_vlm.generation import GenerationOutput
 from triton_vlm.runtime import GenerationRequest
@@ -30,6 +31,8 @@ class TritonVLMModel:
         self.settings = self.runtime.settings
         self.model_name = self.settings.model_name
         self.metrics = BackendMetrics(self.model_name)
+        #: Optional outputs (e.g. kosmos2's entities) this model declares: sent in every response.
+        self.extra_outputs = declared_extra_outputs(args, self.runtime.family.extra_outputs)
         log.info("model %s (%s) ready on %s; weights load %s", self.model_name, self.settings.family,
                  self.runtime.device,
                  "now (preload)" if self.settings.preload else "on the first request")
@@ -78,7 +81,9 @@ class TritonVLMModel:
     def _response(self, output: GenerationOutput) -> Any:
         self.metrics.prompt_tokens.increment(output.prompt_tokens)
         self.metrics.generated_tokens.increment(len(output.token_ids))
-        return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason)
+        extras = {name: output.extras.get(name, default) for name, default in self.extra_outputs.items()}
+        return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason,
+                               extras)
 
     def _error_response(self, exc: TritonVLMError) -> Any:
         self.metrics.request_errors.increment(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -82,12 +83,23 @@ def _as_text(value: Any) -> bytes | str:
     return value if isinstance(value, (bytes, str)) else str(value)
 
 
-def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish_reason: str | None) -> Any:
+def declared_extra_outputs(args: dict[str, str], defaults: Mapping[str, str]) -> dict[str, str]:
+    """The family's optional outputs (name -> value when a response has none) that this model's config
+    declares; a model that declares none of them answers with the four common outputs only."""
+    declared = {output["name"] for output in json.loads(args["model_config"]).get("output", [])}
+    return {name: value for name, value in defaults.items() if name in declared}
+
+
+def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish_reason: str | None,
+                    extras: Mapping[str, str] | None = None) -> Any:
+    """The response tensors; ``extras`` are further STRING outputs (e.g. kosmos2's ``entities`` JSON)."""
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("generated_text", np.array([[text.encode("utf-8")]], dtype=np.object_)),
         pb_utils.Tensor("generated_tokens", np.array([[generated_tokens]], dtype=np.int32)),
         pb_utils.Tensor("prompt_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
         pb_utils.Tensor("finish_reason", np.array([[(finish_reason or "").encode()]], dtype=np.object_)),
+        *(pb_utils.Tensor(name, np.array([[value.encode("utf-8")]], dtype=np.object_))
+          for name, value in (extras or {}).items()),
     ])
 
 

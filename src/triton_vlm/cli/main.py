@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--task", default=None,
                        help="a skill of models that have several (moondream2: query, caption[:short|normal|long], "
                             "detect, point)")
+    infer.add_argument("--draw", type=Path, default=None, metavar="OUT.png",
+                       help="also write the image with the answer's boxes drawn on it: kosmos2 entities (prompts "
+                            "starting with <grounding>), moondream2 detect/point answers")
     infer.set_defaults(handler=_infer, verbose=False)
 
     openai = commands.add_parser("openai", help="run the OpenAI-compatible API (chat completions with images) in "
@@ -84,8 +87,21 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(handler=_bench)
 
+    add = commands.add_parser(
+        "add-model", help="scaffold triton_models/NAME (config.pbtxt + 1/model.py) for a new model")
+    add.add_argument("name", help="model name (the directory and the name clients use)")
+    add.add_argument("--hf-model-id", required=True, help="Hugging Face model id of the weights")
+    add.add_argument("--family", default="auto",
+                     help="adapter family (default auto: any AutoModelForImageTextToText with a chat template)")
+    add.add_argument("--revision", default="main", help="hub revision to pin (default main)")
+    add.add_argument("--model-repository", type=Path, default=None,
+                     help="where to write (default: the project's triton_models/)")
+    add.add_argument("--force", action="store_true", help="overwrite an existing model directory")
+    add.set_defaults(handler=_add_model)
+
     tiny = commands.add_parser("make-tiny", help="build the tiny random-weight checkpoints")
-    tiny.add_argument("--families", default="llava,kosmos2")
+    tiny.add_argument("--families", default="llava,kosmos2",
+                      help="comma-separated families; FAMILY:VARIANT picks an architecture of auto (auto:idefics3)")
     tiny.add_argument("--output", type=Path, default=None, help="directory (default: the tiny cache)")
     tiny.set_defaults(handler=_make_tiny)
     return parser
@@ -219,17 +235,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    from triton_vlm.client.entities import parse_entities
+
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.direct:
         from triton_vlm.direct import direct_infer, direct_runtime
 
         runtime = direct_runtime(args.model, tiny=args.tiny)
-        print(direct_infer(runtime, args.image, args.prompt, task=args.task, **sampling).text)
-        return 0
-    from triton_vlm.client import TritonVLMClient
+        output = direct_infer(runtime, args.image, args.prompt, task=args.task, **sampling)
+        text, entities = output.text, parse_entities(output.extras.get("entities", "[]"))
+    else:
+        from triton_vlm.client import TritonVLMClient
 
-    with TritonVLMClient(args.url, protocol="grpc" if args.grpc else "http") as client:
-        print(client.infer(args.model, args.image, args.prompt, task=args.task, **sampling))
+        with TritonVLMClient(args.url, protocol="grpc" if args.grpc else "http") as client:
+            result = client.infer_result(args.model, args.image, args.prompt, task=args.task, **sampling)
+        text, entities = result.text, result.entities
+    print(text)
+    if args.draw:
+        _draw(args.image, args.draw, text, entities, label=args.prompt)
     return 0
 
 
@@ -239,17 +262,46 @@ def _openai(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _draw(image_path: Path, out: Path, text: str, entities: list, label: str) -> None:
+    """Write ``image_path`` with the boxes of ``entities`` (or of a detect/point JSON answer) to ``out``."""
+    from triton_vlm.client.entities import draw_entities, entities_from_answer
+    from triton_vlm.images import decode_image
+
+    entities = entities or entities_from_answer(text, label=label.strip())
+    image = decode_image(Path(image_path).read_bytes(), max_bytes=1 << 62, max_pixels=1 << 62)  # as the server
+    try:
+        draw_entities(image, entities).save(out)
+    except (OSError, ValueError) as exc:
+        raise TritonVLMError(f"--draw: cannot write {str(out)!r}: {exc}") from None
+    boxes = sum(len(e.boxes_px) for e in entities)
+    print(f"[triton-vlm] drew {len(entities)} entit{'y' if len(entities) == 1 else 'ies'} ({boxes} boxes/points) "
+          f"on {out}", file=sys.stderr)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from triton_vlm.bench.cli import run
 
     return run(args)
 
 
+def _add_model(args: argparse.Namespace) -> int:
+    from triton_vlm.launcher.repository import default_model_repository
+    from triton_vlm.launcher.scaffold import add_model
+
+    repository = args.model_repository or default_model_repository()
+    target = add_model(repository, args.name, args.hf_model_id, family=args.family, revision=args.revision,
+                       force=args.force)
+    print(f"[triton-vlm] wrote {target / 'config.pbtxt'} and {target / '1' / 'model.py'}\n"
+          f"[triton-vlm] serve it: ./triton_start.sh --models {args.name}   (add --tiny for random test weights)")
+    return 0
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from triton_vlm.tiny import ensure_tiny_checkpoint
 
-    for family in filter(None, args.families.split(",")):
-        print(ensure_tiny_checkpoint(family, args.output))
+    for item in filter(None, args.families.split(",")):
+        family, _, variant = item.partition(":")
+        print(ensure_tiny_checkpoint(family, args.output, variant=variant or None))
     return 0
 
 

@@ -12,13 +12,14 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import numpy as np
 from PIL import Image
 
+from triton_vlm.client.entities import Entity, parse_entities
 from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, ServerUnreachableError,
                                TritonVLMError, UnknownModelError)
 
@@ -45,6 +46,9 @@ class InferenceResult:
     prompt_tokens: int
     finish_reason: str
     latency_s: float
+    #: Grounded phrases with their boxes (kosmos2 with a ``<grounding>`` prompt); empty for models without an
+    #: ``entities`` output.
+    entities: list[Entity] = field(default_factory=list)
 
 
 def encode_image(image: ImageLike) -> bytes:
@@ -111,8 +115,8 @@ class TritonVLMClient:
                      temperature: float | None = None, top_p: float | None = None,
                      seed: int | None = None, task: str | None = None,
                      ignore_eos: bool = False) -> InferenceResult:
-        """Like :meth:`infer`, with token counts, finish reason and latency. ``ignore_eos`` generates exactly
-        ``max_tokens`` tokens (benchmarks)."""
+        """Like :meth:`infer`, with token counts, finish reason, latency and the model's optional outputs
+        (``entities``). ``ignore_eos`` generates exactly ``max_tokens`` tokens (benchmarks)."""
         module = self._module()
         data = np.frombuffer(encode_image(image), dtype=np.uint8)[None, :]
         inputs = self._inputs(module, data, prompt, max_tokens, temperature, top_p, seed)
@@ -121,18 +125,18 @@ class TritonVLMClient:
         if task is not None:
             inputs.append(self._tensor(module, "task", np.array([[task.encode("utf-8")]], dtype=np.object_),
                                        "BYTES"))
-        outputs = [module.InferRequestedOutput(n) for n in
-                   ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")]
         started = time.perf_counter()
-        result = self._call(lambda c: c.infer(model_name, inputs, outputs=outputs, **self._timeout_kwargs()),
-                            model_name)
+        # No output list: the model returns all it declares (binary), optional ones such as entities included.
+        result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
         latency = time.perf_counter() - started
+        entities = result.as_numpy("entities")
         return InferenceResult(
             text=result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8"),
             generated_tokens=int(result.as_numpy("generated_tokens").reshape(-1)[0]),
             prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
             finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"),
             latency_s=latency,
+            entities=[] if entities is None else parse_entities(entities.reshape(-1)[0]),
         )
 
     def stream(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,

@@ -20,8 +20,8 @@ from typing import IO, TYPE_CHECKING
 
 from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
-from triton_vlm.launcher.repository import (companions, default_model_repository, make_forwarder, model_family,
-                                            render_repository, servable_models)
+from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, make_forwarder,
+                                            model_family, render_repository, servable_models)
 from triton_vlm.launcher.stub_env import stub_python_bin
 from triton_vlm.settings import env_prefix
 
@@ -257,12 +257,18 @@ class TritonServer:
 
     def _build_tiny_checkpoints(self, repository: Path) -> None:
         from triton_vlm.models import get_family
+        from triton_vlm.settings import ModelSettings, read_config_parameters
         from triton_vlm.tiny import ensure_tiny_checkpoint
 
         for model in self.models:
-            family = model_family(repository, model)
-            if get_family(family).supported:
-                ensure_tiny_checkpoint(family)
+            family = get_family(model_family(repository, model))
+            if family.supported:
+                source = base_model(repository, model) or model
+                name, parameters = read_config_parameters(repository / source / "config.pbtxt")
+                parameters.setdefault("model_family", family.name)
+                hf_model_id = ModelSettings.from_parameters(name, parameters).hf_model_id
+                ensure_tiny_checkpoint(family.name,
+                                       variant=family.tiny_variant(hf_model_id or family.default_hf_model_id))
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,6 +37,10 @@ class ModelFamily(ABC):
     auto_cuda_dtype: ClassVar[str] = "float16"
     #: Task names a request may give in its optional ``task`` input; empty: the family has one behaviour.
     tasks: ClassVar[tuple[str, ...]] = ()
+    #: Optional outputs beyond the four every model returns, by name, with the value a response carries when
+    #: it has nothing to say (e.g. kosmos2's ``entities``: ``"[]"``). The backend sends one only where the
+    #: model's config.pbtxt declares it, and then in every response, so a model's outputs never vary.
+    extra_outputs: ClassVar[Mapping[str, str]] = {}
 
     # -- loading -----------------------------------------------------------------------------------------
     @abstractmethod
@@ -60,6 +65,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def build_tiny(self, path: Path) -> None:
         """Write a tiny random-weight checkpoint of the real architecture (model + processor) to ``path``."""
+
+    def tiny_variant(self, hf_model_id: str) -> str | None:
+        """Which tiny checkpoint stands in for ``hf_model_id`` under ``--tiny``: None for families of one
+        architecture; families of several (``auto``) name the architecture, passed to
+        ``build_tiny(path, variant=...)``."""
+        return None
 
     # -- prompting ---------------------------------------------------------------------------------------
     def validate_prompt(self, prompt: str) -> None:
@@ -108,6 +119,14 @@ class ModelFamily(ABC):
     def pad_position(self, model: Any) -> int:
         return 0
 
+    def position_ids(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Prefill position ids, counted over real tokens only (left padding): ``[batch, seq]``. Decode steps
+        continue from the last one plus one, so a family with multimodal RoPE may return ``[3, batch, seq]``
+        as long as its last prompt position is text."""
+        from triton_vlm.generation import position_ids_for
+
+        return position_ids_for(inputs["attention_mask"], self.first_position(model), self.pad_position(model))
+
     def prefill(self, model: Any, inputs: dict[str, torch.Tensor], position_ids: torch.Tensor,
                 cache: Any) -> torch.Tensor:
         """First forward pass over the whole prompt (and image); returns last-position logits [batch, vocab]."""
@@ -131,6 +150,11 @@ class ModelFamily(ABC):
 
     def decode_text(self, processor: Any, token_ids: list[int]) -> str:
         return processor.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+    def decode_output(self, processor: Any, token_ids: list[int], image: Image.Image,
+                      prompt: str) -> tuple[str, dict[str, str]]:
+        """The answer text and its :attr:`extra_outputs` values (JSON strings) for one finished row."""
+        return self.decode_text(processor, token_ids), {}
 
 
 def cache_kwarg(forward: Any) -> str:

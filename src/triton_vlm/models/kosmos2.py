@@ -1,19 +1,32 @@
-"""Kosmos-2 (``Kosmos2ForConditionalGeneration``): CLIP-like vision + perceiver latents + a fairseq-style LM."""
+"""Kosmos-2 (``Kosmos2ForConditionalGeneration``): CLIP-like vision + perceiver latents + a fairseq-style LM.
+
+Grounding: a prompt starting with ``<grounding>`` makes the model tag phrases of its answer with boxes,
+``<phrase> a dog</phrase><object><patch_index_0044><patch_index_0863></object>``. The answer text is cleaned of
+those tags (the processor's ``post_process_generation``) and the boxes come back as the optional ``entities``
+output: a JSON list of ``{"phrase", "span", "boxes", "boxes_px"}`` (see :func:`grounded_entities`).
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from triton_vlm.models.base import ModelFamily, cache_kwarg
+
+#: A prompt that ends with a phrase asks where that phrase is: the answer starts with its ``<object>``.
+_TRAILING_PHRASE = re.compile(r"<phrase>([^<]*)</phrase>\s*$")
 
 
 class Kosmos2Family(ModelFamily):
     name = "kosmos2"
     default_hf_model_id = "microsoft/kosmos-2-patch14-224"
     reserved_prompt_tokens = ("<image>", "</image>")
+    extra_outputs = {"entities": "[]"}
 
     def model_class(self) -> type:
         from transformers import Kosmos2ForConditionalGeneration
@@ -45,6 +58,12 @@ class Kosmos2Family(ModelFamily):
         text, _entities = processor.post_process_generation(raw, cleanup_and_extract=True)
         return text.strip()
 
+    def decode_output(self, processor: Any, token_ids: list[int], image: Image.Image,
+                      prompt: str) -> tuple[str, dict[str, str]]:
+        raw = processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+        text, entities = grounded_entities(processor, raw, image.size, prompt)
+        return text.strip(), {"entities": json.dumps(entities)}
+
     def build_tiny(self, path: Path) -> None:
         from transformers import (CLIPImageProcessor, Kosmos2Config, Kosmos2ForConditionalGeneration,
                                   Kosmos2Processor, XLMRobertaTokenizer)
@@ -71,3 +90,66 @@ class Kosmos2Family(ModelFamily):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(path)
         processor.save_pretrained(path)
+
+
+def grounded_entities(processor: Any, raw: str, image_size: tuple[int, int],
+                      prompt: str = "") -> tuple[str, list[dict[str, Any]]]:
+    """The cleaned answer and its entities, from the decoded answer ``raw`` (location tags still in it).
+
+    Text, phrases, spans and normalized boxes are exactly what ``processor.post_process_generation(raw,
+    cleanup_and_extract=True)`` gives: ``span`` is ``[start, end)`` in the cleaned text, ``boxes`` are
+    ``{"x_min", "y_min", "x_max", "y_max"}`` in 0..1 of the image the model saw. ``boxes_px`` are the same
+    boxes in pixels of the original ``image_size`` (width, height), through the processor's centre crop if it
+    crops. An ``<object>`` without its own phrase (the prompt ended with ``<phrase>...</phrase>``) takes the
+    prompt's phrase and a zero-width span where it stands; the processor would name it by its patch tokens.
+    """
+    text, found = processor.post_process_generation(raw, cleanup_and_extract=True)
+    trailing = _TRAILING_PHRASE.search(prompt)
+    region = visible_region(processor.image_processor, *image_size)
+    entities = []
+    for phrase, (start, end), boxes in found:
+        if phrase.startswith("<patch_index_"):
+            phrase = trailing.group(1).strip() if trailing else ""
+        # The processor shifts spans left by the answer's leading spaces, even a span at the very start.
+        start, end = (min(max(int(i), 0), len(text)) for i in (start, end))
+        entities.append({
+            "phrase": phrase,
+            "span": [start, end],
+            "boxes": [_box(*box) for box in boxes],
+            "boxes_px": [_box_px(box, region) for box in boxes],
+        })
+    return text, entities
+
+
+def visible_region(image_processor: Any, width: int, height: int) -> tuple[float, float, float, float]:
+    """``(left, top, width, height)`` in original pixels of the part of a ``width`` x ``height`` image the
+    model sees: all of it when the processor resizes to a fixed size (Kosmos-2's 224x224), the centre crop
+    when it resizes the shortest edge and then crops (CLIP's default)."""
+    size = _as_dict(getattr(image_processor, "size", None))
+    crop = _as_dict(getattr(image_processor, "crop_size", None))
+    shortest = size.get("shortest_edge")
+    if not (getattr(image_processor, "do_center_crop", False) and shortest and crop.get("height")):
+        return 0.0, 0.0, float(width), float(height)
+    scale = shortest / min(width, height)
+    resized_w, resized_h = width * scale, height * scale
+    crop_w, crop_h = min(crop["width"], resized_w), min(crop["height"], resized_h)
+    return ((resized_w - crop_w) / 2 / scale, (resized_h - crop_h) / 2 / scale, crop_w / scale, crop_h / scale)
+
+
+def _as_dict(size: Any) -> dict[str, Any]:
+    if size is None:
+        return {}
+    if isinstance(size, dict):
+        return {k: v for k, v in size.items() if v is not None}
+    return {k: getattr(size, k) for k in ("height", "width", "shortest_edge") if getattr(size, k, None)}
+
+
+def _box(x_min: float, y_min: float, x_max: float, y_max: float) -> dict[str, float]:
+    return {"x_min": x_min, "y_min": y_min, "x_max": x_max, "y_max": y_max}
+
+
+def _box_px(box: tuple[float, float, float, float], region: tuple[float, float, float, float]) -> dict[str, float]:
+    left, top, width, height = region
+    x_min, y_min, x_max, y_max = box
+    return _box(round(left + x_min * width, 2), round(top + y_min * height, 2),
+                round(left + x_max * width, 2), round(top + y_max * height, 2))

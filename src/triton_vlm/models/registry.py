@@ -13,6 +13,8 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "llava": ("triton_vlm.models.llava", "LlavaFamily"),
     "kosmos2": ("triton_vlm.models.kosmos2", "Kosmos2Family"),
     "moondream2": ("triton_vlm.models.moondream2", "Moondream2Family"),
+    # Any AutoModelForImageTextToText checkpoint with a chat template (triton-vlm add-model).
+    "auto": ("triton_vlm.models.auto", "AutoFamily"),
 }
 
 
