@@ -15,6 +15,9 @@ from triton_vlm.launcher import ServerOptions, TritonServer
 # smolvlm: the auto family (a directory written by `triton-vlm add-model`), a tiny Idefics3 under --tiny.
 SERVED_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
 WORKING_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
+#: A typical prompt for each working model.
+PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
+           "moondream2": "What is in this image?", "smolvlm": "What is in this image?"}
 
 
 @dataclass

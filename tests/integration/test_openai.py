@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, SAMPLE_IMAGE, free_port, free_ports
-from tests.integration.conftest import WORKING_MODELS, RunningServer
+from tests.integration.conftest import PROMPTS, WORKING_MODELS, RunningServer
 from triton_client import TritonVLMClient
 from triton_vlm.openai import OpenAIOptions
 from triton_vlm.openai.config import MiB
@@ -35,8 +35,6 @@ from triton_vlm.openai.process import OpenAIFront
 pytestmark = pytest.mark.integration
 
 API_KEY = "sk-test-" + "0123456789abcdef"
-PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
-           "moondream2": "What is in this image?"}
 MAX_TOKENS = 10
 
 

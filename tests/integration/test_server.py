@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import SERVED_MODELS, WORKING_MODELS, RunningServer
+from tests.integration.conftest import PROMPTS, SERVED_MODELS, WORKING_MODELS, RunningServer
 from triton_client import TritonVLMClient
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import InvalidInputError, UnknownModelError
@@ -20,8 +20,6 @@ from triton_vlm.runtime import VLMRuntime
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
-           "moondream2": "What is in this image?", "smolvlm": "What is in this image?"}
 MAX_TOKENS = 12
 
 
