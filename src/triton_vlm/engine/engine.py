@@ -99,10 +99,11 @@ class LLMEngine:
             self._thread.start()
         return self
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Abort what is queued or running and stop the thread (waiting at most ``timeout`` seconds)."""
         if self._thread is not None:
             self._inbox.put(None)
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
             self._thread = None
 
     # -- the loop -----------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ class TritonServer:
             f"--metrics-port={opts.metrics_port}", f"--http-address={opts.host}",
             f"--grpc-address={opts.host}", f"--metrics-address={opts.host}",
             "--allow-metrics=true", "--allow-gpu-metrics=true", "--model-control-mode=none",
-            "--exit-timeout-secs=15", f"--log-verbose={opts.log_verbose}",
+            "--exit-timeout-secs=30", f"--log-verbose={opts.log_verbose}",
         ]
         log.info("starting tritonserver for %s (%s instances%s)", ", ".join(self.models),
                  "CPU" if kind == "KIND_CPU" else "configured", ", tiny weights" if opts.tiny else "")
@@ -184,7 +184,7 @@ class TritonServer:
                 log.error("the OpenAI front exited (code %s); stopping", front.process.returncode)
                 return 1
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float = 45.0) -> int | None:
         """SIGTERM the server (Triton unloads models and ends its stubs), SIGKILL the group if it hangs."""
         front, self.openai_front = self.openai_front, None
         if front is not None:
