@@ -8,7 +8,8 @@ the positions it would see alone, so a batch returns what single requests return
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +25,10 @@ class GenerationOutput:
     token_ids: tuple[int, ...]
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
+    #: ``time.perf_counter()`` when the first token was chosen and when this row finished (metrics only; None
+    #: where the answer is not a token stream). Not part of equality: two runs give the same output.
+    first_token_at: float | None = field(default=None, compare=False)
+    finished_at: float | None = field(default=None, compare=False)
 
 
 def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torch.Tensor:
@@ -64,17 +69,27 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
     generated: list[list[int]] = [[] for _ in range(batch)]
     finish = ["length"] * batch
     running = torch.ones(batch, dtype=torch.bool, device=device)
+    first_token_at = 0.0
+    finished_at = [0.0] * batch
     step = 0
     while True:
         tokens = sampler(logits.float())
         is_stop = torch.isin(tokens, stop_ids) & ~row_stop
         step += 1
-        for row in running.nonzero().flatten().tolist():
+        rows = running.nonzero().flatten().tolist()
+        for row in rows:
             if is_stop[row]:
                 finish[row] = "stop"
             else:
                 generated[row].append(int(tokens[row]))
         running &= ~is_stop & (limits > step)
+        now = time.perf_counter()
+        if step == 1:
+            first_token_at = now
+        still = running.tolist()
+        for row in rows:
+            if not still[row]:
+                finished_at[row] = now
         if not running.any():
             break
         # Finished rows keep stepping with a pad token (masked out) until the whole batch is done.
@@ -85,6 +100,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
 
     return [
         GenerationOutput(text=family.decode_text(processor, ids), token_ids=tuple(ids),
-                         prompt_tokens=int(n), finish_reason=reason)
-        for ids, n, reason in zip(generated, prompt_tokens, finish)
+                         prompt_tokens=int(n), finish_reason=reason, first_token_at=first_token_at,
+                         finished_at=done)
+        for ids, n, reason, done in zip(generated, prompt_tokens, finish, finished_at)
     ]
