@@ -134,6 +134,7 @@ class AsyncTritonVLMClient:
             return
 
     async def _stream_once(self, target: str, inputs: list[Any]) -> AsyncIterator[StreamPiece]:
+        import grpc
         from tritonclient.utils import InferenceServerException
 
         client = self._grpc_stream_client()
@@ -154,6 +155,9 @@ class AsyncTritonVLMClient:
                     raise RequestTimeoutError(f"no response from {target} in {self.timeout:g}s") from None
                 except InferenceServerException as exc:
                     raise _translate(exc, target, self.grpc_url, self.timeout) from None
+                except grpc.RpcError as exc:  # the stream itself failed (e.g. nothing listens there)
+                    raise _translate(InferenceServerException(msg=exc.details(), status=str(exc.code())), target,
+                                     self.grpc_url, self.timeout) from None
                 if error is not None:
                     raise _translate(error, target, self.grpc_url, self.timeout) if isinstance(
                         error, InferenceServerException) else ServerUnreachableError(str(error))

@@ -120,10 +120,12 @@ def requested_outputs(module: Any) -> list[Any]:
 
 
 def _output_fields(result: Any) -> tuple[str, int, int, str]:
-    return (result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8"),
-            int(result.as_numpy("generated_tokens").reshape(-1)[0]),
-            int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-            result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"))
+    def text(name: str) -> str:
+        value = result.as_numpy(name).reshape(-1)[0]
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)  # str: a JSON (non-binary) answer
+
+    return (text("generated_text"), int(result.as_numpy("generated_tokens").reshape(-1)[0]),
+            int(result.as_numpy("prompt_tokens").reshape(-1)[0]), text("finish_reason"))
 
 
 def parse_result(result: Any, latency_s: float) -> InferenceResult:
