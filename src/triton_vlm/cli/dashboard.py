@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.recording is not None:
         recording = Recording.from_json(json.loads(args.recording.read_text()))
-        source = f"recording {args.recording}"
+        source = recording.source or f"recording {args.recording}"
     elif args.tiny:
         recording = _record_tiny(args, models, say)
         source = "a tiny-model server (random weights, CPU)"
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         recording = dash.collect(args.metrics_url, seconds=args.seconds, interval=args.interval, http_url=args.url,
                                  grpc_url=args.grpc_url, models=models, rounds=args.rounds, log=say)
         source = args.metrics_url
+    recording.source = source
     if args.save_recording is not None:
         args.save_recording.parent.mkdir(parents=True, exist_ok=True)
         args.save_recording.write_text(json.dumps(recording.to_json()))

@@ -223,14 +223,12 @@ _COLORS = ["#73bf69", "#f2cc0c", "#5794f2", "#ff780a", "#f2495c", "#b877d9", "#8
            "#ffb357"]
 
 
-def _scale(unit: str, values: list[float]) -> tuple[str, list[float]]:
+def _scale(unit: str, series: list[list[float]]) -> tuple[str, float]:
+    """The axis label and factor for a panel's values (one for all its series, as Grafana's axis has)."""
     if unit == "s":
-        finite = [v for v in values if math.isfinite(v)]
-        if finite and max(finite) < 1:
-            return "ms", [v * 1000 for v in values]
-        return "s", values
-    label, factor = _UNITS.get(unit, ("", 1.0))
-    return label, [v * factor for v in values]
+        finite = [v for values in series for v in values if math.isfinite(v)]
+        return ("ms", 1000.0) if finite and max(finite) < 1 else ("s", 1.0)
+    return _UNITS.get(unit, ("", 1.0))
 
 
 def render(data: list[PanelData], times: list[float], output: Path, *, title: str = "triton-vlm",
@@ -260,10 +258,10 @@ def render(data: list[PanelData], times: list[float], output: Path, *, title: st
         if item.panel.kind == "stat":
             _draw_stat(ax, item)
             continue
-        unit = ""
+        unit, factor = _scale(item.panel.unit, [values for _, values in item.series])
         for index, (name, values) in enumerate(item.series):
-            unit, scaled = _scale(item.panel.unit, values)
-            ax.plot(xs, scaled, color=_COLORS[index % len(_COLORS)], linewidth=1.4, label=name)
+            ax.plot(xs, [v * factor for v in values], color=_COLORS[index % len(_COLORS)], linewidth=1.4,
+                    label=name)
         ax.grid(color=_GRID, linewidth=0.5)
         if len(xs) > 1:
             ax.set_xlim(xs[0], xs[-1])

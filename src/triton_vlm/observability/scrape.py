@@ -91,6 +91,8 @@ class Recording:
 
     times: list[float] = field(default_factory=list)
     scrapes: list[list[Sample]] = field(default_factory=list)
+    #: What was recorded (shown under the preview's title).
+    source: str = ""
 
     def add(self, t: float, samples: list[Sample]) -> None:
         self.times.append(t)
@@ -100,13 +102,14 @@ class Recording:
         return {s.name for scrape in self.scrapes for s in scrape}
 
     def to_json(self) -> dict:
-        return {"times": self.times,
+        return {"source": self.source, "times": self.times,
                 "scrapes": [[[s.name, dict(s.labels), s.value] for s in scrape] for scrape in self.scrapes]}
 
     @classmethod
     def from_json(cls, data: dict) -> Recording:
         return cls(list(data["times"]), [[Sample(n, tuple(sorted(labels.items())), float(v))
-                                          for n, labels, v in scrape] for scrape in data["scrapes"]])
+                                          for n, labels, v in scrape] for scrape in data["scrapes"]],
+                   str(data.get("source", "")))
 
 
 def record(url: str, seconds: float, interval: float = 1.0, *, until: Callable[[], bool] | None = None,
