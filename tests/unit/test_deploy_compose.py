@@ -212,3 +212,9 @@ def test_the_schema_catches_profile_mistakes() -> None:
     broken = copy.deepcopy(load("cpu"))
     broken["services"]["grafana"]["profiles"] = "monitoring"  # must be a list
     assert any("profiles" in error for error in validate(broken))
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_log_level_reaches_the_container(mode: str) -> None:
+    assert _service(mode)["environment"]["TRITON_VLM_LOG_LEVEL"] == "INFO"
+    assert _service(mode, {"TRITON_VLM_LOG_LEVEL": "DEBUG"})["environment"]["TRITON_VLM_LOG_LEVEL"] == "DEBUG"

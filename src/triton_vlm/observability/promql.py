@@ -183,7 +183,8 @@ class Evaluator:
         without = modifier is not None and str(modifier.type).endswith("Without")
         groups: dict[Labels, list[float]] = defaultdict(list)
         for key, value in vector.items():
-            kept = tuple((k, v) for k, v in key if k != "__name__" and ((k not in labels) if without else (k in labels)))
+            kept = tuple((k, v) for k, v in key
+                         if k != "__name__" and ((k not in labels) if without else (k in labels)))
             groups[kept].append(value)
         op = str(node.op)
         reduce: dict[str, Callable[[list[float]], float]] = {
