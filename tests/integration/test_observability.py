@@ -44,6 +44,30 @@ def test_custom_metrics_are_histograms_for_every_model(triton: RunningServer) ->
     for model in (*WORKING_MODELS, "llava_stream"):
         for name in HISTOGRAMS:
             assert f'{name}_count{{model="{model}"}}' in triton.startup_metrics
+    for name in ("triton_vlm_engine_steps_total", "triton_vlm_engine_tokens_total", "triton_vlm_engine_seconds_total"):
+        assert types[name] == "counter"
+        assert f'{name}{{model="llava_stream"' in triton.startup_metrics
+        assert f'{name}{{model="llava"' not in triton.startup_metrics  # the HF path has no engine
+
+
+def test_engine_counters_follow_the_engine(triton: RunningServer, sample_image_bytes: bytes) -> None:
+    def counters() -> tuple[float, float, float]:
+        samples = parse_metrics(triton.metrics())
+        steps = value_of(samples, "triton_vlm_engine_steps_total", model="llava_stream")
+        decode = value_of(samples, "triton_vlm_engine_tokens_total", model="llava_stream", phase="decode")
+        seconds = sum(s.value for s in samples if s.name == "triton_vlm_engine_seconds_total")
+        assert steps is not None and decode is not None
+        return steps, decode, seconds
+
+    before = counters()
+    with TritonVLMClient(triton.http_url, grpc_url=triton.grpc_url) as client:
+        list(client.stream("llava", sample_image_bytes, PROMPTS["llava"], max_tokens=8, ignore_eos=True))
+    deadline = time.monotonic() + 5  # sampled every 0.5 s by the response thread
+    while (after := counters())[1] - before[1] < 7 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert after[0] - before[0] >= 7  # at least one step per decoded token after the first
+    assert after[1] - before[1] == 7  # the first token comes from prefill
+    assert after[2] > before[2]
 
 
 def test_ttft_and_per_token_latency_on_the_batched_and_engine_paths(triton: RunningServer,

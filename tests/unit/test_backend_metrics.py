@@ -34,7 +34,7 @@ class FakeHistogramFamily:
         FakeHistogramFamily.created[name] = kind
 
     def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> Any:  # noqa: N802
-        assert labels.keys() == {"model"}
+        assert set(labels) <= {"model", "phase"} and "model" in labels
         if self.kind == self.HISTOGRAM:
             assert buckets and buckets == sorted(buckets)
             return FakeHistogram(buckets)
@@ -181,3 +181,26 @@ def test_generate_batch_stamps_first_token_and_finish(llava_runtime: VLMRuntime)
     assert short.first_token_at < short.finished_at < long.finished_at  # type: ignore[operator]
     alone = llava_runtime.generate(requests[:1])[0]
     assert alone == short  # stamps are not part of equality
+
+
+def test_engine_metrics_add_what_the_stats_gained(hist_backend: Any) -> None:
+    from triton_vlm.engine.engine import EngineStats
+
+    metrics_module = sys.modules["triton_vlm.backend.metrics"]
+    engine = metrics_module.EngineMetrics("llava_stream")
+    assert set(FakeHistogramFamily.created) >= set(metrics_module.ENGINE_METRIC_NAMES)
+    stats = EngineStats()
+    engine.update(stats)
+    assert engine.steps.value == 0
+    stats.steps, stats.prefill_tokens, stats.decode_tokens = 10, 600, 40
+    stats.seconds["decode"] = 0.25
+    engine.update(stats)
+    stats.steps, stats.decode_tokens = 15, 60
+    stats.seconds["decode"] = 0.5
+    stats.seconds["prefill"] = 0.125
+    engine.update(stats)
+    engine.update(stats)  # nothing new: nothing added
+    assert engine.steps.value == 15
+    assert engine.tokens["prefill"].value == 600 and engine.tokens["decode"].value == 60
+    assert engine.seconds["decode"].value == 0.5 and engine.seconds["prefill"].value == 0.125
+    assert engine.seconds["vision"].value == 0

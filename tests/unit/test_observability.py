@@ -39,8 +39,10 @@ def _custom_metrics() -> set[str]:
         assert f'"{name}"' in source
         names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     for line in source.splitlines():
-        if 'metric("triton_vlm_' in line:
-            names.add(line.split('metric("', 1)[1].split('"', 1)[0])
+        for marker in ('metric("triton_vlm_', 'name="triton_vlm_'):
+            if marker in line:
+                names.add("triton_vlm_" + line.split(marker, 1)[1].split('"', 1)[0])
+    assert {"triton_vlm_engine_seconds_total", "triton_vlm_model_loaded"} <= names
     return names
 
 
@@ -228,7 +230,8 @@ def test_dashboard_queries_parse_and_use_exported_metrics(board: dict[str, Any])
                    "triton_vlm_generated_tokens_total", "triton_vlm_prompt_tokens_total",
                    "triton_vlm_request_errors_total", "triton_vlm_time_to_first_token_seconds_bucket",
                    "triton_vlm_time_per_output_token_seconds_sum", "triton_vlm_batch_size_count",
-                   "nv_inference_request_success", "nv_inference_queue_duration_us", "nv_gpu_utilization"):
+                   "nv_inference_request_success", "nv_inference_queue_duration_us", "nv_gpu_utilization",
+                   "triton_vlm_engine_seconds_total", "triton_vlm_engine_tokens_total", "triton_vlm_engine_steps_total"):
         assert family in used
 
 
@@ -268,6 +271,9 @@ def test_preview_renders_every_panel_from_a_recording(board: dict[str, Any], tmp
                 lines += [f'{base}_bucket{{model="{model}",le="{le}"}} {i * 4 * (k + 1) // len(les)}'
                           for k, le in enumerate(les)]
                 lines += [f'{base}_sum{{model="{model}"}} {i * 4 * scale}', f'{base}_count{{model="{model}"}} {i * 4}']
+        lines += [f'triton_vlm_engine_steps_total{{model="llava_stream"}} {i * 50}',
+                  f'triton_vlm_engine_tokens_total{{model="llava_stream",phase="decode"}} {i * 80}',
+                  f'triton_vlm_engine_seconds_total{{model="llava_stream",phase="decode"}} {i * 0.5}']
         recording.add(float(i), parse_metrics("\n".join(lines)))
     data = dash.evaluate(board, recording, "5s")
     by_title = {d.panel.title: d for d in data}
@@ -277,6 +283,7 @@ def test_preview_renders_every_panel_from_a_recording(board: dict[str, Any], tmp
     assert dict(by_title["Requests / s"].series)["llava ok"][-1] == pytest.approx(4.0)
     assert dict(by_title["Request latency and queue time (avg)"].series)["kosmos2 request"][-1] == pytest.approx(0.2)
     assert dict(by_title["Batch size (avg)"].series)["llava"][-1] == pytest.approx(2.0)
+    assert dict(by_title["Engine time by phase"].series)["llava_stream decode"][-1] == pytest.approx(0.5)
     output = dash.render(data, recording.times, tmp_path / "dash.png", subtitle="test")
     assert output.read_bytes().startswith(b"\x89PNG")
     summary = dash.summary(data, recording, output)

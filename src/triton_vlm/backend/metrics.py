@@ -28,6 +28,52 @@ METRIC_NAMES = (
     "triton_vlm_last_batch_size", "triton_vlm_batch_size", "triton_vlm_time_to_first_token_seconds",
     "triton_vlm_time_per_output_token_seconds",
 )
+#: The engine's counters (``<model>_stream`` models only).
+ENGINE_METRIC_NAMES = ("triton_vlm_engine_steps_total", "triton_vlm_engine_tokens_total",
+                       "triton_vlm_engine_seconds_total")
+
+
+#: The engine's phases, as in :class:`triton_vlm.engine.engine.EngineStats`.
+ENGINE_PHASES = ("schedule", "vision", "prefill", "decode", "update")
+
+
+class EngineMetrics:
+    """Counters of a ``<model>_stream`` model's engine (:class:`~triton_vlm.engine.engine.EngineStats`), brought
+    up to date by :meth:`update` from the response thread (the engine thread never pays for an IPC call)."""
+
+    def __init__(self, model_name: str) -> None:
+        counter = pb_utils.MetricFamily.COUNTER
+        self._families = [
+            pb_utils.MetricFamily(name="triton_vlm_engine_steps_total", description="Engine steps run", kind=counter),
+            pb_utils.MetricFamily(name="triton_vlm_engine_tokens_total",
+                                  description="Tokens the engine ran, by phase (prefill: prompt; decode: generated)",
+                                  kind=counter),
+            pb_utils.MetricFamily(name="triton_vlm_engine_seconds_total",
+                                  description="Seconds the engine thread spent, by phase", kind=counter),
+        ]
+        steps, tokens, seconds = self._families
+        self.steps = steps.Metric(labels={"model": model_name})
+        self.tokens = {kind: tokens.Metric(labels={"model": model_name, "phase": kind})
+                       for kind in ("prefill", "decode")}
+        self.seconds = {phase: seconds.Metric(labels={"model": model_name, "phase": phase})
+                        for phase in ENGINE_PHASES}
+        self._last: dict[str, float] = {}
+
+    def update(self, stats: Any) -> None:
+        """Add what ``stats`` gained since the last update."""
+        now = {"steps": stats.steps, "prefill": stats.prefill_tokens, "decode": stats.decode_tokens,
+               **{f"seconds.{phase}": stats.seconds.get(phase, 0.0) for phase in ENGINE_PHASES}}
+        for key, value in now.items():
+            delta = value - self._last.get(key, 0.0)
+            if delta <= 0:
+                continue
+            if key == "steps":
+                self.steps.increment(delta)
+            elif key in self.tokens:
+                self.tokens[key].increment(delta)
+            else:
+                self.seconds[key.split(".", 1)[1]].increment(delta)
+        self._last = now
 
 
 class _SumCount:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import triton_python_backend_utils as pb_utils
 
-from triton_vlm.backend.metrics import BackendMetrics
+from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.python_model import configure_logging
 from triton_vlm.backend.requests import (error_response, input_scalar, output_response, parse_request,
                                          runtime_from_args)
@@ -57,6 +57,7 @@ class TritonVLMStreamModel:
         self.runtime = runtime_from_args(args, self.family)
         self.model_name = self.runtime.settings.model_name
         self.metrics = BackendMetrics(self.model_name)
+        self.engine_metrics = EngineMetrics(self.model_name)
         self._engine: LLMEngine | None = None
         self._engine_lock = threading.Lock()
         self._outbox: queue.SimpleQueue[_Open | RequestOutput | None] = queue.SimpleQueue()
@@ -117,6 +118,7 @@ class TritonVLMStreamModel:
     def _send_loop(self) -> None:
         streams: dict[str, _Stream] = {}
         next_sample = 0.0
+        busy = False  # requests were open since the last sample
         while True:
             # Take everything pending, then send at most one response per request: when the engine outpaces
             # the IPC to Triton, deltas merge instead of queueing up (and the GIL stays with the engine).
@@ -144,11 +146,12 @@ class TritonVLMStreamModel:
                         state.first_token_at = time.perf_counter()
                     state.token_ids.extend(message.new_token_ids)
                     pending[message.request_id] = message  # the latest carries counts and finish state
+            busy = busy or bool(streams) or bool(pending)
             self._flush(streams, pending)
             self._abort_cancelled(streams)
-            if streams and time.monotonic() >= next_sample:
-                next_sample = time.monotonic() + 0.5
-                self._sample_batch()
+            if busy and time.monotonic() >= next_sample:
+                next_sample, busy = time.monotonic() + 0.5, False
+                self._sample_engine()
 
     def _flush(self, streams: dict[str, _Stream], pending: dict[str, RequestOutput]) -> None:
         for request_id, out in pending.items():
@@ -195,15 +198,16 @@ class TritonVLMStreamModel:
             piece, state.sent_chars = text[state.sent_chars:], len(text)
             state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None))
 
-    def _sample_batch(self) -> None:
-        """Sequences the engine runs now, as the batch-size metrics (sampled: one call per step would cost an
-        IPC round trip per token)."""
+    def _sample_engine(self) -> None:
+        """Engine metrics, sampled at most every 0.5 s while requests are open and once after (one call per step
+        would cost an IPC round trip per token): sequences running now as the batch size, and the counters."""
         if self._engine is None:
             return
         running = len(self._engine.scheduler.running)
         if running:
             self.metrics.batch_size.set(running)
             self.metrics.batch_sizes.observe(running)
+        self.engine_metrics.update(self._engine.stats)
 
     def _abort_cancelled(self, streams: dict[str, _Stream]) -> None:
         if self._engine is None:
