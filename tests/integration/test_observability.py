@@ -62,7 +62,7 @@ def test_engine_counters_follow_the_engine(triton: RunningServer, sample_image_b
     before = counters()
     with TritonVLMClient(triton.http_url, grpc_url=triton.grpc_url) as client:
         list(client.stream("llava", sample_image_bytes, PROMPTS["llava"], max_tokens=8, ignore_eos=True))
-    deadline = time.monotonic() + 5  # sampled every 0.5 s by the response thread
+    deadline = time.monotonic() + 5  # sampled every 0.25 s by the response thread
     while (after := counters())[1] - before[1] < 7 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert after[0] - before[0] >= 7  # at least one step per decoded token after the first

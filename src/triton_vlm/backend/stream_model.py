@@ -150,7 +150,7 @@ class TritonVLMStreamModel:
             self._flush(streams, pending)
             self._abort_cancelled(streams)
             if busy and time.monotonic() >= next_sample:
-                next_sample, busy = time.monotonic() + 0.5, False
+                next_sample, busy = time.monotonic() + 0.25, False
                 self._sample_engine()
 
     def _flush(self, streams: dict[str, _Stream], pending: dict[str, RequestOutput]) -> None:
@@ -199,7 +199,7 @@ class TritonVLMStreamModel:
             state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None))
 
     def _sample_engine(self) -> None:
-        """Engine metrics, sampled at most every 0.5 s while requests are open and once after (one call per step
+        """Engine metrics, sampled at most every 0.25 s while requests are open and once after (one call per step
         would cost an IPC round trip per token): sequences running now as the batch size, and the counters."""
         if self._engine is None:
             return

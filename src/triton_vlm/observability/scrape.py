@@ -119,8 +119,11 @@ def record(url: str, seconds: float, interval: float = 1.0, *, until: Callable[[
     recording = Recording()
     start = clock()
     while True:
+        before = clock() - start
+        text = fetch_metrics(url)
         now = clock() - start
-        recording.add(now, parse_metrics(fetch_metrics(url)))
+        # Stamped mid-scrape: on a busy host a scrape takes a while, and rates over a few seconds notice.
+        recording.add((before + now) / 2, parse_metrics(text))
         if now >= seconds or (until is not None and len(recording.times) >= 2 and until()):
             return recording
         sleep(max(0.0, start + len(recording.times) * interval - clock()))
