@@ -56,3 +56,10 @@ class ServerUnreachableError(TritonVLMError):
     """The client could not reach the server (not started, wrong URL, still starting)."""
 
     triton_code = "UNAVAILABLE"
+
+
+class RequestTimeoutError(TritonVLMError, TimeoutError):
+    """The client gave up waiting for an answer (its ``timeout``); the server may still be working on it, so
+    retrying is left to the caller."""
+
+    triton_code = "UNAVAILABLE"

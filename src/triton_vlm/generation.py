@@ -8,6 +8,7 @@ the positions it would see alone, so a batch returns what single requests return
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,10 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
     #: Structured extras by output name (e.g. kosmos2's ``entities`` JSON); see ``ModelFamily.extra_outputs``.
     extras: Mapping[str, str] = field(default_factory=dict)
+    #: ``time.perf_counter()`` when the first token was chosen and when this row finished (metrics only; None
+    #: where the answer is not a token stream). Not part of equality: two runs give the same output.
+    first_token_at: float | None = field(default=None, compare=False)
+    finished_at: float | None = field(default=None, compare=False)
 
 
 def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torch.Tensor:
@@ -67,17 +72,27 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
     generated: list[list[int]] = [[] for _ in range(batch)]
     finish = ["length"] * batch
     running = torch.ones(batch, dtype=torch.bool, device=device)
+    first_token_at = 0.0
+    finished_at = [0.0] * batch
     step = 0
     while True:
         tokens = sampler(logits.float())
         is_stop = torch.isin(tokens, stop_ids) & ~row_stop
         step += 1
-        for row in running.nonzero().flatten().tolist():
+        rows = running.nonzero().flatten().tolist()
+        for row in rows:
             if is_stop[row]:
                 finish[row] = "stop"
             else:
                 generated[row].append(int(tokens[row]))
         running &= ~is_stop & (limits > step)
+        now = time.perf_counter()
+        if step == 1:
+            first_token_at = now
+        still = running.tolist()
+        for row in rows:
+            if not still[row]:
+                finished_at[row] = now
         if not running.any():
             break
         # Finished rows keep stepping with a pad token (masked out) until the whole batch is done.
@@ -87,8 +102,8 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
         logits = family.decode(model, tokens[:, None], attention_mask, positions, cache)
 
     outputs = []
-    for ids, n, reason, image, prompt in zip(generated, prompt_tokens, finish, images, prompts):
+    for ids, n, reason, done, image, prompt in zip(generated, prompt_tokens, finish, finished_at, images, prompts):
         text, extras = family.decode_output(processor, ids, image, prompt)
         outputs.append(GenerationOutput(text=text, token_ids=tuple(ids), prompt_tokens=int(n), finish_reason=reason,
-                                        extras=extras))
+                                        extras=extras, first_token_at=first_token_at, finished_at=done))
     return outputs

@@ -46,7 +46,9 @@ class RunningServer:
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     http, grpc, metrics = free_ports()
-    options = ServerOptions(models=SERVED_MODELS, tiny=True, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    # DEBUG: one log line per request (tests/integration/test_observability.py reads them).
+    options = ServerOptions(models=SERVED_MODELS, tiny=True, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                            extra_env={"TRITON_VLM_LOG_LEVEL": "DEBUG"})
     with open(log_path, "w") as log_file:
         server = TritonServer(options, log_file=log_file)
         server.start()

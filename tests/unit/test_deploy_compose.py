@@ -141,3 +141,80 @@ def test_ports_environment_volumes_and_health(mode: str) -> None:
     assert service["restart"] == "unless-stopped"
     assert service["shm_size"] == "2gb"
     assert service["stop_grace_period"] == "45s"
+
+
+# -- the optional monitoring profile (Prometheus + Grafana) ------------------------------------------------------
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_monitoring_profile_is_opt_in(mode: str) -> None:
+    services = interpolate(load(mode), {})["services"]
+    assert "profiles" not in services["triton"]  # `docker compose up` still starts only the server
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        assert services[name]["restart"] == "unless-stopped"
+    assert services["prometheus"]["depends_on"] == ["triton"]
+    assert services["grafana"]["depends_on"] == ["prometheus"]
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_monitoring_mounts_the_project_configs(mode: str) -> None:
+    services = interpolate(load(mode), {})["services"]
+    mounts = {}
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source, target, *options = volume.split(":")
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+                assert options == ["ro"]
+                mounts[target] = ROOT / source
+    assert mounts["/etc/prometheus/prometheus.yml"].is_file()
+    assert (mounts["/etc/grafana/provisioning"] / "datasources" / "prometheus.yml").is_file()
+    assert (mounts["/etc/grafana/dashboards"] / "triton-vlm.json").is_file()
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == "/etc/grafana/dashboards/triton-vlm.json"
+    provider = yaml.safe_load((mounts["/etc/grafana/provisioning"] / "dashboards" / "triton-vlm.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
+    assert {"prometheus-data", "grafana-data"} <= set(load(mode)["volumes"])
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_prometheus_target_is_the_servers_metrics_port(mode: str) -> None:
+    """prometheus.yml scrapes <service>:8002, a service of this file whose container metrics port is 8002."""
+    services = interpolate(load(mode), {})["services"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (target,) = config["scrape_configs"][0]["static_configs"][0]["targets"]
+    service, port = target.split(":")
+    assert service in services and port == "8002"
+    assert any(p.endswith(":8002") for p in services[service]["ports"])
+    datasource = yaml.safe_load((ROOT / "deploy" / "grafana" / "provisioning" / "datasources" /
+                                 "prometheus.yml").read_text())["datasources"][0]
+    assert datasource["url"] == "http://prometheus:9090" and "prometheus" in services
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_monitoring_ports_and_settings(mode: str) -> None:
+    services = interpolate(load(mode), {})["services"]
+    assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
+    assert services["prometheus"]["image"].startswith("prom/prometheus:v")
+    assert services["grafana"]["image"].startswith("grafana/grafana:")
+    env = {"MONITORING_HOST": "0.0.0.0", "PROMETHEUS_PORT": "19090", "GRAFANA_PORT": "13000",
+           "GRAFANA_ADMIN_PASSWORD": "s3cret", "PROMETHEUS_RETENTION": "2d"}
+    services = interpolate(load(mode), env)["services"]
+    assert services["prometheus"]["ports"] == ["0.0.0.0:19090:9090"]
+    assert services["grafana"]["ports"] == ["0.0.0.0:13000:3000"]
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    assert "--storage.tsdb.retention.time=2d" in services["prometheus"]["command"]
+    assert validate(interpolate(load(mode), env)) == []
+
+
+def test_the_schema_catches_profile_mistakes() -> None:
+    broken = copy.deepcopy(load("cpu"))
+    broken["services"]["grafana"]["profiles"] = "monitoring"  # must be a list
+    assert any("profiles" in error for error in validate(broken))
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu"])
+def test_log_level_reaches_the_container(mode: str) -> None:
+    assert _service(mode)["environment"]["TRITON_VLM_LOG_LEVEL"] == "INFO"
+    assert _service(mode, {"TRITON_VLM_LOG_LEVEL": "DEBUG"})["environment"]["TRITON_VLM_LOG_LEVEL"] == "DEBUG"

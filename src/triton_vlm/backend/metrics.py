@@ -1,4 +1,11 @@
-"""Custom Prometheus metrics, served by Triton on its metrics port beside ``nv_inference_*``."""
+"""Custom Prometheus metrics, served by Triton on its metrics port (``:8002/metrics``) beside ``nv_inference_*``.
+
+Every metric carries a ``model`` label. Latencies are histograms (Triton 2.51's Python backend has
+``MetricFamily.HISTOGRAM``): Prometheus gets ``_bucket``, ``_sum`` and ``_count`` series, so dashboards take
+averages as ``rate(_sum) / rate(_count)`` and percentiles with ``histogram_quantile``. On a Triton whose
+Python backend lacks histograms, the same ``_sum`` and ``_count`` series are exported as two counters
+(no ``_bucket``), so averages keep working there. See docs/observability.md.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,85 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
+#: Upper bounds (seconds) for time to first token: a tiny model on CPU answers in ms, a 7B prefill in 10s of ms,
+#: a first request that loads weights in seconds to minutes.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Upper bounds (seconds) for one request's mean time per output token after the first.
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+#: Upper bounds for requests per executed batch (HF path) or sequences per engine step.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+#: Every custom metric name (histograms by their base name), for docs and tests.
+METRIC_NAMES = (
+    "triton_vlm_model_loaded", "triton_vlm_model_load_seconds", "triton_vlm_model_load_failures_total",
+    "triton_vlm_prompt_tokens_total", "triton_vlm_generated_tokens_total", "triton_vlm_request_errors_total",
+    "triton_vlm_last_batch_size", "triton_vlm_batch_size", "triton_vlm_time_to_first_token_seconds",
+    "triton_vlm_time_per_output_token_seconds",
+)
+#: The engine's counters (``<model>_stream`` models only).
+ENGINE_METRIC_NAMES = ("triton_vlm_engine_steps_total", "triton_vlm_engine_tokens_total",
+                       "triton_vlm_engine_seconds_total")
+
+
+#: The engine's phases, as in :class:`triton_vlm.engine.engine.EngineStats`.
+ENGINE_PHASES = ("schedule", "vision", "prefill", "decode", "update")
+
+
+class EngineMetrics:
+    """Counters of a ``<model>_stream`` model's engine (:class:`~triton_vlm.engine.engine.EngineStats`), brought
+    up to date by :meth:`update` from the response thread (the engine thread never pays for an IPC call)."""
+
+    def __init__(self, model_name: str) -> None:
+        counter = pb_utils.MetricFamily.COUNTER
+        self._families = [
+            pb_utils.MetricFamily(name="triton_vlm_engine_steps_total", description="Engine steps run", kind=counter),
+            pb_utils.MetricFamily(name="triton_vlm_engine_tokens_total",
+                                  description="Tokens the engine ran, by phase (prefill: prompt; decode: generated)",
+                                  kind=counter),
+            pb_utils.MetricFamily(name="triton_vlm_engine_seconds_total",
+                                  description="Seconds the engine thread spent, by phase", kind=counter),
+        ]
+        steps, tokens, seconds = self._families
+        self.steps = steps.Metric(labels={"model": model_name})
+        self.tokens = {kind: tokens.Metric(labels={"model": model_name, "phase": kind})
+                       for kind in ("prefill", "decode")}
+        self.seconds = {phase: seconds.Metric(labels={"model": model_name, "phase": phase})
+                        for phase in ENGINE_PHASES}
+        self._last: dict[str, float] = {}
+
+    def update(self, stats: Any) -> None:
+        """Add what ``stats`` gained since the last update."""
+        now = {"steps": stats.steps, "prefill": stats.prefill_tokens, "decode": stats.decode_tokens,
+               **{f"seconds.{phase}": stats.seconds.get(phase, 0.0) for phase in ENGINE_PHASES}}
+        for key, value in now.items():
+            delta = value - self._last.get(key, 0.0)
+            if delta <= 0:
+                continue
+            if key == "steps":
+                self.steps.increment(delta)
+            elif key in self.tokens:
+                self.tokens[key].increment(delta)
+            else:
+                self.seconds[key.split(".", 1)[1]].increment(delta)
+        self._last = now
+
+
+class _SumCount:
+    """A histogram's ``_sum`` and ``_count`` as two counters: for Python backends without histograms."""
+
+    def __init__(self, total: Any, count: Any) -> None:
+        self._total, self._count = total, count
+
+    def observe(self, value: float) -> None:
+        self._total.increment(value)
+        self._count.increment(1)
+
 
 class BackendMetrics:
-    """Per-model gauges and counters through the Python backend's metrics API.
+    """Per-model gauges, counters and histograms through the Python backend's metrics API.
 
-    Only the thread running ``execute`` updates them (one owner), so no lock is needed.
+    Updates are single calls into the backend (thread-safe there); a model updates them from its execute
+    thread and, for the streaming model, its response thread.
     """
 
     def __init__(self, model_name: str) -> None:
@@ -23,6 +104,15 @@ class BackendMetrics:
             self._families.append(family)
             return family.Metric(labels=labels)
 
+        def histogram(name: str, description: str, buckets: tuple[float, ...]) -> Any:
+            kind = getattr(pb_utils.MetricFamily, "HISTOGRAM", None)
+            if kind is None:
+                return _SumCount(metric(f"{name}_sum", f"{description} (sum)", counter),
+                                 metric(f"{name}_count", f"{description} (count)", counter))
+            family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self._families.append(family)
+            return family.Metric(labels=labels, buckets=[float(b) for b in buckets])
+
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         self.loaded = metric("triton_vlm_model_loaded", "1 once the model's weights are loaded, else 0", gauge)
         self.load_seconds = metric("triton_vlm_model_load_seconds", "Seconds the last weight load took", gauge)
@@ -30,5 +120,29 @@ class BackendMetrics:
         self.prompt_tokens = metric("triton_vlm_prompt_tokens_total", "Prompt tokens processed", counter)
         self.generated_tokens = metric("triton_vlm_generated_tokens_total", "Tokens generated", counter)
         self.request_errors = metric("triton_vlm_request_errors_total", "Requests answered with an error", counter)
-        self.batch_size = metric("triton_vlm_last_batch_size", "Requests in the last executed batch", gauge)
+        self.batch_size = metric("triton_vlm_last_batch_size",
+                                 "Requests in the last executed batch (engine: sequences running)", gauge)
+        self.batch_sizes = histogram("triton_vlm_batch_size",
+                                     "Requests per executed batch (engine: sequences per step, sampled)",
+                                     BATCH_BUCKETS)
+        self.time_to_first_token = histogram(
+            "triton_vlm_time_to_first_token_seconds",
+            "Seconds from the backend receiving a request to its first generated token", TTFT_BUCKETS)
+        self.time_per_output_token = histogram(
+            "triton_vlm_time_per_output_token_seconds",
+            "Per request: mean seconds between output tokens after the first", TPOT_BUCKETS)
         self.loaded.set(0)
+
+    def observe_request(self, received: float, first_token: float | None, finished: float,
+                        generated_tokens: int, prompt_tokens: int) -> None:
+        """Token counts and latencies of one answered request; times are ``time.perf_counter()`` stamps.
+
+        Without a first-token stamp (answers that are not token streams, e.g. moondream2's detect) the answer's
+        end counts as its first token.
+        """
+        self.prompt_tokens.increment(prompt_tokens)
+        self.generated_tokens.increment(generated_tokens)
+        first = finished if first_token is None else first_token
+        self.time_to_first_token.observe(max(first - received, 0.0))
+        if generated_tokens > 1 and first_token is not None:
+            self.time_per_output_token.observe(max(finished - first_token, 0.0) / (generated_tokens - 1))

@@ -8,6 +8,8 @@ would fail the whole batch.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any, ClassVar
 
 from triton_vlm.backend.metrics import BackendMetrics
@@ -40,6 +42,7 @@ class TritonVLMModel:
             self._load()
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        received = time.perf_counter()
         responses: list[Any] = [None] * len(requests)
         batch: list[GenerationRequest] = []
         slots: list[int] = []
@@ -55,9 +58,12 @@ class TritonVLMModel:
             if not was_loaded:
                 self._record_load()
             self.metrics.batch_size.set(len(batch))
-            for index, result in zip(slots, results):
+            self.metrics.batch_sizes.observe(len(batch))
+            for index, request, result in zip(slots, batch, results):
                 responses[index] = (self._error_response(result) if isinstance(result, TritonVLMError)
-                                    else self._response(result))
+                                    else self._response(result, received))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s", request_log_line(self.model_name, request, result, received, len(batch)))
         return responses
 
     def finalize(self) -> None:
@@ -78,9 +84,9 @@ class TritonVLMModel:
         self.metrics.loaded.set(1)
         self.metrics.load_seconds.set(loaded.load_seconds)
 
-    def _response(self, output: GenerationOutput) -> Any:
-        self.metrics.prompt_tokens.increment(output.prompt_tokens)
-        self.metrics.generated_tokens.increment(len(output.token_ids))
+    def _response(self, output: GenerationOutput, received: float) -> Any:
+        self.metrics.observe_request(received, output.first_token_at, output.finished_at or time.perf_counter(),
+                                     len(output.token_ids), output.prompt_tokens)
         extras = {name: output.extras.get(name, default) for name, default in self.extra_outputs.items()}
         return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason,
                                extras)
@@ -92,11 +98,29 @@ class TritonVLMModel:
         return error_response(exc)
 
 
+def request_log_line(model: str, request: GenerationRequest, result: GenerationOutput | TritonVLMError,
+                     received: float, batch: int) -> str:
+    """One debug line per answered request: what was asked (sizes, not content) and how it went."""
+    asked = (f"model {model}: request image {request.image.width}x{request.image.height}, prompt "
+             f"{len(request.prompt)} chars, max_tokens {request.params.max_tokens}"
+             f"{f', task {request.task}' if request.task else ''}, batch of {batch}")
+    seconds = time.perf_counter() - received
+    if isinstance(result, TritonVLMError):
+        return f"{asked}: error after {seconds:.3f}s: {type(result).__name__}: {result}"
+    return (f"{asked}: {result.prompt_tokens} prompt + {len(result.token_ids)} generated tokens, "
+            f"{result.finish_reason}, {seconds:.3f}s")
+
+
 def configure_logging() -> None:
-    # The stub's stdout/stderr land in Triton's log; one handler per process.
+    """Log ``triton_vlm`` records to the stub's stderr, which lands in Triton's log; one handler per process.
+
+    ``TRITON_VLM_LOG_LEVEL`` (default INFO; ``triton-vlm serve --log-level debug`` sets it) picks the level:
+    DEBUG adds one line per request.
+    """
     root = logging.getLogger("triton_vlm")
     if not root.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[triton_vlm] %(levelname)s %(message)s"))
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        level = os.environ.get("TRITON_VLM_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+        root.setLevel(level if isinstance(logging.getLevelName(level), int) else logging.INFO)

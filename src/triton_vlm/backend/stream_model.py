@@ -13,12 +13,13 @@ import logging
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import triton_python_backend_utils as pb_utils
 
-from triton_vlm.backend.metrics import BackendMetrics
+from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.python_model import configure_logging
 from triton_vlm.backend.requests import (error_response, input_scalar, output_response, parse_request,
                                          runtime_from_args)
@@ -34,6 +35,7 @@ class _Open:
     request_id: str
     sender: Any
     stream: bool
+    received: float = 0.0  # time.perf_counter() when execute got the request
 
 
 @dataclass
@@ -42,6 +44,8 @@ class _Stream:
     stream: bool
     token_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    received: float = 0.0
+    first_token_at: float | None = None
 
 
 class TritonVLMStreamModel:
@@ -57,6 +61,7 @@ class TritonVLMStreamModel:
         self.runtime = runtime_from_args(args, self.family)
         self.model_name = self.runtime.settings.model_name
         self.metrics = BackendMetrics(self.model_name)
+        self.engine_metrics = EngineMetrics(self.model_name)
         self._engine: LLMEngine | None = None
         self._engine_lock = threading.Lock()
         self._outbox: queue.SimpleQueue[_Open | RequestOutput | None] = queue.SimpleQueue()
@@ -68,6 +73,7 @@ class TritonVLMStreamModel:
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
+            received = time.perf_counter()
             sender = request.get_response_sender()
             try:
                 parsed = parse_request(request, self.runtime)
@@ -78,7 +84,7 @@ class TritonVLMStreamModel:
                 engine_request = engine.prepare(parsed.image, parsed.prompt, parsed.params, self._outbox.put,
                                                 request_id=request_id)
                 # Registered before the engine can answer: the response thread sees _Open first.
-                self._outbox.put(_Open(request_id, sender, True if stream is None else stream))
+                self._outbox.put(_Open(request_id, sender, True if stream is None else stream, received))
                 engine.submit(engine_request)
             except TritonVLMError as exc:
                 self.metrics.request_errors.increment(1)
@@ -115,6 +121,8 @@ class TritonVLMStreamModel:
     # -- the response thread ------------------------------------------------------------------------------
     def _send_loop(self) -> None:
         streams: dict[str, _Stream] = {}
+        next_sample = 0.0
+        busy = False  # requests were open since the last sample
         while True:
             # Take everything pending, then send at most one response per request: when the engine outpaces
             # the IPC to Triton, deltas merge instead of queueing up (and the GIL stays with the engine).
@@ -135,12 +143,19 @@ class TritonVLMStreamModel:
                         _send_final(state.sender)
                     return
                 if isinstance(message, _Open):
-                    streams[message.request_id] = _Stream(message.sender, message.stream)
+                    streams[message.request_id] = _Stream(message.sender, message.stream, received=message.received)
                 elif message.request_id in streams:
-                    streams[message.request_id].token_ids.extend(message.new_token_ids)
+                    state = streams[message.request_id]
+                    if message.new_token_ids and state.first_token_at is None:
+                        state.first_token_at = time.perf_counter()
+                    state.token_ids.extend(message.new_token_ids)
                     pending[message.request_id] = message  # the latest carries counts and finish state
+            busy = busy or bool(streams) or bool(pending)
             self._flush(streams, pending)
             self._abort_cancelled(streams)
+            if busy and time.monotonic() >= next_sample:
+                next_sample, busy = time.monotonic() + 0.25, False
+                self._sample_engine()
 
     def _flush(self, streams: dict[str, _Stream], pending: dict[str, RequestOutput]) -> None:
         for request_id, out in pending.items():
@@ -171,8 +186,14 @@ class TritonVLMStreamModel:
         processor = self.runtime.loaded.processor  # type: ignore[union-attr]
         text = self.runtime.family.decode_text(processor, state.token_ids)
         if out.finished:
-            self.metrics.prompt_tokens.increment(out.prompt_tokens)
-            self.metrics.generated_tokens.increment(out.generated_tokens)
+            finished = time.perf_counter()
+            self.metrics.observe_request(state.received, state.first_token_at, finished, out.generated_tokens,
+                                         out.prompt_tokens)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("model %s: request %s: %d prompt + %d generated tokens, %s, first token after %.3fs, "
+                          "%.3fs in all", self.model_name, out.request_id, out.prompt_tokens, out.generated_tokens,
+                          out.finish_reason, (state.first_token_at or finished) - state.received,
+                          finished - state.received)
             piece = text[state.sent_chars:] if state.stream else text
             state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, out.finish_reason),
                               flags=FINAL)
@@ -180,6 +201,17 @@ class TritonVLMStreamModel:
             # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
             piece, state.sent_chars = text[state.sent_chars:], len(text)
             state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None))
+
+    def _sample_engine(self) -> None:
+        """Engine metrics, sampled at most every 0.25 s while requests are open and once after (one call per step
+        would cost an IPC round trip per token): sequences running now as the batch size, and the counters."""
+        if self._engine is None:
+            return
+        running = len(self._engine.scheduler.running)
+        if running:
+            self.metrics.batch_size.set(running)
+            self.metrics.batch_sizes.observe(running)
+        self.engine_metrics.update(self._engine.stats)
 
     def _abort_cancelled(self, streams: dict[str, _Stream]) -> None:
         if self._engine is None:

@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_server_arguments(start)
     start.set_defaults(handler=_start)
 
-    infer = commands.add_parser("infer", help="ask a model about an image; prints only the generated text")
+    infer = commands.add_parser("infer", help="ask a model about an image; prints only the generated text "
+                                              "(--json: text, token counts, finish reason, latency)")
     infer.add_argument("--model", required=True)
     infer.add_argument("--image", required=True, type=Path)
     infer.add_argument("--prompt", required=True)
@@ -72,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--draw", type=Path, default=None, metavar="OUT.png",
                        help="also write the image with the answer's boxes drawn on it: kosmos2 entities (prompts "
                             "starting with <grounding>), moondream2 detect/point answers")
+    infer.add_argument("--json", action="store_true",
+                       help="print {text, generated_tokens, prompt_tokens, finish_reason, latency_s} as JSON")
+    infer.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (300)")
+    infer.add_argument("--retries", type=int, default=0,
+                       help="retry this many times, with backoff, while the server is unreachable or the model "
+                            "UNAVAILABLE (e.g. still starting); never for invalid requests")
+    infer.add_argument("--metrics-url", default=os.environ.get("TRITON_VLM_METRICS_URL"),
+                       help="on a terminal, where to check whether the weights are still loading (default: the "
+                            "--url host, port 8002)")
     infer.set_defaults(handler=_infer, verbose=False)
 
     openai = commands.add_parser("openai", help="run the OpenAI-compatible API (chat completions with images) in "
@@ -98,6 +108,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="where to write (default: the project's triton_models/)")
     add.add_argument("--force", action="store_true", help="overwrite an existing model directory")
     add.set_defaults(handler=_add_model)
+
+    from triton_vlm.cli import dashboard as dashboard_cli
+    from triton_vlm.cli import status as status_cli
+
+    status = commands.add_parser("status", help="server, models, readiness, instance kinds and loaded weights")
+    status_cli.add_arguments(status)
+    status.set_defaults(handler=status_cli.run, verbose=False)
+
+    preview = commands.add_parser(
+        "dashboard-preview", help="render the Grafana dashboard's panels from a server's scraped metrics (PNG)")
+    dashboard_cli.add_arguments(preview)
+    preview.set_defaults(handler=dashboard_cli.run, verbose=False)
 
     tiny = commands.add_parser("make-tiny", help="build the tiny random-weight checkpoints")
     tiny.add_argument("--families", default="llava,kosmos2",
@@ -235,24 +257,40 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    import contextlib
+    import time
+
+    from triton_vlm.cli.output import Spinner, is_terminal, loading_message, print_result
     from triton_vlm.client.entities import parse_entities
 
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    # The spinner only where a person watches; pipes and scripts get the text (or --json) alone.
+    friendly = is_terminal(sys.stdout) and is_terminal(sys.stderr) and not args.json
     if args.direct:
+        from triton_vlm.client import InferenceResult
         from triton_vlm.direct import direct_infer, direct_runtime
 
         runtime = direct_runtime(args.model, tiny=args.tiny)
-        output = direct_infer(runtime, args.image, args.prompt, task=args.task, **sampling)
-        text, entities = output.text, parse_entities(output.extras.get("entities", "[]"))
+        spinner = Spinner(sys.stderr, lambda: f"loading {args.model} and generating in this process")
+        started = time.perf_counter()
+        with spinner if friendly else contextlib.nullcontext():
+            output = direct_infer(runtime, args.image, args.prompt, task=args.task, **sampling)
+        result = InferenceResult(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason,
+                                 time.perf_counter() - started,
+                                 entities=parse_entities(output.extras.get("entities", "[]")))
     else:
         from triton_vlm.client import TritonVLMClient
+        from triton_vlm.observability.status import default_metrics_url
 
-        with TritonVLMClient(args.url, protocol="grpc" if args.grpc else "http") as client:
-            result = client.infer_result(args.model, args.image, args.prompt, task=args.task, **sampling)
-        text, entities = result.text, result.entities
-    print(text)
+        with TritonVLMClient(args.url, protocol="grpc" if args.grpc else "http", timeout=args.timeout,
+                             retry=args.retries) as client:
+            metrics_url = args.metrics_url or default_metrics_url(client.url)
+            spinner = Spinner(sys.stderr, lambda: loading_message(args.model, metrics_url))
+            with spinner if friendly else contextlib.nullcontext():
+                result = client.infer_result(args.model, args.image, args.prompt, task=args.task, **sampling)
+    print_result(result, model=args.model, as_json=args.json)
     if args.draw:
-        _draw(args.image, args.draw, text, entities, label=args.prompt)
+        _draw(args.image, args.draw, result.text, result.entities, label=args.prompt)
     return 0
 
 

@@ -2,7 +2,10 @@
 
 Errors come back as the project's exception tree (:mod:`triton_vlm.errors`): a bad image is an
 :class:`InvalidInputError`, an unknown model an :class:`UnknownModelError`, a server that is down a
-:class:`ServerUnreachableError`.
+:class:`ServerUnreachableError`, no answer within ``timeout`` a :class:`RequestTimeoutError`.
+
+Request building and response parsing are module functions shared with the asyncio client
+(:mod:`triton_vlm.client.aio`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import io
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -20,11 +24,16 @@ import numpy as np
 from PIL import Image
 
 from triton_vlm.client.entities import Entity, parse_entities
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, ServerUnreachableError,
-                               TritonVLMError, UnknownModelError)
+from triton_vlm.client.retry import RetryPolicy
+from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
+                               ServerUnreachableError, TritonVLMError, UnknownModelError)
 
 ImageLike = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 Protocol = Literal["http", "grpc"]
+#: One item of :meth:`TritonVLMClient.infer_many`: ``(image, prompt)`` or a dict of :meth:`infer_result`'s
+#: keyword arguments (``image`` and ``prompt`` required; ``model_name`` overrides the call's model).
+BatchItem = Union[tuple[ImageLike, str], Mapping[str, Any]]
+OUTPUT_NAMES = ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")
 
 
 @dataclass(frozen=True)
@@ -79,22 +88,124 @@ def encode_image(image: ImageLike) -> bytes:
     raise InvalidInputError(f"image: unsupported type {type(image).__name__}")
 
 
+# -- request building and response parsing (shared with the asyncio client) -----------------------------------
+def make_tensor(module: Any, name: str, array: np.ndarray, triton_type: str) -> Any:
+    tensor = module.InferInput(name, list(array.shape), triton_type)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def request_inputs(module: Any, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
+                   temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                   task: str | None = None, ignore_eos: bool | None = None,
+                   stream: bool | None = None) -> list[Any]:
+    """The input tensors of one request for ``module`` (``tritonclient.http``/``.grpc`` or their ``.aio``);
+    optional inputs left at None are not sent (the model's defaults apply)."""
+    data = np.frombuffer(encode_image(image), dtype=np.uint8)[None, :]
+    inputs = [make_tensor(module, "image", data, "UINT8"),
+              make_tensor(module, "prompt", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES")]
+    for name, value, dtype, triton_type in (("max_tokens", max_tokens, np.int32, "INT32"),
+                                            ("temperature", temperature, np.float32, "FP32"),
+                                            ("top_p", top_p, np.float32, "FP32"),
+                                            ("seed", seed, np.int64, "INT64")):
+        if value is not None:
+            inputs.append(make_tensor(module, name, np.array([[value]], dtype=dtype), triton_type))
+    if ignore_eos is not None:
+        inputs.append(make_tensor(module, "ignore_eos", np.array([[ignore_eos]], dtype=np.bool_), "BOOL"))
+    if task is not None:
+        inputs.append(make_tensor(module, "task", np.array([[task.encode("utf-8")]], dtype=np.object_), "BYTES"))
+    if stream is not None:
+        inputs.append(make_tensor(module, "stream", np.array([[stream]], dtype=np.bool_), "BOOL"))
+    return inputs
+
+
+def requested_outputs(module: Any) -> list[Any]:
+    return [module.InferRequestedOutput(name) for name in OUTPUT_NAMES]
+
+
+def _output_fields(result: Any) -> tuple[str, int, int, str]:
+    def text(name: str) -> str:
+        value = result.as_numpy(name).reshape(-1)[0]
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)  # str: a JSON (non-binary) answer
+
+    return (text("generated_text"), int(result.as_numpy("generated_tokens").reshape(-1)[0]),
+            int(result.as_numpy("prompt_tokens").reshape(-1)[0]), text("finish_reason"))
+
+
+def parse_result(result: Any, latency_s: float) -> InferenceResult:
+    """An :class:`InferenceResult` from a tritonclient ``InferResult``."""
+    text, generated, prompt_tokens, finish_reason = _output_fields(result)
+    entities = result.as_numpy("entities")
+    return InferenceResult(text=text, generated_tokens=generated, prompt_tokens=prompt_tokens,
+                           finish_reason=finish_reason, latency_s=latency_s,
+                           entities=[] if entities is None else parse_entities(entities.reshape(-1)[0]))
+
+
+def parse_piece(result: Any) -> StreamPiece:
+    text, generated, prompt_tokens, finish_reason = _output_fields(result)
+    return StreamPiece(text=text, generated_tokens=generated, prompt_tokens=prompt_tokens,
+                       finish_reason=finish_reason)
+
+
+def stream_target(model_name: str) -> str:
+    return model_name if model_name.endswith("_stream") else f"{model_name}_stream"
+
+
+def batch_item(item: BatchItem, model_name: str, common: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(model, infer_result keyword arguments)`` for one :meth:`TritonVLMClient.infer_many` item."""
+    if isinstance(item, Mapping):
+        kwargs = {**common, **item}
+    else:
+        image, prompt = item
+        kwargs = {**common, "image": image, "prompt": prompt}
+    if "image" not in kwargs or "prompt" not in kwargs:
+        raise InvalidInputError("infer_many: every item needs an image and a prompt")
+    return kwargs.pop("model_name", model_name), kwargs
+
+
+def progress_bar(total: int, enabled: bool | None, description: str) -> Any:
+    """A tqdm bar on stderr (None when disabled; ``enabled=None``: only when stderr is a terminal)."""
+    import sys
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="req", leave=False, dynamic_ncols=True)
+
+
+def split_url(url: str) -> str:
+    return url.removeprefix("http://").removeprefix("https://").removeprefix("grpc://").rstrip("/")
+
+
+def default_grpc_url(url: str, protocol: str) -> str:
+    return url if protocol == "grpc" else url.rsplit(":", 1)[0] + ":8001"
+
+
 class TritonVLMClient:
     """A client for one triton-vlm server. Thread-safe: each thread gets its own connection.
 
-    >>> client = TritonVLMClient(url="localhost:8000")
+    ``timeout`` (seconds) bounds every call (:class:`RequestTimeoutError` past it). ``retry`` retries calls that
+    fail because the server is not up yet or a model is UNAVAILABLE, with exponential backoff: a
+    :class:`RetryPolicy`, or a number of retries (default: none). Invalid requests are never retried.
+
+    >>> client = TritonVLMClient(url="localhost:8000", retry=5)
     >>> client.infer(model_name="llava", image="test_images/sample_image.jpg", prompt="What is this?")
     """
 
     def __init__(self, url: str = "localhost:8000", *, protocol: Protocol = "http",
-                 timeout: float = 300.0, grpc_url: str | None = None) -> None:
+                 timeout: float = 300.0, grpc_url: str | None = None,
+                 retry: RetryPolicy | int | bool | None = None) -> None:
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
-        self.url = url.removeprefix("http://").removeprefix("grpc://").rstrip("/")
+        self.url = split_url(url)
         self.protocol: Protocol = protocol
         #: Where :meth:`stream` connects (token streaming is gRPC); default: this host, port 8001.
-        self.grpc_url = grpc_url or (self.url if protocol == "grpc" else self.url.rsplit(":", 1)[0] + ":8001")
+        self.grpc_url = split_url(grpc_url) if grpc_url else default_grpc_url(self.url, protocol)
         self.timeout = timeout
+        self.retry = RetryPolicy.coerce(retry)
         self._local = threading.local()
         self._clients: list[Any] = []
         self._clients_lock = threading.Lock()
@@ -118,26 +229,51 @@ class TritonVLMClient:
         """Like :meth:`infer`, with token counts, finish reason, latency and the model's optional outputs
         (``entities``). ``ignore_eos`` generates exactly ``max_tokens`` tokens (benchmarks)."""
         module = self._module()
-        data = np.frombuffer(encode_image(image), dtype=np.uint8)[None, :]
-        inputs = self._inputs(module, data, prompt, max_tokens, temperature, top_p, seed)
-        if ignore_eos:
-            inputs.append(self._tensor(module, "ignore_eos", np.array([[True]], dtype=np.bool_), "BOOL"))
-        if task is not None:
-            inputs.append(self._tensor(module, "task", np.array([[task.encode("utf-8")]], dtype=np.object_),
-                                       "BYTES"))
+        inputs = request_inputs(module, image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, task=task, ignore_eos=True if ignore_eos else None)
         started = time.perf_counter()
-        # No output list: the model returns all it declares (binary), optional ones such as entities included.
+        # No output list: the model returns all it declares, optional ones such as kosmos2's entities included.
         result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
-        latency = time.perf_counter() - started
-        entities = result.as_numpy("entities")
-        return InferenceResult(
-            text=result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8"),
-            generated_tokens=int(result.as_numpy("generated_tokens").reshape(-1)[0]),
-            prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-            finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"),
-            latency_s=latency,
-            entities=[] if entities is None else parse_entities(entities.reshape(-1)[0]),
-        )
+        return parse_result(result, time.perf_counter() - started)
+
+    def infer_many(self, model_name: str, items: Iterable[BatchItem], *, concurrency: int = 4,
+                   progress: bool | None = True, return_exceptions: bool = False,
+                   on_result: Callable[[int, InferenceResult | TritonVLMError], None] | None = None,
+                   **common: Any) -> list[InferenceResult | TritonVLMError]:
+        """:meth:`infer_result` for every item, ``concurrency`` at a time (Triton batches them); results in
+        item order.
+
+        Items are ``(image, prompt)`` pairs or dicts of :meth:`infer_result` arguments; ``common`` arguments
+        (``max_tokens=16``...) apply to all. ``progress`` shows a tqdm bar on stderr (None: only on a terminal).
+        The first failure is raised unless ``return_exceptions``, which puts each failure in its item's place.
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        requests = [batch_item(item, model_name, common) for item in items]
+        results: list[Any] = [None] * len(requests)
+        bar = progress_bar(len(requests), progress, f"{model_name} x{concurrency}")
+
+        def run(index: int) -> None:
+            model, kwargs = requests[index]
+            try:
+                results[index] = self.infer_result(model, **kwargs)
+            except TritonVLMError as exc:
+                if not return_exceptions:
+                    raise
+                results[index] = exc
+            if on_result is not None:
+                on_result(index, results[index])
+            if bar is not None:
+                bar.update(1)
+
+        try:
+            with ThreadPoolExecutor(max_workers=min(concurrency, max(1, len(requests)))) as pool:
+                for future in [pool.submit(run, i) for i in range(len(requests))]:
+                    future.result()
+        finally:
+            if bar is not None:
+                bar.close()
+        return results
 
     def stream(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
@@ -154,15 +290,33 @@ class TritonVLMClient:
     def stream_pieces(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                       temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                       ignore_eos: bool = False) -> Iterator[StreamPiece]:
-        """Like :meth:`stream`, with token counts and the finish reason (the last piece has one)."""
+        """Like :meth:`stream`, with token counts and the finish reason (the last piece has one).
+
+        With a retry policy, a stream that fails before its first piece because the server is not up yet is
+        started again."""
         import tritonclient.grpc as grpc_module
+
+        inputs = request_inputs(grpc_module, image, prompt, max_tokens=max_tokens, temperature=temperature,
+                                top_p=top_p, seed=seed, ignore_eos=ignore_eos, stream=True)
+        target = stream_target(model_name)
+        started = time.monotonic()
+        delays = self.retry.delays()
+        while True:
+            pieces = self._stream_once(grpc_module, target, inputs)
+            try:
+                first = next(pieces)
+            except StopIteration:
+                return
+            except self.retry.retry_on as exc:
+                time.sleep(self.retry._next(delays, started, time.monotonic, exc))
+                continue
+            yield first
+            yield from pieces
+            return
+
+    def _stream_once(self, grpc_module: Any, target: str, inputs: list[Any]) -> Iterator[StreamPiece]:
         from tritonclient.utils import InferenceServerException
 
-        target = model_name if model_name.endswith("_stream") else f"{model_name}_stream"
-        data = np.frombuffer(encode_image(image), dtype=np.uint8)[None, :]
-        inputs = self._inputs(grpc_module, data, prompt, max_tokens, temperature, top_p, seed)
-        inputs.append(self._tensor(grpc_module, "ignore_eos", np.array([[ignore_eos]], dtype=np.bool_), "BOOL"))
-        inputs.append(self._tensor(grpc_module, "stream", np.array([[True]], dtype=np.bool_), "BOOL"))
         pieces: queue.Queue[tuple[Any, Any]] = queue.Queue()
         client = self._stream_client(grpc_module)
         try:
@@ -173,15 +327,11 @@ class TritonVLMClient:
                 try:
                     result, error = pieces.get(timeout=self.timeout)
                 except queue.Empty:
-                    raise ServerUnreachableError(f"no response from {target} in {self.timeout:.0f}s") from None
+                    raise RequestTimeoutError(f"no response from {target} in {self.timeout:g}s") from None
                 if error is not None:
                     raise _translate(error, target, self.grpc_url) if isinstance(
                         error, InferenceServerException) else ServerUnreachableError(str(error))
-                piece = StreamPiece(
-                    text=result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8"),
-                    generated_tokens=int(result.as_numpy("generated_tokens").reshape(-1)[0]),
-                    prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                    finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"))
+                piece = parse_piece(result)
                 yield piece
                 if piece.finish_reason:
                     return
@@ -207,11 +357,24 @@ class TritonVLMClient:
             time.sleep(0.25)
 
     def list_models(self) -> list[dict[str, str]]:
-        """The repository index: name, version and state of every model."""
+        """The repository index: name, version and state of every model (and ``reason`` where Triton gives one)."""
         index = self._call(lambda c: c.get_model_repository_index(), None)
         if self.protocol == "grpc":
-            return [{"name": m.name, "version": m.version, "state": m.state} for m in index.models]
+            return [{"name": m.name, "version": m.version, "state": m.state,
+                     **({"reason": m.reason} if m.reason else {})} for m in index.models]
         return [{k: str(v) for k, v in m.items()} for m in index]
+
+    def model_config(self, model_name: str) -> dict[str, Any]:
+        """The configuration Triton serves ``model_name`` with (as JSON: ``max_batch_size``, ``instance_group``...)."""
+        if self.protocol == "grpc":
+            return dict(self._call(lambda c: c.get_model_config(model_name, as_json=True), model_name)["config"])
+        return dict(self._call(lambda c: c.get_model_config(model_name), model_name))
+
+    def server_metadata(self) -> dict[str, Any]:
+        """Triton's name, version and extensions."""
+        if self.protocol == "grpc":
+            return dict(self._call(lambda c: c.get_server_metadata(as_json=True), None))
+        return dict(self._call(lambda c: c.get_server_metadata(), None))
 
     def close(self) -> None:
         with self._clients_lock:
@@ -263,40 +426,31 @@ class TritonVLMClient:
     def _timeout_kwargs(self) -> dict[str, Any]:
         return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
 
-    def _inputs(self, module: Any, data: np.ndarray, prompt: str, max_tokens: int | None,
-                temperature: float | None, top_p: float | None, seed: int | None) -> list[Any]:
-        inputs = [self._tensor(module, "image", data, "UINT8"),
-                  self._tensor(module, "prompt", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES")]
-        for name, value, dtype, triton_type in (("max_tokens", max_tokens, np.int32, "INT32"),
-                                                ("temperature", temperature, np.float32, "FP32"),
-                                                ("top_p", top_p, np.float32, "FP32"),
-                                                ("seed", seed, np.int64, "INT64")):
-            if value is not None:
-                inputs.append(self._tensor(module, name, np.array([[value]], dtype=dtype), triton_type))
-        return inputs
-
-    @staticmethod
-    def _tensor(module: Any, name: str, array: np.ndarray, triton_type: str) -> Any:
-        tensor = module.InferInput(name, list(array.shape), triton_type)
-        tensor.set_data_from_numpy(array)
-        return tensor
-
     def _call(self, fn: Any, model_name: str | None) -> Any:
+        """``fn(client)`` with errors translated, retried per :attr:`retry`."""
+        return self.retry.call(lambda: self._call_once(fn, model_name))
+
+    def _call_once(self, fn: Any, model_name: str | None) -> Any:
         from tritonclient.utils import InferenceServerException
 
         try:
             return fn(self._client())
         except InferenceServerException as exc:
-            raise _translate(exc, model_name, self.url) from None
+            raise _translate(exc, model_name, self.url, self.timeout) from None
+        except TimeoutError:
+            raise RequestTimeoutError(f"no answer from {self.url} within {self.timeout:g}s") from None
         except (ConnectionError, OSError) as exc:
             raise ServerUnreachableError(f"cannot reach triton-vlm server at {self.url}: {exc}") from None
 
 
-def _translate(exc: Any, model_name: str | None, url: str) -> TritonVLMError:
+def _translate(exc: Any, model_name: str | None, url: str, timeout: float | None = None) -> TritonVLMError:
     from triton_vlm.error_tags import split_error_tag
 
     message = exc.message() or str(exc)
     status = str(exc.status() or "")
+    if status == "StatusCode.DEADLINE_EXCEEDED" or message == "Deadline Exceeded":
+        within = f" within {timeout:g}s" if timeout is not None else ""
+        return RequestTimeoutError(f"no answer from {url}{within} ({message})")
     code, untagged = split_error_tag(message)
     if message != untagged:  # a tagged stream error: the tag is the status
         message = untagged
