@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SAMPLE_IMAGE
-from tests.integration.conftest import WORKING_MODELS, RunningServer
+from tests.integration.conftest import PROMPTS, WORKING_MODELS, RunningServer
 from triton_client import AsyncTritonVLMClient, TritonVLMClient
 from triton_vlm.cli.main import main
 from triton_vlm.observability import dashboard as dash
@@ -20,8 +20,6 @@ from triton_vlm.observability.scrape import metric_types, parse_metrics, value_o
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
-           "moondream2": "What is in this image?"}
 HISTOGRAMS = ("triton_vlm_time_to_first_token_seconds", "triton_vlm_time_per_output_token_seconds",
               "triton_vlm_batch_size")
 
