@@ -203,11 +203,29 @@ class TritonVLMClient:
             time.sleep(0.25)
 
     def list_models(self) -> list[dict[str, str]]:
-        """The repository index: name, version and state of every model."""
-        index = self._call(lambda c: c.get_model_repository_index(), None)
+        """The repository index: name, version and state of every model.
+
+        triton-vlm's launcher keeps the repository API (which also loads and unloads models) behind an admin
+        key; without it, the loaded models are listed from the statistics API, each with its readiness.
+        """
+        try:
+            index = self._call(lambda c: c.get_model_repository_index(), None)
+        except TritonVLMError as exc:
+            if "is restricted" not in str(exc):
+                raise
+            return self._loaded_models()
         if self.protocol == "grpc":
             return [{"name": m.name, "version": m.version, "state": m.state} for m in index.models]
         return [{k: str(v) for k, v in m.items()} for m in index]
+
+    def _loaded_models(self) -> list[dict[str, str]]:
+        stats = self._call(lambda c: c.get_inference_statistics(), None)
+        if self.protocol == "grpc":
+            versions = [(m.name, m.version) for m in stats.model_stats]
+        else:
+            versions = [(m["name"], m["version"]) for m in stats.get("model_stats", [])]
+        return [{"name": name, "version": version,
+                 "state": "READY" if self.is_ready(name) else "UNAVAILABLE"} for name, version in versions]
 
     def close(self) -> None:
         with self._clients_lock:
@@ -298,6 +316,10 @@ def _translate(exc: Any, model_name: str | None, url: str) -> TritonVLMError:
         message = untagged
         status = {"INVALID_ARG": "400", "UNAVAILABLE": "503", "NOT_FOUND": "404"}.get(code, "500")
     lowered = message.lower()
+    if "has no available versions" in lowered or ("stub process" in lowered and "not healthy" in lowered):
+        # The model exists but cannot serve this moment: its Python stub died, or it is being reloaded.
+        return ModelUnavailableError(f"model {model_name!r} is not available right now (restarting?); "
+                                     f"retry shortly: {message}")
     if "unknown model" in lowered or ("not found" in lowered and model_name and model_name in message):
         return UnknownModelError(f"model {model_name!r} is not served at {url}: {message}")
     if status in ("400", "StatusCode.INVALID_ARGUMENT"):

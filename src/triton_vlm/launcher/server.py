@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,9 +21,12 @@ from typing import IO
 
 from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
+from triton_vlm.launcher.policies import apply_queue_policy, instance_count, queue_limits
+from triton_vlm.launcher.preflight import check_shm
 from triton_vlm.launcher.repository import (companions, default_model_repository, make_forwarder, model_family,
                                             render_repository, servable_models)
 from triton_vlm.launcher.stub_env import stub_python_bin
+from triton_vlm.launcher.supervisor import ADMIN_HEADER, ModelControl, StubSupervisor
 from triton_vlm.settings import env_prefix
 
 log = logging.getLogger("triton_vlm")
@@ -47,6 +51,14 @@ class ServerOptions:
     work_dir: Path | None = None
     log_verbose: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Overload limits for every batched model (None: as in config.pbtxt); see triton_vlm.launcher.policies.
+    max_queue_size: int | None = None
+    queue_timeout_ms: int | None = None
+    #: Reload a model whose Python stub died (Triton itself never does); see triton_vlm.launcher.supervisor.
+    supervise: bool = True
+    #: Secret for Triton's repository API (load/unload/index), also trace, logging and shared-memory: sent as
+    #: the ``triton-vlm-admin-key`` header. None: $TRITON_VLM_ADMIN_KEY, else a random one per run.
+    admin_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.instance_kind not in ("auto", "cpu", "gpu"):
@@ -56,6 +68,11 @@ class ServerOptions:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) != 3:
             raise LauncherError(f"HTTP, gRPC and metrics ports must differ, got {ports}")
+
+
+#: Triton APIs only the launcher (or an operator with the admin key) may use: loading or unloading models
+#: (running code from the repository), shared-memory registration, trace and log settings (files on the host).
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
 
 
 def gpu_available() -> bool:
@@ -93,6 +110,8 @@ class TritonServer:
         self._own_work_dir = options.work_dir is None
         self.work_dir = options.work_dir or Path(tempfile.mkdtemp(prefix="triton-vlm-"))
         self.models: list[str] = []
+        self.admin_key = options.admin_key or os.environ.get("TRITON_VLM_ADMIN_KEY") or secrets.token_urlsafe(24)
+        self.supervisor: StubSupervisor | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> TritonServer:
@@ -114,6 +133,12 @@ class TritonServer:
             for model in public:
                 if streams[model]:
                     make_forwarder(served / model, streams[model][0], opts.forwarder_instances)
+        stubs = 0
+        for model in self.models:
+            apply_queue_policy(served / model, *queue_limits(model, opts.max_queue_size, opts.queue_timeout_ms,
+                                                             {**os.environ, **opts.extra_env}))
+            stubs += instance_count(served / model)
+        check_shm(stubs, env={**os.environ, **opts.extra_env})
         backends = prepare_backend_dir(dist, self.work_dir)
         env = self._environment(dist)
         if opts.tiny:
@@ -123,7 +148,12 @@ class TritonServer:
             f"--http-port={opts.http_port}", f"--grpc-port={opts.grpc_port}",
             f"--metrics-port={opts.metrics_port}", f"--http-address={opts.host}",
             f"--grpc-address={opts.host}", f"--metrics-address={opts.host}",
-            "--allow-metrics=true", "--allow-gpu-metrics=true", "--model-control-mode=none",
+            "--allow-metrics=true", "--allow-gpu-metrics=true",
+            # EXPLICIT so the supervisor can reload a model whose stub died; every model of the rendered repository
+            # loads at start, and loading, unloading (and the other admin APIs) need the admin header.
+            "--model-control-mode=explicit", "--load-model=*",
+            f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}",
             "--exit-timeout-secs=15", f"--log-verbose={opts.log_verbose}",
         ]
         log.info("starting tritonserver for %s (%s instances%s)", ", ".join(self.models),
@@ -132,7 +162,18 @@ class TritonServer:
             command, env=env, cwd=self.work_dir, stdout=self.log_file, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent,
         )
+        if opts.supervise:
+            self.supervisor = StubSupervisor(self.process.pid, self.model_control()).start()
         return self
+
+    def model_control(self) -> ModelControl:
+        """Triton's model repository API (index, load, unload) with this run's admin key."""
+        return ModelControl(self.http_url, self.admin_key)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that open the restricted APIs (gRPC: prefix the key with ``triton-grpc-protocol-``)."""
+        return {ADMIN_HEADER: self.admin_key}
 
     def wait_until_ready(self, timeout: float = 120.0) -> None:
         """Block until ``/v2/health/ready`` answers 200; raise with the reason if the server exits first."""
@@ -153,6 +194,10 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the server (Triton unloads models and ends its stubs), SIGKILL the group if it hangs."""
+        recovered = False
+        if self.supervisor is not None:
+            self.supervisor.stop()  # before SIGTERM: the unloads at shutdown end every stub on purpose
+            recovered, self.supervisor = self.supervisor.recovered, None
         process, self.process = self.process, None
         code = None
         if process is not None:
@@ -160,17 +205,43 @@ class TritonServer:
                 # Only the server: it ends its stubs itself after unloading the models.
                 process.send_signal(signal.SIGTERM)
                 try:
-                    process.wait(timeout=timeout)
+                    if recovered and self._wait_for_stubs(process, timeout):
+                        code = 0
+                    else:
+                        process.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not stop in %.0fs; killing it", timeout)
                     _signal_group(process.pid, signal.SIGKILL)
                     process.wait()
             # Stubs share the server's process group; none may outlive it.
             _signal_group(process.pid, signal.SIGKILL)
-            code = process.returncode
+            code = process.returncode if code is None else code
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         return code
+
+    def _wait_for_stubs(self, process: subprocess.Popen[bytes], timeout: float) -> bool:
+        """After SIGTERM on a server that reloaded a model whose stub had died: once every live model is unloaded
+        (no live stub left) the server only waits for the dead version, which never unloads. End it then.
+        True if it was ended that way."""
+        from triton_vlm.launcher.supervisor import live_stubs
+
+        deadline = time.monotonic() + timeout
+        quiet_since = None
+        while process.poll() is None and time.monotonic() < deadline:
+            if live_stubs(process.pid):
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 1.0:
+                log.info("tritonserver: every model is unloaded; not waiting for the versions whose stub died")
+                _signal_group(process.pid, signal.SIGKILL)
+                process.wait()
+                return True
+            time.sleep(0.1)
+        if process.poll() is None:
+            raise subprocess.TimeoutExpired("tritonserver", timeout)
+        return False
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -13,7 +13,8 @@ from triton_vlm.models.base import ModelFamily, cache_kwarg
 class Kosmos2Family(ModelFamily):
     name = "kosmos2"
     default_hf_model_id = "microsoft/kosmos-2-patch14-224"
-    reserved_prompt_tokens = ("<image>", "</image>")
+    # Control tokens of its tokenizer; the grounding tags (<grounding>, <phrase>, ...) stay allowed.
+    reserved_prompt_tokens = ("<image>", "</image>", "<s>", "</s>", "<pad>", "<unk>", "<mask>")
 
     def model_class(self) -> type:
         from transformers import Kosmos2ForConditionalGeneration
