@@ -41,6 +41,7 @@ class _Stream:
     stream: bool
     token_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    aborted: bool = False
 
 
 class TritonVLMStreamModel:
@@ -181,8 +182,12 @@ class TritonVLMStreamModel:
         if self._engine is None:
             return
         for request_id, state in list(streams.items()):
+            if state.aborted:
+                continue
             is_cancelled = getattr(state.sender, "is_cancelled", None)
             if is_cancelled is not None and is_cancelled():
+                log.info("request %s: cancelled by its client; aborting it in the engine", request_id)
+                state.aborted = True
                 self._engine.abort(request_id)
 
 

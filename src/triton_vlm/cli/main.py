@@ -188,8 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
               f"[triton-vlm]   gRPC     {server.grpc_url}\n"
               f"[triton-vlm]   metrics  {server.metrics_url}\n"
               f"[triton-vlm] Ctrl-C to stop", flush=True)
-        assert server.process is not None
-        return server.process.wait()
+        return server.wait()  # across restarts after a crash (see TritonServer.wait)
     except KeyboardInterrupt:
         print("[triton-vlm] stopping", flush=True)
         return 0

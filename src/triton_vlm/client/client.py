@@ -161,6 +161,7 @@ class TritonVLMClient:
         inputs.append(self._tensor(grpc_module, "stream", np.array([[True]], dtype=np.bool_), "BOOL"))
         pieces: queue.Queue[tuple[Any, Any]] = queue.Queue()
         client = self._stream_client(grpc_module)
+        finished = False
         try:
             client.start_stream(callback=lambda result, error: pieces.put((result, error)),
                                 stream_timeout=self.timeout)
@@ -178,11 +179,16 @@ class TritonVLMClient:
                     generated_tokens=int(result.as_numpy("generated_tokens").reshape(-1)[0]),
                     prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
                     finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"))
-                yield piece
                 if piece.finish_reason:
+                    finished = True
+                yield piece
+                if finished:
                     return
         finally:
-            client.stop_stream(cancel_requests=True)
+            # Cancel only a request that is still running (the caller left early, or an error): cancelling one
+            # that just ended races with its final response, and Triton 2.51 then never releases the request
+            # (the <model>_stream model can no longer be unloaded).
+            client.stop_stream(cancel_requests=not finished)
 
     # -- server state -------------------------------------------------------------------------------------
     def is_ready(self, model_name: str | None = None) -> bool:
@@ -320,6 +326,12 @@ def _translate(exc: Any, model_name: str | None, url: str) -> TritonVLMError:
         # The model exists but cannot serve this moment: its Python stub died, or it is being reloaded.
         return ModelUnavailableError(f"model {model_name!r} is not available right now (restarting?); "
                                      f"retry shortly: {message}")
+    if status == "StatusCode.DEADLINE_EXCEEDED" or lowered == "deadline exceeded":
+        return ModelUnavailableError(f"no complete answer from {model_name!r} within the client's timeout "
+                                     f"(server overloaded, or the model restarted under the request): {message}")
+    if "exceeds maximum queue size" in lowered or "request timeout expired" in lowered:
+        return ModelUnavailableError(f"model {model_name!r} is overloaded (its queue is full or the request "
+                                     f"waited past its timeout); retry with backoff: {message}")
     if "unknown model" in lowered or ("not found" in lowered and model_name and model_name in message):
         return UnknownModelError(f"model {model_name!r} is not served at {url}: {message}")
     if status in ("400", "StatusCode.INVALID_ARGUMENT"):

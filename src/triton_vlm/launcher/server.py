@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -73,6 +74,9 @@ class ServerOptions:
 #: Triton APIs only the launcher (or an operator with the admin key) may use: loading or unloading models
 #: (running code from the repository), shared-memory registration, trace and log settings (files on the host).
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+#: A server that crashes more often than this is left down (an orchestrator may do better than a loop).
+MAX_SERVER_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
 
 
 def gpu_available() -> bool:
@@ -112,6 +116,14 @@ class TritonServer:
         self.models: list[str] = []
         self.admin_key = options.admin_key or os.environ.get("TRITON_VLM_ADMIN_KEY") or secrets.token_urlsafe(24)
         self.supervisor: StubSupervisor | None = None
+        #: Times tritonserver itself died and was started again (see :meth:`_server_exited`).
+        self.server_restarts: list[float] = []
+        self._command: list[str] = []
+        self._env: dict[str, str] = {}
+        self._ready_once = False
+        self._stopping = False
+        self._gave_up = False
+        self._lifecycle = threading.Condition()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> TritonServer:
@@ -158,13 +170,68 @@ class TritonServer:
         ]
         log.info("starting tritonserver for %s (%s instances%s)", ", ".join(self.models),
                  "CPU" if kind == "KIND_CPU" else "configured", ", tiny weights" if opts.tiny else "")
-        self.process = subprocess.Popen(
-            command, env=env, cwd=self.work_dir, stdout=self.log_file, stderr=subprocess.STDOUT,
+        self._command, self._env = command, env
+        self._stopping = False
+        self.process = self._spawn()
+        if opts.supervise:
+            self.supervisor = StubSupervisor(self.process.pid, self.model_control(),
+                                             on_server_exit=self._server_exited).start()
+        return self
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            self._command, env=self._env, cwd=self.work_dir, stdout=self.log_file, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent,
         )
-        if opts.supervise:
-            self.supervisor = StubSupervisor(self.process.pid, self.model_control()).start()
-        return self
+
+    def _server_exited(self) -> int | None:
+        """Called by the supervisor when tritonserver itself died (the Python backend aborts the whole server in
+        some stub crashes, e.g. a decoupled stub killed while it streams): start it again on the same ports,
+        at most :data:`MAX_SERVER_RESTARTS` times in :data:`RESTART_WINDOW_S`. Returns the new pid, or None
+        (stopping, never ready yet, or too many restarts: then it stays down and :meth:`wait` returns)."""
+        with self._lifecycle:
+            process = self.process
+            if self._stopping or process is None or not self._ready_once:
+                return None
+            code = process.poll()
+            if code is None:
+                return process.pid
+            _signal_group(process.pid, signal.SIGKILL)  # its stubs, if any outlived it
+            if self.supervisor is not None:
+                _remove_regions(self.supervisor.regions)
+            now = time.monotonic()
+            recent = [t for t in self.server_restarts if now - t < RESTART_WINDOW_S]
+            if len(recent) >= MAX_SERVER_RESTARTS:
+                log.error("tritonserver exited (code %s) for the %d. time in %.0fs; not restarting it again",
+                          code, len(recent) + 1, RESTART_WINDOW_S)
+                self._gave_up = True
+                self._lifecycle.notify_all()
+                return None
+            log.error("tritonserver exited unexpectedly (code %s); starting it again on the same ports", code)
+            opts = self.options
+            deadline = now + 30
+            while time.monotonic() < deadline and any(
+                    port_in_use(opts.host, port) for port in (opts.http_port, opts.grpc_port, opts.metrics_port)):
+                time.sleep(0.2)
+            self.process = self._spawn()
+            self.server_restarts.append(time.monotonic())
+            self._lifecycle.notify_all()
+            return self.process.pid
+
+    def wait(self) -> int:
+        """Block while the server runs (across restarts after a crash); its exit code once it stays down."""
+        while True:
+            with self._lifecycle:
+                process = self.process
+            if process is None:
+                return 0
+            code = process.wait()
+            with self._lifecycle:
+                # The supervisor looks every fraction of a second: give it time to start a new server.
+                self._lifecycle.wait_for(lambda: self.process is not process or self._gave_up or self._stopping
+                                         or self.supervisor is None or not self._ready_once, timeout=10)
+                if self.process is process or self._gave_up or self._stopping:
+                    return code
 
     def model_control(self) -> ModelControl:
         """Triton's model repository API (index, load, unload) with this run's admin key."""
@@ -186,6 +253,7 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
+                        self._ready_once = True
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -194,20 +262,23 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the server (Triton unloads models and ends its stubs), SIGKILL the group if it hangs."""
-        recovered = False
-        if self.supervisor is not None:
-            self.supervisor.stop()  # before SIGTERM: the unloads at shutdown end every stub on purpose
-            recovered, self.supervisor = self.supervisor.recovered, None
-        process, self.process = self.process, None
+        with self._lifecycle:
+            self._stopping = True
+            self._lifecycle.notify_all()
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            supervisor.stop()  # first: the unloads at shutdown end every stub on purpose
+        with self._lifecycle:
+            process, self.process = self.process, None
         code = None
         if process is not None:
             if process.poll() is None:
-                # Only the server: it ends its stubs itself after unloading the models.
-                process.send_signal(signal.SIGTERM)
                 try:
-                    if recovered and self._wait_for_stubs(process, timeout):
-                        code = 0
+                    if supervisor is not None and supervisor.recovered:
+                        code = self._stop_after_recovery(process, supervisor, timeout)
                     else:
+                        # Only the server: it ends its stubs itself after unloading the models.
+                        process.send_signal(signal.SIGTERM)
                         process.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not stop in %.0fs; killing it", timeout)
@@ -220,28 +291,31 @@ class TritonServer:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         return code
 
-    def _wait_for_stubs(self, process: subprocess.Popen[bytes], timeout: float) -> bool:
-        """After SIGTERM on a server that reloaded a model whose stub had died: once every live model is unloaded
-        (no live stub left) the server only waits for the dead version, which never unloads. End it then.
-        True if it was ended that way."""
+    def _stop_after_recovery(self, process: subprocess.Popen[bytes], supervisor: StubSupervisor,
+                             timeout: float) -> int:
+        """Stop a server that reloaded a model after its stub died. The dead version never unloads (requests
+        that were in flight on it are never released), so tritonserver's own shutdown would wait out its exit
+        timeout and exit 1. Instead: unload every model (in-flight requests on live stubs finish first), wait
+        until no live stub is left, end the server, remove the dead stubs' shared-memory regions. Returns 0."""
         from triton_vlm.launcher.supervisor import live_stubs
 
+        control = self.model_control()
+        for model in self.models:
+            try:
+                control.unload(model)
+            except Exception as exc:  # the server is going away regardless
+                log.debug("unloading %s before stop: %s", model, exc)
         deadline = time.monotonic() + timeout
-        quiet_since = None
-        while process.poll() is None and time.monotonic() < deadline:
-            if live_stubs(process.pid):
-                quiet_since = None
-            elif quiet_since is None:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > 1.0:
-                log.info("tritonserver: every model is unloaded; not waiting for the versions whose stub died")
-                _signal_group(process.pid, signal.SIGKILL)
-                process.wait()
-                return True
+        while process.poll() is None and live_stubs(process.pid):
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("tritonserver", timeout)
             time.sleep(0.1)
-        if process.poll() is None:
-            raise subprocess.TimeoutExpired("tritonserver", timeout)
-        return False
+        log.info("tritonserver: every live model is unloaded; ending it without waiting for the versions whose "
+                 "stub died")
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait()
+        _remove_regions(supervisor.regions)
+        return 0
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -296,6 +370,15 @@ class TritonServer:
             family = model_family(repository, model)
             if get_family(family).supported:
                 ensure_tiny_checkpoint(family)
+
+
+def _remove_regions(regions: set[str]) -> None:
+    """Remove stubs' shared-memory regions that a killed or crashed server left in /dev/shm."""
+    for region in regions:
+        try:
+            os.unlink(os.path.join("/dev/shm", region))
+        except OSError:
+            pass
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -10,7 +10,11 @@ ones are served again.
 
 The dead version never finishes unloading (the Python backend does not release the requests that were in
 flight on the dead stub), so at shutdown tritonserver would wait its whole exit timeout for it and exit 1;
-:meth:`TritonServer.stop` ends the server once every live stub is gone instead (see :attr:`recovered`).
+:meth:`TritonServer.stop` unloads the live models itself and ends the server once their stubs are gone (see
+:attr:`recovered`), then removes the dead stubs' shared-memory regions.
+
+Streams in flight on a dead decoupled model (``<model>_stream``) get no final response from Triton 2.51: they
+end at their client's timeout. Non-streaming requests in flight get an error within about a second.
 
 The repository API is only reachable with the launcher's admin header (``--http-restricted-api`` /
 ``--grpc-restricted-protocol``), so nobody else can load or unload models (see :class:`ModelControl`).
@@ -26,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +49,8 @@ class Stub:
     pid: int
     model: str
     instance: str
+    #: Its shared-memory region in /dev/shm (``triton_python_backend_shm_region_<uuid>``).
+    region: str = ""
 
 
 def _read(path: str) -> bytes | None:
@@ -95,7 +102,7 @@ def live_stubs(server_pid: int) -> dict[int, Stub]:
             continue
         model_file = Path(argv[1])
         args = [a for a in argv if a]
-        stubs[pid] = Stub(pid, model_file.parent.parent.name, args[-2] if len(args) >= 2 else "")
+        stubs[pid] = Stub(pid, model_file.parent.parent.name, args[-2] if len(args) >= 2 else "", argv[2])
     return stubs
 
 
@@ -165,9 +172,13 @@ class StubSupervisor:
     interval: float = 0.25
     unload_timeout: float = 60.0
     events: list[RecoveryEvent] = field(default_factory=list)
+    #: Called when tritonserver itself died; returns the pid of a new server to watch, or None.
+    on_server_exit: Callable[[], int | None] | None = None
 
     def __post_init__(self) -> None:
         self._known: dict[int, Stub] = {}
+        #: Shared-memory regions of every stub seen, to clean up after a forced stop.
+        self.regions: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -208,8 +219,16 @@ class StubSupervisor:
     def check(self) -> list[str]:
         """One round: track new stubs, reload models whose stubs died; returns the models reloaded."""
         if process_state(self.server_pid) in (None, "Z"):
+            new_pid = self.on_server_exit() if self.on_server_exit is not None else None
+            if new_pid is not None and new_pid != self.server_pid:
+                log.warning("stub supervisor: watching the new tritonserver (pid %d)", new_pid)
+                with self._lock:
+                    self.events.append(RecoveryEvent("(server)", f"tritonserver pid {self.server_pid} died",
+                                                     time.monotonic()))
+                self.server_pid, self._known = new_pid, {}
             return []
         alive = live_stubs(self.server_pid)
+        self.regions.update(stub.region for stub in alive.values() if stub.region)
         dead: dict[str, list[tuple[Stub, str]]] = {}
         for pid, stub in self._known.items():
             if pid not in alive:
