@@ -79,10 +79,14 @@ def _parent(pid: int) -> int | None:
 
 
 def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid``, zombies included."""
-    children = _read(f"/proc/{pid}/task/{pid}/children")
-    if children is not None:
-        return [int(c) for c in children.split()]
+    """Direct children of ``pid``, zombies included (whichever of its threads started them)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    lists = [_read(f"/proc/{pid}/task/{task}/children") for task in tasks]
+    if all(children is not None for children in lists):
+        return sorted({int(c) for children in lists for c in (children or b"").split()})
     found = []
     for entry in os.listdir("/proc"):  # kernels without CONFIG_PROC_CHILDREN
         if entry.isdigit() and _parent(int(entry)) == pid:
