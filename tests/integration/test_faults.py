@@ -102,6 +102,9 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
         "TRITON_VLM_KOSMOS2_MAX_QUEUE_SIZE": "2",
         "TRITON_VLM_KOSMOS2_MAX_IMAGE_PIXELS": str(KOSMOS_MAX_PIXELS),
         "TRITON_VLM_KOSMOS2_MAX_IMAGE_BYTES": "50000",
+        # llava_stream: the engine runs 4 requests and lets 12 wait.
+        "TRITON_VLM_LLAVA_STREAM_MAX_NUM_SEQS": "4",
+        "TRITON_VLM_LLAVA_STREAM_MAX_QUEUE_SIZE": "12",
         # moondream2: real (not tiny) weights from a local directory that is not there.
         "TRITON_VLM_MOONDREAM2_TINY": "0",
         "TRITON_VLM_MOONDREAM2_LOCAL_PATH": str(moondream_dir),
@@ -160,6 +163,30 @@ def test_overload_is_refused_quickly_and_the_rest_is_served(faulty: FaultServer)
     assert max(seconds for _, seconds, _ in refused) < 1.0, refused
     assert client.infer("kosmos2", image, "An image of", max_tokens=1) is not None  # and it still serves
     client.close()
+
+
+def test_engine_overload_is_refused_quickly(faulty: FaultServer) -> None:
+    """The engine model returns from execute at once, so the bound is its own: 4 running + 12 waiting."""
+    image = image_bytes(32, 32)
+    client = TritonVLMClient(faulty.grpc_url, protocol="grpc", timeout=120)
+    "".join(client.stream("llava", image, PROMPT, max_tokens=1))  # engine up before the flood
+
+    def call(_: int) -> tuple[str, float, str]:
+        started = time.monotonic()
+        try:
+            "".join(client.stream("llava", image, PROMPT, max_tokens=200, ignore_eos=True))
+            return "ok", time.monotonic() - started, ""
+        except Exception as exc:  # noqa: BLE001 - classified below
+            return type(exc).__name__, time.monotonic() - started, str(exc)
+
+    with ThreadPoolExecutor(28) as pool:
+        results = list(pool.map(call, range(28)))
+    client.close()
+    refused = [r for r in results if r[0] == "ModelUnavailableError"]
+    assert len(refused) + sum(r[0] == "ok" for r in results) == len(results), results
+    assert refused and len(refused) <= 28 - 16, results  # 16 fit at once (later ones may find room again)
+    assert all("overloaded" in message and "limit 16" in message for _, _, message in refused)
+    assert max(seconds for _, seconds, _ in refused) < 2.0, refused
 
 
 def test_a_request_may_bound_its_wait_in_the_queue(faulty: FaultServer) -> None:
