@@ -232,8 +232,9 @@ class FakeControl:
         self.calls: list[tuple[str, str]] = []
 
     def index(self) -> dict[str, dict[str, str]]:
-        state = "UNLOADING" if self.calls and self.calls[-1][0] == "unload" else self.state
-        return {"llava": {"state": state, "reason": ""}, "kosmos2": {"state": self.state, "reason": ""}}
+        unloading = self.calls[-1][1] if self.calls and self.calls[-1][0] == "unload" else None
+        return {m: {"state": "UNLOADING" if m == unloading else self.state, "reason": ""}
+                for m in ("llava", "kosmos2", "llava_stream")}
 
     def unload(self, model: str) -> None:
         self.calls.append(("unload", model))
@@ -271,6 +272,27 @@ def test_supervisor_reloads_a_ready_model_whose_stub_died(tmp_path: Path) -> Non
         assert watcher.recovered and watcher.check() == []  # handled once
     finally:
         for process in (llava, kosmos):
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_supervisor_reloads_the_forwarders_of_a_recovered_model(tmp_path: Path) -> None:
+    engine = _fake_stub(tmp_path, "llava_stream", "llava_stream_0_0")
+    forwarder = _fake_stub(tmp_path, "llava", "llava_0_0")
+    try:
+        control = FakeControl()
+        watcher = supervisor.StubSupervisor(os.getpid(), control,  # type: ignore[arg-type]
+                                            dependents={"llava_stream": ["llava"]})
+        watcher.check()
+        engine.kill()
+        _wait_state(engine.pid, ("Z",))
+        assert watcher.check() == ["llava_stream", "llava"]
+        assert control.calls == [("unload", "llava_stream"), ("load", "llava_stream"),
+                                 ("unload", "llava"), ("load", "llava")]
+        assert watcher.check() == []
+    finally:
+        for process in (engine, forwarder):
             process.kill()
             process.wait()
 
@@ -329,6 +351,26 @@ def test_process_helpers_on_missing_processes() -> None:
 
 
 # -- error translation --------------------------------------------------------------------------------------------
+def test_out_of_memory_in_a_batch_fails_only_what_does_not_fit(llava_runtime: VLMRuntime,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that runs out of GPU memory is split and retried one by one; a request that does not fit alone
+    gets its own error, the others are answered."""
+    real = llava_runtime._run
+    image = image_bytes(24, 24)
+    requests = [llava_runtime.make_request(image, f"What is this? {i}", max_tokens=2) for i in range(4)]
+
+    def run(loaded: Any, batch: list[GenerationRequest]) -> list:
+        if len(batch) > 1 or batch[0].prompt.endswith("2"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(loaded, batch)
+
+    monkeypatch.setattr(llava_runtime, "_run", run)
+    results = llava_runtime.generate(requests)
+    assert [type(r).__name__ for r in results] == ["GenerationOutput", "GenerationOutput", "GenerationError",
+                                                   "GenerationOutput"]
+    assert "out of GPU memory" in str(results[2])
+
+
 @pytest.mark.parametrize("message, status, kind, fragment", [
     ("[request id: <id_unknown>] Exceeds maximum queue size", "503", ModelUnavailableError, "overloaded"),
     ("Request timeout expired", "503", ModelUnavailableError, "overloaded"),

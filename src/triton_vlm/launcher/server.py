@@ -141,10 +141,12 @@ class TritonServer:
         self.models = public + [c for m in public for c in streams[m] if c not in public]
         kind = self._instance_kind()
         served = render_repository(repository, self.work_dir / "models", self.models, kind)
+        self._forwarders: dict[str, list[str]] = {}
         if opts.engine == "on" or (opts.engine == "auto" and kind != "KIND_CPU"):
             for model in public:
                 if streams[model]:
                     make_forwarder(served / model, streams[model][0], opts.forwarder_instances)
+                    self._forwarders.setdefault(streams[model][0], []).append(model)
         stubs = 0
         for model in self.models:
             apply_queue_policy(served / model, *queue_limits(model, opts.max_queue_size, opts.queue_timeout_ms,
@@ -175,7 +177,8 @@ class TritonServer:
         self.process = self._spawn()
         if opts.supervise:
             self.supervisor = StubSupervisor(self.process.pid, self.model_control(),
-                                             on_server_exit=self._server_exited).start()
+                                             on_server_exit=self._server_exited,
+                                             dependents=self._forwarders).start()
         return self
 
     def _spawn(self) -> subprocess.Popen[bytes]:

@@ -178,6 +178,9 @@ class StubSupervisor:
     events: list[RecoveryEvent] = field(default_factory=list)
     #: Called when tritonserver itself died; returns the pid of a new server to watch, or None.
     on_server_exit: Callable[[], int | None] | None = None
+    #: Models to reload with a recovered one: forwarders to it (GPU hosts), whose instances are stuck for good
+    #: in the requests they had passed on to the dead stub.
+    dependents: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._known: dict[int, Stub] = {}
@@ -245,9 +248,13 @@ class StubSupervisor:
             detail = "; ".join(f"stub {s.instance} (pid {s.pid}) {why}" for s, why in stubs)
             if self._recover(model, detail):
                 reloaded.append(model)
-            # The unload ended this model's other stubs on purpose: track only the fresh ones.
-            self._known = {pid: s for pid, s in self._known.items() if s.model != model}
-            self._known.update({pid: s for pid, s in live_stubs(self.server_pid).items() if s.model == model})
+                for dependent in self.dependents.get(model, []):
+                    if self._recover(dependent, f"it forwards to {model}, which was reloaded"):
+                        reloaded.append(dependent)
+            # The unloads ended these models' other stubs on purpose: track only the fresh ones.
+            done = {model, *self.dependents.get(model, [])}
+            self._known = {pid: s for pid, s in self._known.items() if s.model not in done}
+            self._known.update({pid: s for pid, s in live_stubs(self.server_pid).items() if s.model in done})
         return reloaded
 
     def _recover(self, model: str, detail: str) -> bool:
@@ -260,7 +267,7 @@ class StubSupervisor:
             # Unloaded on purpose, failed to load, or being (re)loaded: not ours to revive.
             log.info("model %s: %s while %s; not reloading", model, detail, state or "not loaded")
             return False
-        log.error("model %s: %s; Triton does not replace dead stubs: reloading the model", model, detail)
+        log.error("model %s: %s; reloading the model (Triton does not replace dead stubs)", model, detail)
         event = RecoveryEvent(model, detail, time.monotonic())
         with self._lock:
             self.events.append(event)
