@@ -456,9 +456,11 @@ def test_remote_code_in_a_checkpoint_never_runs_by_default(tmp_path: Path) -> No
     shutil.copytree(ensure_tiny_checkpoint("llava"), checkpoint)
     marker = tmp_path / "code-ran"
     (checkpoint / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                        "from transformers import LlavaForConditionalGeneration as Evil\n"
-                                        "from transformers import LlavaConfig as EvilConfig\n"
-                                        "from transformers import LlavaProcessor as EvilProcessor\n")
+                                        "from transformers import LlavaConfig, LlavaForConditionalGeneration, "
+                                        "LlavaProcessor\n"
+                                        "class EvilConfig(LlavaConfig): pass\n"
+                                        "class Evil(LlavaForConditionalGeneration): pass\n"
+                                        "class EvilProcessor(LlavaProcessor): pass\n")
     for name, key in (("config.json", "AutoModelForImageTextToText"), ("processor_config.json", "AutoProcessor")):
         path = checkpoint / name
         data = json.loads(path.read_text()) if path.exists() else {}
@@ -472,9 +474,14 @@ def test_remote_code_in_a_checkpoint_never_runs_by_default(tmp_path: Path) -> No
     except ModelLoadError as exc:  # refusing is fine too; running the code is not
         assert "trust_remote_code" in str(exc) or "remote code" in str(exc).lower(), exc
     assert not marker.exists()
-    # The checkpoint really asks for its code: a model with trust_remote_code set runs it.
-    load_model(settings.with_overrides(trust_remote_code=True), CPU)
-    assert marker.read_text() == "ran"
+    # The checkpoint really asks for its code: a model with trust_remote_code set runs it. In a process of its
+    # own: remote code registers classes inside transformers, which later saves in this process would trip on.
+    script = ("import torch; from triton_vlm.loading import load_model; from triton_vlm.settings import ModelSettings; "
+              f"load_model(ModelSettings(model_name='llava', family='llava', local_path={str(checkpoint)!r}, "
+              "trust_remote_code=True), torch.device('cpu'))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert marker.read_text() == "ran", result.stderr[-2000:]
 
 
 def test_trust_remote_code_is_per_model_and_reaches_the_loader(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -552,3 +559,12 @@ def test_any_sampling_values_are_accepted_in_range_or_refused(max_tokens: int, t
     params = request.params
     assert 1 <= params.max_tokens <= 1024 and 0 <= params.temperature <= 100 and 0 < params.top_p <= 1
     assert math.isfinite(params.temperature) and 0 <= (params.seed or 0) < 2**63
+
+
+def test_cli_queue_flags_reach_the_server_options() -> None:
+    from triton_vlm.cli.main import _parser, _server_options
+
+    options = _server_options(_parser().parse_args(["serve", "--max-queue-size", "3", "--queue-timeout-ms", "50"]))
+    assert (options.max_queue_size, options.queue_timeout_ms) == (3, 50)
+    defaults = _server_options(_parser().parse_args(["serve"]))
+    assert (defaults.max_queue_size, defaults.queue_timeout_ms, defaults.supervise) == (None, None, True)
