@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from triton_vlm.errors import InvalidInputError
 from triton_vlm.models.base import ModelFamily
 from triton_vlm.sampling import RowSampler, SamplingParams
 
@@ -40,6 +41,21 @@ def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torc
     return torch.where(attention_mask.bool(), counted, torch.full_like(counted, pad))
 
 
+def check_context(family: ModelFamily, model: Any, prompt_tokens: list[int], params: list[SamplingParams]) -> None:
+    """Refuse a batch in which a request's prompt (image tokens included) plus ``max_tokens`` exceeds the model's
+    context. The runtime then retries the batch one by one, so only the request at fault fails."""
+    limit = family.context_length(model)
+    if limit is None:
+        return
+    for used, p in zip(prompt_tokens, params):
+        if used + p.max_tokens > limit:
+            room = limit - used
+            advice = (f"ask for at most max_tokens={room}" if room > 0 else "shorten the prompt")
+            raise InvalidInputError(
+                f"prompt: {int(used)} tokens (image included) + max_tokens {p.max_tokens} exceed the model's "
+                f"context of {limit} tokens; {advice}")
+
+
 @torch.inference_mode()
 def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list[Image.Image],
                    prompts: list[str], params: list[SamplingParams],
@@ -58,6 +74,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
     attention_mask = inputs["attention_mask"]
     positions = family.position_ids(model, inputs)
     prompt_tokens = attention_mask.sum(-1).tolist()
+    check_context(family, model, prompt_tokens, params)
 
     batch = len(prompts)
     stop_ids = torch.tensor(sorted(family.stop_token_ids(model, processor)), device=device, dtype=torch.long)

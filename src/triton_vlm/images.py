@@ -24,19 +24,24 @@ def image_bytes_from_tensor(array: np.ndarray) -> bytes:
     return array.tobytes()
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
+                 max_aspect_ratio: float | None = None) -> Image.Image:
     """Open PNG/JPEG/... bytes as an upright RGB image.
 
     Raises :class:`InvalidInputError` for empty, oversized, truncated or unknown data, for images above
-    ``max_pixels`` (checked from the header, before any pixel is decoded) and for multi-frame files. Every
-    failure while decoding is an :class:`InvalidInputError`: PIL's own exceptions never escape.
+    ``max_pixels`` or more elongated than ``max_aspect_ratio`` (both checked from the header, before any pixel is
+    decoded) and for multi-frame files. Every failure while decoding is an :class:`InvalidInputError`: PIL's own
+    exceptions never escape.
+
+    The aspect ratio matters because processors that resize the shortest edge (CLIP's, for llava) keep it: a
+    40 KB PNG of 1 x 40000 pixels would become 336 x 13 million pixels, many GB.
     """
     if not data:
         raise InvalidInputError("image: empty; send the bytes of a PNG or JPEG file")
     if len(data) > max_bytes:
         raise InvalidInputError(f"image: {len(data)} bytes is over the limit of {max_bytes} bytes")
     try:
-        return _decode(data, max_pixels)
+        return _decode(data, max_pixels, max_aspect_ratio)
     except InvalidInputError:
         raise
     except Exception as exc:  # a last net: PIL raises a zoo of types (IndexError, struct.error, ...) on bad data
@@ -45,7 +50,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         ) from None
 
 
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
+def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,6 +70,9 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
         raise InvalidInputError(f"image: {width}x{height} pixels is over the limit of {max_pixels} pixels")
     if width < 1 or height < 1:
         raise InvalidInputError(f"image: invalid size {width}x{height}")
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+        raise InvalidInputError(
+            f"image: {width}x{height} is more elongated than the limit of {max_aspect_ratio:g}:1; crop or pad it")
     try:
         # Counting frames reads every frame header: a truncated animation fails here (IndexError, struct.error).
         frames = getattr(image, "n_frames", 1)

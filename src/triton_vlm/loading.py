@@ -120,6 +120,15 @@ def _is_corrupt(exc: BaseException) -> bool:
     return type(exc).__name__ == "SafetensorError" or isinstance(exc, EOFError) or "deserializ" in str(exc)
 
 
+def _pickle_weights_only(directory: Path) -> bool:
+    """Whether ``directory`` holds pickle weights (pytorch_model*.bin, *.pt, *.pth) and no safetensors."""
+    if not directory.is_dir():
+        return False
+    names = [p.name for p in directory.iterdir()]
+    pickled = any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) and "tokenizer" not in n for n in names)
+    return pickled and not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names)
+
+
 def _load_failure_message(settings: ModelSettings, source: str, revision: str | None, local_only: bool,
                           exc: BaseException) -> str:
     """Why loading ``source`` failed and what to do: about the directory for a tiny or local checkpoint,
@@ -132,6 +141,13 @@ def _load_failure_message(settings: ModelSettings, source: str, revision: str | 
         return (f"model {settings.model_name!r}: the tiny checkpoint {source!r} cannot be loaded"
                 f"{' (corrupt or incomplete files)' if corrupt else ''}; delete that directory and it is rebuilt "
                 f"on the next load. {cause}")
+    if settings.local_path and _pickle_weights_only(Path(source)):
+        return (
+            f"model {settings.model_name!r}: the checkpoint in local_path {source!r} has its weights only as "
+            f"pickle files (*.bin / *.pt); triton-vlm loads safetensors only, because unpickling a file can run "
+            f"code hidden in it. Convert it once where you trust the file (load it and call "
+            f"save_pretrained(path, safe_serialization=True)), or use the model's safetensors release. {cause}"
+        )
     if settings.local_path:
         what = ("its weights are corrupt or incomplete (an interrupted copy?)" if corrupt else
                 "it does not hold a complete, loadable checkpoint")

@@ -99,7 +99,8 @@ class VLMRuntime:
             ignore_eos=ignore_eos,
         )
         image = decode_image(image_bytes, max_bytes=self.settings.max_image_bytes,
-                             max_pixels=self.settings.max_image_pixels)
+                             max_pixels=self.settings.max_image_pixels,
+                             max_aspect_ratio=self.settings.max_image_aspect_ratio)
         return GenerationRequest(image=image, prompt=prompt, params=params, task=task)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:

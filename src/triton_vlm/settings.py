@@ -64,6 +64,7 @@ class ModelSettings:
     max_tokens_limit: int = 1024
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_image_aspect_ratio: float = 100.0
     # Engine (the <model>_stream models): see triton_vlm.engine.EngineConfig.
     max_model_len: int = 2048
     max_num_seqs: int = 64
@@ -85,6 +86,8 @@ class ModelSettings:
         for name in ("max_image_bytes", "max_image_pixels"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"model {self.model_name!r}: {name} must be positive")
+        if not self.max_image_aspect_ratio >= 1:  # also refuses NaN
+            raise InvalidInputError(f"model {self.model_name!r}: max_image_aspect_ratio must be >= 1")
 
     @classmethod
     def from_parameters(

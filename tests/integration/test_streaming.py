@@ -103,3 +103,25 @@ def test_forwarding_model_serves_plain_infer_from_the_engine(forwarding_server: 
         client.infer("llava", b"garbage", PROMPT)  # the engine's INVALID_ARG survives the hop as HTTP 400
     client.close()
     assert served == [_expected(llava, i, p, max_tokens=10) for i, p in zip(images, prompts)]
+
+
+def test_forwarder_serves_again_after_the_engine_stub_dies(forwarding_server: TritonServer, llava: VLMRuntime,
+                                                          sample_image_bytes: bytes) -> None:
+    """The engine's stub killed: the supervisor reloads llava_stream and the forwarder in front of it."""
+    import os
+    import signal
+    import time
+
+    from triton_vlm.launcher.supervisor import live_stubs
+
+    assert forwarding_server.process is not None and forwarding_server.supervisor is not None
+    (pid,) = [p for p, s in live_stubs(forwarding_server.process.pid).items() if s.model == "llava_stream"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not any(
+            e.model == "llava" and e.ready_after_s is not None for e in forwarding_server.supervisor.recoveries()):
+        time.sleep(0.2)
+    assert [e.model for e in forwarding_server.supervisor.recoveries()] == ["llava_stream", "llava"]
+    with TritonVLMClient(forwarding_server.http_url, timeout=60) as client:
+        assert client.infer("llava", sample_image_bytes, PROMPT, max_tokens=5) == _expected(
+            llava, sample_image_bytes, max_tokens=5)

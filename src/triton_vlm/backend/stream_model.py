@@ -9,6 +9,7 @@ with exactly one FINAL response.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import sys
@@ -24,7 +25,7 @@ from triton_vlm.backend.python_model import configure_logging
 from triton_vlm.backend.requests import (error_response, input_scalar, output_response, parse_request,
                                          runtime_from_args)
 from triton_vlm.engine import LLMEngine, RequestOutput
-from triton_vlm.errors import GenerationError, TritonVLMError
+from triton_vlm.errors import GenerationError, ModelUnavailableError, TritonVLMError
 
 log = logging.getLogger("triton_vlm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -46,6 +47,7 @@ class _Stream:
     sent_chars: int = 0
     received: float = 0.0
     first_token_at: float | None = None
+    aborted: bool = False
 
 
 class TritonVLMStreamModel:
@@ -66,6 +68,13 @@ class TritonVLMStreamModel:
         self._engine_lock = threading.Lock()
         self._outbox: queue.SimpleQueue[_Open | RequestOutput | None] = queue.SimpleQueue()
         self._ids = 0
+        # Overload: execute() returns at once, so Triton's queue never fills; the bound is here instead. At most
+        # max_num_seqs requests run and max_queue_size (the model's queue policy) wait in the engine.
+        policy = (json.loads(args["model_config"]).get("dynamic_batching") or {}).get("default_queue_policy") or {}
+        waiting = int(policy.get("max_queue_size") or 0)
+        self._limit = self.runtime.settings.max_num_seqs + waiting if waiting > 0 else None
+        self._open = 0
+        self._open_lock = threading.Lock()
         self._sender = threading.Thread(target=self._send_loop, name="triton-vlm-responses", daemon=True)
         self._sender.start()
         if self.runtime.settings.preload:
@@ -76,6 +85,11 @@ class TritonVLMStreamModel:
             received = time.perf_counter()
             sender = request.get_response_sender()
             try:
+                with self._open_lock:
+                    if self._limit is not None and self._open >= self._limit:
+                        raise ModelUnavailableError(
+                            f"model {self.model_name!r} is overloaded: {self._open} requests are running or waiting "
+                            f"in its engine (limit {self._limit}); retry with backoff")
                 parsed = parse_request(request, self.runtime)
                 stream = input_scalar(request, "stream", bool)
                 engine = self._ensure_engine()
@@ -84,6 +98,8 @@ class TritonVLMStreamModel:
                 engine_request = engine.prepare(parsed.image, parsed.prompt, parsed.params, self._outbox.put,
                                                 request_id=request_id)
                 # Registered before the engine can answer: the response thread sees _Open first.
+                with self._open_lock:
+                    self._open += 1
                 self._outbox.put(_Open(request_id, sender, True if stream is None else stream, received))
                 engine.submit(engine_request)
             except TritonVLMError as exc:
@@ -170,6 +186,8 @@ class TritonVLMStreamModel:
                 out = RequestOutput(request_id, (), True, "abort")
             if out.finished:
                 del streams[request_id]
+                with self._open_lock:
+                    self._open -= 1
 
     def _deliver(self, state: _Stream, out: RequestOutput) -> None:
         """Send what ``out`` (the latest output, tokens already merged into ``state``) calls for."""
@@ -217,8 +235,12 @@ class TritonVLMStreamModel:
         if self._engine is None:
             return
         for request_id, state in list(streams.items()):
+            if state.aborted:
+                continue
             is_cancelled = getattr(state.sender, "is_cancelled", None)
             if is_cancelled is not None and is_cancelled():
+                log.info("request %s: cancelled by its client; aborting it in the engine", request_id)
+                state.aborted = True
                 self._engine.abort(request_id)
 
 

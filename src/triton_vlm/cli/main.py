@@ -156,6 +156,11 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="load weights at start instead of on first request")
     parser.add_argument("--engine", choices=("auto", "on", "off"), default=os.environ.get("TRITON_VLM_ENGINE", "auto"),
                         help="route public models through their <model>_stream engine (auto: on GPU hosts)")
+    parser.add_argument("--max-queue-size", type=int, default=None,
+                        help="requests each model may queue; more are refused at once with UNAVAILABLE "
+                             "(default: config.pbtxt's, 64)")
+    parser.add_argument("--queue-timeout-ms", type=int, default=None,
+                        help="refuse requests still queued after this long (default: no limit)")
     parser.add_argument("--model-repository", type=Path, default=None)
     parser.add_argument("--log-verbose", type=int, default=0)
     from triton_vlm.openai.cli import add_access_arguments
@@ -188,6 +193,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         model_repository=args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, host=args.host, tiny=args.tiny, preload=args.preload,
         instance_kind=args.instance_kind, log_verbose=args.log_verbose, engine=args.engine, openai=openai,
+        max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
     )
 
 
@@ -223,7 +229,9 @@ def _start(args: argparse.Namespace) -> int:
         return _serve(args)
     ignored = [flag for flag, value in (("--instance-kind", args.instance_kind != "auto"),
                                         ("--model-repository", args.model_repository is not None),
-                                        ("--log-verbose", args.log_verbose != 0)) if value]
+                                        ("--log-verbose", args.log_verbose != 0),
+                                        ("--max-queue-size", args.max_queue_size is not None),
+                                        ("--queue-timeout-ms", args.queue_timeout_ms is not None)) if value]
     if ignored:
         say(f"[triton-vlm] note: {', '.join(ignored)} only apply to --mode embedded; the container uses "
             f"{plan.mode.upper()} instances and its own model repository")
@@ -248,7 +256,7 @@ def _serve(args: argparse.Namespace) -> int:
               f"[triton-vlm]   metrics  {server.metrics_url}\n"
               + (f"[triton-vlm]   OpenAI   {server.options.openai.base_url}\n" if server.options.openai else "")
               + "[triton-vlm] Ctrl-C to stop", flush=True)
-        return server.wait()
+        return server.wait()  # across restarts after a crash (see TritonServer.wait)
     except KeyboardInterrupt:
         print("[triton-vlm] stopping", flush=True)
         return 0

@@ -319,6 +319,7 @@ class TritonVLMClient:
 
         pieces: queue.Queue[tuple[Any, Any]] = queue.Queue()
         client = self._stream_client(grpc_module)
+        finished = False
         try:
             client.start_stream(callback=lambda result, error: pieces.put((result, error)),
                                 stream_timeout=self.timeout)
@@ -334,9 +335,15 @@ class TritonVLMClient:
                 piece = parse_piece(result)
                 yield piece
                 if piece.finish_reason:
+                    finished = True
+                yield piece
+                if finished:
                     return
         finally:
-            client.stop_stream(cancel_requests=True)
+            # Cancel only a request that is still running (the caller left early, or an error): cancelling one
+            # that just ended races with its final response, and Triton 2.51 then never releases the request
+            # (the <model>_stream model can no longer be unloaded).
+            client.stop_stream(cancel_requests=not finished)
 
     # -- server state -------------------------------------------------------------------------------------
     def is_ready(self, model_name: str | None = None) -> bool:
@@ -357,8 +364,17 @@ class TritonVLMClient:
             time.sleep(0.25)
 
     def list_models(self) -> list[dict[str, str]]:
-        """The repository index: name, version and state of every model (and ``reason`` where Triton gives one)."""
-        index = self._call(lambda c: c.get_model_repository_index(), None)
+        """The repository index: name, version and state of every model (and ``reason`` where Triton gives one).
+
+        triton-vlm's launcher keeps the repository API (which also loads and unloads models) behind an admin
+        key; without it, the loaded models are listed from the statistics API, each with its readiness.
+        """
+        try:
+            index = self._call(lambda c: c.get_model_repository_index(), None)
+        except TritonVLMError as exc:
+            if "is restricted" not in str(exc):
+                raise
+            return self._loaded_models()
         if self.protocol == "grpc":
             return [{"name": m.name, "version": m.version, "state": m.state,
                      **({"reason": m.reason} if m.reason else {})} for m in index.models]
@@ -375,6 +391,15 @@ class TritonVLMClient:
         if self.protocol == "grpc":
             return dict(self._call(lambda c: c.get_server_metadata(as_json=True), None))
         return dict(self._call(lambda c: c.get_server_metadata(), None))
+
+    def _loaded_models(self) -> list[dict[str, str]]:
+        stats = self._call(lambda c: c.get_inference_statistics(), None)
+        if self.protocol == "grpc":
+            versions = [(m.name, m.version) for m in stats.model_stats]
+        else:
+            versions = [(m["name"], m["version"]) for m in stats.get("model_stats", [])]
+        return [{"name": name, "version": version,
+                 "state": "READY" if self.is_ready(name) else "UNAVAILABLE"} for name, version in versions]
 
     def close(self) -> None:
         with self._clients_lock:
@@ -456,6 +481,16 @@ def _translate(exc: Any, model_name: str | None, url: str, timeout: float | None
         message = untagged
         status = {"INVALID_ARG": "400", "UNAVAILABLE": "503", "NOT_FOUND": "404"}.get(code, "500")
     lowered = message.lower()
+    if "has no available versions" in lowered or ("stub process" in lowered and "not healthy" in lowered):
+        # The model exists but cannot serve this moment: its Python stub died, or it is being reloaded.
+        return ModelUnavailableError(f"model {model_name!r} is not available right now (restarting?); "
+                                     f"retry shortly: {message}")
+    if status == "StatusCode.DEADLINE_EXCEEDED" or lowered == "deadline exceeded":
+        return ModelUnavailableError(f"no complete answer from {model_name!r} within the client's timeout "
+                                     f"(server overloaded, or the model restarted under the request): {message}")
+    if "exceeds maximum queue size" in lowered or "request timeout expired" in lowered:
+        return ModelUnavailableError(f"model {model_name!r} is overloaded (its queue is full or the request "
+                                     f"waited past its timeout); retry with backoff: {message}")
     if "unknown model" in lowered or ("not found" in lowered and model_name and model_name in message):
         return UnknownModelError(f"model {model_name!r} is not served at {url}: {message}")
     if status in ("400", "StatusCode.INVALID_ARGUMENT"):

@@ -130,6 +130,9 @@ class LLMEngine:
                 seq = self.scheduler.find(message.request_id)
                 if seq is not None:
                     self._finish(seq, "abort")
+                    log.info("engine: request %s aborted after %d tokens; its KV slot is free again "
+                             "(%d of %d slots free, %d waiting)", message.request_id, len(seq.output_ids),
+                             self.cache.free_slots, self.cache.num_slots, len(self.scheduler.waiting))
             else:
                 seq = Sequence(message)
                 self._generators[seq] = make_generator(message.params, self.runner.device)

@@ -141,6 +141,17 @@ class ModelFamily(ABC):
                     use_cache=True, **{cache_kwarg(model.forward): cache})
         return out.logits[:, -1, :]
 
+    def context_length(self, model: Any) -> int | None:
+        """Positions the language model was trained for (prompt, image tokens and answer together); None where
+        unknown. The batched path refuses requests that would run past it: RoPE models do not fail there, they
+        silently degrade into garbage."""
+        config = getattr(model, "config", None)
+        for part in (getattr(config, "text_config", None), config):
+            value = getattr(part, "max_position_embeddings", None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     def stop_token_ids(self, model: Any, processor: Any) -> set[int]:
         eos = model.generation_config.eos_token_id
         if eos is None:

@@ -25,7 +25,8 @@ _TRAILING_PHRASE = re.compile(r"<phrase>([^<]*)</phrase>\s*$")
 class Kosmos2Family(ModelFamily):
     name = "kosmos2"
     default_hf_model_id = "microsoft/kosmos-2-patch14-224"
-    reserved_prompt_tokens = ("<image>", "</image>")
+    # Control tokens of its tokenizer; the grounding tags (<grounding>, <phrase>, ...) stay allowed.
+    reserved_prompt_tokens = ("<image>", "</image>", "<s>", "</s>", "<pad>", "<unk>", "<mask>")
     extra_outputs = {"entities": "[]"}
 
     def model_class(self) -> type:

@@ -1,0 +1,67 @@
+"""Overload limits of the served models: Triton's queue policy, set in ``config.pbtxt`` and overridable at launch.
+
+Each batched model's ``dynamic_batching { default_queue_policy { ... } }`` bounds its queue (``max_queue_size``:
+more requests are refused at once with UNAVAILABLE) and how long a request may wait in it
+(``default_timeout_microseconds``, and a request's own ``timeout`` parameter where
+``allow_timeout_override`` is on). The launcher overrides them for every model (``--max-queue-size``,
+``--queue-timeout-ms``) or for one (``TRITON_VLM_<MODEL>_MAX_QUEUE_SIZE``, ``..._QUEUE_TIMEOUT_MS``; these win).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from triton_vlm.launcher.distribution import LauncherError
+from triton_vlm.model_config import dump_model_config, load_model_config
+from triton_vlm.settings import env_prefix
+
+
+def _number(value: str | int | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise LauncherError(f"{name} must be a whole number, got {value!r}") from None
+    if number < 0:
+        raise LauncherError(f"{name} must be >= 0, got {number}")
+    return number
+
+
+def queue_limits(model: str, max_queue_size: int | None, queue_timeout_ms: int | None,
+                 env: Mapping[str, str] | None = None) -> tuple[int | None, int | None]:
+    """``(max_queue_size, timeout_ms)`` for ``model``: its env overrides, else the launcher's; None: as
+    configured. 0 means unbounded for both, as in Triton."""
+    env = os.environ if env is None else env
+    prefix = env_prefix(model)
+    size = _number(env.get(prefix + "MAX_QUEUE_SIZE"), prefix + "MAX_QUEUE_SIZE")
+    timeout = _number(env.get(prefix + "QUEUE_TIMEOUT_MS"), prefix + "QUEUE_TIMEOUT_MS")
+    return (_number(max_queue_size, "max_queue_size") if size is None else size,
+            _number(queue_timeout_ms, "queue_timeout_ms") if timeout is None else timeout)
+
+
+def apply_queue_policy(model_dir: Path, max_queue_size: int | None, queue_timeout_ms: int | None) -> bool:
+    """Rewrite ``model_dir/config.pbtxt``'s default queue policy; False (nothing written) for a model without
+    dynamic batching or with nothing to change."""
+    if max_queue_size is None and queue_timeout_ms is None:
+        return False
+    path = model_dir / "config.pbtxt"
+    config = load_model_config(path)
+    if not config.HasField("dynamic_batching"):
+        return False
+    policy = config.dynamic_batching.default_queue_policy
+    if max_queue_size is not None:
+        policy.max_queue_size = max_queue_size
+    if queue_timeout_ms is not None:
+        policy.default_timeout_microseconds = queue_timeout_ms * 1000
+        policy.timeout_action = policy.REJECT
+    path.write_text(dump_model_config(config))
+    return True
+
+
+def instance_count(model_dir: Path) -> int:
+    """How many instances (Python stubs) a rendered model runs."""
+    config = load_model_config(model_dir / "config.pbtxt")
+    return sum(max(group.count, 1) for group in config.instance_group) or 1
