@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from triton_vlm.client.client import _translate
-from triton_vlm.errors import InvalidInputError, ModelLoadError, ModelUnavailableError, UnknownModelError
+from triton_vlm.errors import (InvalidInputError, ModelLoadError, ModelUnavailableError, RequestTimeoutError,
+                               UnknownModelError)
 from triton_vlm.generation import check_context
 from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer
 from triton_vlm.launcher import preflight, supervisor
@@ -376,7 +377,8 @@ def test_out_of_memory_in_a_batch_fails_only_what_does_not_fit(llava_runtime: VL
     ("Request timeout expired", "503", ModelUnavailableError, "overloaded"),
     ("Stub process 'llava_0_0' is not healthy.", "500", ModelUnavailableError, "not available right now"),
     ("Request for unknown model: 'llava' has no available versions", "400", ModelUnavailableError, "restarting"),
-    ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", ModelUnavailableError, "client's timeout"),
+    # The client's own deadline: its own type (not retried: the server may still be working on it).
+    ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", RequestTimeoutError, "no answer"),
     ("Request for unknown model: 'nope' is not found", "400", UnknownModelError, "nope"),
 ])
 def test_overload_and_restart_errors_are_unavailable(message: str, status: str, kind: type, fragment: str) -> None:

@@ -111,7 +111,7 @@ class TritonVLMStreamModel:
         if self._engine is not None:
             self._engine.shutdown()
         self._outbox.put(None)
-        self._sender.join(timeout=2)  # bounded: Triton's exit timeout covers every model's unload
+        self._sender.join(timeout=10)  # it still ends every open request FINAL
 
     # -- engine -------------------------------------------------------------------------------------------
     def _ensure_engine(self) -> LLMEngine:

@@ -18,7 +18,8 @@ from typing import Any
 
 from triton_vlm.client.client import (BatchItem, ImageLike, InferenceResult, Protocol, StreamPiece, _translate,
                                       batch_item, default_grpc_url, parse_piece, parse_result, progress_bar,
-                                      request_inputs, requested_outputs, split_url, stream_target)
+                                      request_inputs, split_url, stream_target,
+                                      is_restricted, statistics_models)
 from triton_vlm.client.retry import RetryPolicy
 from triton_vlm.errors import RequestTimeoutError, ServerUnreachableError, TritonVLMError
 
@@ -53,9 +54,9 @@ class AsyncTritonVLMClient:
         module = self._module()
         inputs = request_inputs(module, image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed, task=task, ignore_eos=True if ignore_eos else None)
-        outputs = requested_outputs(module)
         started = time.perf_counter()
-        result = await self._call(lambda c: c.infer(model_name, inputs, outputs=outputs), model_name)
+        # As the sync client: no output list, so optional outputs (kosmos2's entities) come back too.
+        result = await self._call(lambda c: c.infer(model_name, inputs), model_name)
         return parse_result(result, time.perf_counter() - started)
 
     async def infer_many(self, model_name: str, items: Iterable[BatchItem], *, concurrency: int = 4,
@@ -189,12 +190,22 @@ class AsyncTritonVLMClient:
             await asyncio.sleep(0.25)
 
     async def list_models(self) -> list[dict[str, str]]:
-        if self.protocol == "grpc":
-            index = await self._call(lambda c: c.get_model_repository_index(as_json=True), None)
-            return [{"name": m.get("name", ""), "version": m.get("version", ""), "state": m.get("state", "")}
-                    for m in index.get("models", [])]
-        index = await self._call(lambda c: c.get_model_repository_index(), None)
-        return [{k: str(v) for k, v in m.items()} for m in index]
+        """As :meth:`TritonVLMClient.list_models` (the statistics API where the index is restricted)."""
+        grpc = self.protocol == "grpc"
+        try:
+            if grpc:
+                index = await self._call(lambda c: c.get_model_repository_index(as_json=True), None)
+                return [{"name": m.get("name", ""), "version": m.get("version", ""), "state": m.get("state", "")}
+                        for m in index.get("models", [])]
+            index = await self._call(lambda c: c.get_model_repository_index(), None)
+            return [{k: str(v) for k, v in m.items()} for m in index]
+        except TritonVLMError as exc:
+            if not is_restricted(exc):
+                raise
+        stats = await self._call(lambda c: c.get_inference_statistics(as_json=True) if grpc
+                                 else c.get_inference_statistics(), None)
+        return [{"name": name, "version": version, "state": "READY" if await self.is_ready(name) else "UNAVAILABLE"}
+                for name, version in statistics_models(stats)]
 
     async def close(self) -> None:
         for client in (self._client, self._stream_client):

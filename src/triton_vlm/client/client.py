@@ -33,7 +33,6 @@ Protocol = Literal["http", "grpc"]
 #: One item of :meth:`TritonVLMClient.infer_many`: ``(image, prompt)`` or a dict of :meth:`infer_result`'s
 #: keyword arguments (``image`` and ``prompt`` required; ``model_name`` overrides the call's model).
 BatchItem = Union[tuple[ImageLike, str], Mapping[str, Any]]
-OUTPUT_NAMES = ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")
 
 
 @dataclass(frozen=True)
@@ -119,9 +118,6 @@ def request_inputs(module: Any, image: ImageLike, prompt: str, *, max_tokens: in
     return inputs
 
 
-def requested_outputs(module: Any) -> list[Any]:
-    return [module.InferRequestedOutput(name) for name in OUTPUT_NAMES]
-
 
 def _output_fields(result: Any) -> tuple[str, int, int, str]:
     def text(name: str) -> str:
@@ -145,6 +141,19 @@ def parse_piece(result: Any) -> StreamPiece:
     text, generated, prompt_tokens, finish_reason = _output_fields(result)
     return StreamPiece(text=text, generated_tokens=generated, prompt_tokens=prompt_tokens,
                        finish_reason=finish_reason)
+
+
+def is_restricted(exc: BaseException) -> bool:
+    """True for Triton's answer to an API the launcher keeps behind its admin key (the repository index)."""
+    return "is restricted" in str(exc)
+
+
+def statistics_models(stats: Any) -> list[tuple[str, str]]:
+    """``(name, version)`` of every loaded model from Triton's statistics (a gRPC message or HTTP JSON): the
+    model list that needs no admin key."""
+    if isinstance(stats, Mapping):
+        return [(m["name"], m["version"]) for m in stats.get("model_stats", [])]
+    return [(m.name, m.version) for m in stats.model_stats]
 
 
 def stream_target(model_name: str) -> str:
@@ -333,9 +342,7 @@ class TritonVLMClient:
                     raise _translate(error, target, self.grpc_url) if isinstance(
                         error, InferenceServerException) else ServerUnreachableError(str(error))
                 piece = parse_piece(result)
-                yield piece
-                if piece.finish_reason:
-                    finished = True
+                finished = bool(piece.finish_reason)
                 yield piece
                 if finished:
                     return
@@ -372,7 +379,7 @@ class TritonVLMClient:
         try:
             index = self._call(lambda c: c.get_model_repository_index(), None)
         except TritonVLMError as exc:
-            if "is restricted" not in str(exc):
+            if not is_restricted(exc):
                 raise
             return self._loaded_models()
         if self.protocol == "grpc":
@@ -394,12 +401,9 @@ class TritonVLMClient:
 
     def _loaded_models(self) -> list[dict[str, str]]:
         stats = self._call(lambda c: c.get_inference_statistics(), None)
-        if self.protocol == "grpc":
-            versions = [(m.name, m.version) for m in stats.model_stats]
-        else:
-            versions = [(m["name"], m["version"]) for m in stats.get("model_stats", [])]
         return [{"name": name, "version": version,
-                 "state": "READY" if self.is_ready(name) else "UNAVAILABLE"} for name, version in versions]
+                 "state": "READY" if self.is_ready(name) else "UNAVAILABLE"}
+                for name, version in statistics_models(stats)]
 
     def close(self) -> None:
         with self._clients_lock:

@@ -99,7 +99,7 @@ class LLMEngine:
             self._thread.start()
         return self
 
-    def shutdown(self, timeout: float = 5.0) -> None:
+    def shutdown(self, timeout: float = 30.0) -> None:
         """Abort what is queued or running and stop the thread (waiting at most ``timeout`` seconds)."""
         if self._thread is not None:
             self._inbox.put(None)

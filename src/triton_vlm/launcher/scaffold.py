@@ -43,6 +43,17 @@ output [
 
 dynamic_batching {{
   max_queue_delay_microseconds: 5000
+  # Overload: at most max_queue_size requests wait; more are refused at once with UNAVAILABLE (HTTP 503), so
+  # clients back off instead of piling up. A request still queued after 5 minutes is refused with UNAVAILABLE;
+  # a request may ask for less (the "timeout" request parameter, in microseconds; Triton only honours it below
+  # a non-zero default). Launcher overrides: --max-queue-size / --queue-timeout-ms, or
+  # TRITON_VLM_<MODEL>_MAX_QUEUE_SIZE / _QUEUE_TIMEOUT_MS.
+  default_queue_policy {{
+    max_queue_size: 64
+    timeout_action: REJECT
+    default_timeout_microseconds: 300000000
+    allow_timeout_override: true
+  }}
 }}
 
 # On hosts without a GPU the launcher serves these instances as KIND_CPU.
@@ -59,6 +70,11 @@ parameters {{ key: "preload" value: {{ string_value: "false" }} }}
 parameters {{ key: "trust_remote_code" value: {{ string_value: "false" }} }}
 parameters {{ key: "default_max_tokens" value: {{ string_value: "128" }} }}
 parameters {{ key: "max_tokens_limit" value: {{ string_value: "1024" }} }}
+# Request limits (docs/reliability.md): encoded image bytes; decoded pixels and width:height (both checked from
+# the header before decoding, so decompression bombs and 1 x 40000 strips never expand).
+parameters {{ key: "max_image_bytes" value: {{ string_value: "20971520" }} }}
+parameters {{ key: "max_image_pixels" value: {{ string_value: "40000000" }} }}
+parameters {{ key: "max_image_aspect_ratio" value: {{ string_value: "100" }} }}
 """
 
 TASK_INPUT = """,

@@ -86,17 +86,31 @@ class TritonGateway:
         async with self._index_lock:
             now = time.monotonic()
             if refresh or self._index is None or now - self._index_at > self.index_ttl_s:
-                try:
-                    index = await self._grpc().get_model_repository_index(client_timeout=10)
-                except Exception as exc:
-                    raise self._error(exc, None) from None
-                ready = {m.name for m in index.models if m.state == "READY"}
-                names = {m.name for m in index.models}
+                names, ready = await self._served_names()
                 public = sorted(n for n in ready
                                 if not (n.endswith(STREAM_SUFFIX) and n[:-len(STREAM_SUFFIX)] in names))
                 self._index = {n: ServedModel(n, f"{n}{STREAM_SUFFIX}" in ready) for n in public}
                 self._index_at = now
             return self._index
+
+    async def _served_names(self) -> tuple[set[str], set[str]]:
+        """All model names and the READY ones: from the repository index, or where the launcher keeps it behind
+        its admin key, from the statistics API and each model's readiness."""
+        from triton_vlm.client.client import is_restricted, statistics_models
+
+        grpc = self._grpc()
+        try:
+            index = await grpc.get_model_repository_index(client_timeout=10)
+            return {m.name for m in index.models}, {m.name for m in index.models if m.state == "READY"}
+        except Exception as exc:
+            if not is_restricted(exc):
+                raise self._error(exc, None) from None
+        try:
+            names = {name for name, _ in statistics_models(await grpc.get_inference_statistics(client_timeout=10))}
+            ready = {name for name in names if await grpc.is_model_ready(name, client_timeout=10)}
+        except Exception as exc:
+            raise self._error(exc, None) from None
+        return names, ready
 
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, model: str, image: bytes, prompt: str, sampling: Sampling) -> Piece:
