@@ -146,6 +146,7 @@ class AsyncTritonVLMClient:
             await done.wait()  # keep the stream open until the final response
 
         responses = client.stream_infer(requests(), stream_timeout=self.timeout)
+        finished = False
         try:
             while True:
                 try:
@@ -160,16 +161,20 @@ class AsyncTritonVLMClient:
                     raise _translate(InferenceServerException(msg=exc.details(), status=str(exc.code())), target,
                                      self.grpc_url, self.timeout) from None
                 if error is not None:
+                    finished = True  # an error response ends the request too
                     raise _translate(error, target, self.grpc_url, self.timeout) if isinstance(
                         error, InferenceServerException) else ServerUnreachableError(str(error))
                 piece = parse_piece(result)
+                finished = bool(piece.finish_reason)
                 yield piece
-                if piece.finish_reason:
+                if finished:
                     return
         finally:
             done.set()
+            # Cancel only a request still running: cancelling one that just ended races with its final response,
+            # and Triton 2.51 then never releases it (the <model>_stream model could no longer unload).
             cancel = getattr(responses, "cancel", None)
-            if cancel is not None:
+            if cancel is not None and not finished:
                 cancel()
 
     # -- server state -------------------------------------------------------------------------------------

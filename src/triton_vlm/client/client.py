@@ -339,6 +339,7 @@ class TritonVLMClient:
                 except queue.Empty:
                     raise RequestTimeoutError(f"no response from {target} in {self.timeout:g}s") from None
                 if error is not None:
+                    finished = True  # an error response ends the request too: nothing left to cancel
                     raise _translate(error, target, self.grpc_url) if isinstance(
                         error, InferenceServerException) else ServerUnreachableError(str(error))
                 piece = parse_piece(result)

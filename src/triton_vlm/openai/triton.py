@@ -140,6 +140,7 @@ class TritonGateway:
             await finished.wait()  # keep our side open until the last response is in
 
         responses = self._grpc().stream_infer(requests(), stream_timeout=self.timeout_s)
+        ended = False
         try:
             while True:
                 try:
@@ -149,14 +150,19 @@ class TritonGateway:
                 except Exception as exc:
                     raise self._error(exc, target) from None
                 if error is not None:
+                    ended = True  # an error response ends the request too
                     raise self._error(error, target)
                 piece = _piece(result)
+                ended = bool(piece.finish_reason)
                 yield piece
-                if piece.finish_reason:
+                if ended:
                     return
         finally:
             finished.set()
-            responses.cancel()
+            # Cancel only a request still running (the client left early): cancelling one that just ended races
+            # with its final response, and Triton 2.51 then never releases it.
+            if not ended:
+                responses.cancel()
 
     # -- errors -------------------------------------------------------------------------------------------
     def _error(self, exc: BaseException, model: str | None) -> TritonVLMError:
