@@ -185,7 +185,9 @@ def test_engine_overload_is_refused_quickly(faulty: FaultServer) -> None:
     refused = [r for r in results if r[0] == "ModelUnavailableError"]
     assert len(refused) + sum(r[0] == "ok" for r in results) == len(results), results
     assert refused and len(refused) <= 28 - 16, results  # 16 fit at once (later ones may find room again)
-    assert all("overloaded" in message and "limit 16" in message for _, _, message in refused)
+    # Mostly the engine's own bound ("limit 16"); under a burst Triton's queue in front of it may refuse first.
+    assert all("overloaded" in message and ("limit 16" in message or "queue" in message)
+               for _, _, message in refused), refused
     assert max(seconds for _, seconds, _ in refused) < 2.0, refused
 
 
