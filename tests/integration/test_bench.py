@@ -20,7 +20,8 @@ def test_bench_tiny_reports_served_runs_baseline_and_ratios(tmp_path: Path) -> N
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     result = subprocess.run(
         [str(CLI), "bench", "--tiny", "--model", "llava", "--concurrency", "1,4", "--requests", "4,8",
-         "--max-tokens", "6", "--json", str(out), "--plot", str(png), "--api", "both"],
+         "--max-tokens", "6", "--json", str(out), "--plot", str(png), "--api", "both",
+         "--round-trip", "3"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -34,5 +35,11 @@ def test_bench_tiny_reports_served_runs_baseline_and_ratios(tmp_path: Path) -> N
     assert all(r["ttft_p50_s"] > 0 and r["itl_p50_s"] > 0 for r in runs if r["api"] == "stream")
     assert [b["concurrency"] for b in report["baseline"]] == [1, 4]
     assert set(report["ratios"]) == {"stream_c1", "stream_c4", "infer_c1", "infer_c4"}
+    trip = report["round_trip"]
+    assert trip["requests"] == 3 and trip["direct_p50_s"] > 0 and trip["served_p50_s"] > 0
+    assert trip["overhead_p50_s"] == pytest.approx(trip["served_p50_s"] - trip["direct_p50_s"])
+    assert set(report["scaling"]) == {"stream_c4_over_c1", "infer_c4_over_c1"}
+    assert all(v > 0 for v in report["scaling"].values())
+    assert "Triton round trip" in result.stdout and "throughput scaling" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "triton-vlm served" in result.stdout and "HF generate baseline" in result.stdout

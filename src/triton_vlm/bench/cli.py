@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from triton_vlm.bench.workload import RunResult, Workload, format_table, plot, run_hf_baseline, run_served
+from triton_vlm.bench.workload import (RoundTrip, RunResult, Workload, format_table, plot, run_hf_baseline,
+                                      run_round_trip, run_served)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     parser.add_argument("--engine", choices=("auto", "on", "off"), default="auto", help="for a started server")
+    parser.add_argument("--round-trip", type=int, default=0, metavar="N",
+                        help="also time N one-token requests in-process and through the server, alternating, and "
+                             "report what Triton adds (p50); keeps the in-process model loaded beside the server")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
         runtime = direct_runtime(args.model, tiny=args.tiny)
         baseline = [run_hf_baseline(runtime, w, c) for w, c in zip(workloads, levels)]
-        del runtime
-        _free_memory()
+        if not args.round_trip:
+            del runtime
+            _free_memory()
         print(format_table(f"HF generate baseline ({args.model}, in-process)", baseline), flush=True)
     server = None
     url = args.url
@@ -58,7 +63,19 @@ def run(args: argparse.Namespace) -> int:
         server = _start_server(args)
         url = server.grpc_url
     apis = ["stream", "infer"] if args.api == "both" else [args.api]
+    round_trip: RoundTrip | None = None
     try:
+        if args.round_trip:
+            if not args.baseline:
+                from triton_vlm.direct import direct_runtime
+
+                runtime = direct_runtime(args.model, tiny=args.tiny)
+            round_trip = run_round_trip(runtime, url, workload, args.round_trip)
+            del runtime
+            _free_memory()
+            print(f"Triton round trip ({round_trip.requests} one-token requests, alternating): in-process p50 "
+                  f"{round_trip.direct_p50_s * 1e3:.1f} ms, served p50 {round_trip.served_p50_s * 1e3:.1f} ms, "
+                  f"added {round_trip.overhead_p50_s * 1e3:.1f} ms", flush=True)
         served = [run_served(url, w, c, api=api) for api in apis for w, c in zip(workloads, levels)]
     finally:
         if server is not None:
@@ -76,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
         "baseline": [r.as_json() for r in baseline],
         "ratios": ratios,
     }
+    if round_trip is not None:
+        report["round_trip"] = round_trip.as_json()
+    if len(levels) > 1:
+        # Dynamic batching at work: throughput at the highest concurrency over the lowest, same server, same run.
+        report["scaling"] = {f"{api}_c{levels[-1]}_over_c{levels[0]}": rows[-1].output_tok_s / rows[0].output_tok_s
+                             for api in apis
+                             for rows in [[r for r in served if r.extra["api"] == api]] if rows[0].output_tok_s}
+        print("throughput scaling: " + ", ".join(f"{k} {v:.1f}x" for k, v in report["scaling"].items()))
     report.update(_environment())
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

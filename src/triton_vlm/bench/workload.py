@@ -163,6 +163,59 @@ def run_hf_baseline(runtime: Any, workload: Workload, batch: int) -> RunResult:
                      extra={"kind": "hf_generate_static_batch"})
 
 
+@dataclass(frozen=True)
+class RoundTrip:
+    """What going through Triton adds to one request: the same request, one at a time, in-process and served."""
+
+    requests: int
+    max_tokens: int
+    direct_p50_s: float
+    served_p50_s: float
+
+    @property
+    def overhead_p50_s(self) -> float:
+        return self.served_p50_s - self.direct_p50_s
+
+    def as_json(self) -> dict[str, Any]:
+        return {"requests": self.requests, "max_tokens": self.max_tokens, "direct_p50_s": self.direct_p50_s,
+                "served_p50_s": self.served_p50_s, "overhead_p50_s": self.overhead_p50_s}
+
+
+def run_round_trip(runtime: Any, grpc_url: str, workload: Workload, requests: int, max_tokens: int = 1) -> RoundTrip:
+    """Alternate one in-process request (``runtime``, the backend's own code path) and one plain ``infer`` through
+    the server, ``requests`` times each, same image and prompt; p50 of each. Alternating keeps drift (thermal,
+    caches, other load) out of the difference."""
+    from triton_vlm.client import TritonVLMClient
+
+    image = workload.image(0)
+    client = TritonVLMClient(grpc_url, protocol="grpc", timeout=600)
+
+    def direct() -> float:
+        start = time.perf_counter()
+        (result,) = runtime.generate([runtime.make_request(image, workload.prompt, max_tokens=max_tokens,
+                                                           ignore_eos=True)])
+        if isinstance(result, Exception):
+            raise result
+        return time.perf_counter() - start
+
+    def served() -> float:
+        start = time.perf_counter()
+        client.infer_result(workload.model, image, workload.prompt, max_tokens=max_tokens, ignore_eos=True)
+        return time.perf_counter() - start
+
+    try:
+        direct(), served()  # warm-up: lazy loads, first-call allocations
+        direct_s: list[float] = []
+        served_s: list[float] = []
+        for _ in range(requests):
+            direct_s.append(direct())
+            served_s.append(served())
+    finally:
+        client.close()
+    return RoundTrip(requests=requests, max_tokens=max_tokens, direct_p50_s=median(direct_s),
+                     served_p50_s=median(served_s))
+
+
 def format_table(title: str, rows: list[RunResult]) -> str:
     header = f"{'concurrency':>11} {'tok/s':>10} {'req/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9} {'errors':>6}"
     lines = [title, header]
