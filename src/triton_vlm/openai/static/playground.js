@@ -345,7 +345,8 @@
       $("total").textContent = ms(total);
       if (usage) {
         $("tokens").textContent = String(usage.completion_tokens);
-        $("tps").textContent = (usage.completion_tokens / (total / 1000)).toFixed(1);
+        // detect/point answers count no tokens: no rate to show then.
+        $("tps").textContent = usage.completion_tokens ? (usage.completion_tokens / (total / 1000)).toFixed(1) : "–";
       }
       if (!text) out.textContent = "(the model answered nothing)";
       const groups = groupsOf(text, entities, prompt);
