@@ -7,9 +7,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test unit integration clean
+.PHONY: install browser test unit integration clean
 
-install: $(STAMP)
+install: browser $(STAMP)
+
+# Headless Chromium for the playground's browser tests (tests/integration/test_playground.py): Debian's packages,
+# installed only where missing and only as root (CI runs as root). Elsewhere those tests skip, and fail under CI=true.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (apt-get)"; \
+		apt-get install -y -qq chromium chromium-driver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "warning: could not install chromium: the browser tests will skip (and fail under CI=true)"; \
+	else echo "note: chromium/chromedriver missing (not root): the browser tests will skip"; fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

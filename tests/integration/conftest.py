@@ -1,4 +1,5 @@
-"""One real tritonserver (tiny weights, free loopback ports) shared by the whole integration session."""
+"""One real tritonserver (tiny weights, free loopback ports) and one OpenAI front in front of it, shared by the
+whole integration session."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import free_ports
+from tests.conftest import free_port, free_ports
 from triton_vlm.launcher import ServerOptions, TritonServer
+from triton_vlm.openai import OpenAIOptions
+from triton_vlm.openai.config import MiB
 
 # smolvlm: the auto family (a directory written by `triton-vlm add-model`), a tiny Idefics3 under --tiny.
 SERVED_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
@@ -60,3 +64,49 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         finally:
             code = server.stop()
     assert code == 0, f"tritonserver exited with {code}; log:\n{log_path.read_text()[-3000:]}"
+
+
+# -- the OpenAI front (test_openai.py, test_playground.py) ---------------------------------------------------------
+API_KEY = "sk-test-" + "0123456789abcdef"
+
+
+@dataclass
+class Front:
+    options: OpenAIOptions
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.options.base_url
+
+    @property
+    def root(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def client(self, api_key: str = API_KEY) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=120)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def front(triton: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    """The front process, started the way the launcher starts it: an API key, and small body/image limits so the
+    413 paths are cheap to reach."""
+    from triton_vlm.openai.process import OpenAIFront
+
+    options = OpenAIOptions(port=free_port(), triton_grpc_url=triton.grpc_url, api_keys=(API_KEY,),
+                            max_body_bytes=2 * MiB, max_image_bytes=1 * MiB, cors_origins=("https://ui.example",))
+    log_path = tmp_path_factory.mktemp("openai") / "front.log"
+    with open(log_path, "w") as log_file:
+        process = OpenAIFront(options, log_file=log_file).start()
+        try:
+            process.wait_until_ready(timeout=60)
+            yield Front(options, log_path)
+        finally:
+            code = process.stop()
+    assert code == 0, log_path.read_text()[-3000:]
+    assert API_KEY not in log_path.read_text()

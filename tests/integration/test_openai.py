@@ -1,7 +1,7 @@
 """The OpenAI-compatible front against the real tritonserver (tiny weights), with the official ``openai`` client.
 
-One front process (started the way the launcher starts it) points at the session's tritonserver over gRPC,
-with an API key and small body/image limits so the 413 paths are cheap to reach.
+The session's front process (``front`` in conftest.py) points at the session's tritonserver over gRPC, with an API
+key and small body/image limits so the 413 paths are cheap to reach.
 """
 
 from __future__ import annotations
@@ -17,61 +17,19 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, SAMPLE_IMAGE, free_port, free_ports
-from tests.integration.conftest import PROMPTS, WORKING_MODELS, RunningServer
+from tests.conftest import ROOT, SAMPLE_IMAGE, free_ports
+from tests.integration.conftest import API_KEY, PROMPTS, WORKING_MODELS, Front, RunningServer
 from triton_client import TritonVLMClient
-from triton_vlm.openai import OpenAIOptions
-from triton_vlm.openai.config import MiB
-from triton_vlm.openai.process import OpenAIFront
 
 pytestmark = pytest.mark.integration
 
-API_KEY = "sk-test-" + "0123456789abcdef"
 MAX_TOKENS = 10
-
-
-@dataclass
-class Front:
-    options: OpenAIOptions
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        return self.options.base_url
-
-    @property
-    def root(self) -> str:
-        return self.base_url.removesuffix("/v1")
-
-    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=120)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def front(triton: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
-    options = OpenAIOptions(port=free_port(), triton_grpc_url=triton.grpc_url, api_keys=(API_KEY,),
-                            max_body_bytes=2 * MiB, max_image_bytes=1 * MiB, cors_origins=("https://ui.example",))
-    log_path = tmp_path_factory.mktemp("openai") / "front.log"
-    with open(log_path, "w") as log_file:
-        process = OpenAIFront(options, log_file=log_file).start()
-        try:
-            process.wait_until_ready(timeout=60)
-            yield Front(options, log_path)
-        finally:
-            code = process.stop()
-    assert code == 0, log_path.read_text()[-3000:]
-    assert API_KEY not in log_path.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +160,29 @@ def test_moondream2_task_extension(front: Front, triton: RunningServer, png: byt
     with TritonVLMClient(triton.http_url) as kserve:
         assert answer.choices[0].message.content == kserve.infer("moondream2", png, "house", task="detect",
                                                                  max_tokens=MAX_TOKENS)
+
+
+def test_kosmos2_entities_extension(front: Front, triton: RunningServer, png: bytes) -> None:
+    """message.entities (and the last stream chunk's delta.entities) equal the KServe client's entities; models
+    without the output answer plain OpenAI messages. (Tiny random weights tag nothing: an empty list, still
+    present; the shapes with real boxes are in tests/unit/test_openai_front.py.)"""
+    from dataclasses import asdict
+
+    client = front.client()
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as kserve:
+        expected = kserve.infer_result("kosmos2", png, PROMPTS["kosmos2"], max_tokens=MAX_TOKENS).entities
+    as_json = [{**asdict(e), "span": list(e.span) if e.span else e.span} for e in expected]
+    answer = client.chat.completions.create(model="kosmos2", messages=[user(PROMPTS["kosmos2"], png)],
+                                            max_tokens=MAX_TOKENS)
+    assert answer.choices[0].message.model_extra["entities"] == as_json
+    chunks = list(client.chat.completions.create(model="kosmos2", messages=[user(PROMPTS["kosmos2"], png)],
+                                                 max_tokens=MAX_TOKENS, stream=True))
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason and last.choices[0].delta.model_extra["entities"] == as_json
+    plain = client.chat.completions.create(model="llava", messages=[user("Hi", png)], max_tokens=2)
+    assert "entities" not in (plain.choices[0].message.model_extra or {})
+    cards = {m.id: m.model_extra["capabilities"] for m in client.models.list().data}
+    assert cards["kosmos2"] == ["entities"] and cards["moondream2"] == ["task"] and "stream" in cards["llava"]
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ def _png(size: tuple[int, int] = (8, 8)) -> bytes:
 
 
 PNG = _png()
+#: What the gateway decodes from kosmos2's entities output.
+ENTITIES = [{"phrase": "a snowman", "span": [11, 20], "boxes": [{"x_min": 0.1, "y_min": 0.2, "x_max": 0.5, "y_max": 0.9}],
+             "boxes_px": [{"x_min": 0.8, "y_min": 1.6, "x_max": 4.0, "y_max": 7.2}]}]
 DATA_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
 
 
@@ -54,23 +57,27 @@ class FakeGateway:
         self.fail_after_pieces: Exception | None = None
         self.hold: threading.Event | None = None
         self.closed_streams = 0
+        self.asked_entities: list[bool] = []
 
     async def ready(self) -> bool:
         return True
 
     async def models(self, refresh: bool = False) -> dict[str, ServedModel]:
-        return {"llava": ServedModel("llava", True), "kosmos2": ServedModel("kosmos2", False)}
+        return {"llava": ServedModel("llava", True), "kosmos2": ServedModel("kosmos2", False, entities=True),
+                "moondream2": ServedModel("moondream2", False, tasks=True)}
 
     async def _maybe_wait(self) -> None:
         while self.hold is not None and not self.hold.is_set():
             await asyncio.sleep(0.01)
 
-    async def infer(self, model: str, image: bytes, prompt: str, sampling: Sampling) -> Piece:
+    async def infer(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
+                    entities: bool = False) -> Piece:
         self.calls.append(("infer", model, image, prompt, sampling))
+        self.asked_entities.append(entities)
         await self._maybe_wait()
         if self.fail:
             raise self.fail
-        return Piece("The answer.", 40, 3, "stop")
+        return Piece("The answer.", 40, 3, "stop", entities=ENTITIES if entities else None)
 
     async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling) -> AsyncIterator[Piece]:
         self.calls.append(("stream", model, image, prompt, sampling))
@@ -371,11 +378,94 @@ def test_streaming_events(client: TestClient, gateway: FakeGateway) -> None:
     assert gateway.calls[-1][0] == "stream" and gateway.closed_streams == 1
     plain = events(chat(client, stream=True).text)
     assert all("usage" not in c for c in plain[:-1])
-    # kosmos2 has no kosmos2_stream: the whole answer in one chunk
+    # kosmos2 has no kosmos2_stream: the whole answer in one chunk, its entities on the last one
     whole = events(chat(client, model="kosmos2", stream=True).text)
     assert [c["choices"][0]["delta"] for c in whole[:-1]] == [{"role": "assistant", "content": ""},
-                                                              {"content": "The answer."}, {}]
+                                                              {"content": "The answer."}, {"entities": ENTITIES}]
     assert gateway.calls[-1][0] == "infer"
+
+
+def test_entities_extension_only_from_models_that_have_it(client: TestClient, gateway: FakeGateway) -> None:
+    """kosmos2 (an ``entities`` output in its metadata) answers message.entities; the others stay plain OpenAI,
+    and Triton is never asked for an output the model lacks."""
+    grounded = chat(client, model="kosmos2").json()["choices"][0]["message"]
+    assert grounded["entities"] == ENTITIES and grounded["content"] == "The answer."
+    plain = chat(client, model="moondream2").json()["choices"][0]["message"]
+    assert "entities" not in plain
+    streamed = events(chat(client, model="moondream2", stream=True).text)
+    assert all("entities" not in c["choices"][0]["delta"] for c in streamed[:-1])
+    assert gateway.asked_entities == [True, False, False]
+    schema = client.get("/openapi.json", headers=AUTH).json()["components"]["schemas"]
+    assert "entities" in schema["AssistantAnswer"]["properties"] and "entities" in schema["Delta"]["properties"]
+    assert set(schema["GroundedEntity"]["properties"]) == {"phrase", "span", "boxes", "boxes_px"}
+
+
+def test_model_cards_say_what_each_model_can_do(client: TestClient) -> None:
+    cards = {m["id"]: m["capabilities"] for m in client.get("/v1/models", headers=AUTH).json()["data"]}
+    assert cards == {"llava": ["stream"], "kosmos2": ["entities"], "moondream2": ["task"]}
+    assert client.get("/v1/models/moondream2", headers=AUTH).json()["capabilities"] == ["task"]
+
+
+def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
+    """TritonGateway against a fake gRPC client: metadata decides the capabilities and the outputs asked for."""
+    import numpy as np
+
+    from triton_vlm.openai.triton import TritonGateway
+
+    class Tensor:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    class Metadata:
+        def __init__(self, inputs: list[str], outputs: list[str]) -> None:
+            self.inputs, self.outputs = [Tensor(n) for n in inputs], [Tensor(n) for n in outputs]
+
+    class Result:
+        def __init__(self, arrays: dict[str, Any]) -> None:
+            self.arrays = arrays
+
+        def as_numpy(self, name: str) -> Any:
+            return self.arrays.get(name)
+
+    class Index:
+        def __init__(self, names: list[str]) -> None:
+            self.models = [type("M", (), {"name": n, "state": "READY"})() for n in names]
+
+    asked: list[list[str]] = []
+    raw = json.dumps(ENTITIES).encode()
+
+    class FakeGrpc:
+        async def get_model_repository_index(self, client_timeout: float) -> Index:
+            return Index(["kosmos2", "llava", "llava_stream", "moondream2"])
+
+        async def get_model_metadata(self, name: str, client_timeout: float) -> Metadata:
+            base = ["generated_text", "generated_tokens", "prompt_tokens", "finish_reason"]
+            return {"kosmos2": Metadata(["image", "prompt"], [*base, "entities"]),
+                    "moondream2": Metadata(["image", "prompt", "task"], base)}.get(name, Metadata(["image"], base))
+
+        async def infer(self, model: str, inputs: Any, outputs: Any, client_timeout: float) -> Result:
+            names = [o.name() for o in outputs]
+            asked.append(names)
+            arrays = {"generated_text": np.array([b"An image of a snowman"], dtype=object),
+                      "generated_tokens": np.array([5]), "prompt_tokens": np.array([70]),
+                      "finish_reason": np.array([b"stop"], dtype=object)}
+            if "entities" in names:
+                arrays["entities"] = np.array([raw], dtype=object)
+            return Result(arrays)
+
+    async def scenario() -> None:
+        gateway = TritonGateway("fake:8001")
+        gateway._client = FakeGrpc()
+        models = await gateway.models()
+        assert models["kosmos2"].entities and not models["kosmos2"].tasks
+        assert models["moondream2"].tasks and not models["moondream2"].entities
+        assert models["llava"].streams and "llava_stream" not in models
+        piece = await gateway.infer("kosmos2", PNG, "<grounding>An image of", Sampling(), entities=True)
+        assert piece.entities == ENTITIES and piece.text == "An image of a snowman"
+        assert (await gateway.infer("llava", PNG, "Hi", Sampling())).entities is None
+        assert "entities" in asked[0] and "entities" not in asked[1]
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("error, status, code", [
@@ -429,7 +519,7 @@ def test_unknown_model_urls_and_methods(client: TestClient) -> None:
     response = chat(client, model="gpt-4o")
     assert response.status_code == 404
     assert response.json()["error"] == {"message": "The model 'gpt-4o' does not exist; this server has: llava, "
-                                                   "kosmos2", "type": "invalid_request_error", "param": "model",
+                                                   "kosmos2, moondream2", "type": "invalid_request_error", "param": "model",
                                         "code": "model_not_found"}
     assert client.get("/v1/models/gpt-4o", headers=AUTH).status_code == 404
     assert client.get("/v1/models/kosmos2", headers=AUTH).json()["id"] == "kosmos2"

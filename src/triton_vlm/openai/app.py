@@ -27,6 +27,7 @@ from triton_vlm.openai.config import OpenAIOptions
 from triton_vlm.openai.errors import APIError, from_triton
 from triton_vlm.openai.images import image_bytes
 from triton_vlm.openai.messages import conversation
+from triton_vlm.openai.playground import install_playground
 from triton_vlm.openai.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse,
                                        Health, ModelCard, ModelList)
 from triton_vlm.openai.triton import Piece, Sampling, ServedModel, TritonGateway
@@ -206,12 +207,17 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList, dependencies=guarded, tags=["models"],
              responses=_pick(ERROR_RESPONSES, 401, 500, 503), summary="The models served")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, created=started) for name in await served()])
+        return ModelList(data=[card(model) for model in (await served()).values()])
 
     @app.get("/v1/models/{model}", response_model=ModelCard, dependencies=guarded, tags=["models"],
              responses=_pick(ERROR_RESPONSES, 401, 404, 500, 503), summary="One served model")
     async def get_model(model: str) -> ModelCard:
-        return ModelCard(id=(await find_model(model)).name, created=started)
+        return card(await find_model(model))
+
+    def card(model: ServedModel) -> ModelCard:
+        capabilities = [name for name, has in (("stream", model.streams), ("task", model.tasks),
+                                               ("entities", model.entities)) if has]
+        return ModelCard(id=model.name, created=started, capabilities=capabilities)
 
     # -- chat completions ---------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=guarded, tags=["chat"], response_model=ChatCompletion,
@@ -249,15 +255,18 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
             created = int(time.time())
             if not body.stream:
                 try:
-                    answer = await gateway.infer(model.name, image, chat.prompt, sampling)
+                    answer = await gateway.infer(model.name, image, chat.prompt, sampling, entities=model.entities)
                 except TritonVLMError as exc:
                     raise from_triton(exc, model.name, max_tokens_param=limit_field) from None
-                return completion(completion_id, created, model.name, answer)
+                answer_body = completion(completion_id, created, model.name, answer)
+                # The entities extension only where the model has it: other answers stay plain OpenAI.
+                hidden = None if answer.entities is not None else {"choices": {"__all__": {"message": {"entities"}}}}
+                return JSONResponse(answer_body.model_dump(mode="json", exclude=hidden))
 
             if model.streams:
                 pieces = gateway.stream(model.name, image, chat.prompt, sampling)
             else:
-                pieces = _one(gateway.infer(model.name, image, chat.prompt, sampling))
+                pieces = _one(gateway.infer(model.name, image, chat.prompt, sampling, entities=model.entities))
             try:  # the first piece before the 200: an error up to here still gets its own status
                 first = await pieces.__anext__()
             except TritonVLMError as exc:
@@ -272,6 +281,8 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
             if not handed_over:
                 release()
 
+    if options.playground:
+        install_playground(app, options)
     _install_openapi(app)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)  # type: ignore[arg-type]
     if options.cors_origins:
@@ -325,7 +336,7 @@ def _finish(reason: str) -> str:
 def completion(completion_id: str, created: int, model: str, answer: Piece) -> ChatCompletion:
     return ChatCompletion.model_validate({
         "id": completion_id, "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "entities": answer.entities},
                      "finish_reason": _finish(answer.finish_reason)}],
         "usage": _usage(answer),
     })
@@ -370,7 +381,8 @@ async def sse_events(completion_id: str, created: int, model: str, first: Piece,
             except TritonVLMError as exc:
                 yield f"data: {json.dumps(from_triton(exc, model).body())}\n\n"
                 return
-        yield event(delta({}, _finish(piece.finish_reason)))
+        # The entities extension rides on the last chunk: only the whole answer has them.
+        yield event(delta({} if piece.entities is None else {"entities": piece.entities}, _finish(piece.finish_reason)))
         if include_usage:
             yield event([], _usage(piece))
         yield "data: [DONE]\n\n"

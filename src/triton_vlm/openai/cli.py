@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests in flight before answering 429 (default 256)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds a request may take in Triton before a 504 (default 600)")
+    parser.add_argument("--no-playground", dest="playground", action="store_false",
+                        help="do not serve the browser playground at /playground")
     parser.add_argument("--log-level", default=os.environ.get("TRITON_VLM_OPENAI_LOG_LEVEL", "warning"),
                         choices=("critical", "error", "warning", "info", "debug"))
 
@@ -72,7 +74,7 @@ def options_from_args(args: argparse.Namespace) -> OpenAIOptions:
         allow_private_image_hosts=args.allow_private_image_hosts,
         max_body_bytes=int(args.max_body_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
         remote_image_timeout_s=args.remote_image_timeout, max_concurrent_requests=args.max_concurrent_requests,
-        request_timeout_s=args.request_timeout, log_level=args.log_level,
+        request_timeout_s=args.request_timeout, log_level=args.log_level, playground=args.playground,
     )
 
 

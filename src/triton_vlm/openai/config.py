@@ -43,6 +43,8 @@ class OpenAIOptions:
     #: Longest a request may take in Triton, streams included; then 504.
     request_timeout_s: float = 600.0
     log_level: str = "warning"
+    #: Serve the browser playground at ``/playground`` (a static page; its data calls need the API key).
+    playground: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

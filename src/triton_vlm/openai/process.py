@@ -34,6 +34,8 @@ def front_command(options: OpenAIOptions) -> list[str]:
         command.append("--allow-remote-images")
     if options.allow_private_image_hosts:
         command.append("--allow-private-image-hosts")
+    if not options.playground:
+        command.append("--no-playground")
     return command
 
 

@@ -142,10 +142,32 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class Box(BaseModel):
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+
+class GroundedEntity(BaseModel):
+    """A phrase of the answer and where it is in the image (kosmos2's ``entities`` output)."""
+
+    phrase: str
+    span: list[int] | None = Field(description="[start, end) character offsets of the phrase in the answer; "
+                                               "zero width for an object the answer does not name.")
+    boxes: list[Box] = Field(description="Normalized to 0..1 of the image's width and height.")
+    boxes_px: list[Box] = Field(description="The same boxes in pixels of the original image.")
+
+
+ENTITIES_DESCRIPTION = ("triton-vlm extension: the phrases of a grounded answer with their boxes, from models that "
+                        "have an `entities` output (kosmos2; `<grounding>` prompts); null for other models.")
+
+
 class AssistantAnswer(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
     refusal: None = None
+    entities: list[GroundedEntity] | None = Field(default=None, description=ENTITIES_DESCRIPTION)
 
 
 class Choice(BaseModel):
@@ -168,6 +190,8 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    entities: list[GroundedEntity] | None = Field(default=None, description=ENTITIES_DESCRIPTION + " Streamed: "
+                                                  "only on the chunk with the finish_reason.")
 
 
 class ChunkChoice(BaseModel):
@@ -189,11 +213,17 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
 
 
+Capability = Literal["stream", "task", "entities"]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "triton-vlm"
+    capabilities: list[Capability] = Field(
+        default_factory=list, description="triton-vlm extension: `stream` (token by token), `task` (takes the task "
+                                          "field), `entities` (grounded answers carry message.entities).")
 
 
 class ModelList(BaseModel):

@@ -20,6 +20,11 @@ from triton_vlm.openai.errors import TritonTimeoutError
 
 STREAM_SUFFIX = "_stream"
 OUTPUTS = ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")
+#: Optional output of grounding models (kosmos2): JSON list of phrases with their boxes. Asked for only where the
+#: model's metadata lists it (Triton refuses a request for an output the model does not have).
+ENTITIES = "entities"
+#: Optional input of models with several skills (moondream2).
+TASK = "task"
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,16 @@ class Piece:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "" until the last piece of a stream
+    #: kosmos2's ``entities`` output, decoded (a list of phrase/span/boxes dicts); None where not asked for.
+    entities: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
 class ServedModel:
     name: str
     streams: bool  # has a ready <name>_stream companion
+    entities: bool = False  # has the optional ``entities`` output (grounding)
+    tasks: bool = False  # takes the optional ``task`` input (several skills)
 
 
 class TritonGateway:
@@ -58,6 +67,9 @@ class TritonGateway:
         self._index: dict[str, ServedModel] | None = None
         self._index_at = 0.0
         self._index_lock: asyncio.Lock | None = None
+        #: Input and output names of each READY model, from its metadata; dropped when the model leaves READY,
+        #: so a reloaded model is read again.
+        self._tensors: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
 
     def _grpc(self) -> Any:
         if self._client is None:
@@ -89,7 +101,13 @@ class TritonGateway:
                 names, ready = await self._served_names()
                 public = sorted(n for n in ready
                                 if not (n.endswith(STREAM_SUFFIX) and n[:-len(STREAM_SUFFIX)] in names))
-                self._index = {n: ServedModel(n, f"{n}{STREAM_SUFFIX}" in ready) for n in public}
+                self._tensors = {n: t for n, t in self._tensors.items() if n in ready}
+                index = {}
+                for name in public:
+                    inputs, outputs = await self._tensor_names(name)
+                    index[name] = ServedModel(name, f"{name}{STREAM_SUFFIX}" in ready, entities=ENTITIES in outputs,
+                                              tasks=TASK in inputs)
+                self._index = index
                 self._index_at = now
             return self._index
 
@@ -112,17 +130,31 @@ class TritonGateway:
             raise self._error(exc, None) from None
         return names, ready
 
+    async def _tensor_names(self, model: str) -> tuple[frozenset[str], frozenset[str]]:
+        """The model's input and output names (cached). Unreadable metadata counts as no optional tensors: the
+        model is still listed and answers text."""
+        if model not in self._tensors:
+            try:
+                metadata = await self._grpc().get_model_metadata(model, client_timeout=10)
+            except Exception:
+                return frozenset(), frozenset()
+            self._tensors[model] = (frozenset(t.name for t in metadata.inputs),
+                                    frozenset(t.name for t in metadata.outputs))
+        return self._tensors[model]
+
     # -- inference ----------------------------------------------------------------------------------------
-    async def infer(self, model: str, image: bytes, prompt: str, sampling: Sampling) -> Piece:
+    async def infer(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
+                    entities: bool = False) -> Piece:
+        """The whole answer; ``entities``: also ask for the ``entities`` output (only models that have it)."""
         import tritonclient.grpc as grpc_module
 
         inputs = _inputs(grpc_module, image, prompt, sampling)
-        outputs = [grpc_module.InferRequestedOutput(name) for name in OUTPUTS]
+        outputs = [grpc_module.InferRequestedOutput(name) for name in (*OUTPUTS, *([ENTITIES] if entities else []))]
         try:
             result = await self._grpc().infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
         except Exception as exc:
             raise self._error(exc, model) from None
-        return _piece(result)
+        return _piece(result, entities=entities)
 
     async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling) -> AsyncIterator[Piece]:
         """Pieces of the answer as ``<model>_stream`` generates them; the last has a finish reason. Closing the
@@ -207,8 +239,33 @@ def _inputs(module: Any, image: bytes, prompt: str, sampling: Sampling) -> list[
     return inputs
 
 
-def _piece(result: Any) -> Piece:
+def _piece(result: Any, *, entities: bool = False) -> Piece:
     return Piece(text=result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8"),
                  prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
                  completion_tokens=int(result.as_numpy("generated_tokens").reshape(-1)[0]),
-                 finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"))
+                 finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"),
+                 entities=_entities(result) if entities else None)
+
+
+def _entities(result: Any) -> list[dict[str, Any]]:
+    """The ``entities`` output as checked plain dicts (the shape :func:`~triton_vlm.client.entities.parse_entities`
+    reads); a missing or malformed one is a server-side fault, not the caller's."""
+    from triton_vlm.client.entities import parse_entities
+
+    raw = result.as_numpy(ENTITIES)
+    if raw is None:
+        raise GenerationError("the model did not return its entities output")
+    try:
+        parsed = parse_entities(raw.reshape(-1)[0])
+    except TritonVLMError as exc:
+        raise GenerationError(f"the model's entities output is malformed: {exc}") from None
+    return [entity_dict(e) for e in parsed]
+
+
+def entity_dict(entity: Any) -> dict[str, Any]:
+    """An :class:`~triton_vlm.client.entities.Entity` as the API's JSON (``span`` a 2-list or null)."""
+    def boxes(items: Any) -> list[dict[str, float]]:
+        return [{"x_min": b.x_min, "y_min": b.y_min, "x_max": b.x_max, "y_max": b.y_max} for b in items]
+
+    return {"phrase": entity.phrase, "span": list(entity.span) if entity.span is not None else None,
+            "boxes": boxes(entity.boxes), "boxes_px": boxes(entity.boxes_px)}
