@@ -25,10 +25,11 @@ PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of
 
 
 @dataclass
-class RunningServer:
+class ServerHandle:
+    """A tritonserver a test session started, and the file its log goes to."""
+
     server: TritonServer
     log_path: Path
-    startup_metrics: str  # scraped before any inference request
 
     @property
     def http_url(self) -> str:
@@ -38,12 +39,17 @@ class RunningServer:
     def grpc_url(self) -> str:
         return self.server.grpc_url
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class RunningServer(ServerHandle):
+    startup_metrics: str  # scraped before any inference request
+
     def metrics(self) -> str:
         with urllib.request.urlopen(self.server.metrics_url, timeout=10) as response:
             return response.read().decode()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture(scope="session")

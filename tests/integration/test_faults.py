@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_ports
+from tests.integration.conftest import ServerHandle
 from tests.unit.helpers import image_bytes
 from triton_client import TritonVLMClient
 from triton_vlm.errors import InvalidInputError, ModelUnavailableError, RequestTimeoutError, ServerUnreachableError
@@ -37,21 +38,8 @@ PROMPT = "What is in this image?"
 
 
 @dataclass
-class FaultServer:
-    server: TritonServer
-    log_path: Path
+class FaultServer(ServerHandle):
     moondream_dir: Path
-
-    @property
-    def http_url(self) -> str:
-        return self.server.http_url
-
-    @property
-    def grpc_url(self) -> str:
-        return self.server.grpc_url
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def status(self, path: str) -> int:
         try:
