@@ -29,6 +29,21 @@ def test_readme_names_the_two_commands() -> None:
     assert "./triton_start.sh" in first and "make test" in first
 
 
+def test_readme_start_flags_exist() -> None:
+    """The flags the README lists for ./triton_start.sh (which runs ``triton-vlm start``) are real."""
+    from triton_vlm.cli.main import _parser
+
+    paragraph = README[README.index("`./triton_start.sh` serves"):README.index("## Quick start")]
+    flags = set(re.findall(r"`(--[a-z-]+)", paragraph))
+    assert {"--tiny", "--models", "--batch-delay-us", "--openai-port", "--mode", "--dry-run"} <= flags
+    parser = _parser()
+    switches = {"--tiny", "--preload", "--dry-run"}
+    words = {"--mode": "embedded", "--host": "0.0.0.0", "--models": "llava"}
+    for flag in sorted(flags):
+        value = [] if flag in switches else [words.get(flag, "1")]
+        parser.parse_args(["start", flag, *value])  # exits (SystemExit) on an unknown flag
+
+
 def test_readme_cli_lines_run(triton: RunningServer, tmp_path: Path) -> None:
     lines = [line for block in _blocks("bash") for line in block.splitlines()
              if line.startswith(".venv/bin/triton-vlm")]

@@ -29,7 +29,8 @@ from triton_vlm.generation import check_context
 from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer
 from triton_vlm.launcher import preflight, supervisor
 from triton_vlm.launcher import server as server_module
-from triton_vlm.launcher.policies import apply_queue_policy, instance_count, queue_limits
+from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, batch_delay, instance_count,
+                                          queue_limits)
 from triton_vlm.launcher.repository import render_repository
 from triton_vlm.loading import load_model
 from triton_vlm.model_config import load_model_config
@@ -153,12 +154,36 @@ def test_admin_key_from_the_environment_or_the_options(monkeypatch: pytest.Monke
 
 def test_queue_limits_reach_the_rendered_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TRITON_VLM_LLAVA_STREAM_MAX_QUEUE_SIZE", "7")
-    _command(monkeypatch, tmp_path, max_queue_size=3, queue_timeout_ms=250)
-    policy = load_model_config(tmp_path / "models" / "llava" / "config.pbtxt").dynamic_batching.default_queue_policy
+    monkeypatch.setenv("TRITON_VLM_LLAVA_STREAM_BATCH_DELAY_US", "100")
+    _command(monkeypatch, tmp_path, max_queue_size=3, queue_timeout_ms=250, batch_delay_us=7)
+    batching = load_model_config(tmp_path / "models" / "llava" / "config.pbtxt").dynamic_batching
+    policy = batching.default_queue_policy
     assert policy.max_queue_size == 3 and policy.default_timeout_microseconds == 250_000
+    assert batching.max_queue_delay_microseconds == 7
     assert policy.allow_timeout_override
     stream = load_model_config(tmp_path / "models" / "llava_stream" / "config.pbtxt").dynamic_batching
     assert stream.default_queue_policy.max_queue_size == 7  # the per-model environment wins
+    assert stream.max_queue_delay_microseconds == 100
+
+
+def test_batch_delay_precedence_and_rendering(tmp_path: Path) -> None:
+    assert batch_delay("m", None, env={}) is None
+    assert batch_delay("m", 250, env={}) == 250
+    assert batch_delay("m", 250, env={"TRITON_VLM_M_BATCH_DELAY_US": "0"}) == 0
+    with pytest.raises(LauncherError, match="batch_delay_us must be >= 0"):
+        batch_delay("m", -5, env={})
+    served = render_repository(REPOSITORY, tmp_path / "models", ["kosmos2"], "KIND_CPU")
+    config = served / "kosmos2" / "config.pbtxt"
+    assert load_model_config(config).dynamic_batching.max_queue_delay_microseconds == 5000
+    assert not apply_batch_delay(served / "kosmos2", None)
+    assert apply_batch_delay(served / "kosmos2", 1500)
+    assert load_model_config(config).dynamic_batching.max_queue_delay_microseconds == 1500
+    (tmp_path / "plain" / "1").mkdir(parents=True)
+    (tmp_path / "plain" / "config.pbtxt").write_text('name: "plain"\nbackend: "python"\n')
+    assert not apply_batch_delay(tmp_path / "plain", 10)  # no dynamic batching: no delay to set
+    stream = render_repository(REPOSITORY, tmp_path / "streams", ["llava_stream"], "KIND_CPU") / "llava_stream"
+    assert not apply_batch_delay(stream, 2000)  # decoupled: the engine batches, a launcher-wide delay stays off
+    assert apply_batch_delay(stream, 2000, own=True)  # its own TRITON_VLM_LLAVA_STREAM_BATCH_DELAY_US still applies
 
 
 def test_served_configs_bound_the_queue() -> None:
@@ -566,7 +591,9 @@ def test_any_sampling_values_are_accepted_in_range_or_refused(max_tokens: int, t
 def test_cli_queue_flags_reach_the_server_options() -> None:
     from triton_vlm.cli.main import _parser, _server_options
 
-    options = _server_options(_parser().parse_args(["serve", "--max-queue-size", "3", "--queue-timeout-ms", "50"]))
-    assert (options.max_queue_size, options.queue_timeout_ms) == (3, 50)
+    options = _server_options(_parser().parse_args(["serve", "--max-queue-size", "3", "--queue-timeout-ms", "50",
+                                                    "--batch-delay-us", "0"]))
+    assert (options.max_queue_size, options.queue_timeout_ms, options.batch_delay_us) == (3, 50, 0)
     defaults = _server_options(_parser().parse_args(["serve"]))
-    assert (defaults.max_queue_size, defaults.queue_timeout_ms, defaults.supervise) == (None, None, True)
+    assert (defaults.max_queue_size, defaults.queue_timeout_ms, defaults.batch_delay_us, defaults.supervise) == (
+        None, None, None, True)

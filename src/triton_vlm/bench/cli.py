@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     parser.add_argument("--engine", choices=("auto", "on", "off"), default="auto", help="for a started server")
+    parser.add_argument("--batch-delay-us", type=int, default=None,
+                        help="for a started server: Triton's batching delay (default: config.pbtxt's)")
     parser.add_argument("--round-trip", type=int, default=0, metavar="N",
                         help="also time N one-token requests in-process and through the server, alternating, and "
                              "report what Triton adds (p50); keeps the in-process model loaded beside the server")
@@ -125,6 +127,7 @@ def _start_server(args: argparse.Namespace) -> Any:
     log_path = Path(tempfile.mkstemp(prefix="triton-vlm-bench-", suffix=".log")[1])
     print(f"[triton-vlm] starting a server for the benchmark; its log: {log_path}", flush=True)
     server = TritonServer(ServerOptions(models=(args.model,), tiny=args.tiny, preload=True, engine=args.engine,
+                                        batch_delay_us=args.batch_delay_us,
                                         http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2]),
                           log_file=open(log_path, "w"))
     server.start()

@@ -161,6 +161,9 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: config.pbtxt's, 64)")
     parser.add_argument("--queue-timeout-ms", type=int, default=None,
                         help="refuse requests still queued after this long (default: no limit)")
+    parser.add_argument("--batch-delay-us", type=int, default=None,
+                        help="how long a batch may wait for more requests, in microseconds (Triton's "
+                             "max_queue_delay_microseconds; default: config.pbtxt's, 5000; 0: run at once)")
     parser.add_argument("--model-repository", type=Path, default=None)
     parser.add_argument("--log-verbose", type=int, default=0)
     from triton_vlm.openai.cli import add_access_arguments
@@ -194,6 +197,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         metrics_port=args.metrics_port, host=args.host, tiny=args.tiny, preload=args.preload,
         instance_kind=args.instance_kind, log_verbose=args.log_verbose, engine=args.engine, openai=openai,
         max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
+        batch_delay_us=args.batch_delay_us,
     )
 
 
@@ -231,7 +235,8 @@ def _start(args: argparse.Namespace) -> int:
                                         ("--model-repository", args.model_repository is not None),
                                         ("--log-verbose", args.log_verbose != 0),
                                         ("--max-queue-size", args.max_queue_size is not None),
-                                        ("--queue-timeout-ms", args.queue_timeout_ms is not None)) if value]
+                                        ("--queue-timeout-ms", args.queue_timeout_ms is not None),
+                                        ("--batch-delay-us", args.batch_delay_us is not None)) if value]
     if ignored:
         say(f"[triton-vlm] note: {', '.join(ignored)} only apply to --mode embedded; the container uses "
             f"{plan.mode.upper()} instances and its own model repository")

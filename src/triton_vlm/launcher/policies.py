@@ -5,6 +5,9 @@ more requests are refused at once with UNAVAILABLE) and how long a request may w
 (``default_timeout_microseconds``, and a request's own ``timeout`` parameter where
 ``allow_timeout_override`` is on). The launcher overrides them for every model (``--max-queue-size``,
 ``--queue-timeout-ms``) or for one (``TRITON_VLM_<MODEL>_MAX_QUEUE_SIZE``, ``..._QUEUE_TIMEOUT_MS``; these win).
+
+The batching delay (``max_queue_delay_microseconds``) is the other side of the same trade: how long the first
+request of a batch may wait for company. ``--batch-delay-us`` / ``TRITON_VLM_<MODEL>_BATCH_DELAY_US``.
 """
 
 from __future__ import annotations
@@ -57,6 +60,29 @@ def apply_queue_policy(model_dir: Path, max_queue_size: int | None, queue_timeou
     if queue_timeout_ms is not None:
         policy.default_timeout_microseconds = queue_timeout_ms * 1000
         policy.timeout_action = policy.REJECT
+    path.write_text(dump_model_config(config))
+    return True
+
+
+def batch_delay(model: str, delay_us: int | None, env: Mapping[str, str] | None = None) -> int | None:
+    """``max_queue_delay_microseconds`` for ``model``: its env override, else the launcher's; None: as configured."""
+    env = os.environ if env is None else env
+    name = env_prefix(model) + "BATCH_DELAY_US"
+    own = _number(env.get(name), name)
+    return _number(delay_us, "batch_delay_us") if own is None else own
+
+
+def apply_batch_delay(model_dir: Path, delay_us: int | None, *, own: bool = False) -> bool:
+    """Rewrite ``model_dir/config.pbtxt``'s batching delay; False (nothing written) for a model without dynamic
+    batching or with nothing to change. A launcher-wide delay (``own=False``) leaves decoupled engine models alone:
+    their scheduler batches between decode steps, so a wait in front of it would only add latency."""
+    if delay_us is None:
+        return False
+    path = model_dir / "config.pbtxt"
+    config = load_model_config(path)
+    if not config.HasField("dynamic_batching") or (config.model_transaction_policy.decoupled and not own):
+        return False
+    config.dynamic_batching.max_queue_delay_microseconds = delay_us
     path.write_text(dump_model_config(config))
     return True
 

@@ -22,7 +22,8 @@ from typing import IO, TYPE_CHECKING
 
 from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
-from triton_vlm.launcher.policies import apply_queue_policy, instance_count, queue_limits
+from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, batch_delay, instance_count,
+                                          queue_limits)
 from triton_vlm.launcher.preflight import check_shm
 from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, make_forwarder,
                                             model_family, render_repository, servable_models)
@@ -59,6 +60,8 @@ class ServerOptions:
     #: Overload limits for every batched model (None: as in config.pbtxt); see triton_vlm.launcher.policies.
     max_queue_size: int | None = None
     queue_timeout_ms: int | None = None
+    #: How long a batch may wait for more requests, µs (None: config.pbtxt's, 5000); 0: run at once.
+    batch_delay_us: int | None = None
     #: Reload a model whose Python stub died (Triton itself never does); see triton_vlm.launcher.supervisor.
     supervise: bool = True
     #: Secret for Triton's repository API (load/unload/index), also trace, logging and shared-memory: sent as
@@ -162,8 +165,11 @@ class TritonServer:
                     self._forwarders.setdefault(streams[model][0], []).append(model)
         stubs = 0
         for model in self.models:
-            apply_queue_policy(served / model, *queue_limits(model, opts.max_queue_size, opts.queue_timeout_ms,
-                                                             {**os.environ, **opts.extra_env}))
+            env = {**os.environ, **opts.extra_env}
+            apply_queue_policy(served / model, *queue_limits(model, opts.max_queue_size, opts.queue_timeout_ms, env))
+            own_delay = batch_delay(model, None, env)
+            apply_batch_delay(served / model, opts.batch_delay_us if own_delay is None else own_delay,
+                              own=own_delay is not None)
             stubs += instance_count(served / model)
         check_shm(stubs, env={**os.environ, **opts.extra_env})
         backends = prepare_backend_dir(dist, self.work_dir)
