@@ -7,14 +7,7 @@ set -euo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/site
 trap 'for f in /tmp/triton-vlm-bench-*.log; do [ -f "$f" ] && cp "$f" "$OUT/" && grep -v "^I1\|^+\|^|" "$f" | tail -40; done' EXIT
-tar -xJf .device/triton-server.tar.xz -C /tmp
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site \
-  .device/wheels/tritonclient-*.whl .device/wheels/grpcio-*.whl .device/wheels/protobuf-*.whl .device/wheels/python_rapidjson-*.whl
-export PYTHONPATH=/tmp/site:$PWD/src
-export TRITON_VLM_TRITON_HOME=/tmp/tritonserver TRITON_VLM_TRITON_LIBS=/tmp/tritonserver/nvidia_pytriton.libs
-export TRITON_VLM_NUMPY1_WHEEL=$(ls $PWD/.device/wheels/numpy-1.26.4-*.whl)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers, numpy; print('torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)"
+source bench/gpu_env.sh
 [ -f /tmp/llava-1.5-7b-random/config.json ] || python3 - <<'PY'
 import time, torch
 from pathlib import Path
