@@ -27,7 +27,7 @@ def main() -> int:
     try:
         server.wait_until_ready(timeout=400)
         image = Workload(model="llava").image(0)
-        with TritonVLMClient(server.http_url, grpc_url=server.grpc_url) as client:
+        with TritonVLMClient(server.grpc_url, protocol="grpc") as client:  # the GPU host has no gevent (HTTP client)
             for _ in range(3):
                 started = time.perf_counter()
                 result = client.infer_result("llava", image, "What is in this image?", max_tokens=32, ignore_eos=True)
