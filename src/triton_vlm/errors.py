@@ -52,6 +52,12 @@ class GenerationError(TritonVLMError):
     triton_code = "INTERNAL"
 
 
+class RequestCancelledError(TritonVLMError):
+    """The client cancelled the request (or went away) before its answer was ready; its work was stopped."""
+
+    triton_code = "CANCELLED"
+
+
 class ServerUnreachableError(TritonVLMError):
     """The client could not reach the server (not started, wrong URL, still starting)."""
 

@@ -4,12 +4,15 @@ One call generates for a whole batch: a left-padded prefill, then one forward st
 that are still running. Rows stop on their own EOS or ``max_tokens``; each row samples with its own
 parameters (:class:`~triton_vlm.sampling.RowSampler`). Explicit position ids make a padded row see exactly
 the positions it would see alone, so a batch returns what single requests return.
+
+A row whose client cancels stops at the next check (at most every :data:`CANCEL_CHECK_S`: each check is an IPC
+round trip to Triton per request), so its work ends with it and the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,15 @@ from PIL import Image
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.models.base import ModelFamily
 from triton_vlm.sampling import RowSampler, SamplingParams
+
+
+#: Finish reason of a row whose client cancelled it (the backend answers it with a CANCELLED error).
+CANCELLED = "cancelled"
+#: How often running rows are asked whether their client cancelled them.
+CANCEL_CHECK_S = 0.1
+
+#: Per row: a callable telling whether its request was cancelled, or None (never asked).
+CancelProbes = Sequence[Callable[[], bool] | None]
 
 
 @dataclass(frozen=True)
@@ -59,9 +71,10 @@ def check_context(family: ModelFamily, model: Any, prompt_tokens: list[int], par
 @torch.inference_mode()
 def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list[Image.Image],
                    prompts: list[str], params: list[SamplingParams],
-                   tasks: list[str | None] | None = None) -> list[GenerationOutput]:
+                   tasks: list[str | None] | None = None, cancelled: CancelProbes | None = None) -> list[GenerationOutput]:
     """Generate for ``len(prompts)`` requests in one batched loop; ``prompts`` are user prompts and ``tasks``
-    their (normalized) task names, None for the family's default."""
+    their (normalized) task names, None for the family's default. Rows whose ``cancelled`` probe says so stop
+    early with finish reason :data:`CANCELLED`."""
     from transformers import DynamicCache
 
     device = model.device
@@ -92,6 +105,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
     first_token_at = 0.0
     finished_at = [0.0] * batch
     step = 0
+    next_cancel_check = time.perf_counter() + CANCEL_CHECK_S
     while True:
         tokens = sampler(logits.float())
         is_stop = torch.isin(tokens, stop_ids) & ~row_stop
@@ -104,6 +118,13 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
                 generated[row].append(int(tokens[row]))
         running &= ~is_stop & (limits > step)
         now = time.perf_counter()
+        if cancelled is not None and now >= next_cancel_check:
+            next_cancel_check = now + CANCEL_CHECK_S
+            gone = [row for row in running.nonzero().flatten().tolist() if (probe := cancelled[row]) and probe()]
+            for row in gone:
+                finish[row] = CANCELLED
+            if gone:
+                running[gone] = False
         if step == 1:
             first_token_at = now
         still = running.tolist()

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from triton_vlm.errors import GenerationError, InvalidInputError, ModelLoadError, TritonVLMError
-from triton_vlm.generation import GenerationOutput
+from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, RequestCancelledError,
+                               TritonVLMError)
+from triton_vlm.generation import CANCELLED, GenerationOutput
 from triton_vlm.images import decode_image
 from triton_vlm.loading import LoadedModel, load_model
 from triton_vlm.models import get_family
@@ -34,6 +36,8 @@ class GenerationRequest:
     params: SamplingParams
     #: The family's canonical task name (e.g. moondream2's "detect"); None: its default behaviour.
     task: str | None = None
+    #: Tells whether the client cancelled the request (Triton's ``request.is_cancelled``); polled while it runs.
+    is_cancelled: Callable[[], bool] | None = field(default=None, compare=False)
 
 
 class VLMRuntime:
@@ -132,11 +136,15 @@ class VLMRuntime:
                     results.append(_as_error(single_exc))
             return results
 
-    def _run(self, loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        return loaded.family.generate(
+    def _run(self, loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
+        outputs = loaded.family.generate(
             loaded.model, loaded.processor, [r.image for r in requests], [r.prompt for r in requests],
             [r.params for r in requests], [r.task for r in requests],
+            cancelled=[r.is_cancelled for r in requests] if any(r.is_cancelled for r in requests) else None,
         )
+        return [RequestCancelledError(f"model {self.settings.model_name!r}: request cancelled by its client after "
+                                      f"{len(o.token_ids)} tokens") if o.finish_reason == CANCELLED else o
+                for o in outputs]
 
 
 def _text(field: str, value: str | bytes) -> str:

@@ -4,6 +4,7 @@ metrics, lazy loading and per-request errors."""
 from __future__ import annotations
 
 import json
+import time
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -235,3 +236,44 @@ def test_moondream2_skills_served_equal_direct(triton: RunningServer, direct: di
                 assert isinstance(answer, dict)
         with pytest.raises(InvalidInputError, match="task"):
             client.infer("llava", sample_image_bytes, "x", task="detect")
+
+
+def test_a_cancelled_request_stops_generating_and_the_model_serves_on(triton: RunningServer,
+                                                                       sample_image_bytes: bytes) -> None:
+    """gRPC cancellation reaches the batched loop (Triton's ``request.is_cancelled``): the request's work stops
+    early instead of running to ``max_tokens``, and the instance is free for the next request."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    def inputs(max_tokens: int) -> list:
+        image = np.frombuffer(sample_image_bytes, dtype=np.uint8)[None, :]
+        tensors = [("image", image, "UINT8"), ("prompt", np.array([[b"Describe it."]], dtype=np.object_), "BYTES"),
+                   ("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+                   ("ignore_eos", np.array([[True]]), "BOOL")]
+        made = []
+        for name, array, dtype in tensors:
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            made.append(tensor)
+        return made
+
+    pattern = re.compile(r"INFO model 'llava': request cancelled by its client (after (\d+) tokens|before it ran)")
+    before = len(pattern.findall(triton.log()))
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    call = client.async_infer("llava", inputs(960), callback=lambda result, error: answers.put(error))
+    time.sleep(0.15)  # the whole answer takes several times longer on these machines
+    call.cancel()
+    error = answers.get(timeout=60)
+    assert error is not None and "CANCELLED" in str(error.status())
+    deadline = time.monotonic() + 30
+    while len(pattern.findall(triton.log())) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    found = pattern.findall(triton.log())[before:]
+    assert len(found) == 1, triton.log()[-2000:]
+    (_, tokens), = found
+    assert tokens == "" or int(tokens) < 960
+    result = client.infer("llava", inputs(3))
+    assert int(result.as_numpy("generated_tokens").reshape(-1)[0]) == 3
+    client.close()

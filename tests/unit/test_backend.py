@@ -29,7 +29,8 @@ class FakeTensor:
 
 
 class FakeTritonError:
-    INVALID_ARG, UNAVAILABLE, NOT_FOUND, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "NOT_FOUND", "INTERNAL"
+    INVALID_ARG, UNAVAILABLE, NOT_FOUND, INTERNAL, CANCELLED = (
+        "INVALID_ARG", "UNAVAILABLE", "NOT_FOUND", "INTERNAL", "CANCELLED")
 
     def __init__(self, message: str, code: str = "INTERNAL") -> None:
         self.message, self.code = message, code
@@ -149,6 +150,34 @@ def test_execute_answers_each_request(backend: Any, llava_runtime: VLMRuntime) -
     assert model.metrics.request_errors.value == 4
     assert model.metrics.batch_size.value == 2
     assert model.metrics.generated_tokens.value == 6
+
+
+class CancellableRequest(dict):
+    """A request whose client may cancel it, as Triton's ``InferenceRequest.is_cancelled`` tells."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], cancelled: bool) -> None:
+        super().__init__(tensors)
+        self.cancelled = cancelled
+        self.asked = 0
+
+    def is_cancelled(self) -> bool:
+        self.asked += 1
+        return self.cancelled
+
+
+def test_requests_cancelled_while_queued_never_run(backend: Any, llava_runtime: VLMRuntime) -> None:
+    model = initialize(backend, "llava", {"tiny": "true"})
+    model.runtime._loaded = llava_runtime.ensure_loaded()
+    image = image_bytes(30, 20, seed=4)
+    gone = CancellableRequest(request(image, b"What is this?", max_tokens=4), cancelled=True)
+    kept = CancellableRequest(request(image, b"What is this?", max_tokens=4), cancelled=False)
+    cancelled, answered = model.execute([gone, kept])
+    assert cancelled.error is not None and cancelled.error.code == "CANCELLED"
+    assert "cancelled by its client before it ran" in cancelled.error.message
+    assert answered.error is None and int(answered.tensors["generated_tokens"][0, 0]) == 4
+    assert model.metrics.request_errors.value == 0  # the client's choice, not a failure
+    assert model.metrics.batch_size.value == 1  # the cancelled one was not batched
+    assert kept.asked >= 1  # asked before it ran
 
 
 def test_load_failure_is_unavailable_for_every_request(backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from triton_vlm.generation import GenerationOutput, generate_batch, position_ids_for
-from triton_vlm.runtime import VLMRuntime
+from triton_vlm import generation
+from triton_vlm.errors import RequestCancelledError
+from triton_vlm.generation import CANCELLED, GenerationOutput, generate_batch, position_ids_for
+from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
 
 from .helpers import SAMPLE_IMAGE, rgb_array
@@ -224,3 +226,36 @@ def test_ignore_eos_with_sampling_matches_the_same_seed_without_eos(llava_runtim
     monkeypatch.setattr(family, "stop_token_ids", lambda model, processor: set(free.token_ids))
     (again,) = run(runtime, imgs, PROMPTS[:1], [sampled])
     assert again.token_ids == free.token_ids and again.finish_reason == "length"
+
+
+# -- cancellation ------------------------------------------------------------------------------------------------
+def test_a_cancelled_row_stops_and_the_rest_of_the_batch_goes_on(runtime: VLMRuntime,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generation, "CANCEL_CHECK_S", 0.0)  # ask at every step
+    loaded = runtime.ensure_loaded()
+    imgs, params = images(), [SamplingParams(max_tokens=12, ignore_eos=True)] * 3
+    asked = [0]
+
+    def gone_after_three_checks() -> bool:
+        asked[0] += 1
+        return asked[0] > 3
+
+    batch = generate_batch(loaded.family, loaded.model, loaded.processor, imgs, PROMPTS, params,
+                           cancelled=[None, gone_after_three_checks, lambda: False])
+    full = run(runtime, imgs, PROMPTS, params)
+    assert batch[1].finish_reason == CANCELLED and len(batch[1].token_ids) == 4
+    assert batch[1].token_ids == full[1].token_ids[:4]
+    assert asked[0] == 4  # never asked again once cancelled
+    assert (batch[0], batch[2]) == (full[0], full[2])
+
+
+def test_runtime_answers_a_cancelled_request_with_its_error(runtime: VLMRuntime,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generation, "CANCEL_CHECK_S", 0.0)
+    request = GenerationRequest(image=images()[0], prompt="What is this?",
+                                params=SamplingParams(max_tokens=50, ignore_eos=True), is_cancelled=lambda: True)
+    kept = GenerationRequest(image=images()[1], prompt="hi", params=SamplingParams(max_tokens=3))
+    cancelled, answered = runtime.generate([request, kept])
+    assert isinstance(cancelled, RequestCancelledError) and "cancelled by its client after 1 tokens" in str(cancelled)
+    assert cancelled.triton_code == "CANCELLED"
+    assert isinstance(answered, GenerationOutput) and len(answered.token_ids) <= 3

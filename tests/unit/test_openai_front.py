@@ -57,6 +57,7 @@ class FakeGateway:
         self.fail_after_pieces: Exception | None = None
         self.hold: threading.Event | None = None
         self.closed_streams = 0
+        self.cancelled = 0
         self.asked_entities: list[bool] = []
 
     async def ready(self) -> bool:
@@ -74,7 +75,11 @@ class FakeGateway:
                     entities: bool = False) -> Piece:
         self.calls.append(("infer", model, image, prompt, sampling))
         self.asked_entities.append(entities)
-        await self._maybe_wait()
+        try:
+            await self._maybe_wait()
+        except asyncio.CancelledError:  # what a real gRPC call turns into a cancelled Triton request
+            self.cancelled += 1
+            raise
         if self.fail:
             raise self.fail
         return Piece("The answer.", 40, 3, "stop", entities=ENTITIES if entities else None)
@@ -616,3 +621,44 @@ def test_well_formed_requests_never_fail_with_5xx(question: str, system: str | N
     else:
         prompt = gateway.calls[-1][3]
         assert prompt == (f"{system}\n\n{question}" if system is not None else question)
+
+
+def test_a_client_that_leaves_cancels_its_whole_answer_request(gateway: FakeGateway,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams end when their generator is closed; a whole-answer request watches its client instead, and
+    cancels the call to Triton (which then cancels the request and the backend stops generating)."""
+    from triton_vlm.openai import app as app_module
+
+    monkeypatch.setattr(app_module, "DISCONNECT_POLL_S", 0.01)
+    gateway.hold = threading.Event()  # the answer never comes on its own
+    app = create_app(OpenAIOptions(api_keys=(KEY,)), gateway)
+    body = json.dumps({"model": "llava", "messages": [user("Hi", DATA_URI)]}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 9000),
+             "headers": [(b"content-type", b"application/json"), (b"authorization", f"Bearer {KEY}".encode()),
+                         (b"content-length", str(len(body)).encode())]}
+    sent: list[dict[str, Any]] = []
+
+    async def talk() -> None:
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if pending:
+                return pending.pop(0)
+            if gateway.calls:  # the request reached Triton: now the client leaves
+                return {"type": "http.disconnect"}
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(app(scope, receive, send), timeout=10)
+
+    asyncio.run(talk())
+    assert len(gateway.calls) == 1 and gateway.cancelled == 1
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    gateway.hold.set()
+    with make_client(gateway) as client:  # and the front goes on serving
+        assert chat(client).status_code == 200

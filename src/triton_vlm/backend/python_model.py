@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from triton_vlm.backend.metrics import BackendMetrics
 from triton_vlm.backend.requests import (declared_extra_outputs, error_response, output_response, parse_request,
                                          runtime_from_args)
-from triton_vlm.errors import ModelLoadError, TritonVLMError
+from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.generation import GenerationOutput
 from triton_vlm.runtime import GenerationRequest
 
@@ -48,7 +49,11 @@ class TritonVLMModel:
         slots: list[int] = []
         for index, request in enumerate(requests):
             try:
-                batch.append(parse_request(request, self.runtime))
+                if _cancelled(request):  # gave up while queued: no work at all
+                    raise RequestCancelledError(f"model {self.model_name!r}: request cancelled by its client "
+                                                f"before it ran")
+                parsed = parse_request(request, self.runtime)
+                batch.append(replace(parsed, is_cancelled=getattr(request, "is_cancelled", None)))
                 slots.append(index)
             except TritonVLMError as exc:
                 responses[index] = self._error_response(exc)
@@ -92,10 +97,18 @@ class TritonVLMModel:
                                extras)
 
     def _error_response(self, exc: TritonVLMError) -> Any:
+        if isinstance(exc, RequestCancelledError):
+            log.info("%s", exc)  # the client's choice, not an error of ours
+            return error_response(exc)
         self.metrics.request_errors.increment(1)
         if isinstance(exc, ModelLoadError):
             log.error("%s", exc)
         return error_response(exc)
+
+
+def _cancelled(request: Any) -> bool:
+    is_cancelled = getattr(request, "is_cancelled", None)
+    return bool(is_cancelled is not None and is_cancelled())
 
 
 def request_log_line(model: str, request: GenerationRequest, result: GenerationOutput | TritonVLMError,

@@ -19,7 +19,7 @@ from PIL import Image
 from triton_vlm.errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from triton_vlm.generation import GenerationOutput
+    from triton_vlm.generation import CancelProbes, GenerationOutput
     from triton_vlm.sampling import SamplingParams
 
 
@@ -104,12 +104,14 @@ class ModelFamily(ABC):
 
     # -- generating --------------------------------------------------------------------------------------
     def generate(self, model: Any, processor: Any, images: list[Image.Image], prompts: list[str],
-                 params: list[SamplingParams], tasks: list[str | None]) -> list[GenerationOutput]:
+                 params: list[SamplingParams], tasks: list[str | None],
+                 cancelled: CancelProbes | None = None) -> list[GenerationOutput]:
         """Outputs for a batch of requests. The shared decode loop, unless a family has tasks it answers
-        another way (it then splits the batch and still runs its text tasks through the loop)."""
+        another way (it then splits the batch and still runs its text tasks through the loop). ``cancelled``:
+        per request, a probe telling whether its client cancelled it (see :func:`generate_batch`)."""
         from triton_vlm.generation import generate_batch
 
-        return generate_batch(self, model, processor, images, prompts, params, tasks)
+        return generate_batch(self, model, processor, images, prompts, params, tasks, cancelled)
 
     # -- stepping ----------------------------------------------------------------------------------------
     #: Position id of the first real token. RoPE models count from 0; fairseq-style models from pad+1.

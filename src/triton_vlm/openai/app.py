@@ -6,18 +6,20 @@ TritonGateway`'s methods (tests pass a fake).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,6 +35,7 @@ from triton_vlm.openai.schemas import (ChatCompletion, ChatCompletionChunk, Chat
 from triton_vlm.openai.triton import Piece, Sampling, ServedModel, TritonGateway
 
 log = logging.getLogger("triton_vlm.openai")
+T = TypeVar("T")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (bad field, no image, bad image, ...)"},
@@ -226,7 +229,7 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                                                                             "description": STREAM_DESCRIPTION}}}},
                          **ERROR_RESPONSES},
               summary="Answer a question about one image")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         nonlocal in_flight
         if in_flight >= options.max_concurrent_requests:
             raise APIError(429, f"too many requests in flight (limit {options.max_concurrent_requests}); retry "
@@ -255,7 +258,11 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
             created = int(time.time())
             if not body.stream:
                 try:
-                    answer = await gateway.infer(model.name, image, chat.prompt, sampling, entities=model.entities)
+                    answer = await unless_disconnected(
+                        request, gateway.infer(model.name, image, chat.prompt, sampling, entities=model.entities))
+                except ClientDisconnected:
+                    # Nobody is left to read an answer; the gRPC call was cancelled, so Triton stops the work.
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
                 except TritonVLMError as exc:
                     raise from_triton(exc, model.name, max_tokens_param=limit_field) from None
                 answer_body = completion(completion_id, created, model.name, answer)
@@ -292,6 +299,36 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False, max_age=600)
     return app
+
+
+# -- client disconnects ------------------------------------------------------------------------------------
+#: Status logged for a request whose client left before its answer (nginx's convention; never sent to anyone).
+CLIENT_CLOSED_REQUEST = 499
+#: How often a whole-answer request checks that its client is still there.
+DISCONNECT_POLL_S = 0.5
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was ready."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` while the client stays connected; if it leaves first, cancel ``work`` (for a gRPC call,
+    Triton then cancels the request and the backend stops generating) and raise :class:`ClientDisconnected`.
+    Streams need none of this: their generator is closed when the client leaves."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 # -- pieces of the chat handler ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.generation import GenerationOutput, generate_batch
+from triton_vlm.generation import CancelProbes, GenerationOutput, generate_batch
 from triton_vlm.models.base import ModelFamily
 from triton_vlm.models.moondream2.config import MoondreamConfig, tiny_config
 from triton_vlm.models.moondream2.locate import locate
@@ -98,7 +98,7 @@ class Moondream2Family(ModelFamily):
 
     def generate(self, model: Moondream2Model, processor: Moondream2Processor, images: list[Image.Image],
                  prompts: list[str], params: list[SamplingParams],
-                 tasks: list[str | None]) -> list[GenerationOutput]:
+                 tasks: list[str | None], cancelled: CancelProbes | None = None) -> list[GenerationOutput]:
         """Text tasks (query, caption) share one batched decode; detect and point run the region loop."""
         parsed = [parse_task(t) for t in tasks]
         limit = model.config.text.max_context
@@ -112,7 +112,8 @@ class Moondream2Family(ModelFamily):
         if text_rows:
             outputs = generate_batch(self, model, processor, [images[i] for i in text_rows],
                                      [prompts[i] for i in text_rows], [params[i] for i in text_rows],
-                                     [parsed[i].name for i in text_rows])
+                                     [parsed[i].name for i in text_rows],
+                                     None if cancelled is None else [cancelled[i] for i in text_rows])
             for row, output in zip(text_rows, outputs):
                 results[row] = output
         for row, task in enumerate(parsed):
