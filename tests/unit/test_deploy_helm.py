@@ -39,6 +39,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                                    "persistence": {"existingClaim": "models"}, "models": ["llava"],
                                    "extraEnv": [{"name": "TRITON_VLM_LLAVA_DTYPE", "value": "float16"}]},
     "hpa-without-monitor": {"autoscaling": {"enabled": True}, "persistence": {"accessModes": ["ReadWriteOnce"]}},
+    "openai": {"openai": {"enabled": True, "apiKeySecret": "vlm-openai-keys",
+                          "corsOrigins": ["https://app.example.com"]}},
+    "openai-open": {"openai": {"enabled": True, "port": 9100}, "service": {"ports": {"openai": 80}}},
 }
 
 
@@ -252,3 +255,32 @@ def test_prometheus_adapter_rule_is_valid_promql_over_tritons_metrics() -> None:
     assert "nv_inference_queue_duration_us" in str(series)
     assert rule["name"]["as"] == render("fleet")["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"][
         "metric"]["name"]
+
+
+def test_openai_front_is_off_by_default_and_wired_through_when_on() -> None:
+    default = render("defaults")["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--openai-port" not in default["args"] and "openai" not in {p["name"] for p in default["ports"]}
+    manifests = render("openai")
+    container = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--openai-port") + 1] == "9000" and args[args.index("--host") + 1] == "0.0.0.0"
+    assert args[args.index("--cors-origin") + 1] == "https://app.example.com"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["openai"] == 9000
+    key = {e["name"]: e for e in container["env"]}["TRITON_VLM_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "vlm-openai-keys", "key": "api-keys"}
+    ports = {p["name"]: (p["port"], p["targetPort"]) for p in manifests["Service"]["spec"]["ports"]}
+    assert ports["openai"] == (9000, "openai")
+    assert "Secret" not in manifests  # the keys stay in the user's own Secret
+    assert "localhost:9000/v1/models -H" in notes("openai") and "needs no key" not in notes("openai")
+
+
+def test_openai_front_without_keys_is_flagged_and_ports_are_configurable() -> None:
+    manifests = render("openai-open")
+    container = manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][container["args"].index("--openai-port") + 1] == "9100"
+    assert "TRITON_VLM_API_KEY" not in {e["name"] for e in container["env"]}
+    ports = {p["name"]: (p["port"], p["targetPort"]) for p in manifests["Service"]["spec"]["ports"]}
+    assert ports["openai"] == (80, "openai")
+    assert "needs no key" in notes("openai-open")
+    with helm.Chart.load(str(CHART)) as chart, pytest.raises(Exception, match="apiKey"):
+        chart.validate_schema({"openai": {"enabled": True, "apiKey": "sk-in-values"}})  # no keys in values
