@@ -222,6 +222,24 @@ def test_moondream2_detect_by_keyboard_only_draws_its_boxes(browser: Any, front:
     screenshot(browser, "moondream2")
 
 
+def test_moondream2_point_draws_its_points(browser: Any, front: Front, triton: RunningServer, jpeg: Path) -> None:
+    with TritonVLMClient(triton.http_url) as kserve:
+        expected = kserve.infer("moondream2", jpeg.read_bytes(), "window", task="point", max_tokens=12)
+    points = json.loads(expected)["points"]
+    assert points, "the tiny moondream2 pointed at nothing: pick another prompt for a deterministic non-empty case"
+    open_page(browser, front)
+    upload(browser, jpeg)
+    choose(browser, "model", "moondream2")
+    choose(browser, "task", "point")
+    fill(browser, "max-tokens", "12")
+    fill(browser, "prompt", "window")
+    _by_id(browser, "send").click()
+    shown = wait_for_answer(browser)
+    assert not shown["error"], shown["error"]
+    assert shown["answer"] == expected
+    assert overlay(browser) == [{"label": "window", "boxes": 0, "points": len(points), "texts": ["window"]}]
+
+
 def test_llava_streams_token_by_token_with_latency(browser: Any, front: Front, triton: RunningServer,
                                                    jpeg: Path) -> None:
     from selenium.webdriver.common.keys import Keys
