@@ -570,6 +570,31 @@ def test_too_many_requests_in_flight_is_429(gateway: FakeGateway) -> None:
         assert chat(client, stream=True).status_code == 200  # streams give theirs back when they end
 
 
+def test_each_api_key_has_its_own_bound(gateway: FakeGateway) -> None:
+    other = "sk-other-" + "f" * 16
+    gateway.hold = threading.Event()
+    with TestClient(create_app(OpenAIOptions(api_keys=(KEY, other), max_concurrent_per_key=1), gateway)) as client:
+        first = threading.Thread(target=lambda: chat(client))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not gateway.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = chat(client)
+        assert refused.status_code == 429 and "for this API key (limit 1)" in refused.json()["error"]["message"]
+        second = threading.Thread(target=lambda: client.post(
+            "/v1/chat/completions", json={"model": "llava", "messages": [user("Hi", DATA_URI)]},
+            headers={"Authorization": f"Bearer {other}"}))
+        second.start()  # another key still gets its slot
+        while len(gateway.calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(gateway.calls) == 2
+        gateway.hold.set()
+        first.join(timeout=10)
+        second.join(timeout=10)
+        assert chat(client).status_code == 200  # the key's slot came back
+        assert chat(client, stream=True).status_code == 200
+
+
 def test_cors_is_off_unless_configured(gateway: FakeGateway) -> None:
     preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "POST"}
     with make_client(gateway) as client:

@@ -67,11 +67,13 @@ def test_standalone_front_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_VLM_API_KEY", raising=False)
     monkeypatch.setenv("TRITON_VLM_OPENAI_CORS_ORIGINS", "https://x.example, https://y.example")
     args = _parser().parse_args(["openai", "--triton-grpc", "triton:8001", "--port", "9000", "--max-body-mb", "1.5",
-                                 "--max-image-mb", "1", "--max-concurrent-requests", "3"])
+                                 "--max-image-mb", "1", "--max-concurrent-requests", "3",
+                                 "--max-concurrent-per-key", "2"])
     options = options_from_args(args)
     assert options.triton_grpc_url == "triton:8001" and options.port == 9000
     assert options.max_body_bytes == int(1.5 * MiB) and options.max_image_bytes == MiB
     assert options.cors_origins == ("https://x.example", "https://y.example")
+    assert options.max_concurrent_per_key == 2
     assert options.max_concurrent_requests == 3 and not options.allow_remote_images
 
 

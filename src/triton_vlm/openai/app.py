@@ -113,6 +113,7 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                                                                 timeout_s=options.request_timeout_s)
     started = int(time.time())
     in_flight = 0
+    in_flight_by_key: dict[int | None, int] = {}  # by the index of the API key that authorized each request
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -131,7 +132,8 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
     keys = [key.encode("latin-1") for key in options.api_keys]
     bearer = HTTPBearer(auto_error=False, description="An API key given to the server (--api-key)")
 
-    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def authorize(request: Request,
+                        credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if not keys:
             return
         if credentials is None:
@@ -139,12 +141,14 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                                 "(Authorization: Bearer YOUR_KEY).", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
         presented = credentials.credentials.encode("latin-1", "replace")
-        matched = False
-        for key in keys:  # every key is compared, so the time taken does not tell which one nearly matched
-            matched |= hmac.compare_digest(presented, key)
-        if not matched:
+        matched: int | None = None
+        for index, key in enumerate(keys):  # every key is compared: the time taken tells nothing of which
+            if hmac.compare_digest(presented, key):
+                matched = index
+        if matched is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
+        request.state.api_key = matched  # an index, never the key: per-key limits count by it
 
     guarded = [Depends(authorize)] if keys else []
 
@@ -234,12 +238,21 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
         if in_flight >= options.max_concurrent_requests:
             raise APIError(429, f"too many requests in flight (limit {options.max_concurrent_requests}); retry "
                                 f"shortly", code="rate_limit_exceeded")
+        key = getattr(request.state, "api_key", None)
+        per_key_limit = options.max_concurrent_per_key if key is not None else 0
+        if per_key_limit and in_flight_by_key.get(key, 0) >= per_key_limit:
+            raise APIError(429, f"too many requests in flight for this API key (limit {per_key_limit}); retry "
+                                f"shortly", code="rate_limit_exceeded")
         in_flight += 1
+        in_flight_by_key[key] = in_flight_by_key.get(key, 0) + 1
         handed_over = False
 
         def release() -> None:
             nonlocal in_flight
             in_flight -= 1
+            in_flight_by_key[key] -= 1
+            if not in_flight_by_key[key]:
+                del in_flight_by_key[key]
 
         try:
             refuse_unsupported(body)

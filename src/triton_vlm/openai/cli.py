@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote-image-timeout", type=float, default=10.0, help="seconds (default 10)")
     parser.add_argument("--max-concurrent-requests", type=int, default=256,
                         help="requests in flight before answering 429 (default 256)")
+    parser.add_argument("--max-concurrent-per-key", type=int, default=0,
+                        help="requests in flight for each API key before answering it 429 (default 0: no "
+                             "per-key bound)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds a request may take in Triton before a 504 (default 600)")
     parser.add_argument("--no-playground", dest="playground", action="store_false",
@@ -74,7 +77,7 @@ def options_from_args(args: argparse.Namespace) -> OpenAIOptions:
         allow_private_image_hosts=args.allow_private_image_hosts,
         max_body_bytes=int(args.max_body_mb * MiB), max_image_bytes=int(args.max_image_mb * MiB),
         remote_image_timeout_s=args.remote_image_timeout, max_concurrent_requests=args.max_concurrent_requests,
-        request_timeout_s=args.request_timeout, log_level=args.log_level, playground=args.playground,
+        max_concurrent_per_key=args.max_concurrent_per_key, request_timeout_s=args.request_timeout, log_level=args.log_level, playground=args.playground,
     )
 
 

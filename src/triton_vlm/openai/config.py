@@ -40,6 +40,8 @@ class OpenAIOptions:
     remote_image_timeout_s: float = 10.0
     #: Requests in flight (streams count until they end); one more is answered 429.
     max_concurrent_requests: int = 256
+    #: The same, for each API key alone (0: no per-key bound), so one client cannot take every slot.
+    max_concurrent_per_key: int = 0
     #: Longest a request may take in Triton, streams included; then 504.
     request_timeout_s: float = 600.0
     log_level: str = "warning"
@@ -52,6 +54,9 @@ class OpenAIOptions:
         for name in ("max_body_bytes", "max_image_bytes", "max_concurrent_requests"):
             if getattr(self, name) < 1:
                 raise OpenAIConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_concurrent_per_key < 0:
+            raise OpenAIConfigError(f"max_concurrent_per_key must be 0 (no bound) or more, got "
+                                    f"{self.max_concurrent_per_key}")
         for name in ("remote_image_timeout_s", "request_timeout_s"):
             if not getattr(self, name) > 0:
                 raise OpenAIConfigError(f"{name} must be positive, got {getattr(self, name)}")

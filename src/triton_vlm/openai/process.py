@@ -27,6 +27,7 @@ def front_command(options: OpenAIOptions) -> list[str]:
                "--max-image-mb", repr(options.max_image_bytes / MiB),
                "--remote-image-timeout", repr(options.remote_image_timeout_s),
                "--max-concurrent-requests", str(options.max_concurrent_requests),
+               "--max-concurrent-per-key", str(options.max_concurrent_per_key),
                "--request-timeout", repr(options.request_timeout_s), "--log-level", options.log_level]
     for origin in options.cors_origins:
         command += ["--cors-origin", origin]
