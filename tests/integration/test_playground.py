@@ -173,16 +173,23 @@ def test_the_key_is_asked_for_on_a_401_and_kept_for_the_tab(browser: Any, front:
     assert not browser.execute_script("return document.getElementById('key-dialog').open")
 
 
+def moondream2_answer(triton: RunningServer, jpeg: Path, prompt: str, task: str) -> tuple[str, list[Any]]:
+    """What the server itself answers (through Triton's own API), and its objects or points: never empty, so the
+    drawing checked below is a real one."""
+    with TritonVLMClient(triton.http_url) as kserve:
+        answer = kserve.infer("moondream2", jpeg.read_bytes(), prompt, task=task, max_tokens=12)
+    found = json.loads(answer)["objects" if task == "detect" else "points"]
+    assert found, f"the tiny moondream2 found nothing for {prompt!r}: pick another prompt for a non-empty case"
+    return answer, found
+
+
 def test_moondream2_detect_by_keyboard_only_draws_its_boxes(browser: Any, front: Front, triton: RunningServer,
                                                            jpeg: Path) -> None:
     """Everything after the file pick by keyboard: Tab through the fields in order, type, Enter sends."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
-    with TritonVLMClient(triton.http_url) as kserve:
-        expected = kserve.infer("moondream2", jpeg.read_bytes(), "house", task="detect", max_tokens=12)
-    objects = json.loads(expected)["objects"]
-    assert objects, "the tiny moondream2 found nothing: pick another prompt for a deterministic non-empty case"
+    expected, objects = moondream2_answer(triton, jpeg, "house", "detect")
 
     open_page(browser, front)
     upload(browser, jpeg)
@@ -223,10 +230,7 @@ def test_moondream2_detect_by_keyboard_only_draws_its_boxes(browser: Any, front:
 
 
 def test_moondream2_point_draws_its_points(browser: Any, front: Front, triton: RunningServer, jpeg: Path) -> None:
-    with TritonVLMClient(triton.http_url) as kserve:
-        expected = kserve.infer("moondream2", jpeg.read_bytes(), "window", task="point", max_tokens=12)
-    points = json.loads(expected)["points"]
-    assert points, "the tiny moondream2 pointed at nothing: pick another prompt for a deterministic non-empty case"
+    expected, points = moondream2_answer(triton, jpeg, "window", "point")
     open_page(browser, front)
     upload(browser, jpeg)
     choose(browser, "model", "moondream2")

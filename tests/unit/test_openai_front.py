@@ -11,7 +11,7 @@ import io
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -552,14 +552,23 @@ def test_body_limit_with_and_without_content_length(gateway: FakeGateway) -> Non
         assert response.status_code == 413
 
 
+def _held(gateway: FakeGateway, send: Callable[[], Any]) -> threading.Thread:
+    """Start ``send`` in a thread and return once its request is in flight (held by the gateway)."""
+    if gateway.hold is None:
+        gateway.hold = threading.Event()
+    calls = len(gateway.calls)
+    thread = threading.Thread(target=send)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(gateway.calls) == calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(gateway.calls) == calls + 1, "the request never reached the gateway"
+    return thread
+
+
 def test_too_many_requests_in_flight_is_429(gateway: FakeGateway) -> None:
-    gateway.hold = threading.Event()
     with make_client(gateway, max_concurrent_requests=1) as client:
-        first = threading.Thread(target=lambda: chat(client))
-        first.start()
-        deadline = time.monotonic() + 10
-        while not gateway.calls and time.monotonic() < deadline:
-            time.sleep(0.01)
+        first = _held(gateway, lambda: chat(client))
         response = chat(client)
         assert response.status_code == 429 and response.headers["retry-after"] == "1"
         assert response.json()["error"]["type"] == "rate_limit_exceeded"
@@ -572,22 +581,14 @@ def test_too_many_requests_in_flight_is_429(gateway: FakeGateway) -> None:
 
 def test_each_api_key_has_its_own_bound(gateway: FakeGateway) -> None:
     other = "sk-other-" + "f" * 16
-    gateway.hold = threading.Event()
     with TestClient(create_app(OpenAIOptions(api_keys=(KEY, other), max_concurrent_per_key=1), gateway)) as client:
-        first = threading.Thread(target=lambda: chat(client))
-        first.start()
-        deadline = time.monotonic() + 10
-        while not gateway.calls and time.monotonic() < deadline:
-            time.sleep(0.01)
+        first = _held(gateway, lambda: chat(client))
         refused = chat(client)
         assert refused.status_code == 429 and "for this API key (limit 1)" in refused.json()["error"]["message"]
-        second = threading.Thread(target=lambda: client.post(
+        second = _held(gateway, lambda: client.post(  # another key still gets its slot
             "/v1/chat/completions", json={"model": "llava", "messages": [user("Hi", DATA_URI)]},
             headers={"Authorization": f"Bearer {other}"}))
-        second.start()  # another key still gets its slot
-        while len(gateway.calls) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(gateway.calls) == 2
+        assert gateway.hold is not None
         gateway.hold.set()
         first.join(timeout=10)
         second.join(timeout=10)
