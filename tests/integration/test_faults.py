@@ -93,6 +93,8 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
         # llava_stream: the engine runs 4 requests and lets 12 wait.
         "TRITON_VLM_LLAVA_STREAM_MAX_NUM_SEQS": "4",
         "TRITON_VLM_LLAVA_STREAM_MAX_QUEUE_SIZE": "12",
+        # The watchdog: a server that stops answering is killed after 10 s (30 s by default).
+        "TRITON_VLM_HANG_TIMEOUT_S": "10",
         # moondream2: real (not tiny) weights from a local directory that is not there.
         "TRITON_VLM_MOONDREAM2_TINY": "0",
         "TRITON_VLM_MOONDREAM2_LOCAL_PATH": str(moondream_dir),
@@ -329,6 +331,25 @@ def test_a_crashed_server_is_started_again(faulty: FaultServer, sample_image_byt
     with TritonVLMClient(faulty.http_url, timeout=60) as client:
         assert client.infer("llava", sample_image_bytes, PROMPT, max_tokens=2)
     assert faulty.server.supervisor.recoveries("(server)")
+
+
+def test_a_hung_server_is_killed_and_started_again(faulty: FaultServer, sample_image_bytes: bytes) -> None:
+    """A server that still runs but answers nothing (here: SIGSTOP; in the wild, the Python backend's abort hanging
+    in Triton's crash handler) is killed by the watchdog once it has been silent for TRITON_VLM_HANG_TIMEOUT_S,
+    then started again like a crashed one."""
+    process = faulty.server.process
+    assert process is not None
+    restarts = len(faulty.server.server_restarts)
+    os.kill(process.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 90
+    while faulty.server.process is process and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.returncode == -signal.SIGKILL
+    assert len(faulty.server.server_restarts) == restarts + 1
+    assert any("hung" in event.detail for event in faulty.server.supervisor.recoveries("(server)"))
+    faulty.wait_ready("llava", timeout=120)
+    with TritonVLMClient(faulty.http_url, timeout=60) as client:
+        assert client.infer("llava", sample_image_bytes, PROMPT, max_tokens=2)
 
 
 def _outcome(call: object) -> object:

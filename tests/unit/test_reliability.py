@@ -268,6 +268,9 @@ class FakeControl:
     def load(self, model: str) -> None:
         self.calls.append(("load", model))
 
+    def live(self, timeout: float = 5.0) -> bool:
+        return True
+
 
 def _wait_state(pid: int, states: tuple[str | None, ...]) -> None:
     deadline = time.monotonic() + 10
@@ -368,6 +371,61 @@ def test_supervisor_watches_a_restarted_server() -> None:
     watcher.check()
     assert calls == [1] and watcher.server_pid == os.getpid()
     assert watcher.recoveries("(server)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_server_that_runs_but_stops_answering_is_killed() -> None:
+    """The Python backend's abort on a dead stub's lock can leave tritonserver hanging in its crash handler: alive,
+    answering nothing. The watchdog kills such a server (once it had answered), so the stub loop restarts it."""
+
+    class Control(FakeControl):
+        answering = True
+
+        def live(self, timeout: float = 5.0) -> bool:
+            return self.answering
+
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    control = Control()
+    watcher = supervisor.StubSupervisor(server.pid, control, hang_timeout=1.5)  # type: ignore[arg-type]
+    watcher.start()
+    try:
+        time.sleep(1.5)  # answered: the watchdog is armed
+        assert server.poll() is None
+        control.answering = False
+        assert server.wait(timeout=10) == -signal.SIGKILL
+        assert any("hung" in event.detail for event in watcher.recoveries("(server)"))
+    finally:
+        watcher.stop()
+        if server.poll() is None:
+            server.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_server_that_never_answered_yet_is_left_to_start() -> None:
+    """Not armed before its first answer: a server still loading its models at start is no hung server."""
+
+    class Silent(FakeControl):
+        def live(self, timeout: float = 5.0) -> bool:
+            return False
+
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    watcher = supervisor.StubSupervisor(server.pid, Silent(), hang_timeout=0.5)  # type: ignore[arg-type]
+    watcher.start()
+    try:
+        time.sleep(2.5)
+        assert server.poll() is None and not watcher.recoveries("(server)")
+    finally:
+        watcher.stop()
+        server.kill()
+        server.wait()
+
+
+def test_hang_timeout_from_the_environment() -> None:
+    assert supervisor.hang_timeout({}) == supervisor.DEFAULT_HANG_TIMEOUT_S
+    assert supervisor.hang_timeout({"TRITON_VLM_HANG_TIMEOUT_S": "0"}) == 0  # off
+    for bad in ("soon", "-1"):
+        with pytest.raises(LauncherError, match="TRITON_VLM_HANG_TIMEOUT_S"):
+            supervisor.hang_timeout({"TRITON_VLM_HANG_TIMEOUT_S": bad})
 
 
 def test_process_helpers_on_missing_processes() -> None:

@@ -28,7 +28,7 @@ from triton_vlm.launcher.preflight import check_shm
 from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, make_forwarder,
                                             model_family, render_repository, servable_models)
 from triton_vlm.launcher.stub_env import stub_python_bin
-from triton_vlm.launcher.supervisor import ADMIN_HEADER, ModelControl, StubSupervisor
+from triton_vlm.launcher.supervisor import ADMIN_HEADER, ModelControl, StubSupervisor, hang_timeout
 from triton_vlm.settings import env_prefix
 
 if TYPE_CHECKING:
@@ -196,8 +196,8 @@ class TritonServer:
         self.process = self._spawn()
         if opts.supervise:
             self.supervisor = StubSupervisor(self.process.pid, self.model_control(),
-                                             on_server_exit=self._server_exited,
-                                             dependents=self._forwarders).start()
+                                             on_server_exit=self._server_exited, dependents=self._forwarders,
+                                             hang_timeout=hang_timeout({**os.environ, **opts.extra_env})).start()
         if opts.openai is not None:
             from triton_vlm.openai.process import OpenAIFront
 

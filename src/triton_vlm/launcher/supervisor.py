@@ -30,9 +30,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from triton_vlm.launcher.distribution import LauncherError
 
 log = logging.getLogger("triton_vlm")
 
@@ -128,10 +130,27 @@ def exit_reason(pid: int) -> str:
     return f"exited with code {status >> 8}"
 
 
+#: Seconds a server that answered before may go without answering ``/v2/health/live`` before it is killed.
+DEFAULT_HANG_TIMEOUT_S = 30.0
+
+
+def hang_timeout(env: Mapping[str, str]) -> float:
+    """The watchdog's limit: ``TRITON_VLM_HANG_TIMEOUT_S`` (0 turns it off), else :data:`DEFAULT_HANG_TIMEOUT_S`."""
+    raw = env.get("TRITON_VLM_HANG_TIMEOUT_S", "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_HANG_TIMEOUT_S
+    except ValueError:
+        raise LauncherError(f"TRITON_VLM_HANG_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise LauncherError(f"TRITON_VLM_HANG_TIMEOUT_S must be >= 0, got {value}")
+    return value
+
+
 class ModelControl:
     """Triton's model repository API over HTTP, with the launcher's admin header."""
 
     def __init__(self, http_url: str, admin_key: str, timeout: float = 300.0) -> None:
+        self.http_url = http_url
         self.base = f"http://{http_url}/v2/repository"
         self.headers = {ADMIN_HEADER: admin_key, "Content-Type": "application/json"}
         self.timeout = timeout
@@ -150,6 +169,14 @@ class ModelControl:
         """Every model of the repository: ``{name: {"state": READY|UNAVAILABLE|..., "reason": ...}}``."""
         return {m["name"]: {"state": m.get("state", ""), "reason": m.get("reason", "")}
                 for m in json.loads(self._post("/index") or b"[]")}
+
+    def live(self, timeout: float = 5.0) -> bool:
+        """Whether the server answers ``/v2/health/live`` (open to all: no admin key)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=timeout) as response:
+                return response.status == 200
+        except (OSError, ValueError):
+            return False
 
     def load(self, model: str) -> None:
         self._post(f"/models/{model}/load")
@@ -181,6 +208,10 @@ class StubSupervisor:
     #: Models to reload with a recovered one: forwarders to it (GPU hosts), whose instances are stuck for good
     #: in the requests they had passed on to the dead stub.
     dependents: dict[str, list[str]] = field(default_factory=dict)
+    #: A server that answered ``/v2/health/live`` once and then stops answering for this long is killed (then
+    #: restarted through ``on_server_exit``). Seen after the Python backend's abort on a dead stub's lock: the
+    #: process hangs in its crash handler instead of exiting. 0 turns the watchdog off.
+    hang_timeout: float = DEFAULT_HANG_TIMEOUT_S
 
     def __post_init__(self) -> None:
         self._known: dict[int, Stub] = {}
@@ -188,6 +219,7 @@ class StubSupervisor:
         self.regions: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
         self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -197,13 +229,18 @@ class StubSupervisor:
             return self
         self._thread = threading.Thread(target=self._run, name="triton-vlm-supervisor", daemon=True)
         self._thread.start()
+        if self.hang_timeout > 0:
+            # Its own thread: the stub loop can sit in a model reload for minutes, against this very server.
+            self._watchdog = threading.Thread(target=self._watch, name="triton-vlm-watchdog", daemon=True)
+            self._watchdog.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        for thread in (self._thread, self._watchdog):
+            if thread is not None:
+                thread.join(timeout=30)
+        self._thread = self._watchdog = None
 
     @property
     def recovered(self) -> bool:
@@ -222,6 +259,29 @@ class StubSupervisor:
                 self.check()
             except Exception:  # the supervisor must outlive any surprise
                 log.exception("stub supervisor: check failed")
+
+    def _watch(self) -> None:
+        armed_pid, last_live = None, time.monotonic()
+        while not self._stop.wait(1.0):
+            pid = self.server_pid
+            if process_state(pid) in (None, "Z"):
+                continue  # dead: the stub loop restarts it
+            if self.control.live():
+                armed_pid, last_live = pid, time.monotonic()
+            elif armed_pid == pid and time.monotonic() - last_live > self.hang_timeout:
+                self.kill_hung_server(pid, time.monotonic() - last_live)
+                armed_pid = None
+
+    def kill_hung_server(self, pid: int, silent_s: float) -> None:
+        """End a server that still runs but no longer answers (its stubs too: they share its process group)."""
+        log.error("tritonserver (pid %d) has not answered /v2/health/live for %.0fs although it still runs; "
+                  "killing it so that it is started again", pid, silent_s)
+        with self._lock:
+            self.events.append(RecoveryEvent("(server)", f"tritonserver pid {pid} hung", time.monotonic()))
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def check(self) -> list[str]:
         """One round: track new stubs, reload models whose stubs died; returns the models reloaded."""
