@@ -317,19 +317,27 @@ def test_a_cancelled_stream_frees_its_engine_slot(faulty: FaultServer, sample_im
         assert "".join(client.stream("llava", sample_image_bytes, PROMPT, max_tokens=2))
 
 
-def test_a_crashed_server_is_started_again(faulty: FaultServer, sample_image_bytes: bytes) -> None:
-    """When tritonserver itself dies (here: SIGKILL), the launcher starts it again on the same ports."""
+def _signal_server_and_wait_for_its_restart(faulty: FaultServer, signum: int, image: bytes) -> int:
+    """Send ``signum`` to tritonserver, wait until the launcher runs a new one and it serves again; the old
+    process's exit code."""
     process = faulty.server.process
     assert process is not None
     restarts = len(faulty.server.server_restarts)
-    os.kill(process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 60
+    os.kill(process.pid, signum)
+    deadline = time.monotonic() + 90
     while faulty.server.process is process and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(faulty.server.server_restarts) == restarts + 1
     faulty.wait_ready("llava", timeout=120)
     with TritonVLMClient(faulty.http_url, timeout=60) as client:
-        assert client.infer("llava", sample_image_bytes, PROMPT, max_tokens=2)
+        assert client.infer("llava", image, PROMPT, max_tokens=2)
+    assert process.returncode is not None
+    return process.returncode
+
+
+def test_a_crashed_server_is_started_again(faulty: FaultServer, sample_image_bytes: bytes) -> None:
+    """When tritonserver itself dies (here: SIGKILL), the launcher starts it again on the same ports."""
+    _signal_server_and_wait_for_its_restart(faulty, signal.SIGKILL, sample_image_bytes)
     assert faulty.server.supervisor.recoveries("(server)")
 
 
@@ -337,19 +345,8 @@ def test_a_hung_server_is_killed_and_started_again(faulty: FaultServer, sample_i
     """A server that still runs but answers nothing (here: SIGSTOP; in the wild, the Python backend's abort hanging
     in Triton's crash handler) is killed by the watchdog once it has been silent for TRITON_VLM_HANG_TIMEOUT_S,
     then started again like a crashed one."""
-    process = faulty.server.process
-    assert process is not None
-    restarts = len(faulty.server.server_restarts)
-    os.kill(process.pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 90
-    while faulty.server.process is process and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert process.returncode == -signal.SIGKILL
-    assert len(faulty.server.server_restarts) == restarts + 1
+    assert _signal_server_and_wait_for_its_restart(faulty, signal.SIGSTOP, sample_image_bytes) == -signal.SIGKILL
     assert any("hung" in event.detail for event in faulty.server.supervisor.recoveries("(server)"))
-    faulty.wait_ready("llava", timeout=120)
-    with TritonVLMClient(faulty.http_url, timeout=60) as client:
-        assert client.infer("llava", sample_image_bytes, PROMPT, max_tokens=2)
 
 
 def _outcome(call: object) -> object:
