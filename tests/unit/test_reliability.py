@@ -29,7 +29,7 @@ from triton_vlm.generation import check_context
 from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer
 from triton_vlm.launcher import preflight, supervisor
 from triton_vlm.launcher import server as server_module
-from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, batch_delay, instance_count,
+from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, instance_count, own_batch_delay,
                                           queue_limits)
 from triton_vlm.launcher.repository import render_repository
 from triton_vlm.loading import load_model
@@ -167,23 +167,24 @@ def test_queue_limits_reach_the_rendered_config(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_batch_delay_precedence_and_rendering(tmp_path: Path) -> None:
-    assert batch_delay("m", None, env={}) is None
-    assert batch_delay("m", 250, env={}) == 250
-    assert batch_delay("m", 250, env={"TRITON_VLM_M_BATCH_DELAY_US": "0"}) == 0
-    with pytest.raises(LauncherError, match="batch_delay_us must be >= 0"):
-        batch_delay("m", -5, env={})
+    assert own_batch_delay("m", env={}) is None
+    assert own_batch_delay("m", env={"TRITON_VLM_M_BATCH_DELAY_US": "0"}) == 0
     served = render_repository(REPOSITORY, tmp_path / "models", ["kosmos2"], "KIND_CPU")
     config = served / "kosmos2" / "config.pbtxt"
+    with pytest.raises(LauncherError, match="batch_delay_us must be >= 0"):
+        apply_batch_delay(served / "kosmos2", -5)
     assert load_model_config(config).dynamic_batching.max_queue_delay_microseconds == 5000
     assert not apply_batch_delay(served / "kosmos2", None)
     assert apply_batch_delay(served / "kosmos2", 1500)
     assert load_model_config(config).dynamic_batching.max_queue_delay_microseconds == 1500
+    assert apply_batch_delay(served / "kosmos2", 250, own_us=0)  # the model's own setting wins
+    assert load_model_config(config).dynamic_batching.max_queue_delay_microseconds == 0
     (tmp_path / "plain" / "1").mkdir(parents=True)
     (tmp_path / "plain" / "config.pbtxt").write_text('name: "plain"\nbackend: "python"\n')
     assert not apply_batch_delay(tmp_path / "plain", 10)  # no dynamic batching: no delay to set
     stream = render_repository(REPOSITORY, tmp_path / "streams", ["llava_stream"], "KIND_CPU") / "llava_stream"
     assert not apply_batch_delay(stream, 2000)  # decoupled: the engine batches, a launcher-wide delay stays off
-    assert apply_batch_delay(stream, 2000, own=True)  # its own TRITON_VLM_LLAVA_STREAM_BATCH_DELAY_US still applies
+    assert apply_batch_delay(stream, None, own_us=2000)  # its own TRITON_VLM_LLAVA_STREAM_BATCH_DELAY_US applies
 
 
 def test_served_configs_bound_the_queue() -> None:

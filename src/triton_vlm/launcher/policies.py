@@ -64,25 +64,26 @@ def apply_queue_policy(model_dir: Path, max_queue_size: int | None, queue_timeou
     return True
 
 
-def batch_delay(model: str, delay_us: int | None, env: Mapping[str, str] | None = None) -> int | None:
-    """``max_queue_delay_microseconds`` for ``model``: its env override, else the launcher's; None: as configured."""
+def own_batch_delay(model: str, env: Mapping[str, str] | None = None) -> int | None:
+    """``model``'s own batching delay, ``TRITON_VLM_<MODEL>_BATCH_DELAY_US``; None where it has none."""
     env = os.environ if env is None else env
     name = env_prefix(model) + "BATCH_DELAY_US"
-    own = _number(env.get(name), name)
-    return _number(delay_us, "batch_delay_us") if own is None else own
+    return _number(env.get(name), name)
 
 
-def apply_batch_delay(model_dir: Path, delay_us: int | None, *, own: bool = False) -> bool:
-    """Rewrite ``model_dir/config.pbtxt``'s batching delay; False (nothing written) for a model without dynamic
-    batching or with nothing to change. A launcher-wide delay (``own=False``) leaves decoupled engine models alone:
-    their scheduler batches between decode steps, so a wait in front of it would only add latency."""
-    if delay_us is None:
+def apply_batch_delay(model_dir: Path, delay_us: int | None, own_us: int | None = None) -> bool:
+    """Rewrite ``model_dir/config.pbtxt``'s batching delay: the model's own (``own_us``) where set, else the
+    launcher-wide ``delay_us``. False (nothing written) for a model without dynamic batching or with nothing to
+    change. A launcher-wide delay leaves decoupled engine models alone: their scheduler batches between decode
+    steps, so a wait in front of it would only add latency."""
+    delay = _number(delay_us, "batch_delay_us") if own_us is None else own_us
+    if delay is None:
         return False
     path = model_dir / "config.pbtxt"
     config = load_model_config(path)
-    if not config.HasField("dynamic_batching") or (config.model_transaction_policy.decoupled and not own):
+    if not config.HasField("dynamic_batching") or (config.model_transaction_policy.decoupled and own_us is None):
         return False
-    config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    config.dynamic_batching.max_queue_delay_microseconds = delay
     path.write_text(dump_model_config(config))
     return True
 

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING
 
 from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
-from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, batch_delay, instance_count,
+from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, instance_count, own_batch_delay,
                                           queue_limits)
 from triton_vlm.launcher.preflight import check_shm
 from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, make_forwarder,
@@ -164,14 +164,13 @@ class TritonServer:
                     make_forwarder(served / model, streams[model][0], opts.forwarder_instances)
                     self._forwarders.setdefault(streams[model][0], []).append(model)
         stubs = 0
+        settings_env = {**os.environ, **opts.extra_env}  # what the models' own TRITON_VLM_<MODEL>_* come from
         for model in self.models:
-            env = {**os.environ, **opts.extra_env}
-            apply_queue_policy(served / model, *queue_limits(model, opts.max_queue_size, opts.queue_timeout_ms, env))
-            own_delay = batch_delay(model, None, env)
-            apply_batch_delay(served / model, opts.batch_delay_us if own_delay is None else own_delay,
-                              own=own_delay is not None)
+            apply_queue_policy(served / model, *queue_limits(model, opts.max_queue_size, opts.queue_timeout_ms,
+                                                             settings_env))
+            apply_batch_delay(served / model, opts.batch_delay_us, own_batch_delay(model, settings_env))
             stubs += instance_count(served / model)
-        check_shm(stubs, env={**os.environ, **opts.extra_env})
+        check_shm(stubs, env=settings_env)
         backends = prepare_backend_dir(dist, self.work_dir)
         env = self._environment(dist)
         if opts.tiny:
@@ -197,7 +196,7 @@ class TritonServer:
         if opts.supervise:
             self.supervisor = StubSupervisor(self.process.pid, self.model_control(),
                                              on_server_exit=self._server_exited, dependents=self._forwarders,
-                                             hang_timeout=hang_timeout({**os.environ, **opts.extra_env})).start()
+                                             hang_timeout=hang_timeout(settings_env)).start()
         if opts.openai is not None:
             from triton_vlm.openai.process import OpenAIFront
 
