@@ -49,11 +49,11 @@ class TritonVLMModel:
         slots: list[int] = []
         for index, request in enumerate(requests):
             try:
-                if _cancelled(request):  # gave up while queued: no work at all
+                is_cancelled = getattr(request, "is_cancelled", None)  # Triton's; polled while the batch runs
+                if is_cancelled is not None and is_cancelled():  # gave up while queued: no work at all
                     raise RequestCancelledError(f"model {self.model_name!r}: request cancelled by its client "
                                                 f"before it ran")
-                parsed = parse_request(request, self.runtime)
-                batch.append(replace(parsed, is_cancelled=getattr(request, "is_cancelled", None)))
+                batch.append(replace(parse_request(request, self.runtime), is_cancelled=is_cancelled))
                 slots.append(index)
             except TritonVLMError as exc:
                 responses[index] = self._error_response(exc)
@@ -104,11 +104,6 @@ class TritonVLMModel:
         if isinstance(exc, ModelLoadError):
             log.error("%s", exc)
         return error_response(exc)
-
-
-def _cancelled(request: Any) -> bool:
-    is_cancelled = getattr(request, "is_cancelled", None)
-    return bool(is_cancelled is not None and is_cancelled())
 
 
 def request_log_line(model: str, request: GenerationRequest, result: GenerationOutput | TritonVLMError,
