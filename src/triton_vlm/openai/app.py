@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -112,8 +113,8 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
     gateway = gateway if gateway is not None else TritonGateway(options.triton_grpc_url,
                                                                 timeout_s=options.request_timeout_s)
     started = int(time.time())
-    in_flight = 0
-    in_flight_by_key: dict[int | None, int] = {}  # by the index of the API key that authorized each request
+    #: Requests in flight by the index of the API key that authorized them (None: no keys); their sum is the total.
+    in_flight: Counter[int | None] = Counter()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -234,25 +235,19 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                          **ERROR_RESPONSES},
               summary="Answer a question about one image")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        nonlocal in_flight
-        if in_flight >= options.max_concurrent_requests:
+        if in_flight.total() >= options.max_concurrent_requests:
             raise APIError(429, f"too many requests in flight (limit {options.max_concurrent_requests}); retry "
                                 f"shortly", code="rate_limit_exceeded")
         key = getattr(request.state, "api_key", None)
         per_key_limit = options.max_concurrent_per_key if key is not None else 0
-        if per_key_limit and in_flight_by_key.get(key, 0) >= per_key_limit:
+        if per_key_limit and in_flight[key] >= per_key_limit:
             raise APIError(429, f"too many requests in flight for this API key (limit {per_key_limit}); retry "
                                 f"shortly", code="rate_limit_exceeded")
-        in_flight += 1
-        in_flight_by_key[key] = in_flight_by_key.get(key, 0) + 1
+        in_flight[key] += 1
         handed_over = False
 
         def release() -> None:
-            nonlocal in_flight
-            in_flight -= 1
-            in_flight_by_key[key] -= 1
-            if not in_flight_by_key[key]:
-                del in_flight_by_key[key]
+            in_flight[key] -= 1
 
         try:
             refuse_unsupported(body)
