@@ -478,7 +478,7 @@ def _translate(exc: Any, model_name: str | None, url: str, timeout: float | None
 
     message = exc.message() or str(exc)
     status = str(exc.status() or "")
-    if status == "StatusCode.DEADLINE_EXCEEDED" or message == "Deadline Exceeded":
+    if status == "StatusCode.DEADLINE_EXCEEDED" or message.lower() == "deadline exceeded":
         within = f" within {timeout:g}s" if timeout is not None else ""
         return RequestTimeoutError(f"no answer from {url}{within} ({message})")
     code, untagged = split_error_tag(message)
@@ -490,9 +490,6 @@ def _translate(exc: Any, model_name: str | None, url: str, timeout: float | None
         # The model exists but cannot serve this moment: its Python stub died, or it is being reloaded.
         return ModelUnavailableError(f"model {model_name!r} is not available right now (restarting?); "
                                      f"retry shortly: {message}")
-    if status == "StatusCode.DEADLINE_EXCEEDED" or lowered == "deadline exceeded":
-        return ModelUnavailableError(f"no complete answer from {model_name!r} within the client's timeout "
-                                     f"(server overloaded, or the model restarted under the request): {message}")
     if "exceeds maximum queue size" in lowered or "request timeout expired" in lowered:
         return ModelUnavailableError(f"model {model_name!r} is overloaded (its queue is full or the request "
                                      f"waited past its timeout); retry with backoff: {message}")
