@@ -26,6 +26,7 @@ from triton_vlm.backend.requests import (error_response, input_scalar, output_re
                                          runtime_from_args)
 from triton_vlm.engine import LLMEngine, RequestOutput
 from triton_vlm.errors import GenerationError, ModelUnavailableError, TritonVLMError
+from triton_vlm.generation import CANCEL_CHECK_S
 
 log = logging.getLogger("triton_vlm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -137,7 +138,7 @@ class TritonVLMStreamModel:
     # -- the response thread ------------------------------------------------------------------------------
     def _send_loop(self) -> None:
         streams: dict[str, _Stream] = {}
-        next_sample = 0.0
+        next_sample = next_cancel_check = 0.0
         busy = False  # requests were open since the last sample
         while True:
             # Take everything pending, then send at most one response per request: when the engine outpaces
@@ -168,7 +169,10 @@ class TritonVLMStreamModel:
                     pending[message.request_id] = message  # the latest carries counts and finish state
             busy = busy or bool(streams) or bool(pending)
             self._flush(streams, pending)
-            self._abort_cancelled(streams)
+            if time.monotonic() >= next_cancel_check:
+                # Each question is an IPC round trip per open request: not at every step (the loop's pace).
+                next_cancel_check = time.monotonic() + CANCEL_CHECK_S
+                self._abort_cancelled(streams)
             if busy and time.monotonic() >= next_sample:
                 next_sample, busy = time.monotonic() + 0.25, False
                 self._sample_engine()
