@@ -27,6 +27,21 @@ def timed(fn, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
+def check_decode_attention() -> None:
+    """Decode attention at c64 shapes (llava-7b: 32 heads of 128, a 768-position cache), fused vs masked SDPA."""
+    from triton_vlm.engine import kernels
+
+    q = torch.randn(64, 32, 128, device="cuda", dtype=torch.float16)
+    keys = torch.randn(64, 32, 769, 128, device="cuda", dtype=torch.float16)
+    values = torch.randn(64, 32, 769, 128, device="cuda", dtype=torch.float16)
+    lengths = torch.randint(596, 725, (64,), device="cuda")
+    got, ref = kernels.decode_attention(q, keys, values, lengths), kernels.decode_attention_torch(q, keys, values, lengths)
+    fused_ms = timed(lambda: kernels.decode_attention(q, keys, values, lengths))
+    sdpa_ms = timed(lambda: kernels.decode_attention_torch(q, keys, values, lengths, 768))
+    print(f"decode_attention max err {(got - ref).abs().max().item():.2e}; b64 one layer: fused {fused_ms * 1e3:.0f} us, "
+          f"masked SDPA over 768 {sdpa_ms * 1e3:.0f} us", flush=True)
+
+
 def main() -> None:
     from triton_vlm.engine import kernels
 
@@ -43,6 +58,7 @@ def main() -> None:
     print("rope max err", (kernels.rope(q, cos, sin) - kernels.rope_torch(q, cos, sin)).abs().max().item())
     gu = torch.randn(64, 2 * 11008, device="cuda", dtype=torch.float16)
     print("silu_mul max err", (kernels.silu_mul(gu) - kernels.silu_mul_torch(gu)).abs().max().item(), flush=True)
+    check_decode_attention()
     model, processor = random_llava_7b(torch.device("cuda"))
     family = get_family("llava")
     t = time.perf_counter()
@@ -52,20 +68,20 @@ def main() -> None:
     print(f"engine built in {time.perf_counter() - t:.1f}s; layouts (column-major?): qkv {layer.qkv.stride(0) == 1} "
           f"o {layer.o.stride(0) == 1} gate_up {layer.gate_up.stride(0) == 1} down {layer.down.stride(0) == 1}")
     print("slots", engine.cache.num_slots, flush=True)
+    runner.warmup()
     for batch in (1, 64):
-        runner._step_inputs[:, :batch] = torch.tensor([[5], [engine.cache.scratch_position], [700]], device="cuda")
-        graph_ms = timed(lambda: runner._replay(batch, 768))
-        eager_ms = 0.0
-        print(f"decode batch {batch}: graph {graph_ms:.2f} ms, eager {eager_ms:.2f} ms", flush=True)
+        runner._step_inputs[0, :batch] = 699  # write position
+        runner._step_inputs[1, :batch] = 700  # attended length
+        graph, _ = runner._graphs[(batch, None)]
+        print(f"decode batch {batch}: graph {timed(graph.replay):.2f} ms", flush=True)
     weights = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters()) + \
         model.lm_head.weight.numel() * 2
     print(f"LM weights {weights / 1e9:.2f} GB -> {weights / 3.0e12 * 1e3:.2f} ms at 3.0 TB/s", flush=True)
     from torch.profiler import ProfilerActivity, profile
 
-    runner._step_inputs[:, :1] = torch.tensor([[5], [engine.cache.scratch_position], [700]], device="cuda")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            runner._decode_eager(1, 768)
+            runner._decode_step(1, None)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
     rng = np.random.default_rng(0)

@@ -169,6 +169,52 @@ def test_engine_prompt_lengths_differ(loaded: Any) -> None:
     assert len(set(lengths)) == 6 and min(lengths) > 16  # every prompt is chunked at max_prefill_tokens=16
 
 
+def test_a_step_is_read_back_only_after_the_next_one_was_launched(loaded: Any, greedy_reference: list,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlap that keeps the GPU busy: the host waits for step k's tokens after launching step k+1."""
+    engine = make_engine(loaded, max_num_seqs=2)
+    events: list[tuple[str, int]] = []
+    read_back = engine.runner.read_back
+
+    def recording() -> Callable[[], list[int]]:
+        step = sum(kind == "launched" for kind, _ in events)
+        events.append(("launched", step))
+        wait = read_back()
+
+        def waiting() -> list[int]:
+            events.append(("waited", step))
+            return wait()
+        return waiting
+
+    monkeypatch.setattr(engine.runner, "read_back", recording)
+    items = [(IMAGES[i], PROMPTS[i], SamplingParams(max_tokens=MAX_TOKENS[i])) for i in (0, 1, 2)]
+    assert engine.generate(items) == [list(greedy_reference[i].token_ids) for i in (0, 1, 2)]
+    steps = sum(kind == "launched" for kind, _ in events)
+    assert steps > 10 and sorted(events) == sorted([(k, i) for i in range(steps) for k in ("launched", "waited")])
+    for step in range(steps - 1):
+        assert events.index(("launched", step + 1)) < events.index(("waited", step)), events
+
+
+def test_a_stop_token_costs_one_dropped_step(loaded: Any, greedy_reference: list,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = list(greedy_reference[0].token_ids)
+    stop = expected[3]
+    assert stop not in expected[:3]
+    monkeypatch.setattr(loaded.family, "stop_token_ids", lambda model, processor: {stop})
+    engine = make_engine(loaded)
+    collector = Collector()
+    request = engine.prepare(IMAGES[0], PROMPTS[0], SamplingParams(max_tokens=12), collector)
+    engine.submit(request)
+    while engine.has_work() or not collector.finished.qsize():
+        engine._drain(block=False)
+        engine.step()
+    assert collector.tokens(request.request_id) == expected[:3]
+    assert collector.outputs[request.request_id][-1].finish_reason == "stop"
+    # Decodes gave tokens 1-3 (3 is the stop) and, launched before 3 was read back, one more that was dropped.
+    assert engine.stats.decode_tokens == 4
+    assert engine.cache.free_slots == engine.cache.num_slots and not engine.has_work()
+
+
 # -- (b) seeded sampling -----------------------------------------------------------------------------------------
 def test_seeded_sampled_request_matches_generate_batch(loaded: Any) -> None:
     sampled = SamplingParams(max_tokens=14, temperature=1.3, top_p=0.9, seed=1234)

@@ -1,6 +1,13 @@
-"""triton_vlm.engine.kernels: the torch twins match transformers' Llama modules; fused kernels are GPU-only."""
+"""triton_vlm.engine.kernels: the torch twins match transformers' Llama modules and plain attention; the fused
+kernels (GPU-only in the engine) match the twins under Triton's interpreter."""
 
 from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,3 +75,72 @@ def test_fused_kernels_are_gpu_only() -> None:
     assert kernels.fused_available(torch.device("cpu")) is False
     # On a CUDA device they depend on Triton being importable; never on a CPU tensor.
     assert kernels.fused_available(torch.device("cuda")) is (kernels.triton is not None)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_decode_attention_torch_is_each_rows_softmax_over_its_own_length(heads: int, kv_heads: int) -> None:
+    batch, positions, dim = 4, 40, 16
+    q = randn(batch, heads, dim, seed=7)
+    keys = randn(batch + 1, kv_heads, positions, dim, seed=8)  # one slot more than rows: never read
+    values = randn(batch + 1, kv_heads, positions, dim, seed=9)
+    lengths = torch.tensor([1, 7, 40, 23])
+    out = kernels.decode_attention_torch(q, keys, values, lengths)
+    assert out.shape == (batch, heads * dim)
+    for row in range(batch):
+        n = int(lengths[row])
+        for head in range(heads):
+            kv = head // (heads // kv_heads)
+            weights = torch.softmax(keys[row, kv, :n] @ q[row, head] / dim ** 0.5, dim=0)
+            torch.testing.assert_close(out[row, head * dim:(head + 1) * dim], weights @ values[row, kv, :n])
+    # An explicit context bound gives the same; positions past a row's length never count.
+    torch.testing.assert_close(kernels.decode_attention_torch(q, keys, values, lengths, context=40), out)
+    poisoned = keys.clone()
+    poisoned[0, :, 1:] = 1e4
+    torch.testing.assert_close(kernels.decode_attention_torch(q, poisoned, values, lengths)[0], out[0])
+
+
+#: Every fused kernel against its torch twin; run by Triton's interpreter (on CPU tensors) in a fresh process,
+#: since the interpreter is chosen when the kernels are defined.
+_INTERPRETED_CHECK = r'''
+import json
+import torch
+from triton_vlm.engine import kernels
+
+g = torch.Generator().manual_seed(0)
+def randn(*shape):
+    return torch.randn(*shape, generator=g)
+
+errors = {}
+x, residual, weight = randn(3, 40), randn(3, 40), randn(40) + 1
+summed = residual + x
+out = kernels.add_rms_norm(x, residual, weight, 1e-6)
+errors["add_rms_norm"] = (out - kernels.rms_norm_torch(summed, weight, 1e-6)).abs().max().item()
+errors["add_rms_norm residual in place"] = (residual - summed).abs().max().item()
+errors["rms_norm"] = (kernels.add_rms_norm(x, None, weight, 1e-5)
+                      - kernels.rms_norm_torch(x, weight, 1e-5)).abs().max().item()
+qkv = randn(5, 3 * 4 * 16)
+q = qkv[:, :64].view(5, 4, 16)  # a strided view, as the engine passes it
+cos, sin = randn(5, 1, 16), randn(5, 1, 16)
+errors["rope"] = (kernels.rope(q, cos, sin) - kernels.rope_torch(q, cos, sin)).abs().max().item()
+gate_up = randn(3, 2 * 1500)  # wider than one block
+errors["silu_mul"] = (kernels.silu_mul(gate_up) - kernels.silu_mul_torch(gate_up)).abs().max().item()
+for heads, kv_heads, positions in [(4, 4, 300), (8, 2, 129), (2, 1, 17)]:
+    q, lengths = randn(3, heads, 32), torch.tensor([1, positions, max(1, positions // 3)])
+    keys, values = randn(4, kv_heads, positions, 32), randn(4, kv_heads, positions, 32)
+    expected = kernels.decode_attention_torch(q, keys, values, lengths)
+    got = kernels.decode_attention(q, keys, values, lengths)
+    errors[f"decode_attention {heads}/{kv_heads} heads, {positions} positions"] = (got - expected).abs().max().item()
+print(json.dumps(errors))
+'''
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
+                    reason="Triton (a test dependency) has wheels for Linux x86-64 only")
+def test_fused_kernels_match_their_torch_twins_in_the_triton_interpreter() -> None:
+    result = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(errors) == 8
+    for name, error in errors.items():
+        assert error < 1e-5, f"{name}: max abs error {error}"

@@ -2,7 +2,11 @@
 
 Callers (the Triton backend's execute, the CLI, benchmarks) only enqueue: ``submit`` and ``abort`` put
 messages in a thread-safe inbox. The engine thread owns the scheduler, the KV cache and every sequence, and
-runs ``step()`` = schedule -> execute -> update, draining the inbox between steps.
+runs ``step()`` = schedule -> launch -> read back the previous step, draining the inbox between steps.
+
+A step's tokens are read back while the next step already runs on the device (its inputs come from the
+device, not from the host), so responses, scheduling and Python overhead hide behind GPU time. The price: a
+sequence that stops on EOS gets one step more than it needed, whose token is dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +26,8 @@ from triton_vlm.engine.config import EngineConfig
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.request import EngineRequest, RequestOutput, Sequence, SequenceStatus
 from triton_vlm.engine.runner import ModelRunner
-from triton_vlm.engine.scheduler import Scheduler
+from triton_vlm.engine.scheduler import Scheduler, SchedulerOutput
+from triton_vlm.engine.transfer import device_longs
 from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
 from triton_vlm.models.base import ModelFamily
 from triton_vlm.sampling import SamplingParams, choose_tokens, make_generator
@@ -36,13 +42,23 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    #: Host time by phase; "wait" is time spent waiting for the device to finish a step.
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("schedule", "vision", "prefill", "decode", "update"), 0.0))
+        ("schedule", "vision", "prefill", "decode", "wait", "update"), 0.0))
 
 
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A launched step: each of ``rows`` gets one token, at its slot (as launched) of ``tokens()``."""
+
+    rows: list[Sequence]
+    slots: list[int]
+    tokens: Callable[[], list[int]]
 
 
 class LLMEngine:
@@ -71,6 +87,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._generators: dict[Sequence, torch.Generator | None] = {}
+        self._in_flight: _InFlight | None = None
         self.stats = EngineStats()
 
     # -- thread-safe API ----------------------------------------------------------------------------------
@@ -107,9 +124,12 @@ class LLMEngine:
             self._thread = None
 
     # -- the loop -----------------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self._in_flight is not None
+
     def _loop(self) -> None:
         while True:
-            block = not self.scheduler.has_work()
+            block = not self.has_work()
             if not self._drain(block=block):
                 return
             self.step()
@@ -134,12 +154,28 @@ class LLMEngine:
                              "(%d of %d slots free, %d waiting)", message.request_id, len(seq.output_ids),
                              self.cache.free_slots, self.cache.num_slots, len(self.scheduler.waiting))
             else:
-                seq = Sequence(message)
+                seq = Sequence(message, max_generated=min(message.params.max_tokens,
+                                                          self.max_model_len - len(message.prompt_ids)))
                 self._generators[seq] = make_generator(message.params, self.runner.device)
                 self.scheduler.add(seq)
 
     def step(self) -> bool:
-        """One scheduling round; returns False when there was nothing to do."""
+        """One scheduling round: launch the planned work, then hand out the previous step's tokens.
+        Returns False when there was nothing to do."""
+        plan = self.scheduler.schedule()
+        if plan.empty and self._in_flight is None:
+            return False
+        launched = None
+        if not plan.empty:
+            self.stats.steps += 1
+            launched = self._launch(plan)
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._complete(previous)
+        return True
+
+    def _launch(self, plan: SchedulerOutput) -> _InFlight | None:
+        """Enqueue ``plan`` on the device; every sequence that gets a token is counted as having it."""
         clock = time.perf_counter()
         seconds = self.stats.seconds
 
@@ -149,57 +185,68 @@ class LLMEngine:
             seconds[phase] += now - clock
             clock = now
 
-        plan = self.scheduler.schedule()
-        if plan.empty:
-            return False
-        self.stats.steps += 1
         lap("schedule")
+        finished_prefill = [c.seq for c in plan.prefill if c.completes_prompt]
         try:
             if plan.admitted:
                 self.runner.build_prompt_embeds(plan.admitted)
                 lap("vision")
-            finished_prefill = [c.seq for c in plan.prefill if c.completes_prompt]
-            rows: list[Sequence] = []
-            logits = []
             if plan.prefill:
-                prefill_logits = self.runner.prefill(plan.prefill)
-                keep = [i for i, c in enumerate(plan.prefill) if c.completes_prompt]
-                if keep:
-                    logits.append(prefill_logits[keep])
-                    rows += finished_prefill
-            tokens: list[int] = []
-            if logits:  # prompt-completing prefills: their first token
-                tokens = choose_tokens(torch.cat(logits).float(), [s.request.params for s in rows],
-                                       [self._generators[s] for s in rows]).tolist()
-            if plan.prefill:
+                logits = self.runner.prefill(plan.prefill)
+                if finished_prefill:  # their first token
+                    keep = [i for i, c in enumerate(plan.prefill) if c.completes_prompt]
+                    self._choose(finished_prefill, logits[keep])
                 self.stats.prefill_tokens += sum(c.length for c in plan.prefill)
                 lap("prefill")
             if plan.decode:
-                sampled = [self._generators[s] for s in plan.decode]
-                decode_logits, greedy = self.runner.decode(
-                    plan.decode, need_logits=any(g is not None for g in sampled))
-                if decode_logits is not None:
-                    greedy = choose_tokens(decode_logits.float(), [s.request.params for s in plan.decode],
-                                           sampled).tolist()
-                rows += plan.decode
-                tokens += greedy
+                sampled = [s for s in plan.decode if self._generators.get(s) is not None]
+                logits = self.runner.decode(plan.decode, need_logits=bool(sampled))
+                if sampled:  # greedy rows already have their token from the graph; sampled ones overwrite theirs
+                    self._choose(sampled, logits[device_longs([s.slot for s in sampled], logits.device)])
                 self.stats.decode_tokens += len(plan.decode)
                 lap("decode")
+            tokens = self.runner.read_back()
         except Exception as exc:  # a failed step fails the requests in it, never the engine
-            log.exception("engine step failed")
-            error = exc if isinstance(exc, TritonVLMError) else GenerationError(f"{type(exc).__name__}: {exc}")
-            for seq in {*plan.admitted, *(c.seq for c in plan.prefill), *plan.decode}:
-                self._finish(seq, "error", error)
-            return True
+            self._fail({*plan.admitted, *(c.seq for c in plan.prefill), *plan.decode}, exc)
+            return None
         for chunk in plan.prefill:
             chunk.seq.num_prefilled += chunk.length
         for seq in finished_prefill:
             seq.status = SequenceStatus.DECODING
             seq.prompt_embeds = None
-        for seq, token in zip(rows, tokens):
-            self._append(seq, token)
-        lap("update")
-        return True
+        rows = [*finished_prefill, *plan.decode]
+        for seq in rows:
+            seq.num_generated += 1
+        return _InFlight(rows, [s.slot for s in rows], tokens)
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Tokens for ``seqs`` from their logits rows (greedy or their own generator), left on the device."""
+        chosen = choose_tokens(logits.float(), [s.request.params for s in seqs],
+                               [self._generators.get(s) for s in seqs])
+        self.runner.set_tokens([s.slot for s in seqs], chosen)
+
+    def _complete(self, step: _InFlight) -> None:
+        """Wait for ``step``'s tokens and hand them out (to sequences still running: one may have stopped or
+        been aborted since the step was launched)."""
+        clock = time.perf_counter()
+        try:
+            tokens = step.tokens()
+        except Exception as exc:
+            self._fail(step.rows, exc)
+            return
+        waited = time.perf_counter()
+        for seq, slot in zip(step.rows, step.slots):
+            if seq.status is not SequenceStatus.FINISHED:
+                self._append(seq, tokens[slot])
+        self.stats.seconds["wait"] += waited - clock
+        self.stats.seconds["update"] += time.perf_counter() - waited
+
+    def _fail(self, seqs: Iterable[Sequence], exc: Exception) -> None:
+        log.exception("engine step failed")
+        error = exc if isinstance(exc, TritonVLMError) else GenerationError(f"{type(exc).__name__}: {exc}")
+        for seq in seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                self._finish(seq, "error", error)
 
     def _append(self, seq: Sequence, token: int) -> None:
         request = seq.request
@@ -207,7 +254,7 @@ class LLMEngine:
             self._finish(seq, "stop")
             return
         seq.output_ids.append(token)
-        done = len(seq.output_ids) >= request.params.max_tokens or seq.length >= self.max_model_len
+        done = len(seq.output_ids) >= (seq.max_generated or 0)
         if done:
             self.scheduler.finish(seq, "length")
             self._generators.pop(seq, None)

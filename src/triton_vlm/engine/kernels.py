@@ -2,6 +2,8 @@
 
 A decode step of a 7B model is ~200 matmuls plus ~1000 tiny elementwise kernels when written in torch;
 fusing RMSNorm (+ the residual add before it), rotary embedding and SiLU-gating cuts the small kernels ~5x.
+Decode attention reads each row's own length from the device, so it reads only the K/V that row has (a masked
+SDPA reads the whole padded context) and one CUDA graph serves every context length.
 The torch twins define the semantics (they match transformers' Llama modules); tests compare the two.
 """
 
@@ -35,6 +37,22 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def decode_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                           context: int | None = None) -> torch.Tensor:
+    """One query token per row over that row's cached K/V.
+
+    ``q`` [batch, heads, head_dim]; ``keys``/``values`` [slots, kv_heads, positions, head_dim], row i reading
+    slot i; ``lengths`` [batch] positions attended per row (at least 1); ``context`` >= every length (computed
+    when not given). Returns [batch, heads * head_dim]."""
+    batch, heads, dim = q.shape
+    context = int(lengths.max()) if context is None else context
+    mask = (torch.arange(context, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], keys[:batch, :, :context], values[:batch, :, :context], attn_mask=mask,
+        enable_gqa=keys.shape[1] != heads)
+    return out.reshape(batch, heads * dim)
 
 
 if triton is not None:
@@ -81,6 +99,91 @@ if triton is not None:
         up = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
         silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
         tl.store(out_ptr + row * n_cols + cols, silu * up, mask=mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, stats_ptr, q_row_stride,
+                                       kv_slot_stride, kv_head_stride, kv_pos_stride, scale, n_heads, n_splits,
+                                       GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                       SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        # One (row, KV head, split): the GROUP query heads sharing that KV head (padded to HEADS >= 16 rows for
+        # tensor-core dots), online softmax over positions [split * SPLIT, (split + 1) * SPLIT) below the row's
+        # length. Masked loads past the length fetch nothing, so short rows cost little.
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(lengths_ptr + row)
+        group = tl.arange(0, HEADS)
+        used = group < GROUP
+        heads = kv_head * GROUP + group
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + row * q_row_stride + heads[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None],
+                    other=0.0)
+        base = row * kv_slot_stride + kv_head * kv_head_stride
+        m = tl.full([HEADS], -1.0e30, tl.float32)
+        total = tl.zeros([HEADS], tl.float32)
+        acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
+        for offset in range(0, SPLIT, BLOCK):
+            positions = split * SPLIT + offset + tl.arange(0, BLOCK)
+            valid = positions < length
+            where = base + positions[:, None] * kv_pos_stride + dims[None, :]
+            k = tl.load(k_ptr + where, mask=valid[:, None], other=0.0)
+            scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, -1.0e30)
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.where(valid[None, :], tl.exp(scores - m_new[:, None]), 0.0)
+            alpha = tl.exp(m - m_new)
+            v = tl.load(v_ptr + where, mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            total = total * alpha + tl.sum(p, axis=1)
+            m = m_new
+        part = (row * n_heads + heads) * n_splits + split
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=used[:, None])
+        tl.store(stats_ptr + part * 2, m, mask=used)
+        tl.store(stats_ptr + part * 2 + 1, total, mask=used)
+
+    @triton.jit
+    def _decode_attention_merge_kernel(acc_ptr, stats_ptr, out_ptr, n_heads, n_splits, HEAD_DIM: tl.constexpr,
+                                       SPLITS: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        splits = tl.arange(0, SPLITS)
+        used = splits < n_splits
+        first = (row * n_heads + head) * n_splits
+        m = tl.load(stats_ptr + (first + splits) * 2, mask=used, other=-1.0e30)
+        total = tl.load(stats_ptr + (first + splits) * 2 + 1, mask=used, other=0.0)
+        weight = tl.exp(m - tl.max(m, axis=0))  # splits past the row's length have total 0: weight x 0
+        dims = tl.arange(0, HEAD_DIM)
+        acc = tl.load(acc_ptr + (first + splits)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
+        out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(total * weight, axis=0)
+        tl.store(out_ptr + (row * n_heads + head) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+#: Positions per split of decode attention (one program each) and per loop iteration inside one.
+ATTENTION_SPLIT, ATTENTION_BLOCK = 128, 64
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_attention_torch` as two kernels (split-KV flash decoding: partial softmax per split of
+    the positions, then a merge). The grid depends on the cache's size, never on ``lengths``' values, so a
+    CUDA graph captured once replays for any lengths."""
+    batch, heads, dim = q.shape
+    kv_heads, positions = keys.shape[1], keys.shape[2]
+    splits = triton.cdiv(positions, ATTENTION_SPLIT)
+    q = q.contiguous()
+    acc = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=q.device)
+    stats = torch.empty((batch, heads, splits, 2), dtype=torch.float32, device=q.device)
+    group = heads // kv_heads
+    _decode_attention_split_kernel[(batch, kv_heads, splits)](
+        q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
+        dim ** -0.5, heads, splits, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
+        SPLIT=ATTENTION_SPLIT, BLOCK=ATTENTION_BLOCK, num_warps=4)
+    out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
+    _decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,
+                                                   SPLITS=triton.next_power_of_2(splits), num_warps=1)
+    return out
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
 from triton_vlm.engine.kv_cache import SlotKVCache
+from triton_vlm.engine.transfer import device_longs
 
 
 def _point_into(linears: tuple[torch.nn.Linear, ...], fused: torch.Tensor) -> torch.Tensor:
@@ -176,20 +177,19 @@ class LlamaDecoder:
             return torch.cat(outputs)
 
         h = self._layers(embeds, cos, sin, attend)
-        ends = torch.tensor([n for _, _, n in chunks], device=h.device).cumsum(0) - 1
+        ends = device_longs([n for _, _, n in chunks], h.device).cumsum(0) - 1
         return h[ends]
 
     # -- decode -------------------------------------------------------------------------------------------
-    def decode(self, step_inputs: torch.Tensor, cache: SlotKVCache, context: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
+               cache: SlotKVCache, context: int | None = None) -> torch.Tensor:
         """One token for each of the first ``batch`` slots (row i is slot i).
 
-        ``step_inputs`` [3, batch] holds per row: the token, where its K/V goes (the scratch column for idle
-        rows) and how many positions it attends to. ``context`` bounds every length (a graph bucket).
-        Returns logits [batch, vocab]."""
-        tokens, write_positions, lengths = step_inputs[0], step_inputs[1], step_inputs[2]
+        Per row: ``tokens`` the input token, ``write_positions`` where its K/V goes (the scratch column for idle
+        rows) and ``lengths`` how many positions it attends to. ``context`` bounds every length; the fused
+        attention needs none (it reads the lengths on the device). Returns logits [batch, vocab]."""
         batch = tokens.shape[0]
         slots = torch.arange(batch, device=tokens.device)
-        mask = (torch.arange(context, device=tokens.device)[None, :] < lengths[:, None])[:, None, None, :]
         h = self.embed_tokens(tokens)
         cos, sin = self._rope(h, lengths - 1)
 
@@ -197,10 +197,9 @@ class LlamaDecoder:
             keys, values = cache.keys[index], cache.values[index]
             keys[slots, :, write_positions] = k
             values[slots, :, write_positions] = v
-            out = F.scaled_dot_product_attention(
-                q[:, :, None, :], keys[:batch, :, :context], values[:batch, :, :context], attn_mask=mask,
-                enable_gqa=self._gqa)
-            return out.reshape(batch, -1)
+            if self.fused:
+                return kernels.decode_attention(q, keys, values, lengths)
+            return kernels.decode_attention_torch(q, keys, values, lengths, context)
 
         h = self._layers(h, cos, sin, attend)
         return self.logits(h)

@@ -54,10 +54,20 @@ class Sequence:
     slot: int = -1
     #: Prompt positions already in the KV cache.
     num_prefilled: int = 0
+    #: Tokens generated on the device so far, the latest step's included: the engine reads a step's tokens back
+    #: while the next step runs, so this can be one ahead of ``output_ids``.
+    num_generated: int = 0
+    #: Tokens read back (and handed to ``on_output``).
     output_ids: list[int] = field(default_factory=list)
+    #: How many tokens it may generate: max_tokens, or fewer where the context ends first.
+    max_generated: int | None = None
     #: Prompt embeddings (text + image), built once when the sequence is admitted, freed after prefill.
     prompt_embeds: torch.Tensor | None = None
     finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_generated is None:
+            self.max_generated = self.request.params.max_tokens
 
     @property
     def prompt_len(self) -> int:
@@ -65,9 +75,10 @@ class Sequence:
 
     @property
     def length(self) -> int:
-        """Positions this sequence occupies once its last token is written."""
-        return self.prompt_len + len(self.output_ids)
+        """Positions this sequence occupies once its latest generated token is written."""
+        return self.prompt_len + self.num_generated
 
     @property
-    def last_token(self) -> int:
-        return self.output_ids[-1]
+    def wants_decode(self) -> bool:
+        """Decoding, with tokens left to generate (the last one may still be on its way back)."""
+        return self.status is SequenceStatus.DECODING and self.num_generated < (self.max_generated or 0)

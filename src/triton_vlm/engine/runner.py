@@ -1,13 +1,19 @@
 """Executes what the scheduler planned: prompt embeddings (batched vision), prefill chunks, decode steps.
 
-Decode steps replay CUDA graphs on GPU, one per (batch bucket, context bucket); graphs are captured the first
-time a bucket is needed and share one memory pool.
+Tokens stay on the device: each step writes the token it chose for a slot into ``next_tokens``, the next decode
+step reads its input there, and the host gets a step's tokens through an asynchronous copy (:meth:`read_back`)
+that it waits for only after the next step has been launched. So the GPU never idles while Python sends
+responses or schedules.
+
+Decode steps replay CUDA graphs on GPU, one per batch bucket (and per context bucket where attention is not
+the fused kernel); graphs are captured the first time a bucket is needed and share one memory pool.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,8 +23,12 @@ from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.llama import LlamaDecoder
 from triton_vlm.engine.request import Sequence
 from triton_vlm.engine.scheduler import PrefillChunk
+from triton_vlm.engine.transfer import device_longs
 
 log = logging.getLogger("triton_vlm")
+
+#: A graph key: (batch bucket, context bucket or None when attention reads lengths on the device).
+GraphKey = tuple[int, int | None]
 
 
 def batch_buckets(limit: int) -> list[int]:
@@ -37,15 +47,19 @@ class ModelRunner:
         self.device = cache.keys[0].device
         self.buckets = batch_buckets(cache.num_slots)
         limit = cache.num_slots
-        # Rows: token, K/V write position, attended length. Staged on the host, copied over in one go.
+        #: The latest token chosen for each slot (by a decode step or a prompt-completing prefill).
+        self.next_tokens = torch.zeros(limit, dtype=torch.long, device=self.device)
+        # Rows: K/V write position, attended length. Staged on the host, copied over in one go.
         pinned = self.device.type == "cuda"
-        self._host_inputs = torch.zeros((3, limit), dtype=torch.long, pin_memory=pinned)
+        self._host_inputs = torch.zeros((2, limit), dtype=torch.long, pin_memory=pinned)
         self._host_np = self._host_inputs.numpy()  # same memory; numpy indexing is cheaper per step
-        self._host_tokens = torch.zeros(limit, dtype=torch.long, pin_memory=pinned)
-        self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
-        self._step_inputs = torch.zeros((3, limit), dtype=torch.long, device=self.device)
+        self._step_inputs = torch.zeros((2, limit), dtype=torch.long, device=self.device)
+        # Two read-back buffers: step N's copy lands in one while the host still reads step N-1's from the other.
+        self._read_buffers = [torch.zeros(limit, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._read_events = [torch.cuda.Event() for _ in range(2)] if pinned else []
+        self._reads = 0
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # -- prompts ------------------------------------------------------------------------------------------
@@ -63,83 +77,91 @@ class ModelRunner:
         hidden = self.decoder.prefill(embeds, [(c.seq.slot, c.start, c.length) for c in chunks], self.cache)
         return self.decoder.logits(hidden)
 
+    # -- tokens -------------------------------------------------------------------------------------------
+    def set_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
+        """Record tokens chosen outside a decode graph (prefill, sampled rows); no host sync."""
+        self.next_tokens[device_longs(slots, self.device)] = tokens
+
+    def read_back(self) -> Callable[[], list[int]]:
+        """Start copying ``next_tokens`` (as the work enqueued so far leaves it) to the host; the returned
+        function waits for that copy and gives the tokens by slot. On GPU the wait lets go of the GIL."""
+        if not self._read_events:
+            tokens = self.next_tokens.tolist()
+            return lambda: tokens
+        index = self._reads % 2
+        self._reads += 1
+        buffer, event = self._read_buffers[index], self._read_events[index]
+        buffer.copy_(self.next_tokens, non_blocking=True)
+        event.record()
+
+        def wait() -> list[int]:
+            event.synchronize()
+            return buffer.tolist()
+        return wait
+
     # -- decode -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], *, need_logits: bool = True) -> tuple[torch.Tensor | None, list[int]]:
-        """Next-token logits (in ``seqs`` order, or None when not needed) and each sequence's greedy token."""
+    def decode(self, seqs: list[Sequence], *, need_logits: bool = True) -> torch.Tensor | None:
+        """One decode step for ``seqs`` (inputs: their slots' ``next_tokens``); greedy tokens land in
+        ``next_tokens``. Returns the logits by slot [batch bucket, vocab] when asked (for sampled rows)."""
         batch = self.buckets[bisect.bisect_left(self.buckets, max(s.slot for s in seqs) + 1)]
-        longest = max(s.length for s in seqs)
-        step = self.config.graph_len_step
-        context = min(self.cache.max_len, -(-longest // step) * step)
+        context = None
+        if not self.decoder.fused:
+            step = self.config.graph_len_step
+            context = min(self.cache.max_len, -(-max(s.length for s in seqs) // step) * step)
         host = self._host_np
-        host[0, :batch] = 0
-        host[1, :batch] = self.cache.scratch_position
-        host[2, :batch] = 1
+        host[0, :batch] = self.cache.scratch_position
+        host[1, :batch] = 1
         slots = [s.slot for s in seqs]
         lengths = [s.length for s in seqs]
-        host[0, slots] = [s.last_token for s in seqs]
-        host[1, slots] = [n - 1 for n in lengths]
-        host[2, slots] = lengths
+        host[0, slots] = [n - 1 for n in lengths]
+        host[1, slots] = lengths
         self._step_inputs[:, :batch].copy_(self._host_inputs[:, :batch], non_blocking=True)
         if self.use_graphs:
-            logits, greedy = self._replay(batch, context)
+            key = (batch, context)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(batch, context)
+            graph, logits = self._graphs[key]
+            graph.replay()
         else:
-            logits = self._decode_eager(batch, context)
-            greedy = logits.argmax(dim=-1)
-        greedy_tokens = self._to_host(greedy)
-        rows = torch.tensor(slots, device=self.device)
-        return (logits[rows] if need_logits else None), [greedy_tokens[slot] for slot in slots]
+            logits = self._decode_step(batch, context)
+        return logits if need_logits else None
 
-    def _to_host(self, tokens: torch.Tensor) -> list[int]:
-        """Tokens as a list. On GPU: an async copy and an event wait, which (unlike ``tolist``) lets go of the
-        GIL while the step runs, so the response thread works in parallel instead of between steps."""
-        if self._step_done is None:
-            return tokens.tolist()
-        host = self._host_tokens[:tokens.shape[0]]
-        host.copy_(tokens, non_blocking=True)
-        self._step_done.record()
-        self._step_done.synchronize()
-        return host.tolist()
+    def _decode_step(self, batch: int, context: int | None) -> torch.Tensor:
+        """The step a graph holds: forward, then the greedy token into ``next_tokens`` for decoding rows."""
+        positions, lengths = self._step_inputs[0, :batch], self._step_inputs[1, :batch]
+        tokens = self.next_tokens[:batch]
+        logits = self.decoder.decode(tokens, positions, lengths, self.cache, context)
+        # Idle rows keep their token: a slot whose prompt completed this step holds its first token there.
+        tokens.copy_(torch.where(positions != self.cache.scratch_position, logits.argmax(dim=-1), tokens))
+        return logits
 
-    def _decode_eager(self, batch: int, context: int) -> torch.Tensor:
-        return self.decoder.decode(self._step_inputs[:, :batch], self.cache, context)
-
-    def _replay(self, batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (batch, context)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(batch, context)
-        graph, logits, greedy = self._graphs[key]
-        graph.replay()
-        return logits, greedy
-
-    def _capture(self, batch: int, context: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        # Capture with every row idle (scratch writes), then restore the real inputs.
+    def _capture(self, batch: int, context: int | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Capture with every row idle (scratch writes, tokens kept), then restore the real inputs.
         saved = self._step_inputs[:, :batch].clone()
-        self._step_inputs[0, :batch].zero_()
-        self._step_inputs[1, :batch].fill_(self.cache.scratch_position)
-        self._step_inputs[2, :batch].fill_(1)
+        self._step_inputs[0, :batch].fill_(self.cache.scratch_position)
+        self._step_inputs[1, :batch].fill_(1)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._decode_eager(batch, context).argmax(dim=-1)
+                self._decode_step(batch, context)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_eager(batch, context)
-            greedy = logits.argmax(dim=-1)
+            logits = self._decode_step(batch, context)
         self._step_inputs[:, :batch].copy_(saved)
-        log.debug("captured decode graph batch=%d context=%d", batch, context)
-        return graph, logits, greedy
+        log.debug("captured decode graph batch=%d context=%s", batch, context)
+        return graph, logits
 
     @torch.inference_mode()
     def warmup(self, max_batch: int | None = None) -> None:
-        """Capture every batch bucket at the first context bucket ahead of traffic."""
+        """Capture every batch bucket ahead of traffic (at the first context bucket, where graphs have them)."""
         if not self.use_graphs:
             return
         for batch in self.buckets:
             if max_batch and batch > max_batch:
                 break
-            key = (batch, min(self.cache.max_len, self.config.graph_len_step))
+            key = (batch, None if self.decoder.fused else min(self.cache.max_len, self.config.graph_len_step))
             if key not in self._graphs:
                 self._graphs[key] = self._capture(*key)

@@ -1,6 +1,6 @@
 """Continuous batching: which requests run in the next step, and how much of each prompt is prefilled.
 
-Every step decodes all running sequences, and spends at most ``max_prefill_tokens`` on prompts (oldest
+Every step decodes all running sequences that have tokens left to generate, and spends at most ``max_prefill_tokens`` on prompts (oldest
 first, chunked), so a long prompt never stalls the decodes already under way.
 """
 
@@ -63,7 +63,7 @@ class Scheduler:
             out.admitted.append(seq)
         budget = self.config.max_prefill_tokens
         for seq in self.running:
-            if seq.status is SequenceStatus.DECODING:
+            if seq.wants_decode:
                 out.decode.append(seq)
             elif seq.status is SequenceStatus.PREFILLING and budget > 0:
                 length = min(seq.prompt_len - seq.num_prefilled, budget)

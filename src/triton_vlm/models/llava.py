@@ -90,8 +90,15 @@ class LlavaEngineAdapter:
     def prompt_embeds(self, model: Any, decoder: Any, requests: list[Any]) -> list[Any]:
         import torch
 
+        from triton_vlm.engine.transfer import device_longs
+
+        # Nothing here waits for the device (no pageable copies, no boolean-mask indexing): the decode step
+        # already queued keeps the GPU busy while this is launched.
         config = model.config
-        pixels = torch.cat([r.mm_inputs["pixel_values"] for r in requests]).to(model.device, model.dtype)
+        pixels = torch.cat([r.mm_inputs["pixel_values"] for r in requests])
+        if model.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(model.device, model.dtype, non_blocking=True)
         features = model.get_image_features(
             pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy)
@@ -99,9 +106,9 @@ class LlavaEngineAdapter:
             features = features.pooler_output  # transformers >= 5.2x returns a model output
         embeds = []
         for request, feature in zip(requests, features):
-            ids = torch.tensor(request.prompt_ids, device=model.device)
-            embed = decoder.embed_tokens(ids)
-            embed[ids == config.image_token_id] = feature.reshape(-1, embed.shape[-1]).to(embed.dtype)
+            embed = decoder.embed_tokens(device_longs(request.prompt_ids, model.device))
+            image_positions = [i for i, token in enumerate(request.prompt_ids) if token == config.image_token_id]
+            embed[device_longs(image_positions, model.device)] = feature.reshape(-1, embed.shape[-1]).to(embed.dtype)
             embeds.append(embed)
         return embeds
 
