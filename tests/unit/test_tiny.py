@@ -220,3 +220,10 @@ def test_auto_tiny_checkpoint_is_per_architecture_and_reproducible(tmp_path: Pat
     assert names == sorted(p.name for p in second.iterdir())
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_full_size_random_checkpoints_exist_for_the_three_seed_models_only(tmp_path: Path) -> None:
+    from triton_vlm.bench.checkpoints import save_random_full_size
+
+    with pytest.raises(ValueError, match="no full-size random checkpoint for 'auto'"):
+        save_random_full_size("auto", tmp_path, torch.device("cpu"))

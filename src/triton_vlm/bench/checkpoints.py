@@ -2,7 +2,10 @@
 
 Speed depends on shapes, not on weight values, so llava-1.5-7b's exact config with random fp16 weights runs
 as fast as the real thing. The processor is the real one's kind (CLIP 336 px, a Llama-style tokenizer with
-the same 32000-piece id space, ``<image>`` = 32000, ``<pad>`` = 32001).
+the same 32000-piece id space, ``<image>`` = 32000, ``<pad>`` = 32001). kosmos-2 and moondream2 come at their
+real sizes with the tiny checkpoints' tokenizers (ids inside the real vocabularies).
+
+``python -m triton_vlm.bench.checkpoints MODEL PATH`` writes one (on the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -69,3 +72,28 @@ def save_random_llava_7b(path: Path, device: torch.device) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
+    """Write ``model``'s full-size random fp16 checkpoint (llava, kosmos2 or moondream2) to ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    if model == "llava":
+        return save_random_llava_7b(path, device)
+    if model == "kosmos2":
+        from triton_vlm.models.kosmos2 import write_random_checkpoint
+    elif model == "moondream2":
+        from triton_vlm.models.moondream2.family import write_random_checkpoint  # type: ignore[no-redef]
+    else:
+        raise ValueError(f"no full-size random checkpoint for {model!r} (llava, kosmos2, moondream2)")
+    write_random_checkpoint(path, full_size=True, dtype=torch.float16, device=device)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+
+    start = time.perf_counter()
+    name, target = sys.argv[1], Path(sys.argv[2])
+    save_random_full_size(name, target, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"random full-size {name} checkpoint written to {target} in {time.perf_counter() - start:.0f}s", flush=True)

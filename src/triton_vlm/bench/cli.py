@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from triton_vlm.bench.workload import (RoundTrip, RunResult, Workload, format_table, plot, run_hf_baseline,
-                                      run_round_trip, run_served)
+                                      run_round_trip, run_served, warm_up)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"Triton round trip ({round_trip.requests} one-token requests, alternating): in-process p50 "
                   f"{round_trip.direct_p50_s * 1e3:.1f} ms, served p50 {round_trip.served_p50_s * 1e3:.1f} ms, "
                   f"added {round_trip.overhead_p50_s * 1e3:.1f} ms", flush=True)
+        warm_up(url, workload, apis)
         served = [run_served(url, w, c, api=api) for api in apis for w, c in zip(workloads, levels)]
     finally:
         if server is not None:

@@ -11,7 +11,7 @@ import io
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -128,6 +128,13 @@ def run_served(grpc_url: str, workload: Workload, concurrency: int, timeout: flo
                      ttft_p50_s=_percentile(ttfts, 50), ttft_p99_s=_percentile(ttfts, 99),
                      itl_p50_s=_percentile(itls, 50), itl_p99_s=_percentile(itls, 99), errors=errors[0],
                      extra={"api": api, "first_error": first_error[0] if first_error else None})
+
+
+def warm_up(grpc_url: str, workload: Workload, apis: list[str]) -> None:
+    """Two unmeasured requests per API, as the baseline gets its warm-up: the first requests after a start pay
+    for kernel compilation and first-call allocations, which a running server has behind it."""
+    for api in apis:
+        run_served(grpc_url, replace(workload, requests=2), 2, api=api)
 
 
 def run_hf_baseline(runtime: Any, workload: Workload, batch: int) -> RunResult:

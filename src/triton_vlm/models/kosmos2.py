@@ -66,31 +66,49 @@ class Kosmos2Family(ModelFamily):
         return text.strip(), {"entities": json.dumps(entities)}
 
     def build_tiny(self, path: Path) -> None:
-        from transformers import (CLIPImageProcessor, Kosmos2Config, Kosmos2ForConditionalGeneration,
-                                  Kosmos2Processor, XLMRobertaTokenizer)
+        write_random_checkpoint(path)
 
-        from triton_vlm.tiny import seeded, train_unigram_vocab
 
-        specials = ["<s>", "<pad>", "</s>", "<unk>"]
-        vocab = train_unigram_vocab(vocab_size=400, specials=specials)
-        tokenizer = XLMRobertaTokenizer(vocab=vocab + [("<mask>", 0.0)])
-        image_processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
-        processor = Kosmos2Processor(image_processor=image_processor, tokenizer=tokenizer)
-        tokenizer = processor.tokenizer  # now with the grounding tags and <patch_index_XXXX> tokens
+def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any = None, device: Any = None) -> None:
+    """A random-weight Kosmos-2 with a tiny trained tokenizer (the grounding tags included). ``full_size`` takes
+    kosmos-2-patch14-224's sizes (transformers' defaults; 224 px images) for benchmarks, where speed depends on
+    shapes, not on weight values; the tokenizer's ids all lie inside the real vocabulary."""
+    from transformers import (CLIPImageProcessor, Kosmos2Config, Kosmos2ForConditionalGeneration,
+                              Kosmos2Processor, XLMRobertaTokenizer)
+
+    from triton_vlm.tiny import seeded, train_unigram_vocab
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = train_unigram_vocab(vocab_size=400, specials=specials)
+    tokenizer = XLMRobertaTokenizer(vocab=vocab + [("<mask>", 0.0)])
+    side = 224 if full_size else 30
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = Kosmos2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    tokenizer = processor.tokenizer  # now with the grounding tags and <patch_index_XXXX> tokens
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    if full_size:
+        config = Kosmos2Config(text_config=dict(vocab_size=max(65037, len(tokenizer)), **ids), latent_query_num=64)
+    else:
         config = Kosmos2Config(
             text_config=dict(vocab_size=len(tokenizer), embed_dim=64, layers=2, attention_heads=4, ffn_dim=128,
-                             max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+                             max_position_embeddings=1024, **ids),
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                image_size=30, patch_size=6),
             latent_query_num=64,
         )
-        seeded()
-        model = Kosmos2ForConditionalGeneration(config).eval()
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
+    seeded()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device or "cpu"):
+            model = Kosmos2ForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
 
 
 def grounded_entities(processor: Any, raw: str, image_size: tuple[int, int],

@@ -65,19 +65,7 @@ class Moondream2Family(ModelFamily):
         return model.eval(), Moondream2Processor(tokenizer, config, generation)
 
     def build_tiny(self, path: Path) -> None:
-        """Random weights in the official layout: ``model.safetensors`` with ``model.*`` names, a
-        ``config.json`` whose ``config`` section holds the tiny sizes, and a starmie-style ``tokenizer.json``."""
-        from triton_vlm.tiny import seeded
-
-        train_tiny_tokenizer(path / "tokenizer.json")
-        tokenizer = Moondream2Tokenizer.from_file(path / "tokenizer.json", eos_id=0)
-        config = tiny_config(vocab_size=len(tokenizer), tokenizer=starmie_template_ids(tokenizer))
-        seeded()
-        model = Moondream2Model(config)
-        model.init_random_weights()
-        write_checkpoint(model, path)
-        (path / "config.json").write_text(json.dumps(
-            {"architectures": ["HfMoondream"], "model_type": "moondream1", "config": config.to_dict()}, indent=2))
+        write_random_checkpoint(path)
 
     # -- requests ----------------------------------------------------------------------------------------
     def normalize_task(self, task: str | None) -> str | None:
@@ -139,3 +127,24 @@ class Moondream2Family(ModelFamily):
 
     def decode_text(self, processor: Moondream2Processor, token_ids: list[int]) -> str:
         return processor.tokenizer.decode(token_ids).strip()
+
+
+def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: torch.dtype = torch.float32,
+                            device: torch.device | str = "cpu") -> None:
+    """Random weights in the official layout: ``model.safetensors`` with ``model.*`` names, a ``config.json``
+    whose ``config`` section holds the sizes, and a tiny starmie-style ``tokenizer.json``. ``full_size`` takes
+    the real model's sizes (the config defaults) for benchmarks; the tokenizer's ids lie inside its vocabulary."""
+    from triton_vlm.tiny import seeded
+
+    train_tiny_tokenizer(path / "tokenizer.json")
+    tokenizer = Moondream2Tokenizer.from_file(path / "tokenizer.json", eos_id=0)
+    templates = starmie_template_ids(tokenizer)
+    config = (MoondreamConfig(tokenizer=templates) if full_size
+              else tiny_config(vocab_size=len(tokenizer), tokenizer=templates))
+    seeded()
+    with torch.device(device):
+        model = Moondream2Model(config)
+        model.init_random_weights()
+    write_checkpoint(model, path, dtype=dtype)
+    (path / "config.json").write_text(json.dumps(
+        {"architectures": ["HfMoondream"], "model_type": "moondream1", "config": config.to_dict()}, indent=2))
