@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from triton_vlm.models import get_family
 from triton_vlm.tiny import (TINY_FORMAT_VERSION, ensure_tiny_checkpoint, tiny_checkpoint_dir, tiny_root,
