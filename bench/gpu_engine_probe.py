@@ -1,6 +1,9 @@
-"""GPU probe: llava-1.5-7b architecture (random fp16 weights), HF generate vs triton-vlm's engine, in-process.
+"""GPU probe: a full-size architecture with random fp16 weights, its baseline vs triton-vlm's engine, in-process.
 
-python bench/gpu_engine_probe.py --json OUT.json
+python bench/gpu_engine_probe.py [--model llava|moondream2] --json OUT.json
+
+llava-1.5-7b's baseline is HF generate; moondream2 (native, no transformers class) has the backend's batched
+loop (generate_batch) as its baseline.
 """
 
 from __future__ import annotations
@@ -37,6 +40,47 @@ def hf_generate(model, processor, family, images, prompts) -> tuple[float, list[
     _sync()
     elapsed = time.perf_counter() - start
     return elapsed, out[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+def loop_generate(model, processor, family, images, prompts) -> tuple[float, list[list[int]]]:
+    """The batched loop the backend runs without the engine (moondream2's baseline)."""
+    from triton_vlm.generation import generate_batch
+
+    params = [SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)] * len(prompts)
+    _sync()
+    start = time.perf_counter()
+    outputs = generate_batch(family, model, processor, images, prompts, params)
+    _sync()
+    return time.perf_counter() - start, [list(o.token_ids) for o in outputs]
+
+
+def load(name: str, tiny: bool) -> tuple:
+    """``(family, model, processor)``: the tiny checkpoint on CPU, else the full-size random one on the GPU."""
+    family = get_family(name)
+    if tiny:
+        from triton_vlm.direct import direct_runtime
+
+        loaded = direct_runtime(name, tiny=True, device="cpu").ensure_loaded()
+        return family, loaded.model, loaded.processor
+    if name == "llava":
+        return (family, *random_llava_7b(torch.device("cuda")))
+    import tempfile
+    from pathlib import Path
+
+    from triton_vlm.models.moondream2.family import write_random_checkpoint
+
+    path = Path(tempfile.mkdtemp(prefix="moondream2-random-"))
+    write_random_checkpoint(path, full_size=True, dtype=torch.float16, device=torch.device("cuda"))
+    model, processor = family.load(str(path), revision=None, dtype=torch.float16, device=torch.device("cuda"),
+                                   local_files_only=True, trust_remote_code=False)
+    return family, model, processor
+
+
+def decoder_bytes(model) -> int:
+    """What one decode step reads at batch 1: the language model's weights."""
+    language = model.text if hasattr(model, "text") else [model.model.language_model, model.lm_head]
+    modules = language if isinstance(language, list) else [language]
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
 def engine_run(engine, images, prompts, concurrency: int, total: int) -> dict:
@@ -89,33 +133,31 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny checkpoint")
+    parser.add_argument("--model", choices=["llava", "moondream2"], default="llava")
     args = parser.parse_args()
-    family = get_family("llava")
     t = time.perf_counter()
-    if args.tiny:
-        from triton_vlm.direct import direct_runtime
-
-        loaded = direct_runtime("llava", tiny=True, device="cpu").ensure_loaded()
-        model, processor = loaded.model, loaded.processor
-    else:
-        model, processor = random_llava_7b(torch.device("cuda"))
+    family, model, processor = load(args.model, args.tiny)
     print(f"built model in {time.perf_counter() - t:.1f}s", flush=True)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(8)]
     prompts = ["Describe this image in detail, including the colors, objects and their positions."] * 8
-    results: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    results: dict = {"model": args.model, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                     "torch": torch.__version__}
+    baseline = hf_generate if args.model == "llava" else loop_generate
+    results["baseline"] = baseline.__name__
 
-    hf_generate(model, processor, family, images[:1], prompts[:1])  # warm-up
-    hf_b1, hf_tokens = hf_generate(model, processor, family, images[:1], prompts[:1])
+    baseline(model, processor, family, images[:1], prompts[:1])  # warm-up
+    hf_b1, hf_tokens = baseline(model, processor, family, images[:1], prompts[:1])
     results["hf_b1_tok_s"] = NEW_TOKENS / hf_b1
-    print("hf b1", results["hf_b1_tok_s"], flush=True)
+    print("baseline b1", results["hf_b1_tok_s"], flush=True)
     b = args.hf_batch
-    hf_bn, _ = hf_generate(model, processor, family, [images[i % 8] for i in range(b)], [prompts[0]] * b)
+    hf_bn, _ = baseline(model, processor, family, [images[i % 8] for i in range(b)], [prompts[0]] * b)
     results[f"hf_b{b}_tok_s"] = NEW_TOKENS * b / hf_bn
-    print(f"hf b{b}", results[f"hf_b{b}_tok_s"], flush=True)
+    print(f"baseline b{b}", results[f"hf_b{b}_tok_s"], flush=True)
 
     t = time.perf_counter()
-    engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=1024, max_num_seqs=64))
+    engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=1024,
+                                                              max_num_seqs=64))
     engine.runner.warmup()
     engine.start()
     print(f"engine ready in {time.perf_counter() - t:.1f}s; slots {engine.cache.num_slots}", flush=True)
@@ -133,7 +175,7 @@ def main() -> None:
     results["engine_c64_ttft_p50_s"] = c64["ttft_p50_s"]
     print("engine c64", c64["output_tok_s"], flush=True)
     engine.shutdown()
-    results["roofline_b1_tok_s"] = 3.0e12 / sum(p.numel() * p.element_size() for p in model.parameters())
+    results["roofline_b1_tok_s"] = 3.0e12 / decoder_bytes(model)
     print(json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as f:

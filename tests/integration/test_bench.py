@@ -43,3 +43,20 @@ def test_bench_tiny_reports_served_runs_baseline_and_ratios(tmp_path: Path) -> N
     assert "Triton round trip" in result.stdout and "throughput scaling" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "triton-vlm served" in result.stdout and "HF generate baseline" in result.stdout
+    assert all(b["kind"] == "hf_generate_static_batch" for b in report["baseline"])
+
+
+def test_bench_moondream2_baseline_is_the_in_process_batched_loop(tmp_path: Path) -> None:
+    """moondream2 is native (no transformers generate): its baseline is the backend's loop, in-process."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [str(CLI), "bench", "--tiny", "--model", "moondream2", "--concurrency", "1,2", "--requests", "2",
+         "--max-tokens", "4", "--api", "infer", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [(b["concurrency"], b["kind"], b["output_tokens"]) for b in report["baseline"]] == [
+        (1, "batched_generation_in_process", 8), (2, "batched_generation_in_process", 8)]
+    assert [(r["api"], r["errors"], r["output_tokens"]) for r in report["runs"]] == [("infer", 0, 8), ("infer", 0, 8)]
+    assert set(report["ratios"]) == {"infer_c1", "infer_c2"}
+    assert "triton-vlm served (moondream2 through Triton: infer)" in result.stdout

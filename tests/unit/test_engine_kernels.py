@@ -122,6 +122,12 @@ qkv = randn(5, 3 * 4 * 16)
 q = qkv[:, :64].view(5, 4, 16)  # a strided view, as the engine passes it
 cos, sin = randn(5, 1, 16), randn(5, 1, 16)
 errors["rope"] = (kernels.rope(q, cos, sin) - kernels.rope_torch(q, cos, sin)).abs().max().item()
+from triton_vlm.models.moondream2.text import apply_rotary, rotary_tables
+for dim, rotary_dim in [(64, 32), (16, 8), (24, 8)]:  # moondream2's real and tiny heads, and an odd rest
+    x = randn(5, 6 * dim).view(5, 6, dim)[:, ::2]  # strided heads
+    cos, sin = rotary_tables(torch.tensor([[0, 1, 7, 100, 2047]]), rotary_dim)
+    expected = apply_rotary(x.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
+    errors[f"partial_rope {dim}/{rotary_dim}"] = (kernels.partial_rope(x, cos[0], sin[0]) - expected).abs().max().item()
 gate_up = randn(3, 2 * 1500)  # wider than one block
 errors["silu_mul"] = (kernels.silu_mul(gate_up) - kernels.silu_mul_torch(gate_up)).abs().max().item()
 for heads, kv_heads, positions in [(4, 4, 300), (8, 2, 129), (2, 1, 17)]:
@@ -141,6 +147,6 @@ def test_fused_kernels_match_their_torch_twins_in_the_triton_interpreter() -> No
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(errors) == 8
+    assert len(errors) == 11
     for name, error in errors.items():
         assert error < 1e-5, f"{name}: max abs error {error}"

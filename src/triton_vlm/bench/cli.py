@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
-    print(format_table(f"triton-vlm served ({args.model}, gRPC streaming through Triton)", served), flush=True)
+    print(format_table(f"triton-vlm served ({args.model} through Triton: {', '.join(apis)})", served), flush=True)
     ratios = {f"{s.extra['api']}_c{s.concurrency}": s.output_tok_s / b.output_tok_s
               for s, b in zip(served, baseline * len(apis))}
     if ratios:

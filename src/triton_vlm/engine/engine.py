@@ -83,6 +83,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.cache)
         self.runner = ModelRunner(adapter, model, self.decoder, self.cache, self.config)
         self.stop_token_ids = frozenset(family.stop_token_ids(model, processor))
+        # Optional adapter hook: a prefix that must be prefilled in one chunk (it attends both ways).
+        first_chunk = getattr(adapter, "min_first_chunk", None)
+        self.min_first_chunk = int(first_chunk(model)) if first_chunk is not None else 0
         self._inbox: queue.SimpleQueue[EngineRequest | _Abort | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
@@ -102,7 +105,7 @@ class LLMEngine:
         return EngineRequest(request_id=request_id or f"req-{next(self._ids)}", prompt_ids=prompt_ids,
                              params=params, on_output=on_output, mm_inputs=mm_inputs,
                              stop_token_ids=frozenset() if (params.ignore_eos if ignore_eos is None else ignore_eos)
-                             else self.stop_token_ids)
+                             else self.stop_token_ids, min_first_chunk=self.min_first_chunk)
 
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put(request)

@@ -91,6 +91,25 @@ if triton is not None:
         tl.store(out + HALF + offs, (x2 * cos2 + x1 * sin2).to(out_ptr.dtype.element_ty))
 
     @triton.jit
+    def _partial_rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, row_stride, head_stride,
+                             ROT_HALF: tl.constexpr, DIM: tl.constexpr, REST: tl.constexpr):
+        # Dims [0, ROT_HALF) pair with [ROT_HALF, 2 * ROT_HALF); the rest of the head is copied unrotated.
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        offs = tl.arange(0, ROT_HALF)
+        base = x_ptr + token * row_stride + head * head_stride
+        x1 = tl.load(base + offs).to(tl.float32)
+        x2 = tl.load(base + ROT_HALF + offs).to(tl.float32)
+        cos = tl.load(cos_ptr + token * ROT_HALF + offs)
+        sin = tl.load(sin_ptr + token * ROT_HALF + offs)
+        out = out_ptr + (token * n_heads + head) * DIM
+        tl.store(out + offs, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty))
+        tl.store(out + ROT_HALF + offs, (x1 * sin + x2 * cos).to(out_ptr.dtype.element_ty))
+        rest = 2 * ROT_HALF + tl.arange(0, REST)
+        keep = rest < DIM
+        tl.store(out + rest, tl.load(base + rest, mask=keep), mask=keep)
+
+    @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -203,6 +222,19 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
     _rope_kernel[(tokens, heads)](x, cos.contiguous(), sin.contiguous(), out, heads, x.stride(0), x.stride(1),
                                   HALF=dim // 2, num_warps=1)
+    return out
+
+
+def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of the first ``2 * cos.shape[-1]`` dims of each head of ``x`` [tokens, heads, head_dim]
+    (any strides on the first two dims), as moondream2's ``apply_rotary`` (fp32 math, half-split pairs);
+    ``cos``/``sin`` [tokens, rotary_dim / 2] in float32. Returns a contiguous tensor."""
+    tokens, heads, dim = x.shape
+    half = cos.shape[-1]
+    out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
+    _partial_rope_kernel[(tokens, heads)](x, cos.contiguous(), sin.contiguous(), out, heads, x.stride(0),
+                                          x.stride(1), ROT_HALF=half, DIM=dim,
+                                          REST=triton.next_power_of_2(max(1, dim - 2 * half)), num_warps=1)
     return out
 
 

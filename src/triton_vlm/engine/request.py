@@ -25,6 +25,8 @@ class EngineRequest:
     mm_inputs: dict[str, Any] = field(default_factory=dict)
     #: Stop on these token ids (EOS); empty with ``ignore_eos`` benchmarks.
     stop_token_ids: frozenset[int] = frozenset()
+    #: The first prefill chunk holds at least this many positions (a prefix that attends both ways).
+    min_first_chunk: int = 0
 
 
 @dataclass(frozen=True)

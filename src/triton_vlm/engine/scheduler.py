@@ -1,7 +1,9 @@
 """Continuous batching: which requests run in the next step, and how much of each prompt is prefilled.
 
-Every step decodes all running sequences that have tokens left to generate, and spends at most ``max_prefill_tokens`` on prompts (oldest
-first, chunked), so a long prompt never stalls the decodes already under way.
+Every step decodes all running sequences that have tokens left to generate, and spends at most
+``max_prefill_tokens`` on prompts (oldest first, chunked), so a long prompt never stalls the decodes already under
+way. A prompt whose first chunk must hold a bidirectional prefix (``min_first_chunk``) waits for a step with room
+for it, or takes a step alone and exceeds the budget once.
 """
 
 from __future__ import annotations
@@ -66,7 +68,13 @@ class Scheduler:
             if seq.wants_decode:
                 out.decode.append(seq)
             elif seq.status is SequenceStatus.PREFILLING and budget > 0:
-                length = min(seq.prompt_len - seq.num_prefilled, budget)
+                remaining = seq.prompt_len - seq.num_prefilled
+                length = min(remaining, budget)
+                first = min(seq.request.min_first_chunk, remaining) if seq.num_prefilled == 0 else 0
+                if length < first:
+                    if out.prefill:
+                        break  # it waits for a step with room; later prompts wait behind it
+                    length = first  # alone in its step: over the budget rather than never
                 out.prefill.append(PrefillChunk(seq, seq.num_prefilled, length))
                 budget -= length
         return out

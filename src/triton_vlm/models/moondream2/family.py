@@ -67,6 +67,11 @@ class Moondream2Family(ModelFamily):
     def build_tiny(self, path: Path) -> None:
         write_random_checkpoint(path)
 
+    def engine_adapter(self) -> Any:
+        from triton_vlm.models.moondream2.engine_adapter import Moondream2EngineAdapter
+
+        return Moondream2EngineAdapter()
+
     # -- requests ----------------------------------------------------------------------------------------
     def normalize_task(self, task: str | None) -> str | None:
         return parse_task(task).name if task and task.strip() else None

@@ -1,0 +1,52 @@
+"""moondream2 on triton-vlm's engine: the query task (the default), image features in place of the prefix slots.
+
+Captions and the region tasks (detect, point) keep the batched loop of :mod:`triton_vlm.generation`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from triton_vlm.engine.moondream import MoondreamDecoder
+from triton_vlm.engine.transfer import device_longs
+from triton_vlm.models.moondream2.image import normalize_crops, overlap_crops
+
+
+class Moondream2EngineAdapter:
+    def prepare(self, family: Any, processor: Any, image: Image.Image, prompt: str) -> tuple[list[int], dict]:
+        """``[BOS, image slots..., query template around prompt...]``; the slots' ids are never embedded."""
+        config = processor.config
+        slots = config.vision.num_patches
+        prompt_ids = [processor.tokens.bos_id, *[processor.tokenizer.pad_token_id] * slots,
+                      *family.render_prompt(processor, prompt)]
+        crop_set = overlap_crops(image, config.vision)
+        return prompt_ids, {"pixel_values": normalize_crops(crop_set.crops), "tiling": crop_set.tiling}
+
+    def build_decoder(self, model: Any) -> MoondreamDecoder:
+        return MoondreamDecoder(model.text, model.prefix_length, model.suppressed_decode_ids)
+
+    def min_first_chunk(self, model: Any) -> int:
+        """BOS and the image attend to each other both ways: they are prefilled in one chunk."""
+        return int(model.prefix_length)
+
+    def prompt_embeds(self, model: Any, decoder: MoondreamDecoder, requests: list[Any]) -> list[torch.Tensor]:
+        """[prompt_len, dim] per request; every request's crops go through the vision encoder in one batch."""
+        pixels = torch.cat([r.mm_inputs["pixel_values"] for r in requests])
+        if model.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(model.device, model.dtype, non_blocking=True)
+        counts = torch.tensor([len(r.mm_inputs["pixel_values"]) for r in requests])
+        tilings = torch.tensor([r.mm_inputs["tiling"] for r in requests])
+        images = model.encode_images(pixels, counts, tilings)
+        embeds = []
+        for request, image in zip(requests, images):
+            embed = decoder.embed_tokens(device_longs(request.prompt_ids, model.device))
+            embed[1:1 + image.shape[0]] = image.to(embed.dtype)
+            embeds.append(embed)
+        return embeds
+
+    def context_length(self, model: Any) -> int:
+        return int(model.config.text.max_context)

@@ -1,0 +1,95 @@
+"""triton_vlm.engine with the tiny moondream2 on CPU: the same tokens as the batched loop (generate_batch), the
+bidirectional prefix prefilled in one chunk (over a small budget if need be), the suppressed answer marker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from triton_vlm.engine import EngineConfig, LLMEngine
+from triton_vlm.generation import generate_batch
+from triton_vlm.models import get_family
+from triton_vlm.sampling import SamplingParams
+
+PROMPTS = ["What is this?", "Describe the colours, the shapes and everything else you can see in the picture.",
+           "count 1 2 3", "Is there a cat?"]
+#: Image sizes that give one crop grid and a larger tiling (the tiny config: 28-pixel crops, at most 4).
+SIZES = [(30, 30), (90, 60), (200, 40), (64, 64)]
+MAX_TOKENS = [9, 14, 5, 11]
+
+
+def noise(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
+
+
+@pytest.fixture(scope="module")
+def loaded() -> tuple[Any, Any, Any]:
+    from triton_vlm.tiny import ensure_tiny_checkpoint
+
+    family = get_family("moondream2")
+    model, processor = family.load(str(ensure_tiny_checkpoint("moondream2")), revision=None, dtype=torch.float32,
+                                   device=torch.device("cpu"), local_files_only=True, trust_remote_code=False)
+    return family, model, processor
+
+
+@pytest.fixture(scope="module")
+def reference(loaded: tuple[Any, Any, Any]) -> list[list[int]]:
+    family, model, processor = loaded
+    outputs = generate_batch(family, model, processor, IMAGES, PROMPTS, [SamplingParams(max_tokens=m) for m in MAX_TOKENS])
+    return [list(o.token_ids) for o in outputs]
+
+
+def engine(loaded: tuple[Any, Any, Any], **config: Any) -> LLMEngine:
+    family, model, processor = loaded
+    return LLMEngine(family, model, processor, EngineConfig(**{"max_model_len": 256, **config}))
+
+
+def items() -> list[tuple[Image.Image, str, SamplingParams]]:
+    return [(IMAGES[i], PROMPTS[i], SamplingParams(max_tokens=m)) for i, m in enumerate(MAX_TOKENS)]
+
+
+def test_engine_matches_the_batched_loop(loaded: tuple[Any, Any, Any], reference: list[list[int]]) -> None:
+    moondream = engine(loaded, max_num_seqs=2)
+    assert moondream.min_first_chunk == loaded[1].prefix_length == 17
+    assert moondream.generate(items()) == reference
+    assert moondream.cache.free_slots == moondream.cache.num_slots
+
+
+def test_the_prefix_is_prefilled_in_one_chunk_even_over_the_budget(loaded: tuple[Any, Any, Any],
+                                                                   reference: list[list[int]]) -> None:
+    moondream = engine(loaded, max_num_seqs=4, max_prefill_tokens=16)  # less than the 17-position prefix
+    chunks: list[tuple[str, int, int]] = []
+    schedule = moondream.scheduler.schedule
+
+    def recording() -> Any:
+        plan = schedule()
+        chunks.extend((c.seq.request.request_id, c.start, c.length) for c in plan.prefill)
+        if len(plan.prefill) > 1:
+            assert sum(c.length for c in plan.prefill) <= 16  # only a chunk alone may exceed the budget
+        return plan
+
+    moondream.scheduler.schedule = recording  # type: ignore[method-assign]
+    assert moondream.generate(items()) == reference
+    firsts = [length for _, start, length in chunks if start == 0]
+    assert len(firsts) == 4 and all(length >= 17 for length in firsts)
+    assert any(start > 0 for _, start, _ in chunks)  # the prompts after the prefix were chunked
+
+
+def test_the_answer_marker_is_never_decoded(loaded: tuple[Any, Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference masks its answer marker after the first token; the engine's decode steps do too."""
+    family, model, processor = loaded
+    (marker,) = model.suppressed_decode_ids
+    moondream = engine(loaded)
+    unmasked = moondream.decoder.logits
+    # Make the marker the most likely token everywhere: masked, it still never comes out after the first token.
+    monkeypatch.setattr(moondream.decoder, "logits",
+                        lambda hidden: unmasked(hidden).index_fill(-1, torch.tensor([marker]), 1e4))
+    (tokens,) = moondream.generate([(IMAGES[0], PROMPTS[0], SamplingParams(max_tokens=6))], ignore_eos=True)
+    assert tokens[0] == marker and marker not in tokens[1:] and len(tokens) == 6
