@@ -72,7 +72,7 @@ def test_model_list_over_http_and_grpc(triton: RunningServer) -> None:
         with TritonVLMClient(url, protocol=protocol) as client:  # type: ignore[arg-type]
             models = {m["name"]: m["state"] for m in client.list_models()}
             # llava_stream comes with llava: the engine-backed, streaming companion.
-            assert models == {m: "READY" for m in (*SERVED_MODELS, "llava_stream")}
+            assert models == {m: "READY" for m in (*SERVED_MODELS, "llava_stream", "moondream2_stream")}
             assert client.is_ready() and client.is_ready("llava")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -125,3 +126,38 @@ def test_forwarder_serves_again_after_the_engine_stub_dies(forwarding_server: Tr
     with TritonVLMClient(forwarding_server.http_url, timeout=60) as client:
         assert client.infer("llava", sample_image_bytes, PROMPT, max_tokens=5) == _expected(
             llava, sample_image_bytes, max_tokens=5)
+
+
+# -- moondream2 on the engine -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moondream2() -> VLMRuntime:
+    return direct_runtime("moondream2", tiny=True, device="cpu")
+
+
+def test_moondream2_query_streams_from_the_engine_as_the_batched_loop_answers(
+        triton: RunningServer, moondream2: VLMRuntime, sample_image_bytes: bytes) -> None:
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
+        pieces = list(client.stream_pieces("moondream2", sample_image_bytes, "What is this?", max_tokens=12,
+                                           ignore_eos=True))
+    assert len(pieces) >= 2 and pieces[-1].generated_tokens == 12
+    assert "".join(p.text for p in pieces) == _expected(moondream2, sample_image_bytes, "What is this?",
+                                                        max_tokens=12, ignore_eos=True)
+    # The engine ran it, not the batched loop (its counters are sampled every 0.25 s).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        steps = [float(line.split()[-1]) for line in triton.metrics().splitlines()
+                 if line.startswith('triton_vlm_engine_steps_total{model="moondream2_stream"')]
+        if steps and steps[0] >= 12:  # a prefill step and 11 decode steps
+            break
+        time.sleep(0.1)
+    assert steps and steps[0] >= 12
+
+
+@pytest.mark.parametrize("task, prompt", [("caption:short", ""), ("detect", "face"), ("point", "face")])
+def test_moondream2_tasks_the_engine_does_not_run_answer_in_one_piece(
+        triton: RunningServer, moondream2: VLMRuntime, sample_image_bytes: bytes, task: str, prompt: str) -> None:
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
+        pieces = list(client.stream_pieces("moondream2", sample_image_bytes, prompt, max_tokens=8, task=task))
+        assert "".join(client.stream("moondream2", sample_image_bytes, "hi", max_tokens=2))  # the engine serves on
+    assert len(pieces) == 1 and pieces[0].finish_reason
+    assert pieces[0].text == _expected(moondream2, sample_image_bytes, prompt, max_tokens=8, task=task)

@@ -93,3 +93,9 @@ def test_the_answer_marker_is_never_decoded(loaded: tuple[Any, Any, Any], monkey
                         lambda hidden: unmasked(hidden).index_fill(-1, torch.tensor([marker]), 1e4))
     (tokens,) = moondream.generate([(IMAGES[0], PROMPTS[0], SamplingParams(max_tokens=6))], ignore_eos=True)
     assert tokens[0] == marker and marker not in tokens[1:] and len(tokens) == 6
+
+
+def test_the_engine_takes_the_query_task_only(loaded: tuple[Any, Any, Any]) -> None:
+    moondream = engine(loaded)
+    assert moondream.accepts(None) and moondream.accepts("query")
+    assert not any(moondream.accepts(t) for t in ("caption:short", "caption:normal", "detect", "point"))

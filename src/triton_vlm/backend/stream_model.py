@@ -5,6 +5,9 @@ the engine batches them continuously). The engine thread hands raw token ids to 
 owns all per-request streaming state: it detokenizes, sends deltas (or one final answer when the request
 says ``stream: false``), notices cancelled requests and aborts them in the engine, and ends every request
 with exactly one FINAL response.
+
+Tasks the engine does not run (moondream2's captions, detect and point) go to a second thread that runs them
+through the family's batched loop on the same loaded model and answers each in one FINAL response.
 """
 
 from __future__ import annotations
@@ -15,18 +18,19 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.python_model import configure_logging
-from triton_vlm.backend.requests import (error_response, input_scalar, output_response, parse_request,
-                                         runtime_from_args)
+from triton_vlm.backend.requests import (declared_extra_outputs, error_response, input_scalar, output_response,
+                                         parse_request, runtime_from_args)
 from triton_vlm.engine import LLMEngine, RequestOutput
-from triton_vlm.errors import GenerationError, ModelUnavailableError, TritonVLMError
+from triton_vlm.errors import GenerationError, ModelUnavailableError, RequestCancelledError, TritonVLMError
 from triton_vlm.generation import CANCEL_CHECK_S
+from triton_vlm.runtime import GenerationRequest
 
 log = logging.getLogger("triton_vlm")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -38,6 +42,19 @@ class _Open:
     sender: Any
     stream: bool
     received: float = 0.0  # time.perf_counter() when execute got the request
+
+
+@dataclass
+class _Task:
+    """A request for the batched loop (a task the engine does not run)."""
+
+    request: GenerationRequest
+    sender: Any
+    received: float
+
+
+#: Requests of such tasks run together in one batched loop, at most this many.
+TASK_BATCH = 8
 
 
 @dataclass
@@ -78,6 +95,10 @@ class TritonVLMStreamModel:
         self._open_lock = threading.Lock()
         self._sender = threading.Thread(target=self._send_loop, name="triton-vlm-responses", daemon=True)
         self._sender.start()
+        self.extra_outputs = declared_extra_outputs(args, self.runtime.family.extra_outputs)
+        self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._task_runner = threading.Thread(target=self._task_loop, name="triton-vlm-tasks", daemon=True)
+        self._task_runner.start()
         if self.runtime.settings.preload:
             self._ensure_engine()
 
@@ -94,6 +115,12 @@ class TritonVLMStreamModel:
                 parsed = parse_request(request, self.runtime)
                 stream = input_scalar(request, "stream", bool)
                 engine = self._ensure_engine()
+                if not engine.accepts(parsed.task):
+                    with self._open_lock:
+                        self._open += 1
+                    self._tasks.put(_Task(replace(parsed, is_cancelled=getattr(sender, "is_cancelled", None)),
+                                          sender, received))
+                    continue
                 self._ids += 1
                 request_id = f"{request.request_id() or 'req'}-{self._ids}"
                 engine_request = engine.prepare(parsed.image, parsed.prompt, parsed.params, self._outbox.put,
@@ -112,7 +139,9 @@ class TritonVLMStreamModel:
         if self._engine is not None:
             self._engine.shutdown()
         self._outbox.put(None)
+        self._tasks.put(None)
         self._sender.join(timeout=10)  # it still ends every open request FINAL
+        self._task_runner.join(timeout=30)
 
     # -- engine -------------------------------------------------------------------------------------------
     def _ensure_engine(self) -> LLMEngine:
@@ -134,6 +163,48 @@ class TritonVLMStreamModel:
                     self.metrics.load_seconds.set(loaded.load_seconds)
                     self._engine = engine.start()
         return self._engine
+
+    # -- the batched loop, for tasks the engine does not run ------------------------------------------------
+    def _task_loop(self) -> None:
+        while True:
+            first = self._tasks.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < TASK_BATCH:
+                try:
+                    item = self._tasks.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._tasks.put(None)  # finish this batch, then stop
+                    break
+                batch.append(item)
+            try:
+                results: list[Any] = self.runtime.generate([t.request for t in batch])
+            except Exception as exc:  # never lose the thread: every request of the batch still gets its answer
+                log.exception("batched generation failed")
+                results = [exc if isinstance(exc, TritonVLMError) else GenerationError(f"{type(exc).__name__}: {exc}")
+                           ] * len(batch)
+            for task, result in zip(batch, results):
+                try:
+                    if isinstance(result, Exception):
+                        if not isinstance(result, RequestCancelledError):  # the client's choice, not an error
+                            self.metrics.request_errors.increment(1)
+                        task.sender.send(error_response(result, tagged=True), flags=FINAL)
+                    else:
+                        self.metrics.observe_request(task.received, result.first_token_at,
+                                                     result.finished_at or time.perf_counter(),
+                                                     len(result.token_ids), result.prompt_tokens)
+                        extras = {n: result.extras.get(n, d) for n, d in self.extra_outputs.items()}
+                        task.sender.send(output_response(result.text, len(result.token_ids), result.prompt_tokens,
+                                                         result.finish_reason, extras), flags=FINAL)
+                except Exception:  # a client that went away
+                    log.exception("sending a response failed")
+                    _send_final(task.sender)
+                finally:
+                    with self._open_lock:
+                        self._open -= 1
 
     # -- the response thread ------------------------------------------------------------------------------
     def _send_loop(self) -> None:

@@ -107,12 +107,13 @@ class AsyncTritonVLMClient:
 
     async def stream_pieces(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                             temperature: float | None = None, top_p: float | None = None,
-                            seed: int | None = None, ignore_eos: bool = False) -> AsyncIterator[StreamPiece]:
+                            seed: int | None = None, ignore_eos: bool = False,
+                            task: str | None = None) -> AsyncIterator[StreamPiece]:
         """Streamed pieces with token counts; the last one has the finish reason. Leaving early cancels."""
         import tritonclient.grpc.aio as grpc_aio
 
         inputs = request_inputs(grpc_aio, image, prompt, max_tokens=max_tokens, temperature=temperature,
-                                top_p=top_p, seed=seed, ignore_eos=ignore_eos, stream=True)
+                                top_p=top_p, seed=seed, ignore_eos=ignore_eos, stream=True, task=task)
         target = stream_target(model_name)
         started = time.monotonic()
         delays = self.retry.delays()

@@ -286,19 +286,20 @@ class TritonVLMClient:
 
     def stream(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-               ignore_eos: bool = False) -> Iterator[str]:
+               ignore_eos: bool = False, task: str | None = None) -> Iterator[str]:
         """Yield the answer piece by piece as the engine generates it (gRPC streaming to ``<model>_stream``).
 
         The pieces concatenate to the text :meth:`infer` returns. Leaving the loop early cancels the request.
+        A ``task`` the engine does not run (moondream2's captions, detect, point) comes as one piece.
         """
         for piece in self.stream_pieces(model_name, image, prompt, max_tokens=max_tokens, temperature=temperature,
-                                        top_p=top_p, seed=seed, ignore_eos=ignore_eos):
+                                        top_p=top_p, seed=seed, ignore_eos=ignore_eos, task=task):
             if piece.text:
                 yield piece.text
 
     def stream_pieces(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                       temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                      ignore_eos: bool = False) -> Iterator[StreamPiece]:
+                      ignore_eos: bool = False, task: str | None = None) -> Iterator[StreamPiece]:
         """Like :meth:`stream`, with token counts and the finish reason (the last piece has one).
 
         With a retry policy, a stream that fails before its first piece because the server is not up yet is
@@ -306,7 +307,7 @@ class TritonVLMClient:
         import tritonclient.grpc as grpc_module
 
         inputs = request_inputs(grpc_module, image, prompt, max_tokens=max_tokens, temperature=temperature,
-                                top_p=top_p, seed=seed, ignore_eos=ignore_eos, stream=True)
+                                top_p=top_p, seed=seed, ignore_eos=ignore_eos, stream=True, task=task)
         target = stream_target(model_name)
         started = time.monotonic()
         delays = self.retry.delays()

@@ -94,6 +94,12 @@ class LLMEngine:
         self.stats = EngineStats()
 
     # -- thread-safe API ----------------------------------------------------------------------------------
+    def accepts(self, task: str | None) -> bool:
+        """Whether the engine runs requests of ``task`` (normalized; None: the family's default). The others
+        (moondream2's captions and region skills) belong to the batched loop."""
+        accepts = getattr(self.adapter, "accepts", None)
+        return accepts(task) if accepts is not None else task is None
+
     def prepare(self, image: Any, prompt: str, params: SamplingParams, on_output: Any, *,
                 request_id: str | None = None, ignore_eos: bool | None = None) -> EngineRequest:
         """Tokenize a request (on the caller's thread) and check that it fits the context."""

@@ -16,6 +16,9 @@ from triton_vlm.models.moondream2.image import normalize_crops, overlap_crops
 
 
 class Moondream2EngineAdapter:
+    def accepts(self, task: str | None) -> bool:
+        return task in (None, "query")
+
     def prepare(self, family: Any, processor: Any, image: Image.Image, prompt: str) -> tuple[list[int], dict]:
         """``[BOS, image slots..., query template around prompt...]``; the slots' ids are never embedded."""
         config = processor.config
