@@ -17,7 +17,7 @@ from typing import Any
 BANDWIDTH_B_S = 3.0e12
 
 
-def summarize(raw: dict[str, Any], decoder_params: float, command: str) -> dict[str, Any]:
+def summarize(raw: dict[str, Any], decoder_params: float, command: str, notes: list[str] | None = None) -> dict[str, Any]:
     def run(api: str, concurrency: int) -> dict[str, Any] | None:
         return next((r for r in raw["runs"] if r["api"] == api and r["concurrency"] == concurrency), None)
 
@@ -45,6 +45,8 @@ def summarize(raw: dict[str, Any], decoder_params: float, command: str) -> dict[
     if headline == "stream" and run("infer", 1) and run("infer", 64):
         summary["served_infer_b1_tok_s"] = run("infer", 1)["output_tok_s"]  # type: ignore[index]
         summary["served_infer_c64_tok_s"] = run("infer", 64)["output_tok_s"]  # type: ignore[index]
+    if notes:
+        summary["notes"] = notes
     summary["ratios"] = raw["ratios"]
     summary["raw"] = raw
     return summary
@@ -56,8 +58,9 @@ def main() -> None:
     parser.add_argument("--decoder-params", type=float, required=True, help="language-model parameters")
     parser.add_argument("--command", required=True, help="the command that produced RAW")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--note", action="append", default=[], help="a remark kept in the file (repeatable)")
     args = parser.parse_args()
-    summary = summarize(json.loads(args.raw.read_text()), args.decoder_params, args.command)
+    summary = summarize(json.loads(args.raw.read_text()), args.decoder_params, args.command, args.note)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
 
 

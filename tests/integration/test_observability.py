@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SAMPLE_IMAGE
-from tests.integration.conftest import PROMPTS, WORKING_MODELS, RunningServer
+from tests.integration.conftest import ENGINE_MODELS, PROMPTS, WORKING_MODELS, RunningServer
 from triton_client import AsyncTritonVLMClient, TritonVLMClient
 from triton_vlm.cli.main import main
 from triton_vlm.observability import dashboard as dash
@@ -39,12 +39,13 @@ def test_custom_metrics_are_histograms_for_every_model(triton: RunningServer) ->
         assert types[name] == "counter"
     for name in ("triton_vlm_model_loaded", "triton_vlm_model_load_seconds", "triton_vlm_last_batch_size"):
         assert types[name] == "gauge"
-    for model in (*WORKING_MODELS, "llava_stream"):
+    for model in (*WORKING_MODELS, *ENGINE_MODELS):
         for name in HISTOGRAMS:
             assert f'{name}_count{{model="{model}"}}' in triton.startup_metrics
     for name in ("triton_vlm_engine_steps_total", "triton_vlm_engine_tokens_total", "triton_vlm_engine_seconds_total"):
         assert types[name] == "counter"
-        assert f'{name}{{model="llava_stream"' in triton.startup_metrics
+        for model in ENGINE_MODELS:
+            assert f'{name}{{model="{model}"' in triton.startup_metrics
         assert f'{name}{{model="llava"' not in triton.startup_metrics  # the HF path has no engine
 
 
@@ -131,7 +132,7 @@ def test_status_of_the_live_server(triton: RunningServer, sample_image_bytes: by
     data = json.loads(capsys.readouterr().out)
     assert data["ready"] and data["version"] == "2.51.0"
     models = {m["name"]: m for m in data["models"]}
-    assert set(models) == {*WORKING_MODELS, "llava_stream"}
+    assert set(models) == {*WORKING_MODELS, *ENGINE_MODELS}
     for model in models.values():
         assert model["state"] == "READY" and model["ready"] and model["instances"] == ["1x CPU"]
         assert model["weights_loaded"] in (True, False)
@@ -165,7 +166,7 @@ def test_async_client_equals_the_sync_client(triton: RunningServer, protocol: st
         async with AsyncTritonVLMClient(url, protocol=protocol, grpc_url=triton.grpc_url,  # type: ignore[arg-type]
                                         retry=2) as client:
             assert await client.is_ready() and await client.is_ready("llava")
-            assert {m["name"] for m in await client.list_models()} == {*WORKING_MODELS, "llava_stream"}
+            assert {m["name"] for m in await client.list_models()} == {*WORKING_MODELS, *ENGINE_MODELS}
             answers = await asyncio.gather(*(client.infer(m, sample_image_bytes, PROMPTS[m], max_tokens=6)
                                              for m in WORKING_MODELS))
             assert dict(zip(WORKING_MODELS, answers)) == expected

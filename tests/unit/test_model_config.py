@@ -18,7 +18,7 @@ CONFIGS = sorted(REPOSITORY.glob("*/config.pbtxt"))
 PUBLIC = ("kosmos2", "llava", "moondream2", "smolvlm")
 FAMILY_OF = {"smolvlm": "auto"}
 #: Companion models: decoupled engine models serving a public model's weights.
-COMPANIONS = {"llava_stream": "llava"}
+COMPANIONS = {"llava_stream": "llava", "moondream2_stream": "moondream2"}
 OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64,
             "ignore_eos": pb.TYPE_BOOL}
 #: Inputs only some public models take.
@@ -106,7 +106,7 @@ def test_parameters_name_the_family(public: pb.ModelConfig) -> None:
     assert "base_model" not in public.parameters
 
 
-# -- the llava_stream companion ------------------------------------------------------------------------------
+# -- the engine companions (<model>_stream) ----------------------------------------------------------------------------
 @pytest.mark.parametrize("companion, base", sorted(COMPANIONS.items()))
 def test_companion_contract(companion: str, base: str) -> None:
     config, base_config = load(companion), load(base)
@@ -127,9 +127,10 @@ def test_companion_contract(companion: str, base: str) -> None:
     assert config.max_batch_size >= base_config.max_batch_size
 
 
-def test_companion_model_py_serves_the_base_family() -> None:
-    source = (REPOSITORY / "llava_stream" / "1" / "model.py").read_text()
-    assert "TritonVLMStreamModel" in source and 'family = "llava"' in source
+@pytest.mark.parametrize("companion, base", sorted(COMPANIONS.items()))
+def test_companion_model_py_serves_the_base_family(companion: str, base: str) -> None:
+    source = (REPOSITORY / companion / "1" / "model.py").read_text()
+    assert "TritonVLMStreamModel" in source and f'family = "{base}"' in source
 
 
 def test_force_instance_kind_cpu_clears_gpus() -> None:
