@@ -9,6 +9,7 @@ continuously, and plain ``infer`` clients get the engine's throughput. It import
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 from typing import Any
 
@@ -20,6 +21,7 @@ from triton_vlm.error_tags import split_error_tag
 
 class ForwardingModel:
     def initialize(self, args: dict[str, str]) -> None:
+        faulthandler.enable(all_threads=True)  # a stub that dies of a fatal signal leaves its stacks in the log
         config = json.loads(args["model_config"])
         params = config.get("parameters") or {}
         self.target = params["forward_to"]["string_value"]

@@ -7,6 +7,7 @@ would fail the whole batch.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import time
@@ -123,8 +124,9 @@ def configure_logging() -> None:
     """Log ``triton_vlm`` records to the stub's stderr, which lands in Triton's log; one handler per process.
 
     ``TRITON_VLM_LOG_LEVEL`` (default INFO; ``triton-vlm serve --log-level debug`` sets it) picks the level:
-    DEBUG adds one line per request.
+    DEBUG adds one line per request. A stub that dies of a fatal signal leaves every thread's Python stack there.
     """
+    faulthandler.enable(all_threads=True)
     root = logging.getLogger("triton_vlm")
     if not root.handlers:
         handler = logging.StreamHandler()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
+from triton_vlm.engine.attention import decode_attention, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.transfer import device_longs
 
@@ -161,22 +162,7 @@ class LlamaDecoder:
             masks.append(None if start == 0 else (torch.arange(end, device=embeds.device)[None, :]
                                                    <= torch.arange(start, end, device=embeds.device)[:, None]))
 
-        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, values = cache.keys[index], cache.values[index]
-            outputs = []
-            offset = 0
-            for (slot, start, length), mask in zip(chunks, masks):
-                end = start + length
-                keys[slot, :, start:end] = k[offset:offset + length].transpose(0, 1)
-                values[slot, :, start:end] = v[offset:offset + length].transpose(0, 1)
-                out = F.scaled_dot_product_attention(
-                    q[offset:offset + length].transpose(0, 1)[None], keys[slot, :, :end][None],
-                    values[slot, :, :end][None], attn_mask=mask, is_causal=mask is None, enable_gqa=self._gqa)
-                outputs.append(out[0].transpose(0, 1).reshape(length, -1))
-                offset += length
-            return torch.cat(outputs)
-
-        h = self._layers(embeds, cos, sin, attend)
+        h = self._layers(embeds, cos, sin, prefill_attention(cache, chunks, masks, self._gqa))
         ends = device_longs([n for _, _, n in chunks], h.device).cumsum(0) - 1
         return h[ends]
 
@@ -188,18 +174,7 @@ class LlamaDecoder:
         Per row: ``tokens`` the input token, ``write_positions`` where its K/V goes (the scratch column for idle
         rows) and ``lengths`` how many positions it attends to. ``context`` bounds every length; the fused
         attention needs none (it reads the lengths on the device). Returns logits [batch, vocab]."""
-        batch = tokens.shape[0]
-        slots = torch.arange(batch, device=tokens.device)
         h = self.embed_tokens(tokens)
         cos, sin = self._rope(h, lengths - 1)
-
-        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, values = cache.keys[index], cache.values[index]
-            keys[slots, :, write_positions] = k
-            values[slots, :, write_positions] = v
-            if self.fused:
-                return kernels.decode_attention(q, keys, values, lengths)
-            return kernels.decode_attention_torch(q, keys, values, lengths, context)
-
-        h = self._layers(h, cos, sin, attend)
+        h = self._layers(h, cos, sin, decode_attention(cache, write_positions, lengths, context, self.fused))
         return self.logits(h)

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
+from triton_vlm.engine.attention import decode_attention, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.transfer import device_longs
 from triton_vlm.models.moondream2.text import apply_rotary, rotary_tables
@@ -83,22 +83,7 @@ class MoondreamDecoder:
             horizon = queries.clamp(min=self.prefix_len - 1)
             masks.append(torch.arange(start + length, device=device)[None, :] <= horizon[:, None])
 
-        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, values = cache.keys[index], cache.values[index]
-            outputs = []
-            offset = 0
-            for (slot, start, length), mask in zip(chunks, masks):
-                end = start + length
-                keys[slot, :, start:end] = k[offset:offset + length].transpose(0, 1)
-                values[slot, :, start:end] = v[offset:offset + length].transpose(0, 1)
-                out = F.scaled_dot_product_attention(
-                    q[offset:offset + length].transpose(0, 1)[None], keys[slot, :, :end][None],
-                    values[slot, :, :end][None], attn_mask=mask, enable_gqa=self._gqa)
-                outputs.append(out[0].transpose(0, 1).reshape(length, -1))
-                offset += length
-            return torch.cat(outputs)
-
-        h = self._layers(embeds, cos, sin, attend)
+        h = self._layers(embeds, cos, sin, prefill_attention(cache, chunks, masks, self._gqa))
         ends = device_longs([n for _, _, n in chunks], device).cumsum(0) - 1
         return h[ends]
 
@@ -106,18 +91,8 @@ class MoondreamDecoder:
     def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
                cache: SlotKVCache, context: int | None = None) -> torch.Tensor:
         """One token for each of the first ``batch`` slots; as :meth:`LlamaDecoder.decode`."""
-        batch = tokens.shape[0]
-        slots = torch.arange(batch, device=tokens.device)
         cos, sin = self._rope(lengths - 1)
-
-        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, values = cache.keys[index], cache.values[index]
-            keys[slots, :, write_positions] = k
-            values[slots, :, write_positions] = v
-            if self.fused:
-                return kernels.decode_attention(q, keys, values, lengths)
-            return kernels.decode_attention_torch(q, keys, values, lengths, context)
-
+        attend = decode_attention(cache, write_positions, lengths, context, self.fused)
         logits = self.logits(self._layers(self.embed_tokens(tokens), cos, sin, attend))
         if self._suppressed is not None:
             logits.index_fill_(-1, self._suppressed, float("-inf"))  # a scalar fill: graph-capturable

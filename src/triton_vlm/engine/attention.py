@@ -1,0 +1,58 @@
+"""Attention over the slot KV cache, shared by the decoders: each call stores the new K/V, then attends.
+
+A decoder's layer loop calls the ``attend(index, q, k, v)`` that :func:`prefill_attention` or
+:func:`decode_attention` builds; only the masks differ between model families (the decoders build them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from triton_vlm.engine import kernels
+from triton_vlm.engine.kv_cache import SlotKVCache
+
+#: ``attend(layer index, q, k, v)`` -> attention output [tokens, heads * head_dim]; q/k/v are [tokens, heads, dim].
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], masks: list[torch.Tensor | None],
+                      gqa: bool) -> Attend:
+    """For packed chunks ``(slot, start, length)`` (back to back in q/k/v). A chunk's mask [length, start +
+    length] says which cached positions each of its queries sees; None is plain causal from position 0."""
+
+    def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = cache.keys[index], cache.values[index]
+        outputs = []
+        offset = 0
+        for (slot, start, length), mask in zip(chunks, masks):
+            end = start + length
+            keys[slot, :, start:end] = k[offset:offset + length].transpose(0, 1)
+            values[slot, :, start:end] = v[offset:offset + length].transpose(0, 1)
+            out = F.scaled_dot_product_attention(
+                q[offset:offset + length].transpose(0, 1)[None], keys[slot, :, :end][None],
+                values[slot, :, :end][None], attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            outputs.append(out[0].transpose(0, 1).reshape(length, -1))
+            offset += length
+        return torch.cat(outputs)
+
+    return attend
+
+
+def decode_attention(cache: SlotKVCache, write_positions: torch.Tensor, lengths: torch.Tensor,
+                     context: int | None, fused: bool) -> Attend:
+    """For one token per slot (row i is slot i): the fused kernel reads each row's length on the device; the
+    torch twin masks up to ``context``."""
+    slots = torch.arange(write_positions.shape[0], device=write_positions.device)
+
+    def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = cache.keys[index], cache.values[index]
+        keys[slots, :, write_positions] = k
+        values[slots, :, write_positions] = v
+        if fused:
+            return kernels.decode_attention(q, keys, values, lengths)
+        return kernels.decode_attention_torch(q, keys, values, lengths, context)
+
+    return attend
