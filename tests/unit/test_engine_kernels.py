@@ -118,6 +118,16 @@ errors["add_rms_norm"] = (out - kernels.rms_norm_torch(summed, weight, 1e-6)).ab
 errors["add_rms_norm residual in place"] = (residual - summed).abs().max().item()
 errors["rms_norm"] = (kernels.add_rms_norm(x, None, weight, 1e-5)
                       - kernels.rms_norm_torch(x, weight, 1e-5)).abs().max().item()
+ln = torch.nn.LayerNorm(40)
+with torch.no_grad():
+    ln.weight.copy_(randn(40) + 1)
+    ln.bias.copy_(randn(40))
+attn_out, mlp_out = randn(3, 40), randn(3, 40)
+summed, normed = kernels.add_layer_norm(x, (attn_out, mlp_out), ln.weight, ln.bias, 1e-5)
+errors["add_layer_norm sum"] = (summed - (x + attn_out + mlp_out)).abs().max().item()
+errors["add_layer_norm norm"] = (normed - ln(x + attn_out + mlp_out)).abs().max().item()
+plain, normed = kernels.add_layer_norm(x, None, ln.weight, ln.bias, 1e-5)
+errors["layer_norm"] = max((normed - ln(x)).abs().max().item(), float(plain is not x))
 qkv = randn(5, 3 * 4 * 16)
 q = qkv[:, :64].view(5, 4, 16)  # a strided view, as the engine passes it
 cos, sin = randn(5, 1, 16), randn(5, 1, 16)
@@ -147,6 +157,6 @@ def test_fused_kernels_match_their_torch_twins_in_the_triton_interpreter() -> No
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(errors) == 11
+    assert len(errors) == 14
     for name, error in errors.items():
         assert error < 1e-5, f"{name}: max abs error {error}"

@@ -74,6 +74,26 @@ if triton is not None:
         tl.store(out_ptr + row * n_cols + cols, y, mask=mask)
 
     @triton.jit
+    def _add_layer_norm_kernel(x_ptr, a_ptr, b_ptr, w_ptr, bias_ptr, sum_ptr, out_ptr, n_cols, eps,
+                               HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            x += tl.load(a_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            x += tl.load(b_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * n_cols + cols, x, mask=mask)
+            x = x.to(tl.float32)
+        mean = tl.sum(x, axis=0) / n_cols
+        centered = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n_cols + cols, (centered * rstd * w + bias).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, row_stride, head_stride,
                      HALF: tl.constexpr):
         token = tl.program_id(0)
@@ -213,6 +233,19 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     _add_rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out, x.shape[-1],
                                         eps, HAS_RES=residual is not None, BLOCK=block, num_warps=8)
     return out
+
+
+def add_layer_norm(x: torch.Tensor, adds: tuple[torch.Tensor, torch.Tensor] | None, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + a + b, LayerNorm(x + a + b))`` for ``adds = (a, b)`` (a parallel block's attention and MLP
+    outputs), or ``(x, LayerNorm(x))``; rows of ``x`` [rows, cols] contiguous. One kernel instead of three."""
+    rows, cols = x.shape
+    summed = torch.empty_like(x) if adds is not None else x
+    out = torch.empty_like(x)
+    a, b = adds if adds is not None else (x, x)
+    _add_layer_norm_kernel[(rows,)](x, a.contiguous(), b.contiguous(), weight, bias, summed, out, cols, eps,
+                                    HAS_ADD=adds is not None, BLOCK=triton.next_power_of_2(cols), num_warps=8)
+    return summed, out
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -53,18 +53,26 @@ class MoondreamDecoder:
         return apply_rotary(x.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
 
     def _layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Any) -> torch.Tensor:
-        """All blocks; ``attend(index, q, k, v)`` stores K/V and returns attention [tokens, dim]."""
+        """All blocks; ``attend(index, q, k, v)`` stores K/V and returns attention [tokens, dim]. On GPU a block's
+        two outputs are added to the residual in the same kernel as the next block's LayerNorm."""
         q_dim = self.num_heads * self.head_dim
         kv_dim = self.num_kv_heads * self.head_dim
         tokens = h.shape[0]
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None  # the last block's attention and MLP outputs
         for index, block in enumerate(self.text.layers):
-            normed = block.norm(h)
+            if self.fused:
+                h, normed = kernels.add_layer_norm(h, pending, block.norm.weight, block.norm.bias, block.norm.eps)
+            else:
+                if pending is not None:
+                    h = h + pending[0] + pending[1]
+                normed = block.norm(h)
             q, k, v = block.attn.qkv(normed).split([q_dim, kv_dim, kv_dim], dim=-1)
             q = self._rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
             k = self._rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
             v = v.view(tokens, self.num_kv_heads, self.head_dim)
-            h = h + block.attn.out_proj(attend(index, q, k, v)) + block.mlp(normed)
-        return h
+            pending = (block.attn.out_proj(attend(index, q, k, v)), block.mlp(normed))
+        assert pending is not None
+        return h + pending[0] + pending[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.text.logits(hidden)
