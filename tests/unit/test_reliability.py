@@ -402,6 +402,43 @@ def test_a_server_that_runs_but_stops_answering_is_killed() -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_server_stuck_in_its_crash_handler_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton logged a fatal signal but its process goes on (the backtrace deadlocked) while its HTTP threads
+    still answer /v2/health/live: killed once the grace period is over, so the stub loop starts it again."""
+
+    class Answering(FakeControl):
+        def live(self, timeout: float = 5.0) -> bool:
+            return True
+
+    monkeypatch.setattr(supervisor, "CRASH_GRACE_S", 0.5)
+    log_path = tmp_path / "tritonserver.log"
+    log_path.write_text("I1125 model_lifecycle.cc:472] loading: llava:1\n")
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    watcher = supervisor.StubSupervisor(server.pid, Answering(), hang_timeout=30,  # type: ignore[arg-type]
+                                        server_log=log_path)
+    watcher.start()
+    try:
+        with open(log_path, "a") as log:
+            log.write("Signal (15) received.\n")  # a normal stop asked for: not a crash
+            log.flush()
+            time.sleep(2.5)
+            assert server.poll() is None and not watcher.recoveries("(server)")
+            log.write("terminate called after throwing an instance of 'boost::interprocess::lock_exception'\n"
+                      "Signal (6) rec")
+            log.flush()
+            time.sleep(1.2)
+            log.write("eived.\n 0# 0x0000564BA749C52D in tritonserver\n")  # the line came in two writes
+            log.flush()
+        assert server.wait(timeout=10) == -signal.SIGKILL
+        (event,) = watcher.recoveries("(server)")
+        assert "crash handler" in event.detail
+    finally:
+        watcher.stop()
+        if server.poll() is None:
+            server.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_a_server_that_never_answered_yet_is_left_to_start() -> None:
     """Not armed before its first answer: a server still loading its models at start is no hung server."""
 

@@ -196,12 +196,18 @@ class TritonServer:
         if opts.supervise:
             self.supervisor = StubSupervisor(self.process.pid, self.model_control(),
                                              on_server_exit=self._server_exited, dependents=self._forwarders,
-                                             hang_timeout=hang_timeout(settings_env)).start()
+                                             hang_timeout=hang_timeout(settings_env),
+                                             server_log=self._log_path()).start()
         if opts.openai is not None:
             from triton_vlm.openai.process import OpenAIFront
 
             self.openai_front = OpenAIFront(opts.openai, log_file=self.log_file).start()
         return self
+
+    def _log_path(self) -> Path | None:
+        """The server's log file where it is a regular file (the watchdog reads its crash lines)."""
+        name = getattr(self.log_file, "name", None)
+        return Path(name) if isinstance(name, str) and os.path.isfile(name) else None
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(

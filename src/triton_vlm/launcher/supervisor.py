@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -194,6 +195,34 @@ class RecoveryEvent:
     error: str | None = None
 
 
+#: Seconds a server may go on running after its crash handler began, before it counts as hung there.
+CRASH_GRACE_S = 5.0
+#: Triton's crash handler line, for the signals that end a process (not SIGINT/SIGTERM: a normal stop).
+_FATAL_SIGNAL_LINE = re.compile(rb"^Signal \((4|6|7|8|11)\) received\.", re.MULTILINE)
+
+
+class CrashLines:
+    """Reads what a log file gained since the last call; tells whether it holds a fatal-signal line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = path.stat().st_size if path.exists() else 0
+        self._tail = b""
+
+    def new_fatal_signal(self) -> bool:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return False
+        self._offset += len(data)
+        text = self._tail + data
+        found = bool(_FATAL_SIGNAL_LINE.search(text))
+        self._tail = b"" if found else text[-200:]  # a line split across two reads still matches
+        return found
+
+
 @dataclass
 class StubSupervisor:
     """Watches ``server_pid``'s stubs every ``interval`` seconds; reloads a READY model whose stub died."""
@@ -212,6 +241,10 @@ class StubSupervisor:
     #: restarted through ``on_server_exit``). Seen after the Python backend's abort on a dead stub's lock: the
     #: process hangs in its crash handler instead of exiting. 0 turns the watchdog off.
     hang_timeout: float = DEFAULT_HANG_TIMEOUT_S
+    #: tritonserver's log file, where its crash handler writes "Signal (6) received." before a backtrace. A server
+    #: that wrote that and still runs CRASH_GRACE_S later is killed too: its backtrace can deadlock (malloc's
+    #: lock, held by the aborting thread) while its HTTP threads still answer /v2/health/live.
+    server_log: Path | None = None
 
     def __post_init__(self) -> None:
         self._known: dict[int, Stub] = {}
@@ -262,22 +295,28 @@ class StubSupervisor:
 
     def _watch(self) -> None:
         armed_pid, last_live = None, time.monotonic()
+        crash_lines = CrashLines(self.server_log) if self.server_log is not None else None
+        crashed: tuple[int, float] | None = None  # (pid, when its crash line was seen)
         while not self._stop.wait(1.0):
             pid = self.server_pid
             if process_state(pid) in (None, "Z"):
                 continue  # dead: the stub loop restarts it
-            if self.control.live():
+            if crash_lines is not None and crash_lines.new_fatal_signal():
+                crashed = (pid, time.monotonic())
+            if crashed is not None and crashed[0] == pid and time.monotonic() - crashed[1] > CRASH_GRACE_S:
+                self.kill_hung_server(pid, time.monotonic() - crashed[1], "still runs after its crash handler began")
+                crashed = armed_pid = None
+            elif self.control.live():
                 armed_pid, last_live = pid, time.monotonic()
             elif armed_pid == pid and time.monotonic() - last_live > self.hang_timeout:
-                self.kill_hung_server(pid, time.monotonic() - last_live)
+                self.kill_hung_server(pid, time.monotonic() - last_live, "has not answered /v2/health/live")
                 armed_pid = None
 
-    def kill_hung_server(self, pid: int, silent_s: float) -> None:
-        """End a server that still runs but no longer answers (its stubs too: they share its process group)."""
-        log.error("tritonserver (pid %d) has not answered /v2/health/live for %.0fs although it still runs; "
-                  "killing it so that it is started again", pid, silent_s)
+    def kill_hung_server(self, pid: int, stuck_s: float, why: str = "has not answered /v2/health/live") -> None:
+        """End a server that still runs but is stuck (its stubs too: they share its process group)."""
+        log.error("tritonserver (pid %d) %s for %.0fs; killing it so that it is started again", pid, why, stuck_s)
         with self._lock:
-            self.events.append(RecoveryEvent("(server)", f"tritonserver pid {pid} hung", time.monotonic()))
+            self.events.append(RecoveryEvent("(server)", f"tritonserver pid {pid} hung ({why})", time.monotonic()))
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
