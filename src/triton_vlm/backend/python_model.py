@@ -74,6 +74,7 @@ class TritonVLMModel:
 
     def finalize(self) -> None:
         log.info("model %s unloaded", self.model_name)
+        quiet_teardown()
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -118,6 +119,12 @@ def request_log_line(model: str, request: GenerationRequest, result: GenerationO
         return f"{asked}: error after {seconds:.3f}s: {type(result).__name__}: {result}"
     return (f"{asked}: {result.prompt_tokens} prompt + {len(result.token_ids)} generated tokens, "
             f"{result.finish_reason}, {seconds:.3f}s")
+
+
+def quiet_teardown() -> None:
+    """Stop crash reports once a model is finalized: the stub's native teardown that follows can segfault
+    (no Python frame, no request left), which would print a fatal-error report at every normal stop."""
+    faulthandler.disable()
 
 
 def configure_logging() -> None:

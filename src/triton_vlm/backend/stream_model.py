@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
-from triton_vlm.backend.python_model import configure_logging
+from triton_vlm.backend.python_model import configure_logging, quiet_teardown
 from triton_vlm.backend.requests import (declared_extra_outputs, error_response, input_scalar, output_response,
                                          parse_request, runtime_from_args)
 from triton_vlm.engine import LLMEngine, RequestOutput
@@ -142,6 +142,7 @@ class TritonVLMStreamModel:
         self._tasks.put(None)
         self._sender.join(timeout=10)  # it still ends every open request FINAL
         self._task_runner.join(timeout=30)
+        quiet_teardown()
 
     # -- engine -------------------------------------------------------------------------------------------
     def _ensure_engine(self) -> LLMEngine:
