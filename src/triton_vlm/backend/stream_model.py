@@ -188,24 +188,28 @@ class TritonVLMStreamModel:
                 results = [exc if isinstance(exc, TritonVLMError) else GenerationError(f"{type(exc).__name__}: {exc}")
                            ] * len(batch)
             for task, result in zip(batch, results):
-                try:
-                    if isinstance(result, Exception):
-                        if not isinstance(result, RequestCancelledError):  # the client's choice, not an error
-                            self.metrics.request_errors.increment(1)
-                        task.sender.send(error_response(result, tagged=True), flags=FINAL)
-                    else:
-                        self.metrics.observe_request(task.received, result.first_token_at,
-                                                     result.finished_at or time.perf_counter(),
-                                                     len(result.token_ids), result.prompt_tokens)
-                        extras = {n: result.extras.get(n, d) for n, d in self.extra_outputs.items()}
-                        task.sender.send(output_response(result.text, len(result.token_ids), result.prompt_tokens,
-                                                         result.finish_reason, extras), flags=FINAL)
-                except Exception:  # a client that went away
-                    log.exception("sending a response failed")
-                    _send_final(task.sender)
-                finally:
-                    with self._open_lock:
-                        self._open -= 1
+                self._answer_task(task, result)
+
+    def _answer_task(self, task: _Task, result: Any) -> None:
+        """One FINAL response: the answer, or the request's own error."""
+        try:
+            if isinstance(result, Exception):
+                if not isinstance(result, RequestCancelledError):  # the client's choice, not an error
+                    self.metrics.request_errors.increment(1)
+                task.sender.send(error_response(result, tagged=True), flags=FINAL)
+            else:
+                self.metrics.observe_request(task.received, result.first_token_at,
+                                             result.finished_at or time.perf_counter(), len(result.token_ids),
+                                             result.prompt_tokens)
+                extras = {n: result.extras.get(n, d) for n, d in self.extra_outputs.items()}
+                task.sender.send(output_response(result.text, len(result.token_ids), result.prompt_tokens,
+                                                 result.finish_reason, extras), flags=FINAL)
+        except Exception:  # a client that went away
+            log.exception("sending a response failed")
+            _send_final(task.sender)
+        finally:
+            with self._open_lock:
+                self._open -= 1
 
     # -- the response thread ------------------------------------------------------------------------------
     def _send_loop(self) -> None:
