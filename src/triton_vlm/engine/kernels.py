@@ -94,37 +94,24 @@ if triton is not None:
         tl.store(out_ptr + row * n_cols + cols, (centered * rstd * w + bias).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, row_stride, head_stride,
-                     HALF: tl.constexpr):
-        token = tl.program_id(0)
-        head = tl.program_id(1)
-        offs = tl.arange(0, HALF)
-        base = x_ptr + token * row_stride + head * head_stride
-        x1 = tl.load(base + offs).to(tl.float32)
-        x2 = tl.load(base + HALF + offs).to(tl.float32)
-        cos1 = tl.load(cos_ptr + token * 2 * HALF + offs).to(tl.float32)
-        cos2 = tl.load(cos_ptr + token * 2 * HALF + HALF + offs).to(tl.float32)
-        sin1 = tl.load(sin_ptr + token * 2 * HALF + offs).to(tl.float32)
-        sin2 = tl.load(sin_ptr + token * 2 * HALF + HALF + offs).to(tl.float32)
-        out = out_ptr + (token * n_heads + head) * 2 * HALF
-        tl.store(out + offs, (x1 * cos1 - x2 * sin1).to(out_ptr.dtype.element_ty))
-        tl.store(out + HALF + offs, (x2 * cos2 + x1 * sin2).to(out_ptr.dtype.element_ty))
-
-    @triton.jit
-    def _partial_rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, row_stride, head_stride,
-                             ROT_HALF: tl.constexpr, DIM: tl.constexpr, REST: tl.constexpr):
-        # Dims [0, ROT_HALF) pair with [ROT_HALF, 2 * ROT_HALF); the rest of the head is copied unrotated.
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, row_stride, head_stride, cos_stride,
+                     ROT_HALF: tl.constexpr, COS_SECOND: tl.constexpr, DIM: tl.constexpr, REST: tl.constexpr):
+        # Dims [0, ROT_HALF) pair with [ROT_HALF, 2 * ROT_HALF); the rest of the head is copied unrotated. The
+        # second half's cos/sin start COS_SECOND values into a row (0: both halves share one table).
         token = tl.program_id(0)
         head = tl.program_id(1)
         offs = tl.arange(0, ROT_HALF)
         base = x_ptr + token * row_stride + head * head_stride
         x1 = tl.load(base + offs).to(tl.float32)
         x2 = tl.load(base + ROT_HALF + offs).to(tl.float32)
-        cos = tl.load(cos_ptr + token * ROT_HALF + offs)
-        sin = tl.load(sin_ptr + token * ROT_HALF + offs)
+        row = token * cos_stride + offs
+        cos1 = tl.load(cos_ptr + row).to(tl.float32)
+        cos2 = tl.load(cos_ptr + row + COS_SECOND).to(tl.float32)
+        sin1 = tl.load(sin_ptr + row).to(tl.float32)
+        sin2 = tl.load(sin_ptr + row + COS_SECOND).to(tl.float32)
         out = out_ptr + (token * n_heads + head) * DIM
-        tl.store(out + offs, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty))
-        tl.store(out + ROT_HALF + offs, (x1 * sin + x2 * cos).to(out_ptr.dtype.element_ty))
+        tl.store(out + offs, (x1 * cos1 - x2 * sin1).to(out_ptr.dtype.element_ty))
+        tl.store(out + ROT_HALF + offs, (x2 * cos2 + x1 * sin2).to(out_ptr.dtype.element_ty))
         rest = 2 * ROT_HALF + tl.arange(0, REST)
         keep = rest < DIM
         tl.store(out + rest, tl.load(base + rest, mask=keep), mask=keep)
@@ -248,27 +235,29 @@ def add_layer_norm(x: torch.Tensor, adds: tuple[torch.Tensor, torch.Tensor] | No
     return summed, out
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` [tokens, heads, head_dim] (any strides on the first two dims);
-    ``cos``/``sin`` [tokens, 1, head_dim] contiguous. Returns a contiguous tensor."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_half: int, cos_second: int) -> torch.Tensor:
+    """The rotary kernel over ``x`` [tokens, heads, head_dim] (any strides on the first two dims); ``cos``/``sin``
+    hold one row per token. Returns a contiguous tensor."""
     tokens, heads, dim = x.shape
+    cos, sin = cos.reshape(tokens, -1).contiguous(), sin.reshape(tokens, -1).contiguous()
     out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
-    _rope_kernel[(tokens, heads)](x, cos.contiguous(), sin.contiguous(), out, heads, x.stride(0), x.stride(1),
-                                  HALF=dim // 2, num_warps=1)
+    _rope_kernel[(tokens, heads)](x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0),
+                                  ROT_HALF=rot_half, COS_SECOND=cos_second, DIM=dim,
+                                  REST=triton.next_power_of_2(max(1, dim - 2 * rot_half)), num_warps=1)
     return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`rope_torch` fused: ``cos``/``sin`` [tokens, 1, head_dim], the whole head rotated."""
+    half = x.shape[-1] // 2
+    return _rotate(x, cos, sin, rot_half=half, cos_second=half)
 
 
 def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of the first ``2 * cos.shape[-1]`` dims of each head of ``x`` [tokens, heads, head_dim]
-    (any strides on the first two dims), as moondream2's ``apply_rotary`` (fp32 math, half-split pairs);
-    ``cos``/``sin`` [tokens, rotary_dim / 2] in float32. Returns a contiguous tensor."""
-    tokens, heads, dim = x.shape
-    half = cos.shape[-1]
-    out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
-    _partial_rope_kernel[(tokens, heads)](x, cos.contiguous(), sin.contiguous(), out, heads, x.stride(0),
-                                          x.stride(1), ROT_HALF=half, DIM=dim,
-                                          REST=triton.next_power_of_2(max(1, dim - 2 * half)), num_warps=1)
-    return out
+    """Rotary embedding of the first ``2 * cos.shape[-1]`` dims of each head of ``x`` [tokens, heads, head_dim],
+    as moondream2's ``apply_rotary`` (fp32 math, half-split pairs sharing one table); ``cos``/``sin``
+    [tokens, rotary_dim / 2] in float32. The rest of each head is copied."""
+    return _rotate(x, cos, sin, rot_half=cos.shape[-1], cos_second=0)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
