@@ -1,10 +1,12 @@
 """triton-vlm's own generation engine: continuous batching over a preallocated KV cache.
 
-    LLMEngine (engine.py)     background thread; step() = schedule -> execute -> update
+    LLMEngine (engine.py)     background thread; step() = schedule -> launch -> read back the previous step
     ├── Scheduler (scheduler.py)  admits requests into KV slots, plans prefill chunks and decodes
-    ├── ModelRunner (runner.py)   vision encoding, chunked prefill, decode (CUDA graphs on GPU), sampling
-    │   └── LlamaDecoder (llama.py)  the language model's forward over the slot cache
-    └── SlotKVCache (kv_cache.py) one slot of max_model_len positions per running request
+    ├── ModelRunner (runner.py)   vision encoding, chunked prefill, decode (CUDA graphs on GPU), tokens on device
+    │   └── LlamaDecoder (llama.py), MoondreamDecoder (moondream.py)  a family's forward over the slot cache,
+    │       with attention.py (K/V writes + attention) and kernels.py (fused Triton kernels, torch twins)
+    ├── SlotKVCache (kv_cache.py) one slot of max_model_len positions per running request
+    └── EngineAdapter (adapter.py)  what a model family provides (models/llava_engine.py, moondream2/engine_adapter.py)
 """
 
 from triton_vlm.engine.config import EngineConfig

@@ -7,21 +7,31 @@ from typing import Any
 
 import torch
 
-from triton_vlm.engine.llama import LlamaDecoder
 from triton_vlm.engine.request import EngineRequest
 
 
 class EngineAdapter(ABC):
+    """One per model family the engine runs (``ModelFamily.engine_adapter()``)."""
+
     @abstractmethod
     def prepare(self, family: Any, processor: Any, image: Any, prompt: str) -> tuple[list[int], dict[str, Any]]:
         """Prompt token ids (image placeholders expanded) and the multimodal inputs for one request."""
 
     @abstractmethod
-    def build_decoder(self, model: Any) -> LlamaDecoder: ...
+    def build_decoder(self, model: Any) -> Any:
+        """The language model's forward over the slot cache (``LlamaDecoder``, ``MoondreamDecoder``)."""
 
     @abstractmethod
-    def prompt_embeds(self, model: Any, decoder: LlamaDecoder, requests: list[EngineRequest]) -> list[torch.Tensor]:
+    def prompt_embeds(self, model: Any, decoder: Any, requests: list[EngineRequest]) -> list[torch.Tensor]:
         """[prompt_len, hidden] embeddings per request, images encoded in one batch."""
 
     @abstractmethod
     def context_length(self, model: Any) -> int: ...
+
+    def min_first_chunk(self, model: Any) -> int:
+        """Positions a prompt's first prefill chunk must hold: a prefix that attends both ways (0: none)."""
+        return 0
+
+    def accepts(self, task: str | None) -> bool:
+        """Whether the engine runs requests of ``task`` (normalized; None: the family's default)."""
+        return task is None

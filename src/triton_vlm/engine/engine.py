@@ -83,9 +83,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.cache)
         self.runner = ModelRunner(adapter, model, self.decoder, self.cache, self.config)
         self.stop_token_ids = frozenset(family.stop_token_ids(model, processor))
-        # Optional adapter hook: a prefix that must be prefilled in one chunk (it attends both ways).
-        first_chunk = getattr(adapter, "min_first_chunk", None)
-        self.min_first_chunk = int(first_chunk(model)) if first_chunk is not None else 0
+        self.min_first_chunk = adapter.min_first_chunk(model)
         self._inbox: queue.SimpleQueue[EngineRequest | _Abort | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
@@ -97,8 +95,7 @@ class LLMEngine:
     def accepts(self, task: str | None) -> bool:
         """Whether the engine runs requests of ``task`` (normalized; None: the family's default). The others
         (moondream2's captions and region skills) belong to the batched loop."""
-        accepts = getattr(self.adapter, "accepts", None)
-        return accepts(task) if accepts is not None else task is None
+        return self.adapter.accepts(task)
 
     def prepare(self, image: Any, prompt: str, params: SamplingParams, on_output: Any, *,
                 request_id: str | None = None, ignore_eos: bool | None = None) -> EngineRequest:

@@ -1,4 +1,4 @@
-"""Host-to-device index tensors that do not stall the stream."""
+"""Host-to-device copies that do not stall the stream."""
 
 from __future__ import annotations
 
@@ -11,3 +11,12 @@ def device_longs(values: list[int], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.tensor(values, dtype=torch.long, device=device)
     return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+
+
+def device_pixels(pixels: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Requests' pixel tensors, concatenated, on ``device`` as ``dtype``; on GPU through pinned memory,
+    asynchronously (a pageable copy would wait for the decode step already queued)."""
+    batch = torch.cat(pixels)
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, dtype, non_blocking=True)

@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from triton_vlm.engine.adapter import EngineAdapter
 from triton_vlm.engine.moondream import MoondreamDecoder
-from triton_vlm.engine.transfer import device_longs
+from triton_vlm.engine.request import EngineRequest
+from triton_vlm.engine.transfer import device_longs, device_pixels
 from triton_vlm.models.moondream2.image import normalize_crops, overlap_crops
 
 
-class Moondream2EngineAdapter:
+class Moondream2EngineAdapter(EngineAdapter):
     def accepts(self, task: str | None) -> bool:
         return task in (None, "query")
 
@@ -35,12 +37,10 @@ class Moondream2EngineAdapter:
         """BOS and the image attend to each other both ways: they are prefilled in one chunk."""
         return int(model.prefix_length)
 
-    def prompt_embeds(self, model: Any, decoder: MoondreamDecoder, requests: list[Any]) -> list[torch.Tensor]:
+    def prompt_embeds(self, model: Any, decoder: MoondreamDecoder,
+                      requests: list[EngineRequest]) -> list[torch.Tensor]:
         """[prompt_len, dim] per request; every request's crops go through the vision encoder in one batch."""
-        pixels = torch.cat([r.mm_inputs["pixel_values"] for r in requests])
-        if model.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        pixels = pixels.to(model.device, model.dtype, non_blocking=True)
+        pixels = device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype)
         counts = torch.tensor([len(r.mm_inputs["pixel_values"]) for r in requests])
         tilings = torch.tensor([r.mm_inputs["tiling"] for r in requests])
         images = model.encode_images(pixels, counts, tilings)
