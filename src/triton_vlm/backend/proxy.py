@@ -9,19 +9,19 @@ continuously, and plain ``infer`` clients get the engine's throughput. It import
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import json
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.error_tags import split_error_tag
 
 
 class ForwardingModel:
     def initialize(self, args: dict[str, str]) -> None:
-        faulthandler.enable(all_threads=True)  # a stub that dies of a fatal signal leaves its stacks in the log
+        configure_logging()
         config = json.loads(args["model_config"])
         params = config.get("parameters") or {}
         self.target = params["forward_to"]["string_value"]
@@ -54,4 +54,4 @@ class ForwardingModel:
                                                           for t in final.output_tensors()])
 
     def finalize(self) -> None:
-        faulthandler.disable()  # as quiet_teardown (python_model.py, which this torch-free module does not import)
+        quiet_teardown()

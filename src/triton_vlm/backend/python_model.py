@@ -7,9 +7,7 @@ would fail the whole batch.
 
 from __future__ import annotations
 
-import faulthandler
 import logging
-import os
 import time
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -17,6 +15,7 @@ from typing import Any, ClassVar
 from triton_vlm.backend.metrics import BackendMetrics
 from triton_vlm.backend.requests import (declared_extra_outputs, error_response, output_response, parse_request,
                                          runtime_from_args)
+from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.generation import GenerationOutput
 from triton_vlm.runtime import GenerationRequest
@@ -92,20 +91,30 @@ class TritonVLMModel:
         self.metrics.load_seconds.set(loaded.load_seconds)
 
     def _response(self, output: GenerationOutput, received: float) -> Any:
-        self.metrics.observe_request(received, output.first_token_at, output.finished_at or time.perf_counter(),
-                                     len(output.token_ids), output.prompt_tokens)
-        extras = {name: output.extras.get(name, default) for name, default in self.extra_outputs.items()}
-        return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason,
-                               extras)
+        return answer_response(self.metrics, self.extra_outputs, output, received)
 
     def _error_response(self, exc: TritonVLMError) -> Any:
-        if isinstance(exc, RequestCancelledError):
-            log.info("%s", exc)  # the client's choice, not an error of ours
-            return error_response(exc)
-        self.metrics.request_errors.increment(1)
-        if isinstance(exc, ModelLoadError):
-            log.error("%s", exc)
-        return error_response(exc)
+        return failure_response(self.metrics, exc)
+
+
+def answer_response(metrics: BackendMetrics, extra_outputs: dict[str, str], output: GenerationOutput,
+                    received: float) -> Any:
+    """A finished generation's response, its request observed in ``metrics`` (``received``: perf_counter)."""
+    metrics.observe_request(received, output.first_token_at, output.finished_at or time.perf_counter(),
+                            len(output.token_ids), output.prompt_tokens)
+    extras = {name: output.extras.get(name, default) for name, default in extra_outputs.items()}
+    return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason, extras)
+
+
+def failure_response(metrics: BackendMetrics, exc: TritonVLMError, *, tagged: bool = False) -> Any:
+    """A request's error response; counted as an error unless its client cancelled it."""
+    if isinstance(exc, RequestCancelledError):
+        log.info("%s", exc)  # the client's choice, not an error of ours
+        return error_response(exc, tagged=tagged)
+    metrics.request_errors.increment(1)
+    if isinstance(exc, ModelLoadError):
+        log.error("%s", exc)
+    return error_response(exc, tagged=tagged)
 
 
 def request_log_line(model: str, request: GenerationRequest, result: GenerationOutput | TritonVLMError,
@@ -119,25 +128,3 @@ def request_log_line(model: str, request: GenerationRequest, result: GenerationO
         return f"{asked}: error after {seconds:.3f}s: {type(result).__name__}: {result}"
     return (f"{asked}: {result.prompt_tokens} prompt + {len(result.token_ids)} generated tokens, "
             f"{result.finish_reason}, {seconds:.3f}s")
-
-
-def quiet_teardown() -> None:
-    """Stop crash reports once a model is finalized: the stub's native teardown that follows can segfault
-    (no Python frame, no request left), which would print a fatal-error report at every normal stop."""
-    faulthandler.disable()
-
-
-def configure_logging() -> None:
-    """Log ``triton_vlm`` records to the stub's stderr, which lands in Triton's log; one handler per process.
-
-    ``TRITON_VLM_LOG_LEVEL`` (default INFO; ``triton-vlm serve --log-level debug`` sets it) picks the level:
-    DEBUG adds one line per request. A stub that dies of a fatal signal leaves every thread's Python stack there.
-    """
-    faulthandler.enable(all_threads=True)
-    root = logging.getLogger("triton_vlm")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[triton_vlm] %(levelname)s %(message)s"))
-        root.addHandler(handler)
-        level = os.environ.get("TRITON_VLM_LOG_LEVEL", "INFO").strip().upper() or "INFO"
-        root.setLevel(level if isinstance(logging.getLevelName(level), int) else logging.INFO)

@@ -24,12 +24,13 @@ from typing import Any, ClassVar
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
-from triton_vlm.backend.python_model import configure_logging, quiet_teardown
+from triton_vlm.backend.python_model import answer_response, failure_response
 from triton_vlm.backend.requests import (declared_extra_outputs, error_response, input_scalar, output_response,
                                          parse_request, runtime_from_args)
+from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.engine import LLMEngine, RequestOutput
-from triton_vlm.errors import GenerationError, ModelUnavailableError, RequestCancelledError, TritonVLMError
-from triton_vlm.generation import CANCEL_CHECK_S
+from triton_vlm.errors import GenerationError, ModelUnavailableError, TritonVLMError
+from triton_vlm.generation import CANCEL_CHECK_S, GenerationOutput
 from triton_vlm.runtime import GenerationRequest
 
 log = logging.getLogger("triton_vlm")
@@ -182,7 +183,7 @@ class TritonVLMStreamModel:
                     break
                 batch.append(item)
             try:
-                results: list[Any] = self.runtime.generate([t.request for t in batch])
+                results: list[GenerationOutput | TritonVLMError] = self.runtime.generate([t.request for t in batch])
             except Exception as exc:  # never lose the thread: every request of the batch still gets its answer
                 log.exception("batched generation failed")
                 results = [exc if isinstance(exc, TritonVLMError) else GenerationError(f"{type(exc).__name__}: {exc}")
@@ -190,20 +191,12 @@ class TritonVLMStreamModel:
             for task, result in zip(batch, results):
                 self._answer_task(task, result)
 
-    def _answer_task(self, task: _Task, result: Any) -> None:
+    def _answer_task(self, task: _Task, result: GenerationOutput | TritonVLMError) -> None:
         """One FINAL response: the answer, or the request's own error."""
         try:
-            if isinstance(result, Exception):
-                if not isinstance(result, RequestCancelledError):  # the client's choice, not an error
-                    self.metrics.request_errors.increment(1)
-                task.sender.send(error_response(result, tagged=True), flags=FINAL)
-            else:
-                self.metrics.observe_request(task.received, result.first_token_at,
-                                             result.finished_at or time.perf_counter(), len(result.token_ids),
-                                             result.prompt_tokens)
-                extras = {n: result.extras.get(n, d) for n, d in self.extra_outputs.items()}
-                task.sender.send(output_response(result.text, len(result.token_ids), result.prompt_tokens,
-                                                 result.finish_reason, extras), flags=FINAL)
+            response = (failure_response(self.metrics, result, tagged=True) if isinstance(result, TritonVLMError)
+                        else answer_response(self.metrics, self.extra_outputs, result, task.received))
+            task.sender.send(response, flags=FINAL)
         except Exception:  # a client that went away
             log.exception("sending a response failed")
             _send_final(task.sender)

@@ -6,7 +6,8 @@
     │   └── LlamaDecoder (llama.py), MoondreamDecoder (moondream.py)  a family's forward over the slot cache,
     │       with attention.py (K/V writes + attention) and kernels.py (fused Triton kernels, torch twins)
     ├── SlotKVCache (kv_cache.py) one slot of max_model_len positions per running request
-    └── EngineAdapter (adapter.py)  what a model family provides (models/llava_engine.py, moondream2/engine_adapter.py)
+    └── EngineAdapter (adapter.py)  what a model family provides
+                                  (models/llava_engine.py, models/moondream2/engine_adapter.py)
 """
 
 from triton_vlm.engine.config import EngineConfig

@@ -1,0 +1,30 @@
+"""Logging and crash reports of a Python stub (imports neither torch nor Triton's utilities: every model uses it,
+the light forwarder included)."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+
+
+def configure_logging() -> None:
+    """Log ``triton_vlm`` records to the stub's stderr, which lands in Triton's log; one handler per process.
+
+    ``TRITON_VLM_LOG_LEVEL`` (default INFO; ``triton-vlm serve --log-level debug`` sets it) picks the level:
+    DEBUG adds one line per request. A stub that dies of a fatal signal leaves every thread's Python stack there.
+    """
+    faulthandler.enable(all_threads=True)
+    root = logging.getLogger("triton_vlm")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[triton_vlm] %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        level = os.environ.get("TRITON_VLM_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+        root.setLevel(level if isinstance(logging.getLevelName(level), int) else logging.INFO)
+
+
+def quiet_teardown() -> None:
+    """Stop crash reports once a model is finalized: the stub's native teardown that follows can segfault
+    (no Python frame, no request left), which would print a fatal-error report at every normal stop."""
+    faulthandler.disable()
