@@ -97,6 +97,21 @@ def seeded() -> None:
     torch.manual_seed(SEED)
 
 
+@contextmanager
+def built_as(dtype: Any = None, device: Any = None) -> Iterator[None]:
+    """Modules created inside get parameters of ``dtype`` (default: unchanged) on ``device`` (default: CPU):
+    a full-size random model is built where it runs, with no float32 copy on the CPU first."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device or "cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def train_llama_style_vocab(vocab_size: int, pad_to: int | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A SentencePiece-like BPE (metaspace, byte fallback) vocabulary and merges, trained on :data:`CORPUS`.
 

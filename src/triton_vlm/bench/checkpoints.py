@@ -50,15 +50,12 @@ def random_llava_7b(device: torch.device, dtype: torch.dtype = torch.float16) ->
     """``(model, processor)`` with llava-1.5-7b's architecture and random weights, built on ``device``."""
     from transformers import LlavaForConditionalGeneration
 
+    from triton_vlm.tiny import built_as
+
     processor = llava_7b_processor()
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == 32000
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(llava_7b_config())
-    finally:
-        torch.set_default_dtype(previous)
+    with built_as(dtype, device):
+        model = LlavaForConditionalGeneration(llava_7b_config())
     model.eval()
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 32001

@@ -76,7 +76,7 @@ def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any =
     from transformers import (CLIPImageProcessor, Kosmos2Config, Kosmos2ForConditionalGeneration,
                               Kosmos2Processor, XLMRobertaTokenizer)
 
-    from triton_vlm.tiny import seeded, train_unigram_vocab
+    from triton_vlm.tiny import built_as, seeded, train_unigram_vocab
 
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
     vocab = train_unigram_vocab(vocab_size=400, specials=specials)
@@ -98,13 +98,8 @@ def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any =
             latent_query_num=64,
         )
     seeded()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or previous)
-    try:
-        with torch.device(device or "cpu"):
-            model = Kosmos2ForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    with built_as(dtype, device):
+        model = Kosmos2ForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
