@@ -439,6 +439,45 @@ def test_a_server_stuck_in_its_crash_handler_is_killed(tmp_path: Path, monkeypat
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_crash_line_of_the_last_server_spares_the_restarted_one(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server crashed and exited by itself; the stub loop started a new one, whose log is the same file.
+    The old crash line is not the new server's: it keeps running (a fresh-clone CI run saw the restarted server
+    killed 5 s after its start)."""
+
+    class Answering(FakeControl):
+        def live(self, timeout: float = 5.0) -> bool:
+            return True
+
+    monkeypatch.setattr(supervisor, "CRASH_GRACE_S", 0.5)
+    log_path = tmp_path / "tritonserver.log"
+    log_path.write_text("")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    old = subprocess.Popen(sleeper, start_new_session=True)
+    new = subprocess.Popen(sleeper, start_new_session=True)
+    watcher = supervisor.StubSupervisor(old.pid, Answering(), hang_timeout=30,  # type: ignore[arg-type]
+                                        server_log=log_path)
+    watcher.start()
+    try:
+        time.sleep(1.5)
+        with open(log_path, "a") as log:
+            log.write("Signal (6) received.\n 0# 0x0000564BA749C52D in tritonserver\n")
+        old.kill()
+        old.wait()
+        watcher.server_pid = new.pid  # as the stub loop does once it has started the new server
+        time.sleep(3.0)
+        assert new.poll() is None and not watcher.recoveries("(server)")
+        with open(log_path, "a") as log:  # the new server's own crash still counts
+            log.write("Signal (11) received.\n")
+        assert new.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        watcher.stop()
+        for process in (old, new):
+            if process.poll() is None:
+                process.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_a_server_that_never_answered_yet_is_left_to_start() -> None:
     """Not armed before its first answer: a server still loading its models at start is no hung server."""
 

@@ -206,7 +206,11 @@ class CrashLines:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._offset = path.stat().st_size if path.exists() else 0
+        self.skip()
+
+    def skip(self) -> None:
+        """Forget what the file holds so far."""
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
         self._tail = b""
 
     def new_fatal_signal(self) -> bool:
@@ -296,15 +300,21 @@ class StubSupervisor:
     def _watch(self) -> None:
         armed_pid, last_live = None, time.monotonic()
         crash_lines = CrashLines(self.server_log) if self.server_log is not None else None
-        crashed: tuple[int, float] | None = None  # (pid, when its crash line was seen)
+        crashed: float | None = None  # when the watched server's crash line was seen
+        watched = self.server_pid
         while not self._stop.wait(1.0):
             pid = self.server_pid
+            if pid != watched:
+                # A new server: what the log holds so far (the last one's crash lines) is not about it.
+                watched, crashed = pid, None
+                if crash_lines is not None:
+                    crash_lines.skip()
             if process_state(pid) in (None, "Z"):
                 continue  # dead: the stub loop restarts it
             if crash_lines is not None and crash_lines.new_fatal_signal():
-                crashed = (pid, time.monotonic())
-            if crashed is not None and crashed[0] == pid and time.monotonic() - crashed[1] > CRASH_GRACE_S:
-                self.kill_hung_server(pid, time.monotonic() - crashed[1], "still runs after its crash handler began")
+                crashed = time.monotonic()
+            if crashed is not None and time.monotonic() - crashed > CRASH_GRACE_S:
+                self.kill_hung_server(pid, time.monotonic() - crashed, "still runs after its crash handler began")
                 crashed = armed_pid = None
             elif self.control.live():
                 armed_pid, last_live = pid, time.monotonic()
