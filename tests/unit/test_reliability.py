@@ -401,19 +401,26 @@ def test_a_server_that_runs_but_stops_answering_is_killed() -> None:
             server.kill()
 
 
+#: A stand-in for tritonserver: a process that runs (and answers nothing) until killed.
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+class Answering(FakeControl):
+    """A server whose HTTP threads answer /v2/health/live whatever else goes on in it."""
+
+    def live(self, timeout: float = 5.0) -> bool:
+        return True
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_a_server_stuck_in_its_crash_handler_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton logged a fatal signal but its process goes on (the backtrace deadlocked) while its HTTP threads
     still answer /v2/health/live: killed once the grace period is over, so the stub loop starts it again."""
 
-    class Answering(FakeControl):
-        def live(self, timeout: float = 5.0) -> bool:
-            return True
-
     monkeypatch.setattr(supervisor, "CRASH_GRACE_S", 0.5)
     log_path = tmp_path / "tritonserver.log"
     log_path.write_text("I1125 model_lifecycle.cc:472] loading: llava:1\n")
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    server = subprocess.Popen(SLEEPER, start_new_session=True)
     watcher = supervisor.StubSupervisor(server.pid, Answering(), hang_timeout=30,  # type: ignore[arg-type]
                                         server_log=log_path)
     watcher.start()
@@ -445,16 +452,11 @@ def test_a_crash_line_of_the_last_server_spares_the_restarted_one(tmp_path: Path
     The old crash line is not the new server's: it keeps running (a fresh-clone CI run saw the restarted server
     killed 5 s after its start)."""
 
-    class Answering(FakeControl):
-        def live(self, timeout: float = 5.0) -> bool:
-            return True
-
     monkeypatch.setattr(supervisor, "CRASH_GRACE_S", 0.5)
     log_path = tmp_path / "tritonserver.log"
     log_path.write_text("")
-    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    old = subprocess.Popen(sleeper, start_new_session=True)
-    new = subprocess.Popen(sleeper, start_new_session=True)
+    old = subprocess.Popen(SLEEPER, start_new_session=True)
+    new = subprocess.Popen(SLEEPER, start_new_session=True)
     watcher = supervisor.StubSupervisor(old.pid, Answering(), hang_timeout=30,  # type: ignore[arg-type]
                                         server_log=log_path)
     watcher.start()
