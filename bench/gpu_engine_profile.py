@@ -42,6 +42,71 @@ def check_decode_attention() -> None:
           f"masked SDPA over 768 {sdpa_ms * 1e3:.0f} us", flush=True)
 
 
+class GpuTimeline:
+    """CUDA events around the runner's phases: device time per phase, and the device idle between them."""
+
+    def __init__(self, runner) -> None:
+        self.marks: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        for phase in ("build_prompt_embeds", "prefill", "decode"):
+            setattr(runner, phase, self._wrap(phase, getattr(runner, phase)))
+
+    def _wrap(self, phase: str, fn):
+        def timed_call(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn(*args, **kwargs)
+            end.record()
+            self.marks.append((phase, start, end))
+            return result
+        return timed_call
+
+    def report(self, wall_s: float) -> str:
+        torch.cuda.synchronize()
+        busy: dict[str, float] = {}
+        for phase, start, end in self.marks:
+            busy[phase] = busy.get(phase, 0.0) + start.elapsed_time(end) / 1e3
+        span = self.marks[0][1].elapsed_time(self.marks[-1][2]) / 1e3 if self.marks else 0.0
+        counts = {p: sum(1 for m in self.marks if m[0] == p) for p in busy}
+        idle = span - sum(busy.values())
+        self.marks.clear()
+        return (f"gpu span {span:.2f}s of wall {wall_s:.2f}s; " + ", ".join(
+            f"{p} {busy[p]:.2f}s/{counts[p]} calls" for p in busy) + f"; between phases {idle:.2f}s")
+
+
+def check_prefill(engine) -> None:
+    """Prefill throughput: one 4096-token step of packed 628-token prompts (TFLOP/s of the language model)."""
+    from triton_vlm.engine.request import EngineRequest, Sequence
+    from triton_vlm.engine.scheduler import PrefillChunk
+    from triton_vlm.sampling import SamplingParams
+
+    runner, hidden = engine.runner, engine.model.config.text_config.hidden_size
+    for prompt_len, count in ((628, 1), (628, 6)):
+        seqs = []
+        for slot in range(count):
+            seq = Sequence(EngineRequest(f"p{slot}", [1] * prompt_len, SamplingParams(max_tokens=1), lambda o: None))
+            seq.slot = slot
+            seq.prompt_embeds = torch.randn(prompt_len, hidden, device="cuda", dtype=torch.float16)
+            seqs.append(seq)
+        chunks = [PrefillChunk(s, 0, prompt_len) for s in seqs]
+        ms = timed(lambda: runner.prefill(chunks), iters=5)
+        params = sum(p.numel() for p in engine.model.model.language_model.parameters())
+        print(f"prefill {count} x {prompt_len}: {ms:.1f} ms, {2 * params * prompt_len * count / ms / 1e9:.0f} TFLOP/s "
+              "(weights only)", flush=True)
+
+
+def check_parity(engine, image, prompt) -> None:
+    """Greedy tokens of the engine vs HF generate on the same weights (fused kernels on the GPU)."""
+    from triton_vlm.sampling import SamplingParams
+
+    model, processor, family = engine.model, engine.processor, engine.family
+    inputs = processor(images=[image], text=[family.render_prompt(processor, prompt)], return_tensors="pt").to("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    hf = model.generate(**inputs, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    ours = engine.generate([(image, prompt, SamplingParams(max_tokens=32))], ignore_eos=True)[0]
+    match = next((i for i, (a, b) in enumerate(zip(ours, hf.tolist())) if a != b), len(ours))
+    print(f"greedy parity with HF generate: first {match} of 32 tokens equal", flush=True)
+
+
 def main() -> None:
     from triton_vlm.engine import kernels
 
@@ -89,6 +154,8 @@ def main() -> None:
     prompt = "Describe this image in detail, including the colors, objects and their positions."
     from triton_vlm.sampling import SamplingParams
 
+    check_parity(engine, image, prompt)
+    check_prefill(engine)
     for count in (1, 6):
         items = [(image, prompt, SamplingParams(max_tokens=1))] * count
         engine.generate(items)
@@ -107,9 +174,11 @@ def main() -> None:
         engine.prepare(image, prompt, SamplingParams(max_tokens=4), lambda out: None)
     print(f"prepare (processor) per request: {(time.perf_counter() - t) / 32 * 1e3:.1f} ms", flush=True)
     engine_run(engine, images, prompts, 1, 1)
+    timeline = GpuTimeline(runner)
     for conc, total in ((1, 2), (64, 192)):
         engine.stats = type(engine.stats)()
         result = engine_run(engine, images, prompts, conc, total)
+        print(timeline.report(result["seconds"]), flush=True)
         stats = engine.stats
         print(f"engine c{conc}: {result['output_tok_s']:.0f} tok/s in {result['seconds']:.2f}s, ttft p50 "
               f"{result['ttft_p50_s'] * 1e3:.0f} ms; steps {stats.steps}, prefill tokens {stats.prefill_tokens}, "

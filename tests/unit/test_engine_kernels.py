@@ -160,3 +160,17 @@ def test_fused_kernels_match_their_torch_twins_in_the_triton_interpreter() -> No
     assert len(errors) == 14
     for name, error in errors.items():
         assert error < 1e-5, f"{name}: max abs error {error}"
+
+
+def test_engine_keeps_sdpa_off_cudnn_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN's SDPA plans per shape (36 ms per new prompt length on an H100): the engine turns it off on CUDA."""
+    from triton_vlm.engine.attention import avoid_per_shape_attention_plans
+
+    calls: list[bool] = []
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: not calls)
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    avoid_per_shape_attention_plans(torch.device("cpu"))
+    assert calls == []
+    avoid_per_shape_attention_plans(torch.device("cuda", 0))
+    avoid_per_shape_attention_plans(torch.device("cuda", 0))  # already off: nothing to do
+    assert calls == [False]

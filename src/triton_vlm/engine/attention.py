@@ -6,6 +6,7 @@ A decoder's layer loop calls the ``attend(index, q, k, v)`` that :func:`prefill_
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -14,8 +15,23 @@ import torch.nn.functional as F
 from triton_vlm.engine import kernels
 from triton_vlm.engine.kv_cache import SlotKVCache
 
+log = logging.getLogger("triton_vlm")
+
 #: ``attend(layer index, q, k, v)`` -> attention output [tokens, heads * head_dim]; q/k/v are [tokens, heads, dim].
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def avoid_per_shape_attention_plans(device: torch.device) -> None:
+    """Keep PyTorch's SDPA off its cuDNN backend on CUDA.
+
+    cuDNN builds an execution plan the first time it meets a shape: about 36 ms on an H100 per new sequence
+    length or batch size, where flash attention needs 0.2 ms and then runs as fast (bench/gpu_phase_probe.py).
+    A server meets new prompt lengths, chunk lengths and vision batch sizes all the time, so those plans were
+    what made first-token latency jump and a cold 64-client run lose 1.6 s of 11. The setting is process-wide:
+    the engine owns the process it serves from, and its other models gain the same."""
+    if device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("engine: SDPA's cuDNN backend is off (it plans per shape); flash attention serves instead")
 
 
 def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], masks: list[torch.Tensor | None],

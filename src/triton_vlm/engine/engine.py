@@ -201,7 +201,7 @@ class LLMEngine:
                 logits = self.runner.prefill(plan.prefill)
                 if finished_prefill:  # their first token
                     keep = [i for i, c in enumerate(plan.prefill) if c.completes_prompt]
-                    self._choose(finished_prefill, logits[keep])
+                    self._choose(finished_prefill, logits[device_longs(keep, logits.device)])
                 self.stats.prefill_tokens += sum(c.length for c in plan.prefill)
                 lap("prefill")
             if plan.decode:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from triton_vlm.engine.attention import avoid_per_shape_attention_plans
 from triton_vlm.engine.config import EngineConfig
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.llama import LlamaDecoder
@@ -45,6 +46,7 @@ class ModelRunner:
         self.cache = cache
         self.config = config
         self.device = cache.keys[0].device
+        avoid_per_shape_attention_plans(self.device)
         self.buckets = batch_buckets(cache.num_slots)
         limit = cache.num_slots
         #: The latest token chosen for each slot (by a decode step or a prompt-completing prefill).

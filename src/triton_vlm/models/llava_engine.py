@@ -30,13 +30,15 @@ class LlavaEngineAdapter(EngineAdapter):
             vision_feature_select_strategy=config.vision_feature_select_strategy)
         if not isinstance(features, (torch.Tensor, list, tuple)):
             features = features.pooler_output  # transformers >= 5.2x returns a model output
-        embeds = []
-        for request, feature in zip(requests, features):
-            embed = decoder.embed_tokens(device_longs(request.prompt_ids, model.device))
-            image_positions = [i for i, token in enumerate(request.prompt_ids) if token == config.image_token_id]
-            embed[device_longs(image_positions, model.device)] = feature.reshape(-1, embed.shape[-1]).to(embed.dtype)
-            embeds.append(embed)
-        return embeds
+        # One embedding lookup and one scatter for the whole batch: per-request launches leave the device idle
+        # while the host, sharing its GIL with the thread that tokenizes new requests, works through them.
+        lengths = [len(r.prompt_ids) for r in requests]
+        ids = [token for r in requests for token in r.prompt_ids]
+        embeds = decoder.embed_tokens(device_longs(ids, model.device))
+        image_rows = [row for row, token in enumerate(ids) if token == config.image_token_id]
+        embeds[device_longs(image_rows, model.device)] = torch.cat(
+            [f.reshape(-1, embeds.shape[-1]) for f in features]).to(embeds.dtype)
+        return list(embeds.split(lengths))
 
     def context_length(self, model: Any) -> int:
         return int(model.config.text_config.max_position_embeddings)

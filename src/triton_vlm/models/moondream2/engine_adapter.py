@@ -5,6 +5,7 @@ Captions and the region tasks (detect, point) keep the batched loop of :mod:`tri
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -44,12 +45,12 @@ class Moondream2EngineAdapter(EngineAdapter):
         counts = torch.tensor([len(r.mm_inputs["pixel_values"]) for r in requests])
         tilings = torch.tensor([r.mm_inputs["tiling"] for r in requests])
         images = model.encode_images(pixels, counts, tilings)
-        embeds = []
-        for request, image in zip(requests, images):
-            embed = decoder.embed_tokens(device_longs(request.prompt_ids, model.device))
-            embed[1:1 + image.shape[0]] = image.to(embed.dtype)
-            embeds.append(embed)
-        return embeds
+        lengths = [len(r.prompt_ids) for r in requests]
+        embeds = decoder.embed_tokens(device_longs([t for r in requests for t in r.prompt_ids], model.device))
+        starts = [0, *itertools.accumulate(lengths)][:-1]
+        for start, image in zip(starts, images):  # a view per request: no per-request embedding lookups
+            embeds[start + 1:start + 1 + image.shape[0]] = image.to(embeds.dtype)
+        return list(embeds.split(lengths))
 
     def context_length(self, model: Any) -> int:
         return int(model.config.text.max_context)
