@@ -13,8 +13,8 @@ source bench/gpu_env.sh
 CHECKPOINT=/tmp/$MODEL-random
 [ -f $CHECKPOINT/config.json ] || python3 -m triton_vlm.bench.checkpoints $MODEL $CHECKPOINT
 export TRITON_VLM_${MODEL^^}_LOCAL_PATH=$CHECKPOINT
-# <model>_stream (the engine): the KV cache sized for this workload's prompt (576 or 730 image positions) + 128.
+# <model>_stream (the engine): the KV cache sized for this workload's prompt (576, 730 or 64 image positions)
+# + 128.
 export TRITON_VLM_${MODEL^^}_STREAM_MAX_MODEL_LEN=${MAX_MODEL_LEN:-$([ "$MODEL" = moondream2 ] && echo 1024 || echo 768)}
-[ "$MODEL" != kosmos2 ] || API=${API:-infer}  # kosmos2 has no engine (no <model>_stream)
 python3 -m triton_vlm.cli.main bench --model $MODEL --serve --concurrency 1,64 --requests ${REQUESTS:-6,192} \
   --max-tokens 128 --api ${API:-both} ${BENCH_FLAGS:-} --json "$OUT/h100-$MODEL.json" --plot "$OUT/h100-$MODEL.png"

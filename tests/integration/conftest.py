@@ -20,7 +20,7 @@ from triton_vlm.openai.config import MiB
 SERVED_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
 WORKING_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
 #: The engine companions the launcher serves beside them (decoupled, streaming).
-ENGINE_MODELS = ("llava_stream", "moondream2_stream")
+ENGINE_MODELS = ("kosmos2_stream", "llava_stream", "moondream2_stream")
 #: A typical prompt for each working model.
 PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
            "moondream2": "What is in this image?", "smolvlm": "What is in this image?"}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import PROMPTS, SERVED_MODELS, WORKING_MODELS, RunningServer
+from tests.integration.conftest import ENGINE_MODELS, PROMPTS, SERVED_MODELS, WORKING_MODELS, RunningServer
 from triton_client import TritonVLMClient
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import InvalidInputError, UnknownModelError
@@ -71,8 +71,8 @@ def test_model_list_over_http_and_grpc(triton: RunningServer) -> None:
     for protocol, url in (("http", triton.http_url), ("grpc", triton.grpc_url)):
         with TritonVLMClient(url, protocol=protocol) as client:  # type: ignore[arg-type]
             models = {m["name"]: m["state"] for m in client.list_models()}
-            # llava_stream comes with llava: the engine-backed, streaming companion.
-            assert models == {m: "READY" for m in (*SERVED_MODELS, "llava_stream", "moondream2_stream")}
+            # <m>_stream comes with m: the engine-backed, streaming companion (smolvlm's auto family has none).
+            assert models == {m: "READY" for m in (*SERVED_MODELS, *ENGINE_MODELS)}
             assert client.is_ready() and client.is_ready("llava")
 
 

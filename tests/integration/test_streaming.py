@@ -1,4 +1,5 @@
-"""The engine path through Triton: token streaming from llava_stream, and the forwarding public model."""
+"""The engine path through Triton: token streaming from the <model>_stream companions, and the forwarding public
+model."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 from tests.conftest import free_ports
 from tests.integration.conftest import RunningServer
 from triton_client import TritonVLMClient
+from triton_vlm.client import parse_entities
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import InvalidInputError
+from triton_vlm.generation import GenerationOutput
 from triton_vlm.launcher import ServerOptions, TritonServer
 from triton_vlm.runtime import VLMRuntime
 
@@ -27,10 +30,27 @@ def llava() -> VLMRuntime:
     return direct_runtime("llava", tiny=True, device="cpu")
 
 
-def _expected(runtime: VLMRuntime, image: bytes, prompt: str = PROMPT, **sampling: object) -> str:
+def _direct(runtime: VLMRuntime, image: bytes, prompt: str = PROMPT, **sampling: object) -> GenerationOutput:
     (out,) = runtime.generate([runtime.make_request(image, prompt, **sampling)])  # type: ignore[arg-type]
     assert not isinstance(out, Exception), out
-    return out.text
+    return out
+
+
+def _expected(runtime: VLMRuntime, image: bytes, prompt: str = PROMPT, **sampling: object) -> str:
+    return _direct(runtime, image, prompt, **sampling).text
+
+
+def _engine_steps(triton: RunningServer, model: str, at_least: int) -> bool:
+    """Whether ``model``'s engine ran ``at_least`` steps (so the engine served, not a batched loop); its
+    counters are sampled every 0.25 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        steps = [float(line.split()[-1]) for line in triton.metrics().splitlines()
+                 if line.startswith(f'triton_vlm_engine_steps_total{{model="{model}"')]
+        if steps and steps[0] >= at_least:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_stream_pieces_join_to_the_direct_answer(triton: RunningServer, llava: VLMRuntime,
@@ -75,10 +95,10 @@ def test_leaving_a_stream_early_cancels_it(triton: RunningServer, sample_image_b
 
 @pytest.fixture(scope="module")
 def forwarding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """llava served the GPU way: the public model forwards to llava_stream (the engine)."""
+    """llava and kosmos2 served the GPU way: each public model forwards to its <model>_stream (the engine)."""
     http, grpc, metrics = free_ports()
     log = open(tmp_path_factory.mktemp("forwarding") / "tritonserver.log", "w")
-    server = TritonServer(ServerOptions(models=("llava",), tiny=True, engine="on", forwarder_instances=2,
+    server = TritonServer(ServerOptions(models=("llava", "kosmos2"), tiny=True, engine="on", forwarder_instances=2,
                                         http_port=http, grpc_port=grpc, metrics_port=metrics), log_file=log)
     server.start()
     try:
@@ -142,15 +162,7 @@ def test_moondream2_query_streams_from_the_engine_as_the_batched_loop_answers(
     assert len(pieces) >= 2 and pieces[-1].generated_tokens == 12
     assert "".join(p.text for p in pieces) == _expected(moondream2, sample_image_bytes, "What is this?",
                                                         max_tokens=12, ignore_eos=True)
-    # The engine ran it, not the batched loop (its counters are sampled every 0.25 s).
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        steps = [float(line.split()[-1]) for line in triton.metrics().splitlines()
-                 if line.startswith('triton_vlm_engine_steps_total{model="moondream2_stream"')]
-        if steps and steps[0] >= 12:  # a prefill step and 11 decode steps
-            break
-        time.sleep(0.1)
-    assert steps and steps[0] >= 12
+    assert _engine_steps(triton, "moondream2_stream", at_least=12)  # a prefill step and 11 decode steps
 
 
 @pytest.mark.parametrize("task, prompt", [("caption:short", ""), ("detect", "face"), ("point", "face")])
@@ -161,3 +173,36 @@ def test_moondream2_tasks_the_engine_does_not_run_answer_in_one_piece(
         assert "".join(client.stream("moondream2", sample_image_bytes, "hi", max_tokens=2))  # the engine serves on
     assert len(pieces) == 1 and pieces[0].finish_reason
     assert pieces[0].text == _expected(moondream2, sample_image_bytes, prompt, max_tokens=8, task=task)
+
+
+# -- kosmos2 on the engine --------------------------------------------------------------------------------------
+GROUNDED = "<grounding>An image of"
+
+
+@pytest.fixture(scope="module")
+def kosmos2() -> VLMRuntime:
+    return direct_runtime("kosmos2", tiny=True, device="cpu")
+
+
+def test_kosmos2_streams_from_the_engine_as_the_batched_model_answers(
+        triton: RunningServer, kosmos2: VLMRuntime, sample_image_bytes: bytes) -> None:
+    # Not a grounded prompt: the tiny random model answers that one in location tokens, which clean up to "".
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
+        pieces = list(client.stream_pieces("kosmos2", sample_image_bytes, "What is this?", max_tokens=12,
+                                           ignore_eos=True))
+    expected = _direct(kosmos2, sample_image_bytes, "What is this?", max_tokens=12, ignore_eos=True)
+    assert len(pieces) >= 2 and pieces[-1].generated_tokens == 12 and expected.text
+    assert "".join(p.text for p in pieces) == expected.text
+    assert pieces[-1].entities == parse_entities(expected.extras["entities"])  # the last piece has them
+    assert _engine_steps(triton, "kosmos2_stream", at_least=12)
+
+
+def test_forwarded_kosmos2_answers_with_the_entities_the_batched_model_gives(
+        forwarding_server: TritonServer, kosmos2: VLMRuntime, sample_image_bytes: bytes) -> None:
+    with urllib.request.urlopen(f"http://{forwarding_server.http_url}/v2/models/kosmos2/config") as response:
+        assert '"forward_to"' in response.read().decode()
+    with TritonVLMClient(forwarding_server.http_url) as client:
+        served = client.infer_result("kosmos2", sample_image_bytes, GROUNDED, max_tokens=10)
+    expected = _direct(kosmos2, sample_image_bytes, GROUNDED, max_tokens=10)
+    assert served.text == expected.text and served.generated_tokens == len(expected.token_ids)
+    assert served.entities == parse_entities(expected.extras["entities"])

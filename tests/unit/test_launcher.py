@@ -24,15 +24,16 @@ from .helpers import REPOSITORY, free_port
 
 # -- repository ------------------------------------------------------------------------------------------------------
 def test_list_and_servable_models() -> None:
-    assert list_models(REPOSITORY) == ["kosmos2", "llava", "llava_stream", "moondream2", "moondream2_stream",
-                                       "smolvlm"]
+    assert list_models(REPOSITORY) == ["kosmos2", "kosmos2_stream", "llava", "llava_stream", "moondream2",
+                                       "moondream2_stream", "smolvlm"]
     # Every family is served (moondream2 natively since its merge); the <model>_stream engine companions are
     # served along with their base, never selected on their own; smolvlm is an `add-model` model of the auto family.
     assert servable_models(REPOSITORY) == ["kosmos2", "llava", "moondream2", "smolvlm"]
     assert model_family(REPOSITORY, "kosmos2") == "kosmos2"
     assert model_family(REPOSITORY, "smolvlm") == "auto"
     assert model_family(REPOSITORY, "llava_stream") == "llava"
-    assert companions(REPOSITORY, "llava") == ["llava_stream"] and companions(REPOSITORY, "kosmos2") == []
+    assert companions(REPOSITORY, "llava") == ["llava_stream"]
+    assert companions(REPOSITORY, "kosmos2") == ["kosmos2_stream"] and companions(REPOSITORY, "smolvlm") == []
     assert companions(REPOSITORY, "moondream2") == ["moondream2_stream"]
     assert base_model(REPOSITORY, "llava_stream") == "llava" and base_model(REPOSITORY, "llava") is None
 
@@ -156,7 +157,8 @@ def test_render_repository_unknown_model_lists_known_ones(tmp_path: Path) -> Non
         render_repository(REPOSITORY, tmp_path / "models", ["llava", "gpt5", "blip"], "KIND_CPU")
     message = str(info.value)
     assert "unknown model(s) gpt5, blip" in message
-    assert message.endswith("has: kosmos2, llava, llava_stream, moondream2, moondream2_stream, smolvlm")
+    assert message.endswith("has: kosmos2, kosmos2_stream, llava, llava_stream, moondream2, moondream2_stream, "
+                            "smolvlm")
     assert not (tmp_path / "models").exists()
 
 

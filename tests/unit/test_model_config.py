@@ -18,7 +18,7 @@ CONFIGS = sorted(REPOSITORY.glob("*/config.pbtxt"))
 PUBLIC = ("kosmos2", "llava", "moondream2", "smolvlm")
 FAMILY_OF = {"smolvlm": "auto"}
 #: Companion models: decoupled engine models serving a public model's weights.
-COMPANIONS = {"llava_stream": "llava", "moondream2_stream": "moondream2"}
+COMPANIONS = {"kosmos2_stream": "kosmos2", "llava_stream": "llava", "moondream2_stream": "moondream2"}
 OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64,
             "ignore_eos": pb.TYPE_BOOL}
 #: Inputs only some public models take.
@@ -26,7 +26,7 @@ EXTRA_OPTIONAL = {"moondream2": {"task": pb.TYPE_STRING}}
 OUTPUTS = {"generated_text": pb.TYPE_STRING, "generated_tokens": pb.TYPE_INT32, "prompt_tokens": pb.TYPE_INT32,
            "finish_reason": pb.TYPE_STRING}
 #: Outputs only some models have (the family's optional outputs; clients ask for them or not).
-EXTRA_OUTPUTS = {"kosmos2": {"entities": pb.TYPE_STRING}}
+EXTRA_OUTPUTS = {"kosmos2": {"entities": pb.TYPE_STRING}, "kosmos2_stream": {"entities": pb.TYPE_STRING}}
 ENGINE_PARAMETERS = ("max_model_len", "max_num_seqs", "kv_cache_memory_fraction", "cuda_graphs")
 
 

@@ -254,8 +254,8 @@ FAMILY_OF = {"smolvlm": "auto"}
 
 
 def test_repository_has_the_public_models_and_the_engine_companions() -> None:
-    assert [c.parent.name for c in CONFIGS] == ["kosmos2", "llava", "llava_stream", "moondream2", "moondream2_stream",
-                                                "smolvlm"]
+    assert [c.parent.name for c in CONFIGS] == ["kosmos2", "kosmos2_stream", "llava", "llava_stream", "moondream2",
+                                                "moondream2_stream", "smolvlm"]
     assert [c.parent.name for c in CONFIGS if "model_family" in read_config_parameters(c)[1]] == PUBLIC
 
 

@@ -43,6 +43,9 @@ class _Open:
     sender: Any
     stream: bool
     received: float = 0.0  # time.perf_counter() when execute got the request
+    #: Kept where the model declares extra outputs (kosmos2's entities): they are worked out from the image and
+    #: the prompt when the answer is complete.
+    request: GenerationRequest | None = None
 
 
 @dataclass
@@ -67,6 +70,7 @@ class _Stream:
     received: float = 0.0
     first_token_at: float | None = None
     aborted: bool = False
+    request: GenerationRequest | None = None
 
 
 class TritonVLMStreamModel:
@@ -129,7 +133,8 @@ class TritonVLMStreamModel:
                 # Registered before the engine can answer: the response thread sees _Open first.
                 with self._open_lock:
                     self._open += 1
-                self._outbox.put(_Open(request_id, sender, True if stream is None else stream, received))
+                self._outbox.put(_Open(request_id, sender, True if stream is None else stream, received,
+                                       parsed if self.extra_outputs else None))
                 engine.submit(engine_request)
             except TritonVLMError as exc:
                 self.metrics.request_errors.increment(1)
@@ -229,7 +234,8 @@ class TritonVLMStreamModel:
                         _send_final(state.sender)
                     return
                 if isinstance(message, _Open):
-                    streams[message.request_id] = _Stream(message.sender, message.stream, received=message.received)
+                    streams[message.request_id] = _Stream(message.sender, message.stream, received=message.received,
+                                                          request=message.request)
                 elif message.request_id in streams:
                     state = streams[message.request_id]
                     if message.new_token_ids and state.first_token_at is None:
@@ -285,9 +291,14 @@ class TritonVLMStreamModel:
                           "%.3fs in all", self.model_name, out.request_id, out.prompt_tokens, out.generated_tokens,
                           out.finish_reason, (state.first_token_at or finished) - state.received,
                           finished - state.received)
+            extras: dict[str, str] = {}
+            if self.extra_outputs and state.request is not None:
+                text, found = self.runtime.family.decode_output(processor, state.token_ids, state.request.image,
+                                                                state.request.prompt)
+                extras = {name: found.get(name, default) for name, default in self.extra_outputs.items()}
             piece = text[state.sent_chars:] if state.stream else text
-            state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, out.finish_reason),
-                              flags=FINAL)
+            state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, out.finish_reason,
+                                              extras), flags=FINAL)
         elif not text.endswith("\ufffd") and len(text) > state.sent_chars:
             # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
             piece, state.sent_chars = text[state.sent_chars:], len(text)

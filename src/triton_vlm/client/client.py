@@ -43,6 +43,8 @@ class StreamPiece:
     generated_tokens: int
     prompt_tokens: int
     finish_reason: str
+    #: On the last piece: grounded phrases with their boxes (kosmos2 with a ``<grounding>`` prompt).
+    entities: list[Entity] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -128,19 +130,23 @@ def _output_fields(result: Any) -> tuple[str, int, int, str]:
             int(result.as_numpy("prompt_tokens").reshape(-1)[0]), text("finish_reason"))
 
 
+def _entities(result: Any) -> list[Entity]:
+    """The ``entities`` output where the response has one (kosmos2's; a stream's last piece), else none."""
+    entities = result.as_numpy("entities")
+    return [] if entities is None else parse_entities(entities.reshape(-1)[0])
+
+
 def parse_result(result: Any, latency_s: float) -> InferenceResult:
     """An :class:`InferenceResult` from a tritonclient ``InferResult``."""
     text, generated, prompt_tokens, finish_reason = _output_fields(result)
-    entities = result.as_numpy("entities")
     return InferenceResult(text=text, generated_tokens=generated, prompt_tokens=prompt_tokens,
-                           finish_reason=finish_reason, latency_s=latency_s,
-                           entities=[] if entities is None else parse_entities(entities.reshape(-1)[0]))
+                           finish_reason=finish_reason, latency_s=latency_s, entities=_entities(result))
 
 
 def parse_piece(result: Any) -> StreamPiece:
     text, generated, prompt_tokens, finish_reason = _output_fields(result)
     return StreamPiece(text=text, generated_tokens=generated, prompt_tokens=prompt_tokens,
-                       finish_reason=finish_reason)
+                       finish_reason=finish_reason, entities=_entities(result))
 
 
 def is_restricted(exc: BaseException) -> bool:

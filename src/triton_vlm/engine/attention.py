@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
 from triton_vlm.engine.kv_cache import SlotKVCache
+from triton_vlm.engine.transfer import device_longs
 
 log = logging.getLogger("triton_vlm")
 
@@ -55,6 +56,23 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
         return torch.cat(outputs)
 
     return attend
+
+
+def causal_chunk_masks(chunks: list[tuple[int, int, int]], device: torch.device) -> list[torch.Tensor | None]:
+    """Masks for :func:`prefill_attention` over causal prompts: a chunk from position 0 is plain causal (None);
+    a later one sees the whole cached prefix and is causal within itself."""
+    masks: list[torch.Tensor | None] = []
+    for _, start, length in chunks:
+        end = start + length
+        masks.append(None if start == 0 else (torch.arange(end, device=device)[None, :]
+                                               <= torch.arange(start, end, device=device)[:, None]))
+    return masks
+
+
+def last_rows(hidden: torch.Tensor, chunks: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Each packed chunk's last row of ``hidden`` [tokens, dim] -> [chunks, dim] (no host sync)."""
+    ends = device_longs([n for _, _, n in chunks], hidden.device).cumsum(0) - 1
+    return hidden[ends]
 
 
 def decode_attention(cache: SlotKVCache, write_positions: torch.Tensor, lengths: torch.Tensor,

@@ -1,9 +1,7 @@
 """The forward pass of a Hugging Face Llama-family language model over the engine's slot KV cache.
 
 We reuse the model's own modules (embeddings, RMSNorms, rotary embedding, lm_head) and its weights, fused
-for fewer, larger matmuls: q/k/v into one projection and gate/up into another. The fused tensors share
-storage with the original parameters (those become views), so the HF model keeps working and memory does
-not double.
+for fewer, larger matmuls: q/k/v into one projection and gate/up into another (:mod:`.weights`).
 """
 
 from __future__ import annotations
@@ -15,24 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
-from triton_vlm.engine.attention import decode_attention, prefill_attention
+from triton_vlm.engine.attention import (causal_chunk_masks, decode_attention, last_rows,
+                                         prefill_attention)
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine.transfer import device_longs
-
-
-def _point_into(linears: tuple[torch.nn.Linear, ...], fused: torch.Tensor) -> torch.Tensor:
-    """Make each linear's weight a view of its rows of ``fused`` (no copy stays behind); returns ``fused``."""
-    offset = 0
-    for lin in linears:
-        rows = lin.weight.shape[0]
-        lin.weight.data = fused[offset:offset + rows]
-        offset += rows
-    return fused
-
-
-def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
-    """Concatenate the weights of ``linears``; the originals become views of the result."""
-    return _point_into(linears, torch.cat([lin.weight.data for lin in linears], dim=0))
+from triton_vlm.engine.weights import fuse_weights, relayout
 
 
 @dataclass
@@ -44,34 +28,6 @@ class _Layer:
     o: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
-
-
-def _fastest_layout(weight: torch.Tensor, batches: tuple[int, ...] = (1, 64)) -> torch.Tensor:
-    """``weight`` [out, in] stored either row-major or column-major, whichever cuBLAS multiplies faster at
-    decode batch sizes (for some shapes the other layout picks a much better GEMV kernel). The result is a
-    [out, in] tensor (possibly a transposed view) holding the only copy of the data."""
-    if weight.device.type != "cuda":
-        return weight
-    candidates = [weight, weight.t().contiguous().t()]
-    timings = []
-    for candidate in candidates:
-        inputs = [torch.randn(b, weight.shape[1], device=weight.device, dtype=weight.dtype) for b in batches]
-        for x in inputs:
-            F.linear(x, candidate)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            for x in inputs:
-                F.linear(x, candidate)
-        end.record()
-        end.synchronize()
-        timings.append(start.elapsed_time(end))
-    return candidates[timings.index(min(timings))]
-
-
-def _relayout(linears: tuple[torch.nn.Linear, ...], fused: torch.Tensor) -> torch.Tensor:
-    best = _fastest_layout(fused)
-    return best if best is fused else _point_into(linears, best)
 
 
 class LlamaDecoder:
@@ -98,10 +54,10 @@ class LlamaDecoder:
             self.layers.append(_Layer(
                 input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm,
                 eps=layer.input_layernorm.variance_epsilon,
-                qkv=_relayout((attn.q_proj, attn.k_proj, attn.v_proj), _fuse(attn.q_proj, attn.k_proj, attn.v_proj)),
-                o=_relayout((attn.o_proj,), attn.o_proj.weight.data),
-                gate_up=_relayout((mlp.gate_proj, mlp.up_proj), _fuse(mlp.gate_proj, mlp.up_proj)),
-                down=_relayout((mlp.down_proj,), mlp.down_proj.weight.data),
+                qkv=relayout((attn.q_proj, attn.k_proj, attn.v_proj), fuse_weights(attn.q_proj, attn.k_proj, attn.v_proj)),
+                o=relayout((attn.o_proj,), attn.o_proj.weight.data),
+                gate_up=relayout((mlp.gate_proj, mlp.up_proj), fuse_weights(mlp.gate_proj, mlp.up_proj)),
+                down=relayout((mlp.down_proj,), mlp.down_proj.weight.data),
             ))
         self._gqa = self.num_kv_heads != self.num_heads
         self.fused = kernels.fused_available(lm_head.weight.device)
@@ -155,16 +111,8 @@ class LlamaDecoder:
         ``chunks`` are ``(slot, start, length)``. Returns each chunk's last hidden state [chunks, hidden]."""
         positions = torch.cat([torch.arange(s, s + n, device=embeds.device) for _, s, n in chunks])
         cos, sin = self._rope(embeds, positions)
-        masks = []
-        for _, start, length in chunks:
-            end = start + length
-            # A later chunk sees the whole cached prefix and is causal within itself.
-            masks.append(None if start == 0 else (torch.arange(end, device=embeds.device)[None, :]
-                                                   <= torch.arange(start, end, device=embeds.device)[:, None]))
-
-        h = self._layers(embeds, cos, sin, prefill_attention(cache, chunks, masks, self._gqa))
-        ends = device_longs([n for _, _, n in chunks], h.device).cumsum(0) - 1
-        return h[ends]
+        attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, embeds.device), self._gqa)
+        return last_rows(self._layers(embeds, cos, sin, attend), chunks)
 
     # -- decode -------------------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from triton_vlm.engine import kernels
-from triton_vlm.engine.attention import decode_attention, prefill_attention
+from triton_vlm.engine.attention import decode_attention, last_rows, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.transfer import device_longs
 from triton_vlm.models.moondream2.text import apply_rotary, rotary_tables
@@ -91,9 +91,7 @@ class MoondreamDecoder:
             horizon = queries.clamp(min=self.prefix_len - 1)
             masks.append(torch.arange(start + length, device=device)[None, :] <= horizon[:, None])
 
-        h = self._layers(embeds, cos, sin, prefill_attention(cache, chunks, masks, self._gqa))
-        ends = device_longs([n for _, _, n in chunks], device).cumsum(0) - 1
-        return h[ends]
+        return last_rows(self._layers(embeds, cos, sin, prefill_attention(cache, chunks, masks, self._gqa)), chunks)
 
     # -- decode -------------------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,

@@ -34,6 +34,11 @@ class Kosmos2Family(ModelFamily):
 
         return Kosmos2ForConditionalGeneration
 
+    def engine_adapter(self) -> Any:
+        from triton_vlm.models.kosmos2_engine import Kosmos2EngineAdapter
+
+        return Kosmos2EngineAdapter()
+
     def render_prompt(self, processor: Any, prompt: str) -> str:
         # The processor itself wraps the text with <s><image>...</image>; a "<grounding>" prefix asks for boxes.
         return prompt

@@ -1,0 +1,96 @@
+"""triton_vlm.engine with the tiny Kosmos-2 on CPU: the same tokens as the batched loop (HF's forward), chunked
+prefill included (chunks that split the image's latents), and the image actually in the prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from triton_vlm.engine import EngineConfig, LLMEngine
+from triton_vlm.generation import generate_batch
+from triton_vlm.models import get_family
+from triton_vlm.sampling import SamplingParams
+
+PROMPTS = ["<grounding>An image of", "What is this?", "hi", "<grounding> Describe this image in detail:"]
+SIZES = [(40, 30), (50, 30), (30, 90), (64, 64)]
+MAX_TOKENS = [10, 7, 15, 12]
+
+
+def noise(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
+
+
+@pytest.fixture(scope="module")
+def loaded() -> tuple[Any, Any, Any]:
+    from triton_vlm.tiny import ensure_tiny_checkpoint
+
+    family = get_family("kosmos2")
+    model, processor = family.load(str(ensure_tiny_checkpoint("kosmos2")), revision=None, dtype=torch.float32,
+                                   device=torch.device("cpu"), local_files_only=True, trust_remote_code=False)
+    return family, model, processor
+
+
+@pytest.fixture(scope="module")
+def reference(loaded: tuple[Any, Any, Any]) -> list[list[int]]:
+    family, model, processor = loaded
+    outputs = generate_batch(family, model, processor, IMAGES, PROMPTS,
+                             [SamplingParams(max_tokens=m) for m in MAX_TOKENS])
+    return [list(o.token_ids) for o in outputs]
+
+
+def engine(loaded: tuple[Any, Any, Any], **config: Any) -> LLMEngine:
+    family, model, processor = loaded
+    return LLMEngine(family, model, processor, EngineConfig(**{"max_model_len": 256, **config}))
+
+
+def items(images: list[Image.Image] = IMAGES) -> list[tuple[Image.Image, str, SamplingParams]]:
+    return [(images[i], PROMPTS[i], SamplingParams(max_tokens=m)) for i, m in enumerate(MAX_TOKENS)]
+
+
+def test_reference_is_worth_matching(reference: list[list[int]]) -> None:
+    assert sum(len(tokens) for tokens in reference) > 20  # not every row stopped at once
+    assert len({tuple(tokens) for tokens in reference}) > 1
+
+
+def test_engine_matches_the_batched_loop(loaded: tuple[Any, Any, Any], reference: list[list[int]]) -> None:
+    kosmos = engine(loaded, max_num_seqs=2)  # requests join as others finish
+    assert kosmos.generate(items()) == reference
+    assert kosmos.cache.free_slots == kosmos.cache.num_slots
+
+
+def test_chunks_that_split_the_image_latents_change_nothing(loaded: tuple[Any, Any, Any],
+                                                             reference: list[list[int]]) -> None:
+    kosmos = engine(loaded, max_num_seqs=4, max_prefill_tokens=16)  # the 64 latents span several chunks
+    starts: list[int] = []
+    schedule = kosmos.scheduler.schedule
+
+    def recording() -> Any:
+        plan = schedule()
+        starts.extend(c.start for c in plan.prefill)
+        return plan
+
+    kosmos.scheduler.schedule = recording  # type: ignore[method-assign]
+    assert kosmos.generate(items()) == reference
+    assert any(0 < start < 64 for start in starts)
+
+
+def test_the_image_reaches_the_decoder(loaded: tuple[Any, Any, Any]) -> None:
+    """The latents replace their placeholders: another image gives other prompt embeddings (and the reference
+    agrees on what it then generates)."""
+    family, model, processor = loaded
+    kosmos = engine(loaded)
+    first, other = (kosmos.prepare(image, PROMPTS[0], SamplingParams(max_tokens=4), lambda out: None)
+                    for image in (IMAGES[0], noise(40, 30, seed=99)))
+    assert first.prompt_ids == other.prompt_ids and len(first.mm_inputs["image_rows"]) == 64
+    embeds = kosmos.adapter.prompt_embeds(model, kosmos.decoder, [first, other])
+    rows = first.mm_inputs["image_rows"]
+    assert not torch.allclose(embeds[0][rows], embeds[1][rows])
+    text_rows = [i for i in range(len(first.prompt_ids)) if i not in set(rows)]
+    assert torch.equal(embeds[0][text_rows], embeds[1][text_rows])
