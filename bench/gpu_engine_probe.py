@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.gpu_engine_profile import GpuTimeline
 from triton_vlm.bench.checkpoints import random_llava_7b
 from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.models import get_family
@@ -67,10 +68,9 @@ def load(name: str, tiny: bool) -> tuple:
     import tempfile
     from pathlib import Path
 
-    from triton_vlm.models.moondream2.family import write_random_checkpoint
+    from triton_vlm.bench.checkpoints import save_random_full_size
 
-    path = Path(tempfile.mkdtemp(prefix="moondream2-random-"))
-    write_random_checkpoint(path, full_size=True, dtype=torch.float16, device=torch.device("cuda"))
+    path = save_random_full_size(name, Path(tempfile.mkdtemp(prefix=f"{name}-random-")), torch.device("cuda"))
     model, processor = family.load(str(path), revision=None, dtype=torch.float16, device=torch.device("cuda"),
                                    local_files_only=True, trust_remote_code=False)
     return family, model, processor
@@ -78,7 +78,10 @@ def load(name: str, tiny: bool) -> tuple:
 
 def decoder_bytes(model) -> int:
     """What one decode step reads at batch 1: the language model's weights."""
-    language = model.text if hasattr(model, "text") else [model.model.language_model, model.lm_head]
+    if hasattr(model, "text_model"):  # kosmos2
+        language = model.text_model
+    else:
+        language = model.text if hasattr(model, "text") else [model.model.language_model, model.lm_head]
     modules = language if isinstance(language, list) else [language]
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
@@ -133,7 +136,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny checkpoint")
-    parser.add_argument("--model", choices=["llava", "moondream2"], default="llava")
+    parser.add_argument("--model", choices=["llava", "moondream2", "kosmos2"], default="llava")
     args = parser.parse_args()
     t = time.perf_counter()
     family, model, processor = load(args.model, args.tiny)
@@ -143,7 +146,7 @@ def main() -> None:
     prompts = ["Describe this image in detail, including the colors, objects and their positions."] * 8
     results: dict = {"model": args.model, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                      "torch": torch.__version__}
-    baseline = hf_generate if args.model == "llava" else loop_generate
+    baseline = loop_generate if args.model == "moondream2" else hf_generate
     results["baseline"] = baseline.__name__
 
     baseline(model, processor, family, images[:1], prompts[:1])  # warm-up
@@ -170,7 +173,13 @@ def main() -> None:
     results["engine_vs_hf_greedy_matching_prefix"] = match
     print("engine b1", b1["output_tok_s"], "ttft", b1["ttft_p50_s"], "match prefix", match, flush=True)
     engine_run(engine, images, prompts, 64, 64)  # warm-up
+    engine.stats = type(engine.stats)()
+    timeline = GpuTimeline(engine.runner) if torch.cuda.is_available() else None
     c64 = engine_run(engine, images, prompts, 64, 192)
+    print(f"engine c64 steps {engine.stats.steps}; host phases " + ", ".join(
+        f"{k} {v:.2f}s" for k, v in engine.stats.seconds.items()), flush=True)
+    if timeline is not None:
+        print(timeline.report(c64["seconds"]), flush=True)
     results["engine_c64_tok_s"] = c64["output_tok_s"]
     results["engine_c64_ttft_p50_s"] = c64["ttft_p50_s"]
     print("engine c64", c64["output_tok_s"], flush=True)

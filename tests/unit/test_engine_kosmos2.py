@@ -89,7 +89,7 @@ def test_the_image_reaches_the_decoder(loaded: tuple[Any, Any, Any]) -> None:
     first, other = (kosmos.prepare(image, PROMPTS[0], SamplingParams(max_tokens=4), lambda out: None)
                     for image in (IMAGES[0], noise(40, 30, seed=99)))
     assert first.prompt_ids == other.prompt_ids and len(first.mm_inputs["image_rows"]) == 64
-    embeds = kosmos.adapter.prompt_embeds(model, kosmos.decoder, [first, other])
+    embeds = kosmos.adapter.prompt_embeds(model, kosmos.decoder, [first, other], kosmos.runner.encode_images)
     rows = first.mm_inputs["image_rows"]
     assert not torch.allclose(embeds[0][rows], embeds[1][rows])
     text_rows = [i for i in range(len(first.prompt_ids)) if i not in set(rows)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,8 +23,19 @@ class EngineAdapter(ABC):
         """The language model's forward over the slot cache (``LlamaDecoder``, ``MoondreamDecoder``)."""
 
     @abstractmethod
-    def prompt_embeds(self, model: Any, decoder: Any, requests: list[EngineRequest]) -> list[torch.Tensor]:
-        """[prompt_len, hidden] embeddings per request, images encoded in one batch."""
+    def encode_images(self, model: Any, pixels: torch.Tensor, *args: Any) -> Any:
+        """The vision tower (and projector) over a batch of images' pixels, on the device."""
+
+    def image_shape(self, model: Any) -> tuple[int, ...] | None:
+        """The one shape every image's pixels reach :meth:`encode_images` in (then the engine may replay it as
+        CUDA graphs); None where shapes vary (moondream2's crops)."""
+        return None
+
+    @abstractmethod
+    def prompt_embeds(self, model: Any, decoder: Any, requests: list[EngineRequest],
+                      encode: Callable[..., Any]) -> list[torch.Tensor]:
+        """[prompt_len, hidden] embeddings per request, images encoded in one batch by ``encode`` (this
+        adapter's :meth:`encode_images` for ``model``, graphed where it can be)."""
 
     @abstractmethod
     def context_length(self, model: Any) -> int: ...

@@ -12,6 +12,7 @@ the fused kernel); graphs are captured the first time a bucket is needed and sha
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from triton_vlm.engine.llama import LlamaDecoder
 from triton_vlm.engine.request import Sequence
 from triton_vlm.engine.scheduler import PrefillChunk
 from triton_vlm.engine.transfer import device_longs
+from triton_vlm.engine.vision import GraphedVision
 
 log = logging.getLogger("triton_vlm")
 
@@ -63,12 +65,17 @@ class ModelRunner:
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        #: The adapter's vision tower for this model; graphed at small batches where images have one shape.
+        self.encode_images: Callable[..., Any] = functools.partial(adapter.encode_images, model)
+        image_shape = adapter.image_shape(model)
+        if self.use_graphs and image_shape is not None:
+            self.encode_images = GraphedVision(self.encode_images, image_shape, model.dtype, self.device)
 
     # -- prompts ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def build_prompt_embeds(self, seqs: list[Sequence]) -> None:
         """Prompt embeddings (image features in place) for newly admitted sequences, vision batched."""
-        embeds = self.adapter.prompt_embeds(self.model, self.decoder, [s.request for s in seqs])
+        embeds = self.adapter.prompt_embeds(self.model, self.decoder, [s.request for s in seqs], self.encode_images)
         for seq, embed in zip(seqs, embeds):
             seq.prompt_embeds = embed
 
@@ -161,6 +168,8 @@ class ModelRunner:
         """Capture every batch bucket ahead of traffic (at the first context bucket, where graphs have them)."""
         if not self.use_graphs:
             return
+        if isinstance(self.encode_images, GraphedVision):
+            self.encode_images.warmup()
         for batch in self.buckets:
             if max_batch and batch > max_batch:
                 break

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from triton_vlm.engine.adapter import EngineAdapter
 from triton_vlm.engine.kosmos2 import Kosmos2Decoder
@@ -21,12 +23,22 @@ class Kosmos2EngineAdapter(EngineAdapter):
     def build_decoder(self, model: Any) -> Kosmos2Decoder:
         return Kosmos2Decoder(model.text_model)
 
-    def prompt_embeds(self, model: Any, decoder: Kosmos2Decoder, requests: list[EngineRequest]) -> list[torch.Tensor]:
+    def encode_images(self, model: Any, pixels: torch.Tensor, *args: Any) -> torch.Tensor:
+        """[images, latent_query_num, dim]: what ``Kosmos2ForConditionalGeneration.forward`` puts in place of the
+        image tokens (vision tower, post-LayerNorm of every position, L2 normalization, the latent-query
+        projection), from its modules: ``get_image_features`` only exists in recent transformers."""
+        hidden = model.vision_model(pixel_values=pixels)[0]
+        hidden = F.normalize(model.vision_model.model.post_layernorm(hidden), dim=-1)
+        return model.image_to_text_projection(hidden)[0]
+
+    def image_shape(self, model: Any) -> tuple[int, ...]:
+        size = model.config.vision_config.image_size
+        return (model.config.vision_config.num_channels, size, size)
+
+    def prompt_embeds(self, model: Any, decoder: Kosmos2Decoder, requests: list[EngineRequest],
+                      encode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
         """[prompt_len, dim] per request (unscaled, as the decoder takes them); images encoded in one batch."""
-        pixels = device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype)
-        features = model.get_image_features(pixel_values=pixels)
-        if not isinstance(features, torch.Tensor):
-            features = features.pooler_output  # the projected latents (transformers 5 returns a model output)
+        features = encode(device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype))
         lengths = [len(r.prompt_ids) for r in requests]
         embeds = decoder.embed_tokens(device_longs([t for r in requests for t in r.prompt_ids], model.device))
         offsets = [0]

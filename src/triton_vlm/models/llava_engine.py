@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,24 +21,33 @@ class LlavaEngineAdapter(EngineAdapter):
     def build_decoder(self, model: Any) -> LlamaDecoder:
         return LlamaDecoder(model.model.language_model, model.lm_head)
 
-    def prompt_embeds(self, model: Any, decoder: LlamaDecoder, requests: list[EngineRequest]) -> list[torch.Tensor]:
-        # Nothing here waits for the device (no pageable copies, no boolean-mask indexing): the decode step
-        # already queued keeps the GPU busy while this is launched.
+    def encode_images(self, model: Any, pixels: torch.Tensor, *args: Any) -> torch.Tensor:
+        """CLIP features through the projector: [images, 576, hidden]."""
         config = model.config
-        pixels = device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype)
         features = model.get_image_features(
             pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy)
         if not isinstance(features, (torch.Tensor, list, tuple)):
             features = features.pooler_output  # transformers >= 5.2x returns a model output
+        return features if isinstance(features, torch.Tensor) else torch.stack(list(features))
+
+    def image_shape(self, model: Any) -> tuple[int, ...]:
+        size = model.config.vision_config.image_size
+        return (model.config.vision_config.num_channels, size, size)
+
+    def prompt_embeds(self, model: Any, decoder: LlamaDecoder, requests: list[EngineRequest],
+                      encode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        # Nothing here waits for the device (no pageable copies, no boolean-mask indexing): the decode step
+        # already queued keeps the GPU busy while this is launched.
+        config = model.config
+        features = encode(device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype))
         # One embedding lookup and one scatter for the whole batch: per-request launches leave the device idle
         # while the host, sharing its GIL with the thread that tokenizes new requests, works through them.
         lengths = [len(r.prompt_ids) for r in requests]
         ids = [token for r in requests for token in r.prompt_ids]
         embeds = decoder.embed_tokens(device_longs(ids, model.device))
         image_rows = [row for row, token in enumerate(ids) if token == config.image_token_id]
-        embeds[device_longs(image_rows, model.device)] = torch.cat(
-            [f.reshape(-1, embeds.shape[-1]) for f in features]).to(embeds.dtype)
+        embeds[device_longs(image_rows, model.device)] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return list(embeds.split(lengths))
 
     def context_length(self, model: Any) -> int:

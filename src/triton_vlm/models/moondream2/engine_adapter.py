@@ -6,6 +6,7 @@ Captions and the region tasks (detect, point) keep the batched loop of :mod:`tri
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,13 +39,18 @@ class Moondream2EngineAdapter(EngineAdapter):
         """BOS and the image attend to each other both ways: they are prefilled in one chunk."""
         return int(model.prefix_length)
 
-    def prompt_embeds(self, model: Any, decoder: MoondreamDecoder,
-                      requests: list[EngineRequest]) -> list[torch.Tensor]:
+    def encode_images(self, model: Any, pixels: torch.Tensor, *args: Any) -> list[torch.Tensor]:
+        """``args``: crops per image and tilings (CPU tensors); one [prefix slots, dim] tensor per image."""
+        counts, tilings = args
+        return model.encode_images(pixels, counts, tilings)
+
+    def prompt_embeds(self, model: Any, decoder: MoondreamDecoder, requests: list[EngineRequest],
+                      encode: Callable[..., list[torch.Tensor]]) -> list[torch.Tensor]:
         """[prompt_len, dim] per request; every request's crops go through the vision encoder in one batch."""
         pixels = device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype)
         counts = torch.tensor([len(r.mm_inputs["pixel_values"]) for r in requests])
         tilings = torch.tensor([r.mm_inputs["tiling"] for r in requests])
-        images = model.encode_images(pixels, counts, tilings)
+        images = encode(pixels, counts, tilings)
         lengths = [len(r.prompt_ids) for r in requests]
         embeds = decoder.embed_tokens(device_longs([t for r in requests for t in r.prompt_ids], model.device))
         starts = [0, *itertools.accumulate(lengths)][:-1]

@@ -1,0 +1,82 @@
+"""triton_vlm.engine.vision: which graph a batch replays, what comes back, and the eager fallbacks. The graphs
+are stood in for on CPU (a replay runs the tower on the static input), so the bookkeeping is what is tested."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from triton_vlm.engine.vision import GraphedVision
+
+WEIGHT = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+
+
+def tower(pixels: torch.Tensor) -> torch.Tensor:
+    """A stand-in vision tower: [n, 3, 2, 2] pixels -> [n, 4, 5] features, each image on its own."""
+    return (pixels.reshape(pixels.shape[0], 12) @ WEIGHT).reshape(-1, 1, 5).expand(-1, 4, 5) + 1.0
+
+
+class FakeGraph:
+    def __init__(self, run: Any) -> None:
+        self.replay = run
+
+
+@pytest.fixture
+def vision(monkeypatch: pytest.MonkeyPatch) -> tuple[GraphedVision, list[int]]:
+    graphed = GraphedVision(tower, (3, 2, 2), torch.float32, torch.device("cpu"))
+    captured: list[int] = []
+
+    def capture(bucket: int) -> tuple[FakeGraph, torch.Tensor]:
+        captured.append(bucket)
+        pixels = graphed._pixels[:bucket]
+        features = tower(pixels).clone()
+        return FakeGraph(lambda: features.copy_(tower(pixels))), features
+
+    monkeypatch.setattr(graphed, "_capture", capture)
+    return graphed, captured
+
+
+def pixels(count: int, seed: int) -> torch.Tensor:
+    return torch.randn(count, 3, 2, 2, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_batch_replays_the_next_bucket_up_and_gets_its_own_rows(vision: tuple[GraphedVision, list[int]]) -> None:
+    graphed, captured = vision
+    three = pixels(3, seed=1)
+    assert torch.equal(graphed(three), tower(three))
+    assert captured == [4]
+    two = pixels(2, seed=2)
+    first = graphed(two)
+    assert torch.equal(first, tower(two)) and captured == [4, 2]
+    graphed(pixels(2, seed=3))  # the same graph again: what the first call returned must not change
+    assert torch.equal(first, tower(two)) and captured == [4, 2]
+
+
+def test_batches_over_the_largest_bucket_run_eagerly(vision: tuple[GraphedVision, list[int]]) -> None:
+    graphed, captured = vision
+    many = pixels(17, seed=4)
+    assert torch.equal(graphed(many), tower(many)) and captured == []
+
+
+def test_a_failed_capture_leaves_the_tower_eager_for_good(vision: tuple[GraphedVision, list[int]],
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    graphed, _ = vision
+
+    def broken(bucket: int) -> Any:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "_capture", broken)
+    one = pixels(1, seed=5)
+    assert torch.equal(graphed(one), tower(one))
+    assert graphed.eager and "runs eagerly" in caplog.text
+    graphed.warmup()  # nothing more to try
+    assert torch.equal(graphed(pixels(1, seed=6)), tower(pixels(1, seed=6)))
+
+
+def test_warmup_captures_every_bucket(vision: tuple[GraphedVision, list[int]]) -> None:
+    graphed, captured = vision
+    graphed.warmup()
+    assert captured == [1, 2, 4, 8, 16]
