@@ -136,7 +136,8 @@ if triton is not None:
                                        SPLIT: tl.constexpr, BLOCK: tl.constexpr):
         # One (row, KV head, split): the GROUP query heads sharing that KV head (padded to HEADS >= 16 rows for
         # tensor-core dots), online softmax over positions [split * SPLIT, (split + 1) * SPLIT) below the row's
-        # length. Masked loads past the length fetch nothing, so short rows cost little.
+        # length. The loop stops at the length: a split past it only stores an empty partial (total 0), so a
+        # short row in a long cache (kosmos2's ~150 of 768 positions) costs what its positions cost.
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -151,7 +152,8 @@ if triton is not None:
         m = tl.full([HEADS], -1.0e30, tl.float32)
         total = tl.zeros([HEADS], tl.float32)
         acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
-        for offset in range(0, SPLIT, BLOCK):
+        span = tl.minimum(tl.maximum(length - split * SPLIT, 0), SPLIT)
+        for offset in range(0, span, BLOCK):
             positions = split * SPLIT + offset + tl.arange(0, BLOCK)
             valid = positions < length
             where = base + positions[:, None] * kv_pos_stride + dims[None, :]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from triton_vlm.engine import kernels
 from triton_vlm.engine.attention import causal_chunk_masks, decode_attention, last_rows, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine.weights import fuse_weights, relayout
+from triton_vlm.engine.weights import fuse_weights, output_weight, relayout
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Kosmos2Decoder:
         self.head_dim = config.embed_dim // config.attention_heads
         self.num_layers = len(transformer.layers)
         self.vocab_size = self.lm_head.weight.shape[0]
+        self.lm_weight = output_weight(self.lm_head, self.embed_tokens)
         # Plain torch ops but for decode attention, whose kernel reads each row's length on the device.
         self.fused = kernels.fused_available(self.lm_head.weight.device)
         self.blocks = []
@@ -80,7 +81,7 @@ class Kosmos2Decoder:
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.transformer.layer_norm(hidden))
+        return F.linear(self.transformer.layer_norm(hidden), self.lm_weight)
 
     def prefill(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache) -> torch.Tensor:
         """Packed prompt chunks (``(slot, start, length)``; ``embeds`` [tokens, dim] unscaled, image rows in

@@ -16,7 +16,7 @@ from triton_vlm.engine import kernels
 from triton_vlm.engine.attention import (causal_chunk_masks, decode_attention, last_rows,
                                          prefill_attention)
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine.weights import fuse_weights, relayout
+from triton_vlm.engine.weights import fuse_weights, output_weight, relayout
 
 
 @dataclass
@@ -48,6 +48,7 @@ class LlamaDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_layers = config.num_hidden_layers
         self.vocab_size = lm_head.weight.shape[0]
+        self.lm_weight = output_weight(lm_head, self.embed_tokens)
         self.layers = []
         for layer in language_model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -103,7 +104,7 @@ class LlamaDecoder:
         return residual + x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        return F.linear(self.norm(hidden), self.lm_weight)
 
     # -- prefill ------------------------------------------------------------------------------------------
     def prefill(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache) -> torch.Tensor:

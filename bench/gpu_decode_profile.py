@@ -1,0 +1,42 @@
+"""One decode step of an engine model on the GPU, kernel by kernel (full-size random fp16 weights).
+
+python bench/gpu_decode_profile.py --model kosmos2 [--batch 64] [--context 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.gpu_engine_probe import load
+from bench.gpu_engine_profile import timed
+from triton_vlm.engine import EngineConfig, LLMEngine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["llava", "moondream2", "kosmos2"], default="kosmos2")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=150, help="positions each row attends to")
+    args = parser.parse_args()
+    family, model, processor = load(args.model, tiny=False)
+    engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=768, max_num_seqs=64))
+    runner = engine.runner
+    runner.warmup()
+    for batch in sorted({1, args.batch}):
+        runner._step_inputs[0, :batch] = args.context - 1  # write position
+        runner._step_inputs[1, :batch] = args.context  # attended length
+        graph, _ = runner._graphs[(batch, None)]
+        print(f"{args.model} decode batch {batch}, context {args.context}: graph {timed(graph.replay):.2f} ms",
+              flush=True)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            runner._decode_step(args.batch, None)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+
+
+if __name__ == "__main__":
+    main()
