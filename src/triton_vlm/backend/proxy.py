@@ -8,6 +8,7 @@ continuously, and plain ``infer`` clients get the engine's throughput. It import
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -26,12 +27,9 @@ class ForwardingModel:
         self.target = params["forward_to"]["string_value"]
         self.outputs = [output["name"] for output in config["output"]]
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        # Issue every request before reading any answer, so the whole batch reaches the engine together. All
-        # from this one thread: async_exec runs each decoupled BLS call on a worker thread of its own, and those
-        # concurrent calls crashed Triton 2.51's stub under load (SIGSEGV in native code, then the server's
-        # abort; triton-inference-server/server#8922 reports the same race in 2.70 as "Invalid argument").
-        streams = [self._forward(r).exec(decoupled=True) for r in requests]
+    async def execute(self, requests: list[Any]) -> list[Any]:
+        # Issue every request before waiting on any, so the whole batch reaches the engine together.
+        streams = await asyncio.gather(*(self._forward(r).async_exec(decoupled=True) for r in requests))
         return [self._collect(stream) for stream in streams]
 
     def _forward(self, request: Any) -> Any:
