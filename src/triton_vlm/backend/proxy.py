@@ -28,7 +28,10 @@ class ForwardingModel:
         self.outputs = [output["name"] for output in config["output"]]
 
     async def execute(self, requests: list[Any]) -> list[Any]:
-        # Issue every request before waiting on any, so the whole batch reaches the engine together.
+        # Issue every request before waiting on any, so the whole batch reaches the engine together. (A plain
+        # exec(decoupled=True) per request would wait for each answer in turn.) Known upstream: under heavy load
+        # async_exec's concurrent decoupled calls at times crash Triton 2.51's stub (server#8922 reports the
+        # race in 2.70); the supervisor then restarts what died. docs/reliability.md has the details.
         streams = await asyncio.gather(*(self._forward(r).async_exec(decoupled=True) for r in requests))
         return [self._collect(stream) for stream in streams]
 
