@@ -138,6 +138,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU dry run on the tiny checkpoint")
     parser.add_argument("--model", choices=["llava", "moondream2", "kosmos2"], default="llava")
     args = parser.parse_args()
+    if torch.cuda.is_available():
+        # The engine keeps SDPA off cuDNN in its process; the baseline runs with the same attention kernels, so
+        # the greedy comparison below measures the engine, not cuDNN's rounding against flash attention's.
+        from triton_vlm.engine.attention import avoid_per_shape_attention_plans
+
+        avoid_per_shape_attention_plans(torch.device("cuda"))
     t = time.perf_counter()
     family, model, processor = load(args.model, args.tiny)
     print(f"built model in {time.perf_counter() - t:.1f}s", flush=True)
