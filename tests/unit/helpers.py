@@ -7,6 +7,7 @@ import socket
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -62,3 +63,21 @@ def truncated_animated_gif() -> bytes:
     """A 2-frame GIF cut off 10 bytes into its second frame (an interrupted upload of an animation)."""
     first_frame_only = encode(Image.fromarray(rgb_array(24, 20, seed=0)), "GIF")
     return multi_frame("GIF")[: len(first_frame_only) + 10]
+
+
+def noise(width: int, height: int, seed: int) -> Image.Image:
+    """An RGB image of uniform noise."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def load_tiny(family_name: str) -> tuple[Any, Any, Any]:
+    """``(family, model, processor)``: ``family_name``'s tiny checkpoint on CPU in float32."""
+    import torch
+
+    from triton_vlm.models import get_family
+    from triton_vlm.tiny import ensure_tiny_checkpoint
+
+    family = get_family(family_name)
+    model, processor = family.load(str(ensure_tiny_checkpoint(family_name)), revision=None, dtype=torch.float32,
+                                   device=torch.device("cpu"), local_files_only=True, trust_remote_code=False)
+    return family, model, processor

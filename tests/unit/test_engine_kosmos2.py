@@ -5,23 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.generation import generate_batch
-from triton_vlm.models import get_family
 from triton_vlm.sampling import SamplingParams
+
+from .helpers import load_tiny, noise
 
 PROMPTS = ["<grounding>An image of", "What is this?", "hi", "<grounding> Describe this image in detail:"]
 SIZES = [(40, 30), (50, 30), (30, 90), (64, 64)]
 MAX_TOKENS = [10, 7, 15, 12]
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
@@ -29,12 +25,7 @@ IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
 
 @pytest.fixture(scope="module")
 def loaded() -> tuple[Any, Any, Any]:
-    from triton_vlm.tiny import ensure_tiny_checkpoint
-
-    family = get_family("kosmos2")
-    model, processor = family.load(str(ensure_tiny_checkpoint("kosmos2")), revision=None, dtype=torch.float32,
-                                   device=torch.device("cpu"), local_files_only=True, trust_remote_code=False)
-    return family, model, processor
+    return load_tiny("kosmos2")
 
 
 @pytest.fixture(scope="module")

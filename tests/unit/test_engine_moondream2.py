@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.generation import generate_batch
-from triton_vlm.models import get_family
 from triton_vlm.sampling import SamplingParams
+
+from .helpers import load_tiny, noise
 
 PROMPTS = ["What is this?", "Describe the colours, the shapes and everything else you can see in the picture.",
            "count 1 2 3", "Is there a cat?"]
@@ -22,21 +22,12 @@ SIZES = [(30, 30), (90, 60), (200, 40), (64, 64)]
 MAX_TOKENS = [9, 14, 5, 11]
 
 
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
 
 
 @pytest.fixture(scope="module")
 def loaded() -> tuple[Any, Any, Any]:
-    from triton_vlm.tiny import ensure_tiny_checkpoint
-
-    family = get_family("moondream2")
-    model, processor = family.load(str(ensure_tiny_checkpoint("moondream2")), revision=None, dtype=torch.float32,
-                                   device=torch.device("cpu"), local_files_only=True, trust_remote_code=False)
-    return family, model, processor
+    return load_tiny("moondream2")
 
 
 @pytest.fixture(scope="module")
