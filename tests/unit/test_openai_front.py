@@ -84,15 +84,18 @@ class FakeGateway:
             raise self.fail
         return Piece("The answer.", 40, 3, "stop", entities=ENTITIES if entities else None)
 
-    async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling) -> AsyncIterator[Piece]:
+    async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
+                     entities: bool = False) -> AsyncIterator[Piece]:
         self.calls.append(("stream", model, image, prompt, sampling))
+        self.asked_entities.append(entities)
         try:
             if self.fail:
                 raise self.fail
             for i, word in enumerate(["The", " answer", "."]):
                 if i == 2 and self.fail_after_pieces:
                     raise self.fail_after_pieces
-                yield Piece(word, 40, i + 1, "length" if i == 2 else "")
+                last = i == 2
+                yield Piece(word, 40, i + 1, "length" if last else "", entities=ENTITIES if entities and last else None)
         finally:
             self.closed_streams += 1
 
@@ -383,7 +386,7 @@ def test_streaming_events(client: TestClient, gateway: FakeGateway) -> None:
     assert gateway.calls[-1][0] == "stream" and gateway.closed_streams == 1
     plain = events(chat(client, stream=True).text)
     assert all("usage" not in c for c in plain[:-1])
-    # kosmos2 has no kosmos2_stream: the whole answer in one chunk, its entities on the last one
+    # A model without a <model>_stream (as this fake kosmos2): the whole answer in one chunk, entities on the last
     whole = events(chat(client, model="kosmos2", stream=True).text)
     assert [c["choices"][0]["delta"] for c in whole[:-1]] == [{"role": "assistant", "content": ""},
                                                               {"content": "The answer."}, {"entities": ENTITIES}]
@@ -688,3 +691,18 @@ def test_a_client_that_leaves_cancels_its_whole_answer_request(gateway: FakeGate
     gateway.hold.set()
     with make_client(gateway) as client:  # and the front goes on serving
         assert chat(client).status_code == 200
+
+
+def test_a_streaming_model_with_entities_sends_them_on_the_last_chunk(client: TestClient,
+                                                                      gateway: FakeGateway) -> None:
+    """kosmos2 on an engine host streams from kosmos2_stream: its last piece carries the entities."""
+    served = {"kosmos2": ServedModel("kosmos2", True, entities=True)}
+
+    async def models(refresh: bool = False) -> dict[str, ServedModel]:
+        return served
+
+    gateway.models = models  # type: ignore[method-assign]
+    chunks = events(chat(client, model="kosmos2", stream=True).text)
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
+    assert deltas[-1] == {"entities": ENTITIES} and all("entities" not in d for d in deltas[:-1])
+    assert gateway.calls[-1][0] == "stream" and gateway.asked_entities == [True]

@@ -279,7 +279,7 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                 return JSONResponse(answer_body.model_dump(mode="json", exclude=hidden))
 
             if model.streams:
-                pieces = gateway.stream(model.name, image, chat.prompt, sampling)
+                pieces = gateway.stream(model.name, image, chat.prompt, sampling, entities=model.entities)
             else:
                 pieces = _one(gateway.infer(model.name, image, chat.prompt, sampling, entities=model.entities))
             try:  # the first piece before the 200: an error up to here still gets its own status

@@ -156,15 +156,17 @@ class TritonGateway:
             raise self._error(exc, model) from None
         return _piece(result, entities=entities)
 
-    async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling) -> AsyncIterator[Piece]:
-        """Pieces of the answer as ``<model>_stream`` generates them; the last has a finish reason. Closing the
-        iterator early cancels the request in Triton."""
+    async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
+                     entities: bool = False) -> AsyncIterator[Piece]:
+        """Pieces of the answer as ``<model>_stream`` generates them; the last has a finish reason (and, with
+        ``entities``, the model's ``entities`` output). Closing the iterator early cancels the request in
+        Triton."""
         import tritonclient.grpc as grpc_module
 
         target = f"{model}{STREAM_SUFFIX}"
         inputs = _inputs(grpc_module, image, prompt, sampling)
         inputs.append(_tensor(grpc_module, "stream", np.array([[True]], dtype=np.bool_), "BOOL"))
-        outputs = [grpc_module.InferRequestedOutput(name) for name in OUTPUTS]
+        outputs = [grpc_module.InferRequestedOutput(name) for name in (*OUTPUTS, *([ENTITIES] if entities else []))]
         finished = asyncio.Event()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
@@ -186,6 +188,8 @@ class TritonGateway:
                     raise self._error(error, target)
                 piece = _piece(result)
                 ended = bool(piece.finish_reason)
+                if ended and entities:  # only the final response carries them
+                    piece = _piece(result, entities=True)
                 yield piece
                 if ended:
                     return
