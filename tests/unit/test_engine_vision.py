@@ -54,10 +54,13 @@ def test_a_batch_replays_the_next_bucket_up_and_gets_its_own_rows(vision: tuple[
     assert torch.equal(first, tower(two)) and captured == [4, 2]
 
 
-def test_batches_over_the_largest_bucket_run_eagerly(vision: tuple[GraphedVision, list[int]]) -> None:
+def test_batches_over_the_largest_bucket_or_of_another_shape_run_eagerly(
+        vision: tuple[GraphedVision, list[int]]) -> None:
     graphed, captured = vision
     many = pixels(17, seed=4)
     assert torch.equal(graphed(many), tower(many)) and captured == []
+    other = torch.randn(2, 3, 1, 4, generator=torch.Generator().manual_seed(7))  # 12 values a row, not 3x2x2
+    assert torch.equal(graphed(other), tower(other)) and captured == []
 
 
 def test_a_failed_capture_leaves_the_tower_eager_for_good(vision: tuple[GraphedVision, list[int]],

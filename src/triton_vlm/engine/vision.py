@@ -36,8 +36,8 @@ class GraphedVision:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         count = pixels.shape[0]
         bucket = next((b for b in self.buckets if b >= count), None)
-        if bucket is None or self.eager or not self._ready(bucket):
-            return self.encode(pixels)
+        if bucket is None or self.eager or pixels.shape[1:] != self._pixels.shape[1:] or not self._ready(bucket):
+            return self.encode(pixels)  # too many images, no graphs, or another shape than the model's own
         graph, features = self._graphs[bucket]
         self._pixels[:count].copy_(pixels)
         graph.replay()
