@@ -174,7 +174,9 @@ def test_engine_overload_is_refused_quickly(faulty: FaultServer) -> None:
     client.close()
     refused = [r for r in results if r[0] == "ModelUnavailableError"]
     assert len(refused) + sum(r[0] == "ok" for r in results) == len(results), results
-    assert refused and len(refused) <= 28 - 16, results  # 16 fit at once (later ones may find room again)
+    # Some are refused, and at least the 4 the engine runs are served. (16 fit at once in the engine, but a
+    # burst can also fill Triton's queue in front of it before execute drains it: a CI run saw 13 refused.)
+    assert refused and len(refused) <= 28 - 4, results
     # Mostly the engine's own bound ("limit 16"); under a burst Triton's queue in front of it may refuse first.
     assert all("overloaded" in message and ("limit 16" in message or "queue" in message)
                for _, _, message in refused), refused

@@ -12,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,10 +265,10 @@ class FakeControl:
         return {m: {"state": "UNLOADING" if m == unloading else self.state, "reason": ""}
                 for m in ("llava", "kosmos2", "llava_stream")}
 
-    def unload(self, model: str) -> None:
+    def unload(self, model: str, alive: Any = None) -> None:
         self.calls.append(("unload", model))
 
-    def load(self, model: str) -> None:
+    def load(self, model: str, alive: Any = None) -> None:
         self.calls.append(("load", model))
 
     def live(self, timeout: float = 5.0) -> bool:
@@ -348,7 +350,7 @@ def test_supervisor_reports_a_failed_reload(tmp_path: Path) -> None:
     stub = _fake_stub(tmp_path, "llava", "llava_0_0")
 
     class Failing(FakeControl):
-        def load(self, model: str) -> None:
+        def load(self, model: str, alive: Any = None) -> None:
             raise RuntimeError("HTTP 400: failed to load")
 
     try:
@@ -361,6 +363,52 @@ def test_supervisor_reports_a_failed_reload(tmp_path: Path) -> None:
         assert event.error == "HTTP 400: failed to load" and event.ready_after_s is None
     finally:
         stub.wait()
+
+
+@pytest.fixture
+def repository_api() -> Iterator[tuple[str, threading.Event]]:
+    """A stand-in for Triton's repository API: loads of "slow" wait until released, "bad" is refused."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if "/bad/" in self.path:
+                self.send_response(400)
+                self.end_headers()
+                self.wfile.write(b"failed to load")
+                return
+            if "/slow/" in self.path:
+                release.wait(30)
+            self.send_response(200)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}", release
+    release.set()
+    server.shutdown()
+
+
+def test_a_reload_call_is_given_up_when_the_server_dies_during_it(repository_api: tuple[str, threading.Event]) -> None:
+    """The supervisor's load waits for a server that may abort meanwhile: it stops waiting as soon as the
+    server is gone (else the restart waited out the call's 300 s timeout), and works as before otherwise."""
+    url, release = repository_api
+    control = supervisor.ModelControl(url, "key", timeout=60)
+    control.load("fast", alive=lambda: True)
+    with pytest.raises(RuntimeError, match="HTTP 400: failed to load"):
+        control.load("bad", alive=lambda: True)
+    gone_at = time.monotonic() + 0.3
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="tritonserver exited during the call"):
+        control.load("slow", alive=lambda: time.monotonic() < gone_at)
+    assert time.monotonic() - started < 0.3 + 2 * supervisor.ALIVE_POLL_S
+    release.set()
 
 
 def test_supervisor_watches_a_restarted_server() -> None:

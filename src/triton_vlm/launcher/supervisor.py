@@ -156,15 +156,41 @@ class ModelControl:
         self.headers = {ADMIN_HEADER: admin_key, "Content-Type": "application/json"}
         self.timeout = timeout
 
-    def _post(self, path: str, body: dict | None = None) -> bytes:
+    def _post(self, path: str, body: dict | None = None, alive: Callable[[], bool] | None = None) -> bytes:
+        """POST to the repository API. With ``alive``, the call is given up as soon as it says the server is gone:
+        a load can rightly take minutes, but one sent to a server that then aborted may hang to the timeout
+        (its connection stays open in the stubs), and the server is not started again meanwhile."""
         request = urllib.request.Request(self.base + path, data=json.dumps(body or {}).encode(), method="POST",
                                          headers=self.headers)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            raise RuntimeError(f"{path}: HTTP {exc.code}: {detail}") from None
+
+        def call() -> bytes:
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")
+                raise RuntimeError(f"{path}: HTTP {exc.code}: {detail}") from None
+
+        if alive is None:
+            return call()
+        outcome: list[bytes | BaseException] = []
+
+        def run() -> None:
+            try:
+                outcome.append(call())
+            except BaseException as exc:  # handed to the waiting thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, name="triton-vlm-control", daemon=True)  # dies with us if left
+        worker.start()
+        while worker.is_alive():
+            worker.join(ALIVE_POLL_S)
+            if worker.is_alive() and not alive():
+                raise RuntimeError(f"{path}: tritonserver exited during the call")
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def index(self) -> dict[str, dict[str, str]]:
         """Every model of the repository: ``{name: {"state": READY|UNAVAILABLE|..., "reason": ...}}``."""
@@ -179,11 +205,11 @@ class ModelControl:
         except (OSError, ValueError):
             return False
 
-    def load(self, model: str) -> None:
-        self._post(f"/models/{model}/load")
+    def load(self, model: str, alive: Callable[[], bool] | None = None) -> None:
+        self._post(f"/models/{model}/load", alive=alive)
 
-    def unload(self, model: str) -> None:
-        self._post(f"/models/{model}/unload")
+    def unload(self, model: str, alive: Callable[[], bool] | None = None) -> None:
+        self._post(f"/models/{model}/unload", alive=alive)
 
 
 @dataclass
@@ -197,6 +223,8 @@ class RecoveryEvent:
 
 #: Seconds a server may go on running after its crash handler began, before it counts as hung there.
 CRASH_GRACE_S = 5.0
+#: How often a long repository call checks that the server it waits for still runs.
+ALIVE_POLL_S = 0.5
 #: Triton's crash handler line, for the signals that end a process (not SIGINT/SIGTERM: a normal stop).
 _FATAL_SIGNAL_LINE = re.compile(rb"^Signal \((4|6|7|8|11)\) received\.", re.MULTILINE)
 
@@ -381,9 +409,9 @@ class StubSupervisor:
         with self._lock:
             self.events.append(event)
         try:
-            self.control.unload(model)  # readiness of the model (and the server) now says 400, truthfully
+            self.control.unload(model, alive=self._server_alive)  # readiness now says 400, truthfully
             self._wait_unloaded(model)
-            self.control.load(model)
+            self.control.load(model, alive=self._server_alive)
         except Exception as exc:
             event.error = str(exc)
             log.error("model %s: reloading after its stub died failed: %s; it stays unavailable", model, exc)
@@ -391,6 +419,9 @@ class StubSupervisor:
         event.ready_after_s = time.monotonic() - event.started
         log.warning("model %s: reloaded in %.1fs after its stub died; serving again", model, event.ready_after_s)
         return True
+
+    def _server_alive(self) -> bool:
+        return process_state(self.server_pid) not in (None, "Z")
 
     def _wait_unloaded(self, model: str) -> None:
         """Until Triton stops calling ``model`` READY. Not until it is unloaded: requests that were in flight on
