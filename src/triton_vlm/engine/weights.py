@@ -59,9 +59,7 @@ def output_weight(lm_head: torch.nn.Linear, embeddings: torch.nn.Embedding) -> t
     """``lm_head``'s weight in :func:`_fastest_layout` (at batch 64 one layout picked a 290 us GEMM, three times
     the bandwidth bound, for kosmos2's 65k-token vocabulary). A weight tied to the embeddings keeps its rows for
     them: the other layout then becomes a copy of its own."""
-    best = _fastest_layout(lm_head.weight.data)
-    if best is lm_head.weight.data:
-        return best
-    if lm_head.weight.data_ptr() == embeddings.weight.data_ptr():
-        return best
-    return _point_into((lm_head,), best)
+    weight = lm_head.weight.data
+    if weight.data_ptr() == embeddings.weight.data_ptr():
+        return _fastest_layout(weight)
+    return relayout((lm_head,), weight)
