@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from triton_vlm.engine.request import EngineRequest
+from triton_vlm.engine.transfer import device_longs, device_pixels
 
 
 class EngineAdapter(ABC):
@@ -16,11 +18,13 @@ class EngineAdapter(ABC):
 
     @abstractmethod
     def prepare(self, family: Any, processor: Any, image: Any, prompt: str) -> tuple[list[int], dict[str, Any]]:
-        """Prompt token ids (image placeholders expanded) and the multimodal inputs for one request."""
+        """Prompt token ids (image placeholders expanded) and the multimodal inputs for one request: at least
+        ``pixel_values`` and ``image_rows``, the prompt positions that take the image's features, in order."""
 
     @abstractmethod
     def build_decoder(self, model: Any) -> Any:
-        """The language model's forward over the slot cache (``LlamaDecoder``, ``MoondreamDecoder``)."""
+        """The language model's forward over the slot cache (``LlamaDecoder``, ``MoondreamDecoder``,
+        ``Kosmos2Decoder``)."""
 
     @abstractmethod
     def encode_images(self, model: Any, pixels: torch.Tensor, *args: Any) -> Any:
@@ -31,11 +35,25 @@ class EngineAdapter(ABC):
         CUDA graphs); None where shapes vary (moondream2's crops)."""
         return None
 
-    @abstractmethod
+    def image_features(self, model: Any, requests: list[EngineRequest], encode: Callable[..., Any]) -> torch.Tensor:
+        """The requests' images through ``encode`` (this adapter's :meth:`encode_images` for ``model``, graphed
+        where it can be) in one batch: a row per image row of the prompts, in order."""
+        return encode(device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype))
+
     def prompt_embeds(self, model: Any, decoder: Any, requests: list[EngineRequest],
                       encode: Callable[..., Any]) -> list[torch.Tensor]:
-        """[prompt_len, hidden] embeddings per request, images encoded in one batch by ``encode`` (this
-        adapter's :meth:`encode_images` for ``model``, graphed where it can be)."""
+        """[prompt_len, hidden] embeddings per request, image features at their ``image_rows``.
+
+        One embedding lookup and one scatter for the whole batch, and nothing that waits for the device (no
+        pageable copies, no boolean-mask indexing): per-request launches would leave the device idle while the
+        host, sharing its GIL with the thread that tokenizes new requests, works through them."""
+        features = self.image_features(model, requests, encode)
+        lengths = [len(r.prompt_ids) for r in requests]
+        embeds = decoder.embed_tokens(device_longs([t for r in requests for t in r.prompt_ids], model.device))
+        rows = [start + row for start, r in zip(itertools.accumulate([0, *lengths]), requests)
+                for row in r.mm_inputs["image_rows"]]
+        embeds[device_longs(rows, model.device)] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        return list(embeds.split(lengths))
 
     @abstractmethod
     def context_length(self, model: Any) -> int: ...
@@ -47,3 +65,8 @@ class EngineAdapter(ABC):
     def accepts(self, task: str | None) -> bool:
         """Whether the engine runs requests of ``task`` (normalized; None: the family's default)."""
         return task is None
+
+
+def vision_tower_shape(vision_config: Any) -> tuple[int, int, int]:
+    """``(channels, size, size)``: the pixels a Hugging Face vision config's tower takes (CLIP-like)."""
+    return (vision_config.num_channels, vision_config.image_size, vision_config.image_size)

@@ -58,6 +58,11 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
     return attend
 
 
+def chunk_positions(chunks: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
+    """The prompt positions of packed chunks ``(slot, start, length)``, back to back: [tokens]."""
+    return torch.cat([torch.arange(start, start + length, device=device) for _, start, length in chunks])
+
+
 def causal_chunk_masks(chunks: list[tuple[int, int, int]], device: torch.device) -> list[torch.Tensor | None]:
     """Masks for :func:`prefill_attention` over causal prompts: a chunk from position 0 is plain causal (None);
     a later one sees the whole cached prefix and is causal within itself."""

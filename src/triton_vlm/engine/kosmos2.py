@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
-from triton_vlm.engine.attention import causal_chunk_masks, decode_attention, last_rows, prefill_attention
+from triton_vlm.engine.attention import (causal_chunk_masks, chunk_positions, decode_attention, last_rows,
+                                         prefill_attention)
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.weights import fuse_weights, output_weight, relayout
 
@@ -87,7 +88,7 @@ class Kosmos2Decoder:
         """Packed prompt chunks (``(slot, start, length)``; ``embeds`` [tokens, dim] unscaled, image rows in
         place). Returns each chunk's last hidden state [chunks, dim]."""
         device = embeds.device
-        positions = torch.cat([torch.arange(s, s + n, device=device) for _, s, n in chunks])
+        positions = chunk_positions(chunks, device)
         attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, device), gqa=False)
         return last_rows(self._layers(self.embed(embeds, positions), attend), chunks)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
-from triton_vlm.engine.attention import (causal_chunk_masks, decode_attention, last_rows,
+from triton_vlm.engine.attention import (causal_chunk_masks, chunk_positions, decode_attention, last_rows,
                                          prefill_attention)
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.weights import fuse_weights, output_weight, relayout
@@ -55,7 +55,8 @@ class LlamaDecoder:
             self.layers.append(_Layer(
                 input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm,
                 eps=layer.input_layernorm.variance_epsilon,
-                qkv=relayout((attn.q_proj, attn.k_proj, attn.v_proj), fuse_weights(attn.q_proj, attn.k_proj, attn.v_proj)),
+                qkv=relayout((attn.q_proj, attn.k_proj, attn.v_proj),
+                             fuse_weights(attn.q_proj, attn.k_proj, attn.v_proj)),
                 o=relayout((attn.o_proj,), attn.o_proj.weight.data),
                 gate_up=relayout((mlp.gate_proj, mlp.up_proj), fuse_weights(mlp.gate_proj, mlp.up_proj)),
                 down=relayout((mlp.down_proj,), mlp.down_proj.weight.data),
@@ -110,7 +111,7 @@ class LlamaDecoder:
     def prefill(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache) -> torch.Tensor:
         """Run packed prompt chunks. ``embeds`` [tokens, hidden] holds the chunks back to back;
         ``chunks`` are ``(slot, start, length)``. Returns each chunk's last hidden state [chunks, hidden]."""
-        positions = torch.cat([torch.arange(s, s + n, device=embeds.device) for _, s, n in chunks])
+        positions = chunk_positions(chunks, embeds.device)
         cos, sin = self._rope(embeds, positions)
         attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, embeds.device), self._gqa)
         return last_rows(self._layers(embeds, cos, sin, attend), chunks)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from triton_vlm.engine import kernels
-from triton_vlm.engine.attention import decode_attention, last_rows, prefill_attention
+from triton_vlm.engine.attention import chunk_positions, decode_attention, last_rows, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.transfer import device_longs
 from triton_vlm.models.moondream2.text import apply_rotary, rotary_tables
@@ -82,7 +82,7 @@ class MoondreamDecoder:
         """Run packed prompt chunks (``(slot, start, length)``, back to back in ``embeds`` [tokens, dim]); a chunk
         from position 0 holds at least the whole prefix. Returns each chunk's last hidden state [chunks, dim]."""
         device = embeds.device
-        positions = torch.cat([torch.arange(s, s + n, device=device) for _, s, n in chunks])
+        positions = chunk_positions(chunks, device)
         cos, sin = self._rope(positions)
         masks = []
         for _, start, length in chunks:
