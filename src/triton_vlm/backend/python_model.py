@@ -13,8 +13,8 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 from triton_vlm.backend.metrics import BackendMetrics
-from triton_vlm.backend.requests import (declared_extra_outputs, error_response, output_response, parse_request,
-                                         runtime_from_args)
+from triton_vlm.backend.requests import (declared_extra_outputs, error_response, extra_values, output_response,
+                                         parse_request, runtime_from_args)
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.generation import GenerationOutput
@@ -102,8 +102,8 @@ def answer_response(metrics: BackendMetrics, extra_outputs: dict[str, str], outp
     """A finished generation's response, its request observed in ``metrics`` (``received``: perf_counter)."""
     metrics.observe_request(received, output.first_token_at, output.finished_at or time.perf_counter(),
                             len(output.token_ids), output.prompt_tokens)
-    extras = {name: output.extras.get(name, default) for name, default in extra_outputs.items()}
-    return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason, extras)
+    return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason,
+                           extra_values(extra_outputs, output.extras))
 
 
 def failure_response(metrics: BackendMetrics, exc: TritonVLMError, *, tagged: bool = False) -> Any:

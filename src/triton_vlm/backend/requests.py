@@ -90,6 +90,11 @@ def declared_extra_outputs(args: dict[str, str], defaults: Mapping[str, str]) ->
     return {name: value for name, value in defaults.items() if name in declared}
 
 
+def extra_values(declared: Mapping[str, str], found: Mapping[str, str]) -> dict[str, str]:
+    """Every declared extra output (name -> value when a response has none) with the value ``found`` for it."""
+    return {name: found.get(name, default) for name, default in declared.items()}
+
+
 def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish_reason: str | None,
                     extras: Mapping[str, str] | None = None) -> Any:
     """The response tensors; ``extras`` are further STRING outputs (e.g. kosmos2's ``entities`` JSON)."""

@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils
 
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.python_model import answer_response, failure_response
-from triton_vlm.backend.requests import (declared_extra_outputs, error_response, input_scalar, output_response,
+from triton_vlm.backend.requests import (declared_extra_outputs, extra_values, input_scalar, output_response,
                                          parse_request, runtime_from_args)
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.engine import LLMEngine, RequestOutput
@@ -137,8 +137,7 @@ class TritonVLMStreamModel:
                                        parsed if self.extra_outputs else None))
                 engine.submit(engine_request)
             except TritonVLMError as exc:
-                self.metrics.request_errors.increment(1)
-                sender.send(error_response(exc, tagged=True), flags=FINAL)
+                sender.send(failure_response(self.metrics, exc, tagged=True), flags=FINAL)
         return None
 
     def finalize(self) -> None:
@@ -271,9 +270,8 @@ class TritonVLMStreamModel:
     def _deliver(self, state: _Stream, out: RequestOutput) -> None:
         """Send what ``out`` (the latest output, tokens already merged into ``state``) calls for."""
         if out.finished and out.error is not None:
-            self.metrics.request_errors.increment(1)
             error = out.error if isinstance(out.error, TritonVLMError) else GenerationError(str(out.error))
-            state.sender.send(error_response(error, tagged=True), flags=FINAL)
+            state.sender.send(failure_response(self.metrics, error, tagged=True), flags=FINAL)
             return
         if out.finish_reason == "abort":
             state.sender.send(flags=FINAL)
@@ -281,7 +279,14 @@ class TritonVLMStreamModel:
         if not (out.finished or state.stream):
             return  # a whole-answer request: nothing to send until the end
         processor = self.runtime.loaded.processor  # type: ignore[union-attr]
-        text = self.runtime.family.decode_text(processor, state.token_ids)
+        extras: dict[str, str] = {}
+        if out.finished and self.extra_outputs and state.request is not None:
+            # The whole answer: its text and the extra outputs worked out from it (kosmos2's entities).
+            text, found = self.runtime.family.decode_output(processor, state.token_ids, state.request.image,
+                                                            state.request.prompt)
+            extras = extra_values(self.extra_outputs, found)
+        else:
+            text = self.runtime.family.decode_text(processor, state.token_ids)
         if out.finished:
             finished = time.perf_counter()
             self.metrics.observe_request(state.received, state.first_token_at, finished, out.generated_tokens,
@@ -291,11 +296,6 @@ class TritonVLMStreamModel:
                           "%.3fs in all", self.model_name, out.request_id, out.prompt_tokens, out.generated_tokens,
                           out.finish_reason, (state.first_token_at or finished) - state.received,
                           finished - state.received)
-            extras: dict[str, str] = {}
-            if self.extra_outputs and state.request is not None:
-                text, found = self.runtime.family.decode_output(processor, state.token_ids, state.request.image,
-                                                                state.request.prompt)
-                extras = {name: found.get(name, default) for name, default in self.extra_outputs.items()}
             piece = text[state.sent_chars:] if state.stream else text
             state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, out.finish_reason,
                                               extras), flags=FINAL)
