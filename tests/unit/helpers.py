@@ -81,3 +81,14 @@ def load_tiny(family_name: str) -> tuple[Any, Any, Any]:
     model, processor = family.load(str(ensure_tiny_checkpoint(family_name)), revision=None, dtype=torch.float32,
                                    device=torch.device("cpu"), local_files_only=True, trust_remote_code=False)
     return family, model, processor
+
+
+def batched_greedy(loaded: tuple[Any, Any, Any], images: list[Image.Image], prompts: list[str],
+                   max_tokens: list[int]) -> list[list[int]]:
+    """What the batched loop (``generate_batch``) answers greedily: the engine tests' reference token ids."""
+    from triton_vlm.generation import generate_batch
+    from triton_vlm.sampling import SamplingParams
+
+    family, model, processor = loaded
+    outputs = generate_batch(family, model, processor, images, prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
+    return [list(o.token_ids) for o in outputs]

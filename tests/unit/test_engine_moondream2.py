@@ -10,10 +10,9 @@ import torch
 from PIL import Image
 
 from triton_vlm.engine import EngineConfig, LLMEngine
-from triton_vlm.generation import generate_batch
 from triton_vlm.sampling import SamplingParams
 
-from .helpers import load_tiny, noise
+from .helpers import batched_greedy, load_tiny, noise
 
 PROMPTS = ["What is this?", "Describe the colours, the shapes and everything else you can see in the picture.",
            "count 1 2 3", "Is there a cat?"]
@@ -32,9 +31,7 @@ def loaded() -> tuple[Any, Any, Any]:
 
 @pytest.fixture(scope="module")
 def reference(loaded: tuple[Any, Any, Any]) -> list[list[int]]:
-    family, model, processor = loaded
-    outputs = generate_batch(family, model, processor, IMAGES, PROMPTS, [SamplingParams(max_tokens=m) for m in MAX_TOKENS])
-    return [list(o.token_ids) for o in outputs]
+    return batched_greedy(loaded, IMAGES, PROMPTS, MAX_TOKENS)
 
 
 def engine(loaded: tuple[Any, Any, Any], **config: Any) -> LLMEngine:
