@@ -3,12 +3,13 @@
 from triton_vlm.client import (Box, Entity, InferenceResult, RetryPolicy, StreamPiece, TritonVLMClient,
                                draw_entities, encode_image, entities_from_answer)
 from triton_vlm.client.aio import AsyncTritonVLMClient
-from triton_vlm.errors import (InvalidInputError, ModelUnavailableError, RequestTimeoutError, ServerUnreachableError,
-                               TritonVLMError, UnknownModelError)
+from triton_vlm.errors import (ConnectionLostError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
+                               ServerUnreachableError, TritonVLMError, UnknownModelError)
 
 __all__ = [
     "AsyncTritonVLMClient",
     "Box",
+    "ConnectionLostError",
     "Entity",
     "InferenceResult",
     "InvalidInputError",

@@ -5,7 +5,11 @@
     ├── ModelUnavailableError   weights missing, load failed          -> UNAVAILABLE
     │   └── ModelLoadError
     ├── UnknownModelError       no such model / family                -> NOT_FOUND
-    └── GenerationError         the model failed while generating     -> INTERNAL
+    ├── GenerationError         the model failed while generating     -> INTERNAL
+    ├── RequestCancelledError   the client cancelled                  -> CANCELLED
+    ├── ServerUnreachableError  nothing listens there (client side)   -> UNAVAILABLE
+    │   └── ConnectionLostError the server dropped the connection mid-request
+    └── RequestTimeoutError     no answer within the client's timeout
 
 The backend turns each into a per-request ``TritonError`` so one bad request never fails a batch.
 The client raises the same classes from server answers, so callers catch one tree everywhere.
@@ -62,6 +66,11 @@ class ServerUnreachableError(TritonVLMError):
     """The client could not reach the server (not started, wrong URL, still starting)."""
 
     triton_code = "UNAVAILABLE"
+
+
+class ConnectionLostError(ServerUnreachableError):
+    """The server closed the connection before answering: it crashed or restarted mid-request. The request may
+    have run; an inference has no side effects, so :class:`RetryPolicy` retries it like a refused connection."""
 
 
 class RequestTimeoutError(TritonVLMError, TimeoutError):

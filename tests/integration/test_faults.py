@@ -366,7 +366,11 @@ SOAK_CONCURRENCY = 32
 @pytest.mark.soak
 def test_soak_mixed_good_and_bad_requests_with_a_stub_kill(faulty: FaultServer) -> None:
     """2,000 mixed requests (good and bad, plain and streamed) at 32 concurrent, the llava stub killed halfway.
-    Every request gets an answer or a clear error; memory of the server and its stubs stays flat."""
+    Every request gets an answer or a clear error; memory of the server and its stubs stays flat.
+
+    At times Triton 2.51 aborts during the reload that follows the kill (docs/reliability.md): the launcher then
+    starts it again, and the requests it dropped get a ServerUnreachableError (ConnectionLostError for those in
+    flight). Only then are those errors allowed, and only until the new server answers."""
     images = [image_bytes(24 + 4 * i, 20 + 2 * i, seed=i) for i in range(4)]
     http = TritonVLMClient(faulty.http_url, timeout=60)
     grpc = TritonVLMClient(faulty.grpc_url, protocol="grpc", timeout=60)
@@ -391,15 +395,17 @@ def test_soak_mixed_good_and_bad_requests_with_a_stub_kill(faulty: FaultServer) 
         except ModelUnavailableError:
             time.sleep(0.5)  # a client backs off when told the model is unavailable
             return "unavailable", valid
+        except ServerUnreachableError:
+            faulty.wait_ready("llava", timeout=120)  # a client waits for the server to be back
+            return "unreachable", valid
         except Exception as exc:  # noqa: BLE001 - counted as a failure of the test below
             return f"{type(exc).__name__}: {exc}", valid
 
     done = [0]
     rss: dict[str, float] = {}
     lock = threading.Lock()
-    killed_at: list[float] = []
 
-    def counted(i: int) -> tuple[str, bool, float]:
+    def counted(i: int) -> tuple[str, bool, float, float]:
         sent = time.monotonic()
         outcome, valid = request(i)
         with lock:
@@ -409,11 +415,11 @@ def test_soak_mixed_good_and_bad_requests_with_a_stub_kill(faulty: FaultServer) 
             rss["warm"] = faulty.rss_mb()
         if count == SOAK_REQUESTS // 2:
             rss["before kill"] = faulty.rss_mb()
-            killed_at.append(time.monotonic())
             os.kill(faulty.stub("llava_0_0"), signal.SIGKILL)
-        return outcome, valid, sent
+        return outcome, valid, sent, time.monotonic()
 
     started = time.monotonic()
+    server_restarts = len(faulty.server.server_restarts)
     with ThreadPoolExecutor(SOAK_CONCURRENCY) as pool:
         results = list(pool.map(counted, range(SOAK_REQUESTS)))
     elapsed = time.monotonic() - started
@@ -422,23 +428,30 @@ def test_soak_mixed_good_and_bad_requests_with_a_stub_kill(faulty: FaultServer) 
     http.close()
     grpc.close()
 
-    outcomes = [outcome for outcome, _, _ in results]
-    strange = [o for o in outcomes if o not in ("ok", "invalid", "unavailable")]
+    outcomes = [outcome for outcome, *_ in results]
+    restarted = faulty.server.server_restarts[server_restarts:]
+    clear = ("ok", "invalid", "unavailable") + (("unreachable",) if restarted else ())
+    strange = [o for o in outcomes if o not in clear]
     assert not strange, strange[:5]
     valid_refused = [r for r in results if r[1] and r[0] == "invalid"]
     invalid_served = [r for r in results if not r[1] and r[0] == "ok"]
     assert not valid_refused and not invalid_served
-    # Unavailable only for requests sent around the kill (in flight or queued on the dead stub, or sent while
-    # the model reloaded), never for those sent once it is back.
-    recovery = faulty.server.supervisor.recoveries("llava")[-1]
-    assert recovery.ready_after_s is not None
-    recovered_at = recovery.started + recovery.ready_after_s
-    late = [r for r in results if r[0] == "unavailable" and r[2] > recovered_at + 1.0]
+    # Errors only for requests sent around the kill (in flight or queued on the dead stub, or sent while the
+    # model reloaded or the server restarted), never for those sent once it serves again.
+    if restarted:
+        recovered_at = min(finished for outcome, _, sent, finished in results
+                           if outcome == "ok" and sent > restarted[-1])
+    else:
+        recovery = faulty.server.supervisor.recoveries("llava")[-1]
+        assert recovery.ready_after_s is not None
+        recovered_at = recovery.started + recovery.ready_after_s
+    late = [r for r in results if r[0] in ("unavailable", "unreachable") and r[2] > recovered_at + 1.0]
     assert not late, late[:5]
-    assert outcomes.count("unavailable") < SOAK_REQUESTS // 5
+    assert outcomes.count("unavailable") + outcomes.count("unreachable") < SOAK_REQUESTS // 5
     assert outcomes.count("ok") > SOAK_REQUESTS // 2
     print(f"soak: {SOAK_REQUESTS} requests in {elapsed:.0f}s; {outcomes.count('ok')} ok, "
-          f"{outcomes.count('invalid')} invalid, {outcomes.count('unavailable')} unavailable; RSS MiB {rss}")
+          f"{outcomes.count('invalid')} invalid, {outcomes.count('unavailable')} unavailable, "
+          f"{outcomes.count('unreachable')} unreachable ({len(restarted)} server restarts); RSS MiB {rss}")
     # Flat memory: what the server and its stubs hold after 2,000 requests, errors and a reload is about what
     # they held after the first 300 (the reloaded stub loads its weights again, so its share starts over).
     assert rss["before kill"] < rss["warm"] * 1.1 + 100, rss

@@ -23,6 +23,10 @@ def answer(model: str, text: str = "a house", generated: int = 3, prompt: int = 
     ]}
 
 
+#: A ``script`` status that closes the connection without an answer.
+HANG_UP = 0
+
+
 class FakeTriton:
     """``script(path, attempt)`` returns ``(status, body)`` for POST /infer requests; GETs are routed to
     ``routes``. Every request is logged in :attr:`requests` as ``(method, path)``."""
@@ -97,7 +101,11 @@ class FakeTriton:
                 if fake.delay:
                     time.sleep(fake.delay)
                 if self.path.endswith("/infer"):
-                    self._send(*fake.script(self.path, attempt))
+                    status, body = fake.script(self.path, attempt)
+                    if status == HANG_UP:  # a server that dies mid-request
+                        self.close_connection = True
+                        return
+                    self._send(status, body)
                 else:
                     route = fake.routes.get(self.path, (404, {"error": "no route"}))
                     self._send(*route) if isinstance(route, tuple) else self._send(200, route)

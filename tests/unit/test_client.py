@@ -12,8 +12,8 @@ from tritonclient.utils import InferenceServerException
 
 from triton_vlm.client import TritonVLMClient, encode_image
 from triton_vlm.client.client import _translate
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, ServerUnreachableError,
-                               TritonVLMError, UnknownModelError)
+from triton_vlm.errors import (ConnectionLostError, GenerationError, InvalidInputError, ModelUnavailableError,
+                               ServerUnreachableError, TritonVLMError, UnknownModelError)
 from triton_vlm.images import decode_image
 
 from .helpers import BIG, SAMPLE_IMAGE, free_port, image_bytes, rgb_array
@@ -155,6 +155,8 @@ def test_bad_image_fails_before_any_network(closed_url: str) -> None:
     ("model 'llava': cannot load weights", "StatusCode.UNAVAILABLE", ModelUnavailableError),
     ("failed to connect to all addresses; Connection refused", "StatusCode.UNAVAILABLE", ServerUnreachableError),
     ("Connection refused", None, ServerUnreachableError),
+    ("Socket closed", "StatusCode.UNAVAILABLE", ConnectionLostError),
+    ("Connection reset by peer", "StatusCode.UNAVAILABLE", ConnectionLostError),
     ("something odd", "404", UnknownModelError),
     ("generation failed: RuntimeError", "500", GenerationError),
     ("generation failed", "StatusCode.INTERNAL", GenerationError),

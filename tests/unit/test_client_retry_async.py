@@ -9,10 +9,10 @@ import time
 import pytest
 
 from triton_vlm.client import AsyncTritonVLMClient, InferenceResult, RetryPolicy, TritonVLMClient
-from triton_vlm.errors import (InvalidInputError, ModelUnavailableError, RequestTimeoutError, ServerUnreachableError,
-                               TritonVLMError)
+from triton_vlm.errors import (ConnectionLostError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
+                               ServerUnreachableError, TritonVLMError)
 
-from .fake_triton import FakeTriton, answer
+from .fake_triton import HANG_UP, FakeTriton, answer
 from .helpers import free_port, image_bytes
 
 FAST = RetryPolicy(attempts=30, backoff=0.05, multiplier=1.5, max_backoff=0.2, deadline=20)
@@ -128,6 +128,32 @@ def test_unavailable_is_retried_and_invalid_arg_is_not(port: int) -> None:
             with pytest.raises(InvalidInputError, match="prompt: empty"):
                 client.infer("kosmos2", IMAGE, " ")
             assert fake.infer_count() == 4  # once, never retried
+    finally:
+        fake.stop()
+
+
+def test_a_server_that_hangs_up_mid_request_is_a_lost_connection(port: int) -> None:
+    """A server that crashes while answering: a typed ConnectionLostError (not the HTTP library's own exception),
+    from both clients; a retry policy sends the request again."""
+    fake = _fake(port, script=lambda path, attempt: (HANG_UP, {}) if attempt % 2 else (200, answer("llava"))).start()
+
+    async def async_infer() -> None:
+        async with AsyncTritonVLMClient(f"127.0.0.1:{port}", timeout=5) as client:
+            with pytest.raises(ConnectionLostError, match="closed the connection before answering"):
+                await client.infer("llava", IMAGE, "hi")
+            await client.infer("llava", IMAGE, "hi")
+
+    try:
+        with TritonVLMClient(f"127.0.0.1:{port}", timeout=5) as client:
+            with pytest.raises(ConnectionLostError, match="closed the connection before answering") as caught:
+                client.infer("llava", IMAGE, "hi")
+            assert isinstance(caught.value, ServerUnreachableError)
+            assert client.infer("llava", IMAGE, "hi")  # the next request is answered
+        asyncio.run(async_infer())
+        with TritonVLMClient(f"127.0.0.1:{port}", timeout=5, retry=FAST) as client:
+            before = fake.infer_count()
+            assert client.infer("llava", IMAGE, "hi")
+            assert fake.infer_count() == before + 2  # hung up on, then answered
     finally:
         fake.stop()
 

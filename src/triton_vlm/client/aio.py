@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from triton_vlm.client.client import (BatchItem, ImageLike, InferenceResult, Protocol, StreamPiece, _translate,
-                                      batch_item, default_grpc_url, parse_piece, parse_result, progress_bar,
-                                      request_inputs, split_url, stream_target,
-                                      is_restricted, statistics_models)
+                                      batch_item, connection_lost, default_grpc_url, is_restricted, parse_piece,
+                                      parse_result, progress_bar, request_inputs, split_url, statistics_models,
+                                      stream_target)
 from triton_vlm.client.retry import RetryPolicy
 from triton_vlm.errors import RequestTimeoutError, ServerUnreachableError, TritonVLMError
 
@@ -268,6 +268,8 @@ class AsyncTritonVLMClient:
             raise ServerUnreachableError(f"cannot reach triton-vlm server at {self.url}: {exc}") from None
         except Exception as exc:
             # aiohttp's connection errors (ClientConnectorError is an OSError; others are not)
+            if type(exc).__name__ == "ServerDisconnectedError":
+                raise connection_lost(self.url, exc) from None
             if type(exc).__module__.startswith("aiohttp"):
                 raise ServerUnreachableError(f"cannot reach triton-vlm server at {self.url}: {exc}") from None
             raise

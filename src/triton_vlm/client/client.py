@@ -2,7 +2,8 @@
 
 Errors come back as the project's exception tree (:mod:`triton_vlm.errors`): a bad image is an
 :class:`InvalidInputError`, an unknown model an :class:`UnknownModelError`, a server that is down a
-:class:`ServerUnreachableError`, no answer within ``timeout`` a :class:`RequestTimeoutError`.
+:class:`ServerUnreachableError` (:class:`ConnectionLostError` where it hung up mid-request), no answer
+within ``timeout`` a :class:`RequestTimeoutError`.
 
 Request building and response parsing are module functions shared with the asyncio client
 (:mod:`triton_vlm.client.aio`).
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -25,8 +27,8 @@ from PIL import Image
 
 from triton_vlm.client.entities import Entity, parse_entities
 from triton_vlm.client.retry import RetryPolicy
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
-                               ServerUnreachableError, TritonVLMError, UnknownModelError)
+from triton_vlm.errors import (ConnectionLostError, GenerationError, InvalidInputError, ModelUnavailableError,
+                               RequestTimeoutError, ServerUnreachableError, TritonVLMError, UnknownModelError)
 
 ImageLike = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 Protocol = Literal["http", "grpc"]
@@ -478,6 +480,14 @@ class TritonVLMClient:
             raise RequestTimeoutError(f"no answer from {self.url} within {self.timeout:g}s") from None
         except (ConnectionError, OSError) as exc:
             raise ServerUnreachableError(f"cannot reach triton-vlm server at {self.url}: {exc}") from None
+        except HTTPException as exc:  # geventhttpclient's: the server hung up mid-answer
+            raise connection_lost(self.url, exc) from None
+
+
+def connection_lost(url: str, cause: object) -> ConnectionLostError:
+    """The error for a server that closed the connection before its answer (it crashed or restarted)."""
+    return ConnectionLostError(f"triton-vlm server at {url} closed the connection before answering (did it "
+                               f"restart?); retrying is safe: {cause or 'connection closed'}")
 
 
 def _translate(exc: Any, model_name: str | None, url: str, timeout: float | None = None) -> TritonVLMError:
@@ -505,6 +515,8 @@ def _translate(exc: Any, model_name: str | None, url: str, timeout: float | None
     if status in ("400", "StatusCode.INVALID_ARGUMENT"):
         return InvalidInputError(message)
     if status in ("503", "StatusCode.UNAVAILABLE"):
+        if any(sign in lowered for sign in ("socket closed", "connection reset", "broken pipe")):
+            return connection_lost(url, message)
         if "failed to connect" in lowered or "connection refused" in lowered or "unavailable" == lowered:
             return ServerUnreachableError(f"cannot reach triton-vlm server at {url}: {message}")
         return ModelUnavailableError(message)
