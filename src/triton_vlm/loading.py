@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from triton_vlm.errors import ModelLoadError
+from triton_vlm.hub import hub_endpoint, hub_miss_reason, hub_offline, hub_reachable
 from triton_vlm.models import ModelFamily, get_family
-from triton_vlm.settings import ModelSettings, parse_bool
+from triton_vlm.settings import ModelSettings
 
 log = logging.getLogger("triton_vlm")
 
@@ -45,10 +46,6 @@ def resolve_dtype(settings: ModelSettings, device: torch.device, family: ModelFa
     if device.type != "cuda":
         return torch.float32
     return getattr(torch, family.auto_cuda_dtype) if family is not None else torch.float16
-
-
-def hub_offline() -> bool:
-    return any(parse_bool(os.environ.get(k, "0"), name=k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
@@ -107,7 +104,13 @@ def _weights_source(settings: ModelSettings, family: ModelFamily) -> tuple[str, 
             )
         return str(path), None, True
     model_id = settings.hf_model_id or family.default_hf_model_id
-    return model_id, settings.revision or None, hub_offline()
+    if hub_offline():
+        return model_id, settings.revision or None, True
+    if not hub_reachable():
+        log.warning("model %s: the Hugging Face Hub (%s) cannot be reached; loading %s from the local cache only",
+                    settings.model_name, hub_endpoint(), model_id)
+        return model_id, settings.revision or None, True
+    return model_id, settings.revision or None, False
 
 
 def _first_line(exc: BaseException) -> str:
@@ -176,11 +179,9 @@ def _missing_weights_message(settings: ModelSettings, source: str, revision: str
 
     if settings.local_path or settings.tiny:
         return _load_failure_message(settings, source, revision, local_only, exc)
-    where = "offline mode (HF_HUB_OFFLINE=1) found no cached copy" if local_only else (
-        "the Hugging Face Hub could not be reached and no cached copy was found")
     return (
         f"model {settings.model_name!r}: cannot load weights {source!r} (revision {revision or 'default'}): "
-        f"{where}. Provide them by one of: (1) on a connected machine run "
+        f"{hub_miss_reason()}. Provide them by one of: (1) on a connected machine run "
         f"`huggingface-cli download {source}` and copy the cache to HF_HOME "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); (2) set {env_prefix(settings.model_name)}"
         f"LOCAL_PATH (or the local_path parameter) to a checkpoint directory; (3) use --tiny for test weights. "

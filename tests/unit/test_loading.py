@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,14 @@ import torch
 from safetensors import SafetensorError
 
 from triton_vlm.errors import ModelLoadError
+from triton_vlm.hub import hub_reachable
 from triton_vlm.loading import hub_offline, load_model, resolve_device, resolve_dtype
 from triton_vlm.models import get_family
 from triton_vlm.runtime import VLMRuntime
 from triton_vlm.settings import ModelSettings, read_config_parameters
 from triton_vlm.tiny import ensure_tiny_checkpoint
 
-from .helpers import REPOSITORY, image_bytes
+from .helpers import REPOSITORY, free_port, image_bytes
 
 CPU = torch.device("cpu")
 
@@ -47,6 +49,48 @@ def test_offline_missing_kosmos_weights_name_their_model(monkeypatch: pytest.Mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="microsoft/kosmos-2-patch14-224.*TRITON_VLM_KOSMOS2_LOCAL_PATH"):
         load_model(real_settings("kosmos2"), CPU)
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub mode (the unit tests run offline), with no proxy to go through."""
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_hub_reachable_probes_the_endpoint(online: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}/")
+        assert hub_reachable(timeout=2)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    assert not hub_reachable(timeout=2)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert hub_reachable(timeout=2)  # through a proxy, huggingface_hub decides
+
+
+def test_an_unreachable_hub_means_the_cache_alone_and_a_clear_error(
+        online: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without network the load does not wait out huggingface_hub's retries (about 25 s a file): it reads the
+    cache only, and the error says the Hub was out of reach."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    family = get_family("llava")
+    calls: list[bool] = []
+
+    def load(source: str, **kwargs: object) -> object:
+        calls.append(bool(kwargs["local_files_only"]))
+        return type(family).load(family, source, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(family, "load", load)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(real_settings("llava"), CPU)
+    assert calls == [True]
+    message = str(info.value)
+    assert f"the Hugging Face Hub ({endpoint}) could not be reached and no cached copy was found" in message
+    assert "HF_HUB_OFFLINE" not in message and "huggingface-cli download llava-hf/llava-1.5-7b-hf" in message
 
 
 def test_hf_model_id_override_is_the_one_named(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from triton_vlm.errors import ModelLoadError
+from triton_vlm.hub import hub_miss_reason
 from triton_vlm.models.moondream2.config import TokenizerConfig
 
 STARMIE_REPO = "moondream/starmie-v1"
@@ -147,10 +148,9 @@ def _starmie_from_hub(model_id: str, local_files_only: bool, checkpoint: Path) -
     try:
         return Path(hf_hub_download(STARMIE_REPO, "tokenizer.json", local_files_only=local_files_only))
     except Exception as exc:
-        where = "offline mode found no cached copy" if local_files_only else "the Hub could not be reached"
         raise ModelLoadError(
             f"model {model_id!r}: its weights need the tokenizer {STARMIE_REPO!r} (the reference code loads it), "
-            f"but {where}. Provide it by one of: (1) on a connected machine run `hf download "
+            f"but {hub_miss_reason()}. Provide it by one of: (1) on a connected machine run `hf download "
             f"{STARMIE_REPO} tokenizer.json` and copy the Hugging Face cache to this host's HF_HOME; (2) copy that "
             f"tokenizer.json into {str(checkpoint)!r} (replacing the unused older one). "
             f"Cause: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

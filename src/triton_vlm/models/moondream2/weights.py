@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from triton_vlm.errors import ModelLoadError
+from triton_vlm.hub import hub_miss_reason
 
 #: Files fetched from the Hub for a real checkpoint. moondream.py is read, never executed: it tells which
 #: tokenizer generation the weights belong to; tokenizer.json is the tokenizer of the older generation.
@@ -185,19 +186,17 @@ def resolve_checkpoint(source: str, *, revision: str | None, local_files_only: b
         snapshot = Path(snapshot_download(source, revision=revision, allow_patterns=list(CHECKPOINT_FILES),
                                           local_files_only=local_files_only))
     except Exception as exc:
-        raise ModelLoadError(_missing_message(source, revision, local_files_only, exc)) from exc
+        raise ModelLoadError(_missing_message(source, revision, exc)) from exc
     if not (snapshot / "model.safetensors").is_file() and not (snapshot / "model.safetensors.index.json").is_file():
-        raise ModelLoadError(_missing_message(source, revision, local_files_only,
+        raise ModelLoadError(_missing_message(source, revision,
                                               FileNotFoundError("model.safetensors not in the cached snapshot")))
     return snapshot
 
 
-def _missing_message(model_id: str, revision: str | None, local_files_only: bool, exc: Exception) -> str:
-    where = ("offline mode (HF_HUB_OFFLINE=1) found no cached copy" if local_files_only
-             else "the Hugging Face Hub could not be reached and no cached copy was found")
+def _missing_message(model_id: str, revision: str | None, exc: Exception) -> str:
     pinned = f" --revision {revision}" if revision else ""
     return (
-        f"model {model_id!r} (revision {revision or 'default'}): cannot load moondream2 weights: {where}. "
+        f"model {model_id!r} (revision {revision or 'default'}): cannot load moondream2 weights: {hub_miss_reason()}. "
         f"Provide them by one of: (1) on a connected machine run `hf download {model_id} config.json "
         f"model.safetensors moondream.py{pinned}` and `hf download moondream/starmie-v1 tokenizer.json`, then copy "
         f"the Hugging Face cache to this host's HF_HOME; (2) set TRITON_VLM_MOONDREAM2_LOCAL_PATH (or the local_path parameter) to a "
