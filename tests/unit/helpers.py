@@ -6,6 +6,7 @@ import io
 import socket
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,34 @@ def batched_greedy(loaded: tuple[Any, Any, Any], images: list[Image.Image], prom
     family, model, processor = loaded
     outputs = generate_batch(family, model, processor, images, prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
     return [list(o.token_ids) for o in outputs]
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """A tiny family's engine checked against the batched loop on the same images, prompts and lengths."""
+
+    family: str
+    images: list[Image.Image]
+    prompts: list[str]
+    max_tokens: list[int]
+
+    def load(self) -> tuple[Any, Any, Any]:
+        return load_tiny(self.family)
+
+    def reference(self, loaded: tuple[Any, Any, Any]) -> list[list[int]]:
+        return batched_greedy(loaded, self.images, self.prompts, self.max_tokens)
+
+    def items(self) -> list[tuple[Image.Image, str, Any]]:
+        """The engine's ``generate`` arguments for the same requests."""
+        from triton_vlm.sampling import SamplingParams
+
+        return [(image, prompt, SamplingParams(max_tokens=m))
+                for image, prompt, m in zip(self.images, self.prompts, self.max_tokens)]
+
+    @staticmethod
+    def engine(loaded: tuple[Any, Any, Any], **config: Any) -> Any:
+        """An :class:`LLMEngine` over ``loaded`` (256 positions unless ``config`` says otherwise)."""
+        from triton_vlm.engine import EngineConfig, LLMEngine
+
+        family, model, processor = loaded
+        return LLMEngine(family, model, processor, EngineConfig(**{"max_model_len": 256, **config}))

@@ -7,38 +7,28 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
 
-from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.sampling import SamplingParams
 
-from .helpers import batched_greedy, load_tiny, noise
+from .helpers import ParityCase, noise
 
 PROMPTS = ["<grounding>An image of", "What is this?", "hi", "<grounding> Describe this image in detail:"]
 SIZES = [(40, 30), (50, 30), (30, 90), (64, 64)]
 MAX_TOKENS = [10, 7, 15, 12]
 
-
 IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
+CASE = ParityCase("kosmos2", IMAGES, PROMPTS, MAX_TOKENS)
+engine = CASE.engine
 
 
 @pytest.fixture(scope="module")
 def loaded() -> tuple[Any, Any, Any]:
-    return load_tiny("kosmos2")
+    return CASE.load()
 
 
 @pytest.fixture(scope="module")
 def reference(loaded: tuple[Any, Any, Any]) -> list[list[int]]:
-    return batched_greedy(loaded, IMAGES, PROMPTS, MAX_TOKENS)
-
-
-def engine(loaded: tuple[Any, Any, Any], **config: Any) -> LLMEngine:
-    family, model, processor = loaded
-    return LLMEngine(family, model, processor, EngineConfig(**{"max_model_len": 256, **config}))
-
-
-def items(images: list[Image.Image] = IMAGES) -> list[tuple[Image.Image, str, SamplingParams]]:
-    return [(images[i], PROMPTS[i], SamplingParams(max_tokens=m)) for i, m in enumerate(MAX_TOKENS)]
+    return CASE.reference(loaded)
 
 
 def test_reference_is_worth_matching(reference: list[list[int]]) -> None:
@@ -48,7 +38,7 @@ def test_reference_is_worth_matching(reference: list[list[int]]) -> None:
 
 def test_engine_matches_the_batched_loop(loaded: tuple[Any, Any, Any], reference: list[list[int]]) -> None:
     kosmos = engine(loaded, max_num_seqs=2)  # requests join as others finish
-    assert kosmos.generate(items()) == reference
+    assert kosmos.generate(CASE.items()) == reference
     assert kosmos.cache.free_slots == kosmos.cache.num_slots
 
 
@@ -64,7 +54,7 @@ def test_chunks_that_split_the_image_latents_change_nothing(loaded: tuple[Any, A
         return plan
 
     kosmos.scheduler.schedule = recording  # type: ignore[method-assign]
-    assert kosmos.generate(items()) == reference
+    assert kosmos.generate(CASE.items()) == reference
     assert any(0 < start < 64 for start in starts)
 
 

@@ -7,12 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image
 
-from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.sampling import SamplingParams
 
-from .helpers import batched_greedy, load_tiny, noise
+from .helpers import ParityCase, noise
 
 PROMPTS = ["What is this?", "Describe the colours, the shapes and everything else you can see in the picture.",
            "count 1 2 3", "Is there a cat?"]
@@ -20,33 +18,25 @@ PROMPTS = ["What is this?", "Describe the colours, the shapes and everything els
 SIZES = [(30, 30), (90, 60), (200, 40), (64, 64)]
 MAX_TOKENS = [9, 14, 5, 11]
 
-
 IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
+CASE = ParityCase("moondream2", IMAGES, PROMPTS, MAX_TOKENS)
+engine = CASE.engine
 
 
 @pytest.fixture(scope="module")
 def loaded() -> tuple[Any, Any, Any]:
-    return load_tiny("moondream2")
+    return CASE.load()
 
 
 @pytest.fixture(scope="module")
 def reference(loaded: tuple[Any, Any, Any]) -> list[list[int]]:
-    return batched_greedy(loaded, IMAGES, PROMPTS, MAX_TOKENS)
-
-
-def engine(loaded: tuple[Any, Any, Any], **config: Any) -> LLMEngine:
-    family, model, processor = loaded
-    return LLMEngine(family, model, processor, EngineConfig(**{"max_model_len": 256, **config}))
-
-
-def items() -> list[tuple[Image.Image, str, SamplingParams]]:
-    return [(IMAGES[i], PROMPTS[i], SamplingParams(max_tokens=m)) for i, m in enumerate(MAX_TOKENS)]
+    return CASE.reference(loaded)
 
 
 def test_engine_matches_the_batched_loop(loaded: tuple[Any, Any, Any], reference: list[list[int]]) -> None:
     moondream = engine(loaded, max_num_seqs=2)
     assert moondream.min_first_chunk == loaded[1].prefix_length == 17
-    assert moondream.generate(items()) == reference
+    assert moondream.generate(CASE.items()) == reference
     assert moondream.cache.free_slots == moondream.cache.num_slots
 
 
@@ -64,7 +54,7 @@ def test_the_prefix_is_prefilled_in_one_chunk_even_over_the_budget(loaded: tuple
         return plan
 
     moondream.scheduler.schedule = recording  # type: ignore[method-assign]
-    assert moondream.generate(items()) == reference
+    assert moondream.generate(CASE.items()) == reference
     firsts = [length for _, start, length in chunks if start == 0]
     assert len(firsts) == 4 and all(length >= 17 for length in firsts)
     assert any(start > 0 for _, start, _ in chunks)  # the prompts after the prefix were chunked
