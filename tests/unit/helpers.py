@@ -124,3 +124,18 @@ class ParityCase:
 
         family, model, processor = loaded
         return LLMEngine(family, model, processor, EngineConfig(**{"max_model_len": 256, **config}))
+
+
+def parity_fixtures(case: ParityCase) -> tuple[Any, Any]:
+    """Module-scoped ``loaded`` and ``reference`` fixtures for ``case``: ``loaded, reference = parity_fixtures(CASE)``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def loaded() -> tuple[Any, Any, Any]:
+        return case.load()
+
+    @pytest.fixture(scope="module")
+    def reference(loaded: tuple[Any, Any, Any]) -> list[list[int]]:
+        return case.reference(loaded)
+
+    return loaded, reference

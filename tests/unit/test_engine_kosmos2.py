@@ -10,7 +10,7 @@ import torch
 
 from triton_vlm.sampling import SamplingParams
 
-from .helpers import ParityCase, noise
+from .helpers import ParityCase, noise, parity_fixtures
 
 PROMPTS = ["<grounding>An image of", "What is this?", "hi", "<grounding> Describe this image in detail:"]
 SIZES = [(40, 30), (50, 30), (30, 90), (64, 64)]
@@ -19,16 +19,7 @@ MAX_TOKENS = [10, 7, 15, 12]
 IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
 CASE = ParityCase("kosmos2", IMAGES, PROMPTS, MAX_TOKENS)
 engine = CASE.engine
-
-
-@pytest.fixture(scope="module")
-def loaded() -> tuple[Any, Any, Any]:
-    return CASE.load()
-
-
-@pytest.fixture(scope="module")
-def reference(loaded: tuple[Any, Any, Any]) -> list[list[int]]:
-    return CASE.reference(loaded)
+loaded, reference = parity_fixtures(CASE)
 
 
 def test_reference_is_worth_matching(reference: list[list[int]]) -> None:

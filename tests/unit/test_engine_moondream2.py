@@ -10,7 +10,7 @@ import torch
 
 from triton_vlm.sampling import SamplingParams
 
-from .helpers import ParityCase, noise
+from .helpers import ParityCase, noise, parity_fixtures
 
 PROMPTS = ["What is this?", "Describe the colours, the shapes and everything else you can see in the picture.",
            "count 1 2 3", "Is there a cat?"]
@@ -21,16 +21,7 @@ MAX_TOKENS = [9, 14, 5, 11]
 IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
 CASE = ParityCase("moondream2", IMAGES, PROMPTS, MAX_TOKENS)
 engine = CASE.engine
-
-
-@pytest.fixture(scope="module")
-def loaded() -> tuple[Any, Any, Any]:
-    return CASE.load()
-
-
-@pytest.fixture(scope="module")
-def reference(loaded: tuple[Any, Any, Any]) -> list[list[int]]:
-    return CASE.reference(loaded)
+loaded, reference = parity_fixtures(CASE)
 
 
 def test_engine_matches_the_batched_loop(loaded: tuple[Any, Any, Any], reference: list[list[int]]) -> None:

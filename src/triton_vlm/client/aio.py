@@ -16,15 +16,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-from triton_vlm.client.client import (BatchItem, ImageLike, InferenceResult, Protocol, StreamPiece, _translate,
-                                      batch_item, connection_lost, default_grpc_url, is_restricted, parse_piece,
-                                      parse_result, progress_bar, request_inputs, split_url, statistics_models,
-                                      stream_target)
+from triton_vlm.client.client import (BatchItem, BatchResults, ImageLike, InferenceResult, Protocol, ServerEndpoint,
+                                      StreamPiece, _translate, batch_item, connection_lost, is_restricted,
+                                      parse_piece, parse_result, request_inputs, statistics_models, stream_target)
 from triton_vlm.client.retry import RetryPolicy
 from triton_vlm.errors import RequestTimeoutError, ServerUnreachableError, TritonVLMError
 
 
-class AsyncTritonVLMClient:
+class AsyncTritonVLMClient(ServerEndpoint):
     """An asyncio client for one triton-vlm server; use it from one event loop (``async with`` closes it).
 
     Same arguments as :class:`~triton_vlm.client.TritonVLMClient`: ``timeout`` bounds every call
@@ -33,13 +32,7 @@ class AsyncTritonVLMClient:
 
     def __init__(self, url: str = "localhost:8000", *, protocol: Protocol = "http", timeout: float = 300.0,
                  grpc_url: str | None = None, retry: RetryPolicy | int | bool | None = None) -> None:
-        if protocol not in ("http", "grpc"):
-            raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
-        self.url = split_url(url)
-        self.protocol: Protocol = protocol
-        self.grpc_url = split_url(grpc_url) if grpc_url else default_grpc_url(self.url, protocol)
-        self.timeout = timeout
-        self.retry = RetryPolicy.coerce(retry)
+        super().__init__(url, protocol=protocol, timeout=timeout, grpc_url=grpc_url, retry=retry)
         self._client: Any = None
         self._stream_client: Any = None
 
@@ -68,23 +61,17 @@ class AsyncTritonVLMClient:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         requests = [batch_item(item, model_name, common) for item in items]
-        results: list[Any] = [None] * len(requests)
         gate = asyncio.Semaphore(concurrency)
-        bar = progress_bar(len(requests), progress, f"{model_name} x{concurrency}")
+        gathered = BatchResults(len(requests), progress, f"{model_name} x{concurrency}", return_exceptions, on_result)
 
         async def run(index: int) -> None:
             model, kwargs = requests[index]
             async with gate:
                 try:
-                    results[index] = await self.infer_result(model, **kwargs)
+                    outcome: InferenceResult | TritonVLMError = await self.infer_result(model, **kwargs)
                 except TritonVLMError as exc:
-                    if not return_exceptions:
-                        raise
-                    results[index] = exc
-            if on_result is not None:
-                on_result(index, results[index])
-            if bar is not None:
-                bar.update(1)
+                    outcome = exc
+            gathered.add(index, outcome)
 
         tasks = [asyncio.ensure_future(run(i)) for i in range(len(requests))]
         try:
@@ -95,9 +82,8 @@ class AsyncTritonVLMClient:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
-            if bar is not None:
-                bar.close()
-        return results
+            gathered.close()
+        return gathered.results
 
     async def stream(self, model_name: str, image: ImageLike, prompt: str, **options: Any) -> AsyncIterator[str]:
         """The answer piece by piece (gRPC streaming to ``<model>_stream``); options as :meth:`stream_pieces`."""
@@ -161,11 +147,8 @@ class AsyncTritonVLMClient:
                 except grpc.RpcError as exc:  # the stream itself failed (e.g. nothing listens there)
                     raise _translate(InferenceServerException(msg=exc.details(), status=str(exc.code())), target,
                                      self.grpc_url, self.timeout) from None
-                if error is not None:
-                    finished = True  # an error response ends the request too
-                    raise _translate(error, target, self.grpc_url, self.timeout) if isinstance(
-                        error, InferenceServerException) else ServerUnreachableError(str(error))
-                piece = parse_piece(result)
+                finished = error is not None  # an error response ends the request too
+                piece = parse_piece(result, error, target, self.grpc_url, self.timeout)
                 finished = bool(piece.finish_reason)
                 yield piece
                 if finished:

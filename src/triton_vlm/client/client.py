@@ -145,7 +145,15 @@ def parse_result(result: Any, latency_s: float) -> InferenceResult:
                            finish_reason=finish_reason, latency_s=latency_s, entities=_entities(result))
 
 
-def parse_piece(result: Any) -> StreamPiece:
+def parse_piece(result: Any, error: Any, target: str, url: str, timeout: float | None = None) -> StreamPiece:
+    """The piece one stream response carries; an error response (which ends the request) is raised as the
+    client's error."""
+    if error is not None:
+        from tritonclient.utils import InferenceServerException
+
+        if isinstance(error, InferenceServerException):
+            raise _translate(error, target, url, timeout)
+        raise ServerUnreachableError(str(error))
     text, generated, prompt_tokens, finish_reason = _output_fields(result)
     return StreamPiece(text=text, generated_tokens=generated, prompt_tokens=prompt_tokens,
                        finish_reason=finish_reason, entities=_entities(result))
@@ -180,17 +188,35 @@ def batch_item(item: BatchItem, model_name: str, common: Mapping[str, Any]) -> t
     return kwargs.pop("model_name", model_name), kwargs
 
 
-def progress_bar(total: int, enabled: bool | None, description: str) -> Any:
-    """A tqdm bar on stderr (None when disabled; ``enabled=None``: only when stderr is a terminal)."""
-    import sys
+class BatchResults:
+    """What ``infer_many`` gathers: each item's result or error in item order, a tqdm bar on stderr
+    (``progress=None``: only when stderr is a terminal) and the caller's ``on_result`` callback."""
 
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+    def __init__(self, total: int, progress: bool | None, description: str, return_exceptions: bool,
+                 on_result: Callable[[int, InferenceResult | TritonVLMError], None] | None) -> None:
+        import sys
 
-    return tqdm(total=total, desc=description, unit="req", leave=False, dynamic_ncols=True)
+        self.results: list[Any] = [None] * total
+        self.return_exceptions, self.on_result = return_exceptions, on_result
+        self.bar = None
+        if progress or (progress is None and sys.stderr.isatty()):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=description, unit="req", leave=False, dynamic_ncols=True)
+
+    def add(self, index: int, outcome: InferenceResult | TritonVLMError) -> None:
+        """Record item ``index``; an error is raised again unless ``return_exceptions``."""
+        if isinstance(outcome, TritonVLMError) and not self.return_exceptions:
+            raise outcome
+        self.results[index] = outcome
+        if self.on_result is not None:
+            self.on_result(index, outcome)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def split_url(url: str) -> str:
@@ -201,7 +227,22 @@ def default_grpc_url(url: str, protocol: str) -> str:
     return url if protocol == "grpc" else url.rsplit(":", 1)[0] + ":8001"
 
 
-class TritonVLMClient:
+class ServerEndpoint:
+    """What both clients hold: the server's HTTP or gRPC address, where streams go, the timeout and retries."""
+
+    def __init__(self, url: str = "localhost:8000", *, protocol: Protocol = "http", timeout: float = 300.0,
+                 grpc_url: str | None = None, retry: RetryPolicy | int | bool | None = None) -> None:
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
+        self.url = split_url(url)
+        self.protocol: Protocol = protocol
+        #: Where streams connect (token streaming is gRPC); default: this host, port 8001.
+        self.grpc_url = split_url(grpc_url) if grpc_url else default_grpc_url(self.url, protocol)
+        self.timeout = timeout
+        self.retry = RetryPolicy.coerce(retry)
+
+
+class TritonVLMClient(ServerEndpoint):
     """A client for one triton-vlm server. Thread-safe: each thread gets its own connection.
 
     ``timeout`` (seconds) bounds every call (:class:`RequestTimeoutError` past it). ``retry`` retries calls that
@@ -215,14 +256,7 @@ class TritonVLMClient:
     def __init__(self, url: str = "localhost:8000", *, protocol: Protocol = "http",
                  timeout: float = 300.0, grpc_url: str | None = None,
                  retry: RetryPolicy | int | bool | None = None) -> None:
-        if protocol not in ("http", "grpc"):
-            raise ValueError(f"protocol must be 'http' or 'grpc', not {protocol!r}")
-        self.url = split_url(url)
-        self.protocol: Protocol = protocol
-        #: Where :meth:`stream` connects (token streaming is gRPC); default: this host, port 8001.
-        self.grpc_url = split_url(grpc_url) if grpc_url else default_grpc_url(self.url, protocol)
-        self.timeout = timeout
-        self.retry = RetryPolicy.coerce(retry)
+        super().__init__(url, protocol=protocol, timeout=timeout, grpc_url=grpc_url, retry=retry)
         self._local = threading.local()
         self._clients: list[Any] = []
         self._clients_lock = threading.Lock()
@@ -267,30 +301,23 @@ class TritonVLMClient:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         requests = [batch_item(item, model_name, common) for item in items]
-        results: list[Any] = [None] * len(requests)
-        bar = progress_bar(len(requests), progress, f"{model_name} x{concurrency}")
+        gathered = BatchResults(len(requests), progress, f"{model_name} x{concurrency}", return_exceptions, on_result)
 
         def run(index: int) -> None:
             model, kwargs = requests[index]
             try:
-                results[index] = self.infer_result(model, **kwargs)
+                outcome: InferenceResult | TritonVLMError = self.infer_result(model, **kwargs)
             except TritonVLMError as exc:
-                if not return_exceptions:
-                    raise
-                results[index] = exc
-            if on_result is not None:
-                on_result(index, results[index])
-            if bar is not None:
-                bar.update(1)
+                outcome = exc
+            gathered.add(index, outcome)
 
         try:
             with ThreadPoolExecutor(max_workers=min(concurrency, max(1, len(requests)))) as pool:
                 for future in [pool.submit(run, i) for i in range(len(requests))]:
                     future.result()
         finally:
-            if bar is not None:
-                bar.close()
-        return results
+            gathered.close()
+        return gathered.results
 
     def stream(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
@@ -333,8 +360,6 @@ class TritonVLMClient:
             return
 
     def _stream_once(self, grpc_module: Any, target: str, inputs: list[Any]) -> Iterator[StreamPiece]:
-        from tritonclient.utils import InferenceServerException
-
         pieces: queue.Queue[tuple[Any, Any]] = queue.Queue()
         client = self._stream_client(grpc_module)
         finished = False
@@ -347,11 +372,8 @@ class TritonVLMClient:
                     result, error = pieces.get(timeout=self.timeout)
                 except queue.Empty:
                     raise RequestTimeoutError(f"no response from {target} in {self.timeout:g}s") from None
-                if error is not None:
-                    finished = True  # an error response ends the request too: nothing left to cancel
-                    raise _translate(error, target, self.grpc_url) if isinstance(
-                        error, InferenceServerException) else ServerUnreachableError(str(error))
-                piece = parse_piece(result)
+                finished = error is not None  # an error response ends the request too: nothing left to cancel
+                piece = parse_piece(result, error, target, self.grpc_url, self.timeout)
                 finished = bool(piece.finish_reason)
                 yield piece
                 if finished:
