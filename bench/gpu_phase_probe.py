@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.gpu_engine_profile import timed
 from triton_vlm.bench.checkpoints import random_llava_7b
 from triton_vlm.engine import EngineConfig, LLMEngine
-from triton_vlm.engine.request import EngineRequest, Sequence
-from triton_vlm.engine.scheduler import PrefillChunk
 from triton_vlm.models import get_family
-from triton_vlm.sampling import SamplingParams
 
 
 def table(fn, rows: int = 12) -> None:
@@ -70,7 +65,7 @@ def gaps(trace_path: str, top: int = 15) -> None:
     events = json.load(open(trace_path))["traceEvents"]
     kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                      if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
-    busy, idle, end, widest = 0.0, [], kernels[0][0], []
+    busy, end, widest = 0.0, kernels[0][0], []
     previous = ""
     for start, stop, name in kernels:
         if start > end:

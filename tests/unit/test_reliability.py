@@ -142,7 +142,7 @@ def test_models_load_explicitly_and_the_admin_apis_need_the_key(monkeypatch: pyt
     assert f"--http-restricted-api={apis}:triton-vlm-admin-key={server.admin_key}" in command
     assert f"--grpc-restricted-protocol={apis}:triton-vlm-admin-key={server.admin_key}" in command
     assert len(server.admin_key) >= 24 and server.admin_headers == {"triton-vlm-admin-key": server.admin_key}
-    assert f"--http-address=127.0.0.1" in command  # loopback unless --host
+    assert "--http-address=127.0.0.1" in command  # loopback unless --host
     other, _ = _command(monkeypatch, tmp_path / "again")
     assert other.admin_key != server.admin_key  # random per run
     assert server.supervisor is None  # supervise=False

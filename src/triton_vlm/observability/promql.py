@@ -117,14 +117,8 @@ class Evaluator:
         series = self._series.get(selector.name, {})
         tests = []
         for matcher in selector.matchers.matchers:
-            op, name, value = str(matcher.op), matcher.name, matcher.value
-            if op.endswith("Re"):
-                pattern = re.compile(f"(?:{value})")
-                test = (lambda v, p=pattern: p.fullmatch(v) is not None)
-            else:
-                test = (lambda v, x=value: v == x)
-            negate = op.startswith("MatchOp.Not")
-            tests.append((name, test, negate))
+            op = str(matcher.op)
+            tests.append((matcher.name, _label_test(op, matcher.value), op.startswith("MatchOp.Not")))
 
         def keep(labels: Labels) -> bool:
             found = dict(labels)
@@ -265,3 +259,12 @@ def _histogram_quantile(phi: float, vector: Vector) -> Vector:
                 break
             previous_bound, previous_count = bound, count
     return out
+
+
+def _label_test(op: str, value: str) -> Callable[[str], bool]:
+    """What a label matcher checks of a label's value: equality, or a full regex match for ``=~``/``!~``
+    (negation is applied by the caller)."""
+    if op.endswith("Re"):
+        pattern = re.compile(f"(?:{value})")
+        return lambda found: pattern.fullmatch(found) is not None
+    return lambda found: found == value
