@@ -68,6 +68,7 @@ class ModelSettings:
     # Engine (the <model>_stream models): see triton_vlm.engine.EngineConfig.
     max_model_len: int = 2048
     max_num_seqs: int = 64
+    max_queue_size: int = 256  # requests that may wait in the engine beyond max_num_seqs; 0: no bound
     kv_cache_memory_fraction: float = 0.85
     cuda_graphs: bool = True
 
@@ -86,6 +87,8 @@ class ModelSettings:
         for name in ("max_image_bytes", "max_image_pixels"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"model {self.model_name!r}: {name} must be positive")
+        if self.max_queue_size < 0:
+            raise InvalidInputError(f"model {self.model_name!r}: max_queue_size must be >= 0 (0: no bound)")
         if not self.max_image_aspect_ratio >= 1:  # also refuses NaN
             raise InvalidInputError(f"model {self.model_name!r}: max_image_aspect_ratio must be >= 1")
 

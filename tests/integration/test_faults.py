@@ -86,8 +86,10 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
     http, grpc, metrics = free_ports()
     env = {
         "HF_TOKEN": HF_SECRET,
-        # kosmos2: a tiny queue and tight image limits, from the environment (config.pbtxt says 64 and 40M).
+        # kosmos2: a tiny queue and tight image limits, from the environment (config.pbtxt: no bound, 40M).
         "TRITON_VLM_KOSMOS2_MAX_QUEUE_SIZE": "2",
+        # llava: a queue timeout (opt-in), so that requests may ask for a shorter one.
+        "TRITON_VLM_LLAVA_QUEUE_TIMEOUT_MS": "300000",
         "TRITON_VLM_KOSMOS2_MAX_IMAGE_PIXELS": str(KOSMOS_MAX_PIXELS),
         "TRITON_VLM_KOSMOS2_MAX_IMAGE_BYTES": "50000",
         # llava_stream: the engine runs 4 requests and lets 12 wait.
@@ -130,7 +132,7 @@ def test_overload_is_refused_quickly_and_the_rest_is_served(faulty: FaultServer)
     """kosmos2 may queue 2 requests: of 24 at once, the overflow gets UNAVAILABLE in well under a second."""
     with urllib.request.urlopen(f"http://{faulty.http_url}/v2/models/kosmos2/config", timeout=5) as response:
         policy = json.loads(response.read())["dynamic_batching"]["default_queue_policy"]
-    assert policy["max_queue_size"] == 2 and policy["allow_timeout_override"]
+    assert policy["max_queue_size"] == 2
     image = image_bytes(32, 32)
     client = TritonVLMClient(faulty.http_url)
     client.infer("kosmos2", image, "An image of", max_tokens=1)  # weights loaded before the flood
@@ -184,7 +186,8 @@ def test_engine_overload_is_refused_quickly(faulty: FaultServer) -> None:
 
 
 def test_a_request_may_bound_its_wait_in_the_queue(faulty: FaultServer) -> None:
-    """The queue policy allows a per-request timeout: still queued after it, the request is refused (503)."""
+    """With a queue timeout configured, a request may ask for a shorter one: still queued after it, it is refused
+    (503)."""
     image = list(image_bytes(32, 32))
     body = {"parameters": {"timeout": 1000},  # microseconds
             "inputs": [{"name": "image", "shape": [1, len(image)], "datatype": "UINT8", "data": image},

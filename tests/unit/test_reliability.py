@@ -163,9 +163,10 @@ def test_queue_limits_reach_the_rendered_config(monkeypatch: pytest.MonkeyPatch,
     assert policy.max_queue_size == 3 and policy.default_timeout_microseconds == 250_000
     assert batching.max_queue_delay_microseconds == 7
     assert policy.allow_timeout_override
-    stream = load_model_config(tmp_path / "models" / "llava_stream" / "config.pbtxt").dynamic_batching
-    assert stream.default_queue_policy.max_queue_size == 7  # the per-model environment wins
-    assert stream.max_queue_delay_microseconds == 100
+    stream = load_model_config(tmp_path / "models" / "llava_stream" / "config.pbtxt")
+    assert stream.parameters["max_queue_size"].string_value == "7"  # the per-model environment wins
+    assert not stream.dynamic_batching.HasField("default_queue_policy")  # the engine's own bound, not Triton's
+    assert stream.dynamic_batching.max_queue_delay_microseconds == 100
 
 
 def test_batch_delay_precedence_and_rendering(tmp_path: Path) -> None:
@@ -189,13 +190,20 @@ def test_batch_delay_precedence_and_rendering(tmp_path: Path) -> None:
     assert apply_batch_delay(stream, None, own_us=2000)  # its own TRITON_VLM_LLAVA_STREAM_BATCH_DELAY_US applies
 
 
-def test_served_configs_bound_the_queue() -> None:
+def test_batched_configs_keep_triton_prefetching_and_engines_bound_their_queue() -> None:
+    """The weight-holding batched models have no queue policy (Triton 2.51 stops prefetching with one, and a
+    single instance then stalls up to 500 ms between batches); the engine models keep theirs as their bound."""
+    for model in ("llava", "kosmos2", "moondream2", "smolvlm"):
+        config = load_model_config(REPOSITORY / model / "config.pbtxt")
+        assert config.dynamic_batching.max_queue_delay_microseconds == 5000
+        assert not config.dynamic_batching.HasField("default_queue_policy"), model
+        assert not config.dynamic_batching.priority_queue_policy
+    for model in ("llava_stream", "kosmos2_stream", "moondream2_stream"):
+        config = load_model_config(REPOSITORY / model / "config.pbtxt")
+        assert not config.dynamic_batching.HasField("default_queue_policy"), model
+        assert config.parameters["max_queue_size"].string_value == "256"
     for model in ("llava", "kosmos2", "moondream2"):
         config = load_model_config(REPOSITORY / model / "config.pbtxt")
-        policy = config.dynamic_batching.default_queue_policy
-        assert policy.max_queue_size == 64 and policy.timeout_action == policy.REJECT
-        # Triton honours a request's own timeout only below a non-zero default.
-        assert policy.default_timeout_microseconds > 0 and policy.allow_timeout_override
         params = {k: v.string_value for k, v in config.parameters.items()}
         settings = ModelSettings.from_parameters(model, params, env={})
         assert (settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect_ratio) == (
@@ -233,13 +241,24 @@ def test_bad_queue_limits_are_refused() -> None:
 def test_apply_queue_policy_and_instance_count(tmp_path: Path) -> None:
     served = render_repository(REPOSITORY, tmp_path / "models", ["kosmos2"], "KIND_CPU")
     assert not apply_queue_policy(served / "kosmos2", None, None)
-    assert apply_queue_policy(served / "kosmos2", 0, None)
+    assert apply_queue_policy(served / "kosmos2", 5, None)
     policy = load_model_config(served / "kosmos2" / "config.pbtxt").dynamic_batching.default_queue_policy
-    assert policy.max_queue_size == 0 and policy.default_timeout_microseconds == 300_000_000
+    assert policy.max_queue_size == 5 and policy.default_timeout_microseconds == 0
+    assert not policy.allow_timeout_override
+    assert apply_queue_policy(served / "kosmos2", None, 2000)
+    policy = load_model_config(served / "kosmos2" / "config.pbtxt").dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == 5 and policy.default_timeout_microseconds == 2_000_000
+    assert policy.allow_timeout_override and policy.timeout_action == policy.REJECT
     assert instance_count(served / "kosmos2") == 1
     (tmp_path / "plain" / "1").mkdir(parents=True)
     (tmp_path / "plain" / "config.pbtxt").write_text('name: "plain"\nbackend: "python"\n')
     assert not apply_queue_policy(tmp_path / "plain", 4, 10)  # no dynamic batching: nothing to bound
+    stream = render_repository(REPOSITORY, tmp_path / "streams", ["kosmos2_stream"], "KIND_CPU") / "kosmos2_stream"
+    assert not apply_queue_policy(stream, None, 1000)  # no queue timeout in the engine
+    assert apply_queue_policy(stream, 9, 1000)
+    config = load_model_config(stream / "config.pbtxt")
+    assert config.parameters["max_queue_size"].string_value == "9"
+    assert not config.dynamic_batching.HasField("default_queue_policy")
     assert instance_count(tmp_path / "plain") == 1
 
 
@@ -344,6 +363,41 @@ def test_supervisor_leaves_models_that_are_not_ready_alone(tmp_path: Path, caplo
     finally:
         stub.kill()
         stub.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_supervisor_ignores_stubs_that_end_before_the_server_answers(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """At start Triton runs a stub per model to complete its config, and that stub exits: no warning, no reload."""
+    caplog.set_level(logging.INFO, logger="triton_vlm")
+
+    class Starting(FakeControl):
+        answering = False
+
+        def live(self, timeout: float = 5.0) -> bool:
+            return self.answering
+
+    control = Starting()
+    watcher = supervisor.StubSupervisor(os.getpid(), control)  # type: ignore[arg-type]
+    config_stub = _fake_stub(tmp_path, "llava", "llava_0_0")
+    try:
+        assert watcher.check() == []
+        config_stub.kill()
+        _wait_state(config_stub.pid, ("Z",))
+        assert watcher.check() == []
+    finally:
+        config_stub.wait()
+    control.answering = True
+    served = _fake_stub(tmp_path, "kosmos2", "kosmos2_0_0")
+    try:
+        assert watcher.check() == []  # serving now: tracking starts
+        served.kill()
+        _wait_state(served.pid, ("Z",))
+        assert watcher.check() == ["kosmos2"]  # a stub of a serving server is still recovered
+    finally:
+        served.wait()
+    assert control.calls == [("unload", "kosmos2"), ("load", "kosmos2")]
+    assert "llava" not in caplog.text
 
 
 def test_supervisor_reports_a_failed_reload(tmp_path: Path) -> None:

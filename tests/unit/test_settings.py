@@ -303,3 +303,19 @@ def test_parameters_from_json_config() -> None:
     assert parameters_from_json_config(config) == {"model_family": "kosmos2", "preload": "true", "odd": ""}
     assert parameters_from_json_config({}) == {}
     assert parameters_from_json_config({"parameters": None}) == {}
+
+
+def test_engine_queue_bound_from_the_config_and_the_environment() -> None:
+    """An engine model's max_queue_size is its own bound on waiting requests: the stream config's parameter, the
+    base model's environment, then its own (which wins)."""
+    _, parameters = read_config_parameters(REPOSITORY / "llava_stream" / "config.pbtxt")
+    parameters = {**parameters, "model_family": "llava"}
+
+    def bound(env: dict[str, str]) -> int:
+        return ModelSettings.from_parameters("llava_stream", parameters, env=env, env_aliases=("llava",)).max_queue_size
+
+    assert bound({}) == 256
+    assert bound({"TRITON_VLM_LLAVA_MAX_QUEUE_SIZE": "10"}) == 10
+    assert bound({"TRITON_VLM_LLAVA_MAX_QUEUE_SIZE": "10", "TRITON_VLM_LLAVA_STREAM_MAX_QUEUE_SIZE": "0"}) == 0
+    with pytest.raises(InvalidInputError, match="max_queue_size must be >= 0"):
+        ModelSettings.from_parameters("llava_stream", {**parameters, "max_queue_size": "-1"}, env={})

@@ -12,7 +12,6 @@ through the family's batched loop on the same loaded model and answers each in o
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import sys
@@ -92,9 +91,8 @@ class TritonVLMStreamModel:
         self._outbox: queue.SimpleQueue[_Open | RequestOutput | None] = queue.SimpleQueue()
         self._ids = 0
         # Overload: execute() returns at once, so Triton's queue never fills; the bound is here instead. At most
-        # max_num_seqs requests run and max_queue_size (the model's queue policy) wait in the engine.
-        policy = (json.loads(args["model_config"]).get("dynamic_batching") or {}).get("default_queue_policy") or {}
-        waiting = int(policy.get("max_queue_size") or 0)
+        # max_num_seqs requests run and max_queue_size wait in the engine.
+        waiting = self.runtime.settings.max_queue_size
         self._limit = self.runtime.settings.max_num_seqs + waiting if waiting > 0 else None
         self._open = 0
         self._open_lock = threading.Lock()

@@ -1,10 +1,14 @@
-"""Overload limits of the served models: Triton's queue policy, set in ``config.pbtxt`` and overridable at launch.
+"""Overload limits of the served models: Triton's queue policy, opt-in at launch, and the batching delay.
 
-Each batched model's ``dynamic_batching { default_queue_policy { ... } }`` bounds its queue (``max_queue_size``:
+A batched model's ``dynamic_batching { default_queue_policy { ... } }`` can bound its queue (``max_queue_size``:
 more requests are refused at once with UNAVAILABLE) and how long a request may wait in it
-(``default_timeout_microseconds``, and a request's own ``timeout`` parameter where
-``allow_timeout_override`` is on). The launcher overrides them for every model (``--max-queue-size``,
-``--queue-timeout-ms``) or for one (``TRITON_VLM_<MODEL>_MAX_QUEUE_SIZE``, ``..._QUEUE_TIMEOUT_MS``; these win).
+(``default_timeout_microseconds``; a request may then ask for less with its ``timeout`` parameter). The shipped
+batched models have none: in Triton 2.51 any queue policy turns payload prefetching off, and a single-instance
+model then misses the wake-up after a batch and leaves the next request queued up to 500 ms (core's dynamic
+batcher: its notify comes before the instance is free again). The launcher adds one for every model
+(``--max-queue-size``, ``--queue-timeout-ms``) or for one (``TRITON_VLM_<MODEL>_MAX_QUEUE_SIZE``,
+``..._QUEUE_TIMEOUT_MS``; these win). The engine models keep theirs: their ``execute`` returns at once, and their
+engine reads ``max_queue_size`` as its own bound.
 
 The batching delay (``max_queue_delay_microseconds``) is the other side of the same trade: how long the first
 request of a batch may wait for company. ``--batch-delay-us`` / ``TRITON_VLM_<MODEL>_BATCH_DELAY_US``.
@@ -46,20 +50,29 @@ def queue_limits(model: str, max_queue_size: int | None, queue_timeout_ms: int |
 
 
 def apply_queue_policy(model_dir: Path, max_queue_size: int | None, queue_timeout_ms: int | None) -> bool:
-    """Rewrite ``model_dir/config.pbtxt``'s default queue policy; False (nothing written) for a model without
-    dynamic batching or with nothing to change."""
+    """Bound ``model_dir``'s queue: a batched model gets Triton's default queue policy, an engine (decoupled)
+    model its ``max_queue_size`` parameter (its engine's own bound; a queue timeout does not apply to it).
+    False (nothing written) for a model without dynamic batching or with nothing to change."""
     if max_queue_size is None and queue_timeout_ms is None:
         return False
     path = model_dir / "config.pbtxt"
     config = load_model_config(path)
     if not config.HasField("dynamic_batching"):
         return False
+    if config.model_transaction_policy.decoupled:
+        if max_queue_size is None:
+            return False
+        config.parameters["max_queue_size"].string_value = str(max_queue_size)
+        path.write_text(dump_model_config(config))
+        return True
     policy = config.dynamic_batching.default_queue_policy
     if max_queue_size is not None:
         policy.max_queue_size = max_queue_size
     if queue_timeout_ms is not None:
         policy.default_timeout_microseconds = queue_timeout_ms * 1000
         policy.timeout_action = policy.REJECT
+        # Triton honours a request's own (shorter) timeout only below a non-zero default.
+        policy.allow_timeout_override = queue_timeout_ms > 0
     path.write_text(dump_model_config(config))
     return True
 

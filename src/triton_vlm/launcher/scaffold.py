@@ -43,17 +43,11 @@ output [
 
 dynamic_batching {{
   max_queue_delay_microseconds: 5000
-  # Overload: at most max_queue_size requests wait; more are refused at once with UNAVAILABLE (HTTP 503), so
-  # clients back off instead of piling up. A request still queued after 5 minutes is refused with UNAVAILABLE;
-  # a request may ask for less (the "timeout" request parameter, in microseconds; Triton only honours it below
-  # a non-zero default). Launcher overrides: --max-queue-size / --queue-timeout-ms, or
-  # TRITON_VLM_<MODEL>_MAX_QUEUE_SIZE / _QUEUE_TIMEOUT_MS.
-  default_queue_policy {{
-    max_queue_size: 64
-    timeout_action: REJECT
-    default_timeout_microseconds: 300000000
-    allow_timeout_override: true
-  }}
+  # No queue policy here on purpose: in Triton 2.51 any default_queue_policy turns payload prefetching off, and
+  # a model with one instance then misses the wake-up after each batch and leaves the next request queued up to
+  # 500 ms (docs/reliability.md, "Overload"). To bound the queue anyway (UNAVAILABLE past N waiting, a queue
+  # timeout, per-request timeouts): --max-queue-size / --queue-timeout-ms, or TRITON_VLM_<MODEL>_MAX_QUEUE_SIZE
+  # / _QUEUE_TIMEOUT_MS. On GPU hosts the engine (<model>_stream) bounds what runs and waits by default.
 }}
 
 # On hosts without a GPU the launcher serves these instances as KIND_CPU.

@@ -280,6 +280,9 @@ class StubSupervisor:
 
     def __post_init__(self) -> None:
         self._known: dict[int, Stub] = {}
+        #: Whether the watched server has answered /v2/health/live yet. Before that, the only stubs that come and
+        #: go are Triton's own: each model's config is auto-completed at load by a stub that then exits.
+        self._serving = False
         #: Shared-memory regions of every stub seen, to clean up after a forced stop.
         self.regions: set[str] = set()
         self._stop = threading.Event()
@@ -369,8 +372,12 @@ class StubSupervisor:
                 with self._lock:
                     self.events.append(RecoveryEvent("(server)", f"tritonserver pid {self.server_pid} died",
                                                      time.monotonic()))
-                self.server_pid, self._known = new_pid, {}
+                self.server_pid, self._known, self._serving = new_pid, {}, False
             return []
+        if not self._serving:
+            if not self.control.live(timeout=1.0):
+                return []
+            self._serving = True
         alive = live_stubs(self.server_pid)
         self.regions.update(stub.region for stub in alive.values() if stub.region)
         dead: dict[str, list[tuple[Stub, str]]] = {}
