@@ -176,7 +176,7 @@ def test_batch_delay_precedence_and_rendering(tmp_path: Path) -> None:
     config = served / "kosmos2" / "config.pbtxt"
     with pytest.raises(LauncherError, match="batch_delay_us must be >= 0"):
         apply_batch_delay(served / "kosmos2", -5)
-    assert load_model_config(config).dynamic_batching.max_queue_delay_microseconds == 5000
+    assert load_model_config(config).dynamic_batching.max_queue_delay_microseconds == 0
     assert not apply_batch_delay(served / "kosmos2", None)
     assert apply_batch_delay(served / "kosmos2", 1500)
     assert load_model_config(config).dynamic_batching.max_queue_delay_microseconds == 1500
@@ -195,7 +195,7 @@ def test_batched_configs_keep_triton_prefetching_and_engines_bound_their_queue()
     single instance then stalls up to 500 ms between batches); the engine models keep theirs as their bound."""
     for model in ("llava", "kosmos2", "moondream2", "smolvlm"):
         config = load_model_config(REPOSITORY / model / "config.pbtxt")
-        assert config.dynamic_batching.max_queue_delay_microseconds == 5000
+        assert config.dynamic_batching.max_queue_delay_microseconds == 0
         assert not config.dynamic_batching.HasField("default_queue_policy"), model
         assert not config.dynamic_batching.priority_queue_policy
     for model in ("llava_stream", "kosmos2_stream", "moondream2_stream"):

@@ -158,12 +158,12 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="route public models through their <model>_stream engine (auto: on GPU hosts)")
     parser.add_argument("--max-queue-size", type=int, default=None,
                         help="requests each model may queue; more are refused at once with UNAVAILABLE "
-                             "(default: config.pbtxt's, 64)")
+                             "(default: no bound for batched models, 256 in the engine models)")
     parser.add_argument("--queue-timeout-ms", type=int, default=None,
                         help="refuse requests still queued after this long (default: no limit)")
     parser.add_argument("--batch-delay-us", type=int, default=None,
                         help="how long a batch may wait for more requests, in microseconds (Triton's "
-                             "max_queue_delay_microseconds; default: config.pbtxt's, 5000; 0: run at once)")
+                             "max_queue_delay_microseconds; default: config.pbtxt's, 0: run at once)")
     parser.add_argument("--model-repository", type=Path, default=None)
     parser.add_argument("--log-verbose", type=int, default=0)
     from triton_vlm.openai.cli import add_access_arguments

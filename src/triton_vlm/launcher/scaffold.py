@@ -42,7 +42,9 @@ output [
 ]
 
 dynamic_batching {{
-  max_queue_delay_microseconds: 5000
+  # No wait for company: while the instance is busy, Triton keeps adding arrivals to the next batch, so batches
+  # still fill under load, and a lone request runs at once (--batch-delay-us or _BATCH_DELAY_US to change it).
+  max_queue_delay_microseconds: 0
   # No queue policy here on purpose: in Triton 2.51 any default_queue_policy turns payload prefetching off, and
   # a model with one instance then misses the wake-up after each batch and leaves the next request queued up to
   # 500 ms (docs/reliability.md, "Overload"). To bound the queue anyway (UNAVAILABLE past N waiting, a queue

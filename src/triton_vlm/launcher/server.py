@@ -60,7 +60,7 @@ class ServerOptions:
     #: Overload limits for every batched model (None: as in config.pbtxt); see triton_vlm.launcher.policies.
     max_queue_size: int | None = None
     queue_timeout_ms: int | None = None
-    #: How long a batch may wait for more requests, µs (None: config.pbtxt's, 5000); 0: run at once.
+    #: How long a batch may wait for more requests, µs (None: config.pbtxt's, 0: run at once).
     batch_delay_us: int | None = None
     #: Reload a model whose Python stub died (Triton itself never does); see triton_vlm.launcher.supervisor.
     supervise: bool = True
