@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import urllib.parse
 
 from triton_vlm.settings import parse_bool
@@ -31,12 +32,21 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     url = urllib.parse.urlsplit(hub_endpoint())
     if not url.hostname:
         return True
-    try:
-        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
-                                      timeout=timeout):
-            return True
-    except OSError:
-        return False
+    address = (url.hostname, url.port or (80 if url.scheme == "http" else 443))
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answered.append(True)
+        except OSError:
+            answered.append(False)
+
+    # On a thread: the name lookup itself has no timeout, and a broken resolver can take far longer than this.
+    probe = threading.Thread(target=connect, name="triton-vlm-hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answered) and answered[0]
 
 
 def hub_miss_reason() -> str:

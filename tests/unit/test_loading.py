@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,21 @@ def test_hub_reachable_probes_the_endpoint(online: None, monkeypatch: pytest.Mon
     assert not hub_reachable(timeout=2)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     assert hub_reachable(timeout=2)  # through a proxy, huggingface_hub decides
+
+
+def test_a_hub_probe_that_hangs_counts_as_unreachable(online: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that hangs (the name lookup has no timeout of its own) does not hold up the load."""
+    release = threading.Event()
+
+    def hanging(address: object, timeout: float) -> socket.socket:
+        release.wait(10)
+        return socket.socket()
+
+    monkeypatch.setattr(socket, "create_connection", hanging)
+    try:
+        assert not hub_reachable(timeout=0.2)
+    finally:
+        release.set()
 
 
 def test_an_unreachable_hub_means_the_cache_alone_and_a_clear_error(
