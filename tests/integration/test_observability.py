@@ -187,10 +187,13 @@ def test_infer_many_equals_single_requests_and_is_batched(triton: RunningServer)
 
     images = _images(6)
     before = _stats(triton, "kosmos2")
+    # 24 tokens each, EOS ignored: a request runs long enough for the rest of the burst to queue behind it (the
+    # batchers wait for no one: max_queue_delay_microseconds is 0).
     with TritonVLMClient(triton.http_url) as client:
-        singles = [client.infer("kosmos2", image, PROMPTS["kosmos2"], max_tokens=6) for image in images]
+        singles = [client.infer("kosmos2", image, PROMPTS["kosmos2"], max_tokens=24, ignore_eos=True)
+                   for image in images]
         many = client.infer_many("kosmos2", [(image, PROMPTS["kosmos2"]) for image in images], concurrency=6,
-                                 progress=False, max_tokens=6)
+                                 progress=False, max_tokens=24, ignore_eos=True)
     assert [r.text for r in many] == singles  # type: ignore[union-attr]
     deadline = time.monotonic() + 10  # Triton counts a request just after answering it
     while (after := _stats(triton, "kosmos2"))["inference_count"] - before["inference_count"] < 12:

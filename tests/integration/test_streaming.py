@@ -126,6 +126,29 @@ def test_forwarding_model_serves_plain_infer_from_the_engine(forwarding_server: 
     assert served == [_expected(llava, i, p, max_tokens=10) for i, p in zip(images, prompts)]
 
 
+def test_a_forwarded_request_is_not_held_up_by_longer_ones(forwarding_server: TritonServer,
+                                                           sample_image_bytes: bytes) -> None:
+    """Both forwarder instances get a long request; a short one sent next still comes back first. (The forwarder
+    answers each request through its own response sender once the engine is done with it, and its instances
+    take the next batch at once.)"""
+    finished: list[str] = []
+    client = TritonVLMClient(forwarding_server.http_url, timeout=120)
+
+    def call(name: str, tokens: int) -> None:
+        client.infer("llava", sample_image_bytes, PROMPT, max_tokens=tokens, ignore_eos=True)
+        finished.append(name)
+
+    with ThreadPoolExecutor(3) as pool:
+        calls = []
+        for name, tokens in (("long 1", 500), ("long 2", 500), ("short", 2)):
+            calls.append(pool.submit(call, name, tokens))
+            time.sleep(0.15)  # each in a batch of its own
+        for future in calls:
+            future.result()
+    client.close()
+    assert finished[0] == "short", finished
+
+
 def test_forwarder_serves_again_after_the_engine_stub_dies(forwarding_server: TritonServer, llava: VLMRuntime,
                                                           sample_image_bytes: bytes) -> None:
     """The engine's stub killed: the supervisor reloads llava_stream and the forwarder in front of it."""

@@ -1,9 +1,10 @@
 """A light non-decoupled model that forwards each request to the decoupled ``<model>_stream`` model (BLS).
 
-Triton's HTTP ``infer`` and gRPC ``ModelInfer`` refuse decoupled models, and a non-decoupled model runs one
-``execute`` at a time per instance. So on GPU hosts the public model becomes this forwarder, with several
-CPU instances: each instance hands its whole batch to the engine at once, the engine batches everything
-continuously, and plain ``infer`` clients get the engine's throughput. It imports no torch.
+Triton's HTTP ``infer`` and gRPC ``ModelInfer`` refuse decoupled models, so on GPU hosts the public model becomes
+this forwarder, with a few CPU instances. ``execute`` hands its batch to the engine and returns at once; each
+request is answered through its own response sender (allowed for non-decoupled models since Triton 24.06: one
+FINAL response per request) when the engine is done with it. So an instance takes the next batch right away, no
+request waits for the slowest of its batch, and the engine batches everything continuously. It imports no torch.
 """
 
 from __future__ import annotations
@@ -26,17 +27,31 @@ class ForwardingModel:
         params = config.get("parameters") or {}
         self.target = params["forward_to"]["string_value"]
         self.outputs = [output["name"] for output in config["output"]]
+        self._pending: set[asyncio.Future[None]] = set()
 
-    async def execute(self, requests: list[Any]) -> list[Any]:
-        # Issue every request before waiting on any, so the whole batch reaches the engine together. (A plain
-        # exec(decoupled=True) per request would wait for each answer in turn.) Known upstream: under heavy load
-        # async_exec's concurrent decoupled calls at times crash Triton 2.51's stub (server#8922 reports the
-        # race in 2.70); the supervisor then restarts what died. docs/reliability.md has the details.
-        streams = await asyncio.gather(*(self._forward(r).async_exec(decoupled=True) for r in requests))
-        return [self._collect(stream) for stream in streams]
+    async def execute(self, requests: list[Any]) -> None:
+        # Hand every request to the engine and return: each answer goes back through its request's response
+        # sender as soon as it is complete, so an instance is free for the next batch at once and no request
+        # waits for the slowest of its batch. Known upstream: under heavy load async_exec's concurrent
+        # decoupled calls at times crash Triton 2.51's stub (server#8922 reports the race in 2.70); the
+        # supervisor then restarts what died. docs/reliability.md has the details.
+        for request in requests:
+            task = asyncio.ensure_future(self._answer(self._forward(request), request.get_response_sender()))
+            self._pending.add(task)  # the event loop keeps only a weak reference to a task
+            task.add_done_callback(self._pending.discard)
+        return None
+
+    async def _answer(self, forward: Any, sender: Any) -> None:
+        try:
+            response = self._collect(await forward.async_exec(decoupled=True))
+        except Exception as exc:  # noqa: BLE001 - the client gets it as this request's error
+            response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                f"forwarding to {self.target} failed: {exc}", pb_utils.TritonError.INTERNAL))
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _forward(self, request: Any) -> Any:
-        inputs = [pb_utils.Tensor(t.name(), t.as_numpy()) for t in request.inputs() if t.name() != "stream"]
+        # Copies: the request's own tensors are freed when execute() returns, before the call is sent.
+        inputs = [pb_utils.Tensor(t.name(), t.as_numpy().copy()) for t in request.inputs() if t.name() != "stream"]
         inputs.append(pb_utils.Tensor("stream", np.array([[False]], dtype=np.bool_)))
         return pb_utils.InferenceRequest(model_name=self.target, inputs=inputs,
                                          requested_output_names=self.outputs)
