@@ -73,7 +73,7 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(f"model {settings.model_name!r}: out of GPU memory loading {source} ({exc})") from exc
     except Exception as exc:  # missing files (OSError), bad config (ValueError), corrupt weights (SafetensorError)...
-        raise ModelLoadError(_load_failure_message(settings, source, revision, local_only, exc)) from exc
+        raise ModelLoadError(_load_failure_message(settings, source, revision, exc)) from exc
     seconds = time.perf_counter() - started
     log.info("loaded model %s (%s from %s) on %s as %s in %.1fs", settings.model_name, family.name, source,
              device, str(dtype).removeprefix("torch."), seconds)
@@ -104,13 +104,12 @@ def _weights_source(settings: ModelSettings, family: ModelFamily) -> tuple[str, 
             )
         return str(path), None, True
     model_id = settings.hf_model_id or family.default_hf_model_id
-    if hub_offline():
-        return model_id, settings.revision or None, True
-    if not hub_reachable():
+    local_only = hub_offline()
+    if not local_only and not hub_reachable():
         log.warning("model %s: the Hugging Face Hub (%s) cannot be reached; loading %s from the local cache only",
                     settings.model_name, hub_endpoint(), model_id)
-        return model_id, settings.revision or None, True
-    return model_id, settings.revision or None, False
+        local_only = True
+    return model_id, settings.revision or None, local_only
 
 
 def _first_line(exc: BaseException) -> str:
@@ -132,8 +131,7 @@ def _pickle_weights_only(directory: Path) -> bool:
     return pickled and not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names)
 
 
-def _load_failure_message(settings: ModelSettings, source: str, revision: str | None, local_only: bool,
-                          exc: BaseException) -> str:
+def _load_failure_message(settings: ModelSettings, source: str, revision: str | None, exc: BaseException) -> str:
     """Why loading ``source`` failed and what to do: about the directory for a tiny or local checkpoint,
     about the hub (cache, offline mode, download) for a hub id."""
     from triton_vlm.settings import env_prefix
@@ -168,17 +166,17 @@ def _load_failure_message(settings: ModelSettings, source: str, revision: str | 
             f"`huggingface-cli download {source} --force-download` (cache in HF_HOME, "
             f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}). {cause}"
         )
-    return _missing_weights_message(settings, source, revision, local_only, exc)
+    return _missing_weights_message(settings, source, revision, exc)
 
 
-def _missing_weights_message(settings: ModelSettings, source: str, revision: str | None, local_only: bool,
+def _missing_weights_message(settings: ModelSettings, source: str, revision: str | None,
                              exc: BaseException) -> str:
     """Hub weights not found: offline without a cached copy, or the hub unreachable. For a tiny or local
     checkpoint (``source`` is a directory, not a hub id) the message is about that directory instead."""
     from triton_vlm.settings import env_prefix
 
     if settings.local_path or settings.tiny:
-        return _load_failure_message(settings, source, revision, local_only, exc)
+        return _load_failure_message(settings, source, revision, exc)
     return (
         f"model {settings.model_name!r}: cannot load weights {source!r} (revision {revision or 'default'}): "
         f"{hub_miss_reason()}. Provide them by one of: (1) on a connected machine run "

@@ -349,12 +349,12 @@ def test_missing_weights_message_for_a_directory_never_suggests_downloading_it(t
 
     cause = OSError("Error no file named model.safetensors found in directory")
     local = real_settings("llava").with_overrides(local_path=str(tmp_path))
-    message = _missing_weights_message(local, str(tmp_path), None, True, cause)
+    message = _missing_weights_message(local, str(tmp_path), None, cause)
     assert f"local_path {str(tmp_path)!r}" in message and "TRITON_VLM_LLAVA_LOCAL_PATH" in message
     assert "offline mode" not in message and "huggingface-cli download" not in message
     tiny = real_settings("llava").with_overrides(tiny=True)
-    message = _missing_weights_message(tiny, str(tmp_path), None, True, cause)
+    message = _missing_weights_message(tiny, str(tmp_path), None, cause)
     assert "tiny checkpoint" in message and "offline mode" not in message
     # A hub id keeps the hub advice.
-    hub = _missing_weights_message(real_settings("llava"), "llava-hf/llava-1.5-7b-hf", "main", True, cause)
+    hub = _missing_weights_message(real_settings("llava"), "llava-hf/llava-1.5-7b-hf", "main", cause)
     assert "offline mode (HF_HUB_OFFLINE=1)" in hub and "huggingface-cli download llava-hf/llava-1.5-7b-hf" in hub
