@@ -63,16 +63,15 @@ def apply_queue_policy(model_dir: Path, max_queue_size: int | None, queue_timeou
         if max_queue_size is None:
             return False
         config.parameters["max_queue_size"].string_value = str(max_queue_size)
-        path.write_text(dump_model_config(config))
-        return True
-    policy = config.dynamic_batching.default_queue_policy
-    if max_queue_size is not None:
-        policy.max_queue_size = max_queue_size
-    if queue_timeout_ms is not None:
-        policy.default_timeout_microseconds = queue_timeout_ms * 1000
-        policy.timeout_action = policy.REJECT
-        # Triton honours a request's own (shorter) timeout only below a non-zero default.
-        policy.allow_timeout_override = queue_timeout_ms > 0
+    else:
+        policy = config.dynamic_batching.default_queue_policy
+        if max_queue_size is not None:
+            policy.max_queue_size = max_queue_size
+        if queue_timeout_ms is not None:
+            policy.default_timeout_microseconds = queue_timeout_ms * 1000
+            policy.timeout_action = policy.REJECT
+            # Triton honours a request's own (shorter) timeout only below a non-zero default.
+            policy.allow_timeout_override = queue_timeout_ms > 0
     path.write_text(dump_model_config(config))
     return True
 
