@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -189,7 +189,7 @@ class TritonGateway:
                 piece = _piece(result)
                 ended = bool(piece.finish_reason)
                 if ended and entities:  # only the final response carries them
-                    piece = _piece(result, entities=True)
+                    piece = replace(piece, entities=_entities(result))
                 yield piece
                 if ended:
                     return
