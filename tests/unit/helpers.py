@@ -6,7 +6,7 @@ import io
 import socket
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +97,17 @@ def batched_greedy(loaded: tuple[Any, Any, Any], images: list[Image.Image], prom
 
 @dataclass(frozen=True)
 class ParityCase:
-    """A tiny family's engine checked against the batched loop on the same images, prompts and lengths."""
+    """A tiny family's engine checked against the batched loop on the same images (noise of ``sizes``, seeded by
+    position), prompts and lengths."""
 
     family: str
-    images: list[Image.Image]
     prompts: list[str]
+    sizes: list[tuple[int, int]]
     max_tokens: list[int]
+    images: list[Image.Image] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images", [noise(w, h, seed) for seed, (w, h) in enumerate(self.sizes)])
 
     def load(self) -> tuple[Any, Any, Any]:
         return load_tiny(self.family)

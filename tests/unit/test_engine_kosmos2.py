@@ -15,8 +15,8 @@ PROMPTS = ["<grounding>An image of", "What is this?", "hi", "<grounding> Describ
 SIZES = [(40, 30), (50, 30), (30, 90), (64, 64)]
 MAX_TOKENS = [10, 7, 15, 12]
 
-IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
-CASE = ParityCase("kosmos2", IMAGES, PROMPTS, MAX_TOKENS)
+CASE = ParityCase("kosmos2", PROMPTS, SIZES, MAX_TOKENS)
+IMAGES = CASE.images
 engine = CASE.engine
 loaded, reference = parity_fixtures(CASE)
 

@@ -10,7 +10,7 @@ import torch
 
 from triton_vlm.sampling import SamplingParams
 
-from .helpers import ParityCase, noise, parity_fixtures
+from .helpers import ParityCase, parity_fixtures
 
 PROMPTS = ["What is this?", "Describe the colours, the shapes and everything else you can see in the picture.",
            "count 1 2 3", "Is there a cat?"]
@@ -18,8 +18,8 @@ PROMPTS = ["What is this?", "Describe the colours, the shapes and everything els
 SIZES = [(30, 30), (90, 60), (200, 40), (64, 64)]
 MAX_TOKENS = [9, 14, 5, 11]
 
-IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
-CASE = ParityCase("moondream2", IMAGES, PROMPTS, MAX_TOKENS)
+CASE = ParityCase("moondream2", PROMPTS, SIZES, MAX_TOKENS)
+IMAGES = CASE.images
 engine = CASE.engine
 loaded, reference = parity_fixtures(CASE)
 
