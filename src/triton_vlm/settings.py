@@ -71,6 +71,8 @@ class ModelSettings:
     max_queue_size: int = 256  # requests that may wait in the engine beyond max_num_seqs; 0: no bound
     kv_cache_memory_fraction: float = 0.85
     cuda_graphs: bool = True
+    quantization: str = "none"  # "fp8": fp8 projections (Llama-family language models)
+    kv_cache_dtype: str = "auto"  # "fp8": an fp8 KV cache
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -139,7 +141,8 @@ class ModelSettings:
         from triton_vlm.engine.config import EngineConfig
 
         return EngineConfig(max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
-                            kv_cache_memory_fraction=self.kv_cache_memory_fraction, cuda_graphs=self.cuda_graphs)
+                            kv_cache_memory_fraction=self.kv_cache_memory_fraction, cuda_graphs=self.cuda_graphs,
+                            quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype)
 
 
 def read_config_parameters(config_path: Path) -> tuple[str, dict[str, str]]:

@@ -8,6 +8,7 @@
     │   │   kernels, torch twins) and weights.py (fused projections in their fastest layout)
     │   └── GraphedVision (vision.py)  the vision tower as CUDA graphs at small batches
     ├── SlotKVCache (kv_cache.py) one slot of max_model_len positions per running request
+    ├── quantization.py           opt-in fp8: Llama projections (per-channel weights, per-token inputs), KV cache
     └── EngineAdapter (adapter.py)  what a model family provides
                                   (models/llava_engine.py, models/kosmos2_engine.py,
                                   models/moondream2/engine_adapter.py)

@@ -1,7 +1,8 @@
 """Attention over the slot KV cache, shared by the decoders: each call stores the new K/V, then attends.
 
 A decoder's layer loop calls the ``attend(index, q, k, v)`` that :func:`prefill_attention` or
-:func:`decode_attention` builds; only the masks differ between model families (the decoders build them).
+:func:`decode_attention` builds; only the masks differ between model families (the decoders build them). The
+cache may hold fp8 (:mod:`.quantization`): K/V are stored saturated and read back in the model's dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
 from triton_vlm.engine.kv_cache import SlotKVCache
+from triton_vlm.engine.quantization import FP8_MAX, to_storage
 from triton_vlm.engine.transfer import device_longs
 
 log = logging.getLogger("triton_vlm")
@@ -46,16 +48,29 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
         offset = 0
         for (slot, start, length), mask in zip(chunks, masks):
             end = start + length
-            keys[slot, :, start:end] = k[offset:offset + length].transpose(0, 1)
-            values[slot, :, start:end] = v[offset:offset + length].transpose(0, 1)
+            chunk_k = k[offset:offset + length].transpose(0, 1)
+            chunk_v = v[offset:offset + length].transpose(0, 1)
+            keys[slot, :, start:end] = to_storage(chunk_k, keys.dtype)
+            values[slot, :, start:end] = to_storage(chunk_v, values.dtype)
             out = F.scaled_dot_product_attention(
-                q[offset:offset + length].transpose(0, 1)[None], keys[slot, :, :end][None],
-                values[slot, :, :end][None], attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+                q[offset:offset + length].transpose(0, 1)[None], _context(keys[slot], chunk_k, start)[None],
+                _context(values[slot], chunk_v, start)[None], attn_mask=mask, is_causal=mask is None,
+                enable_gqa=gqa)
             outputs.append(out[0].transpose(0, 1).reshape(length, -1))
             offset += length
         return torch.cat(outputs)
 
     return attend
+
+
+def _context(cached: torch.Tensor, chunk: torch.Tensor, start: int) -> torch.Tensor:
+    """A slot's K (or V) [heads, start + length, dim] for a chunk at ``start``: the cache's own view when it holds
+    the model's dtype; from an fp8 cache, the prefix read back and the chunk's own (exact) values."""
+    if cached.dtype == chunk.dtype:
+        return cached[:, :start + chunk.shape[1]]
+    if start == 0:
+        return chunk
+    return torch.cat([cached[:, :start].to(chunk.dtype), chunk], dim=1)
 
 
 def chunk_positions(chunks: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
@@ -88,8 +103,9 @@ def decode_attention(cache: SlotKVCache, write_positions: torch.Tensor, lengths:
 
     def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys[index], cache.values[index]
-        keys[slots, :, write_positions] = k
-        values[slots, :, write_positions] = v
+        if not (fused and kernels.store_kv(k, v, keys, values, write_positions, FP8_MAX)):
+            keys[slots, :, write_positions] = to_storage(k, keys.dtype)
+            values[slots, :, write_positions] = to_storage(v, values.dtype)
         if fused:
             return kernels.decode_attention(q, keys, values, lengths)
         return kernels.decode_attention_torch(q, keys, values, lengths, context)

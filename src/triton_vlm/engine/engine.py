@@ -24,6 +24,7 @@ import torch
 
 from triton_vlm.engine.config import EngineConfig
 from triton_vlm.engine.kv_cache import SlotKVCache
+from triton_vlm.engine.quantization import check_fp8_support, kv_cache_dtype
 from triton_vlm.engine.request import EngineRequest, RequestOutput, Sequence, SequenceStatus
 from triton_vlm.engine.runner import ModelRunner
 from triton_vlm.engine.scheduler import Scheduler, SchedulerOutput
@@ -75,11 +76,20 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.decoder = adapter.build_decoder(model)
         device = next(model.parameters()).device
+        if "fp8" in (self.config.quantization, self.config.kv_cache_dtype):
+            check_fp8_support(device)
+        if self.config.quantization != "none":
+            quantize = getattr(self.decoder, "quantize", None)
+            if quantize is None:
+                raise GenerationError(f"quantization={self.config.quantization}: the engine's {family.name} decoder "
+                                      "keeps its weights in the model's dtype (only Llama-family ones quantize)")
+            quantize(self.config.quantization)
         max_len = min(self.config.max_model_len, adapter.context_length(model))
         self.max_model_len = max_len
         self.cache = SlotKVCache.sized_for(
             self.decoder.num_layers, self.decoder.num_kv_heads, self.decoder.head_dim, max_len,
-            self.config.max_num_seqs, model.dtype, device, self.config.kv_cache_memory_fraction)
+            self.config.max_num_seqs, kv_cache_dtype(self.config.kv_cache_dtype, model.dtype), device,
+            self.config.kv_cache_memory_fraction)
         self.scheduler = Scheduler(self.config, self.cache)
         self.runner = ModelRunner(adapter, model, self.decoder, self.cache, self.config)
         self.stop_token_ids = frozenset(family.stop_token_ids(model, processor))

@@ -44,13 +44,13 @@ def decode_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     """One query token per row over that row's cached K/V.
 
     ``q`` [batch, heads, head_dim]; ``keys``/``values`` [slots, kv_heads, positions, head_dim], row i reading
-    slot i; ``lengths`` [batch] positions attended per row (at least 1); ``context`` >= every length (computed
-    when not given). Returns [batch, heads * head_dim]."""
+    slot i, in q's dtype or fp8; ``lengths`` [batch] positions attended per row (at least 1); ``context`` >= every
+    length (computed when not given). Returns [batch, heads * head_dim]."""
     batch, heads, dim = q.shape
     context = int(lengths.max()) if context is None else context
     mask = (torch.arange(context, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None, :], keys[:batch, :, :context], values[:batch, :, :context], attn_mask=mask,
+        q[:, :, None, :], keys[:batch, :, :context].to(q.dtype), values[:batch, :, :context].to(q.dtype), attn_mask=mask,
         enable_gqa=keys.shape[1] != heads)
     return out.reshape(batch, heads * dim)
 
@@ -157,13 +157,13 @@ if triton is not None:
             positions = split * SPLIT + offset + tl.arange(0, BLOCK)
             valid = positions < length
             where = base + positions[:, None] * kv_pos_stride + dims[None, :]
-            k = tl.load(k_ptr + where, mask=valid[:, None], other=0.0)
+            k = tl.load(k_ptr + where, mask=valid[:, None], other=0.0).to(q.dtype)  # fp8 caches widen here
             scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, -1.0e30)
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.where(valid[None, :], tl.exp(scores - m_new[:, None]), 0.0)
             alpha = tl.exp(m - m_new)
-            v = tl.load(v_ptr + where, mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            v = tl.load(v_ptr + where, mask=valid[:, None], other=0.0).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
             total = total * alpha + tl.sum(p, axis=1)
             m = m_new
         part = (row * n_heads + heads) * n_splits + split
@@ -186,6 +186,67 @@ if triton is not None:
         acc = tl.load(acc_ptr + (first + splits)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
         out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(total * weight, axis=0)
         tl.store(out_ptr + (row * n_heads + head) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, positions_ptr, k_row_stride, k_head_stride,
+                         v_row_stride, v_head_stride, slot_stride, head_stride, pos_stride, limit,
+                         HEAD_DIM: tl.constexpr, SATURATE: tl.constexpr):
+        # Row r's K/V for one head go to slot r at the row's write position; SATURATE clamps for fp8 storage.
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        dims = tl.arange(0, HEAD_DIM)
+        position = tl.load(positions_ptr + row)
+        k = tl.load(k_ptr + row * k_row_stride + head * k_head_stride + dims).to(tl.float32)
+        v = tl.load(v_ptr + row * v_row_stride + head * v_head_stride + dims).to(tl.float32)
+        if SATURATE:
+            k = tl.minimum(tl.maximum(k, -limit), limit)
+            v = tl.minimum(tl.maximum(v, -limit), limit)
+        where = row * slot_stride + head * head_stride + position * pos_stride + dims
+        tl.store(keys_ptr + where, k.to(keys_ptr.dtype.element_ty))
+        tl.store(values_ptr + where, v.to(values_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, limit, BLOCK: tl.constexpr):
+        # Two passes over the row (its absolute max, then the scaled values); a row is a few KB, read from L2.
+        row = tl.program_id(0)
+        peak = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            peak = tl.maximum(peak, tl.abs(x))
+        scale = tl.maximum(tl.max(peak, axis=0), 1e-12) / limit
+        tl.store(scale_ptr + row, scale)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(x / scale, -limit), limit)
+            tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+             limit: float) -> bool:
+    """``keys[r, :, positions[r]] = k[r]`` (and ``values`` from ``v``) for each row r of ``k``/``v`` [rows, kv_heads,
+    head_dim] in one kernel, saturating at ``limit`` when the cache is fp8. Returns False (having stored nothing)
+    for layouts it does not take: a head_dim that is not a power of two, or non-unit strides within a head."""
+    rows, heads, dim = k.shape
+    if dim & (dim - 1) or k.stride(2) != 1 or v.stride(2) != 1 or keys.stride(3) != 1:
+        return False
+    _store_kv_kernel[(rows, heads)](
+        k, v, keys, values, positions, k.stride(0), k.stride(1), v.stride(0), v.stride(1), keys.stride(0),
+        keys.stride(1), keys.stride(2), limit, HEAD_DIM=dim, SATURATE=keys.element_size() == 1, num_warps=1)
+    return True
+
+
+def quantize_rows_fp8(x: torch.Tensor, dtype: torch.dtype, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scaled fp8 of ``x`` [rows, cols] (contiguous): (values, float32 scales [rows, 1])."""
+    rows, cols = x.shape
+    out = torch.empty((rows, cols), dtype=dtype, device=x.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    _quantize_rows_kernel[(rows,)](x, out, scales, cols, limit, BLOCK=1024, num_warps=4)
+    return out, scales
 
 
 #: Positions per split of decode attention (one program each) and per loop iteration inside one.

@@ -1,7 +1,8 @@
 """The forward pass of a Hugging Face Llama-family language model over the engine's slot KV cache.
 
 We reuse the model's own modules (embeddings, RMSNorms, rotary embedding, lm_head) and its weights, fused
-for fewer, larger matmuls: q/k/v into one projection and gate/up into another (:mod:`.weights`).
+for fewer, larger matmuls: q/k/v into one projection and gate/up into another (:mod:`.weights`). Those
+projections may be quantized to fp8 (:meth:`LlamaDecoder.quantize`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from triton_vlm.engine import kernels
 from triton_vlm.engine.attention import (causal_chunk_masks, chunk_positions, decode_attention, last_rows,
                                          prefill_attention)
 from triton_vlm.engine.kv_cache import SlotKVCache
+from triton_vlm.engine.quantization import Fp8Weight, linear
 from triton_vlm.engine.weights import fuse_weights, output_weight, relayout
+
+#: A projection's weight: dense [out, in] in the model's dtype, or fp8.
+Weight = torch.Tensor | Fp8Weight
 
 
 @dataclass
@@ -24,10 +29,12 @@ class _Layer:
     input_norm: Any
     post_norm: Any
     eps: float
-    qkv: torch.Tensor
-    o: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    qkv: Weight
+    o: Weight
+    gate_up: Weight
+    down: Weight
+
+    PROJECTIONS = ("qkv", "o", "gate_up", "down")
 
 
 class LlamaDecoder:
@@ -49,6 +56,7 @@ class LlamaDecoder:
         self.num_layers = config.num_hidden_layers
         self.vocab_size = lm_head.weight.shape[0]
         self.lm_weight = output_weight(lm_head, self.embed_tokens)
+        self._hf_layers = language_model.layers
         self.layers = []
         for layer in language_model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -63,6 +71,20 @@ class LlamaDecoder:
             ))
         self._gqa = self.num_kv_heads != self.num_heads
         self.fused = kernels.fused_available(lm_head.weight.device)
+
+    def quantize(self, method: str) -> None:
+        """Quantize every layer's projections (``method`` "fp8"; embeddings, norms and lm_head stay as they are).
+        The dense weights are freed: the Hugging Face language model they belonged to can no longer run."""
+        if method != "fp8":
+            raise ValueError(f"LlamaDecoder: unknown quantization {method!r}")
+        for layer, hf_layer in zip(self.layers, self._hf_layers):
+            for name in _Layer.PROJECTIONS:
+                weight = getattr(layer, name)
+                if isinstance(weight, torch.Tensor):
+                    setattr(layer, name, Fp8Weight.quantize(weight))
+            for module in (*hf_layer.self_attn.children(), *hf_layer.mlp.children()):
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.data = module.weight.data.new_empty(0)
 
     # -- shared pieces ------------------------------------------------------------------------------------
     def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +103,7 @@ class LlamaDecoder:
 
     def _qkv(self, x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor):  # type: ignore[no-untyped-def]
         """``x`` is the normalized layer input; returns rotated q, k and v per head."""
-        q, k, v = F.linear(x, layer.qkv).split(
+        q, k, v = linear(x, layer.qkv).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
              self.num_kv_heads * self.head_dim], dim=-1)
         tokens = x.shape[0]
@@ -97,10 +119,10 @@ class LlamaDecoder:
         for index, layer in enumerate(self.layers):
             residual, normed = self._norm(x, residual, layer.input_norm, layer.eps)
             q, k, v = self._qkv(normed, layer, cos, sin)
-            attn = F.linear(attend(index, q, k, v), layer.o)
+            attn = linear(attend(index, q, k, v), layer.o)
             residual, normed = self._norm(attn, residual, layer.post_norm, layer.eps)
-            gate_up = F.linear(normed, layer.gate_up)
-            x = F.linear(kernels.silu_mul(gate_up) if self.fused else kernels.silu_mul_torch(gate_up), layer.down)
+            gate_up = linear(normed, layer.gate_up)
+            x = linear(kernels.silu_mul(gate_up) if self.fused else kernels.silu_mul_torch(gate_up), layer.down)
         assert residual is not None
         return residual + x
 

@@ -1,0 +1,134 @@
+"""GPU probe for the engine's fp8 options: kernel checks against the torch twins, then llava-1.5-7b (random fp16
+weights) in-process at b1 and c64 for each of fp16, fp8 KV cache, fp8 weights, and both.
+
+python bench/gpu_fp8_probe.py --json OUT.json [--variants none/auto,none/fp8,fp8/auto,fp8/fp8]
+
+A variant is ``quantization/kv_cache_dtype``. Greedy tokens are compared with the fp16 engine's (random weights
+have near-ties, so a shared prefix, not equality, is what to expect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from bench.gpu_engine_probe import engine_run
+from triton_vlm.bench.checkpoints import random_llava_7b
+from triton_vlm.engine import EngineConfig, LLMEngine, kernels
+from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Weight, linear, quantize_rows, to_storage
+from triton_vlm.models import get_family
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+def kernel_checks() -> dict:
+    """The fused kernels against their torch twins, on the device (llava's shapes)."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    checks: dict = {}
+    x = torch.randn(64, 4096, device=device, dtype=torch.float16) * 3
+    values, scales = kernels.quantize_rows_fp8(x, FP8, FP8_MAX)
+    rows = x.float()
+    twin_scales = rows.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    twin = (rows / twin_scales).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    checks["quantize_rows_scale_max_rel_diff"] = float(((scales - twin_scales).abs() / twin_scales).max())
+    checks["quantize_rows_values_differ"] = int((values.float() != twin.float()).sum())
+    weight = torch.randn(12288, 4096, device=device, dtype=torch.float16) * 0.02
+    quantized = Fp8Weight.quantize(weight)
+    for m in (1, 7, 64, 4096):
+        a = torch.randn(m, 4096, device=device, dtype=torch.float16)
+        out = linear(a, quantized)
+        q, s = quantize_rows(a)
+        emulated = (q.float() * s) @ (quantized.data.float() * quantized.scale)
+        checks[f"scaled_mm_m{m}_vs_emulated_rel"] = relative_error(out, emulated)
+        checks[f"fp8_linear_m{m}_vs_fp16_rel"] = relative_error(out, F.linear(a, weight))
+    for dtype in (torch.float16, FP8):
+        keys = torch.zeros(8, 32, 769, 128, device=device, dtype=dtype)
+        values_cache = torch.zeros_like(keys)
+        k, v = torch.randn(2, 8, 32, 128, device=device, dtype=torch.float16).unbind(0)
+        k[0, 0, 0] = 1000.0  # saturates in fp8
+        positions = torch.tensor([5, 768, 0, 3, 3, 100, 200, 767], device=device)
+        twin_keys, twin_values = keys.clone(), values_cache.clone()
+        slots = torch.arange(8, device=device)
+        twin_keys[slots, :, positions] = to_storage(k, dtype)
+        twin_values[slots, :, positions] = to_storage(v, dtype)
+        assert kernels.store_kv(k, v, keys, values_cache, positions, FP8_MAX)
+        name = "fp8" if dtype == FP8 else "fp16"
+        checks[f"store_kv_{name}_equal"] = bool(torch.equal(keys.float(), twin_keys.float())
+                                                and torch.equal(values_cache.float(), twin_values.float()))
+        lengths = torch.tensor([6, 769, 1, 4, 4, 101, 201, 768], device=device)
+        for cache in (keys, values_cache):
+            cache.copy_(torch.randn(keys.shape, device=device, dtype=torch.float16).to(dtype))
+        q = torch.randn(8, 32, 128, device=device, dtype=torch.float16)
+        fused = kernels.decode_attention(q, keys, values_cache, lengths)
+        reference = kernels.decode_attention_torch(q, keys, values_cache, lengths)
+        checks[f"decode_attention_{name}_vs_torch_rel"] = relative_error(fused, reference)
+    return checks
+
+
+def variant_run(variant: str, images: list, prompts: list, reference: list[int] | None) -> dict:
+    quantization, kv = variant.split("/")
+    family = get_family("llava")
+    model, processor = random_llava_7b(torch.device("cuda"))
+    torch.cuda.reset_peak_memory_stats()
+    engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=768, max_num_seqs=64,
+                                                              quantization=quantization, kv_cache_dtype=kv))
+    engine.runner.warmup()
+    engine.start()
+    result: dict = {"variant": variant, "weights_gib": torch.cuda.memory_allocated() / 2**30}
+    engine_run(engine, images, prompts, 1, 2)  # warm-up
+    b1 = engine_run(engine, images, prompts, 1, 3)
+    result.update(b1_tok_s=b1["output_tok_s"], ttft_b1_s=b1["ttft_p50_s"])
+    tokens = b1["outputs"]["r0"]
+    if reference is not None:
+        result["greedy_prefix_matching_fp16"] = next(
+            (i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
+    engine_run(engine, images, prompts, 64, 64)  # warm-up
+    c64 = engine_run(engine, images, prompts, 64, 192)
+    result.update(c64_tok_s=c64["output_tok_s"], c64_ttft_p50_s=c64["ttft_p50_s"], c64_seconds=c64["seconds"])
+    result["tokens_r0"] = tokens
+    print(json.dumps({k: v for k, v in result.items() if k != "tokens_r0"}), flush=True)
+    engine.shutdown()
+    del engine, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--variants", default="none/auto,none/fp8,fp8/auto,fp8/fp8")
+    args = parser.parse_args()
+    results: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    results["kernel_checks"] = kernel_checks()
+    print(json.dumps(results["kernel_checks"], indent=1), flush=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(8)]
+    prompts = ["Describe this image in detail, including the colors, objects and their positions."] * 8
+    runs = []
+    reference = None
+    for variant in args.variants.split(","):
+        t = time.perf_counter()
+        run = variant_run(variant, images, prompts, reference)
+        run["probe_seconds"] = time.perf_counter() - t
+        if reference is None and variant == "none/auto":
+            reference = run["tokens_r0"]
+        runs.append(run)
+    results["runs"] = runs
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

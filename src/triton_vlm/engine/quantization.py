@@ -1,0 +1,96 @@
+"""fp8 (e4m3) storage for the engine: weights of the decoders' projections and the KV cache, both opt-in.
+
+Weights (``quantization: fp8``), as vLLM's online fp8 does for an fp16 checkpoint: each projection's weight is
+quantized once at load, one scale per output channel, and every input is quantized per row (token) on the fly;
+``torch._scaled_mm`` multiplies the two on the tensor cores' fp8 path. A decode step then reads half the weight
+bytes, and prefill's matmuls run at fp8 rate.
+
+KV cache (``kv_cache_dtype: fp8``): K and V are stored as e4m3 with no scale (as vLLM's uncalibrated fp8
+cache), saturating at +-448; attention reads them back to the model's dtype. A decode step at 64 running
+requests reads more KV than weights (llava: ~22 GB against 13.5), so this halves its larger part.
+
+Both change the outputs slightly (greedy tokens can part from fp16's at near-ties); the default is off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from triton_vlm.engine import kernels
+from triton_vlm.errors import GenerationError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)
+
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage dtype for an ``EngineConfig.kv_cache_dtype`` value ("auto" or "fp8")."""
+    return FP8 if name == "fp8" else model_dtype
+
+
+def check_fp8_support(device: torch.device) -> None:
+    """Refuse fp8 on GPUs without fp8 tensor cores (before Ada/Hopper, compute capability 8.9): their kernels
+    would fail at the first request, not at load. CPUs run the torch twins."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise GenerationError(f"fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); {name} is not one: "
+                              "set quantization=none and kv_cache_dtype=auto")
+
+
+def to_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as ``dtype`` for storing; fp8 saturates at +-448 (whether a plain cast does, or makes NaN, has
+    depended on the torch version and device)."""
+    if x.dtype == dtype:
+        return x
+    if dtype == FP8:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """A projection's [out, in] weight as e4m3 with one float32 scale per output channel."""
+
+    #: [in, out], column-major (the transpose of a row-major [out, in]): the layout ``_scaled_mm`` takes.
+    data: torch.Tensor
+    #: [1, out] float32: weight row j is ``data[:, j] * scale[0, j]``.
+    scale: torch.Tensor
+    #: The dtype of the products (the model's).
+    out_dtype: torch.dtype
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Fp8Weight:
+        rows = weight.float()
+        scale = rows.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+        data = (rows / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
+        return cls(data=data.t(), scale=scale[None, :].contiguous(), out_dtype=weight.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The [out, in] weight this stands for, in ``out_dtype`` (for tests and checks)."""
+        return (self.data.float() * self.scale).t().to(self.out_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * 4
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [rows, cols] as e4m3 with one float32 scale per row: (values [rows, cols], scales [rows, 1]).
+    One fused kernel on GPU; the torch twin defines the result."""
+    if kernels.fused_available(x.device):
+        return kernels.quantize_rows_fp8(x, FP8, FP8_MAX)
+    rows = x.float()
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
+    """``x @ weight.T`` for a dense weight or an :class:`Fp8Weight` (``x`` [tokens, in])."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight)
+    values, scales = quantize_rows(x.contiguous())
+    return torch._scaled_mm(values, weight.data, scale_a=scales, scale_b=weight.scale, out_dtype=weight.out_dtype)
