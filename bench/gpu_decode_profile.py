@@ -1,6 +1,7 @@
 """One decode step of an engine model on the GPU, kernel by kernel (full-size random fp16 weights).
 
-python bench/gpu_decode_profile.py --model kosmos2 [--batch 64] [--context 150]
+python bench/gpu_decode_profile.py --model kosmos2 [--batch 64] [--context 150] [--quantization fp8]
+    [--kv-cache-dtype fp8]
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ def main() -> None:
     parser.add_argument("--model", choices=["llava", "moondream2", "kosmos2"], default="kosmos2")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=150, help="positions each row attends to")
+    parser.add_argument("--quantization", default="none")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     args = parser.parse_args()
     family, model, processor = load(args.model, tiny=False)
-    engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=768, max_num_seqs=64))
+    engine = LLMEngine(family, model, processor, EngineConfig(
+        max_model_len=768, max_num_seqs=64, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype))
     runner = engine.runner
     runner.warmup()
     for batch in sorted({1, args.batch}):

@@ -3,8 +3,9 @@ weights) in-process at b1 and c64 for each of fp16, fp8 KV cache, fp8 weights, a
 
 python bench/gpu_fp8_probe.py --json OUT.json [--variants none/auto,none/fp8,fp8/auto,fp8/fp8]
 
-A variant is ``quantization/kv_cache_dtype``. Greedy tokens are compared with the fp16 engine's (random weights
-have near-ties, so a shared prefix, not equality, is what to expect).
+A variant is ``quantization/kv_cache_dtype[/max_prefill_tokens]``. Every variant builds the same (seeded) random
+weights; greedy tokens are compared with the fp16 engine's (random weights have near-ties, so a shared prefix,
+not equality, is what to expect). The c64 run reports device time by phase.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench.gpu_engine_probe import engine_run
+from bench.gpu_engine_profile import GpuTimeline
 from triton_vlm.bench.checkpoints import random_llava_7b
 from triton_vlm.engine import EngineConfig, LLMEngine, kernels
 from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Weight, linear, quantize_rows, to_storage
@@ -76,12 +78,13 @@ def kernel_checks() -> dict:
 
 
 def variant_run(variant: str, images: list, prompts: list, reference: list[int] | None) -> dict:
-    quantization, kv = variant.split("/")
+    quantization, kv, *prefill = variant.split("/")
     family = get_family("llava")
+    torch.manual_seed(0)
     model, processor = random_llava_7b(torch.device("cuda"))
-    torch.cuda.reset_peak_memory_stats()
-    engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=768, max_num_seqs=64,
-                                                              quantization=quantization, kv_cache_dtype=kv))
+    config = EngineConfig(max_model_len=768, max_num_seqs=64, quantization=quantization, kv_cache_dtype=kv,
+                          max_prefill_tokens=int(prefill[0]) if prefill else EngineConfig.max_prefill_tokens)
+    engine = LLMEngine(family, model, processor, config)
     engine.runner.warmup()
     engine.start()
     result: dict = {"variant": variant, "weights_gib": torch.cuda.memory_allocated() / 2**30}
@@ -93,8 +96,10 @@ def variant_run(variant: str, images: list, prompts: list, reference: list[int] 
         result["greedy_prefix_matching_fp16"] = next(
             (i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
     engine_run(engine, images, prompts, 64, 64)  # warm-up
+    timeline = GpuTimeline(engine.runner)
     c64 = engine_run(engine, images, prompts, 64, 192)
-    result.update(c64_tok_s=c64["output_tok_s"], c64_ttft_p50_s=c64["ttft_p50_s"], c64_seconds=c64["seconds"])
+    result.update(c64_tok_s=c64["output_tok_s"], c64_ttft_p50_s=c64["ttft_p50_s"], c64_seconds=c64["seconds"],
+                  c64_device_time=timeline.report(c64["seconds"]))
     result["tokens_r0"] = tokens
     print(json.dumps({k: v for k, v in result.items() if k != "tokens_r0"}), flush=True)
     engine.shutdown()
@@ -107,7 +112,7 @@ def variant_run(variant: str, images: list, prompts: list, reference: list[int] 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
-    parser.add_argument("--variants", default="none/auto,none/fp8,fp8/auto,fp8/fp8")
+    parser.add_argument("--variants", default="none/auto,none/fp8,fp8/auto,fp8/fp8,fp8/fp8/8192")
     args = parser.parse_args()
     results: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     results["kernel_checks"] = kernel_checks()
