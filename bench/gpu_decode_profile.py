@@ -1,7 +1,9 @@
 """One decode step of an engine model on the GPU, kernel by kernel (full-size random fp16 weights).
 
 python bench/gpu_decode_profile.py --model kosmos2 [--batch 64] [--context 150] [--quantization fp8]
-    [--kv-cache-dtype fp8]
+    [--kv-cache-dtype fp8] [--prefill 6]
+
+With --prefill N it also profiles one prefill step of N packed 628-token prompts (llava's image + prompt).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=150, help="positions each row attends to")
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many prompts")
     args = parser.parse_args()
     family, model, processor = load(args.model, tiny=False)
     engine = LLMEngine(family, model, processor, EngineConfig(
@@ -40,6 +43,28 @@ def main() -> None:
             runner._decode_step(args.batch, None)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+    if args.prefill:
+        profile_prefill(engine, args.prefill)
+
+
+def profile_prefill(engine: LLMEngine, count: int, prompt_len: int = 628) -> None:
+    from triton_vlm.engine.request import EngineRequest, Sequence
+    from triton_vlm.engine.scheduler import PrefillChunk
+    from triton_vlm.sampling import SamplingParams
+
+    hidden = engine.decoder.embed_tokens.weight.shape[1]
+    chunks = []
+    for slot in range(count):
+        seq = Sequence(EngineRequest(f"p{slot}", [1] * prompt_len, SamplingParams(max_tokens=1), lambda o: None))
+        seq.slot = slot
+        seq.prompt_embeds = torch.randn(prompt_len, hidden, device="cuda", dtype=engine.model.dtype)
+        chunks.append(PrefillChunk(seq, 0, prompt_len))
+    ms = timed(lambda: engine.runner.prefill(chunks), iters=5)
+    print(f"prefill {count} x {prompt_len}: {ms:.1f} ms", flush=True)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.runner.prefill(chunks)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":

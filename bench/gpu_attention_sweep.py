@@ -1,0 +1,75 @@
+"""GPU sweep: the decode attention kernel's tile sizes, per KV dtype, at llava's c64 shape (for engine work).
+
+python -m bench.gpu_attention_sweep [--batch 64] [--context 660]
+
+Times the split kernel (plus the merge) for each (positions per split, positions per loop, warps, stages) and
+prints the effective bandwidth over the K/V bytes the rows own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+
+from bench.gpu_engine_profile import timed
+from triton_vlm.engine import kernels
+from triton_vlm.engine.quantization import FP8
+
+
+def attention(q, keys, values, lengths, split: int, block: int, warps: int, stages: int) -> torch.Tensor:
+    batch, heads, dim = q.shape
+    kv_heads, positions = keys.shape[1], keys.shape[2]
+    splits = triton.cdiv(positions, split)
+    acc = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=q.device)
+    stats = torch.empty((batch, heads, splits, 2), dtype=torch.float32, device=q.device)
+    group = heads // kv_heads
+    kernels._decode_attention_split_kernel[(batch, kv_heads, splits)](
+        q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
+        dim ** -0.5, heads, splits, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
+        SPLIT=split, BLOCK=block, num_warps=warps, num_stages=stages)
+    out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
+    kernels._decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,
+                                                           SPLITS=triton.next_power_of_2(splits), num_warps=1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=660)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    heads, dim, positions = 32, 128, 769
+    q = torch.randn(args.batch, heads, dim, device=device, dtype=torch.float16)
+    lengths = torch.full((args.batch,), args.context, device=device)
+    for dtype in (torch.float16, FP8):
+        keys = torch.randn(args.batch, heads, positions, dim, device=device, dtype=torch.float16).to(dtype)
+        values = torch.randn(args.batch, heads, positions, dim, device=device, dtype=torch.float16).to(dtype)
+        moved = 2 * args.batch * heads * args.context * dim * keys.element_size()
+        reference = kernels.decode_attention(q, keys, values, lengths)
+        results = []
+        for split, block, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (2, 4, 8), (1, 2, 3)):
+            if block > split:
+                continue
+            try:
+                out = attention(q, keys, values, lengths, split, block, warps, stages)
+                error = float((out.float() - reference.float()).abs().max())
+                us = timed(lambda: attention(q, keys, values, lengths, split, block, warps, stages)) * 1e3
+            except Exception as exc:  # out of shared memory and the like
+                print(f"{dtype} split {split} block {block} warps {warps} stages {stages}: {type(exc).__name__}")
+                continue
+            results.append((us, split, block, warps, stages, error))
+        results.sort()
+        current = timed(lambda: kernels.decode_attention(q, keys, values, lengths)) * 1e3
+        print(f"{dtype}: current (split {kernels.ATTENTION_SPLIT}, block {kernels.ATTENTION_BLOCK}, 4 warps) "
+              f"{current:.1f} us = {moved / current / 1e6:.2f} TB/s", flush=True)
+        for us, split, block, warps, stages, error in results[:8]:
+            print(f"  split {split:3d} block {block:3d} warps {warps} stages {stages}: {us:6.1f} us "
+                  f"{moved / us / 1e6:.2f} TB/s (max diff {error:.1e})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
