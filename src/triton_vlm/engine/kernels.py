@@ -226,6 +226,42 @@ if triton is not None:
             tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _fp8_weight_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, m, n, k, x_row_stride, ROWS: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out[r, j] = scale[j] * sum_i x[r, i] * w[j, i]: the fp8 weight widened in registers, the rows of x (at
+        # most ROWS) kept in their dtype. One program per BLOCK_N outputs streams those weight rows once.
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.arange(0, ROWS)
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for start in range(0, k, BLOCK_K):
+            inner = start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * x_row_stride + inner[None, :],
+                        mask=(rows[:, None] < m) & (inner[None, :] < k), other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * k + inner[None, :], mask=(cols[:, None] < n) & (inner[None, :] < k),
+                        other=0.0)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        scale = tl.load(scale_ptr + cols, mask=cols < n, other=0.0)
+        tl.store(out_ptr + rows[:, None] * n + cols[None, :], (acc * scale[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < m) & (cols[None, :] < n))
+
+
+def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int = 32,
+                      block_k: int = 256, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """``x @ (weight * scale).T`` for a few rows of ``x`` [rows <= 64, in] (fp16/bf16), ``weight`` fp8 [out, in]
+    row-major and ``scale`` [out] float32: a weight-bandwidth-bound decode matmul that reads fp8 weights
+    without quantizing ``x``."""
+    rows, inner = x.shape
+    outs = weight.shape[0]
+    out = torch.empty((rows, outs), dtype=x.dtype, device=x.device)
+    _fp8_weight_matmul_kernel[(triton.cdiv(outs, block_n),)](
+        x, weight, scale, out, rows, outs, inner, x.stride(0), ROWS=max(16, triton.next_power_of_2(rows)),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
              limit: float) -> bool:
     """``keys[r, :, positions[r]] = k[r]`` (and ``values`` from ``v``) for each row r of ``k``/``v`` [rows, kv_heads,
