@@ -13,6 +13,19 @@ from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.models import get_family
 
 
+def graph_timed(fn, iters: int = 20) -> float:
+    """Milliseconds per call of ``fn`` replayed from a CUDA graph: device time without the host's launch costs
+    (which exceed a small kernel's own time when launched one by one from Python)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    return timed(graph.replay, iters=5) / iters
+
+
 def timed(fn, iters: int = 20) -> float:
     for _ in range(3):
         fn()
