@@ -1,6 +1,6 @@
 """GPU sweep: the decode attention kernel's tile sizes, per KV dtype, at llava's c64 shape (for engine work).
 
-python -m bench.gpu_attention_sweep [--batch 64] [--context 660]
+python -m bench.gpu_attention_sweep [--batch 64] [--context 660] [--dim 128] [--positions 769]
 
 Times the split kernel (plus the merge) for each (positions per split, positions per loop, warps, stages) and
 prints the effective bandwidth over the K/V bytes the rows own.
@@ -40,9 +40,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=660)
+    parser.add_argument("--dim", type=int, default=128, help="head_dim (kosmos2, moondream2: 64)")
+    parser.add_argument("--positions", type=int, default=769, help="cache positions per slot")
     args = parser.parse_args()
     device = torch.device("cuda")
-    heads, dim, positions = 32, 128, 769
+    heads, dim, positions = 32, args.dim, args.positions
     q = torch.randn(args.batch, heads, dim, device=device, dtype=torch.float16)
     lengths = torch.full((args.batch,), args.context, device=device)
     for dtype in (torch.float16, FP8):

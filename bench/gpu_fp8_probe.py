@@ -24,7 +24,8 @@ from bench.gpu_engine_probe import engine_run
 from bench.gpu_engine_profile import GpuTimeline
 from triton_vlm.bench.checkpoints import random_llava_7b
 from triton_vlm.engine import EngineConfig, LLMEngine, kernels
-from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Weight, linear, quantize_rows, to_storage
+from triton_vlm.engine.quantization import (FP8, FP8_MAX, WEIGHT_ONLY_MAX_ROWS, Fp8Weight, linear, quantize_rows,
+                                            to_storage)
 from triton_vlm.models import get_family
 
 
@@ -46,12 +47,15 @@ def kernel_checks() -> dict:
     checks["quantize_rows_values_differ"] = int((values.float() != twin.float()).sum())
     weight = torch.randn(12288, 4096, device=device, dtype=torch.float16) * 0.02
     quantized = Fp8Weight.quantize(weight)
-    for m in (1, 7, 64, 4096):
+    for m in (1, 7, 32, 33, 64, 4096):
         a = torch.randn(m, 4096, device=device, dtype=torch.float16)
         out = linear(a, quantized)
-        q, s = quantize_rows(a)
-        emulated = (q.float() * s) @ (quantized.data.float() * quantized.scale)
-        checks[f"scaled_mm_m{m}_vs_emulated_rel"] = relative_error(out, emulated)
+        if m <= WEIGHT_ONLY_MAX_ROWS:  # the weight-only kernel against its twin
+            twin = F.linear(a, quantized.dequantize())
+        else:
+            q, s = quantize_rows(a)
+            twin = (q.float() * s) @ (quantized.data.float() * quantized.scale)
+        checks[f"fp8_linear_m{m}_vs_twin_rel"] = relative_error(out, twin)
         checks[f"fp8_linear_m{m}_vs_fp16_rel"] = relative_error(out, F.linear(a, weight))
     for dtype in (torch.float16, FP8):
         keys = torch.zeros(8, 32, 769, 128, device=device, dtype=dtype)
@@ -63,7 +67,7 @@ def kernel_checks() -> dict:
         slots = torch.arange(8, device=device)
         twin_keys[slots, :, positions] = to_storage(k, dtype)
         twin_values[slots, :, positions] = to_storage(v, dtype)
-        assert kernels.store_kv(k, v, keys, values_cache, positions, FP8_MAX)
+        assert kernels.store_kv(k, v, keys, values_cache, slots, positions, FP8_MAX)
         name = "fp8" if dtype == FP8 else "fp16"
         checks[f"store_kv_{name}_equal"] = bool(torch.equal(keys.float(), twin_keys.float())
                                                 and torch.equal(values_cache.float(), twin_values.float()))
@@ -74,6 +78,9 @@ def kernel_checks() -> dict:
         fused = kernels.decode_attention(q, keys, values_cache, lengths)
         reference = kernels.decode_attention_torch(q, keys, values_cache, lengths)
         checks[f"decode_attention_{name}_vs_torch_rel"] = relative_error(fused, reference)
+    x = torch.randn(3768, 32, 128, device=device, dtype=torch.float16)
+    cos, sin = torch.randn(2, 3768, 1, 128, device=device, dtype=torch.float16).unbind(0)
+    checks["rope_vs_torch_max_diff"] = float((kernels.rope(x, cos, sin) - kernels.rope_torch(x, cos, sin)).abs().max())
     return checks
 
 

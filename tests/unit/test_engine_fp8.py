@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.engine.attention import decode_attention, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine.quantization import (FP8, FP8_MAX, Fp8Weight, check_fp8_support, kv_cache_dtype, linear,
-                                            quantize_rows, to_storage)
+from triton_vlm.engine.quantization import (FP8, FP8_MAX, WEIGHT_ONLY_MAX_ROWS, Fp8Weight, check_fp8_support,
+                                            kv_cache_dtype, linear, quantize_rows, to_storage)
 from triton_vlm.errors import GenerationError, InvalidInputError
 from triton_vlm.sampling import SamplingParams
 from triton_vlm.settings import ModelSettings
@@ -57,13 +57,22 @@ def test_rows_are_quantized_each_with_its_own_scale() -> None:
         assert relative_error(restored[row], x[row]) < E4M3_STEP
 
 
-def test_fp8_linear_is_close_to_the_dense_one() -> None:
+@pytest.mark.parametrize("rows", [1, WEIGHT_ONLY_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS + 1, 100])
+def test_fp8_linear_is_close_to_the_dense_one(rows: int) -> None:
     torch.manual_seed(0)
-    x, weight = torch.randn(7, 128), torch.randn(80, 128)
+    x, weight = torch.randn(rows, 128), torch.randn(80, 128)
+    quantized = Fp8Weight.quantize(weight)
     dense = F.linear(x, weight)
-    out = linear(x, Fp8Weight.quantize(weight))
+    out = linear(x, quantized)
     assert out.shape == dense.shape and out.dtype == dense.dtype
     assert relative_error(out, dense) < 0.05
+    weight_only = F.linear(x, quantized.dequantize())  # decode-sized batches keep their inputs unquantized
+    if rows <= WEIGHT_ONLY_MAX_ROWS:
+        assert torch.equal(out, weight_only)
+    else:  # larger ones are quantized per row too, for the fp8 tensor cores
+        values, scales = quantize_rows(x)
+        assert torch.allclose(out, F.linear(values.float() * scales, quantized.dequantize()), atol=1e-4)
+        assert not torch.equal(out, weight_only)
     assert torch.equal(linear(x, weight), dense)  # a dense weight is a plain F.linear
 
 

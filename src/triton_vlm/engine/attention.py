@@ -38,20 +38,27 @@ def avoid_per_shape_attention_plans(device: torch.device) -> None:
 
 
 def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], masks: list[torch.Tensor | None],
-                      gqa: bool) -> Attend:
+                      gqa: bool, fused: bool = False) -> Attend:
     """For packed chunks ``(slot, start, length)`` (back to back in q/k/v). A chunk's mask [length, start +
-    length] says which cached positions each of its queries sees; None is plain causal from position 0."""
+    length] says which cached positions each of its queries sees; None is plain causal from position 0.
+    ``fused``: every chunk's K/V stored by one kernel a layer (instead of a few copies per chunk)."""
+    device = cache.keys[0].device
+    if fused:
+        token_slots = device_longs([slot for slot, _, length in chunks for _ in range(length)], device)
+        token_positions = chunk_positions(chunks, device)
 
     def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys[index], cache.values[index]
+        stored = fused and kernels.store_kv(k, v, keys, values, token_slots, token_positions, FP8_MAX)
         outputs = []
         offset = 0
         for (slot, start, length), mask in zip(chunks, masks):
             end = start + length
             chunk_k = k[offset:offset + length].transpose(0, 1)
             chunk_v = v[offset:offset + length].transpose(0, 1)
-            keys[slot, :, start:end] = to_storage(chunk_k, keys.dtype)
-            values[slot, :, start:end] = to_storage(chunk_v, values.dtype)
+            if not stored:
+                keys[slot, :, start:end] = to_storage(chunk_k, keys.dtype)
+                values[slot, :, start:end] = to_storage(chunk_v, values.dtype)
             out = F.scaled_dot_product_attention(
                 q[offset:offset + length].transpose(0, 1)[None], _context(keys[slot], chunk_k, start)[None],
                 _context(values[slot], chunk_v, start)[None], attn_mask=mask, is_causal=mask is None,
@@ -103,7 +110,7 @@ def decode_attention(cache: SlotKVCache, write_positions: torch.Tensor, lengths:
 
     def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys[index], cache.values[index]
-        if not (fused and kernels.store_kv(k, v, keys, values, write_positions, FP8_MAX)):
+        if not (fused and kernels.store_kv(k, v, keys, values, slots, write_positions, FP8_MAX)):
             keys[slots, :, write_positions] = to_storage(k, keys.dtype)
             values[slots, :, write_positions] = to_storage(v, values.dtype)
         if fused:

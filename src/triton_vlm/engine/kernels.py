@@ -95,25 +95,29 @@ if triton is not None:
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, row_stride, head_stride, cos_stride,
-                     ROT_HALF: tl.constexpr, COS_SECOND: tl.constexpr, DIM: tl.constexpr, REST: tl.constexpr):
-        # Dims [0, ROT_HALF) pair with [ROT_HALF, 2 * ROT_HALF); the rest of the head is copied unrotated. The
-        # second half's cos/sin start COS_SECOND values into a row (0: both halves share one table).
+                     HEADS: tl.constexpr, ROT_HALF: tl.constexpr, COS_SECOND: tl.constexpr, DIM: tl.constexpr,
+                     REST: tl.constexpr):
+        # One token, all its heads (HEADS >= n_heads, a power of two): one program per (token, head) made a
+        # 3768-token prefill spend 74 us per call on scheduling 120k tiny programs. Dims [0, ROT_HALF) pair with
+        # [ROT_HALF, 2 * ROT_HALF); the rest of each head is copied unrotated. The second half's cos/sin start
+        # COS_SECOND values into a row (0: both halves share one table).
         token = tl.program_id(0)
-        head = tl.program_id(1)
-        offs = tl.arange(0, ROT_HALF)
-        base = x_ptr + token * row_stride + head * head_stride
-        x1 = tl.load(base + offs).to(tl.float32)
-        x2 = tl.load(base + ROT_HALF + offs).to(tl.float32)
+        heads = tl.arange(0, HEADS)[:, None]
+        used = heads < n_heads
+        offs = tl.arange(0, ROT_HALF)[None, :]
+        base = x_ptr + token * row_stride + heads * head_stride
+        x1 = tl.load(base + offs, mask=used, other=0.0).to(tl.float32)
+        x2 = tl.load(base + ROT_HALF + offs, mask=used, other=0.0).to(tl.float32)
         row = token * cos_stride + offs
         cos1 = tl.load(cos_ptr + row).to(tl.float32)
         cos2 = tl.load(cos_ptr + row + COS_SECOND).to(tl.float32)
         sin1 = tl.load(sin_ptr + row).to(tl.float32)
         sin2 = tl.load(sin_ptr + row + COS_SECOND).to(tl.float32)
-        out = out_ptr + (token * n_heads + head) * DIM
-        tl.store(out + offs, (x1 * cos1 - x2 * sin1).to(out_ptr.dtype.element_ty))
-        tl.store(out + ROT_HALF + offs, (x2 * cos2 + x1 * sin2).to(out_ptr.dtype.element_ty))
-        rest = 2 * ROT_HALF + tl.arange(0, REST)
-        keep = rest < DIM
+        out = out_ptr + (token * n_heads + heads) * DIM
+        tl.store(out + offs, (x1 * cos1 - x2 * sin1).to(out_ptr.dtype.element_ty), mask=used)
+        tl.store(out + ROT_HALF + offs, (x2 * cos2 + x1 * sin2).to(out_ptr.dtype.element_ty), mask=used)
+        rest = 2 * ROT_HALF + tl.arange(0, REST)[None, :]
+        keep = used & (rest < DIM)
         tl.store(out + rest, tl.load(base + rest, mask=keep), mask=keep)
 
     @triton.jit
@@ -191,20 +195,21 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _store_kv_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, positions_ptr, k_row_stride, k_head_stride,
-                         v_row_stride, v_head_stride, slot_stride, head_stride, pos_stride, limit,
+    def _store_kv_kernel(k_ptr, v_ptr, keys_ptr, values_ptr, slots_ptr, positions_ptr, k_row_stride,
+                         k_head_stride, v_row_stride, v_head_stride, slot_stride, head_stride, pos_stride, limit,
                          HEAD_DIM: tl.constexpr, SATURATE: tl.constexpr):
-        # Row r's K/V for one head go to slot r at the row's write position; SATURATE clamps for fp8 storage.
+        # Row r's K/V for one head go to its slot at its position; SATURATE clamps for fp8 storage.
         row = tl.program_id(0)
         head = tl.program_id(1)
         dims = tl.arange(0, HEAD_DIM)
+        slot = tl.load(slots_ptr + row)
         position = tl.load(positions_ptr + row)
         k = tl.load(k_ptr + row * k_row_stride + head * k_head_stride + dims).to(tl.float32)
         v = tl.load(v_ptr + row * v_row_stride + head * v_head_stride + dims).to(tl.float32)
         if SATURATE:
             k = tl.minimum(tl.maximum(k, -limit), limit)
             v = tl.minimum(tl.maximum(v, -limit), limit)
-        where = row * slot_stride + head * head_stride + position * pos_stride + dims
+        where = slot * slot_stride + head * head_stride + position * pos_stride + dims
         tl.store(keys_ptr + where, k.to(keys_ptr.dtype.element_ty))
         tl.store(values_ptr + where, v.to(values_ptr.dtype.element_ty))
 
@@ -248,13 +253,16 @@ if triton is not None:
                  mask=(rows[:, None] < m) & (cols[None, :] < n))
 
 
-def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int = 32,
-                      block_k: int = 256, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int | None = None,
+                      block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """``x @ (weight * scale).T`` for a few rows of ``x`` [rows <= 64, in] (fp16/bf16), ``weight`` fp8 [out, in]
     row-major and ``scale`` [out] float32: a weight-bandwidth-bound decode matmul that reads fp8 weights
-    without quantizing ``x``."""
+    without quantizing ``x``. Tiles by default as bench/gpu_fp8_matmul_sweep.py found best on an H100."""
     rows, inner = x.shape
     outs = weight.shape[0]
+    block_n = block_n or (64 if outs >= 16384 else 32)
+    block_k = block_k or (512 if inner > 8192 else 256)
+    num_stages = num_stages or (4 if block_k == 512 else 3)
     out = torch.empty((rows, outs), dtype=x.dtype, device=x.device)
     _fp8_weight_matmul_kernel[(triton.cdiv(outs, block_n),)](
         x, weight, scale, out, rows, outs, inner, x.stride(0), ROWS=max(16, triton.next_power_of_2(rows)),
@@ -262,16 +270,17 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     return out
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-             limit: float) -> bool:
-    """``keys[r, :, positions[r]] = k[r]`` (and ``values`` from ``v``) for each row r of ``k``/``v`` [rows, kv_heads,
-    head_dim] in one kernel, saturating at ``limit`` when the cache is fp8. Returns False (having stored nothing)
-    for layouts it does not take: a head_dim that is not a power of two, or non-unit strides within a head."""
+def store_kv(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+             positions: torch.Tensor, limit: float) -> bool:
+    """``keys[slots[r], :, positions[r]] = k[r]`` (and ``values`` from ``v``) for each row r of ``k``/``v``
+    [rows, kv_heads, head_dim] in one kernel, saturating at ``limit`` when the cache is fp8. Returns False (having
+    stored nothing) for layouts it does not take: a head_dim that is not a power of two, or non-unit strides
+    within a head."""
     rows, heads, dim = k.shape
     if dim & (dim - 1) or k.stride(2) != 1 or v.stride(2) != 1 or keys.stride(3) != 1:
         return False
     _store_kv_kernel[(rows, heads)](
-        k, v, keys, values, positions, k.stride(0), k.stride(1), v.stride(0), v.stride(1), keys.stride(0),
+        k, v, keys, values, slots, positions, k.stride(0), k.stride(1), v.stride(0), v.stride(1), keys.stride(0),
         keys.stride(1), keys.stride(2), limit, HEAD_DIM=dim, SATURATE=keys.element_size() == 1, num_warps=1)
     return True
 
@@ -285,8 +294,10 @@ def quantize_rows_fp8(x: torch.Tensor, dtype: torch.dtype, limit: float) -> tupl
     return out, scales
 
 
-#: Positions per split of decode attention (one program each) and per loop iteration inside one.
-ATTENTION_SPLIT, ATTENTION_BLOCK = 128, 64
+#: Positions per split of decode attention (one program each) and per loop iteration inside one; warps per
+#: program. From bench/gpu_attention_sweep.py on an H100 (llava, 64 rows x 660 positions): 243 us a layer
+#: against 263 for (128, 64, 4 warps) with fp16 K/V, 147 against 167 with fp8 (deeper pipelining there).
+ATTENTION_SPLIT, ATTENTION_BLOCK, ATTENTION_WARPS = 256, 32, 2
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -304,7 +315,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     _decode_attention_split_kernel[(batch, kv_heads, splits)](
         q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         dim ** -0.5, heads, splits, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        SPLIT=ATTENTION_SPLIT, BLOCK=ATTENTION_BLOCK, num_warps=4)
+        SPLIT=ATTENTION_SPLIT, BLOCK=ATTENTION_BLOCK, num_warps=ATTENTION_WARPS,
+        num_stages=3 if keys.element_size() == 1 else 2)
     out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
     _decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,
                                                    SPLITS=triton.next_power_of_2(splits), num_warps=1)
@@ -340,9 +352,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_half: int
     tokens, heads, dim = x.shape
     cos, sin = cos.reshape(tokens, -1).contiguous(), sin.reshape(tokens, -1).contiguous()
     out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
-    _rope_kernel[(tokens, heads)](x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0),
-                                  ROT_HALF=rot_half, COS_SECOND=cos_second, DIM=dim,
-                                  REST=triton.next_power_of_2(max(1, dim - 2 * rot_half)), num_warps=1)
+    _rope_kernel[(tokens,)](x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0),
+                            HEADS=triton.next_power_of_2(heads), ROT_HALF=rot_half, COS_SECOND=cos_second, DIM=dim,
+                            REST=triton.next_power_of_2(max(1, dim - 2 * rot_half)), num_warps=4)
     return out
 
 

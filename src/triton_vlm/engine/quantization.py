@@ -1,9 +1,10 @@
 """fp8 (e4m3) storage for the engine: weights of the decoders' projections and the KV cache, both opt-in.
 
 Weights (``quantization: fp8``), as vLLM's online fp8 does for an fp16 checkpoint: each projection's weight is
-quantized once at load, one scale per output channel, and every input is quantized per row (token) on the fly;
-``torch._scaled_mm`` multiplies the two on the tensor cores' fp8 path. A decode step then reads half the weight
-bytes, and prefill's matmuls run at fp8 rate.
+quantized once at load, one scale per output channel. Prefill and large decode batches quantize their inputs
+per row (token) on the fly and ``torch._scaled_mm`` multiplies on the tensor cores' fp8 path; small decode
+batches multiply their inputs as they are by the widened weight (a kernel that only streams the weight). A
+decode step then reads half the weight bytes, and prefill's matmuls run at fp8 rate.
 
 KV cache (``kv_cache_dtype: fp8``): K and V are stored as e4m3 with no scale (as vLLM's uncalibrated fp8
 cache), saturating at +-448; attention reads them back to the model's dtype. A decode step at 64 running
@@ -88,9 +89,21 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+#: Up to this many rows (decode steps of up to 32 requests), an fp8 projection reads its weight as it is and
+#: keeps the inputs in the model's dtype; above, inputs are quantized per row for the fp8 tensor cores. On an
+#: H100 (bench/gpu_fp8_matmul_sweep.py, llava's shapes) the weight-only kernel took 81 us a layer at 1 row
+#: against 129 for _scaled_mm with its input quantization; at 64 rows _scaled_mm was ahead (125 against 144).
+WEIGHT_ONLY_MAX_ROWS = 32
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
     """``x @ weight.T`` for a dense weight or an :class:`Fp8Weight` (``x`` [tokens, in])."""
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight)
-    values, scales = quantize_rows(x.contiguous())
+    x = x.contiguous()
+    if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
+        if kernels.fused_available(x.device):
+            return kernels.fp8_weight_matmul(x, weight.data.t(), weight.scale[0])
+        return F.linear(x, weight.dequantize())
+    values, scales = quantize_rows(x)
     return torch._scaled_mm(values, weight.data, scale_a=scales, scale_b=weight.scale, out_dtype=weight.out_dtype)
