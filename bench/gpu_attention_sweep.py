@@ -66,7 +66,8 @@ def main() -> None:
             results.append((us, split, block, warps, stages, error))
         results.sort()
         current = timed(lambda: kernels.decode_attention(q, keys, values, lengths)) * 1e3
-        print(f"{dtype}: current (split {kernels.ATTENTION_SPLIT}, block {kernels.ATTENTION_BLOCK}, 4 warps) "
+        print(f"{dtype}: current (split {kernels.ATTENTION_SPLIT}, block {kernels.ATTENTION_BLOCK}, "
+              f"{kernels.ATTENTION_WARPS} warps) "
               f"{current:.1f} us = {moved / current / 1e6:.2f} TB/s", flush=True)
         for us, split, block, warps, stages, error in results[:8]:
             print(f"  split {split:3d} block {block:3d} warps {warps} stages {stages}: {us:6.1f} us "
