@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The H100 benchmark as it was run through the device tool (see bench/README.md): a full-size architecture with
 # random fp16 weights (MODEL=llava: llava-1.5-7b, the default; kosmos2; moondream2), served by the real
-# Triton 2.51 from the nvidia-pytriton wheel.
+# Triton 2.51 from the nvidia-pytriton wheel. FP8=1 serves it with fp8 projections and KV cache (llava) or an
+# fp8 KV cache (the others), and names the results h100-MODEL-fp8.*.
 # Needs, in .device/: triton-server.tar.xz (the wheel's server tree with the 3.12 stub and nvidia_pytriton.libs)
 # and wheels/ (numpy 1.26.4 for the stub, tritonclient, grpcio, protobuf for cp312).
 set -euo pipefail
@@ -16,5 +17,11 @@ export TRITON_VLM_${MODEL^^}_LOCAL_PATH=$CHECKPOINT
 # <model>_stream (the engine): the KV cache sized for this workload's prompt (576, 730 or 64 image positions)
 # + 128.
 export TRITON_VLM_${MODEL^^}_STREAM_MAX_MODEL_LEN=${MAX_MODEL_LEN:-$([ "$MODEL" = moondream2 ] && echo 1024 || echo 768)}
+NAME=h100-$MODEL
+if [ "${FP8:-0}" = 1 ]; then
+  NAME=$NAME-fp8
+  export TRITON_VLM_${MODEL^^}_STREAM_KV_CACHE_DTYPE=fp8
+  [ "$MODEL" = llava ] && export TRITON_VLM_LLAVA_STREAM_QUANTIZATION=fp8
+fi
 python3 -m triton_vlm.cli.main bench --model $MODEL --serve --concurrency 1,64 --requests ${REQUESTS:-6,192} \
-  --max-tokens 128 --api ${API:-both} ${BENCH_FLAGS:-} --json "$OUT/h100-$MODEL.json" --plot "$OUT/h100-$MODEL.png"
+  --max-tokens 128 --api ${API:-both} ${BENCH_FLAGS:-} --json "$OUT/$NAME.json" --plot "$OUT/$NAME.png"
