@@ -1,0 +1,91 @@
+"""GPU probe: one engine model at c64 in-process with parts of the engine switched back, to see what each is worth.
+
+python -m bench.gpu_ablation_probe --model moondream2|kosmos2|llava
+
+Variants: the engine as it is; prefill K/V stored with per-chunk copies instead of one kernel a layer; decode
+attention with the earlier tiles (128 positions a split, 64 a loop, 4 warps). Same weights and requests for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.gpu_engine_probe import engine_run, load
+from bench.gpu_engine_profile import GpuTimeline
+from triton_vlm.engine import EngineConfig, LLMEngine, attention, kernels
+
+
+@contextlib.contextmanager
+def per_chunk_prefill_stores() -> Iterator[None]:
+    original = attention.prefill_attention
+
+    def without_fused_stores(*args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs["fused"] = False
+        return original(*args[:4], **kwargs)
+    decoders = [importlib.import_module(f"triton_vlm.engine.{name}") for name in ("llama", "kosmos2", "moondream")]
+    for module in decoders:  # each decoder imported the function by name
+        module.prefill_attention = without_fused_stores
+    try:
+        yield
+    finally:
+        for module in decoders:
+            module.prefill_attention = original
+
+
+@contextlib.contextmanager
+def earlier_attention_tiles() -> Iterator[None]:
+    saved = kernels.ATTENTION_SPLIT, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS
+    kernels.ATTENTION_SPLIT, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = 128, 64, 4
+    try:
+        yield
+    finally:
+        kernels.ATTENTION_SPLIT, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = saved
+
+
+VARIANTS = {"current": contextlib.nullcontext, "per_chunk_prefill_stores": per_chunk_prefill_stores,
+            "earlier_attention_tiles": earlier_attention_tiles}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["llava", "moondream2", "kosmos2"], default="moondream2")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    from triton_vlm.engine.attention import avoid_per_shape_attention_plans
+
+    avoid_per_shape_attention_plans(torch.device("cuda"))
+    family, model, processor = load(args.model, tiny=False)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(8)]
+    prompts = ["Describe this image in detail, including the colors, objects and their positions."] * 8
+    results = []
+    for name, variant in [*VARIANTS.items(), ("current again", contextlib.nullcontext)]:
+        with variant():
+            engine = LLMEngine(family, model, processor, EngineConfig(
+                max_model_len=1024 if args.model == "moondream2" else 768, max_num_seqs=64))
+            engine.runner.warmup()
+            engine.start()
+            engine_run(engine, images, prompts, 64, 64)  # warm-up
+            timeline = GpuTimeline(engine.runner)
+            c64 = engine_run(engine, images, prompts, 64, 192)
+            row = {"variant": name, "c64_tok_s": c64["output_tok_s"], "device": timeline.report(c64["seconds"])}
+            engine.shutdown()
+            del engine
+            torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "gpu": torch.cuda.get_device_name(0), "runs": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
