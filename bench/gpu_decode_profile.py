@@ -1,6 +1,6 @@
 """One decode step of an engine model on the GPU, kernel by kernel (full-size random fp16 weights).
 
-python bench/gpu_decode_profile.py --model kosmos2 [--batch 64] [--context 150] [--quantization fp8]
+python -m bench.gpu_decode_profile --model kosmos2 [--batch 64] [--context 150] [--quantization fp8]
     [--kv-cache-dtype fp8] [--prefill 6]
 
 With --prefill N it also profiles one prefill step of N packed 628-token prompts (llava's image + prompt).

@@ -1,6 +1,6 @@
 """GPU probe: a full-size architecture with random fp16 weights, its baseline vs triton-vlm's engine, in-process.
 
-python bench/gpu_engine_probe.py [--model llava|moondream2] --json OUT.json
+python -m bench.gpu_engine_probe [--model llava|moondream2] --json OUT.json
 
 llava-1.5-7b's baseline is HF generate; moondream2 (native, no transformers class) has the backend's batched
 loop (generate_batch) as its baseline.

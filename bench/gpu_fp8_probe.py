@@ -1,7 +1,7 @@
 """GPU probe for the engine's fp8 options: kernel checks against the torch twins, then llava-1.5-7b (random fp16
 weights) in-process at b1 and c64 for each of fp16, fp8 KV cache, fp8 weights, and both.
 
-python bench/gpu_fp8_probe.py --json OUT.json [--variants none/auto,none/fp8,fp8/auto,fp8/fp8]
+python -m bench.gpu_fp8_probe --json OUT.json [--variants none/auto,none/fp8,fp8/auto,fp8/fp8,fp8/fp8/8192]
 
 A variant is ``quantization/kv_cache_dtype[/max_prefill_tokens]``. Every variant builds the same (seeded) random
 weights; greedy tokens are compared with the fp16 engine's (random weights have near-ties, so a shared prefix,

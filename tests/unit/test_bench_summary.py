@@ -39,10 +39,11 @@ def test_infer_only_reports_say_their_ttft_is_the_whole_answer() -> None:
     assert "served_infer_b1_tok_s" not in summary and "notes" not in summary
 
 
-@pytest.mark.parametrize("model", ["llava", "moondream2", "kosmos2"])
-def test_committed_results_have_the_issue_keys(model: str) -> None:
-    summary = json.loads((ROOT / "bench" / "results" / f"h100-{model}.json").read_text())
+@pytest.mark.parametrize("name", ["llava", "llava-fp8", "moondream2", "kosmos2"])
+def test_committed_results_have_the_issue_keys(name: str) -> None:
+    summary = json.loads((ROOT / "bench" / "results" / f"h100-{name}.json").read_text())
     for key in ("gpu", "served_b1_tok_s", "served_c64_tok_s", "hf_b1_tok_s", "hf_c64_tok_s", "ttft_b1_s",
                 "roofline_b1_tok_s", "command"):
         assert key in summary, key
-    assert summary["raw"]["workload"]["model"] == model
+    assert summary["raw"]["workload"]["model"] == name.split("-")[0]
+    assert ("FP8=1" in summary["command"]) == name.endswith("fp8")
