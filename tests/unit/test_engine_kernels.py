@@ -146,6 +146,39 @@ for heads, kv_heads, positions in [(4, 4, 300), (8, 2, 129), (2, 1, 17)]:
     expected = kernels.decode_attention_torch(q, keys, values, lengths)
     got = kernels.decode_attention(q, keys, values, lengths)
     errors[f"decode_attention {heads}/{kv_heads} heads, {positions} positions"] = (got - expected).abs().max().item()
+# fp8: the interpreter's float -> e4m3 emulation is coarse (1.99 can come back 1.0 where torch and the GPU give
+# 2.0; on the GPU the kernels match torch exactly: bench/gpu_fp8_probe.py), so fp8 results count as errors only
+# past half the value (and 1/64, for e4m3's smallest steps). A value in the wrong slot or position, an
+# unsaturated 1000 (NaN) or a missing store still count.
+from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Weight, to_storage
+def beyond_fp8_rounding(got, expected):
+    return ((got.float() - expected.float()).abs() - expected.float().abs() / 2 - 1 / 64).clamp(min=0).max().item()
+for dtype in (torch.float32, FP8):
+    keys, values = torch.zeros(3, 2, 10, 16, dtype=dtype), torch.zeros(3, 2, 10, 16, dtype=dtype)
+    kv = randn(4, 3 * 2 * 16).view(4, 3, 2, 16)
+    k, v = kv[:, 1], kv[:, 2]  # strided, as the engine's v is
+    k[0, 0, 0] = 1000.0  # past fp8's range: saturates
+    slots, positions = torch.tensor([2, 0, 2, 1]), torch.tensor([0, 9, 5, 3])
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected_keys[slots, :, positions] = to_storage(k, dtype)
+    expected_values[slots, :, positions] = to_storage(v, dtype)
+    assert kernels.store_kv(k, v, keys, values, slots, positions, FP8_MAX)
+    errors[f"store_kv {dtype}"] = max(beyond_fp8_rounding(keys, expected_keys),
+                                      beyond_fp8_rounding(values, expected_values))
+x = randn(5, 1500) * 3  # wider than one block
+quantized, scales = kernels.quantize_rows_fp8(x, FP8, FP8_MAX)
+expected_scales = x.abs().amax(dim=1, keepdim=True) / FP8_MAX
+errors["quantize_rows scales"] = (scales - expected_scales).abs().max().item()
+errors["quantize_rows values"] = beyond_fp8_rounding(quantized, to_storage(x / expected_scales, FP8))
+weight = Fp8Weight.quantize(randn(48, 600))
+a = randn(3, 600)
+expected = a @ weight.dequantize().t()  # relative: sums of 600 products in another order
+errors["fp8_weight_matmul"] = ((kernels.fp8_weight_matmul(a, weight.data.t(), weight.scale[0], 16, 256) - expected)
+                               .abs().max() / expected.abs().max()).item()
+q, lengths = randn(3, 4, 32), torch.tensor([1, 300, 100])
+keys, values = randn(4, 4, 300, 32).to(FP8), randn(4, 4, 300, 32).to(FP8)
+errors["decode_attention fp8 cache"] = (kernels.decode_attention(q, keys, values, lengths)
+                                        - kernels.decode_attention_torch(q, keys, values, lengths)).abs().max().item()
 print(json.dumps(errors))
 '''
 
@@ -157,7 +190,7 @@ def test_fused_kernels_match_their_torch_twins_in_the_triton_interpreter() -> No
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(errors) == 14
+    assert len(errors) == 20
     for name, error in errors.items():
         assert error < 1e-5, f"{name}: max abs error {error}"
 
