@@ -78,9 +78,31 @@ def kernel_checks() -> dict:
         fused = kernels.decode_attention(q, keys, values_cache, lengths)
         reference = kernels.decode_attention_torch(q, keys, values_cache, lengths)
         checks[f"decode_attention_{name}_vs_torch_rel"] = relative_error(fused, reference)
+    checks.update(prefill_checks(device))
     x = torch.randn(3768, 32, 128, device=device, dtype=torch.float16)
     cos, sin = torch.randn(2, 3768, 1, 128, device=device, dtype=torch.float16).unbind(0)
     checks["rope_vs_torch_max_diff"] = float((kernels.rope(x, cos, sin) - kernels.rope_torch(x, cos, sin)).abs().max())
+    return checks
+
+
+def prefill_checks(device: torch.device) -> dict:
+    """Prefill attention with one variable-length flash call a layer against the per-chunk SDPA path: fresh
+    chunks, then a step mixing a continued chunk (its prefix from the cache) with fresh ones; fp16 and fp8 K/V."""
+    from triton_vlm.engine.attention import causal_chunk_masks, prefill_attention
+    from triton_vlm.engine.kv_cache import SlotKVCache
+
+    checks = {}
+    for name, dtype in (("fp16", torch.float16), ("fp8", FP8)):
+        caches = [SlotKVCache(1, 4, 8, 128, 800, dtype, device) for _ in range(2)]
+        for step, chunks in enumerate(([(0, 0, 300), (1, 0, 628)], [(0, 300, 328), (2, 0, 628), (3, 0, 17)])):
+            tokens = sum(n for _, _, n in chunks)
+            q, k, v = (torch.randn(tokens, 8, 128, device=device, dtype=torch.float16) for _ in range(3))
+            outs = []
+            for cache, fused in zip(caches, (True, False)):
+                masks = causal_chunk_masks(chunks, device)
+                attend = prefill_attention(cache, chunks, masks, gqa=False, fused=fused, causal=True)
+                outs.append(attend(0, q, k, v))
+            checks[f"prefill_varlen_vs_sdpa_{name}_step{step}_rel"] = relative_error(outs[0], outs[1])
     return checks
 
 

@@ -89,7 +89,8 @@ class Kosmos2Decoder:
         place). Returns each chunk's last hidden state [chunks, dim]."""
         device = embeds.device
         positions = chunk_positions(chunks, device)
-        attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, device), gqa=False, fused=self.fused)
+        attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, device), gqa=False, fused=self.fused,
+                                   causal=True)
         return last_rows(self._layers(self.embed(embeds, positions), attend), chunks)
 
     def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,

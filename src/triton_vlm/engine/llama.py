@@ -135,7 +135,8 @@ class LlamaDecoder:
         ``chunks`` are ``(slot, start, length)``. Returns each chunk's last hidden state [chunks, hidden]."""
         positions = chunk_positions(chunks, embeds.device)
         cos, sin = self._rope(embeds, positions)
-        attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, embeds.device), self._gqa, self.fused)
+        attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, embeds.device), self._gqa, self.fused,
+                                   causal=True)
         return last_rows(self._layers(embeds, cos, sin, attend), chunks)
 
     # -- decode -------------------------------------------------------------------------------------------
