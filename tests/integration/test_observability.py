@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -186,21 +187,26 @@ def test_infer_many_equals_single_requests_and_is_batched(triton: RunningServer)
     from tests.integration.test_server import _images, _stats
 
     images = _images(6)
-    before = _stats(triton, "kosmos2")
-    # 24 tokens each, EOS ignored: a request runs long enough for the rest of the burst to queue behind it (the
-    # batchers wait for no one: max_queue_delay_microseconds is 0).
     with TritonVLMClient(triton.http_url) as client:
         singles = [client.infer("kosmos2", image, PROMPTS["kosmos2"], max_tokens=24, ignore_eos=True)
                    for image in images]
-        many = client.infer_many("kosmos2", [(image, PROMPTS["kosmos2"]) for image in images], concurrency=6,
-                                 progress=False, max_tokens=24, ignore_eos=True)
+        before = _stats(triton, "kosmos2")
+        # The batchers wait for no one (max_queue_delay_microseconds is 0): a long request keeps the one instance
+        # busy while the burst arrives, so the burst queues behind it and goes in batches.
+        with ThreadPoolExecutor(1) as pool:
+            blocker = pool.submit(client.infer, "kosmos2", images[0], PROMPTS["kosmos2"], max_tokens=400,
+                                  ignore_eos=True)
+            time.sleep(0.3)
+            many = client.infer_many("kosmos2", [(image, PROMPTS["kosmos2"]) for image in images], concurrency=6,
+                                     progress=False, max_tokens=24, ignore_eos=True)
+            blocker.result()
     assert [r.text for r in many] == singles  # type: ignore[union-attr]
     deadline = time.monotonic() + 10  # Triton counts a request just after answering it
-    while (after := _stats(triton, "kosmos2"))["inference_count"] - before["inference_count"] < 12:
+    while (after := _stats(triton, "kosmos2"))["inference_count"] - before["inference_count"] < 7:
         assert time.monotonic() < deadline, (before, after)
         time.sleep(0.1)
-    assert after["inference_count"] - before["inference_count"] == 12
-    assert after["execution_count"] - before["execution_count"] < 12  # 6 alone, then batched
+    assert after["inference_count"] - before["inference_count"] == 7
+    assert after["execution_count"] - before["execution_count"] < 7  # the blocker alone, the burst batched
 
 
 def test_server_log_tells_loads_and_requests(triton: RunningServer, sample_image_bytes: bytes) -> None:

@@ -140,7 +140,8 @@ def test_a_forwarded_request_is_not_held_up_by_longer_ones(forwarding_server: Tr
 
     with ThreadPoolExecutor(3) as pool:
         calls = []
-        for name, tokens in (("long 1", 500), ("long 2", 500), ("short", 2)):
+        # Long enough that a 2-core machine busy with other work still tells the two apart (~3 s against ~0.1).
+        for name, tokens in (("long 1", 800), ("long 2", 800), ("short", 2)):
             calls.append(pool.submit(call, name, tokens))
             time.sleep(0.15)  # each in a batch of its own
         for future in calls:
