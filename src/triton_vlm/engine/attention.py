@@ -44,7 +44,7 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
     length] says which cached positions each of its queries sees; None is plain causal from position 0.
     ``fused``: every chunk's K/V stored by one kernel a layer (instead of a few copies per chunk). ``causal``:
     the masks are :func:`causal_chunk_masks`'; then on GPU one variable-length flash-attention call a layer
-    serves every chunk (one SDPA call per chunk left a 628-token prompt's call at a third of the device)."""
+    serves every chunk (an SDPA call per chunk cost llava's c64 benchmark 0.13 s of 2.13 s of fp8 prefill)."""
     device = cache.keys[0].device
     if fused:
         token_slots = device_longs([slot for slot, _, length in chunks for _ in range(length)], device)
