@@ -8,7 +8,7 @@ projections may be quantized to fp8 (:meth:`LlamaDecoder.quantize`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ class _Layer:
     gate_up: Weight
     down: Weight
 
-    PROJECTIONS = ("qkv", "o", "gate_up", "down")
+    PROJECTIONS: ClassVar[tuple[str, ...]] = ("qkv", "o", "gate_up", "down")
 
 
 class LlamaDecoder:

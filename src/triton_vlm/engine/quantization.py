@@ -27,7 +27,6 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 
 
-
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The KV cache's storage dtype for an ``EngineConfig.kv_cache_dtype`` value ("auto" or "fp8")."""
     return FP8 if name == "fp8" else model_dtype
