@@ -207,3 +207,13 @@ def test_engine_keeps_sdpa_off_cudnn_on_cuda_only(monkeypatch: pytest.MonkeyPatc
     avoid_per_shape_attention_plans(torch.device("cuda", 0))
     avoid_per_shape_attention_plans(torch.device("cuda", 0))  # already off: nothing to do
     assert calls == [False]
+
+
+def test_prefill_takes_variable_length_flash_attention_only_where_flash_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triton_vlm.engine.attention import flash_varlen_available
+
+    assert not flash_varlen_available(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    assert not flash_varlen_available(torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert flash_varlen_available(torch.device("cuda:0"))

@@ -49,7 +49,7 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
     if fused:
         token_slots = device_longs([slot for slot, _, length in chunks for _ in range(length)], device)
         token_positions = chunk_positions(chunks, device)
-    varlen = fused and causal and _FLASH_VARLEN is not None
+    varlen = fused and causal and flash_varlen_available(device)
     if varlen:
         lengths = [length for _, _, length in chunks]
         spans = [start + length for _, start, length in chunks]
@@ -90,6 +90,13 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
 #: PyTorch's variable-length flash attention (packed sequences with cumulative bounds; CUDA only). An ATen op,
 #: not public API: without it, prefill takes the per-chunk SDPA path.
 _FLASH_VARLEN = getattr(torch.ops.aten, "_flash_attention_forward", None)
+
+
+def flash_varlen_available(device: torch.device) -> bool:
+    """Whether prefill may use :data:`_FLASH_VARLEN` on ``device``: flash attention needs an Ampere GPU or newer
+    (compute capability 8.0); older ones keep the per-chunk SDPA path, which has other backends."""
+    return (_FLASH_VARLEN is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def _packed_context(cached: torch.Tensor, fresh: torch.Tensor, chunks: list[tuple[int, int, int]]) -> torch.Tensor:
