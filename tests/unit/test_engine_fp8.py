@@ -114,6 +114,27 @@ def test_an_fp8_kv_cache_stores_fp8_and_attends_close_to_the_dense_one() -> None
     assert SlotKVCache.bytes_per_slot(2, 4, 16, 31, FP8) * 4 == SlotKVCache.bytes_per_slot(2, 4, 16, 31, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, FP8])
+def test_a_packed_context_puts_each_chunks_cached_prefix_before_its_rows(dtype: torch.dtype) -> None:
+    """What the GPU's variable-length prefill attends to: per chunk, its slot's cached prefix (read back from
+    fp8) then its own rows, token-major and back to back."""
+    from triton_vlm.engine.attention import _packed_context
+
+    cache = SlotKVCache(1, 2, 3, 4, 16, dtype, torch.device("cpu")).keys[0]
+    cache[1, :, :3] = to_storage(torch.randn(3, 3, 4), dtype)
+    chunks = [(1, 3, 2), (0, 0, 4)]
+    fresh = torch.randn(6, 3, 4)
+    cache[1, :, 3:5] = to_storage(fresh[:2].transpose(0, 1), dtype)  # stored before attention, as prefill does
+    cache[0, :, :4] = to_storage(fresh[2:].transpose(0, 1), dtype)
+    packed = _packed_context(cache, fresh, chunks)
+    prefix = cache[1, :, :3].transpose(0, 1).float()
+    if dtype == FP8:  # the chunks' own rows stay exact; only the prefix comes back from fp8
+        assert torch.equal(packed, torch.cat([prefix, fresh]))
+    else:
+        assert torch.equal(packed, torch.cat([prefix, cache[1, :, 3:5].transpose(0, 1), cache[0, :, :4].transpose(0, 1)]))
+        assert torch.equal(packed[3:], fresh)
+
+
 # -- the engine ---------------------------------------------------------------------------------------------------
 PROMPTS = ["What is this?", "a photo of a cat sitting on a red mat next to a window. Describe it in detail.", "hi"]
 IMAGES = [noise(40, 30, 0), noise(64, 64, 1), noise(17, 90, 2)]

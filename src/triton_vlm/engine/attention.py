@@ -100,14 +100,13 @@ def flash_varlen_available(device: torch.device) -> bool:
 
 
 def _packed_context(cached: torch.Tensor, fresh: torch.Tensor, chunks: list[tuple[int, int, int]]) -> torch.Tensor:
-    """Each chunk's keys (or values) back to back, [sum of start + length, heads, dim]: a continued chunk's prefix
-    read from the cache ([slots, heads, positions, dim], in the model's dtype here), then its fresh rows."""
+    """Each chunk's :func:`_context` (``cached`` [slots, heads, positions, dim], ``fresh`` the packed new rows
+    [tokens, heads, dim]) back to back, token-major: [sum of start + length, heads, dim]."""
     pieces = []
     offset = 0
     for slot, start, length in chunks:
-        if start:
-            pieces.append(cached[slot, :, :start].transpose(0, 1).to(fresh.dtype))
-        pieces.append(fresh[offset:offset + length])
+        chunk = fresh[offset:offset + length].transpose(0, 1)
+        pieces.append(_context(cached[slot], chunk, start).transpose(0, 1))
         offset += length
     return torch.cat(pieces)
 

@@ -50,8 +50,8 @@ def decode_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     context = int(lengths.max()) if context is None else context
     mask = (torch.arange(context, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None, :], keys[:batch, :, :context].to(q.dtype), values[:batch, :, :context].to(q.dtype), attn_mask=mask,
-        enable_gqa=keys.shape[1] != heads)
+        q[:, :, None, :], keys[:batch, :, :context].to(q.dtype), values[:batch, :, :context].to(q.dtype),
+        attn_mask=mask, enable_gqa=keys.shape[1] != heads)
     return out.reshape(batch, heads * dim)
 
 
