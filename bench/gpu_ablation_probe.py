@@ -2,8 +2,9 @@
 
 python -m bench.gpu_ablation_probe --model moondream2|kosmos2|llava
 
-Variants: the engine as it is; prefill K/V stored with per-chunk copies instead of one kernel a layer; decode
-attention with the earlier tiles (128 positions a split, 64 a loop, 4 warps). Same weights and requests for all.
+Variants: the engine as it is; prefill per chunk (K/V stored with per-chunk copies instead of one kernel a layer,
+and, for causal decoders, an SDPA call per chunk instead of one variable-length flash call); decode attention
+with the earlier tiles (128 positions a split, 64 a loop, 4 warps). Same weights and requests for all.
 """
 
 from __future__ import annotations
