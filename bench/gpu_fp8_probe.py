@@ -116,7 +116,8 @@ def variant_run(variant: str, images: list, prompts: list, reference: list[int] 
     engine = LLMEngine(family, model, processor, config)
     engine.runner.warmup()
     engine.start()
-    result: dict = {"variant": variant, "allocated_gib": torch.cuda.memory_allocated() / 2**30}  # weights, KV cache, graphs
+    # Weights, KV cache and decode graphs: what the engine holds once built.
+    result: dict = {"variant": variant, "allocated_gib": torch.cuda.memory_allocated() / 2**30}
     engine_run(engine, images, prompts, 1, 2)  # warm-up
     b1 = engine_run(engine, images, prompts, 1, 3)
     result.update(b1_tok_s=b1["output_tok_s"], ttft_b1_s=b1["ttft_p50_s"])
