@@ -362,3 +362,28 @@ def test_numpy1_wheelhouse_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert stub_env._numpy1_wheels() == [str(wheel)]
     monkeypatch.setenv("TRITON_VLM_NUMPY1_WHEEL", "/x/numpy.whl")
     assert stub_env._numpy1_wheels() == ["/x/numpy.whl"]
+
+
+def test_ready_waits_for_the_metrics_endpoint_too(tmp_path: Path) -> None:
+    """Triton answers /v2/health/ready a moment before its metrics service listens: a scrape right after
+    wait_until_ready was refused. Ready now means both answer."""
+    import subprocess
+
+    from .fake_triton import FakeTriton
+
+    http, metrics = free_port(), free_port()
+    options = ServerOptions(http_port=http, grpc_port=free_port(), metrics_port=metrics, work_dir=tmp_path)
+    server = TritonServer(options)
+    server.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a running "server"
+    health = FakeTriton(http, routes={"/v2/health/ready": {}}).start()
+    try:
+        with pytest.raises(LauncherError, match="not ready after"):
+            server.wait_until_ready(timeout=1)  # HTTP ready, metrics not listening yet
+        scrape = FakeTriton(metrics, routes={"/metrics": "nv_inference_count 0"}).start(after=0.5)
+        server.wait_until_ready(timeout=10)
+        assert ("GET", "/metrics") in scrape.requests
+        scrape.stop()
+    finally:
+        health.stop()
+        server.process.kill()
+        server.process.wait()

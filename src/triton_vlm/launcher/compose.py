@@ -13,14 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
 from triton_vlm.launcher.distribution import LauncherError
-from triton_vlm.launcher.server import ServerOptions, _die_with_parent
+from triton_vlm.launcher.server import ServerOptions, _die_with_parent, answers
 
 COMPOSE_FILES = {"gpu": "docker-compose.yml", "cpu": "docker-compose-cpu.yml"}
 STILL_WAITING_EVERY_S = 60.0
@@ -84,14 +82,6 @@ def endpoints_text(options: ServerOptions, label: str) -> str:
             + "[triton-vlm] Ctrl-C to stop")
 
 
-def is_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
 def run_compose(mode: str, compose: Sequence[str], options: ServerOptions, directory: Path | None = None) -> int:
     """``docker compose -f <file> up`` in the foreground; prints the endpoints once ``/v2/health/ready``
     answers. SIGINT/SIGTERM are passed on to compose, which stops the container. Returns the exit code."""
@@ -145,7 +135,7 @@ def _watch_readiness(url: str, options: ServerOptions, mode: str, process: subpr
                      stopping: threading.Event) -> None:
     started = last_note = time.monotonic()
     while process.poll() is None and not stopping.is_set():
-        if is_ready(url):
+        if answers(url):
             print(endpoints_text(options, f"docker, {mode} mode"), flush=True)
             return
         now = time.monotonic()

@@ -111,6 +111,15 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 within 2 s (a health or metrics endpoint)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
 class TritonServer:
     """One ``tritonserver`` child process over a rendered copy of the model repository.
 
@@ -282,8 +291,9 @@ class TritonServer:
         return {ADMIN_HEADER: self.admin_key}
 
     def wait_until_ready(self, timeout: float = 120.0) -> None:
-        """Block until ``/v2/health/ready`` answers 200 (and the OpenAI front's ``/health``, if it runs); raise
-        with the reason if the server exits first."""
+        """Block until ``/v2/health/ready`` and the metrics endpoint answer 200 (and the OpenAI front's
+        ``/health``, if it runs); raise with the reason if the server exits first. Triton starts its metrics
+        service just after HTTP says ready: a scrape in between was refused."""
         deadline = time.monotonic() + timeout
         if self.openai_front is not None:
             self.openai_front.wait_until_ready(timeout)
@@ -292,13 +302,9 @@ class TritonServer:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 raise LauncherError(f"tritonserver exited (code {code}) before it was ready; see its log above")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        self._ready_once = True
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            if answers(url) and answers(self.metrics_url):
+                self._ready_once = True
+                return
             time.sleep(0.25)
         raise LauncherError(f"tritonserver was not ready after {timeout:.0f}s ({url})")
 
