@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -184,30 +183,18 @@ def test_async_client_equals_the_sync_client(triton: RunningServer, protocol: st
 
 
 def test_infer_many_equals_single_requests_and_is_batched(triton: RunningServer) -> None:
-    from tests.integration.test_server import _images, _stats
+    from tests.integration.test_server import _images, batched_burst
 
     images = _images(6)
-    before = _stats(triton, "kosmos2")
     with TritonVLMClient(triton.http_url) as client:
         singles = [client.infer("kosmos2", image, PROMPTS["kosmos2"], max_tokens=24, ignore_eos=True)
                    for image in images]
-        # The batchers wait for no one (max_queue_delay_microseconds is 0): a long request keeps the one instance
-        # busy while the burst arrives, so the burst queues behind it and goes in batches.
-        with ThreadPoolExecutor(1) as pool:
-            blocker = pool.submit(client.infer, "kosmos2", images[0], PROMPTS["kosmos2"], max_tokens=400,
-                                  ignore_eos=True)
-            time.sleep(0.3)
-            many = client.infer_many("kosmos2", [(image, PROMPTS["kosmos2"]) for image in images], concurrency=6,
-                                     progress=False, max_tokens=24, ignore_eos=True)
-            blocker.result()
+        many, inferences, executions = batched_burst(triton, "kosmos2", images[0], lambda: client.infer_many(
+            "kosmos2", [(image, PROMPTS["kosmos2"]) for image in images], concurrency=6, progress=False,
+            max_tokens=24, ignore_eos=True), requests=6)
     assert [r.text for r in many] == singles  # type: ignore[union-attr]
-    deadline = time.monotonic() + 10  # Triton counts a request just after answering it
-    while (after := _stats(triton, "kosmos2"))["inference_count"] - before["inference_count"] < 13:
-        assert time.monotonic() < deadline, (before, after)
-        time.sleep(0.1)
-    assert after["inference_count"] - before["inference_count"] == 13
-    # The 6 singles and the blocker alone: 7 executions; the burst in fewer than its 6 requests.
-    assert after["execution_count"] - before["execution_count"] < 13
+    assert inferences == 7  # the burst and the long request before it
+    assert executions < 7  # the long request alone, the burst batched
 
 
 def test_server_log_tells_loads_and_requests(triton: RunningServer, sample_image_bytes: bytes) -> None:
