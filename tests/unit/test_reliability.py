@@ -271,7 +271,13 @@ def _fake_stub(tmp_path: Path, model: str, instance: str) -> subprocess.Popen[by
     argv = [str(tmp_path / "backends" / "python" / supervisor.STUB_NAME), str(model_py),
             f"triton_python_backend_shm_region_{instance}", "1048576", "1048576", str(os.getpid()),
             str(tmp_path / "backends" / "python"), "336", instance, "DEFAULT"]
-    return subprocess.Popen(argv, executable=sys.executable)
+    process = subprocess.Popen(argv, executable=sys.executable)
+    # Until the child has exec'd, /proc shows the parent's command line: the stub is not there to be seen yet.
+    deadline = time.monotonic() + 10
+    while process.pid not in supervisor.live_stubs(os.getpid()):
+        assert time.monotonic() < deadline, f"fake stub {instance} never showed its command line"
+        time.sleep(0.01)
+    return process
 
 
 class FakeControl:
