@@ -22,11 +22,15 @@ browser:
 		echo "warning: could not install chromium: the browser tests will skip (and fail under CI=true)"; \
 	else echo "note: chromium/chromedriver missing (not root): the browser tests will skip"; fi
 
+# No pip cache: the venv is ~3 GB already, and a cached copy of every wheel would nearly double what a fresh
+# machine needs on disk (a CI run once failed with "No space left on device" while installing torch).
+PIP_INSTALL := $(PY) -m pip install --quiet --no-cache-dir
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[server,test]"
+	$(PIP_INSTALL) --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) -e ".[server,test]"
 	touch $(STAMP)
 
 test: install
