@@ -30,7 +30,8 @@ def test_streamed_runs_are_the_headline_and_plain_infer_rides_along() -> None:
     assert (summary["hf_b1_tok_s"], summary["hf_c64_tok_s"]) == (10.0, 500.0)
     assert summary["ttft_b1_s"] == 0.05 and summary["ttft_is_whole_answer_latency"] is False
     assert summary["roofline_b1_tok_s"] == pytest.approx(3.0e12 / 3.0e9)
-    assert summary["command"].startswith("bash run.sh") and summary["notes"] == ["n"] and summary["gpu"] == "H100"
+    assert summary["command"] == "bash run.sh" and summary["bench_command"] == "triton-vlm bench ..."
+    assert summary["notes"] == ["n"] and summary["gpu"] == "H100"
 
 
 def test_infer_only_reports_say_their_ttft_is_the_whole_answer() -> None:
@@ -43,7 +44,8 @@ def test_infer_only_reports_say_their_ttft_is_the_whole_answer() -> None:
 def test_committed_results_have_the_issue_keys(name: str) -> None:
     summary = json.loads((ROOT / "bench" / "results" / f"h100-{name}.json").read_text())
     for key in ("gpu", "served_b1_tok_s", "served_c64_tok_s", "hf_b1_tok_s", "hf_c64_tok_s", "ttft_b1_s",
-                "roofline_b1_tok_s", "command"):
+                "roofline_b1_tok_s", "command", "bench_command"):
         assert key in summary, key
+    assert summary["bench_command"] == summary["raw"]["command"] and "(runs:" not in summary["command"]
     assert summary["raw"]["workload"]["model"] == name.split("-")[0]
     assert ("FP8=1" in summary["command"]) == name.endswith("fp8")
