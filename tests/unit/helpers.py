@@ -71,8 +71,8 @@ def noise(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def load_tiny(family_name: str) -> tuple[Any, Any, Any]:
-    """``(family, model, processor)``: ``family_name``'s tiny checkpoint on CPU in float32."""
+def load_tiny(family_name: str, device: str = "cpu") -> tuple[Any, Any, Any]:
+    """``(family, model, processor)``: ``family_name``'s tiny checkpoint on ``device`` in float32."""
     import torch
 
     from triton_vlm.models import get_family
@@ -80,7 +80,7 @@ def load_tiny(family_name: str) -> tuple[Any, Any, Any]:
 
     family = get_family(family_name)
     model, processor = family.load(str(ensure_tiny_checkpoint(family_name)), revision=None, dtype=torch.float32,
-                                   device=torch.device("cpu"), local_files_only=True, trust_remote_code=False)
+                                   device=torch.device(device), local_files_only=True, trust_remote_code=False)
     return family, model, processor
 
 
@@ -109,8 +109,8 @@ class ParityCase:
     def __post_init__(self) -> None:
         object.__setattr__(self, "images", [noise(w, h, seed) for seed, (w, h) in enumerate(self.sizes)])
 
-    def load(self) -> tuple[Any, Any, Any]:
-        return load_tiny(self.family)
+    def load(self, device: str = "cpu") -> tuple[Any, Any, Any]:
+        return load_tiny(self.family, device)
 
     def reference(self, loaded: tuple[Any, Any, Any]) -> list[list[int]]:
         return batched_greedy(loaded, self.images, self.prompts, self.max_tokens)

@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,95 +100,12 @@ def test_decode_attention_torch_is_each_rows_softmax_over_its_own_length(heads: 
     torch.testing.assert_close(kernels.decode_attention_torch(q, poisoned, values, lengths)[0], out[0])
 
 
-#: Every fused kernel against its torch twin; run by Triton's interpreter (on CPU tensors) in a fresh process,
-#: since the interpreter is chosen when the kernels are defined.
-_INTERPRETED_CHECK = r'''
-import json
-import torch
-from triton_vlm.engine import kernels
-
-g = torch.Generator().manual_seed(0)
-def randn(*shape):
-    return torch.randn(*shape, generator=g)
-
-errors = {}
-x, residual, weight = randn(3, 40), randn(3, 40), randn(40) + 1
-summed = residual + x
-out = kernels.add_rms_norm(x, residual, weight, 1e-6)
-errors["add_rms_norm"] = (out - kernels.rms_norm_torch(summed, weight, 1e-6)).abs().max().item()
-errors["add_rms_norm residual in place"] = (residual - summed).abs().max().item()
-errors["rms_norm"] = (kernels.add_rms_norm(x, None, weight, 1e-5)
-                      - kernels.rms_norm_torch(x, weight, 1e-5)).abs().max().item()
-ln = torch.nn.LayerNorm(40)
-with torch.no_grad():
-    ln.weight.copy_(randn(40) + 1)
-    ln.bias.copy_(randn(40))
-attn_out, mlp_out = randn(3, 40), randn(3, 40)
-summed, normed = kernels.add_layer_norm(x, (attn_out, mlp_out), ln.weight, ln.bias, 1e-5)
-errors["add_layer_norm sum"] = (summed - (x + attn_out + mlp_out)).abs().max().item()
-errors["add_layer_norm norm"] = (normed - ln(x + attn_out + mlp_out)).abs().max().item()
-plain, normed = kernels.add_layer_norm(x, None, ln.weight, ln.bias, 1e-5)
-errors["layer_norm"] = max((normed - ln(x)).abs().max().item(), float(plain is not x))
-qkv = randn(5, 3 * 4 * 16)
-q = qkv[:, :64].view(5, 4, 16)  # a strided view, as the engine passes it
-cos, sin = randn(5, 1, 16), randn(5, 1, 16)
-errors["rope"] = (kernels.rope(q, cos, sin) - kernels.rope_torch(q, cos, sin)).abs().max().item()
-from triton_vlm.models.moondream2.text import apply_rotary, rotary_tables
-for dim, rotary_dim in [(64, 32), (16, 8), (24, 8)]:  # moondream2's real and tiny heads, and an odd rest
-    x = randn(5, 6 * dim).view(5, 6, dim)[:, ::2]  # strided heads
-    cos, sin = rotary_tables(torch.tensor([[0, 1, 7, 100, 2047]]), rotary_dim)
-    expected = apply_rotary(x.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
-    errors[f"partial_rope {dim}/{rotary_dim}"] = (kernels.partial_rope(x, cos[0], sin[0]) - expected).abs().max().item()
-gate_up = randn(3, 2 * 1500)  # wider than one block
-errors["silu_mul"] = (kernels.silu_mul(gate_up) - kernels.silu_mul_torch(gate_up)).abs().max().item()
-for heads, kv_heads, positions in [(4, 4, 300), (8, 2, 129), (2, 1, 17)]:
-    q, lengths = randn(3, heads, 32), torch.tensor([1, positions, max(1, positions // 3)])
-    keys, values = randn(4, kv_heads, positions, 32), randn(4, kv_heads, positions, 32)
-    expected = kernels.decode_attention_torch(q, keys, values, lengths)
-    got = kernels.decode_attention(q, keys, values, lengths)
-    errors[f"decode_attention {heads}/{kv_heads} heads, {positions} positions"] = (got - expected).abs().max().item()
-# fp8: the interpreter's float -> e4m3 emulation is coarse (1.99 can come back 1.0 where torch and the GPU give
-# 2.0; on the GPU the kernels match torch exactly: bench/gpu_fp8_probe.py), so fp8 results count as errors only
-# past half the value (and 1/64, for e4m3's smallest steps). A value in the wrong slot or position, an
-# unsaturated 1000 (NaN) or a missing store still count.
-from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Weight, to_storage
-def beyond_fp8_rounding(got, expected):
-    return ((got.float() - expected.float()).abs() - expected.float().abs() / 2 - 1 / 64).clamp(min=0).max().item()
-for dtype in (torch.float32, FP8):
-    keys, values = torch.zeros(3, 2, 10, 16, dtype=dtype), torch.zeros(3, 2, 10, 16, dtype=dtype)
-    kv = randn(4, 3 * 2 * 16).view(4, 3, 2, 16)
-    k, v = kv[:, 1], kv[:, 2]  # strided, as the engine's v is
-    k[0, 0, 0] = 1000.0  # past fp8's range: saturates
-    slots, positions = torch.tensor([2, 0, 2, 1]), torch.tensor([0, 9, 5, 3])
-    expected_keys, expected_values = keys.clone(), values.clone()
-    expected_keys[slots, :, positions] = to_storage(k, dtype)
-    expected_values[slots, :, positions] = to_storage(v, dtype)
-    assert kernels.store_kv(k, v, keys, values, slots, positions, FP8_MAX)
-    errors[f"store_kv {dtype}"] = max(beyond_fp8_rounding(keys, expected_keys),
-                                      beyond_fp8_rounding(values, expected_values))
-x = randn(5, 1500) * 3  # wider than one block
-quantized, scales = kernels.quantize_rows_fp8(x, FP8, FP8_MAX)
-expected_scales = x.abs().amax(dim=1, keepdim=True) / FP8_MAX
-errors["quantize_rows scales"] = (scales - expected_scales).abs().max().item()
-errors["quantize_rows values"] = beyond_fp8_rounding(quantized, to_storage(x / expected_scales, FP8))
-weight = Fp8Weight.quantize(randn(48, 600))
-a = randn(3, 600)
-expected = a @ weight.dequantize().t()  # relative: sums of 600 products in another order
-errors["fp8_weight_matmul"] = ((kernels.fp8_weight_matmul(a, weight.data.t(), weight.scale[0], 16, 256) - expected)
-                               .abs().max() / expected.abs().max()).item()
-q, lengths = randn(3, 4, 32), torch.tensor([1, 300, 100])
-keys, values = randn(4, 4, 300, 32).to(FP8), randn(4, 4, 300, 32).to(FP8)
-errors["decode_attention fp8 cache"] = (kernels.decode_attention(q, keys, values, lengths)
-                                        - kernels.decode_attention_torch(q, keys, values, lengths)).abs().max().item()
-print(json.dumps(errors))
-'''
-
-
 @pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
                     reason="Triton (a test dependency) has wheels for Linux x86-64 only")
 def test_fused_kernels_match_their_torch_twins_in_the_triton_interpreter() -> None:
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    # A fresh process: the interpreter is chosen when the kernels are defined.
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("kernel_checks.py"))], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(errors) == 20

@@ -137,7 +137,7 @@ if triton is not None:
     def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, stats_ptr, q_row_stride,
                                        kv_slot_stride, kv_head_stride, kv_pos_stride, scale, n_heads, n_splits,
                                        GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                       SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+                                       SPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
         # One (row, KV head, split): the GROUP query heads sharing that KV head (padded to HEADS >= 16 rows for
         # tensor-core dots), online softmax over positions [split * SPLIT, (split + 1) * SPLIT) below the row's
         # length. The loop stops at the length: a split past it only stores an empty partial (total 0), so a
@@ -162,12 +162,12 @@ if triton is not None:
             valid = positions < length
             where = base + positions[:, None] * kv_pos_stride + dims[None, :]
             k = tl.load(k_ptr + where, mask=valid[:, None], other=0.0).to(q.dtype)  # fp8 caches widen here
-            scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, -1.0e30)
+            scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, -1.0e30)
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.where(valid[None, :], tl.exp(scores - m_new[:, None]), 0.0)
             alpha = tl.exp(m - m_new)
             v = tl.load(v_ptr + where, mask=valid[:, None], other=0.0).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
             total = total * alpha + tl.sum(p, axis=1)
             m = m_new
         part = (row * n_heads + heads) * n_splits + split
@@ -235,7 +235,7 @@ if triton is not None:
 
     @triton.jit
     def _fp8_weight_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, m, n, k, x_row_stride, ROWS: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         # out[r, j] = scale[j] * sum_i x[r, i] * w[j, i]: the fp8 weight widened in registers, the rows of x (at
         # most ROWS) kept in their dtype. One program per BLOCK_N outputs streams those weight rows once.
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,10 +247,16 @@ if triton is not None:
                         mask=(rows[:, None] < m) & (inner[None, :] < k), other=0.0)
             w = tl.load(w_ptr + cols[:, None] * k + inner[None, :], mask=(cols[:, None] < n) & (inner[None, :] < k),
                         other=0.0)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
         scale = tl.load(scale_ptr + cols, mask=cols < n, other=0.0)
         tl.store(out_ptr + rows[:, None] * n + cols[None, :], (acc * scale[None, :]).to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < m) & (cols[None, :] < n))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for operands of ``dtype``: Triton multiplies float32 in TF32 unless told
+    otherwise (~1e-3 relative), where torch's float32 matmuls stay IEEE; a float32 engine must match them."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int | None = None,
@@ -266,7 +272,8 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     out = torch.empty((rows, outs), dtype=x.dtype, device=x.device)
     _fp8_weight_matmul_kernel[(triton.cdiv(outs, block_n),)](
         x, weight, scale, out, rows, outs, inner, x.stride(0), ROWS=max(16, triton.next_power_of_2(rows)),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype), num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 
@@ -315,7 +322,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     _decode_attention_split_kernel[(batch, kv_heads, splits)](
         q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         dim ** -0.5, heads, splits, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        SPLIT=ATTENTION_SPLIT, BLOCK=ATTENTION_BLOCK, num_warps=ATTENTION_WARPS,
+        SPLIT=ATTENTION_SPLIT, BLOCK=ATTENTION_BLOCK, PRECISION=dot_precision(q.dtype), num_warps=ATTENTION_WARPS,
         num_stages=3 if keys.element_size() == 1 else 2)
     out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
     _decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,
