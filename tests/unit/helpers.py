@@ -71,16 +71,17 @@ def noise(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def load_tiny(family_name: str, device: str = "cpu") -> tuple[Any, Any, Any]:
-    """``(family, model, processor)``: ``family_name``'s tiny checkpoint on ``device`` in float32."""
+def load_tiny(family_name: str, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any, Any]:
+    """``(family, model, processor)``: ``family_name``'s tiny checkpoint on ``device`` in ``dtype`` (float32)."""
     import torch
 
     from triton_vlm.models import get_family
     from triton_vlm.tiny import ensure_tiny_checkpoint
 
     family = get_family(family_name)
-    model, processor = family.load(str(ensure_tiny_checkpoint(family_name)), revision=None, dtype=torch.float32,
-                                   device=torch.device(device), local_files_only=True, trust_remote_code=False)
+    model, processor = family.load(str(ensure_tiny_checkpoint(family_name)), revision=None,
+                                   dtype=dtype or torch.float32, device=torch.device(device), local_files_only=True,
+                                   trust_remote_code=False)
     return family, model, processor
 
 
@@ -109,8 +110,8 @@ class ParityCase:
     def __post_init__(self) -> None:
         object.__setattr__(self, "images", [noise(w, h, seed) for seed, (w, h) in enumerate(self.sizes)])
 
-    def load(self, device: str = "cpu") -> tuple[Any, Any, Any]:
-        return load_tiny(self.family, device)
+    def load(self, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any, Any]:
+        return load_tiny(self.family, device, dtype)
 
     def reference(self, loaded: tuple[Any, Any, Any]) -> list[list[int]]:
         return batched_greedy(loaded, self.images, self.prompts, self.max_tokens)
