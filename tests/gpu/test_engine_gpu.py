@@ -11,6 +11,7 @@ from tests.unit import test_engine as llava_cpu
 from tests.unit import test_engine_kosmos2 as kosmos2_cpu
 from tests.unit import test_engine_moondream2 as moondream2_cpu
 from tests.unit.helpers import ParityCase
+from triton_vlm.bench.parity import divergence, hf_greedy_with_logits
 
 #: The CPU parity tests' requests: prompt lengths, image sizes and max_tokens all differ.
 CASES = {"llava": ParityCase("llava", llava_cpu.PROMPTS, llava_cpu.SIZES, llava_cpu.MAX_TOKENS),
@@ -41,17 +42,6 @@ def test_engine_on_cuda_matches_the_batched_loop(case: tuple[ParityCase, Any, li
 NEAR_TIE = 5e-3
 
 
-def hf_greedy_with_logits(loaded: Any, image: Any, prompt: str, max_tokens: int) -> tuple[list[int], list[Any]]:
-    """HF ``generate``'s greedy tokens for one request, and the logits it chose each of them from."""
-    family, model, processor = loaded
-    inputs = processor(images=[image], text=[family.render_prompt(processor, prompt)], return_tensors="pt")
-    inputs = inputs.to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
-                         return_dict_in_generate=True)
-    return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), [scores[0].float() for scores in out.scores]
-
-
 @pytest.mark.parametrize("name", ["llava", "kosmos2"])  # moondream2 is native: no HF generate to compare with
 def test_float16_engine_follows_hf_generate_up_to_near_ties(name: str) -> None:
     import torch
@@ -60,15 +50,10 @@ def test_float16_engine_follows_hf_generate_up_to_near_ties(name: str) -> None:
     loaded = parity.load("cuda", torch.float16)
     engine = parity.engine(loaded, max_num_seqs=2, max_prefill_tokens=16)
     compared = 0
+    family, model, processor = loaded
     for (image, prompt, params), ours in zip(parity.items(), engine.generate(parity.items())):
-        theirs, logits = hf_greedy_with_logits(loaded, image, prompt, params.max_tokens)
-        step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-        if step is None:
-            assert len(ours) == len(theirs), (ours, theirs)
-            compared += len(ours)
-            continue
+        found = divergence(ours, *hf_greedy_with_logits(family, model, processor, image, prompt, params.max_tokens))
         # Where the two part, HF rated the engine's token all but as high as its own.
-        gap = (logits[step][theirs[step]] - logits[step][ours[step]]).item()
-        assert 0 <= gap < NEAR_TIE, f"{name}: token {step} differs from HF's by {gap:.4f} in HF's logits"
-        compared += step + 1
+        assert 0 <= found.gap < NEAR_TIE, f"{name}: token {found.step} differs from HF's by {found.gap:.4f}"
+        compared += found.length
     assert compared >= sum(params.max_tokens for _, _, params in parity.items()) // 2
