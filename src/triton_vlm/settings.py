@@ -73,6 +73,7 @@ class ModelSettings:
     cuda_graphs: bool = True
     quantization: str = "none"  # "fp8": fp8 projections (Llama-family language models)
     kv_cache_dtype: str = "auto"  # "fp8": an fp8 KV cache
+    stream_interval: int = 1  # streamed deltas: the first at once, then one per this many new tokens, and the last
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -89,6 +90,8 @@ class ModelSettings:
         for name in ("max_image_bytes", "max_image_pixels"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"model {self.model_name!r}: {name} must be positive")
+        if self.stream_interval < 1:
+            raise InvalidInputError(f"model {self.model_name!r}: stream_interval must be >= 1")
         if self.max_queue_size < 0:
             raise InvalidInputError(f"model {self.model_name!r}: max_queue_size must be >= 0 (0: no bound)")
         if not self.max_image_aspect_ratio >= 1:  # also refuses NaN

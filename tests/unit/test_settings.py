@@ -164,6 +164,7 @@ def test_int_values_tolerate_whitespace() -> None:
     ({"max_tokens_limit": "-1", "default_max_tokens": "-5"}, "default_max_tokens"),
     ({"max_image_bytes": "0"}, "max_image_bytes must be positive"),
     ({"max_image_pixels": "-3"}, "max_image_pixels must be positive"),
+    ({"stream_interval": "0"}, "stream_interval must be >= 1"),
 ])
 def test_validation_errors_are_clear(changes: dict[str, str], fragment: str) -> None:
     with pytest.raises(InvalidInputError) as info:
@@ -287,6 +288,10 @@ def test_llava_stream_settings_combine_base_and_engine_parameters() -> None:
     assert (s.model_name, s.family, s.hf_model_id) == ("llava_stream", "llava", "llava-hf/llava-1.5-7b-hf")
     assert s.dtype == "float16"  # the base model's variables apply to its companion
     assert (s.max_model_len, s.max_num_seqs, s.kv_cache_memory_fraction, s.cuda_graphs) == (2048, 16, 0.85, True)
+    assert s.stream_interval == 1  # every token its own delta, unless told otherwise
+    env["TRITON_VLM_LLAVA_STREAM_STREAM_INTERVAL"] = "8"
+    assert ModelSettings.from_parameters(name, {**base, **parameters}, env=env,
+                                         env_aliases=("llava",)).stream_interval == 8
 
 
 def test_read_config_parameters_falls_back_to_directory_name(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -44,15 +44,27 @@ def grounded_answer(processor: Any) -> list[int]:
             *tags(["</phrase>", "<object>", "<patch_index_0044>", "<patch_index_0863>", "</object>"])]
 
 
-def finish(module: Any, runtime: VLMRuntime, extra_outputs: dict[str, str], token_ids: list[int]) -> Any:
-    """Run the response thread's delivery of a finished request; returns the one response it sent."""
-    model = object.__new__(module.TritonVLMStreamModel)  # no initialize(): no threads, no engine
-    model.runtime, model.extra_outputs = runtime, extra_outputs
+def delivering_model(module: Any, runtime: VLMRuntime, extra_outputs: dict[str, str],
+                     stream_interval: int = 1) -> Any:
+    """The stream model's response side alone: no initialize(), so no threads and no engine."""
+    model = object.__new__(module.TritonVLMStreamModel)
+    model.runtime, model.extra_outputs, model._stream_interval = runtime, extra_outputs, stream_interval
     model.metrics = SimpleNamespace(observe_request=lambda *args: None, request_errors=FakeMetric())
+    return model
+
+
+def recording_state(module: Any, token_ids: list[int]) -> tuple[Any, list[tuple[Any, int]]]:
+    """A streamed request's state whose sender records (response, flags)."""
     sent: list[tuple[Any, int]] = []
     sender = SimpleNamespace(send=lambda response=None, flags=0: sent.append((response, flags)))
     request = GenerationRequest(image=Image.new("RGB", (64, 48)), prompt=PROMPT, params=SamplingParams())
-    state = module._Stream(sender=sender, stream=True, token_ids=token_ids, request=request)
+    return module._Stream(sender=sender, stream=True, token_ids=token_ids, request=request), sent
+
+
+def finish(module: Any, runtime: VLMRuntime, extra_outputs: dict[str, str], token_ids: list[int]) -> Any:
+    """Run the response thread's delivery of a finished request; returns the one response it sent."""
+    model = delivering_model(module, runtime, extra_outputs)
+    state, sent = recording_state(module, token_ids)
     model._deliver(state, RequestOutput("r1", (), True, "stop", prompt_tokens=70, generated_tokens=len(token_ids)))
     (response, flags), = sent
     assert flags == module.FINAL
@@ -75,3 +87,35 @@ def test_a_model_that_declares_no_extra_outputs_sends_none(stream_model: Any, ko
     processor = kosmos2_runtime.ensure_loaded().processor
     response = finish(stream_model, kosmos2_runtime, {}, grounded_answer(processor))
     assert set(response.tensors) == {"generated_text", "generated_tokens", "prompt_tokens", "finish_reason"}
+
+
+def stream_through(module: Any, runtime: VLMRuntime, ids: list[int], interval: int) -> list[tuple[str, int, int]]:
+    """Deliver ``ids`` one token a step, as the engine's outputs come; the (text, generated_tokens, flags) sent."""
+    model = delivering_model(module, runtime, {}, interval)
+    state, sent = recording_state(module, [])
+    for count, token in enumerate(ids, start=1):
+        state.token_ids.append(token)
+        last = count == len(ids)
+        model._deliver(state, RequestOutput("r1", (token,), last, "length" if last else None, prompt_tokens=5,
+                                            generated_tokens=count))
+    return [(r.tensors["generated_text"][0][0].decode(), int(r.tensors["generated_tokens"][0][0]), flags)
+            for r, flags in sent]
+
+
+def test_deltas_go_out_every_stream_interval_tokens_after_the_first(stream_model: Any,
+                                                                    llava_runtime: VLMRuntime) -> None:
+    tokenizer = llava_runtime.ensure_loaded().processor.tokenizer
+    ids = tokenizer(" one two three four five six seven eight nine ten", add_special_tokens=False).input_ids
+    answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    sent = {interval: stream_through(stream_model, llava_runtime, ids, interval) for interval in (1, 3, 100)}
+    for interval, pieces in sent.items():
+        # Nothing lost or repeated: the pieces make the whole answer, and exactly the last is FINAL.
+        assert "".join(text for text, _, _ in pieces) == answer
+        assert [flags for _, _, flags in pieces] == [0] * (len(pieces) - 1) + [stream_model.FINAL]
+        counts = [tokens for _, tokens, _ in pieces[:-1]]
+        assert counts[0] == 1  # the first piece at once (time to first token)
+        assert all(later - earlier >= interval for earlier, later in zip(counts, counts[1:]))
+    # One piece a token, but for tokens that add no text of their own (a lone space is held until a word follows).
+    assert len(ids) - 3 <= len(sent[1]) <= len(ids)
+    assert len(sent[3]) <= 2 + (len(ids) - 1) // 3 < len(sent[1])
+    assert len(sent[100]) == 2  # the first token, then everything else with the end

@@ -66,6 +66,7 @@ class _Stream:
     stream: bool
     token_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    sent_tokens: int = 0  # generated tokens when the last delta went out
     received: float = 0.0
     first_token_at: float | None = None
     aborted: bool = False
@@ -90,6 +91,7 @@ class TritonVLMStreamModel:
         self._engine_lock = threading.Lock()
         self._outbox: queue.SimpleQueue[_Open | RequestOutput | None] = queue.SimpleQueue()
         self._ids = 0
+        self._stream_interval = self.runtime.settings.stream_interval
         # Overload: execute() returns at once, so Triton's queue never fills; the bound is here instead. At most
         # max_num_seqs requests run and max_queue_size wait in the engine.
         waiting = self.runtime.settings.max_queue_size
@@ -276,6 +278,8 @@ class TritonVLMStreamModel:
             return
         if not (out.finished or state.stream):
             return  # a whole-answer request: nothing to send until the end
+        if not out.finished and state.sent_chars and out.generated_tokens - state.sent_tokens < self._stream_interval:
+            return  # the next delta waits for stream_interval tokens (the first went out at once)
         processor = self.runtime.loaded.processor  # type: ignore[union-attr]
         extras: dict[str, str] = {}
         if out.finished and self.extra_outputs and state.request is not None:
@@ -299,7 +303,7 @@ class TritonVLMStreamModel:
                                               extras), flags=FINAL)
         elif not text.endswith("\ufffd") and len(text) > state.sent_chars:
             # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
-            piece, state.sent_chars = text[state.sent_chars:], len(text)
+            piece, state.sent_chars, state.sent_tokens = text[state.sent_chars:], len(text), out.generated_tokens
             state.sender.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None))
 
     def _sample_engine(self) -> None:
