@@ -64,10 +64,8 @@ class Fp8Weight:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Fp8Weight:
-        rows = weight.float()
-        scale = rows.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
-        data = (rows / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
-        return cls(data=data.t(), scale=scale[None, :].contiguous(), out_dtype=weight.dtype)
+        data, scale = _quantize_rows_torch(weight)  # a weight's rows are its output channels
+        return cls(data=data.t(), scale=scale.t().contiguous(), out_dtype=weight.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The [out, in] weight this stands for, in ``out_dtype`` (for tests and checks)."""
@@ -83,9 +81,14 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     One fused kernel on GPU; the torch twin defines the result."""
     if kernels.fused_available(x.device):
         return kernels.quantize_rows_fp8(x, FP8, FP8_MAX)
+    return _quantize_rows_torch(x)
+
+
+def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` in torch: each row's absolute max maps to 448."""
     rows = x.float()
     scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return to_storage(rows / scale, FP8), scale
 
 
 #: Up to this many rows (decode steps of up to 32 requests), an fp8 projection reads its weight as it is and
