@@ -108,16 +108,16 @@ def check_prefill(engine) -> None:
 
 
 def check_parity(engine, image, prompt) -> None:
-    """Greedy tokens of the engine vs HF generate on the same weights (fused kernels on the GPU)."""
+    """Greedy tokens of the engine vs HF generate on the same weights (fused kernels on the GPU), and where they
+    part, how far apart HF's logits had the two tokens (bench/gpu_parity_probe.py does more requests)."""
+    from triton_vlm.bench.parity import divergence, hf_greedy_with_logits
     from triton_vlm.sampling import SamplingParams
 
-    model, processor, family = engine.model, engine.processor, engine.family
-    inputs = processor(images=[image], text=[family.render_prompt(processor, prompt)], return_tensors="pt").to("cuda")
-    inputs["pixel_values"] = inputs["pixel_values"].half()
-    hf = model.generate(**inputs, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    ours = engine.generate([(image, prompt, SamplingParams(max_tokens=32))], ignore_eos=True)[0]
-    match = next((i for i, (a, b) in enumerate(zip(ours, hf.tolist())) if a != b), len(ours))
-    print(f"greedy parity with HF generate: first {match} of 32 tokens equal", flush=True)
+    theirs, logits = hf_greedy_with_logits(engine.family, engine.model, engine.processor, image, prompt, 32)
+    (ours,) = engine.generate([(image, prompt, SamplingParams(max_tokens=32))])
+    found = divergence(ours, theirs, logits)
+    print(f"greedy parity with HF generate: first {found.length - (found.step is not None)} of {len(theirs)} tokens "
+          f"equal; HF's logit gap where they part: {found.gap:.4f}", flush=True)
 
 
 def main() -> None:
