@@ -69,7 +69,8 @@ def kernel_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
         q, lengths = randn(3, heads, 32), torch.tensor([1, positions, max(1, positions // 3)], device=device)
         keys, values = randn(4, kv_heads, positions, 32), randn(4, kv_heads, positions, 32)
         errors[f"decode_attention {heads}/{kv_heads} heads, {positions} positions"] = error(
-            kernels.decode_attention(q, keys, values, lengths), kernels.decode_attention_torch(q, keys, values, lengths))
+            kernels.decode_attention(q, keys, values, lengths),
+            kernels.decode_attention_torch(q, keys, values, lengths))
     for cache_dtype in (dtype, FP8):
         keys = torch.zeros(3, 2, 10, 16, dtype=cache_dtype, device=device)
         values = torch.zeros_like(keys)

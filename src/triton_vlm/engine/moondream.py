@@ -91,7 +91,8 @@ class MoondreamDecoder:
             horizon = queries.clamp(min=self.prefix_len - 1)
             masks.append(torch.arange(start + length, device=device)[None, :] <= horizon[:, None])
 
-        return last_rows(self._layers(embeds, cos, sin, prefill_attention(cache, chunks, masks, self._gqa, self.fused)), chunks)
+        attend = prefill_attention(cache, chunks, masks, self._gqa, self.fused)
+        return last_rows(self._layers(embeds, cos, sin, attend), chunks)
 
     # -- decode -------------------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
