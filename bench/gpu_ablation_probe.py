@@ -43,12 +43,12 @@ def per_chunk_prefill_stores() -> Iterator[None]:
 
 @contextlib.contextmanager
 def earlier_attention_tiles() -> Iterator[None]:
-    saved = kernels.ATTENTION_SPLIT, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS
-    kernels.ATTENTION_SPLIT, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = 128, 64, 4
+    saved = kernels.ATTENTION_TILES_WIDE
+    kernels.ATTENTION_TILES_WIDE = kernels.AttentionTiles(128, 64, 4)
     try:
         yield
     finally:
-        kernels.ATTENTION_SPLIT, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = saved
+        kernels.ATTENTION_TILES_WIDE = saved
 
 
 VARIANTS = {"current": contextlib.nullcontext, "per_chunk_prefill_stores": per_chunk_prefill_stores,

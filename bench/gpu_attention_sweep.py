@@ -14,7 +14,7 @@ import itertools
 import torch
 import triton
 
-from bench.gpu_engine_profile import timed
+from bench.gpu_engine_profile import graph_timed as timed
 from triton_vlm.engine import kernels
 from triton_vlm.engine.quantization import FP8
 
@@ -29,7 +29,7 @@ def attention(q, keys, values, lengths, split: int, block: int, warps: int, stag
     kernels._decode_attention_split_kernel[(batch, kv_heads, splits)](
         q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         dim ** -0.5, heads, splits, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        SPLIT=split, BLOCK=block, num_warps=warps, num_stages=stages)
+        SPLIT=split, BLOCK=block, PRECISION=kernels.dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
     kernels._decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,
                                                            SPLITS=triton.next_power_of_2(splits), num_warps=1)
@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=660)
     parser.add_argument("--dim", type=int, default=128, help="head_dim (kosmos2, moondream2: 64)")
     parser.add_argument("--positions", type=int, default=769, help="cache positions per slot")
+    parser.add_argument("--splits", default="64,128,256", help="positions per split to try")
+    parser.add_argument("--blocks", default="32,64,128", help="positions per loop iteration to try")
     args = parser.parse_args()
     device = torch.device("cuda")
     heads, dim, positions = 32, args.dim, args.positions
@@ -53,7 +55,8 @@ def main() -> None:
         moved = 2 * args.batch * heads * args.context * dim * keys.element_size()
         reference = kernels.decode_attention(q, keys, values, lengths)
         results = []
-        for split, block, warps, stages in itertools.product((64, 128, 256), (32, 64, 128), (2, 4, 8), (1, 2, 3)):
+        for split, block, warps, stages in itertools.product(
+                [int(v) for v in args.splits.split(",")], [int(v) for v in args.blocks.split(",")], (2, 4, 8), (2, 3)):
             if block > split:
                 continue
             try:
@@ -66,8 +69,8 @@ def main() -> None:
             results.append((us, split, block, warps, stages, error))
         results.sort()
         current = timed(lambda: kernels.decode_attention(q, keys, values, lengths)) * 1e3
-        print(f"{dtype}: current (split {kernels.ATTENTION_SPLIT}, block {kernels.ATTENTION_BLOCK}, "
-              f"{kernels.ATTENTION_WARPS} warps) "
+        tiles = kernels.attention_tiles(args.batch, heads)
+        print(f"{dtype}: current (split {tiles.split}, block {tiles.block}, {tiles.warps} warps) "
               f"{current:.1f} us = {moved / current / 1e6:.2f} TB/s", flush=True)
         for us, split, block, warps, stages, error in results[:8]:
             print(f"  split {split:3d} block {block:3d} warps {warps} stages {stages}: {us:6.1f} us "

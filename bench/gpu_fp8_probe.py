@@ -47,7 +47,7 @@ def kernel_checks() -> dict:
     checks["quantize_rows_values_differ"] = int((values.float() != twin.float()).sum())
     weight = torch.randn(12288, 4096, device=device, dtype=torch.float16) * 0.02
     quantized = Fp8Weight.quantize(weight)
-    for m in (1, 7, 32, 33, 64, 4096):
+    for m in (1, 7, 16, 17, 33, 64, 65, 4096):
         a = torch.randn(m, 4096, device=device, dtype=torch.float16)
         out = linear(a, quantized)
         if m <= WEIGHT_ONLY_MAX_ROWS:  # the weight-only kernel against its twin

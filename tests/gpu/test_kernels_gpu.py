@@ -17,6 +17,36 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 def test_compiled_kernels_match_their_torch_twins(dtype: torch.dtype) -> None:
     errors = kernel_errors("cuda", dtype)
-    assert len(errors) == 20
+    assert len(errors) == 21
     for name, error in errors.items():
         assert error < TOLERANCE[dtype], f"{name}: max abs error {error}"
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("rows", [1, 16, 17, 48, 64, 65, 300])
+def test_fp8_projections_follow_their_twin_at_every_size(rows: int, layout: str) -> None:
+    """Each size band of ``quantization.linear`` (weight-only kernel, fp8 kernel, ``_scaled_mm``), with weights in
+    either layout ``weights.relayout`` may leave (a column-major one once reached the kernels transposed)."""
+    import torch.nn.functional as F
+
+    from triton_vlm.engine.quantization import WEIGHT_ONLY_MAX_ROWS, Fp8Weight, linear, quantize_rows
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    generator = torch.Generator(device="cuda").manual_seed(rows)
+    weight = torch.randn(96, 256, device="cuda", dtype=torch.float16, generator=generator)
+    if layout == "column-major":
+        weight = weight.t().contiguous().t()
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.float16, generator=generator)
+    quantized = Fp8Weight.quantize(weight)
+    dense = quantized.dequantize().float()
+    if rows <= WEIGHT_ONLY_MAX_ROWS:  # inputs as they are
+        twin = x.float() @ dense.t()
+    else:  # inputs per-row fp8
+        values, scales = quantize_rows(x)
+        twin = (values.float() * scales) @ dense.t()
+    out = linear(x, quantized)
+    assert out.shape == (rows, 96) and out.dtype == torch.float16
+    # float16 outputs: a few units in the last place of values up to ~60.
+    assert (out.float() - twin).abs().max().item() / twin.abs().max().item() < 2e-3
+    assert (F.linear(x, weight).float() - out.float()).norm() / twin.norm() < 0.1  # and near the dense product

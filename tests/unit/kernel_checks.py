@@ -12,7 +12,7 @@ import json
 import torch
 
 from triton_vlm.engine import kernels
-from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Weight, to_storage
+from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Weight, quantize_rows, to_storage
 from triton_vlm.models.moondream2.text import apply_rotary, rotary_tables
 
 
@@ -68,9 +68,10 @@ def kernel_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
     for heads, kv_heads, positions in [(4, 4, 300), (8, 2, 129), (2, 1, 17)]:
         q, lengths = randn(3, heads, 32), torch.tensor([1, positions, max(1, positions // 3)], device=device)
         keys, values = randn(4, kv_heads, positions, 32), randn(4, kv_heads, positions, 32)
-        errors[f"decode_attention {heads}/{kv_heads} heads, {positions} positions"] = error(
-            kernels.decode_attention(q, keys, values, lengths),
-            kernels.decode_attention_torch(q, keys, values, lengths))
+        expected = kernels.decode_attention_torch(q, keys, values, lengths)
+        errors[f"decode_attention {heads}/{kv_heads} heads, {positions} positions"] = max(
+            error(kernels.decode_attention(q, keys, values, lengths, tiles), expected)  # narrow and wide splits
+            for tiles in (kernels.ATTENTION_TILES_NARROW, kernels.ATTENTION_TILES_WIDE))
     for cache_dtype in (dtype, FP8):
         keys = torch.zeros(3, 2, 10, 16, dtype=cache_dtype, device=device)
         values = torch.zeros_like(keys)
@@ -95,6 +96,11 @@ def kernel_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
     expected = a.float() @ weight.dequantize().float().t()
     errors["fp8_weight_matmul"] = error(kernels.fp8_weight_matmul(a, weight.data.t(), weight.scale[0], 16, 256),
                                         expected) / expected.abs().max().item()
+    values, scales = quantize_rows(a)  # per-row fp8 (its kernel is checked above)
+    expected = (values.float() * scales) @ weight.dequantize().float().t()
+    errors["fp8_matmul"] = error(kernels.fp8_matmul(values, scales[:, 0], weight.data.t(), weight.scale[0], dtype,
+                                                    block_n=16, block_k=256),
+                                 expected) / expected.abs().max().item()
     q, lengths = randn(3, 4, 32), torch.tensor([1, 300, 100], device=device)
     keys, values = randn(4, 4, 300, 32).to(FP8), randn(4, 4, 300, 32).to(FP8)
     errors["decode_attention fp8 cache"] = error(kernels.decode_attention(q, keys, values, lengths),

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.engine.attention import decode_attention, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine.quantization import (FP8, FP8_MAX, WEIGHT_ONLY_MAX_ROWS, Fp8Weight, check_fp8_support,
-                                            kv_cache_dtype, linear, quantize_rows, to_storage)
+from triton_vlm.engine.quantization import (FP8, FP8_KERNEL_MAX_ROWS, FP8_MAX, WEIGHT_ONLY_MAX_ROWS, Fp8Weight,
+                                            check_fp8_support, kv_cache_dtype, linear, quantize_rows, to_storage)
 from triton_vlm.errors import GenerationError, InvalidInputError
 from triton_vlm.sampling import SamplingParams
 from triton_vlm.settings import ModelSettings
@@ -30,11 +30,16 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # -- the pieces ---------------------------------------------------------------------------------------------------
-def test_a_weight_keeps_one_scale_per_output_channel() -> None:
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_a_weight_keeps_one_scale_per_output_channel(layout: str) -> None:
     weight = torch.randn(48, 64) * torch.logspace(-3, 1, 48)[:, None]  # rows four decades apart
+    if layout == "column-major":  # as weights.relayout may leave an engine weight
+        weight = weight.t().contiguous().t()
     quantized = Fp8Weight.quantize(weight)
     assert quantized.data.dtype == FP8 and quantized.data.shape == (64, 48)
-    assert quantized.data.t().is_contiguous()  # column-major [in, out], as _scaled_mm takes it
+    # Column-major [in, out] whatever the weight's layout: _scaled_mm refuses others and the fp8 kernels read
+    # data.t() as row-major [out, in] (a column-major weight once gave them transposed data on the GPU).
+    assert quantized.data.t().is_contiguous()
     assert quantized.scale.shape == (1, 48)
     assert torch.allclose(quantized.scale[0] * FP8_MAX, weight.abs().amax(dim=1))
     restored = quantized.dequantize()
@@ -57,7 +62,7 @@ def test_rows_are_quantized_each_with_its_own_scale() -> None:
         assert relative_error(restored[row], x[row]) < E4M3_STEP
 
 
-@pytest.mark.parametrize("rows", [1, WEIGHT_ONLY_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS + 1, 100])
+@pytest.mark.parametrize("rows", [1, WEIGHT_ONLY_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS + 1, FP8_KERNEL_MAX_ROWS + 1])
 def test_fp8_linear_is_close_to_the_dense_one(rows: int) -> None:
     torch.manual_seed(0)
     x, weight = torch.randn(rows, 128), torch.randn(80, 128)

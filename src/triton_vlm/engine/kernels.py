@@ -9,6 +9,8 @@ The torch twins define the semantics (they match transformers' Llama modules); t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs fall back to torch
@@ -253,6 +255,30 @@ if triton is not None:
                  mask=(rows[:, None] < m) & (cols[None, :] < n))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _fp8_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, m, n, k, ROWS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out[r, j] = x_scale[r] * w_scale[j] * sum_i x[r, i] * w[j, i], both fp8. Computed transposed: the
+        # weight's BLOCK_N channels take the tensor cores' wide side and the few rows the narrow one, so a
+        # decode batch of 17-64 rows streams the weight near bandwidth (cuBLAS's fp8 GEMM did not at these sizes).
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.arange(0, ROWS)
+        acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
+        for start in range(0, k, BLOCK_K):
+            inner = start + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + cols[:, None] * k + inner[None, :], mask=(cols[:, None] < n) & (inner[None, :] < k),
+                        other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * k + inner[None, :], mask=(rows[:, None] < m) & (inner[None, :] < k),
+                        other=0.0)
+            acc += tl.dot(w, tl.trans(x))
+        acc = acc * tl.load(w_scale_ptr + cols, mask=cols < n, other=0.0)[:, None]
+        acc = acc * tl.load(x_scale_ptr + rows, mask=rows < m, other=0.0)[None, :]
+        tl.store(out_ptr + rows[None, :] * n + cols[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows[None, :] < m) & (cols[:, None] < n))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for operands of ``dtype``: Triton multiplies float32 in TF32 unless told
     otherwise (~1e-3 relative), where torch's float32 matmuls stay IEEE; a float32 engine must match them."""
@@ -266,6 +292,8 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     without quantizing ``x``. Tiles by default as bench/gpu_fp8_matmul_sweep.py found best on an H100."""
     rows, inner = x.shape
     outs = weight.shape[0]
+    if not weight.is_contiguous():
+        raise ValueError("fp8_weight_matmul: the weight must be [out, in] row-major")
     block_n = block_n or (64 if outs >= 16384 else 32)
     block_k = block_k or (512 if inner > 8192 else 256)
     num_stages = num_stages or (4 if block_k == 512 else 3)
@@ -274,6 +302,28 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         x, weight, scale, out, rows, outs, inner, x.stride(0), ROWS=max(16, triton.next_power_of_2(rows)),
         BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype), num_warps=num_warps,
         num_stages=num_stages)
+    return out
+
+
+def fp8_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               out_dtype: torch.dtype, block_n: int = 64, block_k: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None) -> torch.Tensor:
+    """``(x * x_scale) @ (weight * weight_scale).T`` for up to 64 rows: ``x`` fp8 [rows, in] with float32 scales
+    [rows], ``weight`` fp8 [out, in] row-major with float32 scales [out]. Tiles from
+    bench/gpu_fp8_gemm_variants.py on an H100 (llava's projections at 48 and 64 rows: 98 us a layer against
+    125 for ``torch._scaled_mm``, input quantization included in both)."""
+    rows, inner = x.shape
+    outs = weight.shape[0]
+    if rows > 64 or not (x.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("fp8_matmul: at most 64 rows, contiguous x and [out, in] row-major weight")
+    wide = outs >= 16384  # gate_up
+    block_k = block_k or (128 if wide else 256)
+    num_warps = num_warps or (8 if wide else 4)
+    num_stages = num_stages or (4 if inner > 8192 else 3)
+    out = torch.empty((rows, outs), dtype=out_dtype, device=x.device)
+    _fp8_matmul_kernel[(triton.cdiv(outs, block_n),)](
+        x, x_scale, weight, weight_scale, out, rows, outs, inner, ROWS=max(16, triton.next_power_of_2(rows)),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -301,20 +351,38 @@ def quantize_rows_fp8(x: torch.Tensor, dtype: torch.dtype, limit: float) -> tupl
     return out, scales
 
 
-#: Positions per split of decode attention (one program each) and per loop iteration inside one; warps per
-#: program. From bench/gpu_attention_sweep.py on an H100 (llava, 64 rows x 660 positions): 243 us a layer
-#: against 263 for (128, 64, 4 warps) with fp16 K/V, 147 against 167 with fp8 (deeper pipelining there).
-ATTENTION_SPLIT, ATTENTION_BLOCK, ATTENTION_WARPS = 256, 32, 2
+class AttentionTiles(NamedTuple):
+    """Decode attention's tiles: positions per split (one program each), positions per loop iteration inside one,
+    and warps per program."""
+
+    split: int
+    block: int
+    warps: int
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     lengths: torch.Tensor) -> torch.Tensor:
+#: From bench/gpu_attention_sweep.py on an H100 (llava, 32 KV heads x 628-660 positions). Many rows: 243 us a layer
+#: at 64 rows against 263 for (128, 64, 4) with fp16 K/V, 147 against 167 with fp8; these stay best from 8 rows up.
+ATTENTION_TILES_WIDE = AttentionTiles(256, 32, 2)
+#: Few rows: long splits leave most SMs idle (one row: 32 x 3 programs with work), so splits get shorter:
+#: 6.9 us a layer against 11.4 at one row (fp16; fp8 6.5 against 11.0).
+ATTENTION_TILES_NARROW = AttentionTiles(64, 64, 4)
+#: Rows x KV heads from which the wide tiles keep the GPU busy (8 rows of llava's 32 heads).
+WIDE_ATTENTION_FROM = 256
+
+
+def attention_tiles(batch: int, kv_heads: int) -> AttentionTiles:
+    return ATTENTION_TILES_WIDE if batch * kv_heads >= WIDE_ATTENTION_FROM else ATTENTION_TILES_NARROW
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     tiles: AttentionTiles | None = None) -> torch.Tensor:
     """:func:`decode_attention_torch` as two kernels (split-KV flash decoding: partial softmax per split of
     the positions, then a merge). The grid depends on the cache's size, never on ``lengths``' values, so a
-    CUDA graph captured once replays for any lengths."""
+    CUDA graph captured once replays for any lengths. ``tiles``: :func:`attention_tiles` unless given."""
     batch, heads, dim = q.shape
     kv_heads, positions = keys.shape[1], keys.shape[2]
-    splits = triton.cdiv(positions, ATTENTION_SPLIT)
+    tiles = tiles or attention_tiles(batch, kv_heads)
+    splits = triton.cdiv(positions, tiles.split)
     q = q.contiguous()
     acc = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=q.device)
     stats = torch.empty((batch, heads, splits, 2), dtype=torch.float32, device=q.device)
@@ -322,7 +390,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     _decode_attention_split_kernel[(batch, kv_heads, splits)](
         q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         dim ** -0.5, heads, splits, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        SPLIT=ATTENTION_SPLIT, BLOCK=ATTENTION_BLOCK, PRECISION=dot_precision(q.dtype), num_warps=ATTENTION_WARPS,
+        SPLIT=tiles.split, BLOCK=tiles.block, PRECISION=dot_precision(q.dtype), num_warps=tiles.warps,
         num_stages=3 if keys.element_size() == 1 else 2)
     out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
     _decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,

@@ -65,7 +65,9 @@ class Fp8Weight:
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Fp8Weight:
         data, scale = _quantize_rows_torch(weight)  # a weight's rows are its output channels
-        return cls(data=data.t(), scale=scale.t().contiguous(), out_dtype=weight.dtype)
+        # The values keep the weight's strides, and the engine's weights may be column-major (weights.relayout):
+        # _scaled_mm and the fp8 kernels need [out, in] row-major.
+        return cls(data=data.contiguous().t(), scale=scale.t().contiguous(), out_dtype=weight.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The [out, in] weight this stands for, in ``out_dtype`` (for tests and checks)."""
@@ -91,11 +93,15 @@ def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return to_storage(rows / scale, FP8), scale
 
 
-#: Up to this many rows (decode steps of up to 32 requests), an fp8 projection reads its weight as it is and
-#: keeps the inputs in the model's dtype; above, inputs are quantized per row for the fp8 tensor cores. On an
-#: H100 (bench/gpu_fp8_matmul_sweep.py, llava's shapes) the weight-only kernel took 81 us a layer at 1 row
-#: against 129 for _scaled_mm with its input quantization; at 64 rows _scaled_mm was ahead (125 against 144).
-WEIGHT_ONLY_MAX_ROWS = 32
+#: How an fp8 projection multiplies, by rows (bench/gpu_fp8_gemm_variants.py, llava's shapes on an H100, per layer,
+#: input quantization included):
+#: - up to WEIGHT_ONLY_MAX_ROWS (decode steps of a few requests): inputs stay in the model's dtype and a kernel
+#:   streams the fp8 weight, widening it (80 us at 1 row, 83 at 16; ``_scaled_mm`` 129);
+#: - up to FP8_KERNEL_MAX_ROWS: inputs quantized per row, an fp8 x fp8 Triton kernel with the weight's channels on
+#:   the tensor cores' wide side (92 us at 32 rows, ~98 at 64; ``_scaled_mm`` 125, the weight-only kernel 110+);
+#: - above (prefill, large batches): inputs quantized per row, ``torch._scaled_mm``.
+WEIGHT_ONLY_MAX_ROWS = 16
+FP8_KERNEL_MAX_ROWS = 64
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
@@ -103,9 +109,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight)
     x = x.contiguous()
+    fused = kernels.fused_available(x.device)
     if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
-        if kernels.fused_available(x.device):
+        if fused:
             return kernels.fp8_weight_matmul(x, weight.data.t(), weight.scale[0])
         return F.linear(x, weight.dequantize())
     values, scales = quantize_rows(x)
+    if fused and x.shape[0] <= FP8_KERNEL_MAX_ROWS:
+        return kernels.fp8_matmul(values, scales[:, 0], weight.data.t(), weight.scale[0], weight.out_dtype)
     return torch._scaled_mm(values, weight.data, scale_a=scales, scale_b=weight.scale, out_dtype=weight.out_dtype)
