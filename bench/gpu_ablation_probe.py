@@ -4,7 +4,8 @@ python -m bench.gpu_ablation_probe --model moondream2|kosmos2|llava
 
 Variants: the engine as it is; prefill per chunk (K/V stored with per-chunk copies instead of one kernel a layer,
 and, for causal decoders, an SDPA call per chunk instead of one variable-length flash call); decode attention
-with the earlier tiles (128 positions a split, 64 a loop, 4 warps). Same weights and requests for all.
+with the earlier tiles (128 positions a split, 64 a loop, 4 warps); decode attention with the wide tiles at every
+batch (no short splits for few rows). Same weights and requests for all; b1 and c64 tok/s.
 """
 
 from __future__ import annotations
@@ -51,14 +52,26 @@ def earlier_attention_tiles() -> Iterator[None]:
         kernels.ATTENTION_TILES_WIDE = saved
 
 
+@contextlib.contextmanager
+def wide_attention_tiles_always() -> Iterator[None]:
+    saved = kernels.WIDE_ATTENTION_FROM
+    kernels.WIDE_ATTENTION_FROM = 0
+    try:
+        yield
+    finally:
+        kernels.WIDE_ATTENTION_FROM = saved
+
+
 VARIANTS = {"current": contextlib.nullcontext, "per_chunk_prefill_stores": per_chunk_prefill_stores,
-            "earlier_attention_tiles": earlier_attention_tiles}
+            "earlier_attention_tiles": earlier_attention_tiles,
+            "wide_attention_tiles_always": wide_attention_tiles_always}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["llava", "moondream2", "kosmos2"], default="moondream2")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which, comma-separated")
     args = parser.parse_args()
     from triton_vlm.engine.attention import avoid_per_shape_attention_plans
 
@@ -68,7 +81,8 @@ def main() -> None:
     images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(8)]
     prompts = ["Describe this image in detail, including the colors, objects and their positions."] * 8
     results = []
-    for name, variant in [*VARIANTS.items(), ("current again", contextlib.nullcontext)]:
+    chosen = [(name, VARIANTS[name]) for name in args.variants.split(",")]
+    for name, variant in [*chosen, ("current again", contextlib.nullcontext)]:
         with variant():
             engine = LLMEngine(family, model, processor, EngineConfig(
                 max_model_len=1024 if args.model == "moondream2" else 768, max_num_seqs=64))
@@ -77,7 +91,9 @@ def main() -> None:
             engine_run(engine, images, prompts, 64, 64)  # warm-up
             timeline = GpuTimeline(engine.runner)
             c64 = engine_run(engine, images, prompts, 64, 192)
-            row = {"variant": name, "c64_tok_s": c64["output_tok_s"], "device": timeline.report(c64["seconds"])}
+            device = timeline.report(c64["seconds"])
+            b1 = engine_run(engine, images, prompts, 1, 8)
+            row = {"variant": name, "b1_tok_s": b1["output_tok_s"], "c64_tok_s": c64["output_tok_s"], "device": device}
             engine.shutdown()
             del engine
             torch.cuda.empty_cache()
