@@ -60,7 +60,7 @@ class GpuTimeline:
 
     def __init__(self, runner) -> None:
         self.marks: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
-        for phase in ("build_prompt_embeds", "prefill", "decode"):
+        for phase in ("build_prompt_embeds", "prefill", "decode", "prefill_and_decode"):
             setattr(runner, phase, self._wrap(phase, getattr(runner, phase)))
 
     def _wrap(self, phase: str, fn):

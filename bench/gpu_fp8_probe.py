@@ -3,7 +3,8 @@ weights) in-process at b1 and c64 for each of fp16, fp8 KV cache, fp8 weights, a
 
 python -m bench.gpu_fp8_probe --json OUT.json [--variants none/auto,none/fp8,fp8/auto,fp8/fp8,fp8/fp8/8192]
 
-A variant is ``quantization/kv_cache_dtype[/max_prefill_tokens]``. Every variant builds the same (seeded) random
+A variant is ``quantization/kv_cache_dtype[/max_prefill_tokens[/separate]]`` ("separate": prompt chunks and decode
+rows in their own forwards, not one). Every variant builds the same (seeded) random
 weights; greedy tokens are compared with the fp16 engine's (random weights have near-ties, so a shared prefix,
 not equality, is what to expect). The c64 run reports device time by phase.
 """
@@ -107,13 +108,15 @@ def prefill_checks(device: torch.device) -> dict:
 
 
 def variant_run(variant: str, images: list, prompts: list, reference: list[int] | None) -> dict:
-    quantization, kv, *prefill = variant.split("/")
+    quantization, kv, *options = variant.split("/")
     family = get_family("llava")
     torch.manual_seed(0)
     model, processor = random_llava_7b(torch.device("cuda"))
     config = EngineConfig(max_model_len=768, max_num_seqs=64, quantization=quantization, kv_cache_dtype=kv,
-                          max_prefill_tokens=int(prefill[0]) if prefill else EngineConfig.max_prefill_tokens)
+                          max_prefill_tokens=int(options[0]) if options else EngineConfig.max_prefill_tokens)
     engine = LLMEngine(family, model, processor, config)
+    if "separate" in options[1:]:  # prompt chunks and decode rows in their own forwards, as before mixing
+        engine.runner.mixes = False
     engine.runner.warmup()
     engine.start()
     # Weights, KV cache and decode graphs: what the engine holds once built.

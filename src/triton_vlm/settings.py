@@ -73,6 +73,7 @@ class ModelSettings:
     cuda_graphs: bool = True
     quantization: str = "none"  # "fp8": fp8 projections (Llama-family language models)
     kv_cache_dtype: str = "auto"  # "fp8": an fp8 KV cache
+    max_prefill_tokens: int = 4096  # prompt tokens per engine step: lower for shorter first tokens under load
     stream_interval: int = 1  # streamed deltas: the first at once, then one per this many new tokens, and the last
 
     def __post_init__(self) -> None:
@@ -145,7 +146,8 @@ class ModelSettings:
 
         return EngineConfig(max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
                             kv_cache_memory_fraction=self.kv_cache_memory_fraction, cuda_graphs=self.cuda_graphs,
-                            quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype)
+                            quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype,
+                            max_prefill_tokens=self.max_prefill_tokens)
 
 
 def read_config_parameters(config_path: Path) -> tuple[str, dict[str, str]]:

@@ -163,6 +163,41 @@ def test_engine_matches_generate_batch_with_chunked_prefill(loaded: Any, greedy_
     assert engine.stats.prefill_tokens == sum(n for parts in chunks.values() for _, n in parts)
 
 
+def test_prompts_ride_along_in_decode_steps_and_change_no_token(loaded: Any, greedy_reference: list,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """llava's decoder runs a step's prompt chunks and its decode rows as one forward (one pass over the weights):
+    the tokens stay generate_batch's, greedy and sampled, and separate forwards run only where a step has one kind."""
+    engine = make_engine(loaded, max_num_seqs=3, max_prefill_tokens=16)
+    assert engine.runner.mixes
+    calls: dict[str, int] = {"prefill": 0, "decode": 0, "prefill_and_decode": 0}
+    for name in calls:
+        original = getattr(engine.runner, name)
+
+        def counting(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(engine.runner, name, counting)
+    plans = record_plans(engine)
+    seeded = SamplingParams(max_tokens=5, temperature=0.8, seed=3)
+    items = [(IMAGES[i], PROMPTS[i], SamplingParams(max_tokens=m)) for i, m in enumerate(MAX_TOKENS)]
+    assert engine.generate([*items, (IMAGES[0], PROMPTS[0], seeded)]) == [
+        *[list(r.token_ids) for r in greedy_reference], list(reference(loaded, [seeded], [0])[0].token_ids)]
+    mixed = sum(1 for p in plans if p["prefill"] and p["decode"])
+    assert mixed >= 5 and calls["prefill_and_decode"] == mixed
+    assert calls["prefill"] == sum(1 for p in plans if p["prefill"] and not p["decode"])
+    assert calls["decode"] == sum(1 for p in plans if p["decode"] and not p["prefill"])
+    assert engine.stats.seconds["mixed"] > 0
+
+
+@pytest.mark.parametrize("family_name, config, mixes", [
+    ("llava", {}, True), ("llava", {"quantization": "fp8"}, False), ("kosmos2", {}, False), ("moondream2", {}, False)])
+def test_only_dense_llama_decoders_mix_prompts_into_decode_steps(family_name: str, config: dict[str, str],
+                                                                 mixes: bool) -> None:
+    from .helpers import load_tiny
+
+    assert LLMEngine(*load_tiny(family_name), EngineConfig(max_num_seqs=2, **config)).runner.mixes is mixes
+
+
 def test_engine_prompt_lengths_differ(loaded: Any) -> None:
     engine = make_engine(loaded)
     lengths = [len(engine.prepare(IMAGES[i], PROMPTS[i], SamplingParams(), ignore).prompt_ids) for i in range(6)]

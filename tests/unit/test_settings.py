@@ -289,9 +289,11 @@ def test_llava_stream_settings_combine_base_and_engine_parameters() -> None:
     assert s.dtype == "float16"  # the base model's variables apply to its companion
     assert (s.max_model_len, s.max_num_seqs, s.kv_cache_memory_fraction, s.cuda_graphs) == (2048, 16, 0.85, True)
     assert s.stream_interval == 1  # every token its own delta, unless told otherwise
+    assert s.engine_config().max_prefill_tokens == 4096
     env["TRITON_VLM_LLAVA_STREAM_STREAM_INTERVAL"] = "8"
-    assert ModelSettings.from_parameters(name, {**base, **parameters}, env=env,
-                                         env_aliases=("llava",)).stream_interval == 8
+    env["TRITON_VLM_LLAVA_STREAM_MAX_PREFILL_TOKENS"] = "1024"
+    s = ModelSettings.from_parameters(name, {**base, **parameters}, env=env, env_aliases=("llava",))
+    assert s.stream_interval == 8 and s.engine_config().max_prefill_tokens == 1024
 
 
 def test_read_config_parameters_falls_back_to_directory_name(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -34,7 +34,7 @@ ENGINE_METRIC_NAMES = ("triton_vlm_engine_steps_total", "triton_vlm_engine_token
 
 
 #: The engine's phases, as in :class:`triton_vlm.engine.engine.EngineStats`.
-ENGINE_PHASES = ("schedule", "vision", "prefill", "decode", "wait", "update")
+ENGINE_PHASES = ("schedule", "vision", "prefill", "decode", "mixed", "wait", "update")  # EngineStats.seconds
 
 
 class EngineMetrics:

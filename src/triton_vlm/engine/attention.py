@@ -159,3 +159,14 @@ def decode_attention(cache: SlotKVCache, write_positions: torch.Tensor, lengths:
         return kernels.decode_attention_torch(q, keys, values, lengths, context)
 
     return attend
+
+
+def mixed_attention(prefill: Attend, decode: Attend, prefill_tokens: int) -> Attend:
+    """One attend for a forward whose first ``prefill_tokens`` rows are prompt chunks (``prefill``) and whose
+    other rows are one decode token per slot (``decode``)."""
+
+    def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = prefill_tokens
+        return torch.cat([prefill(index, q[:n], k[:n], v[:n]), decode(index, q[n:], k[n:], v[n:])])
+
+    return attend

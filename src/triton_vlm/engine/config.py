@@ -17,7 +17,8 @@ class EngineConfig:
     max_model_len: int = 2048
     #: Upper bound on concurrently running requests; the KV cache may allow fewer.
     max_num_seqs: int = 64
-    #: Prompt tokens prefilled per engine step; longer prompts are chunked so decodes keep flowing.
+    #: Prompt tokens prefilled per engine step; longer prompts are chunked so decodes keep flowing. Smaller: shorter
+    #: steps (first tokens and inter-token gaps under load), at some throughput (bench/README.md).
     max_prefill_tokens: int = 4096
     #: Share of free device memory (after weights) the KV cache may take.
     kv_cache_memory_fraction: float = 0.85

@@ -43,9 +43,10 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
-    #: Host time by phase; "wait" is time spent waiting for the device to finish a step.
+    #: Host time by phase; "mixed" is steps that prefill and decode in one forward; "wait" is time spent waiting
+    #: for the device to finish a step.
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("schedule", "vision", "prefill", "decode", "wait", "update"), 0.0))
+        ("schedule", "vision", "prefill", "decode", "mixed", "wait", "update"), 0.0))
 
 
 @dataclass(frozen=True)
@@ -203,24 +204,31 @@ class LLMEngine:
 
         lap("schedule")
         finished_prefill = [c.seq for c in plan.prefill if c.completes_prompt]
+        sampled = [s for s in plan.decode if self._generators.get(s) is not None]
+        prefill_logits = decode_logits = None
         try:
             if plan.admitted:
                 self.runner.build_prompt_embeds(plan.admitted)
                 lap("vision")
-            if plan.prefill:
-                logits = self.runner.prefill(plan.prefill)
-                if finished_prefill:  # their first token
-                    keep = [i for i, c in enumerate(plan.prefill) if c.completes_prompt]
-                    self._choose(finished_prefill, logits[device_longs(keep, logits.device)])
-                self.stats.prefill_tokens += sum(c.length for c in plan.prefill)
-                lap("prefill")
-            if plan.decode:
-                sampled = [s for s in plan.decode if self._generators.get(s) is not None]
-                logits = self.runner.decode(plan.decode, need_logits=bool(sampled))
-                if sampled:  # greedy rows already have their token from the graph; sampled ones overwrite theirs
-                    self._choose(sampled, logits[device_longs([s.slot for s in sampled], logits.device)])
-                self.stats.decode_tokens += len(plan.decode)
-                lap("decode")
+            if plan.prefill and plan.decode and self.runner.mixes:
+                prefill_logits, decode_logits = self.runner.prefill_and_decode(plan.prefill, plan.decode)
+                lap("mixed")
+            else:
+                if plan.prefill:
+                    prefill_logits = self.runner.prefill(plan.prefill)
+                    lap("prefill")
+                if plan.decode:
+                    decode_logits = self.runner.decode(plan.decode, need_logits=bool(sampled))
+                    lap("decode")
+            if finished_prefill:  # their first token
+                assert prefill_logits is not None
+                keep = [i for i, c in enumerate(plan.prefill) if c.completes_prompt]
+                self._choose(finished_prefill, prefill_logits[device_longs(keep, prefill_logits.device)])
+            if sampled:  # greedy rows already have their token from the step; sampled ones overwrite theirs
+                assert decode_logits is not None
+                self._choose(sampled, decode_logits[device_longs([s.slot for s in sampled], decode_logits.device)])
+            self.stats.prefill_tokens += sum(c.length for c in plan.prefill)
+            self.stats.decode_tokens += len(plan.decode)
             tokens = self.runner.read_back()
         except Exception as exc:  # a failed step fails the requests in it, never the engine
             self._fail({*plan.admitted, *(c.seq for c in plan.prefill), *plan.decode}, exc)

@@ -62,6 +62,8 @@ class ModelRunner:
         self._read_buffers = [torch.zeros(limit, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._read_events = [torch.cuda.Event() for _ in range(2)] if pinned else []
         self._reads = 0
+        #: Whether a step's prompt chunks and decode rows go through one forward (:meth:`prefill_and_decode`).
+        self.mixes: bool = getattr(decoder, "mixes", False)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -114,18 +116,8 @@ class ModelRunner:
         """One decode step for ``seqs`` (inputs: their slots' ``next_tokens``); greedy tokens land in
         ``next_tokens``. Returns the logits by slot [batch bucket, vocab] when asked (for sampled rows)."""
         batch = self.buckets[bisect.bisect_left(self.buckets, max(s.slot for s in seqs) + 1)]
-        context = None
-        if not self.decoder.fused:
-            step = self.config.graph_len_step
-            context = min(self.cache.max_len, -(-max(s.length for s in seqs) // step) * step)
-        host = self._host_np
-        host[0, :batch] = self.cache.scratch_position
-        host[1, :batch] = 1
-        slots = [s.slot for s in seqs]
-        lengths = [s.length for s in seqs]
-        host[0, slots] = [n - 1 for n in lengths]
-        host[1, slots] = lengths
-        self._step_inputs[:, :batch].copy_(self._host_inputs[:, :batch], non_blocking=True)
+        context = self._context(seqs)
+        self._stage(seqs, batch)
         if self.use_graphs:
             key = (batch, context)
             if key not in self._graphs:
@@ -136,14 +128,52 @@ class ModelRunner:
             logits = self._decode_step(batch, context)
         return logits if need_logits else None
 
+    @torch.inference_mode()
+    def prefill_and_decode(self, chunks: list[PrefillChunk], seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`prefill` and :meth:`decode` as one forward (no graph: its shape changes every step, and a step
+        of prefill outlasts its kernel launches). Returns (logits after each chunk, decode logits by slot)."""
+        embeds = torch.cat([c.seq.prompt_embeds[c.start:c.start + c.length] for c in chunks])  # type: ignore[index]
+        batch = max(s.slot for s in seqs) + 1
+        self._stage(seqs, batch)
+        positions, lengths = self._step_inputs[0, :batch], self._step_inputs[1, :batch]
+        tokens = self.next_tokens[:batch]
+        prefill_logits, logits = self.decoder.prefill_and_decode(  # type: ignore[attr-defined]
+            embeds, [(c.seq.slot, c.start, c.length) for c in chunks], self.cache, tokens, positions, lengths,
+            self._context(seqs))
+        self._keep_greedy(tokens, positions, logits)
+        return prefill_logits, logits
+
+    def _context(self, seqs: list[Sequence]) -> int | None:
+        """The attended-length bound of a decode step: None where the fused attention reads lengths on the
+        device; else the longest row rounded up to a graph bucket."""
+        if self.decoder.fused:
+            return None
+        step = self.config.graph_len_step
+        return min(self.cache.max_len, -(-max(s.length for s in seqs) // step) * step)
+
+    def _stage(self, seqs: list[Sequence], batch: int) -> None:
+        """Copy a decode step's per-row inputs (K/V write position, attended length) for rows ``[0, batch)`` to
+        the device; rows without a decoding sequence write to the scratch column and attend to one position."""
+        host = self._host_np
+        host[0, :batch] = self.cache.scratch_position
+        host[1, :batch] = 1
+        slots = [s.slot for s in seqs]
+        lengths = [s.length for s in seqs]
+        host[0, slots] = [n - 1 for n in lengths]
+        host[1, slots] = lengths
+        self._step_inputs[:, :batch].copy_(self._host_inputs[:, :batch], non_blocking=True)
+
     def _decode_step(self, batch: int, context: int | None) -> torch.Tensor:
         """The step a graph holds: forward, then the greedy token into ``next_tokens`` for decoding rows."""
         positions, lengths = self._step_inputs[0, :batch], self._step_inputs[1, :batch]
         tokens = self.next_tokens[:batch]
         logits = self.decoder.decode(tokens, positions, lengths, self.cache, context)
+        self._keep_greedy(tokens, positions, logits)
+        return logits
+
+    def _keep_greedy(self, tokens: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> None:
         # Idle rows keep their token: a slot whose prompt completed this step holds its first token there.
         tokens.copy_(torch.where(positions != self.cache.scratch_position, logits.argmax(dim=-1), tokens))
-        return logits
 
     def _capture(self, batch: int, context: int | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Capture with every row idle (scratch writes, tokens kept), then restore the real inputs.
