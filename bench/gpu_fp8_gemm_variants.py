@@ -8,8 +8,9 @@ Decode rows (1..64), per projection, microseconds of CUDA-graph replays:
 - ``swap``: the same product transposed, ``_scaled_mm(W, x^T)`` then back to [rows, out]: the weight's output
   channels fill the tensor cores' wide M side, the few rows the narrow N side.
 - ``wo``: the engine's weight-only kernel (kernels.fp8_weight_matmul), at its default tiles.
-- ``wo_swap`` / ``w8a8_swap``: Triton kernels in the swapped orientation, weight-only and fp8 x fp8, best of a
-  few tiles (the second became kernels.fp8_matmul).
+- ``w8a8_swap``: kernels.fp8_matmul (fp8 x fp8, the weight's channels on the wide side) at the best of a few
+  tiles, input quantization included. (The recorded run also timed a weight-only kernel in that orientation,
+  ``wo_swap``: slower than ``wo`` or ``w8a8_swap`` at every size, so it was dropped.)
 Prefill rows (628, 4096): dense fp16 against ``scaled``, in TFLOP/s.
 """
 
@@ -20,7 +21,6 @@ import itertools
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from bench.gpu_engine_profile import graph_timed as timed
 from triton_vlm.engine import kernels
@@ -29,48 +29,16 @@ from triton_vlm.engine.quantization import Fp8Weight, linear, quantize_rows
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
 
-@triton.jit
-def _swapped_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, m, n, k, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, FP8_INPUT: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, ROWS)
-    acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
-    for start in range(0, k, BLOCK_K):
-        inner = start + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + cols[:, None] * k + inner[None, :], mask=(cols[:, None] < n) & (inner[None, :] < k),
-                    other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * k + inner[None, :], mask=(rows[:, None] < m) & (inner[None, :] < k),
-                    other=0.0)
-        if FP8_INPUT:
-            acc += tl.dot(w, tl.trans(x))
-        else:
-            acc += tl.dot(w.to(x.dtype), tl.trans(x))
-    acc = acc * tl.load(ws_ptr + cols, mask=cols < n, other=0.0)[:, None]
-    if FP8_INPUT:
-        acc = acc * tl.load(xs_ptr + rows, mask=rows < m, other=0.0)[None, :]
-    tl.store(out_ptr + rows[None, :] * n + cols[:, None], acc.to(out_ptr.dtype.element_ty),
-             mask=(rows[None, :] < m) & (cols[:, None] < n))
-
-
-def swapped(x, scales, weight, wscale, out_dtype, block_n, block_k, warps, stages):  # type: ignore[no-untyped-def]
-    rows, inner = x.shape
-    outs = weight.shape[0]
-    out = torch.empty((rows, outs), dtype=out_dtype, device=x.device)
-    _swapped_kernel[(triton.cdiv(outs, block_n),)](
-        x, scales if scales is not None else wscale, weight, wscale, out, rows, outs, inner,
-        ROWS=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k, FP8_INPUT=scales is not None,
-        num_warps=warps, num_stages=stages)
-    return out
-
-
-def best_swapped(x, scales, weight, wscale, reference):  # type: ignore[no-untyped-def]
+def best_fp8_kernel(values, scales, weight, wscale, reference):  # type: ignore[no-untyped-def]
+    """kernels.fp8_matmul at the best of a few tiles: (microseconds, tiles, relative error)."""
     results = []
     for block_n, block_k, warps, stages in itertools.product((64, 128), (128, 256), (4, 8), (3, 4)):
+        def run() -> torch.Tensor:
+            return kernels.fp8_matmul(values, scales, weight, wscale, torch.float16, block_n, block_k, warps, stages)
         try:
-            out = swapped(x, scales, weight, wscale, torch.float16, block_n, block_k, warps, stages)
+            out = run()
             error = float((out.float() - reference.float()).abs().max() / reference.float().abs().max())
-            us = timed(lambda: swapped(x, scales, weight, wscale, torch.float16, block_n, block_k, warps,
-                                       stages)) * 1e3
+            us = timed(run) * 1e3
         except Exception as exc:  # noqa: BLE001 - a tile that does not compile is skipped
             print(f"    tile {block_n}/{block_k}/{warps}/{stages}: {type(exc).__name__}: {str(exc)[:120]}")
             continue
@@ -112,10 +80,8 @@ def main() -> None:
                 row["wo"] = timed(lambda: kernels.fp8_weight_matmul(x, weight_rows, wscale)) * 1e3
             except triton.runtime.errors.OutOfResources:
                 pass
-            us, tile, error = best_swapped(x, None, weight_rows, wscale, reference)
-            row["wo_swap"], row["wo_swap_tile"], row["wo_swap_err"] = us, tile, error
             values, scales = quantize_rows(x)
-            us, tile, error = best_swapped(values, scales[:, 0].contiguous(), weight_rows, wscale, reference)
+            us, tile, error = best_fp8_kernel(values, scales[:, 0].contiguous(), weight_rows, wscale, reference)
             quant_us = timed(lambda: quantize_rows(x)) * 1e3
             row["w8a8_swap"], row["w8a8_swap_tile"], row["w8a8_swap_err"] = us + quant_us, tile, error
             print(f"{name:8s} rows {rows:2d}: " + ", ".join(
