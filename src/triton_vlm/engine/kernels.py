@@ -310,8 +310,8 @@ def fp8_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, wei
                num_stages: int | None = None) -> torch.Tensor:
     """``(x * x_scale) @ (weight * weight_scale).T`` for up to 64 rows: ``x`` fp8 [rows, in] with float32 scales
     [rows], ``weight`` fp8 [out, in] row-major with float32 scales [out]. Tiles from
-    bench/gpu_fp8_gemm_variants.py on an H100 (llava's projections at 48 and 64 rows: 98 us a layer against
-    125 for ``torch._scaled_mm``, input quantization included in both)."""
+    bench/gpu_fp8_gemm_variants.py on an H100 (llava's projections at 48 and 64 rows: 100-102 us a layer against
+    121-123 for ``torch._scaled_mm``, input quantization included in both)."""
     rows, inner = x.shape
     outs = weight.shape[0]
     if rows > 64 or not (x.is_contiguous() and weight.is_contiguous()):

@@ -96,9 +96,9 @@ def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 #: How an fp8 projection multiplies, by rows (bench/gpu_fp8_gemm_variants.py, llava's shapes on an H100, per layer,
 #: input quantization included):
 #: - up to WEIGHT_ONLY_MAX_ROWS (decode steps of a few requests): inputs stay in the model's dtype and a kernel
-#:   streams the fp8 weight, widening it (80 us at 1 row, 83 at 16; ``_scaled_mm`` 129);
+#:   streams the fp8 weight, widening it (80 us at 1 row, 82 at 16; ``_scaled_mm`` 122);
 #: - up to FP8_KERNEL_MAX_ROWS: inputs quantized per row, an fp8 x fp8 Triton kernel with the weight's channels on
-#:   the tensor cores' wide side (92 us at 32 rows, ~98 at 64; ``_scaled_mm`` 125, the weight-only kernel 110+);
+#:   the tensor cores' wide side (97 us at 32 rows, 102 at 64; ``_scaled_mm`` 122, the weight-only kernel 110-123);
 #: - above (prefill, large batches): inputs quantized per row, ``torch._scaled_mm``.
 WEIGHT_ONLY_MAX_ROWS = 16
 FP8_KERNEL_MAX_ROWS = 64
