@@ -84,8 +84,7 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Logits after each chunk's last position [chunks, vocab] (meaningful for prompt-completing ones)."""
-        embeds = torch.cat([c.seq.prompt_embeds[c.start:c.start + c.length] for c in chunks])  # type: ignore[index]
-        hidden = self.decoder.prefill(embeds, [(c.seq.slot, c.start, c.length) for c in chunks], self.cache)
+        hidden = self.decoder.prefill(*_packed(chunks), self.cache)
         return self.decoder.logits(hidden)
 
     # -- tokens -------------------------------------------------------------------------------------------
@@ -132,14 +131,12 @@ class ModelRunner:
     def prefill_and_decode(self, chunks: list[PrefillChunk], seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`prefill` and :meth:`decode` as one forward (no graph: its shape changes every step, and a step
         of prefill outlasts its kernel launches). Returns (logits after each chunk, decode logits by slot)."""
-        embeds = torch.cat([c.seq.prompt_embeds[c.start:c.start + c.length] for c in chunks])  # type: ignore[index]
         batch = max(s.slot for s in seqs) + 1
         self._stage(seqs, batch)
         positions, lengths = self._step_inputs[0, :batch], self._step_inputs[1, :batch]
         tokens = self.next_tokens[:batch]
         prefill_logits, logits = self.decoder.prefill_and_decode(  # type: ignore[attr-defined]
-            embeds, [(c.seq.slot, c.start, c.length) for c in chunks], self.cache, tokens, positions, lengths,
-            self._context(seqs))
+            *_packed(chunks), self.cache, tokens, positions, lengths, self._context(seqs))
         self._keep_greedy(tokens, positions, logits)
         return prefill_logits, logits
 
@@ -206,3 +203,9 @@ class ModelRunner:
             key = (batch, None if self.decoder.fused else min(self.cache.max_len, self.config.graph_len_step))
             if key not in self._graphs:
                 self._graphs[key] = self._capture(*key)
+
+
+def _packed(chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """The chunks' prompt embeddings back to back [tokens, hidden], and each as ``(slot, start, length)``."""
+    embeds = torch.cat([c.seq.prompt_embeds[c.start:c.start + c.length] for c in chunks])  # type: ignore[index]
+    return embeds, [(c.seq.slot, c.start, c.length) for c in chunks]
