@@ -119,3 +119,25 @@ def test_deltas_go_out_every_stream_interval_tokens_after_the_first(stream_model
     assert len(ids) - 3 <= len(sent[1]) <= len(ids)
     assert len(sent[3]) <= 2 + (len(ids) - 1) // 3 < len(sent[1])
     assert len(sent[100]) == 2  # the first token, then everything else with the end
+
+
+def test_a_long_stream_decodes_a_few_tokens_a_delta(stream_model: Any, llava_runtime: VLMRuntime,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each delta decodes a short window (triton_vlm.detokenizer), not the whole answer so far: O(n) tokenizer
+    work per answer instead of O(n^2). The pieces still make exactly the whole answer's text."""
+    tokenizer = llava_runtime.ensure_loaded().processor.tokenizer
+    words = " ".join(f"word{i % 37} café, 日本" for i in range(120))
+    ids = tokenizer(words, add_special_tokens=False).input_ids
+    family = type(llava_runtime.family)
+    detokenize = family.detokenize
+    sizes: list[int] = []
+
+    def spying(self: Any, processor: Any, token_ids: list[int]) -> str:
+        sizes.append(len(token_ids))
+        return detokenize(self, processor, token_ids)
+    monkeypatch.setattr(family, "detokenize", spying)
+    pieces = stream_through(stream_model, llava_runtime, ids, 1)
+    assert "".join(text for text, _, _ in pieces) == tokenizer.decode(ids, skip_special_tokens=True).strip()
+    assert len(ids) > 500 and len(pieces) > len(ids) / 4
+    assert sizes[-1] == len(ids)  # the final answer: one decode of it all
+    assert sum(sizes[:-1]) < 12 * len(ids)  # a whole decode per delta: ~len(ids)^2 / 2

@@ -12,6 +12,7 @@ through the family's batched loop on the same loaded model and answers each in o
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import sys
@@ -27,6 +28,7 @@ from triton_vlm.backend.python_model import answer_response, failure_response
 from triton_vlm.backend.requests import (declared_extra_outputs, extra_values, input_scalar, output_response,
                                          parse_request, runtime_from_args)
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
+from triton_vlm.detokenizer import IncrementalDetokenizer
 from triton_vlm.engine import LLMEngine, RequestOutput
 from triton_vlm.errors import GenerationError, ModelUnavailableError, TritonVLMError
 from triton_vlm.generation import CANCEL_CHECK_S, GenerationOutput
@@ -71,6 +73,8 @@ class _Stream:
     first_token_at: float | None = None
     aborted: bool = False
     request: GenerationRequest | None = None
+    #: The streamed text so far, a few tokens decoded per delta (families with ``incremental_text``).
+    detokenizer: IncrementalDetokenizer | None = None
 
 
 class TritonVLMStreamModel:
@@ -287,7 +291,12 @@ class TritonVLMStreamModel:
             text, found = self.runtime.family.decode_output(processor, state.token_ids, state.request.image,
                                                             state.request.prompt)
             extras = extra_values(self.extra_outputs, found)
-        else:
+        elif not out.finished and self.runtime.family.incremental_text:
+            if state.detokenizer is None:
+                state.detokenizer = IncrementalDetokenizer(functools.partial(self.runtime.family.detokenize,
+                                                                             processor))
+            text = state.detokenizer.update(state.token_ids).strip()
+        else:  # the whole answer once, at the end (or a family whose text is no plain decode)
             text = self.runtime.family.decode_text(processor, state.token_ids)
         if out.finished:
             finished = time.perf_counter()

@@ -41,6 +41,9 @@ class ModelFamily(ABC):
     #: it has nothing to say (e.g. kosmos2's ``entities``: ``"[]"``). The backend sends one only where the
     #: model's config.pbtxt declares it, and then in every response, so a model's outputs never vary.
     extra_outputs: ClassVar[Mapping[str, str]] = {}
+    #: Whether :meth:`decode_text` is :meth:`detokenize` stripped, so a stream can build it a few tokens at a time
+    #: (:mod:`triton_vlm.detokenizer`); a family that rewrites the whole text (kosmos2's grounding tags) says no.
+    incremental_text: ClassVar[bool] = True
 
     # -- loading -----------------------------------------------------------------------------------------
     @abstractmethod
@@ -161,8 +164,12 @@ class ModelFamily(ABC):
         ids = eos if isinstance(eos, (list, tuple)) else [eos]
         return {int(i) for i in ids if i is not None}
 
+    def detokenize(self, processor: Any, token_ids: list[int]) -> str:
+        """The tokenizer's text for ``token_ids``, before :meth:`decode_text` tidies it."""
+        return processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def decode_text(self, processor: Any, token_ids: list[int]) -> str:
-        return processor.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+        return self.detokenize(processor, token_ids).strip()
 
     def decode_output(self, processor: Any, token_ids: list[int], image: Image.Image,
                       prompt: str) -> tuple[str, dict[str, str]]:

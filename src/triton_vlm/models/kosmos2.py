@@ -28,6 +28,7 @@ class Kosmos2Family(ModelFamily):
     # Control tokens of its tokenizer; the grounding tags (<grounding>, <phrase>, ...) stay allowed.
     reserved_prompt_tokens = ("<image>", "</image>", "<s>", "</s>", "<pad>", "<unk>", "<mask>")
     extra_outputs = {"entities": "[]"}
+    incremental_text = False  # post_process_generation rewrites the whole text
 
     def model_class(self) -> type:
         from transformers import Kosmos2ForConditionalGeneration

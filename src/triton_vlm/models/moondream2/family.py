@@ -130,8 +130,8 @@ class Moondream2Family(ModelFamily):
     def stop_token_ids(self, model: Any, processor: Moondream2Processor) -> set[int]:
         return {processor.tokens.eos_id}
 
-    def decode_text(self, processor: Moondream2Processor, token_ids: list[int]) -> str:
-        return processor.tokenizer.decode(token_ids).strip()
+    def detokenize(self, processor: Moondream2Processor, token_ids: list[int]) -> str:
+        return processor.tokenizer.decode(token_ids)
 
 
 def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: torch.dtype = torch.float32,
