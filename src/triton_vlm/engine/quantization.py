@@ -65,9 +65,7 @@ class Fp8Weight:
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Fp8Weight:
         data, scale = _quantize_rows_torch(weight)  # a weight's rows are its output channels
-        # The values keep the weight's strides, and the engine's weights may be column-major (weights.relayout):
-        # _scaled_mm and the fp8 kernels need [out, in] row-major.
-        return cls(data=data.contiguous().t(), scale=scale.t().contiguous(), out_dtype=weight.dtype)
+        return cls(data=data.t(), scale=scale.t().contiguous(), out_dtype=weight.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The [out, in] weight this stands for, in ``out_dtype`` (for tests and checks)."""
@@ -87,10 +85,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows` in torch: each row's absolute max maps to 448."""
+    """:func:`quantize_rows` in torch: each row's absolute max maps to 448. The values come out row-major, as
+    the kernel's do, whatever ``x``'s layout (the engine's weights may be column-major, weights.relayout; the fp8
+    matmuls need row-major)."""
     rows = x.float()
     scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return to_storage(rows / scale, FP8), scale
+    return to_storage(rows / scale, FP8).contiguous(), scale
 
 
 #: How an fp8 projection multiplies, by rows (bench/gpu_fp8_gemm_variants.py, llava's shapes on an H100, per layer,
