@@ -3,8 +3,9 @@ weights) in-process at b1 and c64 for each of fp16, fp8 KV cache, fp8 weights, a
 
 python -m bench.gpu_fp8_probe --json OUT.json [--variants none/auto,none/fp8,fp8/auto,fp8/fp8,fp8/fp8/8192]
 
-A variant is ``quantization/kv_cache_dtype[/max_prefill_tokens[/separate]]`` ("separate": prompt chunks and decode
-rows in their own forwards, not one). Every variant builds the same (seeded) random
+A variant is ``quantization/kv_cache_dtype[/max_prefill_tokens[/option...]]``; options: "separate" (prompt chunks
+and decode rows in their own forwards, not one), "quantizing_passes" (fp8 projections quantize their inputs in
+passes of their own, not in the RMSNorm and SiLU-gating kernels). Every variant builds the same (seeded) random
 weights; greedy tokens are compared with the fp16 engine's (random weights have near-ties, so a shared prefix,
 not equality, is what to expect). The c64 run reports device time by phase.
 """
@@ -117,6 +118,8 @@ def variant_run(variant: str, images: list, prompts: list, reference: list[int] 
     engine = LLMEngine(family, model, processor, config)
     if "separate" in options[1:]:  # prompt chunks and decode rows in their own forwards, as before mixing
         engine.runner.mixes = False
+    if "quantizing_passes" in options[1:]:  # fp8 inputs quantized by passes of their own, as before the fusion
+        engine.decoder.fp8_inputs_from_producers = False
     engine.runner.warmup()
     engine.start()
     # Weights, KV cache and decode graphs: what the engine holds once built.

@@ -17,7 +17,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 def test_compiled_kernels_match_their_torch_twins(dtype: torch.dtype) -> None:
     errors = kernel_errors("cuda", dtype)
-    assert len(errors) == 21
+    assert len(errors) == 23
     for name, error in errors.items():
         assert error < TOLERANCE[dtype], f"{name}: max abs error {error}"
 
@@ -50,3 +50,18 @@ def test_fp8_projections_follow_their_twin_at_every_size(rows: int, layout: str)
     # float16 outputs: a few units in the last place of values up to ~60.
     assert (out.float() - twin).abs().max().item() / twin.abs().max().item() < 2e-3
     assert (F.linear(x, weight).float() - out.float()).norm() / twin.norm() < 0.1  # and near the dense product
+
+
+@pytest.mark.parametrize("rows", [17, 64, 300])
+def test_fp8_inputs_from_the_norm_and_gating_kernels_change_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                                    rows: int) -> None:
+    """The fused RMSNorm and SiLU gating with fp8 outputs against the plain kernels and a quantizing pass, through
+    the tiny llava decoder's layers in float16: the same bits (decode batches of 17-64 rows, and prefill)."""
+    from tests.unit.test_engine_fp8 import layers_with_and_without_fp8_producers
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    fused, separate, fused_passes, separate_passes = layers_with_and_without_fp8_producers(
+        monkeypatch, rows, "cuda", torch.float16)
+    assert fused.dtype == torch.float16 and fused_passes < separate_passes
+    assert torch.equal(fused, separate)

@@ -91,6 +91,17 @@ def kernel_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
     expected_scales = x.float().abs().amax(dim=1, keepdim=True) / FP8_MAX
     errors["quantize_rows scales"] = error(scales, expected_scales)
     errors["quantize_rows values"] = beyond_fp8_rounding(quantized, to_storage(x.float() / expected_scales, FP8))
+    # The norm and the gating with fp8 outputs: what the quantizing kernel makes of their plain outputs.
+    x, residual, weight = randn(3, 40), randn(3, 40), randn(40) + 1
+    plain_residual = residual.clone()
+    values, scales = kernels.add_rms_norm_fp8(x, residual, weight, 1e-6, FP8, FP8_MAX)
+    expected_values, expected_scales = kernels.quantize_rows_fp8(
+        kernels.add_rms_norm(x, plain_residual, weight, 1e-6), FP8, FP8_MAX)
+    errors["add_rms_norm fp8"] = max(error(scales, expected_scales), beyond_fp8_rounding(values, expected_values),
+                                     error(residual, plain_residual))
+    values, scales = kernels.silu_mul_fp8(gate_up, FP8, FP8_MAX)
+    expected_values, expected_scales = kernels.quantize_rows_fp8(kernels.silu_mul(gate_up), FP8, FP8_MAX)
+    errors["silu_mul fp8"] = max(error(scales, expected_scales), beyond_fp8_rounding(values, expected_values))
     weight = Fp8Weight.quantize(randn(48, 600))
     a = randn(3, 600)
     expected = a.float() @ weight.dequantize().float().t()

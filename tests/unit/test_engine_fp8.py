@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.engine.attention import decode_attention, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine.quantization import (FP8, FP8_KERNEL_MAX_ROWS, FP8_MAX, WEIGHT_ONLY_MAX_ROWS, Fp8Weight,
-                                            check_fp8_support, kv_cache_dtype, linear, quantize_rows, to_storage)
+from triton_vlm.engine import quantization
+from triton_vlm.engine.quantization import (FP8, FP8_KERNEL_MAX_ROWS, FP8_MAX, WEIGHT_ONLY_MAX_ROWS, Fp8Rows,
+                                            Fp8Weight, check_fp8_support, kv_cache_dtype, linear, quantize_rows,
+                                            takes_fp8_rows, to_storage)
 from triton_vlm.errors import GenerationError, InvalidInputError
 from triton_vlm.sampling import SamplingParams
 from triton_vlm.settings import ModelSettings
@@ -79,6 +81,25 @@ def test_fp8_linear_is_close_to_the_dense_one(rows: int) -> None:
         assert torch.allclose(out, F.linear(values.float() * scales, quantized.dequantize()), atol=1e-4)
         assert not torch.equal(out, weight_only)
     assert torch.equal(linear(x, weight), dense)  # a dense weight is a plain F.linear
+
+
+@pytest.mark.parametrize("rows", [WEIGHT_ONLY_MAX_ROWS + 1, FP8_KERNEL_MAX_ROWS + 1])
+def test_inputs_quantized_beforehand_give_what_linear_would_have(rows: int) -> None:
+    torch.manual_seed(1)
+    x, weight = torch.randn(rows, 128), Fp8Weight.quantize(torch.randn(80, 128))
+    assert takes_fp8_rows(weight, rows)
+    assert torch.equal(linear(Fp8Rows(*quantize_rows(x)), weight), linear(x, weight))
+
+
+def test_inputs_quantized_beforehand_go_only_where_linear_quantizes() -> None:
+    weight = torch.randn(80, 128)
+    few = Fp8Rows(*quantize_rows(torch.randn(WEIGHT_ONLY_MAX_ROWS, 128)))
+    many = Fp8Rows(*quantize_rows(torch.randn(WEIGHT_ONLY_MAX_ROWS + 1, 128)))
+    assert not takes_fp8_rows(weight, 100) and not takes_fp8_rows(Fp8Weight.quantize(weight), WEIGHT_ONLY_MAX_ROWS)
+    with pytest.raises(TypeError, match="Fp8Rows go only to fp8 weights"):
+        linear(many, weight)  # a dense weight
+    with pytest.raises(TypeError, match="Fp8Rows go only to fp8 weights"):
+        linear(few, Fp8Weight.quantize(weight))  # the weight-only band keeps its inputs in the model's dtype
 
 
 def test_fp8_storage_saturates_instead_of_turning_to_nan() -> None:
@@ -180,6 +201,46 @@ def test_fp8_engine_stays_close_to_the_dense_one(dense_logits: torch.Tensor, con
                                    for image, prompt in zip(IMAGES, PROMPTS)])
     assert [len(tokens) for tokens in outputs] == [8, 8, 8]
     assert [tokens[0] for tokens in outputs] == logits.argmax(-1).tolist()
+
+
+def layers_with_and_without_fp8_producers(monkeypatch: pytest.MonkeyPatch, rows: int, device: str = "cpu",
+                                           dtype: Any = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The tiny fp8 llava decoder's layers over ``rows`` rows (a stand-in for attention), with the RMSNorms and
+    the SiLU gating making the projections' fp8 inputs and without: (both outputs, and the quantizing passes
+    ``linear`` made of its own in each)."""
+    decoder = engine(load_tiny("llava", device, dtype), quantization="fp8").decoder
+    passes = []
+    own_pass = quantization.quantize_rows
+    monkeypatch.setattr(quantization, "quantize_rows", lambda x: passes.append(x.shape) or own_pass(x))
+    h = torch.randn(rows, decoder.embed_tokens.weight.shape[1], generator=torch.Generator().manual_seed(rows))
+    h = h.to(device=device, dtype=decoder.embed_tokens.weight.dtype)
+    cos, sin = decoder._rope(h, torch.arange(rows, device=device))  # noqa: SLF001 (the layers alone)
+    width = decoder.num_heads * decoder.head_dim
+
+    def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return q.reshape(rows, width)
+
+    with torch.inference_mode():
+        fused = decoder._layers(h, cos, sin, attend)  # noqa: SLF001
+        fused_passes = len(passes)
+        monkeypatch.setattr(decoder, "fp8_inputs_from_producers", False)
+        separate = decoder._layers(h, cos, sin, attend)  # noqa: SLF001
+    return fused, separate, fused_passes, len(passes) - fused_passes
+
+
+@pytest.mark.parametrize("rows", [WEIGHT_ONLY_MAX_ROWS, WEIGHT_ONLY_MAX_ROWS + 1])
+def test_norm_and_gating_hand_fp8_projections_their_inputs_quantized(monkeypatch: pytest.MonkeyPatch,
+                                                                      rows: int) -> None:
+    """Above the weight-only band only attention's output takes a quantizing pass of linear's own: the RMSNorms
+    and the SiLU gating make the other three projections' inputs fp8 themselves, with the same result (on the
+    GPU by their kernels: tests/gpu)."""
+    fused, separate, fused_passes, separate_passes = layers_with_and_without_fp8_producers(monkeypatch, rows)
+    assert torch.equal(fused, separate)
+    layers = len(load_tiny("llava")[1].model.language_model.layers)
+    if rows <= WEIGHT_ONLY_MAX_ROWS:
+        assert fused_passes == separate_passes == 0
+    else:
+        assert (fused_passes, separate_passes) == (layers, 4 * layers)  # o_proj's inputs alone, or all four
 
 
 def test_quantizing_the_llama_decoder_frees_its_dense_weights() -> None:

@@ -60,8 +60,17 @@ def decode_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 if triton is not None:
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, HAS_RES: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _fp8_row(y, scale_ptr, row, limit):
+        # A whole row held by one program as fp8 with its own scale (its absolute max maps to ``limit``), as
+        # _quantize_rows_kernel computes it: a projection's input made by the kernel before, not read back.
+        yf = y.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(yf), axis=0), 1e-12) / limit
+        tl.store(scale_ptr + row, scale)
+        return tl.minimum(tl.maximum(yf / scale, -limit), limit)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, n_cols, eps, limit, HAS_RES: tl.constexpr,
+                             FP8_OUT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -73,7 +82,9 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         y = (xf * rstd).to(x.dtype) * w
-        tl.store(out_ptr + row * n_cols + cols, y, mask=mask)
+        if FP8_OUT:
+            y = _fp8_row(y, scale_ptr, row, limit)
+        tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _add_layer_norm_kernel(x_ptr, a_ptr, b_ptr, w_ptr, bias_ptr, sum_ptr, out_ptr, n_cols, eps,
@@ -123,14 +134,27 @@ if triton is not None:
         tl.store(out + rest, tl.load(base + rest, mask=keep), mask=keep)
 
     @triton.jit
+    def _silu_mul_block(gu_ptr, row, cols, mask, n_cols):
+        gate = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
+        return (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
+
+    @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        gate = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=mask, other=0.0)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-        tl.store(out_ptr + row * n_cols + cols, silu * up, mask=mask)
+        tl.store(out_ptr + row * n_cols + cols, _silu_mul_block(gu_ptr, row, cols, mask, n_cols), mask=mask)
+
+    @triton.jit
+    def _silu_mul_fp8_kernel(gu_ptr, out_ptr, scale_ptr, n_cols, limit, BLOCK: tl.constexpr):
+        # One program holds a whole row (BLOCK >= n_cols) for its scale: no half-precision copy to write and
+        # read back for quantizing.
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        y = _fp8_row(_silu_mul_block(gu_ptr, row, cols, mask, n_cols), scale_ptr, row, limit)
+        tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 if triton is not None:
@@ -402,10 +426,26 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  eps: float) -> torch.Tensor:
     """``residual += x`` (in place, when given) then RMSNorm of the sum (of ``x`` alone otherwise)."""
     out = torch.empty_like(x)
-    block = triton.next_power_of_2(x.shape[-1])
-    _add_rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out, x.shape[-1],
-                                        eps, HAS_RES=residual is not None, BLOCK=block, num_warps=8)
+    _add_rms_norm(x, residual, weight, eps, out, None, 0.0)
     return out
+
+
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     dtype: torch.dtype, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm` with its output per-row fp8, as :func:`quantize_rows_fp8` of it would be:
+    (values ``dtype`` [rows, cols], float32 scales [rows, 1])."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    _add_rms_norm(x, residual, weight, eps, out, scales, limit)
+    return out, scales
+
+
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                  out: torch.Tensor, scales: torch.Tensor | None, limit: float) -> None:
+    _add_rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out,
+                                        scales if scales is not None else out, x.shape[-1], eps, limit,
+                                        HAS_RES=residual is not None, FP8_OUT=scales is not None,
+                                        BLOCK=triton.next_power_of_2(x.shape[-1]), num_warps=8)
 
 
 def add_layer_norm(x: torch.Tensor, adds: tuple[torch.Tensor, torch.Tensor] | None, weight: torch.Tensor,
@@ -452,3 +492,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(width // 2, block))](gate_up, out, width // 2, BLOCK=block, num_warps=4)
     return out
+
+
+def silu_mul_fp8(gate_up: torch.Tensor, dtype: torch.dtype, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`silu_mul` with its output per-row fp8, as :func:`quantize_rows_fp8` of it would be: (values
+    ``dtype`` [rows, width / 2], float32 scales [rows, 1])."""
+    rows, width = gate_up.shape
+    out = torch.empty((rows, width // 2), dtype=dtype, device=gate_up.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=gate_up.device)
+    block = triton.next_power_of_2(width // 2)
+    _silu_mul_fp8_kernel[(rows,)](gate_up, out, scales, width // 2, limit, BLOCK=block,
+                                  num_warps=16 if block >= 8192 else 4)
+    return out, scales

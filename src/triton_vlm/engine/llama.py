@@ -17,7 +17,7 @@ from triton_vlm.engine import kernels
 from triton_vlm.engine.attention import (causal_chunk_masks, chunk_positions, decode_attention, last_rows,
                                          mixed_attention, prefill_attention)
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine.quantization import Fp8Weight, linear
+from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Rows, Fp8Weight, linear, quantize_rows, takes_fp8_rows
 from triton_vlm.engine.weights import fuse_weights, output_weight, relayout
 
 #: A projection's weight: dense [out, in] in the model's dtype, or fp8.
@@ -45,6 +45,9 @@ class LlamaDecoder:
     #: lost 0.5% and 2.5% (the decode rows leave their small-batch fp8 kernels and CUDA graph), so
     #: :meth:`quantize` turns it off.
     mixes = True
+    #: Whether the RMSNorm and SiLU-gating kernels hand fp8 projections their inputs already quantized
+    #: (:class:`Fp8Rows`) instead of in the model's dtype for a quantizing pass of the projection's own.
+    fp8_inputs_from_producers = True
 
     def __init__(self, language_model: Any, lm_head: torch.nn.Linear) -> None:
         config = language_model.config
@@ -99,21 +102,38 @@ class LlamaDecoder:
         cos, sin = self.rotary(h, positions[None, :])
         return cos[0][:, None, :], sin[0][:, None, :]
 
-    def _norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: Any, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(new residual, normalized): ``residual + x`` then RMSNorm, fused on GPU."""
-        if self.fused:
-            if residual is None:
-                return x, kernels.add_rms_norm(x, None, norm.weight, eps)
-            return residual, kernels.add_rms_norm(x, residual, norm.weight, eps)
-        summed = x if residual is None else residual + x
-        return summed, kernels.rms_norm_torch(summed, norm.weight, eps)
+    def _fp8_for(self, weight: Weight, rows: int) -> bool:
+        """Whether the input of ``weight`` is made as :class:`Fp8Rows`."""
+        return self.fp8_inputs_from_producers and takes_fp8_rows(weight, rows)
 
-    def _qkv(self, x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor):  # type: ignore[no-untyped-def]
+    def _norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: Any, eps: float,
+              fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
+        """(new residual, normalized): ``residual + x`` then RMSNorm, fused on GPU; the normalized rows as
+        :class:`Fp8Rows` with ``fp8``."""
+        if self.fused:
+            summed = x if residual is None else residual  # the kernel adds x into residual in place
+            if fp8:
+                return summed, Fp8Rows(*kernels.add_rms_norm_fp8(x, residual, norm.weight, eps, FP8, FP8_MAX))
+            return summed, kernels.add_rms_norm(x, residual, norm.weight, eps)
+        summed = x if residual is None else residual + x
+        normed = kernels.rms_norm_torch(summed, norm.weight, eps)
+        return summed, Fp8Rows(*quantize_rows(normed)) if fp8 else normed
+
+    def _gate(self, gate_up: torch.Tensor, fp8: bool) -> torch.Tensor | Fp8Rows:
+        """SiLU(gate) * up, fused on GPU; as :class:`Fp8Rows` with ``fp8``."""
+        if self.fused:
+            return Fp8Rows(*kernels.silu_mul_fp8(gate_up, FP8, FP8_MAX)) if fp8 else kernels.silu_mul(gate_up)
+        gated = kernels.silu_mul_torch(gate_up)
+        return Fp8Rows(*quantize_rows(gated)) if fp8 else gated
+
+    def _qkv(self, x: torch.Tensor | Fp8Rows, layer: _Layer, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` is the normalized layer input; returns rotated q, k and v per head."""
-        q, k, v = linear(x, layer.qkv).split(
+        qkv = linear(x, layer.qkv)
+        q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
              self.num_kv_heads * self.head_dim], dim=-1)
-        tokens = x.shape[0]
+        tokens = qkv.shape[0]
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         rotate = kernels.rope if self.fused else kernels.rope_torch
@@ -123,13 +143,15 @@ class LlamaDecoder:
         """All decoder layers; ``attend(index, q, k, v)`` stores K/V and returns attention [tokens, hidden]."""
         residual: torch.Tensor | None = None
         x = h
+        rows = h.shape[0]
         for index, layer in enumerate(self.layers):
-            residual, normed = self._norm(x, residual, layer.input_norm, layer.eps)
+            residual, normed = self._norm(x, residual, layer.input_norm, layer.eps, self._fp8_for(layer.qkv, rows))
             q, k, v = self._qkv(normed, layer, cos, sin)
             attn = linear(attend(index, q, k, v), layer.o)
-            residual, normed = self._norm(attn, residual, layer.post_norm, layer.eps)
+            residual, normed = self._norm(attn, residual, layer.post_norm, layer.eps,
+                                          self._fp8_for(layer.gate_up, rows))
             gate_up = linear(normed, layer.gate_up)
-            x = linear(kernels.silu_mul(gate_up) if self.fused else kernels.silu_mul_torch(gate_up), layer.down)
+            x = linear(self._gate(gate_up, self._fp8_for(layer.down, rows)), layer.down)
         assert residual is not None
         return residual + x
 

@@ -76,6 +76,17 @@ class Fp8Weight:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * 4
 
 
+@dataclass(frozen=True)
+class Fp8Rows:
+    """A projection's input already per-row fp8, as :func:`quantize_rows` gives it: made so by the kernel that
+    computes it (the RMSNorm or the SiLU gating before the projection) rather than by a pass of its own."""
+
+    #: [rows, cols] e4m3.
+    values: torch.Tensor
+    #: [rows, 1] float32: row i is ``values[i] * scales[i]``.
+    scales: torch.Tensor
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [rows, cols] as e4m3 with one float32 scale per row: (values [rows, cols], scales [rows, 1]).
     One fused kernel on GPU; the torch twin defines the result."""
@@ -100,21 +111,33 @@ def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 #: - up to FP8_KERNEL_MAX_ROWS: inputs quantized per row, an fp8 x fp8 Triton kernel with the weight's channels on
 #:   the tensor cores' wide side (97 us at 32 rows, 102 at 64; ``_scaled_mm`` 122, the weight-only kernel 110-123);
 #: - above (prefill, large batches): inputs quantized per row, ``torch._scaled_mm``.
+#: Where inputs are quantized, the RMSNorm and SiLU-gating kernels emit them as fp8 themselves (:class:`Fp8Rows`);
+#: only attention's output takes a pass of its own.
 WEIGHT_ONLY_MAX_ROWS = 16
 FP8_KERNEL_MAX_ROWS = 64
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
-    """``x @ weight.T`` for a dense weight or an :class:`Fp8Weight` (``x`` [tokens, in])."""
-    if isinstance(weight, torch.Tensor):
+def takes_fp8_rows(weight: torch.Tensor | Fp8Weight, rows: int) -> bool:
+    """Whether :func:`linear` quantizes an input of ``rows`` rows per row for ``weight``: where it does, the
+    input's producer may hand it over as :class:`Fp8Rows` instead."""
+    return isinstance(weight, Fp8Weight) and rows > WEIGHT_ONLY_MAX_ROWS
+
+
+def linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor | Fp8Weight) -> torch.Tensor:
+    """``x @ weight.T`` for a dense weight or an :class:`Fp8Weight` (``x`` [tokens, in], or already quantized
+    where :func:`takes_fp8_rows` says so)."""
+    if isinstance(x, Fp8Rows):
+        if not takes_fp8_rows(weight, x.values.shape[0]):
+            raise TypeError("linear: Fp8Rows go only to fp8 weights, above WEIGHT_ONLY_MAX_ROWS rows")
+        values, scales = x.values, x.scales
+    elif isinstance(weight, torch.Tensor):
         return F.linear(x, weight)
-    x = x.contiguous()
-    fused = kernels.fused_available(x.device)
-    if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
-        if fused:
-            return kernels.fp8_weight_matmul(x, weight.data.t(), weight.scale[0])
+    elif x.shape[0] <= WEIGHT_ONLY_MAX_ROWS:
+        if kernels.fused_available(x.device):
+            return kernels.fp8_weight_matmul(x.contiguous(), weight.data.t(), weight.scale[0])
         return F.linear(x, weight.dequantize())
-    values, scales = quantize_rows(x)
-    if fused and x.shape[0] <= FP8_KERNEL_MAX_ROWS:
+    else:
+        values, scales = quantize_rows(x.contiguous())
+    if kernels.fused_available(values.device) and values.shape[0] <= FP8_KERNEL_MAX_ROWS:
         return kernels.fp8_matmul(values, scales[:, 0], weight.data.t(), weight.scale[0], weight.out_dtype)
     return torch._scaled_mm(values, weight.data, scale_a=scales, scale_b=weight.scale, out_dtype=weight.out_dtype)
