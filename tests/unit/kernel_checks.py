@@ -73,9 +73,9 @@ def kernel_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
             error(kernels.decode_attention(q, keys, values, lengths, tiles), expected)  # narrow and wide splits
             for tiles in (kernels.ATTENTION_TILES_NARROW, kernels.ATTENTION_TILES_WIDE))
     for cache_dtype in (dtype, FP8):
-        keys = torch.zeros(3, 2, 10, 16, dtype=cache_dtype, device=device)
+        keys = torch.zeros(3, 3, 10, 16, dtype=cache_dtype, device=device)  # 3 KV heads: not a power of two
         values = torch.zeros_like(keys)
-        kv = randn(4, 3 * 2 * 16).view(4, 3, 2, 16)
+        kv = randn(4, 3 * 3 * 16).view(4, 3, 3, 16)
         k, v = kv[:, 1], kv[:, 2]  # strided, as the engine's v is
         k[0, 0, 0] = 1000.0  # past fp8's range: saturates
         slots, positions = torch.tensor([2, 0, 2, 1], device=device), torch.tensor([0, 9, 5, 3], device=device)
