@@ -12,7 +12,6 @@ import argparse
 import itertools
 
 import torch
-import triton
 
 from bench.gpu_engine_profile import graph_timed as timed
 from triton_vlm.engine import kernels
@@ -20,20 +19,7 @@ from triton_vlm.engine.quantization import FP8
 
 
 def attention(q, keys, values, lengths, split: int, block: int, warps: int, stages: int) -> torch.Tensor:
-    batch, heads, dim = q.shape
-    kv_heads, positions = keys.shape[1], keys.shape[2]
-    splits = triton.cdiv(positions, split)
-    acc = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=q.device)
-    stats = torch.empty((batch, heads, splits, 2), dtype=torch.float32, device=q.device)
-    group = heads // kv_heads
-    kernels._decode_attention_split_kernel[(batch, kv_heads, splits)](
-        q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-        dim ** -0.5, heads, splits, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        SPLIT=split, BLOCK=block, PRECISION=kernels.dot_precision(q.dtype), num_warps=warps, num_stages=stages)
-    out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
-    kernels._decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,
-                                                           SPLITS=triton.next_power_of_2(splits), num_warps=1)
-    return out
+    return kernels.decode_attention(q, keys, values, lengths, kernels.AttentionTiles(split, block, warps, stages))
 
 
 def main() -> None:

@@ -381,11 +381,12 @@ def quantize_rows_fp8(x: torch.Tensor, dtype: torch.dtype, limit: float) -> tupl
 
 class AttentionTiles(NamedTuple):
     """Decode attention's tiles: positions per split (one program each), positions per loop iteration inside one,
-    and warps per program."""
+    warps per program, and pipeline stages (None: 3 for an fp8 cache, 2 otherwise)."""
 
     split: int
     block: int
     warps: int
+    stages: int | None = None
 
 
 #: From bench/gpu_attention_sweep.py on an H100 (llava, 32 KV heads x 628-660 positions). Many rows: 243 us a layer
@@ -419,7 +420,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         dim ** -0.5, heads, splits, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         SPLIT=tiles.split, BLOCK=tiles.block, PRECISION=dot_precision(q.dtype), num_warps=tiles.warps,
-        num_stages=3 if keys.element_size() == 1 else 2)
+        num_stages=tiles.stages or (3 if keys.element_size() == 1 else 2))
     out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
     _decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,
                                                    SPLITS=triton.next_power_of_2(splits), num_warps=1)
