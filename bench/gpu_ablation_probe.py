@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import json
 from collections.abc import Iterator
+from unittest import mock
 
 import numpy as np
 import torch
@@ -42,29 +43,10 @@ def per_chunk_prefill_stores() -> Iterator[None]:
             module.prefill_attention = original
 
 
-@contextlib.contextmanager
-def earlier_attention_tiles() -> Iterator[None]:
-    saved = kernels.ATTENTION_TILES_WIDE
-    kernels.ATTENTION_TILES_WIDE = kernels.AttentionTiles(128, 64, 4)
-    try:
-        yield
-    finally:
-        kernels.ATTENTION_TILES_WIDE = saved
-
-
-@contextlib.contextmanager
-def wide_attention_tiles_always() -> Iterator[None]:
-    saved = kernels.WIDE_ATTENTION_FROM
-    kernels.WIDE_ATTENTION_FROM = 0
-    try:
-        yield
-    finally:
-        kernels.WIDE_ATTENTION_FROM = saved
-
-
 VARIANTS = {"current": contextlib.nullcontext, "per_chunk_prefill_stores": per_chunk_prefill_stores,
-            "earlier_attention_tiles": earlier_attention_tiles,
-            "wide_attention_tiles_always": wide_attention_tiles_always}
+            "earlier_attention_tiles": lambda: mock.patch.object(kernels, "ATTENTION_TILES_WIDE",
+                                                                 kernels.AttentionTiles(128, 64, 4)),
+            "wide_attention_tiles_always": lambda: mock.patch.object(kernels, "WIDE_ATTENTION_FROM", 0)}
 
 
 def main() -> None:
