@@ -86,7 +86,7 @@ def kernel_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
         differ = beyond_fp8_rounding if cache_dtype == FP8 else error  # the model's dtype is stored as it is
         errors[f"store_kv {'fp8' if cache_dtype == FP8 else 'model dtype'}"] = max(
             differ(keys, expected_keys), differ(values, expected_values))
-    x = randn(5, 1500) * 3  # wider than one block
+    x = randn(5, 1500) * 3  # a row wider than the plain kernels' blocks, and no power of two
     quantized, scales = kernels.quantize_rows_fp8(x, FP8, FP8_MAX)
     expected_scales = x.float().abs().amax(dim=1, keepdim=True) / FP8_MAX
     errors["quantize_rows scales"] = error(scales, expected_scales)

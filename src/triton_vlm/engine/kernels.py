@@ -61,8 +61,8 @@ if triton is not None:
 
     @triton.jit
     def _fp8_row(y, scale_ptr, row, limit):
-        # A whole row held by one program as fp8 with its own scale (its absolute max maps to ``limit``), as
-        # _quantize_rows_kernel computes it: a projection's input made by the kernel before, not read back.
+        # A whole row held by one program as fp8 with its own scale (its absolute max maps to ``limit``): the one
+        # quantization of activations, in _quantize_rows_kernel and in the kernels that emit fp8 themselves.
         yf = y.to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(yf), axis=0), 1e-12) / limit
         tl.store(scale_ptr + row, scale)
@@ -244,20 +244,14 @@ if triton is not None:
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, limit, BLOCK: tl.constexpr):
-        # Two passes over the row (its absolute max, then the scaled values); a row is a few KB, read from L2.
+        # One program holds a whole row (BLOCK >= n_cols), as the norm and gating kernels with fp8 outputs do,
+        # and quantizes it with the same _fp8_row.
         row = tl.program_id(0)
-        peak = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            peak = tl.maximum(peak, tl.abs(x))
-        scale = tl.maximum(tl.max(peak, axis=0), 1e-12) / limit
-        tl.store(scale_ptr + row, scale)
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(x / scale, -limit), limit)
-            tl.store(out_ptr + row * n_cols + cols, q.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * n_cols + cols, _fp8_row(x, scale_ptr, row, limit).to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 if triton is not None:
@@ -375,7 +369,8 @@ def quantize_rows_fp8(x: torch.Tensor, dtype: torch.dtype, limit: float) -> tupl
     rows, cols = x.shape
     out = torch.empty((rows, cols), dtype=dtype, device=x.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    _quantize_rows_kernel[(rows,)](x, out, scales, cols, limit, BLOCK=1024, num_warps=4)
+    block = triton.next_power_of_2(cols)
+    _quantize_rows_kernel[(rows,)](x, out, scales, cols, limit, BLOCK=block, num_warps=_whole_row_warps(block))
     return out, scales
 
 
@@ -507,5 +502,10 @@ def silu_mul_fp8(gate_up: torch.Tensor, dtype: torch.dtype, limit: float) -> tup
     scales = torch.empty((rows, 1), dtype=torch.float32, device=gate_up.device)
     block = triton.next_power_of_2(width // 2)
     _silu_mul_fp8_kernel[(rows,)](gate_up, out, scales, width // 2, limit, BLOCK=block,
-                                  num_warps=16 if block >= 8192 else 4)
+                                  num_warps=_whole_row_warps(block))
     return out, scales
+
+
+def _whole_row_warps(block: int) -> int:
+    """Warps for a program that holds a whole row of ``block`` values in registers (16 past 8192: llava's MLP)."""
+    return 16 if block >= 8192 else 4
