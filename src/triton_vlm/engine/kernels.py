@@ -257,77 +257,47 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _sum_splits(acc, partials_ptr, counters_ptr, tile, split, SPLIT_K: tl.constexpr, A: tl.constexpr,
-                    B: tl.constexpr):
-        # Split-K without a second kernel: each split stores its partial [A, B] tile; the split that arrives last
-        # at the tile's counter sums all of them in split order (the result does not depend on arrival order)
-        # and resets the counter for the next call, CUDA graph replays included. Returns (sum, whether this
-        # program holds it); the others' sums are zeros, for stores masked off.
-        cells = tl.arange(0, A)[:, None] * B + tl.arange(0, B)[None, :]
-        base = partials_ptr + tile * SPLIT_K * A * B
-        tl.store(base + split * A * B + cells, acc)
-        tl.debug_barrier()  # every thread's partial is written before the counter releases them
-        last = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
-        gather = cells < tl.where(last, A * B, 0)  # the flag as a mask of the tile's shape
-        total = tl.zeros([A, B], tl.float32)
-        for part in tl.static_range(SPLIT_K):
-            total += tl.load(base + part * A * B + cells, mask=gather, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(counters_ptr + tile, 0, mask=last)
-        return total, last
-
-    @triton.jit
-    def _fp8_weight_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, partials_ptr, counters_ptr, m, n, k,
-                                  k_per_split, x_row_stride, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
+    def _fp8_weight_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, m, n, k, x_row_stride, ROWS: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         # out[r, j] = scale[j] * sum_i x[r, i] * w[j, i]: the fp8 weight widened in registers, the rows of x (at
-        # most ROWS) kept in their dtype. Program (tile, split) streams BLOCK_N weight rows over its share of k.
-        tile = tl.program_id(0)
-        split = tl.program_id(1)
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        # most ROWS) kept in their dtype. One program per BLOCK_N outputs streams those weight rows once.
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        for start in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, k), BLOCK_K):
+        for start in range(0, k, BLOCK_K):
             inner = start + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rows[:, None] * x_row_stride + inner[None, :],
                         mask=(rows[:, None] < m) & (inner[None, :] < k), other=0.0)
             w = tl.load(w_ptr + cols[:, None] * k + inner[None, :], mask=(cols[:, None] < n) & (inner[None, :] < k),
                         other=0.0)
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
-        stored_rows = m
-        if SPLIT_K > 1:
-            acc, last = _sum_splits(acc, partials_ptr, counters_ptr, tile, split, SPLIT_K, ROWS, BLOCK_N)
-            stored_rows = tl.where(last, m, 0)
         scale = tl.load(scale_ptr + cols, mask=cols < n, other=0.0)
         tl.store(out_ptr + rows[:, None] * n + cols[None, :], (acc * scale[None, :]).to(out_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < stored_rows) & (cols[None, :] < n))
+                 mask=(rows[:, None] < m) & (cols[None, :] < n))
+
+
+if triton is not None:
 
     @triton.jit
-    def _fp8_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partials_ptr, counters_ptr, m, n, k,
-                           k_per_split, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SPLIT_K: tl.constexpr):
+    def _fp8_matmul_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, m, n, k, ROWS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # out[r, j] = x_scale[r] * w_scale[j] * sum_i x[r, i] * w[j, i], both fp8. Computed transposed: the
         # weight's BLOCK_N channels take the tensor cores' wide side and the few rows the narrow one, so a
         # decode batch of 17-64 rows streams the weight near bandwidth (cuBLAS's fp8 GEMM did not at these sizes).
-        tile = tl.program_id(0)
-        split = tl.program_id(1)
-        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)
         acc = tl.zeros([BLOCK_N, ROWS], tl.float32)
-        for start in range(split * k_per_split, tl.minimum((split + 1) * k_per_split, k), BLOCK_K):
+        for start in range(0, k, BLOCK_K):
             inner = start + tl.arange(0, BLOCK_K)
             w = tl.load(w_ptr + cols[:, None] * k + inner[None, :], mask=(cols[:, None] < n) & (inner[None, :] < k),
                         other=0.0)
             x = tl.load(x_ptr + rows[:, None] * k + inner[None, :], mask=(rows[:, None] < m) & (inner[None, :] < k),
                         other=0.0)
             acc += tl.dot(w, tl.trans(x))
-        stored_rows = m
-        if SPLIT_K > 1:
-            acc, last = _sum_splits(acc, partials_ptr, counters_ptr, tile, split, SPLIT_K, BLOCK_N, ROWS)
-            stored_rows = tl.where(last, m, 0)
         acc = acc * tl.load(w_scale_ptr + cols, mask=cols < n, other=0.0)[:, None]
         acc = acc * tl.load(x_scale_ptr + rows, mask=rows < m, other=0.0)[None, :]
         tl.store(out_ptr + rows[None, :] * n + cols[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rows[None, :] < stored_rows) & (cols[:, None] < n))
+                 mask=(rows[None, :] < m) & (cols[:, None] < n))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -337,12 +307,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int | None = None,
-                      block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                      split_k: int = 1) -> torch.Tensor:
+                      block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """``x @ (weight * scale).T`` for a few rows of ``x`` [rows <= 64, in] (fp16/bf16), ``weight`` fp8 [out, in]
     row-major and ``scale`` [out] float32: a weight-bandwidth-bound decode matmul that reads fp8 weights
-    without quantizing ``x``. Tiles by default as bench/gpu_fp8_matmul_sweep.py found best on an H100;
-    ``split_k`` > 1 shares each tile's inner dimension among that many programs."""
+    without quantizing ``x``. Tiles by default as bench/gpu_fp8_matmul_sweep.py found best on an H100."""
     rows, inner = x.shape
     outs = weight.shape[0]
     if not weight.is_contiguous():
@@ -350,25 +318,21 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     block_n = block_n or (64 if outs >= 16384 else 32)
     block_k = block_k or (512 if inner > 8192 else 256)
     num_stages = num_stages or (4 if block_k == 512 else 3)
-    padded_rows = max(16, triton.next_power_of_2(rows))
     out = torch.empty((rows, outs), dtype=x.dtype, device=x.device)
-    tiles = triton.cdiv(outs, block_n)
-    partials, counters = _split_k_scratch(tiles, split_k, padded_rows * block_n, out)
-    _fp8_weight_matmul_kernel[(tiles, split_k)](
-        x, weight, scale, out, partials, counters, rows, outs, inner, _k_per_split(inner, split_k, block_k),
-        x.stride(0), ROWS=padded_rows, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages)
+    _fp8_weight_matmul_kernel[(triton.cdiv(outs, block_n),)](
+        x, weight, scale, out, rows, outs, inner, x.stride(0), ROWS=max(16, triton.next_power_of_2(rows)),
+        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype), num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 
 def fp8_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                out_dtype: torch.dtype, block_n: int = 64, block_k: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, split_k: int = 1) -> torch.Tensor:
+               num_stages: int | None = None) -> torch.Tensor:
     """``(x * x_scale) @ (weight * weight_scale).T`` for up to 64 rows: ``x`` fp8 [rows, in] with float32 scales
     [rows], ``weight`` fp8 [out, in] row-major with float32 scales [out]. Tiles from
     bench/gpu_fp8_gemm_variants.py on an H100 (llava's projections at 48 and 64 rows: 100-102 us a layer against
-    121-123 for ``torch._scaled_mm``, input quantization included in both); ``split_k`` as in
-    :func:`fp8_weight_matmul`."""
+    121-123 for ``torch._scaled_mm``, input quantization included in both)."""
     rows, inner = x.shape
     outs = weight.shape[0]
     if rows > 64 or not (x.is_contiguous() and weight.is_contiguous()):
@@ -377,43 +341,11 @@ def fp8_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, wei
     block_k = block_k or (128 if wide else 256)
     num_warps = num_warps or (8 if wide else 4)
     num_stages = num_stages or (4 if inner > 8192 else 3)
-    padded_rows = max(16, triton.next_power_of_2(rows))
     out = torch.empty((rows, outs), dtype=out_dtype, device=x.device)
-    tiles = triton.cdiv(outs, block_n)
-    partials, counters = _split_k_scratch(tiles, split_k, padded_rows * block_n, out)
-    _fp8_matmul_kernel[(tiles, split_k)](
-        x, x_scale, weight, weight_scale, out, partials, counters, rows, outs, inner,
-        _k_per_split(inner, split_k, block_k), ROWS=padded_rows, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
+    _fp8_matmul_kernel[(triton.cdiv(outs, block_n),)](
+        x, x_scale, weight, weight_scale, out, rows, outs, inner, ROWS=max(16, triton.next_power_of_2(rows)),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
-
-
-#: Per device, the split-K kernels' tile counters: zero between calls (the last split of a tile resets its
-#: own). Allocated once and never replaced, since captured CUDA graphs keep its address.
-_split_k_counters: dict[torch.device, torch.Tensor] = {}
-SPLIT_K_MAX_TILES = 4096
-
-
-def _split_k_scratch(tiles: int, split_k: int, tile_cells: int,
-                     like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 room for every split's partial tiles, the device's tile counters); ``like`` stands in for both
-    when there is one split (the kernel then never touches them)."""
-    if split_k == 1:
-        return like, like
-    if tiles > SPLIT_K_MAX_TILES:
-        raise ValueError(f"split-K matmul: {tiles} output tiles, at most {SPLIT_K_MAX_TILES}")
-    counters = _split_k_counters.get(like.device)
-    if counters is None:
-        if like.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("split-K matmul: run it once before capturing a CUDA graph (its counters)")
-        counters = _split_k_counters[like.device] = torch.zeros(SPLIT_K_MAX_TILES, dtype=torch.int32,
-                                                                device=like.device)
-    return torch.empty(tiles * split_k * tile_cells, dtype=torch.float32, device=like.device), counters
-
-
-def _k_per_split(inner: int, split_k: int, block_k: int) -> int:
-    """Each split's share of the inner dimension, whole ``block_k`` steps."""
-    return triton.cdiv(triton.cdiv(inner, split_k), block_k) * block_k
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
