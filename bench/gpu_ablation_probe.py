@@ -4,8 +4,9 @@ python -m bench.gpu_ablation_probe --model moondream2|kosmos2|llava
 
 Variants: the engine as it is; prefill per chunk (K/V stored with per-chunk copies instead of one kernel a layer,
 and, for causal decoders, an SDPA call per chunk instead of one variable-length flash call); decode attention
-with the earlier tiles (128 positions a split, 64 a loop, 4 warps); decode attention with the wide tiles at every
-batch (no short splits for few rows). Same weights and requests for all; b1 and c64 tok/s.
+with the earlier tiles (128 positions a split, 64 a loop, 4 warps) or with 256-position splits (the tiles before
+512); decode attention with the wide tiles at every batch (no short splits for few rows). Same weights and
+requests for all; b1 and c64 tok/s.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def per_chunk_prefill_stores() -> Iterator[None]:
 VARIANTS = {"current": contextlib.nullcontext, "per_chunk_prefill_stores": per_chunk_prefill_stores,
             "earlier_attention_tiles": lambda: mock.patch.object(kernels, "ATTENTION_TILES_WIDE",
                                                                  kernels.AttentionTiles(128, 64, 4)),
+            "split_256_attention_tiles": lambda: mock.patch.object(kernels, "ATTENTION_TILES_WIDE",
+                                                                   kernels.AttentionTiles(256, 32, 2)),
             "wide_attention_tiles_always": lambda: mock.patch.object(kernels, "WIDE_ATTENTION_FROM", 0)}
 
 

@@ -3,7 +3,8 @@ weights) in-process at b1 and c64 for each of fp16, fp8 KV cache, fp8 weights, a
 
 python -m bench.gpu_fp8_probe --json OUT.json [--variants none/auto,none/fp8,fp8/auto,fp8/fp8,fp8/fp8/8192]
 
-A variant is ``quantization/kv_cache_dtype[/max_prefill_tokens[/option...]]``; options: "separate" (prompt chunks
+A variant is ``quantization/kv_cache_dtype[/max_prefill_tokens[/option...]]``; options: the variants of
+bench/gpu_ablation_probe.py (e.g. "split_256_attention_tiles"), "separate" (prompt chunks
 and decode rows in their own forwards, not one), "quantizing_passes" (fp8 projections quantize their inputs in
 passes of their own, not in the RMSNorm and SiLU-gating kernels). Every variant builds the same (seeded) random
 weights; greedy tokens are compared with the fp16 engine's (random weights have near-ties, so a shared prefix,
@@ -13,6 +14,7 @@ not equality, is what to expect). The c64 run reports device time by phase.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import time
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.gpu_ablation_probe import VARIANTS as ABLATIONS
 from bench.gpu_engine_probe import engine_run
 from bench.gpu_engine_profile import GpuTimeline
 from triton_vlm.bench.checkpoints import random_llava_7b
@@ -109,6 +112,15 @@ def prefill_checks(device: torch.device) -> dict:
 
 
 def variant_run(variant: str, images: list, prompts: list, reference: list[int] | None) -> dict:
+    options = variant.split("/")[3:]
+    with contextlib.ExitStack() as stack:
+        for option in options:
+            if option in ABLATIONS:
+                stack.enter_context(ABLATIONS[option]())
+        return _variant_run(variant, images, prompts, reference)
+
+
+def _variant_run(variant: str, images: list, prompts: list, reference: list[int] | None) -> dict:
     quantization, kv, *options = variant.split("/")
     family = get_family("llava")
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ The torch twins define the semantics (they match transformers' Llama modules); t
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -316,7 +317,7 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if not weight.is_contiguous():
         raise ValueError("fp8_weight_matmul: the weight must be [out, in] row-major")
     block_n = block_n or (64 if outs >= 16384 else 32)
-    block_k = block_k or (512 if inner > 8192 else 256)
+    block_k = block_k or (512 if _fewer_tiles_than_sms(outs, block_n, x.device) else 256)
     num_stages = num_stages or (4 if block_k == 512 else 3)
     out = torch.empty((rows, outs), dtype=x.dtype, device=x.device)
     _fp8_weight_matmul_kernel[(triton.cdiv(outs, block_n),)](
@@ -340,12 +341,26 @@ def fp8_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, wei
     wide = outs >= 16384  # gate_up
     block_k = block_k or (128 if wide else 256)
     num_warps = num_warps or (8 if wide else 4)
-    num_stages = num_stages or (4 if inner > 8192 else 3)
+    num_stages = num_stages or (4 if _fewer_tiles_than_sms(outs, block_n, x.device) else 3)
     out = torch.empty((rows, outs), dtype=out_dtype, device=x.device)
     _fp8_matmul_kernel[(triton.cdiv(outs, block_n),)](
         x, x_scale, weight, weight_scale, out, rows, outs, inner, ROWS=max(16, triton.next_power_of_2(rows)),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+
+def _fewer_tiles_than_sms(outs: int, block_n: int, device: torch.device) -> bool:
+    """Whether a decode matmul's output tiles (one program each) leave SMs idle. Those programs then stream
+    more of the weight each and gain from deeper loads: on an H100, llava's o-projection at 64 rows 10.1 us
+    with 4 stages against 11.5 with 3, its weight-only kernel at one row 9.5 us 512-deep against 11.2 256-deep
+    (``bench/results/h100-split-k-sweep.json``); projections with more tiles than SMs lose with either."""
+    return triton.cdiv(outs, block_n) < _sm_count(device)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
@@ -384,9 +399,11 @@ class AttentionTiles(NamedTuple):
     stages: int | None = None
 
 
-#: From bench/gpu_attention_sweep.py on an H100 (llava, 32 KV heads x 628-660 positions). Many rows: 243 us a layer
-#: at 64 rows against 263 for (128, 64, 4) with fp16 K/V, 147 against 167 with fp8; these stay best from 8 rows up.
-ATTENTION_TILES_WIDE = AttentionTiles(256, 32, 2)
+#: From bench/gpu_attention_sweep.py on an H100 (32 KV heads). Many rows: at llava's 64 x 660 positions, 135 us a
+#: layer with an fp8 cache against 142 at 256-position splits and 167 at (128, 64, 4); fp16 K/V 235 against 238
+#: and 263. 512-position splits won for fp8 at every shape tried (head_dim 64 and 128, 150-1500 positions, 16-64
+#: rows: 4-11%) and tied or won for fp16 (bench/results/h100-attention-sweep-split512.txt).
+ATTENTION_TILES_WIDE = AttentionTiles(512, 32, 2)
 #: Few rows: long splits leave most SMs idle (one row: 32 x 3 programs with work), so splits get shorter:
 #: 6.9 us a layer against 11.4 at one row (fp16; fp8 6.5 against 11.0).
 ATTENTION_TILES_NARROW = AttentionTiles(64, 64, 4)
