@@ -1,11 +1,13 @@
-"""GPU probe: decode attention for one query head per KV head on CUDA cores instead of tensor cores.
+"""GPU probe: two other ways to run decode attention over an fp8 cache (neither faster; results/h100-attention-fp8-variants.txt).
 
-python -m bench.gpu_attention_cuda_cores
+python -m bench.gpu_attention_fp8_variants
 
-The engine's split kernel pads the GROUP query heads of a KV head to 16 rows for tl.dot; with GROUP 1 (llava's
-32 heads over 32 KV heads) an fp8 cache must widen K/V to fp16 in registers and hand them to the tensor cores
-through shared memory. Here each program keeps one head's query in registers and multiplies on CUDA cores
-(fp32), so fp8 bytes go straight from global memory to the FMAs.
+An fp8 cache reads half fp16's bytes, yet the engine's split kernel moves them at ~2.4 TB/s against ~2.9. It pads
+the GROUP query heads of a KV head to 16 rows for tl.dot, widening K/V to fp16 on the way to the tensor cores.
+Variants, at llava's c64 shape (head_dim 128 and 64):
+- "cuda cores": one head per program, fp32 FMAs on K/V widened in registers (no tensor cores, no shared memory);
+- "fp8 dots" (fp8 caches): fp8 x fp8 tensor-core dots, the query quantized per head and the softmax weights
+  scaled into e4m3, so K/V are never widened (at a cost in accuracy).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def main() -> None:
             engine_error = float((kernels.decode_attention(q, keys, values, lengths).float() - reference.float()).abs().max())
             print(f"batch {batch} dim {dim} {str(dtype):20s}: engine {current:6.1f} us ({moved / current / 1e6:.2f} TB/s, "
                   f"err {engine_error:.1e})", flush=True)
-            variants = {"fp8 dots": attention_fp8_dots} if dtype == FP8 else {}
+            variants = {"cuda cores": attention_cuda_cores, **({"fp8 dots": attention_fp8_dots} if dtype == FP8 else {})}
             for name, variant in variants.items():
                 results = []
                 for split, block, warps, stages in itertools.product((256, 512), (32, 64), (2, 4), (2, 3)):
