@@ -67,3 +67,36 @@ def test_fp8_inputs_from_the_norm_and_gating_kernels_change_nothing(monkeypatch:
         monkeypatch, rows, "cuda", torch.float16)
     assert fused.dtype == torch.float16 and fused_passes < separate_passes
     assert ((fused.float() - separate.float()).norm() / separate.float().norm()).item() < 1e-3
+
+
+#: Ada's shared memory a block (L4, L40S, RTX 4090: compute capability 8.9), as Triton reports it there.
+ADA_SHARED_MEMORY = 101376
+
+ON_ADA_LIMITS = """
+import sys
+import torch
+from triton.runtime import driver
+real = driver.active.utils.get_device_properties
+driver.active.utils.get_device_properties = lambda device: {**real(device), "max_shared_mem": int(sys.argv[1])}
+from triton_vlm.engine.quantization import Fp8Weight, linear
+for outs, inner in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]:  # llava-7b's projections
+    weight = Fp8Weight.quantize(torch.randn(outs, inner, device="cuda", dtype=torch.float16) * 0.02)
+    for rows in (1, 16, 17, 32, 64):
+        linear(torch.randn(rows, inner, device="cuda", dtype=torch.float16), weight)
+torch.cuda.synchronize()
+print("ok")
+"""
+
+
+def test_fp8_decode_matmuls_fit_adas_shared_memory() -> None:
+    """Tiles tuned on an H100 (up to 192 KB of shared memory for 6 pipeline stages) must still launch where a
+    block gets 99 KB: Triton refuses such a kernel at its first launch. A fresh process that Triton believes is an
+    Ada GPU runs llava's four projections at each decode size band."""
+    import subprocess
+    import sys
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    result = subprocess.run([sys.executable, "-c", ON_ADA_LIMITS, str(ADA_SHARED_MEMORY)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

@@ -78,6 +78,52 @@ def test_fused_kernels_are_gpu_only() -> None:
     assert kernels.fused_available(torch.device("cuda")) is (kernels.triton is not None)
 
 
+
+class _Launches:
+    """Stands in for a Triton kernel: records each launch's keyword arguments (tiles, stages) and runs nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __getitem__(self, grid: tuple[int, ...]):  # type: ignore[no-untyped-def]
+        return lambda *args, **kwargs: self.calls.append({"grid": grid, **kwargs})
+
+
+HOPPER, ADA = (132, 232448), (142, 101376)  # SMs and shared memory a block, as Triton reports them
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("device, expected", [
+    # (kernel, out, rows): stages. Few output tiles (o, down) pipeline deeper where shared memory allows.
+    (HOPPER, {("fp8", 4096, 64): 6, ("fp8", 12288, 64): 3, ("fp8", 4096, 17): 6,
+              ("weight", 4096, 1): 4, ("weight", 12288, 1): 3}),
+    (ADA, {("fp8", 4096, 64): 3, ("fp8", 12288, 64): 3, ("fp8", 4096, 17): 4,
+           ("weight", 4096, 1): 3, ("weight", 12288, 1): 3}),
+], ids=["hopper", "ada"])
+def test_fp8_decode_matmuls_pipeline_as_deep_as_shared_memory_allows(
+        monkeypatch: pytest.MonkeyPatch, device: tuple[int, int], expected: dict) -> None:
+    from triton_vlm.engine.quantization import FP8
+
+    limits = kernels.DeviceLimits(*device)
+    monkeypatch.setattr(kernels, "_device_limits", lambda _: limits)
+    launches = {"fp8": _Launches(), "weight": _Launches()}
+    monkeypatch.setattr(kernels, "_fp8_matmul_kernel", launches["fp8"])
+    monkeypatch.setattr(kernels, "_fp8_weight_matmul_kernel", launches["weight"])
+    for (kind, outs, rows), stages in expected.items():
+        weight = torch.zeros(outs, 64, dtype=FP8)
+        if kind == "fp8":
+            kernels.fp8_matmul(torch.zeros(rows, 64, dtype=FP8), torch.ones(rows), weight, torch.ones(outs),
+                               torch.float16)
+            launch = launches[kind].calls[-1]
+            stage_bytes = (launch["BLOCK_N"] + launch["ROWS"]) * launch["BLOCK_K"]
+        else:
+            kernels.fp8_weight_matmul(torch.zeros(rows, 64, dtype=torch.float16), weight, torch.ones(outs))
+            launch = launches[kind].calls[-1]
+            stage_bytes = (launch["BLOCK_N"] + 2 * launch["ROWS"]) * launch["BLOCK_K"]
+        assert launch["num_stages"] == stages, (kind, outs, rows)
+        assert launch["num_stages"] * stage_bytes <= limits.shared_memory
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 def test_decode_attention_torch_is_each_rows_softmax_over_its_own_length(heads: int, kv_heads: int) -> None:
     batch, positions, dim = 4, 40, 16

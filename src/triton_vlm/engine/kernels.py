@@ -318,10 +318,12 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         raise ValueError("fp8_weight_matmul: the weight must be [out, in] row-major")
     block_n = block_n or (64 if outs >= 16384 else 32)
     block_k = block_k or (512 if _fewer_tiles_than_sms(outs, block_n, x.device) else 256)
-    num_stages = num_stages or (4 if block_k == 512 else 3)
+    padded_rows = max(16, triton.next_power_of_2(rows))
+    num_stages = num_stages or _stages_that_fit(4 if block_k == 512 else 3,
+                                                (block_n + padded_rows * x.element_size()) * block_k, x.device)
     out = torch.empty((rows, outs), dtype=x.dtype, device=x.device)
     _fp8_weight_matmul_kernel[(triton.cdiv(outs, block_n),)](
-        x, weight, scale, out, rows, outs, inner, x.stride(0), ROWS=max(16, triton.next_power_of_2(rows)),
+        x, weight, scale, out, rows, outs, inner, x.stride(0), ROWS=padded_rows,
         BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(x.dtype), num_warps=num_warps,
         num_stages=num_stages)
     return out
@@ -341,10 +343,12 @@ def fp8_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, wei
     wide = outs >= 16384  # gate_up
     block_k = block_k or (128 if wide else 256)
     num_warps = num_warps or (8 if wide else 4)
-    num_stages = num_stages or (4 if _fewer_tiles_than_sms(outs, block_n, x.device) else 3)
+    padded_rows = max(16, triton.next_power_of_2(rows))
+    num_stages = num_stages or _stages_that_fit(6 if _fewer_tiles_than_sms(outs, block_n, x.device) else 3,
+                                                (block_n + padded_rows) * block_k, x.device)
     out = torch.empty((rows, outs), dtype=out_dtype, device=x.device)
     _fp8_matmul_kernel[(triton.cdiv(outs, block_n),)](
-        x, x_scale, weight, weight_scale, out, rows, outs, inner, ROWS=max(16, triton.next_power_of_2(rows)),
+        x, x_scale, weight, weight_scale, out, rows, outs, inner, ROWS=padded_rows,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -352,15 +356,31 @@ def fp8_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, wei
 
 def _fewer_tiles_than_sms(outs: int, block_n: int, device: torch.device) -> bool:
     """Whether a decode matmul's output tiles (one program each) leave SMs idle. Those programs then stream
-    more of the weight each and gain from deeper loads: on an H100, llava's o-projection at 64 rows 10.1 us
-    with 4 stages against 11.5 with 3, its weight-only kernel at one row 9.5 us 512-deep against 11.2 256-deep
-    (``bench/results/h100-split-k-sweep.json``); projections with more tiles than SMs lose with either."""
-    return triton.cdiv(outs, block_n) < _sm_count(device)
+    more of the weight each and gain from deeper loads. On an H100 (``bench/results/h100-split-k-sweep.json``,
+    ``h100-matmul-stages.txt``): llava's o and down projections at 64 rows 9.8-10.2 and 20.5 us with 5-6 stages
+    against 11.5 and 28.2 with 3; the weight-only o at one row 9.5 us 512-deep against 11.2 256-deep.
+    Projections with more tiles than SMs lose with either."""
+    return triton.cdiv(outs, block_n) < _device_limits(device).sms
+
+
+def _stages_that_fit(wanted: int, stage_bytes: int, device: torch.device) -> int:
+    """``wanted`` software-pipeline stages of ``stage_bytes`` shared memory each, or as many as the device holds:
+    Ada's 99 KB a block takes fewer than Hopper's 227 (Triton refuses a kernel past it)."""
+    return max(1, min(wanted, _device_limits(device).shared_memory // stage_bytes))
+
+
+class DeviceLimits(NamedTuple):
+    sms: int
+    shared_memory: int  # bytes a program may use, as Triton checks it
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+def _device_limits(device: torch.device) -> DeviceLimits:
+    if device.type != "cuda":  # Triton's interpreter: no limits that matter
+        return DeviceLimits(sms=1, shared_memory=1 << 30)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return DeviceLimits(torch.cuda.get_device_properties(index).multi_processor_count, shared)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
