@@ -9,8 +9,8 @@ request waits for the slowest of its batch, and the engine batches everything co
 
 from __future__ import annotations
 
-import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,10 @@ import triton_python_backend_utils as pb_utils
 
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.error_tags import split_error_tag
+
+#: Requests one instance keeps in flight to the engine: each holds a thread until its answer is in. Past it,
+#: requests wait here instead of in the engine's scheduler, so it stays above any engine's ``max_num_seqs``.
+MAX_IN_FLIGHT = 256
 
 
 class ForwardingModel:
@@ -27,23 +31,19 @@ class ForwardingModel:
         params = config.get("parameters") or {}
         self.target = params["forward_to"]["string_value"]
         self.outputs = [output["name"] for output in config["output"]]
-        self._pending: set[asyncio.Future[None]] = set()
+        self._calls = ThreadPoolExecutor(MAX_IN_FLIGHT, thread_name_prefix=f"forward-{self.target}")
 
-    async def execute(self, requests: list[Any]) -> None:
-        # Hand every request to the engine and return: each answer goes back through its request's response
-        # sender as soon as it is complete, so an instance is free for the next batch at once and no request
-        # waits for the slowest of its batch. Known upstream: under heavy load async_exec's concurrent
-        # decoupled calls at times crash Triton 2.51's stub (server#8922 reports the race in 2.70); the
-        # supervisor then restarts what died. docs/reliability.md has the details.
+    def execute(self, requests: list[Any]) -> None:
+        # Each call to the engine runs on a thread of our own, through the blocking exec(): Triton 2.51's
+        # async_exec(decoupled=True) hands its worker thread a dangling reference to the stub, and under
+        # concurrent calls the stub died of it (SIGSEGV; fixed upstream in python_backend#439, 2026-06).
         for request in requests:
-            task = asyncio.ensure_future(self._answer(self._forward(request), request.get_response_sender()))
-            self._pending.add(task)  # the event loop keeps only a weak reference to a task
-            task.add_done_callback(self._pending.discard)
+            self._calls.submit(self._answer, self._forward(request), request.get_response_sender())
         return None
 
-    async def _answer(self, forward: Any, sender: Any) -> None:
+    def _answer(self, forward: Any, sender: Any) -> None:
         try:
-            response = self._collect(await forward.async_exec(decoupled=True))
+            response = self._collect(forward.exec(decoupled=True))
         except Exception as exc:  # noqa: BLE001 - the client gets it as this request's error
             response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                 f"forwarding to {self.target} failed: {exc}", pb_utils.TritonError.INTERNAL))
@@ -72,4 +72,6 @@ class ForwardingModel:
                                                           for t in final.output_tensors()])
 
     def finalize(self) -> None:
+        # Triton finalizes once no request is in flight; calls still queued (an engine that went away) are dropped.
+        self._calls.shutdown(wait=False, cancel_futures=True)
         quiet_teardown()
