@@ -389,3 +389,21 @@ def test_ready_waits_for_the_metrics_endpoint_too(tmp_path: Path) -> None:
         health.stop()
         server.process.kill()
         server.process.wait()
+
+
+def test_the_numpy_1_view_hides_only_what_needs_numpy_2_on_this_python(tmp_path: Path) -> None:
+    """Requirements count with their environment markers: ml_dtypes wants numpy >= 2.1 only on Python >= 3.13."""
+    def dist(name: str, *requires: str) -> None:
+        info = tmp_path / f"{name}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: {name}\n"
+                                       + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        (info / "top_level.txt").write_text(f"{name}\n")
+
+    later = f"{sys.version_info.major}.{sys.version_info.minor + 1}"
+    dist("ml_dtypes", "numpy>=1.21", f'numpy>=2.1.0; python_version >= "{later}"')
+    dist("newlib", "numpy>=2.0")
+    dist("oldlib", "numpy<2,>=1.20")
+    dist("extras", 'numpy>=2; extra == "fast"', "requests")
+    dist("plain", "requests")
+    assert stub_env._requires_numpy2(tmp_path) == {"newlib"}

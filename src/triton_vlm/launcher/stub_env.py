@@ -87,13 +87,28 @@ def _numpy1_view(host_site: Path, view: Path) -> Path:
 
 
 def _requires_numpy2(host_site: Path) -> set[str]:
-    """Top-level names of distributions whose metadata requires numpy >= 2."""
-    import re
+    """Top-level names of distributions whose metadata, for this Python, requires a numpy that 1.26 is not.
 
+    Environment markers count: ml_dtypes asks for numpy >= 2.1 only on Python >= 3.13, and hiding it from a
+    3.12 stub hid tritonclient (which imports it) from the forwarder."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import Version
+
+    numpy1 = Version("1.26.4")
     names: set[str] = set()
     for metadata in host_site.glob("*.dist-info/METADATA"):
-        text = metadata.read_text(errors="replace")
-        if not re.search(r"^Requires-Dist: numpy\s*\(?[^;\n]*>=\s*2", text, flags=re.M | re.I):
+        needs2 = False
+        for line in metadata.read_text(errors="replace").splitlines():
+            if not line.lower().startswith("requires-dist:"):
+                continue
+            try:
+                requirement = Requirement(line.split(":", 1)[1].strip())
+            except InvalidRequirement:
+                continue
+            applies = requirement.marker is None or requirement.marker.evaluate({"extra": ""})
+            if requirement.name.lower() == "numpy" and applies and not requirement.specifier.contains(numpy1):
+                needs2 = True
+        if not needs2:
             continue
         top_level = metadata.parent / "top_level.txt"
         dist = metadata.parent.name.split("-")[0].lower()
