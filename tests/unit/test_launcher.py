@@ -66,16 +66,14 @@ def test_companions_follow_base_model_parameters(tmp_path: Path, monkeypatch: py
 
 def test_make_forwarder_turns_a_public_model_into_a_cpu_forwarder(tmp_path: Path) -> None:
     target = render_repository(REPOSITORY, tmp_path / "models", ["llava", "llava_stream"], "KIND_GPU")
-    make_forwarder(target / "llava", "llava_stream", 6, "127.0.0.1:18001")
+    make_forwarder(target / "llava", "llava_stream", 6)
     config = load_model_config(target / "llava" / "config.pbtxt")
     assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [
         (pb.ModelInstanceGroup.KIND_CPU, 6, [])]
     assert config.parameters["forward_to"].string_value == "llava_stream"
-    assert config.parameters["forward_grpc_url"].string_value == "127.0.0.1:18001"  # this server's own gRPC
     # Everything else (inputs, outputs, batching, the weights parameters) is the public model's contract.
     original = load_model_config(REPOSITORY / "llava" / "config.pbtxt")
     del config.parameters["forward_to"]
-    del config.parameters["forward_grpc_url"]
     config.ClearField("instance_group")
     original.ClearField("instance_group")
     assert config == original
@@ -97,7 +95,7 @@ def test_forwarder_model_py_loads_without_torch(tmp_path: Path) -> None:
     import textwrap
 
     target = render_repository(REPOSITORY, tmp_path / "models", ["kosmos2"], None)
-    make_forwarder(target / "kosmos2", "kosmos2_stream", 2, "127.0.0.1:18001")
+    make_forwarder(target / "kosmos2", "kosmos2_stream", 2)
     script = textwrap.dedent(f"""
         import importlib.util, sys, types
         sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")

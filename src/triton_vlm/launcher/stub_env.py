@@ -89,8 +89,8 @@ def _numpy1_view(host_site: Path, view: Path) -> Path:
 def _requires_numpy2(host_site: Path) -> set[str]:
     """Top-level names of distributions whose metadata, for this Python, requires a numpy that 1.26 is not.
 
-    Environment markers count: ml_dtypes asks for numpy >= 2.1 only on Python >= 3.13, and hiding it from a
-    3.12 stub hid tritonclient (which imports it) from the forwarder."""
+    Environment markers count: ml_dtypes 0.5 asks for numpy >= 2.1 only on Python >= 3.13; hidden from a 3.12
+    stub, it took tritonclient (which imports it) along."""
     from packaging.requirements import InvalidRequirement, Requirement
     from packaging.version import Version
 
