@@ -24,20 +24,26 @@ from triton_vlm.engine.quantization import FP8
 
 
 @triton.jit
-def _split_cuda_cores(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, stats_ptr, q_row_stride, kv_slot_stride,
-                      kv_head_stride, kv_pos_stride, scale, n_heads, n_splits, HEAD_DIM: tl.constexpr,
-                      SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _program(lengths_ptr, kv_slot_stride, kv_head_stride, SPLIT: tl.constexpr):
+    """This program's (row, head, split), the row's length, its K/V base offset and the positions it covers."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(lengths_ptr + row)
+    span = tl.minimum(tl.maximum(length - split * SPLIT, 0), SPLIT)
+    return row, head, split, length, row * kv_slot_stride + head * kv_head_stride, span
+
+
+@triton.jit
+def _split_cuda_cores(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, stats_ptr, q_row_stride, kv_slot_stride,
+                      kv_head_stride, kv_pos_stride, scale, n_heads, n_splits, HEAD_DIM: tl.constexpr,
+                      SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    row, head, split, length, base, span = _program(lengths_ptr, kv_slot_stride, kv_head_stride, SPLIT)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + row * q_row_stride + head * HEAD_DIM + dims).to(tl.float32) * scale
-    base = row * kv_slot_stride + head * kv_head_stride
     m = tl.full([], -1.0e30, tl.float32)
     total = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    span = tl.minimum(tl.maximum(length - split * SPLIT, 0), SPLIT)
     for offset in range(0, span, BLOCK):
         positions = split * SPLIT + offset + tl.arange(0, BLOCK)
         valid = positions < length
@@ -63,21 +69,16 @@ def _split_fp8_dots(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, stats_ptr, q_row_
                     SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     # An fp8 cache multiplied as fp8 on the tensor cores: the query quantized per head, the softmax weights
     # times 256 (so that weights down to ~1e-5 survive e4m3), no widening of K/V.
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    split = tl.program_id(2)
-    length = tl.load(lengths_ptr + row)
+    row, head, split, length, base, span = _program(lengths_ptr, kv_slot_stride, kv_head_stride, SPLIT)
     pad = tl.arange(0, 16)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + row * q_row_stride + head * HEAD_DIM + pad[:, None] * 0 + dims[None, :],
                 mask=pad[:, None] < 1, other=0.0).to(tl.float32)
     q_scale = tl.maximum(tl.max(tl.max(tl.abs(q), axis=1), axis=0), 1e-12) / 448.0
     q8 = (q / q_scale).to(k_ptr.dtype.element_ty)
-    base = row * kv_slot_stride + head * kv_head_stride
     m = tl.full([16], -1.0e30, tl.float32)
     total = tl.zeros([16], tl.float32)
     acc = tl.zeros([16, HEAD_DIM], tl.float32)
-    span = tl.minimum(tl.maximum(length - split * SPLIT, 0), SPLIT)
     for offset in range(0, span, BLOCK):
         positions = split * SPLIT + offset + tl.arange(0, BLOCK)
         valid = positions < length
