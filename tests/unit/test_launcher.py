@@ -394,7 +394,7 @@ def test_the_numpy_1_view_hides_only_what_needs_numpy_2_on_this_python(tmp_path:
     def dist(name: str, *requires: str) -> None:
         info = tmp_path / f"{name}-1.0.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: {name}\n"
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n"
                                        + "".join(f"Requires-Dist: {r}\n" for r in requires))
         (info / "top_level.txt").write_text(f"{name}\n")
 

@@ -353,7 +353,6 @@ def fp8_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, wei
     return out
 
 
-
 def _fewer_tiles_than_sms(outs: int, block_n: int, device: torch.device) -> bool:
     """Whether a decode matmul's output tiles (one program each) leave SMs idle. Those programs then stream
     more of the weight each and gain from deeper loads. On an H100 (``bench/results/h100-split-k-sweep.json``,
