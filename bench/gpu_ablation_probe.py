@@ -34,14 +34,11 @@ def per_chunk_prefill_stores() -> Iterator[None]:
     def without_fused_stores(*args, **kwargs):  # type: ignore[no-untyped-def]
         kwargs["fused"] = False
         return original(*args[:4], **kwargs)
-    decoders = [importlib.import_module(f"triton_vlm.engine.{name}") for name in ("llama", "kosmos2", "moondream")]
-    for module in decoders:  # each decoder imported the function by name
-        module.prefill_attention = without_fused_stores
-    try:
+    with contextlib.ExitStack() as stack:
+        for name in ("llama", "kosmos2", "moondream"):  # each decoder imported the function by name
+            module = importlib.import_module(f"triton_vlm.engine.{name}")
+            stack.enter_context(mock.patch.object(module, "prefill_attention", without_fused_stores))
         yield
-    finally:
-        for module in decoders:
-            module.prefill_attention = original
 
 
 VARIANTS = {"current": contextlib.nullcontext, "per_chunk_prefill_stores": per_chunk_prefill_stores,
