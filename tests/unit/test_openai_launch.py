@@ -78,15 +78,17 @@ def test_standalone_front_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_child_gets_keys_by_environment_never_by_command_line() -> None:
-    options = OpenAIOptions(port=9100, host="0.0.0.0", triton_grpc_url="127.0.0.1:8001", api_keys=("s1", "s2"),
-                            cors_origins=("*",), allow_remote_images=True, max_body_bytes=3 * MiB // 2,
+    options = OpenAIOptions(port=9100, host="0.0.0.0", triton_grpc_url="127.0.0.1:8001",
+                            api_keys=("sk-first-9f3a", "sk-second-77c1"), cors_origins=("*",),
+                            allow_remote_images=True, max_body_bytes=3 * MiB // 2,
                             request_timeout_s=30)
     command = front_command(options)
     assert command[:3] == [sys.executable, "-m", "triton_vlm.openai"]
-    assert not any("s1" in part or "s2" in part for part in command)
+    # Keys no path holds: the interpreter's own path (a checkout in /tmp/fresh-s11, say) may contain "s1".
+    assert not any("sk-first" in part or "sk-second" in part for part in command)
     env = front_environment(options, base={"TRITON_VLM_API_KEY_FILE": "/keys", "TRITON_VLM_OPENAI_CORS_ORIGINS": "z",
                                            "TRITON_VLM_OPENAI_ALLOW_PRIVATE_IMAGE_HOSTS": "1", "PATH": "/bin"})
-    assert env["TRITON_VLM_API_KEY"] == "s1,s2" and "TRITON_VLM_API_KEY_FILE" not in env
+    assert env["TRITON_VLM_API_KEY"] == "sk-first-9f3a,sk-second-77c1" and "TRITON_VLM_API_KEY_FILE" not in env
     assert not any(name.startswith("TRITON_VLM_OPENAI_") for name in env) and env["PATH"] == "/bin"
     assert "TRITON_VLM_API_KEY" not in front_environment(OpenAIOptions(), base={"TRITON_VLM_API_KEY": "old"})
     # What the child parses is what the launcher meant.
