@@ -23,10 +23,9 @@ import torch.nn.functional as F
 import triton
 
 from bench.gpu_engine_profile import graph_timed as timed
+from bench.gpu_fp8_matmul_sweep import SHAPES
 from triton_vlm.engine import kernels
 from triton_vlm.engine.quantization import Fp8Weight, linear, quantize_rows
-
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
 
 def best_fp8_kernel(values, scales, weight, wscale, reference):  # type: ignore[no-untyped-def]

@@ -18,10 +18,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from bench.gpu_engine_profile import timed
+from bench.gpu_fp8_matmul_sweep import SHAPES
 from triton_vlm.engine import kernels
 from triton_vlm.engine.quantization import Fp8Weight, quantize_rows
 
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 L2_OVERFLOW_BYTES = 256 << 20
 
 

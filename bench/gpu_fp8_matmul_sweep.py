@@ -18,6 +18,7 @@ from bench.gpu_engine_profile import graph_timed as timed
 from triton_vlm.engine import kernels
 from triton_vlm.engine.quantization import Fp8Weight, quantize_rows
 
+#: llava-7b's projections, (out, in): the shapes every fp8 matmul probe here times.
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
 
