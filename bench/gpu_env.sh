@@ -6,5 +6,6 @@ python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /
 export PYTHONPATH=/tmp/site:$PWD/src
 export TRITON_VLM_TRITON_HOME=/tmp/tritonserver TRITON_VLM_TRITON_LIBS=/tmp/tritonserver/nvidia_pytriton.libs
 export TRITON_VLM_NUMPY1_WHEEL=$(ls $PWD/.device/wheels/numpy-1.26.4-*.whl)
+export TRITON_VLM_WHEELHOUSE=$PWD/.device/wheels  # numpy 1 builds for the stub: ml_dtypes 0.5
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, numpy; print('torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)"

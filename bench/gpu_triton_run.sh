@@ -3,8 +3,9 @@
 # random fp16 weights (MODEL=llava: llava-1.5-7b, the default; kosmos2; moondream2), served by the real
 # Triton 2.51 from the nvidia-pytriton wheel. FP8=1 serves it with fp8 projections and KV cache (llava) or an
 # fp8 KV cache (the others), and names the results h100-MODEL-fp8.*.
-# Needs, in .device/: triton-server.tar.xz (the wheel's server tree with the 3.12 stub and nvidia_pytriton.libs)
-# and wheels/ (numpy 1.26.4 for the stub, tritonclient, grpcio, protobuf for cp312).
+# Needs, in .device/: triton-server.tar.xz (the wheel's server tree with the 3.12 stub and nvidia_pytriton.libs,
+# less the libpython 3.13 no 3.12 host loads) and wheels/ (numpy 1.26.4 and ml_dtypes 0.5.1 for the stub,
+# tritonclient, grpcio, protobuf for cp312).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 MODEL=${MODEL:-llava}

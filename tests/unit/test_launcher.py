@@ -66,14 +66,16 @@ def test_companions_follow_base_model_parameters(tmp_path: Path, monkeypatch: py
 
 def test_make_forwarder_turns_a_public_model_into_a_cpu_forwarder(tmp_path: Path) -> None:
     target = render_repository(REPOSITORY, tmp_path / "models", ["llava", "llava_stream"], "KIND_GPU")
-    make_forwarder(target / "llava", "llava_stream", 6)
+    make_forwarder(target / "llava", "llava_stream", 6, "127.0.0.1:18001")
     config = load_model_config(target / "llava" / "config.pbtxt")
     assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [
         (pb.ModelInstanceGroup.KIND_CPU, 6, [])]
     assert config.parameters["forward_to"].string_value == "llava_stream"
+    assert config.parameters["forward_grpc_url"].string_value == "127.0.0.1:18001"  # this server's own gRPC
     # Everything else (inputs, outputs, batching, the weights parameters) is the public model's contract.
     original = load_model_config(REPOSITORY / "llava" / "config.pbtxt")
     del config.parameters["forward_to"]
+    del config.parameters["forward_grpc_url"]
     config.ClearField("instance_group")
     original.ClearField("instance_group")
     assert config == original
@@ -95,7 +97,7 @@ def test_forwarder_model_py_loads_without_torch(tmp_path: Path) -> None:
     import textwrap
 
     target = render_repository(REPOSITORY, tmp_path / "models", ["kosmos2"], None)
-    make_forwarder(target / "kosmos2", "kosmos2_stream", 2)
+    make_forwarder(target / "kosmos2", "kosmos2_stream", 2, "127.0.0.1:18001")
     script = textwrap.dedent(f"""
         import importlib.util, sys, types
         sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
@@ -363,6 +365,37 @@ def test_numpy1_wheelhouse_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("TRITON_VLM_NUMPY1_WHEEL", "/x/numpy.whl")
     assert stub_env._numpy1_wheels() == ["/x/numpy.whl"]
 
+
+
+@pytest.mark.parametrize("host_ml_dtypes, installed", [
+    ("numpy>=2.0", ["numpy", "ml_dtypes"]),  # ml_dtypes 0.6, hidden from the stub: it gets a numpy 1 build
+    ("numpy>=1.21", ["numpy"]),              # one that works with numpy 1 stays visible
+])
+def test_numpy_2_overlay_gets_numpy_1_builds_of_what_it_hides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              host_ml_dtypes: str, installed: list[str]) -> None:
+    monkeypatch.setattr(stub_env, "numpy_major", lambda: 2)
+    host, overlay_site = tmp_path / "host", tmp_path / "overlay-site"
+    (host / "ml_dtypes-1.0.dist-info").mkdir(parents=True)
+    (host / "ml_dtypes-1.0.dist-info" / "METADATA").write_text(f"Name: ml_dtypes\nRequires-Dist: {host_ml_dtypes}\n")
+    overlay_site.mkdir()
+    monkeypatch.setattr(stub_env.subprocess, "run", lambda *a, **k: None)  # python -m venv
+    monkeypatch.setattr(stub_env.subprocess, "check_output", lambda *a, **k: str(overlay_site))
+    monkeypatch.setattr(stub_env.site, "getsitepackages", lambda: [str(host)])
+    monkeypatch.setattr(stub_env.site, "getusersitepackages", lambda: str(tmp_path / "no-user-site"))
+    calls: list[str] = []
+    monkeypatch.setattr(stub_env, "_install_numpy1", lambda site_dir, name="numpy": calls.append(name))
+    stub_env.stub_python_bin(tmp_path / "work")
+    assert calls == installed
+
+
+def test_numpy1_builds_come_from_the_wheelhouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    wheel = tmp_path / f"ml_dtypes-0.5.1-{tag}-{tag}-manylinux_2_17_x86_64.whl"
+    wheel.write_bytes(b"")
+    (tmp_path / f"ml_dtypes-0.6.0-{tag}-{tag}-manylinux_2_17_x86_64.whl").write_bytes(b"")  # needs numpy 2
+    monkeypatch.setenv("TRITON_VLM_NUMPY1_WHEEL", "/x/numpy.whl")  # numpy's own; not ml_dtypes'
+    monkeypatch.setenv("TRITON_VLM_WHEELHOUSE", str(tmp_path))
+    assert stub_env._numpy1_wheels("ml_dtypes") == [str(wheel)]
 
 def test_ready_waits_for_the_metrics_endpoint_too(tmp_path: Path) -> None:
     """Triton answers /v2/health/ready a moment before its metrics service listens: a scrape right after

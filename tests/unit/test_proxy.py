@@ -1,6 +1,6 @@
 """triton_vlm.backend.proxy: the forwarding model hands each request to its engine model and answers it through the
 request's own response sender once that answer is complete, not when the rest of its batch is (Triton's utils
-faked)."""
+and the gRPC client faked; tests/integration/test_streaming.py runs it in a real server)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import importlib
 import json
 import sys
+import time
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -75,42 +76,96 @@ class Request:
         return self.sender
 
 
-class EngineCall:
-    """``pb_utils.InferenceRequest`` to the engine model; its answer depends on the prompt."""
+class InferInput:
+    def __init__(self, name: str, shape: list[int], datatype: str) -> None:
+        self.name, self.shape, self.datatype = name, shape, datatype
 
-    sent: list[dict[str, np.ndarray]] = []
+    def set_data_from_numpy(self, array: np.ndarray) -> None:
+        self.array = array.copy()  # tritonclient serializes it here
 
-    def __init__(self, model_name: str, inputs: list[Tensor], requested_output_names: list[str]) -> None:
-        self.inputs = {t.name(): t.as_numpy() for t in inputs}
-        EngineCall.sent.append(self.inputs)
 
-    async def async_exec(self, decoupled: bool) -> list[Response]:
-        assert decoupled
-        prompt = self.inputs["prompt"][0, 0].decode()
+class InferRequestedOutput:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Param:
+    def __init__(self, flag: bool) -> None:
+        self.bool_param = flag
+
+
+class Result:
+    """A ModelStreamInfer response: outputs and the final flag (``enable_empty_final_response``)."""
+
+    def __init__(self, outputs: dict[str, np.ndarray], final: bool) -> None:
+        self.arrays = outputs
+        self.outputs = list(outputs)
+        self.parameters = {"triton_final_response": Param(final)}
+
+    def get_response(self) -> Result:
+        return self
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        return self.arrays.get(name)
+
+
+class StreamError:
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    def message(self) -> str:
+        return self._message
+
+
+class GrpcClient:
+    """``tritonclient.grpc.aio.InferenceServerClient``: each ``stream_infer`` is a stream of its own, answered by
+    prompt; the stream ends once the client has half-closed it, as Triton's does."""
+
+    urls: list[str] = []
+    sent: list[dict[str, Any]] = []
+
+    def __init__(self, url: str) -> None:
+        GrpcClient.urls.append(url)
+
+    async def stream_infer(self, requests: Any) -> Any:
+        request = await requests.__anext__()
+        GrpcClient.sent.append(request)
+        prompt = {t.name: t for t in request["inputs"]}["prompt"].array[0, 0].decode()
         if prompt == "crash":
-            raise RuntimeError("stub gone")
+            raise RuntimeError("stream broken")
         if prompt == "refused":
-            return [Response([], TritonError("UNAVAILABLE: overloaded: 3 requests (limit 2)"))]
-        await asyncio.sleep(0.3 if prompt == "slow" else 0.0)
-        text = np.array([[f"answer to {prompt}".encode()]], dtype=np.object_)
-        # A decoupled final answer may come after an empty flag-only response.
-        return [Response([Tensor("generated_text", text)]), Response([])]
+            yield None, StreamError("UNAVAILABLE: overloaded: 3 requests (limit 2)")
+        else:
+            await asyncio.sleep(0.3 if prompt == "slow" else 0.0)
+            text = np.array([[f"answer to {prompt}".encode()]], dtype=np.object_)
+            # The final answer may come as the outputs, then an empty flag-only response.
+            yield Result({"generated_text": text}, final=False), None
+            yield Result({}, final=True), None
+        async for _ in requests:  # until the client half-closes
+            pass
 
 
 @pytest.fixture
 def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     utils = types.ModuleType("triton_python_backend_utils")
     utils.Tensor, utils.TritonError, utils.InferenceResponse = Tensor, TritonError, Response  # type: ignore[attr-defined]
-    utils.InferenceRequest = EngineCall  # type: ignore[attr-defined]
     utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL  # type: ignore[attr-defined]
+    # No utils.InferenceRequest: the forwarder makes no BLS call (Triton 2.51's stub died of them under load).
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    aio = types.ModuleType("tritonclient.grpc.aio")
+    aio.InferenceServerClient, aio.InferInput = GrpcClient, InferInput  # type: ignore[attr-defined]
+    aio.InferRequestedOutput = InferRequestedOutput  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc.aio", aio)
     monkeypatch.delitem(sys.modules, "triton_vlm.backend.proxy", raising=False)
-    EngineCall.sent = []
+    GrpcClient.urls, GrpcClient.sent = [], []
     module = importlib.import_module("triton_vlm.backend.proxy")
     model = module.ForwardingModel()
-    model.initialize({"model_config": json.dumps({"parameters": {"forward_to": {"string_value": "llava_stream"}},
-                                                  "output": [{"name": "generated_text"}]})})
+    model.initialize({"model_config": json.dumps({
+        "parameters": {"forward_to": {"string_value": "llava_stream"},
+                       "forward_grpc_url": {"string_value": "127.0.0.1:18001"}},
+        "output": [{"name": "generated_text"}, {"name": "generated_tokens"}]})})
     yield model
+    model.finalize()
     sys.modules.pop("triton_vlm.backend.proxy", None)
 
 
@@ -125,7 +180,7 @@ def serve(model: Any, prompts: list[str]) -> tuple[Any, list[tuple[str, Response
         for request in requests:  # Triton frees the request's tensors once execute() has returned
             request.tensors[0].array[:] = 0
         assert len(model._pending) == len(requests)  # held until answered
-        for _ in range(200):
+        for _ in range(300):
             if len(log) == len(requests):
                 break
             await asyncio.sleep(0.01)
@@ -142,11 +197,17 @@ def test_each_request_is_answered_when_it_is_done_not_with_its_batch(proxy: Any)
     assert [name for name, _, _ in log] == ["quick", "slow"]
     assert all(flags == FINAL for _, _, flags in log)
     for name, response, _ in log:
-        (tensor,) = response.output_tensors()
-        assert tensor.as_numpy()[0, 0] == f"answer to {name}".encode() and not response.has_error()
-    for inputs in EngineCall.sent:
-        assert inputs["stream"].tolist() == [[False]]  # one final answer from the engine
-        assert inputs["image"].tolist() == [[0, 1, 2, 3]]  # a copy, sent intact after execute() returned
+        (tensor,) = response.output_tensors()  # generated_tokens was not in the engine's answer
+        assert tensor.name() == "generated_text" and not response.has_error()
+        assert tensor.as_numpy()[0, 0] == f"answer to {name}".encode()
+    assert GrpcClient.urls == ["127.0.0.1:18001"]  # one client an instance, at the address the launcher wrote
+    for request in GrpcClient.sent:
+        assert request["model_name"] == "llava_stream" and request["enable_empty_final_response"]
+        inputs = {t.name: t for t in request["inputs"]}
+        assert inputs["stream"].array.tolist() == [[False]] and inputs["stream"].datatype == "BOOL"
+        assert inputs["image"].array.tolist() == [[0, 1, 2, 3]] and inputs["image"].datatype == "UINT8"
+        assert inputs["prompt"].datatype == "BYTES"
+        assert [o.name for o in request["outputs"]] == ["generated_text", "generated_tokens"]
 
 
 def test_engine_errors_and_failed_calls_are_that_request_s_error(proxy: Any) -> None:
@@ -156,5 +217,14 @@ def test_engine_errors_and_failed_calls_are_that_request_s_error(proxy: Any) -> 
     refused = answers["refused"].error()
     assert refused.code == "UNAVAILABLE" and refused.message().startswith("overloaded")
     crashed = answers["crash"].error()
-    assert crashed.code == "INTERNAL" and "llava_stream" in crashed.message() and "stub gone" in crashed.message()
+    assert crashed.code == "INTERNAL" and "llava_stream" in crashed.message() and "stream broken" in crashed.message()
     assert not answers["fine"].has_error()
+
+
+def test_calls_to_the_engine_are_in_flight_together(proxy: Any) -> None:
+    """The engine batches what it is given: 40 calls of 0.3 s each must overlap, not queue behind one another
+    (12 s one by one, as an earlier forwarder that waited for each call in execute's own thread served them)."""
+    start = time.monotonic()
+    _, log, _ = serve(proxy, ["slow"] * 40)
+    assert len(log) == 40 and not any(response.has_error() for _, response, _ in log)
+    assert time.monotonic() - start < 3

@@ -65,14 +65,16 @@ class TritonPythonModel(ForwardingModel):
 '''
 
 
-def make_forwarder(model_dir: Path, target: str, instances: int) -> None:
-    """Turn a rendered public model into a light forwarder to ``target``, with ``instances`` CPU instances."""
+def make_forwarder(model_dir: Path, target: str, instances: int, grpc_url: str) -> None:
+    """Turn a rendered public model into a light forwarder to ``target``, with ``instances`` CPU instances, that
+    reaches the server at ``grpc_url``."""
     config = load_model_config(model_dir / "config.pbtxt")
     del config.instance_group[:]
     group = config.instance_group.add()
     group.kind = group.KIND_CPU
     group.count = instances
     config.parameters["forward_to"].string_value = target
+    config.parameters["forward_grpc_url"].string_value = grpc_url
     (model_dir / "config.pbtxt").write_text(dump_model_config(config))
     (model_dir / "1" / "model.py").write_text(FORWARDER_SOURCE.format(model=model_dir.name, target=target))
 

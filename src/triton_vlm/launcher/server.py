@@ -170,7 +170,7 @@ class TritonServer:
         if opts.engine == "on" or (opts.engine == "auto" and kind != "KIND_CPU"):
             for model in public:
                 if streams[model]:
-                    make_forwarder(served / model, streams[model][0], opts.forwarder_instances)
+                    make_forwarder(served / model, streams[model][0], opts.forwarder_instances, self.grpc_url)
                     self._forwarders.setdefault(streams[model][0], []).append(model)
         stubs = 0
         settings_env = {**os.environ, **opts.extra_env}  # what the models' own TRITON_VLM_<MODEL>_* come from

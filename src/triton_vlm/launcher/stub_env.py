@@ -49,7 +49,6 @@ def _numpy1_overlay(env_dir: Path) -> Path:
     site_dir = Path(subprocess.check_output(
         [str(bin_dir / "python3"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         text=True).strip())
-    _install_numpy1(site_dir)
     # Our site-packages come after the overlay's own, so its numpy 1.26 wins and torch & co. are still found.
     # addsitedir (not a bare path) so .pth files there (editable installs) are processed too.
     # PYTHONPATH first, as in this process (the stub ignores PYTHONPATH itself), then site-packages, then the
@@ -57,6 +56,9 @@ def _numpy1_overlay(env_dir: Path) -> Path:
     import triton_vlm
 
     hosts = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    hidden = set().union(*(_requires_numpy2(Path(p)) for p in hosts))
+    for name in ["numpy", *(name for name in NUMPY1_BUILDS if name != "numpy" and name in hidden)]:
+        _install_numpy1(site_dir, name)
     views = [str(_numpy1_view(Path(p), env_dir / "host-site" / str(i))) for i, p in enumerate(hosts)]
     candidates = [*os.environ.get("PYTHONPATH", "").split(os.pathsep), *views,
                   str(Path(triton_vlm.__file__).resolve().parents[1])]
@@ -118,29 +120,39 @@ def _requires_numpy2(host_site: Path) -> set[str]:
     return names
 
 
-def _install_numpy1(site_dir: Path) -> None:
-    wheels = _numpy1_wheels()
+#: Packages the stub needs built for numpy 1, with the versions that are. ml_dtypes (which tritonclient imports,
+#: and with it the forwarders on engine hosts) requires numpy 2 from 0.6 on: where the host's is hidden from the
+#: stub, the overlay gets its own.
+NUMPY1_BUILDS = {"numpy": (NUMPY1_SPEC, "numpy-1.*"), "ml_dtypes": ("ml_dtypes>=0.4,<0.6", "ml_dtypes-0.[45].*")}
+
+
+def _install_numpy1(site_dir: Path, name: str = "numpy") -> None:
+    """Install ``name``'s numpy 1 build into the overlay: a wheel from TRITON_VLM_WHEELHOUSE (or, for numpy,
+    TRITON_VLM_NUMPY1_WHEEL) where there is one, else from the package index."""
+    wheels = _numpy1_wheels(name)
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", str(site_dir)]
     if wheels:
         command = pip + ["--no-index", wheels[0]]
     else:
-        command = pip + [NUMPY1_SPEC]
+        command = pip + [NUMPY1_BUILDS[name][0]]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
+        spec = NUMPY1_BUILDS[name][0]
+        where = ("a numpy 1.26 wheel for this Python via TRITON_VLM_NUMPY1_WHEEL=/path/to/numpy-1.26.4-...whl"
+                 if name == "numpy" else f"a wheel of '{spec}' for this Python in TRITON_VLM_WHEELHOUSE=/path/to/dir")
         raise LauncherError(
             "numpy 2 is installed, and Triton 2.51's Python stub crashes on STRING inputs with numpy 2. "
-            "Installing numpy<2 for the stub failed: give a numpy 1.26 wheel for this Python via "
-            "TRITON_VLM_NUMPY1_WHEEL=/path/to/numpy-1.26.4-...whl, or install 'numpy<2' in this environment. "
+            f"Installing {spec!r} for the stub failed: give {where}, or install 'numpy<2' in this environment. "
             f"pip said: {result.stderr.strip()[-400:]}"
         )
 
 
-def _numpy1_wheels() -> list[str]:
-    explicit = os.environ.get("TRITON_VLM_NUMPY1_WHEEL")
+def _numpy1_wheels(name: str = "numpy") -> list[str]:
+    explicit = os.environ.get("TRITON_VLM_NUMPY1_WHEEL") if name == "numpy" else None
     if explicit:
         return [explicit]
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     found: list[str] = []
     for directory in filter(None, os.environ.get("TRITON_VLM_WHEELHOUSE", "").split(os.pathsep)):
-        found += sorted(glob.glob(os.path.join(directory, f"numpy-1.*-{tag}-{tag}-*.whl")))
+        found += sorted(glob.glob(os.path.join(directory, f"{NUMPY1_BUILDS[name][1]}-{tag}-{tag}-*.whl")))
     return found
