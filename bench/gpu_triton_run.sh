@@ -2,7 +2,8 @@
 # The H100 benchmark as it was run through the device tool (see bench/README.md): a full-size architecture with
 # random fp16 weights (MODEL=llava: llava-1.5-7b, the default; kosmos2; moondream2), served by the real
 # Triton 2.51 from the nvidia-pytriton wheel. FP8=1 serves it with fp8 projections and KV cache (llava) or an
-# fp8 KV cache (the others), and names the results h100-MODEL-fp8.*.
+# fp8 KV cache (the others), and names the results h100-MODEL-fp8.*. CONCURRENCY and REQUESTS: the levels and
+# requests per level (one number, or one per level), as triton-vlm bench takes them.
 # Needs, in .device/: triton-server.tar.xz (the wheel's server tree with the 3.12 stub and nvidia_pytriton.libs,
 # less the libpython 3.13 no 3.12 host loads) and wheels/ (numpy 1.26.4 and ml_dtypes 0.5.1 for the stub,
 # tritonclient, grpcio, protobuf for cp312).
@@ -24,5 +25,5 @@ if [ "${FP8:-0}" = 1 ]; then
   export TRITON_VLM_${MODEL^^}_STREAM_KV_CACHE_DTYPE=fp8
   [ "$MODEL" = llava ] && export TRITON_VLM_LLAVA_STREAM_QUANTIZATION=fp8
 fi
-python3 -m triton_vlm.cli.main bench --model $MODEL --serve --concurrency 1,64 --requests ${REQUESTS:-6,192} \
+python3 -m triton_vlm.cli.main bench --model $MODEL --serve --concurrency ${CONCURRENCY:-1,64} --requests ${REQUESTS:-6,192} \
   --max-tokens 128 --api ${API:-both} ${BENCH_FLAGS:-} --json "$OUT/$NAME.json" --plot "$OUT/$NAME.png"
