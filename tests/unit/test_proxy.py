@@ -156,6 +156,9 @@ def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     aio.InferenceServerClient, aio.InferInput = GrpcClient, InferInput  # type: ignore[attr-defined]
     aio.InferRequestedOutput = InferRequestedOutput  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tritonclient.grpc.aio", aio)
+    # ``import tritonclient.grpc.aio as x`` binds the parent package's attribute: the fake must be that too, whether
+    # or not an earlier test imported the real one.
+    monkeypatch.setattr(importlib.import_module("tritonclient.grpc"), "aio", aio, raising=False)
     monkeypatch.delitem(sys.modules, "triton_vlm.backend.proxy", raising=False)
     GrpcClient.urls, GrpcClient.sent = [], []
     module = importlib.import_module("triton_vlm.backend.proxy")
