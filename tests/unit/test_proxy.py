@@ -55,11 +55,21 @@ class Response:
 
 
 class Sender:
+    """A request's response sender; its client gave up on requests named "abandoned", and asking about those
+    named "unaskable" fails."""
+
     def __init__(self, log: list[tuple[str, Response, int]], name: str) -> None:
         self.log, self.name = log, name
+        self.asked = 0
 
     def send(self, response: Response, flags: int = 0) -> None:
         self.log.append((self.name, response, flags))
+
+    def is_cancelled(self) -> bool:
+        self.asked += 1
+        if self.name == "unaskable":
+            raise RuntimeError("stub IPC failed")
+        return self.name == "abandoned"
 
 
 class Request:
@@ -123,6 +133,7 @@ class GrpcClient:
 
     urls: list[str] = []
     sent: list[dict[str, Any]] = []
+    cancelled: list[str] = []
 
     def __init__(self, url: str) -> None:
         GrpcClient.urls.append(url)
@@ -135,8 +146,14 @@ class GrpcClient:
             raise RuntimeError("stream broken")
         if prompt == "refused":
             yield None, StreamError("UNAVAILABLE: overloaded: 3 requests (limit 2)")
+        elif prompt == "abandoned":
+            try:
+                await asyncio.Event().wait()  # generating for as long as nobody cancels it
+            except asyncio.CancelledError:
+                GrpcClient.cancelled.append(prompt)
+                raise
         else:
-            await asyncio.sleep(0.3 if prompt == "slow" else 0.0)
+            await asyncio.sleep(0.3 if prompt in ("slow", "unaskable") else 0.0)
             text = np.array([[f"answer to {prompt}".encode()]], dtype=np.object_)
             # The final answer may come as the outputs, then an empty flag-only response.
             yield Result({"generated_text": text}, final=False), None
@@ -160,7 +177,7 @@ def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     # or not an earlier test imported the real one.
     monkeypatch.setattr(importlib.import_module("tritonclient.grpc"), "aio", aio, raising=False)
     monkeypatch.delitem(sys.modules, "triton_vlm.backend.proxy", raising=False)
-    GrpcClient.urls, GrpcClient.sent = [], []
+    GrpcClient.urls, GrpcClient.sent, GrpcClient.cancelled = [], [], []
     module = importlib.import_module("triton_vlm.backend.proxy")
     model = module.ForwardingModel()
     model.initialize({"model_config": json.dumps({
@@ -231,3 +248,18 @@ def test_calls_to_the_engine_are_in_flight_together(proxy: Any) -> None:
     _, log, _ = serve(proxy, ["slow"] * 40)
     assert len(log) == 40 and not any(response.has_error() for _, response, _ in log)
     assert time.monotonic() - start < 3
+
+
+def test_a_request_its_client_gave_up_on_is_cancelled_in_the_engine_too(proxy: Any) -> None:
+    """Triton tells the forwarder (``is_cancelled``) that a client left or its deadline passed; the forwarder
+    cancels its gRPC stream, which cancels the request in the engine, instead of generating for nobody."""
+    start = time.monotonic()
+    _, log, requests = serve(proxy, ["abandoned", "unaskable", "quick"])
+    answers = {name: (response, flags) for name, response, flags in log}
+    assert sorted(answers) == ["abandoned", "quick", "unaskable"] and len(log) == 3
+    assert GrpcClient.cancelled == ["abandoned"]
+    abandoned, flags = answers["abandoned"]
+    assert flags == FINAL and abandoned.error().code == "CANCELLED"
+    assert not answers["unaskable"][0].has_error()  # a question that failed is not a cancellation
+    assert requests[1].sender.asked >= 1 and requests[2].sender.asked == 0  # answered before the first question
+    assert time.monotonic() - start < 2

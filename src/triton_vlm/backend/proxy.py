@@ -9,13 +9,15 @@ request waits for the slowest of its batch, and the engine batches everything co
 The calls go to this same server over gRPC on the loopback, one stream per request, not through BLS: Triton
 2.51's stub died of SIGSEGV under many concurrent decoupled BLS calls, from ``async_exec`` (whose callback
 holds a dangling reference to the stub; python_backend#439) and from ``exec`` on threads alike
-(docs/reliability.md).
+(docs/reliability.md). A request whose client cancels it (or whose deadline passes) has its stream cancelled,
+which cancels it in the engine too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +31,10 @@ from triton_vlm.error_tags import split_error_tag
 
 #: Where the forwarder finds the server when its config does not say (the launcher writes ``forward_grpc_url``).
 DEFAULT_GRPC_URL = "127.0.0.1:8001"
+#: How often an unanswered request asks Triton whether its client cancelled it (an IPC round trip each time).
+CANCEL_POLL_S = 0.25
+
+log = logging.getLogger("triton_vlm")
 
 
 class ForwardingModel:
@@ -36,6 +42,7 @@ class ForwardingModel:
         configure_logging()
         config = json.loads(args["model_config"])
         params = config.get("parameters") or {}
+        self.name = config.get("name", "?")
         self.target = params["forward_to"]["string_value"]
         self.url = (params.get("forward_grpc_url") or {}).get("string_value") or DEFAULT_GRPC_URL
         self.outputs = [output["name"] for output in config["output"]]
@@ -62,12 +69,26 @@ class ForwardingModel:
         return inputs
 
     async def _answer(self, inputs: list[Any], sender: Any) -> None:
-        try:
-            response = await self._call(inputs)
-        except Exception as exc:  # noqa: BLE001 - the client gets it as this request's error
+        call = asyncio.ensure_future(self._call(inputs))
+        while not call.done():
+            await asyncio.wait({call}, timeout=CANCEL_POLL_S)
+            if not call.done() and _client_left(sender):
+                # Cancelling the task cancels its gRPC stream, and with it the request in the engine.
+                call.cancel()
+                await asyncio.wait({call})
+                log.info("model %r: request cancelled by its client; cancelled in %s too", self.name, self.target)
+        if call.cancelled():
             response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                f"forwarding to {self.target} failed: {exc}", pb_utils.TritonError.INTERNAL))
-        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                "cancelled by the client", pb_utils.TritonError.CANCELLED))
+        elif call.exception() is not None:  # the client gets it as this request's error
+            response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                f"forwarding to {self.target} failed: {call.exception()}", pb_utils.TritonError.INTERNAL))
+        else:
+            response = call.result()
+        try:
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # a client that left may take no answer
+            log.debug("answer not delivered", exc_info=True)
 
     async def _call(self, inputs: list[Any]) -> Any:
         answered = asyncio.Event()
@@ -104,3 +125,12 @@ class ForwardingModel:
 
     def finalize(self) -> None:
         quiet_teardown()
+
+
+def _client_left(sender: Any) -> bool:
+    """Whether Triton says the request was cancelled (its client gave up or its deadline passed)."""
+    try:
+        return bool(sender.is_cancelled())
+    except Exception:  # noqa: BLE001 - an unanswerable question is not a cancellation
+        log.debug("is_cancelled failed", exc_info=True)
+        return False
