@@ -31,8 +31,9 @@ from triton_vlm.error_tags import split_error_tag
 
 #: Where the forwarder finds the server when its config does not say (the launcher writes ``forward_grpc_url``).
 DEFAULT_GRPC_URL = "127.0.0.1:8001"
-#: How often an unanswered request asks Triton whether its client cancelled it (an IPC round trip each time).
-CANCEL_POLL_S = 0.25
+#: How often an unanswered request asks Triton whether its client cancelled it: each question is an IPC round trip
+#: that blocks the event loop all forwarded requests share, so not often (a cancelled request is stopped within it).
+CANCEL_POLL_S = 1.0
 
 log = logging.getLogger("triton_vlm")
 

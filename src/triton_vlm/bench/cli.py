@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     server = None
     url = args.url
     if url is None:
-        server = _start_server(args)
+        server = start_server(args.model, tiny=args.tiny, engine=args.engine, batch_delay_us=args.batch_delay_us)
         url = server.grpc_url
     apis = ["stream", "infer"] if args.api == "both" else [args.api]
     round_trip: RoundTrip | None = None
@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _start_server(args: argparse.Namespace) -> Any:
+def start_server(model: str, *, tiny: bool = False, engine: str = "auto", batch_delay_us: int | None = None) -> Any:
+    """A ready server for ``model`` on the first free ports from 18000, logging to a temporary file
+    (``server.log_file.name``); stop it with ``server.stop()``."""
     from triton_vlm.launcher import ServerOptions, TritonServer
     from triton_vlm.launcher.server import port_in_use
 
@@ -127,8 +129,8 @@ def _start_server(args: argparse.Namespace) -> Any:
 
     log_path = Path(tempfile.mkstemp(prefix="triton-vlm-bench-", suffix=".log")[1])
     print(f"[triton-vlm] starting a server for the benchmark; its log: {log_path}", flush=True)
-    server = TritonServer(ServerOptions(models=(args.model,), tiny=args.tiny, preload=True, engine=args.engine,
-                                        batch_delay_us=args.batch_delay_us,
+    server = TritonServer(ServerOptions(models=(model,), tiny=tiny, preload=True, engine=engine,
+                                        batch_delay_us=batch_delay_us,
                                         http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2]),
                           log_file=open(log_path, "w"))
     server.start()

@@ -1,0 +1,101 @@
+"""Whole-answer requests that their clients give up on stop in the engine: a check through the real server.
+
+Starts a server for MODEL the way `triton-vlm serve` does (on a GPU host the public model forwards to
+``<MODEL>_stream``), sends REQUESTS plain gRPC infers at once with a client deadline far shorter than their
+answers, and checks that every one ends with DEADLINE_EXCEEDED, that the engine aborts each of them before its
+``max_tokens`` (from the server log), that every KV slot is free afterwards, and that the model answers the next
+request. Prints a JSON summary; exits 1 if a check fails.
+
+python -m bench.gpu_cancel_check --model kosmos2 [--requests 16 --max-tokens 600 --deadline-s 0.5] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from PIL import Image
+
+from triton_vlm.bench.cli import start_server
+
+ABORTED = re.compile(r"engine: request \S+ aborted after (\d+) tokens; its KV slot is free again \((\d+) of (\d+)")
+
+
+def request_inputs(prompt: str, max_tokens: int, seed: int) -> list[grpcclient.InferInput]:
+    pixels = np.random.default_rng(seed).integers(0, 255, (336, 336, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    tensors = [("image", np.frombuffer(buffer.getvalue(), dtype=np.uint8)[None, :], "UINT8"),
+               ("prompt", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
+               ("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+               ("ignore_eos", np.array([[True]]), "BOOL")]
+    inputs = []
+    for name, array, dtype in tensors:
+        inputs.append(grpcclient.InferInput(name, list(array.shape), dtype))
+        inputs[-1].set_data_from_numpy(array)
+    return inputs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="kosmos2")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=600)
+    parser.add_argument("--deadline-s", type=float, default=0.5)
+    parser.add_argument("--tiny", action="store_true", help="tiny checkpoints, the engine on (a CPU dry run)")
+    args = parser.parse_args()
+    server = start_server(args.model, tiny=args.tiny, engine="on" if args.tiny else "auto")
+    log_path = Path(server.log_file.name)
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        warm = time.perf_counter()
+        client.infer(args.model, request_inputs("What is in this image?", args.max_tokens, 0))
+        full_answer_s = time.perf_counter() - warm
+
+        def give_up(index: int) -> str:
+            try:
+                client.infer(args.model, request_inputs("What is in this image?", args.max_tokens, index + 1),
+                             client_timeout=args.deadline_s)
+            except grpcclient.InferenceServerException as exc:
+                return str(exc.status())
+            return "answered"
+
+        mark = len(log_path.read_text(errors="replace"))
+        with ThreadPoolExecutor(args.requests) as pool:
+            statuses = list(pool.map(give_up, range(args.requests)))
+        deadline = time.monotonic() + 30
+        aborts: list[tuple[str, str, str]] = []
+        while time.monotonic() < deadline and len(aborts) < args.requests:
+            time.sleep(0.2)
+            aborts = ABORTED.findall(log_path.read_text(errors="replace")[mark:])
+        after = time.perf_counter()
+        client.infer(args.model, request_inputs("What is in this image?", 4, 99))
+        next_answer_s = time.perf_counter() - after
+        client.close()
+    finally:
+        server.stop()
+    tokens = [int(t) for t, _, _ in aborts]
+    summary = {
+        "model": args.model, "requests": args.requests, "max_tokens": args.max_tokens, "deadline_s": args.deadline_s,
+        "full_answer_s": round(full_answer_s, 3), "client_statuses": sorted(set(statuses)),
+        "engine_aborts": len(aborts), "tokens_when_aborted": tokens,
+        "slots_free_after_last_abort": "/".join(aborts[-1][1:]) if aborts else None,
+        "next_answer_s": round(next_answer_s, 3),
+    }
+    ok = (statuses == ["StatusCode.DEADLINE_EXCEEDED"] * args.requests and len(aborts) == args.requests
+          and all(t < args.max_tokens for t in tokens) and aborts[-1][1] == aborts[-1][2])
+    summary["ok"] = ok
+    print(json.dumps(summary, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
