@@ -3,7 +3,9 @@
 python -m bench.gpu_decode_profile --model kosmos2 [--batch 64] [--context 150] [--quantization fp8]
     [--kv-cache-dtype fp8] [--prefill 6]
 
-With --prefill N it also profiles one prefill step of N packed 628-token prompts (llava's image + prompt).
+With --prefill N it also profiles one prefill step of N packed 628-token prompts (llava's image + prompt). With
+--vision-overlap N it times the prompt embeddings (vision) of N new requests and the decode step one after the
+other, as the engine runs them, against side by side on two streams: what the decode step could hide.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main() -> None:
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many prompts")
+    parser.add_argument("--vision-overlap", type=int, default=0, metavar="N",
+                        help="also time N requests' vision beside the decode step")
     args = parser.parse_args()
     family, model, processor = load(args.model, tiny=False)
     engine = LLMEngine(family, model, processor, EngineConfig(
@@ -45,6 +49,8 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
     if args.prefill:
         profile_prefill(engine, args.prefill)
+    if args.vision_overlap:
+        time_vision_overlap(engine, args.vision_overlap, args.batch)
 
 
 def profile_prefill(engine: LLMEngine, count: int, prompt_len: int = 628) -> None:
@@ -65,6 +71,44 @@ def profile_prefill(engine: LLMEngine, count: int, prompt_len: int = 628) -> Non
         engine.runner.prefill(chunks)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60), flush=True)
+
+
+def time_vision_overlap(engine: LLMEngine, images: int, batch: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from triton_vlm.engine.request import Sequence
+    from triton_vlm.sampling import SamplingParams
+
+    rng = np.random.default_rng(0)
+    seqs = []
+    for _ in range(images):
+        image = Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8))
+        request = engine.prepare(image, "Describe this image in detail.", SamplingParams(max_tokens=1), lambda o: None)
+        seqs.append(Sequence(request, max_generated=1))
+    runner = engine.runner
+    graph, _ = runner._graphs[(batch, None)]
+    side = torch.cuda.Stream()
+
+    def vision() -> None:
+        runner.build_prompt_embeds(seqs)
+
+    def one_after_the_other() -> None:
+        vision()
+        graph.replay()
+
+    def side_by_side() -> None:
+        graph.replay()  # queued first, so the GPU has it while the host launches the vision kernels
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            vision()
+        torch.cuda.current_stream().wait_stream(side)
+
+    times = {name: timed(fn) for name, fn in (("vision", vision), ("decode", graph.replay),
+                                               ("one after the other", one_after_the_other),
+                                               ("side by side", side_by_side))}
+    print(f"{images} images' vision and a decode step of {batch} rows: "
+          + ", ".join(f"{name} {ms:.2f} ms" for name, ms in times.items()), flush=True)
 
 
 if __name__ == "__main__":
