@@ -5,8 +5,8 @@ python -m bench.gpu_ablation_probe --model moondream2|kosmos2|llava
 Variants: the engine as it is; prefill per chunk (K/V stored with per-chunk copies instead of one kernel a layer,
 and, for causal decoders, an SDPA call per chunk instead of one variable-length flash call); decode attention
 with the earlier tiles (128 positions a split, 64 a loop, 4 warps) or with 256-position splits (the tiles before
-512); decode attention with the wide tiles at every batch (no short splits for few rows). Same weights and
-requests for all; b1 and c64 tok/s.
+512); decode attention with the wide tiles at every batch (no short splits for few rows); the vision tower run
+eagerly instead of as CUDA graphs. Same weights and requests for all; b1 and c64 tok/s.
 """
 
 from __future__ import annotations
@@ -41,7 +41,20 @@ def per_chunk_prefill_stores() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def eager_vision() -> Iterator[None]:
+    """The vision tower run eagerly, not replayed as CUDA graphs (moondream2's, before its crops were graphed)."""
+    from triton_vlm.models import get_family
+
+    with contextlib.ExitStack() as stack:
+        for name in ("llava", "kosmos2", "moondream2"):
+            adapter = type(get_family(name).engine_adapter())
+            stack.enter_context(mock.patch.object(adapter, "image_shape", lambda self, model: None))
+        yield
+
+
 VARIANTS = {"current": contextlib.nullcontext, "per_chunk_prefill_stores": per_chunk_prefill_stores,
+            "eager_vision": eager_vision,
             "earlier_attention_tiles": lambda: mock.patch.object(kernels, "ATTENTION_TILES_WIDE",
                                                                  kernels.AttentionTiles(128, 64, 4)),
             "split_256_attention_tiles": lambda: mock.patch.object(kernels, "ATTENTION_TILES_WIDE",

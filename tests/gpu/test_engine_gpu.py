@@ -12,6 +12,7 @@ from tests.unit import test_engine_kosmos2 as kosmos2_cpu
 from tests.unit import test_engine_moondream2 as moondream2_cpu
 from tests.unit.helpers import ParityCase
 from triton_vlm.bench.parity import divergence, hf_greedy_with_logits
+from triton_vlm.engine.vision import GraphedVision
 
 #: The CPU parity tests' requests: prompt lengths, image sizes and max_tokens all differ.
 CASES = {"llava": ParityCase("llava", llava_cpu.PROMPTS, llava_cpu.SIZES, llava_cpu.MAX_TOKENS),
@@ -33,6 +34,8 @@ def test_engine_on_cuda_matches_the_batched_loop(case: tuple[ParityCase, Any, li
     assert engine.runner.use_graphs
     assert engine.generate(parity.items()) == reference
     assert engine.runner._graphs, "decode steps replayed CUDA graphs"  # noqa: SLF001 (what the test is about)
+    vision = engine.runner.encode_images  # every family's tower, moondream2's over its crops, replayed too
+    assert isinstance(vision, GraphedVision) and vision._graphs and not vision.eager  # noqa: SLF001
     assert engine.cache.free_slots == engine.cache.num_slots and not engine.scheduler.has_work()
 
 

@@ -68,3 +68,27 @@ def test_the_engine_takes_the_query_task_only(loaded: tuple[Any, Any, Any]) -> N
     moondream = engine(loaded)
     assert moondream.accepts(None) and moondream.accepts("query")
     assert not any(moondream.accepts(t) for t in ("caption:short", "caption:normal", "detect", "point"))
+
+
+def test_every_crop_reaches_the_vision_tower_at_the_shape_it_is_graphed_at(loaded: tuple[Any, Any, Any]) -> None:
+    """On GPU the engine replays moondream2's ViT as CUDA graphs by crop count: images of every tiling give crops
+    of the one shape the adapter names, all go through the tower in one batch, and the projector after it gives
+    the batched loop's image features."""
+    _, model, _ = loaded
+    moondream = engine(loaded)
+    shape = moondream.adapter.image_shape(model)
+    requests = [moondream.prepare(image, prompt, SamplingParams(max_tokens=1), lambda out: None)
+                for image, prompt in zip(IMAGES, PROMPTS)]
+    crops = [r.mm_inputs["pixel_values"] for r in requests]
+    assert {tuple(c.shape[1:]) for c in crops} == {shape} and len({len(c) for c in crops}) > 1
+    batches: list[tuple[int, ...]] = []
+
+    def tower(pixels: torch.Tensor) -> torch.Tensor:
+        batches.append(tuple(pixels.shape))
+        return moondream.adapter.encode_images(model, pixels)
+
+    features = moondream.adapter.image_features(model, requests, tower)
+    assert batches == [(sum(len(c) for c in crops), *shape)]
+    expected = model.encode_images(torch.cat(crops).to(model.dtype), torch.tensor([len(c) for c in crops]),
+                                   torch.tensor([r.mm_inputs["tiling"] for r in requests]))
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)

@@ -27,12 +27,13 @@ class EngineAdapter(ABC):
         ``Kosmos2Decoder``)."""
 
     @abstractmethod
-    def encode_images(self, model: Any, pixels: torch.Tensor, *args: Any) -> Any:
-        """The vision tower (and projector) over a batch of images' pixels, on the device."""
+    def encode_images(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """The vision tower over a batch of pixels on the device (whole images, or moondream2's crops), with the
+        projector where it works on each row alone."""
 
     def image_shape(self, model: Any) -> tuple[int, ...] | None:
-        """The one shape every image's pixels reach :meth:`encode_images` in (then the engine may replay it as
-        CUDA graphs); None where shapes vary (moondream2's crops)."""
+        """The one shape every row of pixels reaches :meth:`encode_images` in (then the engine replays it as CUDA
+        graphs); None where shapes vary."""
         return None
 
     def image_features(self, model: Any, requests: list[EngineRequest], encode: Callable[..., Any]) -> torch.Tensor:

@@ -3,8 +3,9 @@
 A ViT at batch 1 to 16 is bound by kernel launches, not by the GPU: CLIP-L/336 takes 9.1 ms for one image and
 9.7 ms for eight on an H100 (bench/gpu_phase_probe.py), nearly all of it the host queuing ~400 kernels. That is
 first-token latency at low load, and at high load the decode graphs idle behind it each time a few requests
-are admitted. Families whose images all reach the tower at one shape (llava, kosmos2) replay a graph per batch
-bucket instead; a larger batch (compute-bound anyway) and any tower that fails to capture run eagerly.
+are admitted. Families whose pixels all reach the tower at one shape (llava's and kosmos2's images, moondream2's
+crops) replay a graph per batch bucket instead; a larger batch (compute-bound anyway) and any tower that fails to
+capture run eagerly.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ class Kosmos2EngineAdapter(EngineAdapter):
     def build_decoder(self, model: Any) -> Kosmos2Decoder:
         return Kosmos2Decoder(model.text_model)
 
-    def encode_images(self, model: Any, pixels: torch.Tensor, *args: Any) -> torch.Tensor:
+    def encode_images(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
         """[images, latent_query_num, dim]: what ``Kosmos2ForConditionalGeneration.forward`` puts in place of the
         image tokens (vision tower, post-LayerNorm of every position, L2 normalization, the latent-query
         projection), from its modules: ``get_image_features`` only exists in recent transformers."""

@@ -21,7 +21,7 @@ class LlavaEngineAdapter(EngineAdapter):
     def build_decoder(self, model: Any) -> LlamaDecoder:
         return LlamaDecoder(model.model.language_model, model.lm_head)
 
-    def encode_images(self, model: Any, pixels: torch.Tensor, *args: Any) -> torch.Tensor:
+    def encode_images(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
         """CLIP features through the projector: [images, 576, hidden]."""
         config = model.config
         features = model.get_image_features(

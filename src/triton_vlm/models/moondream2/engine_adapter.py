@@ -39,10 +39,14 @@ class Moondream2EngineAdapter(EngineAdapter):
         """BOS and the image attend to each other both ways: they are prefilled in one chunk."""
         return int(model.prefix_length)
 
-    def encode_images(self, model: Any, pixels: torch.Tensor, *args: Any) -> torch.Tensor:
-        """``args``: crops per image and tilings (CPU tensors); [images, image slots, dim]."""
-        counts, tilings = args
-        return model.encode_images(pixels, counts, tilings)
+    def encode_images(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Crops ``[N, 3, S, S]`` through the ViT: ``[N, grid * grid, enc_dim]``. One shape per crop, so the
+        engine replays it as CUDA graphs; the projector, whose work depends on each image's tiling, runs after."""
+        return model.vision(pixels)
+
+    def image_shape(self, model: Any) -> tuple[int, ...]:
+        vision = model.config.vision
+        return (vision.in_channels, vision.crop_size, vision.crop_size)
 
     def image_features(self, model: Any, requests: list[EngineRequest],
                        encode: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -50,7 +54,7 @@ class Moondream2EngineAdapter(EngineAdapter):
         pixels = device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype)
         counts = torch.tensor([len(r.mm_inputs["pixel_values"]) for r in requests])
         tilings = torch.tensor([r.mm_inputs["tiling"] for r in requests])
-        return encode(pixels, counts, tilings)
+        return model.project_images(encode(pixels), counts, tilings)
 
     def context_length(self, model: Any) -> int:
         return int(model.config.text.max_context)

@@ -67,7 +67,11 @@ class Moondream2Model(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, crop_counts: torch.Tensor,
                       tilings: torch.Tensor) -> torch.Tensor:
         """Crops of a whole batch, concatenated ``[sum(crop_counts), 3, S, S]`` -> ``[B, grid * grid, dim]``."""
-        features = self.vision(pixel_values.to(self.dtype))
+        return self.project_images(self.vision(pixel_values.to(self.dtype)), crop_counts, tilings)
+
+    def project_images(self, features: torch.Tensor, crop_counts: torch.Tensor,
+                       tilings: torch.Tensor) -> torch.Tensor:
+        """The crops' ViT features ``[sum(crop_counts), grid * grid, enc_dim]`` -> ``[B, grid * grid, dim]``."""
         images, start = [], 0
         for count, (rows, cols) in zip(crop_counts.tolist(), tilings.tolist()):
             images.append(self.projector(features[start: start + count], (rows, cols)))
