@@ -150,6 +150,24 @@ def test_a_forwarded_request_is_not_held_up_by_longer_ones(forwarding_server: Tr
     assert finished[0] == "short", finished
 
 
+def test_a_large_image_passes_through_the_forwarder_intact(forwarding_server: TritonServer, llava: VLMRuntime) -> None:
+    """The forwarder sends each request on over gRPC: a 17 MB image (under the 20 MiB limit) must cross that hop
+    whole, by gRPC and by HTTP, and get the answer the model gives it in-process."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2600, 2200, 3), dtype=np.uint8)).save(buffer, "PNG")
+    image = buffer.getvalue()
+    assert len(image) > 16 * 2**20
+    expected = _expected(llava, image, max_tokens=4)
+    for protocol, url in (("grpc", forwarding_server.grpc_url), ("http", forwarding_server.http_url)):
+        with TritonVLMClient(url, protocol=protocol, timeout=120) as client:
+            assert client.infer("llava", image, PROMPT, max_tokens=4) == expected, protocol
+
+
 def test_a_forwarded_request_its_client_cancels_stops_in_the_engine(forwarding_server: TritonServer,
                                                                      sample_image_bytes: bytes) -> None:
     """A plain gRPC infer cancelled by its client: the forwarder cancels its stream to llava_stream, and the
