@@ -12,7 +12,6 @@ python -m bench.gpu_cancel_check --model kosmos2 [--requests 16 --max-tokens 600
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 import sys
@@ -20,28 +19,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
-from PIL import Image
 
 from triton_vlm.bench.cli import start_server
+from triton_vlm.bench.workload import Workload
+from triton_vlm.client.client import request_inputs
 
 ABORTED = re.compile(r"engine: request \S+ aborted after (\d+) tokens; its KV slot is free again \((\d+) of (\d+)")
-
-
-def request_inputs(prompt: str, max_tokens: int, seed: int) -> list[grpcclient.InferInput]:
-    pixels = np.random.default_rng(seed).integers(0, 255, (336, 336, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    tensors = [("image", np.frombuffer(buffer.getvalue(), dtype=np.uint8)[None, :], "UINT8"),
-               ("prompt", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
-               ("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
-               ("ignore_eos", np.array([[True]]), "BOOL")]
-    inputs = []
-    for name, array, dtype in tensors:
-        inputs.append(grpcclient.InferInput(name, list(array.shape), dtype))
-        inputs[-1].set_data_from_numpy(array)
-    return inputs
 
 
 def main() -> int:
@@ -52,18 +36,23 @@ def main() -> int:
     parser.add_argument("--deadline-s", type=float, default=0.5)
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints, the engine on (a CPU dry run)")
     args = parser.parse_args()
+    workload = Workload(args.model, prompt="What is in this image?", max_tokens=args.max_tokens)
+
+    def inputs(index: int, max_tokens: int = workload.max_tokens) -> list:
+        return request_inputs(grpcclient, workload.image(index), workload.prompt, max_tokens=max_tokens,
+                              ignore_eos=True)
+
     server = start_server(args.model, tiny=args.tiny, engine="on" if args.tiny else "auto")
     log_path = Path(server.log_file.name)
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         warm = time.perf_counter()
-        client.infer(args.model, request_inputs("What is in this image?", args.max_tokens, 0))
+        client.infer(args.model, inputs(0))
         full_answer_s = time.perf_counter() - warm
 
         def give_up(index: int) -> str:
             try:
-                client.infer(args.model, request_inputs("What is in this image?", args.max_tokens, index + 1),
-                             client_timeout=args.deadline_s)
+                client.infer(args.model, inputs(index + 1), client_timeout=args.deadline_s)
             except grpcclient.InferenceServerException as exc:
                 return str(exc.status())
             return "answered"
@@ -77,7 +66,7 @@ def main() -> int:
             time.sleep(0.2)
             aborts = ABORTED.findall(log_path.read_text(errors="replace")[mark:])
         after = time.perf_counter()
-        client.infer(args.model, request_inputs("What is in this image?", 4, 99))
+        client.infer(args.model, inputs(99, max_tokens=4))
         next_answer_s = time.perf_counter() - after
         client.close()
     finally:

@@ -297,17 +297,10 @@ def test_a_cancelled_request_stops_generating_and_the_model_serves_on(triton: Ru
 
     import tritonclient.grpc as grpcclient
 
+    from triton_vlm.client.client import request_inputs
+
     def inputs(max_tokens: int) -> list:
-        image = np.frombuffer(sample_image_bytes, dtype=np.uint8)[None, :]
-        tensors = [("image", image, "UINT8"), ("prompt", np.array([[b"Describe it."]], dtype=np.object_), "BYTES"),
-                   ("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
-                   ("ignore_eos", np.array([[True]]), "BOOL")]
-        made = []
-        for name, array, dtype in tensors:
-            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-            tensor.set_data_from_numpy(array)
-            made.append(tensor)
-        return made
+        return request_inputs(grpcclient, sample_image_bytes, "Describe it.", max_tokens=max_tokens, ignore_eos=True)
 
     pattern = re.compile(r"INFO model 'llava': request cancelled by its client (after (\d+) tokens|before it ran)")
     before = len(pattern.findall(triton.log()))

@@ -180,51 +180,47 @@ def test_a_forwarded_request_its_client_cancels_stops_in_the_engine(forwarding_s
     import signal
     from pathlib import Path
 
-    import numpy as np
     import tritonclient.grpc as grpcclient
 
+    from triton_vlm.client.client import request_inputs
     from triton_vlm.launcher.supervisor import live_stubs
 
     def log() -> str:
         return Path(forwarding_server.log_file.name).read_text(errors="replace")  # type: ignore[union-attr]
 
-    def wait_for(pattern: re.Pattern[str] | str, after: int) -> list:
+    def wait_for(pattern: re.Pattern[str], after: int) -> list:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            found = (pattern.findall(log()[after:]) if isinstance(pattern, re.Pattern)
-                     else [pattern] * (pattern in log()[after:]))
+            found = pattern.findall(log()[after:])
             if found:
                 return found
             time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in the log: {log()[-3000:]}")
+        raise AssertionError(f"no {pattern.pattern!r} in the log: {log()[-3000:]}")
 
-    tensors = [("image", np.frombuffer(sample_image_bytes, dtype=np.uint8)[None, :], "UINT8"),
-               ("prompt", np.array([[PROMPT.encode()]], dtype=np.object_), "BYTES"),
-               ("max_tokens", np.array([[900]], dtype=np.int32), "INT32"), ("ignore_eos", np.array([[True]]), "BOOL")]
-    inputs = []
-    for name, array, dtype in tensors:
-        inputs.append(grpcclient.InferInput(name, list(array.shape), dtype))
-        inputs[-1].set_data_from_numpy(array)
+    short = request_inputs(grpcclient, sample_image_bytes, PROMPT)
     assert forwarding_server.process is not None
     (engine,) = [p for p, s in live_stubs(forwarding_server.process.pid).items() if s.model == "llava_stream"]
     client = grpcclient.InferenceServerClient(forwarding_server.grpc_url)
-    assert client.infer("llava", inputs[:2]).as_numpy("generated_text") is not None  # warm: the model loaded
+    assert client.infer("llava", short).as_numpy("generated_text") is not None  # warm: the model loaded
     mark = len(log())
     answers: queue.Queue = queue.Queue()
-    call = client.async_infer("llava", inputs, callback=lambda result, error: answers.put(error))
+    call = client.async_infer("llava", request_inputs(grpcclient, sample_image_bytes, PROMPT, max_tokens=900,
+                                                      ignore_eos=True),
+                              callback=lambda result, error: answers.put(error))
     time.sleep(0.1)
     os.kill(engine, signal.SIGSTOP)
     try:
         call.cancel()
         error = answers.get(timeout=30)
         assert error is not None and "CANCELLED" in str(error.status())
-        wait_for("model 'llava': request cancelled by its client; cancelled in llava_stream too", mark)
+        wait_for(re.compile(re.escape("model 'llava': request cancelled by its client; cancelled in llava_stream too")),
+                 mark)
     finally:
         os.kill(engine, signal.SIGCONT)
     aborted = re.compile(r"engine: request \S+ aborted after (\d+) tokens; its KV slot is free again \((\d+) of (\d+)")
     (tokens, free, total), = wait_for(aborted, mark)
     assert int(tokens) < 900 and free == total
-    assert client.infer("llava", inputs[:2]).as_numpy("generated_text") is not None  # and it serves on
+    assert client.infer("llava", short).as_numpy("generated_text") is not None  # and it serves on
     client.close()
 
 
