@@ -78,7 +78,6 @@ def test_fused_kernels_are_gpu_only() -> None:
     assert kernels.fused_available(torch.device("cuda")) is (kernels.triton is not None)
 
 
-
 class _Launches:
     """Stands in for a Triton kernel: records each launch's keyword arguments (tiles, stages) and runs nothing."""
 

@@ -366,7 +366,6 @@ def test_numpy1_wheelhouse_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert stub_env._numpy1_wheels() == ["/x/numpy.whl"]
 
 
-
 @pytest.mark.parametrize("host_ml_dtypes, installed", [
     ("numpy>=2.0", ["numpy", "ml_dtypes"]),  # ml_dtypes 0.6, hidden from the stub: it gets a numpy 1 build
     ("numpy>=1.21", ["numpy"]),              # one that works with numpy 1 stays visible
@@ -396,6 +395,7 @@ def test_numpy1_builds_come_from_the_wheelhouse(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("TRITON_VLM_NUMPY1_WHEEL", "/x/numpy.whl")  # numpy's own; not ml_dtypes'
     monkeypatch.setenv("TRITON_VLM_WHEELHOUSE", str(tmp_path))
     assert stub_env._numpy1_wheels("ml_dtypes") == [str(wheel)]
+
 
 def test_ready_waits_for_the_metrics_endpoint_too(tmp_path: Path) -> None:
     """Triton answers /v2/health/ready a moment before its metrics service listens: a scrape right after

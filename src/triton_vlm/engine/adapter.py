@@ -36,13 +36,14 @@ class EngineAdapter(ABC):
         graphs); None where shapes vary."""
         return None
 
-    def image_features(self, model: Any, requests: list[EngineRequest], encode: Callable[..., Any]) -> torch.Tensor:
+    def image_features(self, model: Any, requests: list[EngineRequest],
+                       encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The requests' images through ``encode`` (this adapter's :meth:`encode_images` for ``model``, graphed
         where it can be) in one batch: a row per image row of the prompts, in order."""
         return encode(device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype))
 
     def prompt_embeds(self, model: Any, decoder: Any, requests: list[EngineRequest],
-                      encode: Callable[..., Any]) -> list[torch.Tensor]:
+                      encode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
         """[prompt_len, hidden] embeddings per request, image features at their ``image_rows``.
 
         One embedding lookup and one scatter for the whole batch, and nothing that waits for the device (no

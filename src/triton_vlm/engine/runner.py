@@ -68,7 +68,7 @@ class ModelRunner:
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         #: The adapter's vision tower for this model; graphed at small batches where images have one shape.
-        self.encode_images: Callable[..., Any] = functools.partial(adapter.encode_images, model)
+        self.encode_images: Callable[[torch.Tensor], torch.Tensor] = functools.partial(adapter.encode_images, model)
         image_shape = adapter.image_shape(model)
         if self.use_graphs and image_shape is not None:
             self.encode_images = GraphedVision(self.encode_images, image_shape, model.dtype, self.device)

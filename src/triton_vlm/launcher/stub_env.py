@@ -57,8 +57,9 @@ def _numpy1_overlay(env_dir: Path) -> Path:
 
     hosts = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
     hidden = set().union(*(_requires_numpy2(Path(p)) for p in hosts))
-    for name in ["numpy", *(name for name in NUMPY1_BUILDS if name != "numpy" and name in hidden)]:
-        _install_numpy1(site_dir, name)
+    for name in NUMPY1_BUILDS:
+        if name == "numpy" or name in hidden:
+            _install_numpy1(site_dir, name)
     views = [str(_numpy1_view(Path(p), env_dir / "host-site" / str(i))) for i, p in enumerate(hosts)]
     candidates = [*os.environ.get("PYTHONPATH", "").split(os.pathsep), *views,
                   str(Path(triton_vlm.__file__).resolve().parents[1])]

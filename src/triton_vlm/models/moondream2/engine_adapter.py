@@ -49,7 +49,7 @@ class Moondream2EngineAdapter(EngineAdapter):
         return (vision.in_channels, vision.crop_size, vision.crop_size)
 
     def image_features(self, model: Any, requests: list[EngineRequest],
-                       encode: Callable[..., torch.Tensor]) -> torch.Tensor:
+                       encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Every request's crops through the vision encoder in one batch; each image fills its prefix slots."""
         pixels = device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype)
         counts = torch.tensor([len(r.mm_inputs["pixel_values"]) for r in requests])
