@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -73,15 +74,21 @@ class GpuTimeline:
             return result
         return timed_call
 
-    def report(self, wall_s: float) -> str:
+    def busy_seconds(self) -> tuple[dict[str, float], float]:
+        """Device seconds by phase since the last call, and the span from the first phase's start to the last's
+        end; forgets the marks."""
         torch.cuda.synchronize()
         busy: dict[str, float] = {}
         for phase, start, end in self.marks:
             busy[phase] = busy.get(phase, 0.0) + start.elapsed_time(end) / 1e3
         span = self.marks[0][1].elapsed_time(self.marks[-1][2]) / 1e3 if self.marks else 0.0
-        counts = {p: sum(1 for m in self.marks if m[0] == p) for p in busy}
-        idle = span - sum(busy.values())
         self.marks.clear()
+        return busy, span
+
+    def report(self, wall_s: float) -> str:
+        counts = Counter(phase for phase, _start, _end in self.marks)
+        busy, span = self.busy_seconds()
+        idle = span - sum(busy.values())
         return (f"gpu span {span:.2f}s of wall {wall_s:.2f}s; " + ", ".join(
             f"{p} {busy[p]:.2f}s/{counts[p]} calls" for p in busy) + f"; between phases {idle:.2f}s")
 
