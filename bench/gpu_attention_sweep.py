@@ -18,10 +18,8 @@ from triton_vlm.engine import kernels
 from triton_vlm.engine.quantization import FP8
 
 
-def attention(q, keys, values, lengths, split: int, block: int, warps: int, stages: int,
-              balanced: bool = False) -> torch.Tensor:
-    return kernels.decode_attention(q, keys, values, lengths,
-                                    kernels.AttentionTiles(split, block, warps, stages, balanced))
+def attention(q, keys, values, lengths, split: int, block: int, warps: int, stages: int) -> torch.Tensor:
+    return kernels.decode_attention(q, keys, values, lengths, kernels.AttentionTiles(split, block, warps, stages))
 
 
 def main() -> None:
@@ -32,8 +30,6 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=769, help="cache positions per slot")
     parser.add_argument("--splits", default="64,128,256", help="positions per split to try")
     parser.add_argument("--blocks", default="32,64,128", help="positions per loop iteration to try")
-    parser.add_argument("--warps", default="2,4,8")
-    parser.add_argument("--balanced", default="0", help="0, 1 or 0,1: splits of equal shares of each row's length")
     args = parser.parse_args()
     device = torch.device("cuda")
     heads, dim, positions = 32, args.dim, args.positions
@@ -45,27 +41,25 @@ def main() -> None:
         moved = 2 * args.batch * heads * args.context * dim * keys.element_size()
         reference = kernels.decode_attention(q, keys, values, lengths)
         results = []
-        for split, block, warps, stages, balanced in itertools.product(
-                *([int(v) for v in getattr(args, name).split(",")] for name in ("splits", "blocks", "warps")),
-                (2, 3), [bool(int(v)) for v in args.balanced.split(",")]):
+        for split, block, warps, stages in itertools.product(
+                [int(v) for v in args.splits.split(",")], [int(v) for v in args.blocks.split(",")], (2, 4, 8), (2, 3)):
             if block > split:
                 continue
             try:
-                out = attention(q, keys, values, lengths, split, block, warps, stages, balanced)
+                out = attention(q, keys, values, lengths, split, block, warps, stages)
                 error = float((out.float() - reference.float()).abs().max())
-                us = timed(lambda: attention(q, keys, values, lengths, split, block, warps, stages, balanced)) * 1e3
+                us = timed(lambda: attention(q, keys, values, lengths, split, block, warps, stages)) * 1e3
             except Exception as exc:  # out of shared memory and the like
                 print(f"{dtype} split {split} block {block} warps {warps} stages {stages}: {type(exc).__name__}")
                 continue
-            results.append((us, split, block, warps, stages, balanced, error))
+            results.append((us, split, block, warps, stages, error))
         results.sort()
         current = timed(lambda: kernels.decode_attention(q, keys, values, lengths)) * 1e3
         tiles = kernels.attention_tiles(args.batch, heads)
         print(f"{dtype}: current (split {tiles.split}, block {tiles.block}, {tiles.warps} warps) "
               f"{current:.1f} us = {moved / current / 1e6:.2f} TB/s", flush=True)
-        for us, split, block, warps, stages, balanced, error in results[:8]:
-            print(f"  split {split:3d} block {block:3d} warps {warps} stages {stages}"
-                  f"{' balanced' if balanced else ''}: {us:6.1f} us "
+        for us, split, block, warps, stages, error in results[:8]:
+            print(f"  split {split:3d} block {block:3d} warps {warps} stages {stages}: {us:6.1f} us "
                   f"{moved / us / 1e6:.2f} TB/s (max diff {error:.1e})", flush=True)
 
 

@@ -164,8 +164,7 @@ if triton is not None:
     def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, stats_ptr, q_row_stride,
                                        kv_slot_stride, kv_head_stride, kv_pos_stride, scale, n_heads, n_splits,
                                        GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                       SPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                                       BALANCED: tl.constexpr):
+                                       SPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
         # One (row, KV head, split): the GROUP query heads sharing that KV head (padded to HEADS >= 16 rows for
         # tensor-core dots), online softmax over positions [split * SPLIT, (split + 1) * SPLIT) below the row's
         # length. The loop stops at the length: a split past it only stores an empty partial (total 0), so a
@@ -184,14 +183,9 @@ if triton is not None:
         m = tl.full([HEADS], -1.0e30, tl.float32)
         total = tl.zeros([HEADS], tl.float32)
         acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
-        if BALANCED:  # the row's own positions in n_splits equal shares (whole blocks), not SPLIT-sized ones
-            share = tl.cdiv(tl.cdiv(length, n_splits), BLOCK) * BLOCK
-        else:
-            share = SPLIT
-        start = split * share
-        span = tl.minimum(tl.maximum(length - start, 0), share)
+        span = tl.minimum(tl.maximum(length - split * SPLIT, 0), SPLIT)
         for offset in range(0, span, BLOCK):
-            positions = start + offset + tl.arange(0, BLOCK)
+            positions = split * SPLIT + offset + tl.arange(0, BLOCK)
             valid = positions < length
             where = base + positions[:, None] * kv_pos_stride + dims[None, :]
             k = tl.load(k_ptr + where, mask=valid[:, None], other=0.0).to(q.dtype)  # fp8 caches widen here
@@ -416,14 +410,12 @@ def quantize_rows_fp8(x: torch.Tensor, dtype: torch.dtype, limit: float) -> tupl
 
 class AttentionTiles(NamedTuple):
     """Decode attention's tiles: positions per split (one program each), positions per loop iteration inside one,
-    warps per program, and pipeline stages (None: 3 for an fp8 cache, 2 otherwise). ``balanced``: the cache's
-    ``positions / split`` splits share each row's own length equally instead of covering ``split`` each."""
+    warps per program, and pipeline stages (None: 3 for an fp8 cache, 2 otherwise)."""
 
     split: int
     block: int
     warps: int
     stages: int | None = None
-    balanced: bool = False
 
 
 #: From bench/gpu_attention_sweep.py on an H100 (32 KV heads). Many rows: at llava's 64 x 660 positions, 135 us a
@@ -458,8 +450,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     _decode_attention_split_kernel[(batch, kv_heads, splits)](
         q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         dim ** -0.5, heads, splits, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        SPLIT=tiles.split, BLOCK=tiles.block, PRECISION=dot_precision(q.dtype), BALANCED=tiles.balanced,
-        num_warps=tiles.warps,
+        SPLIT=tiles.split, BLOCK=tiles.block, PRECISION=dot_precision(q.dtype), num_warps=tiles.warps,
         num_stages=tiles.stages or (3 if keys.element_size() == 1 else 2))
     out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
     _decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,
