@@ -19,8 +19,10 @@ def run(api: str, concurrency: int, tok_s: float, ttft: float) -> dict:
 def raw(apis: tuple[str, ...]) -> dict:
     return {"gpu": "H100", "command": "triton-vlm bench ...", "workload": {"model": "m"}, "ratios": {"x": 1.0},
             "runs": [run(api, c, 100.0 * c + (api == "infer"), 0.05 * c) for api in apis for c in (1, 64)],
-            "baseline": [{"concurrency": 1, "output_tok_s": 10.0, "kind": "hf_generate_static_batch"},
-                         {"concurrency": 64, "output_tok_s": 500.0, "kind": "hf_generate_static_batch"}]}
+            "baseline": [{"concurrency": 1, "output_tok_s": 10.0, "repeated_tok_s": 20.0, "kind": "hf_generate_static_batch"},
+                         {"concurrency": 64, "output_tok_s": 500.0, "repeated_tok_s": 900.0,
+                          "kind": "hf_generate_static_batch"}],
+            "ratios_vs_repeated_baseline": {"y": 0.5}}
 
 
 def test_streamed_runs_are_the_headline_and_plain_infer_rides_along() -> None:
@@ -28,6 +30,8 @@ def test_streamed_runs_are_the_headline_and_plain_infer_rides_along() -> None:
     assert (summary["served_b1_tok_s"], summary["served_c64_tok_s"]) == (100.0, 6400.0)
     assert (summary["served_infer_b1_tok_s"], summary["served_infer_c64_tok_s"]) == (101.0, 6401.0)
     assert (summary["hf_b1_tok_s"], summary["hf_c64_tok_s"]) == (10.0, 500.0)
+    assert (summary["hf_b1_repeated_tok_s"], summary["hf_c64_repeated_tok_s"]) == (20.0, 900.0)
+    assert summary["ratios_vs_repeated_baseline"] == {"y": 0.5}
     assert summary["ttft_b1_s"] == 0.05 and summary["ttft_is_whole_answer_latency"] is False
     assert summary["roofline_b1_tok_s"] == pytest.approx(3.0e12 / 3.0e9)
     assert summary["command"] == "bash run.sh" and summary["bench_command"] == "triton-vlm bench ..."
