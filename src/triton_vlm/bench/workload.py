@@ -142,8 +142,8 @@ def run_hf_baseline(runtime: Any, workload: Workload, batch: int) -> RunResult:
     first call at the run's shapes, then the same call again.
 
     The first call is the baseline (``output_tok_s``), as the GPU issue measured HF (12 tok/s at batch 1, 613 at
-    64 on an H100): PyTorch's default SDPA backend there, cuDNN, builds a plan for each new sequence length, so a
-    server whose requests vary in length meets new ones all the time. The repeat finds every plan built (this
+    64 on an H100): PyTorch's default SDPA backend there, cuDNN, builds a plan for each new sequence length, which an
+    HF server pays for each batch size and length it has not met yet. The repeat finds every plan built (this
     benchmark's requests are all one length) and is recorded beside it (``repeated_tok_s``): 2x faster at 64
     requests on an H100 (bench/gpu_roofline.py). A warm-up at another batch size sets up the CUDA libraries first.
 
