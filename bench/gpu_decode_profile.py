@@ -5,7 +5,9 @@ python -m bench.gpu_decode_profile --model kosmos2 [--batch 64] [--context 150] 
 
 With --prefill N it also profiles one prefill step of N packed 628-token prompts (llava's image + prompt). With
 --vision-overlap N it times the prompt embeddings (vision) of N new requests and the decode step one after the
-other, as the engine runs them, against side by side on two streams: what the decode step could hide.
+other, as the engine runs them, against side by side on two streams: what the decode step could hide. With
+--vision N1,N2,... it times the prompt embeddings of N new requests (vision tower, projector, embeddings) per N and
+profiles the largest, kernel by kernel.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many prompts")
     parser.add_argument("--vision-overlap", type=int, default=0, metavar="N",
                         help="also time N requests' vision beside the decode step")
+    parser.add_argument("--vision", default="", metavar="N1,N2", help="also time and profile N requests' vision")
     args = parser.parse_args()
     family, model, processor = load(args.model, tiny=False)
     engine = LLMEngine(family, model, processor, EngineConfig(
@@ -51,6 +54,8 @@ def main() -> None:
         profile_prefill(engine, args.prefill)
     if args.vision_overlap:
         time_vision_overlap(engine, args.vision_overlap, args.batch)
+    if args.vision:
+        profile_vision(engine, [int(n) for n in args.vision.split(",")])
 
 
 def profile_prefill(engine: LLMEngine, count: int, prompt_len: int = 628) -> None:
@@ -73,7 +78,8 @@ def profile_prefill(engine: LLMEngine, count: int, prompt_len: int = 628) -> Non
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60), flush=True)
 
 
-def time_vision_overlap(engine: LLMEngine, images: int, batch: int) -> None:
+def new_sequences(engine: LLMEngine, count: int) -> list:
+    """``count`` prepared requests with noise images, as the scheduler admits them."""
     import numpy as np
     from PIL import Image
 
@@ -82,10 +88,27 @@ def time_vision_overlap(engine: LLMEngine, images: int, batch: int) -> None:
 
     rng = np.random.default_rng(0)
     seqs = []
-    for _ in range(images):
+    for _ in range(count):
         image = Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8))
         request = engine.prepare(image, "Describe this image in detail.", SamplingParams(max_tokens=1), lambda o: None)
         seqs.append(Sequence(request, max_generated=1))
+    return seqs
+
+
+def profile_vision(engine: LLMEngine, counts: list[int]) -> None:
+    runner = engine.runner
+    for count in counts:
+        seqs = new_sequences(engine, count)
+        ms = timed(lambda: runner.build_prompt_embeds(seqs), iters=10)  # noqa: B023 (called here)
+        print(f"vision of {count} requests: {ms:.2f} ms, {ms / count:.2f} ms an image", flush=True)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.build_prompt_embeds(seqs)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60), flush=True)
+
+
+def time_vision_overlap(engine: LLMEngine, images: int, batch: int) -> None:
+    seqs = new_sequences(engine, images)
     runner = engine.runner
     graph, _ = runner._graphs[(batch, None)]
     side = torch.cuda.Stream()
