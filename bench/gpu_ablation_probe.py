@@ -6,7 +6,7 @@ Variants: the engine as it is; prefill per chunk (K/V stored with per-chunk copi
 and, for causal decoders, an SDPA call per chunk instead of one variable-length flash call); decode attention
 with the earlier tiles (128 positions a split, 64 a loop, 4 warps) or with 256-position splits (the tiles before
 512); decode attention with the wide tiles at every batch (no short splits for few rows); the vision tower run
-eagerly instead of as CUDA graphs. Same weights and requests for all; b1 and c64 tok/s.
+eagerly instead of as CUDA graphs; CLIP's quick_gelu in three torch passes instead of one kernel. Same weights and requests for all; b1 and c64 tok/s.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def eager_vision() -> Iterator[None]:
 
 VARIANTS = {"current": contextlib.nullcontext, "per_chunk_prefill_stores": per_chunk_prefill_stores,
             "eager_vision": eager_vision,
+            # CLIP towers' activation as transformers runs it (three passes), though still swapped in by the engine
+            "unfused_quick_gelu": lambda: mock.patch.object(kernels, "quick_gelu", kernels.quick_gelu_torch),
             "earlier_attention_tiles": lambda: mock.patch.object(kernels, "ATTENTION_TILES_WIDE",
                                                                  kernels.AttentionTiles(128, 64, 4)),
             "split_256_attention_tiles": lambda: mock.patch.object(kernels, "ATTENTION_TILES_WIDE",

@@ -68,6 +68,8 @@ def kernel_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
         errors[f"partial_rope {dim}/{rotary_dim}"] = error(kernels.partial_rope(x, cos[0], sin[0]), expected)
     gate_up = randn(3, 2 * 1500)  # wider than one block
     errors["silu_mul"] = error(kernels.silu_mul(gate_up), kernels.silu_mul_torch(gate_up))
+    activations = randn(3, 5000) * 2  # past one block, with a tail; outputs to ~8 (float16 steps of 4e-3)
+    errors["quick_gelu"] = error(kernels.quick_gelu(activations), kernels.quick_gelu_torch(activations))
     for heads, kv_heads, positions in [(4, 4, 300), (8, 2, 129), (2, 1, 17)]:
         q, lengths = randn(3, heads, 32), torch.tensor([1, positions, max(1, positions // 3)], device=device)
         keys, values = randn(4, kv_heads, positions, 32), randn(4, kv_heads, positions, 32)

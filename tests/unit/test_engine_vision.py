@@ -83,3 +83,23 @@ def test_warmup_captures_every_bucket(vision: tuple[GraphedVision, list[int]]) -
     graphed, captured = vision
     graphed.warmup()
     assert captured == [1, 2, 4, 8, 16]
+
+
+@pytest.mark.parametrize("family", ["llava", "kosmos2"])
+def test_every_quick_gelu_of_a_clip_tower_is_fused_and_the_features_stay_the_same(family: str) -> None:
+    from transformers.activations import QuickGELUActivation
+
+    from tests.unit.helpers import load_tiny
+    from triton_vlm.engine.vision import FusedQuickGELU, fuse_quick_gelu
+
+    loaded_family, model, _processor = load_tiny(family)
+    vision_layers = model.config.vision_config.num_hidden_layers
+    adapter = loaded_family.engine_adapter()
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    before = adapter.encode_images(model, pixels)
+    assert fuse_quick_gelu(model) == vision_layers  # one in each layer's MLP
+    assert not any(isinstance(m, QuickGELUActivation) for m in model.modules())
+    assert sum(isinstance(m, FusedQuickGELU) for m in model.modules()) == vision_layers
+    torch.testing.assert_close(adapter.encode_images(model, pixels), before)  # the twin on CPU
+    assert fuse_quick_gelu(model) == 0

@@ -26,7 +26,8 @@ from triton_vlm.engine.llama import LlamaDecoder
 from triton_vlm.engine.request import Sequence
 from triton_vlm.engine.scheduler import PrefillChunk
 from triton_vlm.engine.transfer import device_longs
-from triton_vlm.engine.vision import GraphedVision
+from triton_vlm.engine.kernels import fused_available
+from triton_vlm.engine.vision import GraphedVision, fuse_quick_gelu
 
 log = logging.getLogger("triton_vlm")
 
@@ -67,6 +68,8 @@ class ModelRunner:
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        if fused_available(self.device):
+            log.debug("engine: %d QuickGELU activations fused", fuse_quick_gelu(model))
         #: The adapter's vision tower for this model; graphed at small batches where images have one shape.
         self.encode_images: Callable[[torch.Tensor], torch.Tensor] = functools.partial(adapter.encode_images, model)
         image_shape = adapter.image_shape(model)

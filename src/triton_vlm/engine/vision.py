@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from triton_vlm.engine import kernels
+
 log = logging.getLogger("triton_vlm")
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
@@ -74,3 +76,24 @@ class GraphedVision:
             features = self.encode(pixels)
         log.debug("captured vision graph batch=%d", bucket)
         return graph, features
+
+
+class FusedQuickGELU(torch.nn.Module):
+    """transformers' ``QuickGELUActivation`` as one fused pass where the kernels run (its torch twin elsewhere)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.quick_gelu(x) if kernels.fused_available(x.device) else kernels.quick_gelu_torch(x)
+
+
+def fuse_quick_gelu(model: torch.nn.Module) -> int:
+    """Put :class:`FusedQuickGELU` in place of every ``QuickGELUActivation`` in ``model`` (CLIP-style towers:
+    llava's, kosmos2's); returns how many. The model is changed in place, for every later caller too."""
+    from transformers.activations import QuickGELUActivation
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuickGELUActivation):
+                setattr(parent, name, FusedQuickGELU())
+                swapped += 1
+    return swapped
