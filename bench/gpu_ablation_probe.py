@@ -6,7 +6,8 @@ Variants: the engine as it is; prefill per chunk (K/V stored with per-chunk copi
 and, for causal decoders, an SDPA call per chunk instead of one variable-length flash call); decode attention
 with the earlier tiles (128 positions a split, 64 a loop, 4 warps) or with 256-position splits (the tiles before
 512); decode attention with the wide tiles at every batch (no short splits for few rows); the vision tower run
-eagerly instead of as CUDA graphs; CLIP's quick_gelu in three torch passes instead of one kernel. Same weights and requests for all; b1 and c64 tok/s.
+eagerly instead of as CUDA graphs; CLIP's quick_gelu in three torch passes instead of one kernel. Same weights
+and requests for all; b1 and c64 tok/s.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ python -m bench.gpu_roofline [--quantization fp8 --kv-cache-dtype fp8] [--reques
 1. Peaks measured here, the best of several shapes (generous, so the floor is low): memory bandwidth (a copy,
    bytes read + written, and a reduction, bytes read) and matmul rates at llava's projection shapes, 8192 rows,
    float16 (``torch.mm``) and fp8 (``torch._scaled_mm`` with per-row and per-channel scales, as the engine).
-2. HF ``generate`` at batch 64 (PyTorch's default SDPA backends, as the served benchmark's baseline), before the
-   engine exists (it turns cuDNN's SDPA off for the process).
+2. HF ``generate`` at batch 64, its first call and a repeat (PyTorch's default SDPA backends, as the served
+   benchmark's baseline), before the engine exists (it turns cuDNN's SDPA off for the process).
 3. The engine in-process at 64 clients (``--requests``, 128 tokens each), device time by phase.
 4. The floor of that run from bench/roofline.py at the measured peaks (and at the datasheet's, on an H100 SXM),
-   phase by phase beside the engine's device time, and what 6x HF would take as a share of the floor.
+   phase by phase beside the engine's device time, and what 6x HF's repeat would take as a share of the floor.
 """
 
 from __future__ import annotations
@@ -110,13 +110,13 @@ def main() -> None:
                                   return_tensors="pt")["input_ids"][0])
     batch = [images[i % len(images)] for i in range(CLIENTS)]
     hf_generate(model, processor, family, batch[:2], prompts[:2])  # CUDA libraries' one-time set-up
-    # The first batch-64 call pays cuDNN's SDPA plans for each new sequence length; a repeat at the same shapes
-    # finds them built. Both are HF's; the repeat is the faster one, and the one the 6x below is against.
-    for name in ("hf_c64_first_call_tok_s", "hf_c64_tok_s"):
+    # The first batch-64 call pays cuDNN's SDPA plans for each new sequence length (the served benchmark's
+    # baseline, as here); a repeat at the same shapes finds them built. The 6x below is against the repeat.
+    for name in ("hf_c64_tok_s", "hf_c64_repeated_tok_s"):
         seconds, _ = hf_generate(model, processor, family, batch, [prompts[0]] * CLIENTS)
         result[name] = CLIENTS * NEW_TOKENS / seconds
-    print(f"HF generate batch {CLIENTS}: first call {result['hf_c64_first_call_tok_s']:.0f} tok/s, repeated "
-          f"{result['hf_c64_tok_s']:.0f} tok/s", flush=True)
+    print(f"HF generate batch {CLIENTS}: first call {result['hf_c64_tok_s']:.0f} tok/s, repeated "
+          f"{result['hf_c64_repeated_tok_s']:.0f} tok/s", flush=True)
 
     config = EngineConfig(max_model_len=768, max_num_seqs=CLIENTS, quantization=args.quantization,
                           kv_cache_dtype=args.kv_cache_dtype)
@@ -134,8 +134,10 @@ def main() -> None:
     cost = llava_wave_cost(model.config, prompt_tokens, NEW_TOKENS, weight_bytes=1.0 if fp8_weights else 2.0,
                            kv_bytes=1.0 if args.kv_cache_dtype == "fp8" else 2.0)
     waves = args.requests / CLIENTS
-    target = 6 * result["hf_c64_tok_s"]
-    result["six_x_hf_tok_s"] = target
+    result["engine_over_hf"] = run["output_tok_s"] / result["hf_c64_tok_s"]
+    result["engine_over_hf_repeated"] = run["output_tok_s"] / result["hf_c64_repeated_tok_s"]
+    target = 6 * result["hf_c64_repeated_tok_s"]
+    result["six_x_hf_repeated_tok_s"] = target
     floors = {"measured_peaks": measured}
     if "H100" in result["gpu"] and "HBM3" in result["gpu"]:
         floors["h100_sxm_datasheet"] = H100_SXM_DATASHEET
@@ -146,8 +148,8 @@ def main() -> None:
                  "run_floor_s": {"vision": floor.vision_s * waves, "prefill": floor.prefill_s * waves,
                                  "decode": floor.decode_s * waves, "serial": floor.serial_s * waves}}
         entry["engine_share_of_serial_floor"] = run["output_tok_s"] / floor.tok_s(NEW_TOKENS)
-        entry["six_x_hf_share_of_serial_floor"] = target / floor.tok_s(NEW_TOKENS)
-        entry["six_x_hf_share_of_overlapped_floor"] = target / floor.tok_s(NEW_TOKENS, overlapped=True)
+        entry["six_x_hf_repeated_share_of_serial_floor"] = target / floor.tok_s(NEW_TOKENS)
+        entry["six_x_hf_repeated_share_of_overlapped_floor"] = target / floor.tok_s(NEW_TOKENS, overlapped=True)
         result["floors"][name] = entry
     print(table(result), flush=True)
     if args.json:
@@ -175,10 +177,12 @@ def table(result: dict) -> str:
         wave = entry["wave"]
         lines.append(f"floor at {name}: serial {wave['serial_tok_s']:.0f} tok/s, overlapped "
                      f"{wave['overlapped_tok_s']:.0f} tok/s; engine {result['engine_c64_tok_s']:.0f} "
-                     f"({entry['engine_share_of_serial_floor']:.0%} of serial); 6x HF "
-                     f"(repeated, {result['hf_c64_tok_s']:.0f}) = {result['six_x_hf_tok_s']:.0f} tok/s = "
-                     f"{entry['six_x_hf_share_of_serial_floor']:.0%} of serial, "
-                     f"{entry['six_x_hf_share_of_overlapped_floor']:.0%} of overlapped")
+                     f"({entry['engine_share_of_serial_floor']:.0%} of serial); 6x HF repeated "
+                     f"({result['hf_c64_repeated_tok_s']:.0f}) = {result['six_x_hf_repeated_tok_s']:.0f} tok/s = "
+                     f"{entry['six_x_hf_repeated_share_of_serial_floor']:.0%} of serial, "
+                     f"{entry['six_x_hf_repeated_share_of_overlapped_floor']:.0%} of overlapped")
+    lines.append(f"engine / HF at batch {result['clients']}: {result['engine_over_hf']:.1f}x the first call "
+                 f"({result['hf_c64_tok_s']:.0f} tok/s), {result['engine_over_hf_repeated']:.1f}x the repeat")
     return "\n".join(lines)
 
 
