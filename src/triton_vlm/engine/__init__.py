@@ -6,7 +6,7 @@
     │   ├── LlamaDecoder (llama.py), MoondreamDecoder (moondream.py), Kosmos2Decoder (kosmos2.py)  a family's
     │   │   forward over the slot cache, with attention.py (K/V writes + attention), kernels.py (fused Triton
     │   │   kernels, torch twins) and weights.py (fused projections in their fastest layout)
-    │   └── GraphedVision (vision.py)  the vision tower as CUDA graphs at small batches
+    │   └── GraphedVision (vision.py)  the vision tower as CUDA graphs at small batches (CLIP's quick_gelu fused)
     ├── SlotKVCache (kv_cache.py) one slot of max_model_len positions per running request
     ├── quantization.py           opt-in fp8: Llama projections (per-channel weights, per-token inputs), KV cache
     └── EngineAdapter (adapter.py)  what a model family provides

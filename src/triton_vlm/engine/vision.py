@@ -5,7 +5,7 @@ A ViT at batch 1 to 16 is bound by kernel launches, not by the GPU: CLIP-L/336 t
 first-token latency at low load, and at high load the decode graphs idle behind it each time a few requests
 are admitted. Families whose pixels all reach the tower at one shape (llava's and kosmos2's images, moondream2's
 crops) replay a graph per batch bucket instead; a larger batch (compute-bound anyway) and any tower that fails to
-capture run eagerly.
+capture run eagerly. On the GPU, CLIP-style towers also get their quick_gelu as one kernel (:func:`fuse_quick_gelu`).
 """
 
 from __future__ import annotations
