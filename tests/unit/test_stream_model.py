@@ -141,3 +141,59 @@ def test_a_long_stream_decodes_a_few_tokens_a_delta(stream_model: Any, llava_run
     assert len(ids) > 500 and len(pieces) > len(ids) / 4
     assert sizes[-1] == len(ids)  # the final answer: one decode of it all
     assert sum(sizes[:-1]) < 12 * len(ids)  # a whole decode per delta: ~len(ids)^2 / 2
+
+
+def test_finalize_stops_its_threads_and_names_one_that_does_not_stop_in_time(
+        stream_model: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Triton exits 1 when a model takes past its 30 s exit timeout to unload: finalize waits a bounded time for
+    the engine and its two threads, and says which did not stop."""
+    import logging
+    import queue
+    import threading
+    import time
+
+    monkeypatch.setattr(stream_model, "FINALIZE_WAIT_S", 0.2)
+    release = threading.Event()
+
+    class Engine:
+        """Its thread ignores shutdown until released, as a stuck engine step would."""
+
+        def __init__(self) -> None:
+            self.thread = threading.Thread(target=release.wait, daemon=True)
+            self.thread.start()
+
+        def shutdown(self, timeout: float) -> bool:
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+
+    def drain(inbox: queue.SimpleQueue) -> None:
+        while inbox.get() is not None:
+            pass
+
+    model = object.__new__(stream_model.TritonVLMStreamModel)
+    model.model_name = "llava_stream"
+    model._engine = Engine()
+    model._outbox, model._tasks = queue.SimpleQueue(), queue.SimpleQueue()
+    model._sender = threading.Thread(target=drain, args=(model._outbox,), name="triton-vlm-responses", daemon=True)
+    model._task_runner = threading.Thread(target=release.wait, name="triton-vlm-tasks", daemon=True)
+    model._sender.start()
+    model._task_runner.start()
+    began = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="triton_vlm"):
+        model.finalize()
+    assert time.monotonic() - began < 2.0
+    assert not model._sender.is_alive()  # it took the None and ended
+    messages = [r.getMessage() for r in caplog.records]
+    assert "model llava_stream: the engine thread, thread triton-vlm-tasks still running at unload" in messages
+    assert any(m.startswith("model llava_stream unloaded in ") for m in messages)
+    release.set()
+
+
+def test_engine_shutdown_reports_whether_its_thread_stopped() -> None:
+    from tests.unit.helpers import load_tiny
+    from triton_vlm.engine import EngineConfig, LLMEngine
+
+    family, model, processor = load_tiny("llava")
+    engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=256, max_num_seqs=2)).start()
+    assert engine.shutdown(timeout=10) is True
+    assert engine.shutdown(timeout=10) is True  # nothing left to stop

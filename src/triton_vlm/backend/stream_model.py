@@ -60,6 +60,9 @@ class _Task:
 
 #: Requests of such tasks run together in one batched loop, at most this many.
 TASK_BATCH = 8
+#: How long finalize waits for each of its three threads: 18 s in all, inside Triton's 30 s exit timeout (by
+#: then Triton has let every in-flight request finish, so the threads have nothing left to do).
+FINALIZE_WAIT_S = 6.0
 
 
 @dataclass
@@ -145,12 +148,21 @@ class TritonVLMStreamModel:
         return None
 
     def finalize(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
+        # Triton waits exit_timeout (30 s) for every model to unload at shutdown and exits 1 past it: the waits
+        # here stay well within it, and what did not stop in time is named in the log.
+        started = time.monotonic()
+        stuck = []
+        if self._engine is not None and not self._engine.shutdown(timeout=FINALIZE_WAIT_S):
+            stuck.append("the engine thread")
         self._outbox.put(None)
         self._tasks.put(None)
-        self._sender.join(timeout=10)  # it still ends every open request FINAL
-        self._task_runner.join(timeout=30)
+        for thread in (self._sender, self._task_runner):  # the sender still ends every open request FINAL
+            thread.join(timeout=FINALIZE_WAIT_S)
+            if thread.is_alive():
+                stuck.append(f"thread {thread.name}")
+        if stuck:
+            log.warning("model %s: %s still running at unload", self.model_name, ", ".join(stuck))
+        log.info("model %s unloaded in %.1fs", self.model_name, time.monotonic() - started)
         quiet_teardown()
 
     # -- engine -------------------------------------------------------------------------------------------

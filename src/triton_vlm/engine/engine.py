@@ -133,12 +133,15 @@ class LLMEngine:
             self._thread.start()
         return self
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Abort what is queued or running and stop the thread (waiting at most ``timeout`` seconds)."""
-        if self._thread is not None:
-            self._inbox.put(None)
-            self._thread.join(timeout=timeout)
-            self._thread = None
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Abort what is queued or running and stop the thread (waiting at most ``timeout`` seconds). Returns
+        whether it stopped in that time."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return True
+        self._inbox.put(None)
+        thread.join(timeout=timeout)
+        return not thread.is_alive()
 
     # -- the loop -----------------------------------------------------------------------------------------
     def has_work(self) -> bool:
