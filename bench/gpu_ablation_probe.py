@@ -19,11 +19,9 @@ import json
 from collections.abc import Iterator
 from unittest import mock
 
-import numpy as np
 import torch
-from PIL import Image
 
-from bench.gpu_engine_probe import engine_run, load
+from bench.gpu_engine_probe import engine_run, load, probe_inputs
 from bench.gpu_engine_profile import GpuTimeline
 from triton_vlm.engine import EngineConfig, LLMEngine, attention, kernels
 
@@ -75,9 +73,7 @@ def main() -> None:
 
     avoid_per_shape_attention_plans(torch.device("cuda"))
     family, model, processor = load(args.model, tiny=False)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(8)]
-    prompts = ["Describe this image in detail, including the colors, objects and their positions."] * 8
+    images, prompts = probe_inputs()
     results = []
     chosen = [(name, VARIANTS[name]) for name in args.variants.split(",")]
     for name, variant in [*chosen, ("current again", contextlib.nullcontext)]:

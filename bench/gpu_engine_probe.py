@@ -19,6 +19,7 @@ from PIL import Image
 
 from bench.gpu_engine_profile import GpuTimeline
 from triton_vlm.bench.checkpoints import random_llava_7b
+from triton_vlm.bench.workload import DEFAULT_PROMPT
 from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.models import get_family
 from triton_vlm.sampling import SamplingParams
@@ -29,6 +30,13 @@ NEW_TOKENS = 128
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def probe_inputs(count: int = 8) -> tuple[list[Image.Image], list[str]]:
+    """The in-process probes' requests: ``count`` seeded noise images of 336 px and the benchmark's prompt."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(count)]
+    return images, [DEFAULT_PROMPT] * count
 
 
 def hf_generate(model, processor, family, images, prompts) -> tuple[float, list[list[int]]]:
@@ -147,9 +155,7 @@ def main() -> None:
     t = time.perf_counter()
     family, model, processor = load(args.model, args.tiny)
     print(f"built model in {time.perf_counter() - t:.1f}s", flush=True)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(8)]
-    prompts = ["Describe this image in detail, including the colors, objects and their positions."] * 8
+    images, prompts = probe_inputs()
     results: dict = {"model": args.model, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                      "torch": torch.__version__}
     baseline = loop_generate if args.model == "moondream2" else hf_generate

@@ -19,13 +19,11 @@ import gc
 import json
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from bench.gpu_ablation_probe import VARIANTS as ABLATIONS
-from bench.gpu_engine_probe import engine_run
+from bench.gpu_engine_probe import engine_run, probe_inputs
 from bench.gpu_engine_profile import GpuTimeline
 from triton_vlm.bench.checkpoints import random_llava_7b
 from triton_vlm.engine import EngineConfig, LLMEngine, kernels
@@ -165,9 +163,7 @@ def main() -> None:
     results: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     results["kernel_checks"] = kernel_checks()
     print(json.dumps(results["kernel_checks"], indent=1), flush=True)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(8)]
-    prompts = ["Describe this image in detail, including the colors, objects and their positions."] * 8
+    images, prompts = probe_inputs()
     runs = []
     reference = None
     for variant in args.variants.split(","):

@@ -19,11 +19,9 @@ import json
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
-from bench.gpu_engine_probe import NEW_TOKENS, engine_run, hf_generate
+from bench.gpu_engine_probe import NEW_TOKENS, engine_run, hf_generate, probe_inputs
 from bench.gpu_engine_profile import GpuTimeline
 from bench.roofline import Peaks, llava_wave_cost, wave_floor
 from triton_vlm.bench.checkpoints import random_llava_7b
@@ -103,9 +101,7 @@ def main() -> None:
     family = get_family("llava")
     torch.manual_seed(0)
     model, processor = random_llava_7b(device)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(8)]
-    prompts = ["Describe this image in detail, including the colors, objects and their positions."] * 8
+    images, prompts = probe_inputs()
     prompt_tokens = len(processor(images=images[:1], text=[family.render_prompt(processor, prompts[0])],
                                   return_tensors="pt")["input_ids"][0])
     batch = [images[i % len(images)] for i in range(CLIENTS)]
