@@ -385,6 +385,8 @@ def test_numpy_2_overlay_gets_numpy_1_builds_of_what_it_hides(tmp_path: Path, mo
     monkeypatch.setattr(stub_env, "_install_numpy1", lambda site_dir, name="numpy": calls.append(name))
     stub_env.stub_python_bin(tmp_path / "work")
     assert calls == installed
+    (view,) = (tmp_path / "work").rglob("host-site/0")  # the stub's view of the host: without what it hides
+    assert ((view / "ml_dtypes-1.0.dist-info").exists()) == (installed == ["numpy"])
 
 
 def test_numpy1_builds_come_from_the_wheelhouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,12 +21,12 @@ import torch
 
 from triton_vlm.engine.attention import avoid_per_shape_attention_plans
 from triton_vlm.engine.config import EngineConfig
+from triton_vlm.engine.kernels import fused_available
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.llama import LlamaDecoder
 from triton_vlm.engine.request import Sequence
 from triton_vlm.engine.scheduler import PrefillChunk
 from triton_vlm.engine.transfer import device_longs
-from triton_vlm.engine.kernels import fused_available
 from triton_vlm.engine.vision import GraphedVision, fuse_quick_gelu
 
 log = logging.getLogger("triton_vlm")

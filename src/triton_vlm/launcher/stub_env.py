@@ -49,18 +49,18 @@ def _numpy1_overlay(env_dir: Path) -> Path:
     site_dir = Path(subprocess.check_output(
         [str(bin_dir / "python3"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         text=True).strip())
+    hosts = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    hidden = {p: _requires_numpy2(Path(p)) for p in hosts}  # each host's metadata read once
+    for name in NUMPY1_BUILDS:
+        if name == "numpy" or any(name in names for names in hidden.values()):
+            _install_numpy1(site_dir, name)
     # Our site-packages come after the overlay's own, so its numpy 1.26 wins and torch & co. are still found.
     # addsitedir (not a bare path) so .pth files there (editable installs) are processed too.
     # PYTHONPATH first, as in this process (the stub ignores PYTHONPATH itself), then site-packages, then the
     # directory holding triton_vlm (a source checkout that was never installed).
     import triton_vlm
 
-    hosts = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
-    hidden = set().union(*(_requires_numpy2(Path(p)) for p in hosts))
-    for name in NUMPY1_BUILDS:
-        if name == "numpy" or name in hidden:
-            _install_numpy1(site_dir, name)
-    views = [str(_numpy1_view(Path(p), env_dir / "host-site" / str(i))) for i, p in enumerate(hosts)]
+    views = [str(_numpy1_view(Path(p), env_dir / "host-site" / str(i), hidden[p])) for i, p in enumerate(hosts)]
     candidates = [*os.environ.get("PYTHONPATH", "").split(os.pathsep), *views,
                   str(Path(triton_vlm.__file__).resolve().parents[1])]
     paths = list(dict.fromkeys(os.path.abspath(p) for p in candidates if p and os.path.isdir(p)))
@@ -75,9 +75,10 @@ def _numpy1_overlay(env_dir: Path) -> Path:
 NEEDS_NUMPY2 = {"scipy", "sklearn", "scikit_learn"}
 
 
-def _numpy1_view(host_site: Path, view: Path) -> Path:
-    """A directory of links to ``host_site``'s entries, minus the packages that need numpy 2."""
-    blocked = set(NEEDS_NUMPY2) | _requires_numpy2(host_site)
+def _numpy1_view(host_site: Path, view: Path, requires_numpy2: set[str]) -> Path:
+    """A directory of links to ``host_site``'s entries, minus the packages that need numpy 2 (``requires_numpy2``:
+    :func:`_requires_numpy2` of it)."""
+    blocked = set(NEEDS_NUMPY2) | requires_numpy2
     view.mkdir(parents=True, exist_ok=True)
     for entry in host_site.iterdir():
         name = entry.name.split("-")[0].split(".")[0].lower()
