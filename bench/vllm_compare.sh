@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# llava-1.5-7b (random weights) served by triton-vlm and by vLLM 0.26.0 on the same card in the same window,
+# fp16 and fp8, with Triton's perf_analyzer as a witness. The device tool runs one command of at most 10 minutes
+# and carries at most 64 MiB a call, and /tmp lasts only while the machine is held, so the work is in phases, one
+# call each, back to back (bench/README.md, "vLLM on the same card"):
+#
+#   bash bench/vllm_compare.sh stash              each call carrying one .peer/vllm_carry.tar.part-* (6 calls)
+#   bash bench/vllm_compare.sh install            carrying .device/wheels: installs vLLM, writes the checkpoint
+#   bash bench/vllm_compare.sh vllm MODES [fp8]   MODES engine, server or engine,server: vLLM's runs ->
+#                                                 $OUT/vllm-MODE[-fp8].json
+#   bash bench/vllm_compare.sh served [fp8]       carrying .device/triton-server.tar.xz: our server, triton-vlm
+#                                                 bench (stream + infer) and perf_analyzer -> $OUT/served[-fp8].json,
+#                                                 $OUT/pa[-fp8].json
+# then here: python -m triton_vlm.bench.peer DIR --command "..." --out bench/results/h100-llava-vs-vllm.json
+#
+# Needs, built here once: .peer/ (bash ../shared/peer/fetch_bundle.sh .peer) and .device/ (bench/gpu_prepare.sh).
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+STASH=/tmp/device                      # what earlier calls carried, kept while the machine is held
+CHECKPOINT=/tmp/llava-random
+mkdir -p "$OUT" "$STASH"
+phase=${1:?usage: vllm_compare.sh stash|install|vllm MODE [fp8]|served [fp8]}
+shift
+# Keep what this call carried for the calls after it.
+[ -d .device/wheels ] && mkdir -p $STASH/wheels && cp -n .device/wheels/*.whl $STASH/wheels/
+[ -f .device/triton-server.tar.xz ] && cp -n .device/triton-server.tar.xz $STASH/
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+
+case "$phase" in
+stash)
+  bash .peer/install_on_device.sh stash ;;
+install)
+  . .peer/install_on_device.sh install
+  PYTHONPATH=$PWD/src python3 -m triton_vlm.bench.checkpoints llava $CHECKPOINT
+  du -sh $CHECKPOINT ;;
+vllm)
+  modes=${1:?engine, server or engine,server}
+  flags=() && suffix=
+  [ "${2:-}" = fp8 ] && flags=(--fp8) && suffix=-fp8
+  for mode in ${modes//,/ }; do
+    PYTHONPATH=/tmp/site python3 .peer/run_vllm_llava.py --model $CHECKPOINT --mode "$mode" "${flags[@]}" \
+      --server-log "$OUT/vllm-server$suffix.log" --json-out "$OUT/vllm-$mode$suffix.json" 2> "$OUT/vllm-$mode$suffix.err" \
+      || { tail -60 "$OUT/vllm-$mode$suffix.err"; exit 1; }
+    grep -i "error\|warn" "$OUT/vllm-$mode$suffix.err" | tail -5 || true
+  done ;;
+served)
+  suffix=
+  # The engine's KV cache sized for this workload (628 prompt positions + 128), as bench/gpu_triton_run.sh does.
+  export TRITON_VLM_LLAVA_LOCAL_PATH=$CHECKPOINT TRITON_VLM_LLAVA_STREAM_MAX_MODEL_LEN=768
+  if [ "${1:-}" = fp8 ]; then
+    suffix=-fp8
+    export TRITON_VLM_LLAVA_STREAM_QUANTIZATION=fp8 TRITON_VLM_LLAVA_STREAM_KV_CACHE_DTYPE=fp8
+  fi
+  tar -xJf $STASH/triton-server.tar.xz -C /tmp
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/tvlm-site \
+    $STASH/wheels/tritonclient-*.whl $STASH/wheels/grpcio-*.whl $STASH/wheels/protobuf-*.whl \
+    $STASH/wheels/python_rapidjson-*.whl
+  export PYTHONPATH=/tmp/tvlm-site:$PWD/src
+  export TRITON_VLM_TRITON_HOME=/tmp/tritonserver TRITON_VLM_TRITON_LIBS=/tmp/tritonserver/nvidia_pytriton.libs
+  export TRITON_VLM_NUMPY1_WHEEL=$(ls $STASH/wheels/numpy-1.26.4-*.whl) TRITON_VLM_WHEELHOUSE=$STASH/wheels
+  python3 -m triton_vlm.cli.main serve --models llava --preload --http-port 18000 --grpc-port 18001 \
+    --metrics-port 18002 > "$OUT/server$suffix.log" 2>&1 &
+  server=$!
+  trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; grep -v "^I1\|^+\|^|" "$OUT/server$suffix.log" | tail -30' EXIT
+  for _ in $(seq 600); do
+    curl -sf -o /dev/null localhost:18000/v2/health/ready && break
+    kill -0 $server 2>/dev/null || { echo "server exited"; exit 1; }
+    sleep 1
+  done
+  python3 -m triton_vlm.cli.main bench --model llava --url 127.0.0.1:18001 --no-baseline --concurrency 1,64 \
+    --requests ${REQUESTS:-6,192} --max-tokens 128 --api both --json "$OUT/served$suffix.json"
+  python3 -m triton_vlm.bench.perf_analyzer --url 127.0.0.1:18001 --model llava --concurrency 1,64 \
+    --requests 8,192 --max-tokens 128 --wheel $STASH/wheels/tritonclient-2.51.0-*.whl \
+    --libs /tmp/tritonserver/nvidia_pytriton.libs --json "$OUT/pa$suffix.json" ;;
+*)
+  echo "unknown phase $phase" >&2; exit 2 ;;
+esac
