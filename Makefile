@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install browser test unit integration clean
 
-install: browser $(STAMP)
+install: browser $(STAMP) $(VENV)/bin/perf_analyzer
 
 # Headless Chromium for the playground's browser tests (tests/integration/test_playground.py): Debian's packages,
 # installed only where missing and only as root (CI runs as root). Elsewhere those tests skip, and fail under CI=true.
@@ -32,6 +32,13 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) "$(TORCH_SPEC)"
 	$(PIP_INSTALL) -e ".[server,test]"
 	touch $(STAMP)
+
+# Triton's perf_analyzer (bench/README.md): the last tritonclient wheel that ships it, 2.51, holds the binary.
+$(VENV)/bin/perf_analyzer: $(STAMP)
+	rm -rf $(VENV)/perf-wheel && $(PY) -m pip download --quiet --no-cache-dir --no-deps tritonclient==2.51.0 -d $(VENV)/perf-wheel
+	$(PY) -c "import pathlib, sys; from triton_vlm.bench.perf_analyzer import extract_binary; \
+	extract_binary(next(pathlib.Path('$(VENV)/perf-wheel').glob('tritonclient-*.whl')), pathlib.Path('$(VENV)/bin'))"
+	rm -rf $(VENV)/perf-wheel
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

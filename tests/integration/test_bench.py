@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.integration.conftest import RunningServer
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +68,24 @@ def test_bench_moondream2_baseline_is_the_in_process_batched_loop(tmp_path: Path
     assert [(r["api"], r["errors"], r["output_tokens"]) for r in report["runs"]] == [("infer", 0, 8), ("infer", 0, 8)]
     assert set(report["ratios"]) == {"infer_c1", "infer_c2"}
     assert "triton-vlm served (moondream2 through Triton: infer)" in result.stdout
+
+
+def test_perf_analyzer_drives_the_served_model_with_the_bench_workload(triton: RunningServer, tmp_path: Path) -> None:
+    """Triton's own client (bench/README.md's recipe) against the real server: every request is the workload's
+    (an image, the prompt, max_tokens, EOS ignored), so its infer/s x max_tokens is the tokens the model made."""
+    from triton_vlm.bench import perf_analyzer
+    from triton_vlm.bench.workload import Workload
+    from triton_vlm.observability.scrape import parse_metrics, value_of
+
+    def generated() -> float:
+        return value_of(parse_metrics(triton.metrics()), "triton_vlm_generated_tokens_total", model="llava") or 0.0
+
+    workload = Workload(model="llava", image_size=64, max_tokens=5)
+    before = generated()
+    result = perf_analyzer.run(triton.grpc_url, "llava", 2, 6, workload, binary=perf_analyzer.find_binary(),
+                               libs=perf_analyzer.default_libs(), work_dir=tmp_path)
+    assert result.infer_s > 0 and result.output_tok_s == pytest.approx(result.infer_s * 5)
+    assert 0 < result.latency_p50_s <= result.latency_p99_s
+    # perf_analyzer sends a few warm-up requests of its own beside the 6 it measures: every one made 5 tokens.
+    made = generated() - before
+    assert made >= 6 * 5 and made % 5 == 0
