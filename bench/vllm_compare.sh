@@ -25,6 +25,9 @@ shift
 [ -d .device/wheels ] && mkdir -p $STASH/wheels && cp -n .device/wheels/*.whl $STASH/wheels/
 [ -f .device/triton-server.tar.xz ] && cp -n .device/triton-server.tar.xz $STASH/
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+# FlashInfer is not in the carried set (shared/peer/README.md); it is only vLLM's top-k/top-p sampler, unused by
+# greedy requests, whose import vLLM 0.26 otherwise does unguarded.
+export VLLM_USE_FLASHINFER_SAMPLER=0
 
 case "$phase" in
 stash)
@@ -38,7 +41,7 @@ vllm)
   flags=() && suffix=
   [ "${2:-}" = fp8 ] && flags=(--fp8) && suffix=-fp8
   for mode in ${modes//,/ }; do
-    PYTHONPATH=/tmp/site python3 .peer/run_vllm_llava.py --model $CHECKPOINT --mode "$mode" "${flags[@]}" \
+    PYTHONPATH=/tmp/site python3 bench/run_vllm_llava.py --model $CHECKPOINT --load-format dummy --mode "$mode" "${flags[@]}" \
       --server-log "$OUT/vllm-server$suffix.log" --json-out "$OUT/vllm-$mode$suffix.json" 2> "$OUT/vllm-$mode$suffix.err" \
       || { tail -60 "$OUT/vllm-$mode$suffix.err"; exit 1; }
     grep -i "error\|warn" "$OUT/vllm-$mode$suffix.err" | tail -5 || true

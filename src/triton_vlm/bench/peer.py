@@ -41,9 +41,11 @@ def _pa_run(report: dict[str, Any], concurrency: int) -> dict[str, Any] | None:
     return next((r for r in report["runs"] if r["concurrency"] == concurrency), None)
 
 
-def compare(directory: Path, command: str) -> dict[str, Any]:
+def compare(directory: Path, command: str, notes: list[str] | None = None) -> dict[str, Any]:
     """The comparison's keys for every precision whose files are in ``directory``."""
     out: dict[str, Any] = {"command": command}
+    if notes:
+        out["notes"] = notes
     raw: dict[str, Any] = {}
     ratios: dict[str, float] = {}
     for suffix, precision in PRECISIONS.items():
@@ -138,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--command", required=True, help="how the runs were made")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--note", action="append", default=[], help="a note to keep in the JSON (repeatable)")
     args = parser.parse_args(argv)
-    result = compare(args.directory, args.command)
+    result = compare(args.directory, args.command, args.note)
     print(format_table(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
