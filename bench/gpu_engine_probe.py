@@ -53,7 +53,7 @@ def hf_generate(model, processor, family, images, prompts) -> tuple[float, list[
 
 def loop_generate(model, processor, family, images, prompts) -> tuple[float, list[list[int]]]:
     """The batched loop the backend runs without the engine (moondream2's baseline)."""
-    from triton_vlm.generation import generate_batch
+    from triton_vlm.models.generation import generate_batch
 
     params = [SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)] * len(prompts)
     _sync()

@@ -8,7 +8,7 @@ import torch
 
 from triton_vlm.client.client import ImageLike, encode_image
 from triton_vlm.errors import TritonVLMError
-from triton_vlm.generation import GenerationOutput
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.launcher.repository import default_model_repository
 from triton_vlm.runtime import VLMRuntime
 from triton_vlm.settings import ModelSettings, read_config_parameters

@@ -16,7 +16,7 @@ from PIL import Image
 
 from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, RequestCancelledError,
                                TritonVLMError)
-from triton_vlm.generation import CANCELLED, GenerationOutput
+from triton_vlm.models.generation import CANCELLED, GenerationOutput
 from triton_vlm.images import decode_image
 from triton_vlm.loading import LoadedModel, load_model
 from triton_vlm.models import get_family

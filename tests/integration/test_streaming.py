@@ -16,7 +16,7 @@ from triton_client import TritonVLMClient
 from triton_vlm.client import parse_entities
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.generation import GenerationOutput
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.launcher import ServerOptions, TritonServer
 from triton_vlm.runtime import VLMRuntime
 

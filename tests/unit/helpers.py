@@ -88,7 +88,7 @@ def load_tiny(family_name: str, device: str = "cpu", dtype: Any = None) -> tuple
 def batched_greedy(loaded: tuple[Any, Any, Any], images: list[Image.Image], prompts: list[str],
                    max_tokens: list[int]) -> list[list[int]]:
     """What the batched loop (``generate_batch``) answers greedily: the engine tests' reference token ids."""
-    from triton_vlm.generation import generate_batch
+    from triton_vlm.models.generation import generate_batch
     from triton_vlm.sampling import SamplingParams
 
     family, model, processor = loaded

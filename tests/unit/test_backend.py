@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from triton_vlm.generation import GenerationOutput
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import VLMRuntime
 
 from .helpers import image_bytes

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from triton_vlm.generation import GenerationOutput
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import VLMRuntime
 
 from .helpers import image_bytes

@@ -17,7 +17,7 @@ from triton_vlm.engine import EngineConfig, LLMEngine, RequestOutput
 from triton_vlm.engine.request import SequenceStatus
 from triton_vlm.engine.scheduler import SchedulerOutput
 from triton_vlm.errors import GenerationError, InvalidInputError
-from triton_vlm.generation import GenerationOutput, generate_batch
+from triton_vlm.models.generation import GenerationOutput, generate_batch
 from triton_vlm.runtime import VLMRuntime
 from triton_vlm.sampling import SamplingParams
 

@@ -1,4 +1,4 @@
-"""triton_vlm.generation: the batched decode loop against transformers' own generate, and batch parity."""
+"""triton_vlm.models.generation: the batched decode loop against transformers' own generate; batch parity."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from triton_vlm import generation
+from triton_vlm.models import generation
 from triton_vlm.errors import RequestCancelledError
-from triton_vlm.generation import CANCELLED, GenerationOutput, generate_batch, position_ids_for
+from triton_vlm.models.generation import CANCELLED, GenerationOutput, generate_batch, position_ids_for
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
 

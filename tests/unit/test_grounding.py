@@ -14,7 +14,7 @@ from PIL import Image
 from triton_vlm.cli.main import main
 from triton_vlm.client.entities import Box, Entity, draw_entities, entities_from_answer, parse_entities
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.generation import GenerationOutput, generate_batch
+from triton_vlm.models.generation import GenerationOutput, generate_batch
 from triton_vlm.models.kosmos2 import grounded_entities, visible_region
 from triton_vlm.runtime import VLMRuntime
 from triton_vlm.sampling import SamplingParams

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from triton_vlm.errors import InvalidInputError  # noqa: E402
-from triton_vlm.generation import generate_batch  # noqa: E402
+from triton_vlm.models.generation import generate_batch  # noqa: E402
 from triton_vlm.models import get_family  # noqa: E402
 from triton_vlm.models.moondream2 import DEFAULT_REVISION  # noqa: E402
 from triton_vlm.models.moondream2.config import MoondreamConfig  # noqa: E402

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from triton_vlm.client.client import _translate
 from triton_vlm.errors import (InvalidInputError, ModelLoadError, ModelUnavailableError, RequestTimeoutError,
                                UnknownModelError)
-from triton_vlm.generation import check_context
+from triton_vlm.models.generation import check_context
 from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer
 from triton_vlm.launcher import preflight, supervisor
 from triton_vlm.launcher import server as server_module

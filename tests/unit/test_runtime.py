@@ -12,7 +12,7 @@ import torch
 import triton_vlm.runtime as runtime_module
 from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, TritonVLMError,
                                UnknownModelError)
-from triton_vlm.generation import GenerationOutput
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import MAX_PROMPT_CHARS, VLMRuntime, _as_error
 from triton_vlm.sampling import SamplingParams
 from triton_vlm.settings import ModelSettings

@@ -17,7 +17,7 @@ from triton_vlm.backend.requests import (declared_extra_outputs, error_response,
                                          parse_request, runtime_from_args)
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
-from triton_vlm.generation import GenerationOutput
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import GenerationRequest
 
 log = logging.getLogger("triton_vlm")

@@ -31,7 +31,7 @@ from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.detokenizer import IncrementalDetokenizer
 from triton_vlm.engine import LLMEngine, RequestOutput
 from triton_vlm.errors import GenerationError, ModelUnavailableError, TritonVLMError
-from triton_vlm.generation import CANCEL_CHECK_S, GenerationOutput
+from triton_vlm.models.generation import CANCEL_CHECK_S, GenerationOutput
 from triton_vlm.runtime import GenerationRequest
 
 log = logging.getLogger("triton_vlm")

@@ -77,7 +77,7 @@ def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
     if model == "llava":
         return save_random_llava_7b(path, device)
     if model == "kosmos2":
-        from triton_vlm.models.kosmos2 import write_random_checkpoint
+        from triton_vlm.models.kosmos2.family import write_random_checkpoint
     elif model == "moondream2":
         from triton_vlm.models.moondream2.family import write_random_checkpoint  # type: ignore[no-redef]
     else:

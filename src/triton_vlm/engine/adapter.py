@@ -1,30 +1,85 @@
-"""What the engine needs from a model family: tokenized prompts, prompt embeddings, a decoder."""
+"""What the engine needs from a model family, and nothing else: the engine imports no family.
+
+A family (``triton_vlm.models.<family>``) plugs in through three pieces defined here:
+
+* :class:`EngineFamily`: the family object the engine is built for (``ModelFamily`` satisfies it);
+* :class:`EngineAdapter`: tokenized prompts, image features and prompt embeddings, and the decoder to build;
+* :class:`Decoder`: the language model's forward over the slot KV cache (the generic
+  :class:`~triton_vlm.engine.decoders.llama.LlamaDecoder`, or one of the family's own).
+"""
 
 from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.request import EngineRequest
 from triton_vlm.engine.transfer import device_longs, device_pixels
 
 
+class Decoder(Protocol):
+    """A language model's forward over the slot KV cache, as the runner drives it.
+
+    Optional members, looked up with ``getattr``: ``mixes`` (True where :meth:`prefill_and_decode` runs a
+    step's prompt chunks and decode rows as one forward, with :meth:`prefill`'s and :meth:`decode`'s arguments)
+    and ``quantize(method)`` (where the projections can be quantized)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    #: Whether the fused Triton kernels run (a CUDA device); decode attention then reads each row's length on the
+    #: device and needs no context bound.
+    fused: bool
+    #: Token ids -> embeddings [tokens, hidden] (the model's own embedding module).
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor]
+
+    def prefill(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache) -> torch.Tensor:
+        """Packed prompt chunks (``(slot, start, length)``, back to back in ``embeds`` [tokens, hidden]); each
+        chunk's last hidden state [chunks, hidden]."""
+        ...
+
+    def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
+               cache: SlotKVCache, context: int | None = None) -> torch.Tensor:
+        """One token for each of the first ``batch`` slots; logits [batch, vocab]."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection: [rows, hidden] -> [rows, vocab]."""
+        ...
+
+
+class EngineFamily(Protocol):
+    """The model family an engine serves (``triton_vlm.models.ModelFamily`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def engine_adapter(self) -> EngineAdapter | None:
+        """How the engine runs this family; None where it does not."""
+        ...
+
+    def stop_token_ids(self, model: Any, processor: Any) -> set[int]:
+        """The token ids that end an answer."""
+        ...
+
+
 class EngineAdapter(ABC):
-    """One per model family the engine runs (``ModelFamily.engine_adapter()``)."""
+    """One per model family the engine runs (``EngineFamily.engine_adapter()``)."""
 
     @abstractmethod
     def prepare(self, family: Any, processor: Any, image: Any, prompt: str) -> tuple[list[int], dict[str, Any]]:
         """Prompt token ids (image placeholders expanded) and the multimodal inputs for one request: at least
-        ``pixel_values`` and ``image_rows``, the prompt positions that take the image's features, in order."""
+        ``pixel_values`` and ``image_rows``, the prompt positions that take the image's features, in order.
+        ``family`` is the :class:`EngineFamily` this adapter came from (the family's own class)."""
 
     @abstractmethod
-    def build_decoder(self, model: Any) -> Any:
-        """The language model's forward over the slot cache (``LlamaDecoder``, ``MoondreamDecoder``,
-        ``Kosmos2Decoder``)."""
+    def build_decoder(self, model: Any) -> Decoder:
+        """The language model's forward over the slot cache."""
 
     @abstractmethod
     def encode_images(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -42,7 +97,7 @@ class EngineAdapter(ABC):
         where it can be) in one batch: a row per image row of the prompts, in order."""
         return encode(device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype))
 
-    def prompt_embeds(self, model: Any, decoder: Any, requests: list[EngineRequest],
+    def prompt_embeds(self, model: Any, decoder: Decoder, requests: list[EngineRequest],
                       encode: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
         """[prompt_len, hidden] embeddings per request, image features at their ``image_rows``.
 
@@ -58,7 +113,8 @@ class EngineAdapter(ABC):
         return list(embeds.split(lengths))
 
     @abstractmethod
-    def context_length(self, model: Any) -> int: ...
+    def context_length(self, model: Any) -> int:
+        """Positions the language model was trained for: the engine's context is at most this."""
 
     def min_first_chunk(self, model: Any) -> int:
         """Positions a prompt's first prefill chunk must hold: a prefix that attends both ways (0: none)."""

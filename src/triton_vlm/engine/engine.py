@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from triton_vlm.engine.adapter import EngineFamily
 from triton_vlm.engine.config import EngineConfig
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.quantization import check_fp8_support, kv_cache_dtype
@@ -30,7 +31,6 @@ from triton_vlm.engine.runner import ModelRunner
 from triton_vlm.engine.scheduler import Scheduler, SchedulerOutput
 from triton_vlm.engine.transfer import device_longs
 from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
-from triton_vlm.models.base import ModelFamily
 from triton_vlm.sampling import SamplingParams, choose_tokens, make_generator
 
 log = logging.getLogger("triton_vlm")
@@ -66,7 +66,7 @@ class _InFlight:
 class LLMEngine:
     """Serves one loaded model. Thread-safe entry points: :meth:`submit`, :meth:`abort`, :meth:`shutdown`."""
 
-    def __init__(self, family: ModelFamily, model: Any, processor: Any, config: EngineConfig | None = None) -> None:
+    def __init__(self, family: EngineFamily, model: Any, processor: Any, config: EngineConfig | None = None) -> None:
         adapter = family.engine_adapter()
         if adapter is None:
             raise GenerationError(f"the engine does not support the {family.name} family yet")

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from triton_vlm.engine.adapter import Decoder, EngineAdapter
 from triton_vlm.engine.attention import avoid_per_shape_attention_plans
 from triton_vlm.engine.config import EngineConfig
 from triton_vlm.engine.kernels import fused_available
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine.llama import LlamaDecoder
 from triton_vlm.engine.request import Sequence
 from triton_vlm.engine.scheduler import PrefillChunk
 from triton_vlm.engine.transfer import device_longs
@@ -41,7 +41,7 @@ def batch_buckets(limit: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, adapter: Any, model: Any, decoder: LlamaDecoder, cache: SlotKVCache,
+    def __init__(self, adapter: EngineAdapter, model: Any, decoder: Decoder, cache: SlotKVCache,
                  config: EngineConfig) -> None:
         self.adapter = adapter
         self.model = model

@@ -1,12 +1,13 @@
 """The adapter interface every model family implements.
 
-The generation loop (:mod:`triton_vlm.generation`) is family-agnostic: it asks the adapter how to render a
-prompt, encode a batch, number positions and run one forward step. Differences between families live here,
+The generation loop (:mod:`triton_vlm.models.generation`) is family-agnostic: it asks the adapter how to render
+a prompt, encode a batch, number positions and run one forward step. Differences between families live here,
 as small overrides, never as copies of the loop.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -17,10 +18,20 @@ import torch
 from PIL import Image
 
 from triton_vlm.errors import InvalidInputError
+from triton_vlm.models.generation import CancelProbes, GenerationOutput, generate_batch, position_ids_for
 
 if TYPE_CHECKING:
-    from triton_vlm.generation import CancelProbes, GenerationOutput
+    from triton_vlm.engine.adapter import EngineAdapter
     from triton_vlm.sampling import SamplingParams
+
+#: A class named lazily: ``(module, class)``, imported when first asked for (:func:`import_class`).
+LazyClass = tuple[str, str]
+
+
+def import_class(entry: LazyClass) -> Any:
+    """The class a lazy ``(module, class)`` entry names, importing its module now."""
+    module, name = entry
+    return getattr(importlib.import_module(module), name)
 
 
 class ModelFamily(ABC):
@@ -44,6 +55,9 @@ class ModelFamily(ABC):
     #: Whether :meth:`decode_text` is :meth:`detokenize` stripped, so a stream can build it a few tokens at a time
     #: (:mod:`triton_vlm.detokenizer`); a family that rewrites the whole text (kosmos2's grounding tags) says no.
     incremental_text: ClassVar[bool] = True
+    #: The family's :class:`~triton_vlm.engine.adapter.EngineAdapter` as ``(module, class)``, in the family's own
+    #: package; imported only when an engine is built. None: only the batched loop serves the family.
+    engine_adapter_class: ClassVar[LazyClass | None] = None
 
     # -- loading -----------------------------------------------------------------------------------------
     @abstractmethod
@@ -61,9 +75,12 @@ class ModelFamily(ABC):
         processor.tokenizer.padding_side = "left"
         return model, processor
 
-    def engine_adapter(self) -> Any | None:
-        """How :mod:`triton_vlm.engine` runs this family; None where only the HF path is available."""
-        return None
+    def engine_adapter(self) -> EngineAdapter | None:
+        """How :mod:`triton_vlm.engine` runs this family (:attr:`engine_adapter_class`); None where only the HF
+        path is available."""
+        if self.engine_adapter_class is None:
+            return None
+        return import_class(self.engine_adapter_class)()
 
     @abstractmethod
     def build_tiny(self, path: Path) -> None:
@@ -112,8 +129,6 @@ class ModelFamily(ABC):
         """Outputs for a batch of requests. The shared decode loop, unless a family has tasks it answers
         another way (it then splits the batch and still runs its text tasks through the loop). ``cancelled``:
         per request, a probe telling whether its client cancelled it (see :func:`generate_batch`)."""
-        from triton_vlm.generation import generate_batch
-
         return generate_batch(self, model, processor, images, prompts, params, tasks, cancelled)
 
     # -- stepping ----------------------------------------------------------------------------------------
@@ -128,8 +143,6 @@ class ModelFamily(ABC):
         """Prefill position ids, counted over real tokens only (left padding): ``[batch, seq]``. Decode steps
         continue from the last one plus one, so a family with multimodal RoPE may return ``[3, batch, seq]``
         as long as its last prompt position is text."""
-        from triton_vlm.generation import position_ids_for
-
         return position_ids_for(inputs["attention_mask"], self.first_position(model), self.pad_position(model))
 
     def prefill(self, model: Any, inputs: dict[str, torch.Tensor], position_ids: torch.Tensor,

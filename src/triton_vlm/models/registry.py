@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 from functools import cache
 
 from triton_vlm.errors import UnknownModelError
-from triton_vlm.models.base import ModelFamily
+from triton_vlm.models.base import LazyClass, ModelFamily, import_class
 
-# name -> (module, class). Adding a family is one line here and one module.
-_FAMILIES: dict[str, tuple[str, str]] = {
+# name -> (module, class). Adding a family is one line here and one package, models/<family>/.
+_FAMILIES: dict[str, LazyClass] = {
     "llava": ("triton_vlm.models.llava", "LlavaFamily"),
     "kosmos2": ("triton_vlm.models.kosmos2", "Kosmos2Family"),
     "moondream2": ("triton_vlm.models.moondream2", "Moondream2Family"),
@@ -26,11 +25,11 @@ def available_families() -> list[str]:
 def get_family(name: str) -> ModelFamily:
     """The adapter instance for ``name``; raises :class:`UnknownModelError` listing the known ones."""
     try:
-        module_name, class_name = _FAMILIES[name]
+        entry = _FAMILIES[name]
     except KeyError:
         raise UnknownModelError(
             f"unknown model family {name!r}; known families: {', '.join(available_families())}"
         ) from None
-    family = getattr(importlib.import_module(module_name), class_name)()
+    family = import_class(entry)()
     assert isinstance(family, ModelFamily)
     return family

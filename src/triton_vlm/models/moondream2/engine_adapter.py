@@ -1,6 +1,6 @@
 """moondream2 on triton-vlm's engine: the query task (the default), image features in place of the prefix slots.
 
-Captions and the region tasks (detect, point) keep the batched loop of :mod:`triton_vlm.generation`.
+Captions and the region tasks (detect, point) keep the batched loop of :mod:`triton_vlm.models.generation`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from triton_vlm.engine.adapter import EngineAdapter
-from triton_vlm.engine.moondream import MoondreamDecoder
 from triton_vlm.engine.request import EngineRequest
 from triton_vlm.engine.transfer import device_pixels
+from triton_vlm.models.moondream2.engine_decoder import MoondreamDecoder
 from triton_vlm.models.moondream2.image import normalize_crops, overlap_crops
 
 

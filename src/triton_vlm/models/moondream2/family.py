@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.generation import CancelProbes, GenerationOutput, generate_batch
 from triton_vlm.models.base import ModelFamily
+from triton_vlm.models.generation import CancelProbes, GenerationOutput, generate_batch
 from triton_vlm.models.moondream2.config import MoondreamConfig, tiny_config
 from triton_vlm.models.moondream2.locate import locate
 from triton_vlm.models.moondream2.model import Moondream2Model
@@ -38,6 +38,8 @@ class Moondream2Family(ModelFamily):
     tasks = ("query", "caption", *(f"caption:{n}" for n in CAPTION_LENGTHS), "detect", "point")
     # Released and run by the reference in bfloat16; float16's narrower range is not what it was tested in.
     auto_cuda_dtype = "bfloat16"
+    # The query task (the default) runs on the engine; captions and region tasks on the batched loop.
+    engine_adapter_class = ("triton_vlm.models.moondream2.engine_adapter", "Moondream2EngineAdapter")
 
     def model_class(self) -> type:
         return Moondream2Model
@@ -66,11 +68,6 @@ class Moondream2Family(ModelFamily):
 
     def build_tiny(self, path: Path) -> None:
         write_random_checkpoint(path)
-
-    def engine_adapter(self) -> Any:
-        from triton_vlm.models.moondream2.engine_adapter import Moondream2EngineAdapter
-
-        return Moondream2EngineAdapter()
 
     # -- requests ----------------------------------------------------------------------------------------
     def normalize_task(self, task: str | None) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from triton_vlm.generation import GenerationOutput
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.models.moondream2.model import Moondream2Model
 from triton_vlm.models.moondream2.processor import Moondream2Processor
 from triton_vlm.models.moondream2.tasks import Task

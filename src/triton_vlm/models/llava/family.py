@@ -26,6 +26,7 @@ class LlavaFamily(ModelFamily):
     # The tokenizer turns these into control tokens wherever they appear in the text: a user's "</s>" would
     # end the prompt early, a "<image>" would ask for a second image.
     reserved_prompt_tokens = (IMAGE_TOKEN, "<s>", "</s>", "<unk>", "<pad>")
+    engine_adapter_class = ("triton_vlm.models.llava.engine_adapter", "LlavaEngineAdapter")
 
     def model_class(self) -> type:
         from transformers import LlavaForConditionalGeneration
@@ -37,11 +38,6 @@ class LlavaFamily(ModelFamily):
         if getattr(processor, "chat_template", None):
             return processor.apply_chat_template(conversation, add_generation_prompt=True)
         return f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:"
-
-    def engine_adapter(self) -> Any:
-        from triton_vlm.models.llava_engine import LlavaEngineAdapter
-
-        return LlavaEngineAdapter()
 
     def build_tiny(self, path: Path) -> None:
         from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaTokenizer,

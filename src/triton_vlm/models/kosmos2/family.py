@@ -29,16 +29,12 @@ class Kosmos2Family(ModelFamily):
     reserved_prompt_tokens = ("<image>", "</image>", "<s>", "</s>", "<pad>", "<unk>", "<mask>")
     extra_outputs = {"entities": "[]"}
     incremental_text = False  # post_process_generation rewrites the whole text
+    engine_adapter_class = ("triton_vlm.models.kosmos2.engine_adapter", "Kosmos2EngineAdapter")
 
     def model_class(self) -> type:
         from transformers import Kosmos2ForConditionalGeneration
 
         return Kosmos2ForConditionalGeneration
-
-    def engine_adapter(self) -> Any:
-        from triton_vlm.models.kosmos2_engine import Kosmos2EngineAdapter
-
-        return Kosmos2EngineAdapter()
 
     def render_prompt(self, processor: Any, prompt: str) -> str:
         # The processor itself wraps the text with <s><image>...</image>; a "<grounding>" prefix asks for boxes.

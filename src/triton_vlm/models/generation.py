@@ -14,14 +14,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.models.base import ModelFamily
 from triton_vlm.sampling import RowSampler, SamplingParams
+
+if TYPE_CHECKING:
+    # Only for annotations: ModelFamily's default generate() is this loop, so base imports this module.
+    from triton_vlm.models.base import ModelFamily
 
 
 #: Finish reason of a row whose client cancelled it (the backend answers it with a CANCELLED error).

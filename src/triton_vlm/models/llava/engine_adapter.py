@@ -1,4 +1,5 @@
-"""Llava on triton-vlm's engine: CLIP features scattered into the Llama prompt embeddings, Llama decoding."""
+"""Llava on triton-vlm's engine: CLIP features scattered into the Llama prompt embeddings, decoded by the engine's
+generic :class:`~triton_vlm.engine.decoders.llama.LlamaDecoder`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import torch
 
 from triton_vlm.engine.adapter import EngineAdapter, vision_tower_shape
-from triton_vlm.engine.llama import LlamaDecoder
+from triton_vlm.engine.decoders.llama import LlamaDecoder
 
 
 class LlavaEngineAdapter(EngineAdapter):

@@ -1,6 +1,6 @@
 """The forward pass of Kosmos-2's text decoder (fairseq/Magneto style) over the engine's slot KV cache.
 
-What differs from :class:`~triton_vlm.engine.llama.LlamaDecoder`: absolute sinusoidal positions added to the
+What differs from :class:`~triton_vlm.engine.decoders.llama.LlamaDecoder`: absolute sinusoidal positions added to the
 scaled token embeddings (counted from ``pad_token_id + 1``, as fairseq does), LayerNorms with biases, biased
 projections, a LayerNorm inside attention (before ``out_proj``) and another inside the MLP (after GELU). The
 image's 64 latent embeddings replace their placeholder tokens before the scaling, as in

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_vlm.engine.adapter import EngineAdapter, vision_tower_shape
-from triton_vlm.engine.kosmos2 import Kosmos2Decoder
+from triton_vlm.models.kosmos2.engine_decoder import Kosmos2Decoder
 
 
 class Kosmos2EngineAdapter(EngineAdapter):

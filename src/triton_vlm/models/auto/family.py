@@ -2,7 +2,7 @@
 
 A new model is a directory with ``model_family: "auto"`` and its ``hf_model_id`` (``triton-vlm add-model``).
 The prompt is the processor's chat template over one user turn, ``[image, text]``, with the generation prompt;
-the shared batched loop (:mod:`triton_vlm.generation`) generates, with left padding and explicit positions:
+the shared batched loop (:mod:`triton_vlm.models.generation`) generates, with left padding and explicit positions:
 
 * RoPE models count positions from 0 over real tokens (Llama, Mistral, Gemma, Idefics3/SmolVLM, LLaVA-NeXT...);
   PaliGemma counts from 1 (:data:`FIRST_POSITION`).

@@ -1,6 +1,6 @@
 """The forward pass of moondream2's text decoder (Phi-1.5 style) over the engine's slot KV cache.
 
-Differences from :class:`~triton_vlm.engine.llama.LlamaDecoder`, all taken from
+Differences from :class:`~triton_vlm.engine.decoders.llama.LlamaDecoder`, all taken from
 :mod:`triton_vlm.models.moondream2.text`: each block normalizes once (LayerNorm) and adds attention and MLP
 in parallel, projections carry biases, rotary embedding covers half of each head, and the ``prefix_len``
 first positions (BOS + image) attend to each other both ways. So a prompt's first prefill chunk must hold

@@ -1,8 +1,10 @@
 """The forward pass of a Hugging Face Llama-family language model over the engine's slot KV cache.
 
-We reuse the model's own modules (embeddings, RMSNorms, rotary embedding, lm_head) and its weights, fused
-for fewer, larger matmuls: q/k/v into one projection and gate/up into another (:mod:`.weights`). Those
-projections may be quantized to fp8 (:meth:`LlamaDecoder.quantize`).
+Generic: any family whose language model is a Llama (llava's, and the Llama-like ones of other VLMs) builds it
+from its model's modules; what differs between such models is read from their config, not written as
+subclasses. We reuse the model's own modules (embeddings, RMSNorms, rotary embedding, lm_head) and its weights,
+fused for fewer, larger matmuls: q/k/v into one projection and gate/up into another
+(:mod:`triton_vlm.engine.weights`). Those projections may be quantized to fp8 (:meth:`LlamaDecoder.quantize`).
 """
 
 from __future__ import annotations
