@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.requests import extra_values, output_response
