@@ -125,7 +125,7 @@ class VLMRuntime:
             return list(self._run(loaded, requests))
         except Exception as exc:
             if len(requests) == 1:
-                return [_as_error(exc)]
+                return [as_request_error(exc)]
             log.warning("model %s: batch of %d failed (%s); retrying one by one",
                         self.settings.model_name, len(requests), exc)
             results: list[GenerationOutput | TritonVLMError] = []
@@ -133,7 +133,7 @@ class VLMRuntime:
                 try:
                     results.extend(self._run(loaded, [request]))
                 except Exception as single_exc:
-                    results.append(_as_error(single_exc))
+                    results.append(as_request_error(single_exc))
             return results
 
     def _run(self, loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
@@ -156,7 +156,10 @@ def _text(field: str, value: str | bytes) -> str:
     return value
 
 
-def _as_error(exc: Exception) -> TritonVLMError:
+def as_request_error(exc: BaseException) -> TritonVLMError:
+    """The error a request's client gets for ``exc``: ours as it is, anything else mapped to the closest class
+    (CUDA out of memory and unknown failures: :class:`GenerationError`; a processor's ``ValueError``:
+    :class:`InvalidInputError`)."""
     if isinstance(exc, TritonVLMError):
         return exc
     if isinstance(exc, torch.cuda.OutOfMemoryError):

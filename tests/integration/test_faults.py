@@ -1,6 +1,7 @@
-"""Overload and faults against a real server of their own: limits from the environment, a full queue, a model
-whose weights are missing (then provided), a Python stub killed with SIGKILL (in flight, then recovered),
-a cancelled stream freeing its engine slot, and a secret that never reaches the log.
+"""Overload and faults against a real server of their own: limits from the environment, a full queue, one request
+of a batch failing (an injected CUDA out-of-memory error), a model whose weights are missing (then provided), a
+Python stub killed with SIGKILL (in flight, then recovered), a cancelled stream freeing its engine slot, and a
+secret that never reaches the log.
 
 The soak test at the end runs on the same server afterwards.
 """
@@ -26,7 +27,8 @@ from tests.conftest import free_ports
 from tests.integration.conftest import ServerHandle
 from tests.unit.helpers import image_bytes
 from triton_client import TritonVLMClient
-from triton_vlm.errors import InvalidInputError, ModelUnavailableError, RequestTimeoutError, ServerUnreachableError
+from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
+                               ServerUnreachableError)
 from triton_vlm.launcher import ServerOptions, TritonServer
 from triton_vlm.launcher.supervisor import live_stubs
 
@@ -35,6 +37,9 @@ pytestmark = pytest.mark.integration
 HF_SECRET = "hf_reliabilityTestSecret0123456789"
 KOSMOS_MAX_PIXELS = 4096
 PROMPT = "What is in this image?"
+#: Prompts carrying these fail with an injected CUDA out-of-memory error (triton_vlm/backend/faults.py): at parse
+#: time (both model kinds) or where the engine's processor runs (engine models).
+FAULT_AT_PARSE, FAULT_AT_PREPARE = "fault-at-parse", "fault-at-prepare"
 
 
 @dataclass
@@ -100,6 +105,8 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
         # moondream2: real (not tiny) weights from a local directory that is not there.
         "TRITON_VLM_MOONDREAM2_TINY": "0",
         "TRITON_VLM_MOONDREAM2_LOCAL_PATH": str(moondream_dir),
+        # The test-only fault hook, for the marked prompts only.
+        "TRITON_VLM_INJECT_FAULTS": f"parse={FAULT_AT_PARSE},prepare={FAULT_AT_PREPARE}",
     }
     options = ServerOptions(models=("llava", "kosmos2", "moondream2"), tiny=True, http_port=http, grpc_port=grpc,
                             metrics_port=metrics, extra_env=env)
@@ -210,6 +217,57 @@ def test_a_request_may_bound_its_wait_in_the_queue(faulty: FaultServer) -> None:
         assert all(len(future.result()) > 0 for future in busy)
     client.close()
     assert info.value.code == 503 and "timeout" in message.lower(), (message, waited)
+
+
+# -- one failing request in a batch ------------------------------------------------------------------------------
+def _assert_ready(faulty: FaultServer, model: str) -> None:
+    assert faulty.status("/v2/health/ready") == 200
+    assert faulty.status(f"/v2/models/{model}/ready") == 200
+
+
+def test_a_failing_request_leaves_the_rest_of_its_engine_batch_and_the_model_alone(faulty: FaultServer) -> None:
+    """kosmos2_stream serves nothing before this test: its first request builds the engine, and the requests sent
+    meanwhile arrive together, one of them failing in the engine's processor (CUDA out of memory, injected). The
+    others are answered, and the model stays READY and serves on."""
+    image = image_bytes(32, 32)
+    client = TritonVLMClient(faulty.grpc_url, protocol="grpc", timeout=120)
+
+    def call(prompt: str) -> object:
+        return _outcome(lambda: "".join(client.stream("kosmos2", image, prompt, max_tokens=4, ignore_eos=True)))
+
+    prompts = ["<grounding>An image of", f"An image of {FAULT_AT_PREPARE}", "An image of a", "<grounding>A photo of"]
+    with ThreadPoolExecutor(len(prompts) + 1) as pool:
+        first = pool.submit(call, "An image of")  # builds the engine
+        time.sleep(0.3)
+        results = list(pool.map(call, prompts))
+        assert isinstance(first.result(), str), first.result()
+    failed = results.pop(1)
+    assert isinstance(failed, GenerationError) and "CUDA out of memory" in str(failed), failed
+    assert all(isinstance(result, str) for result in results), results
+    _assert_ready(faulty, "kosmos2_stream")
+    assert isinstance(call("An image of"), str)
+    client.close()
+    assert "fault injected at 'prepare'" in faulty.log()  # with its traceback
+
+
+def test_a_failing_request_leaves_the_rest_of_its_batch_alone(faulty: FaultServer) -> None:
+    """llava (the batched model) is busy with a long request while four more queue, so they run as one batch; one
+    of them fails as it is parsed (CUDA out of memory, injected). The other three are answered."""
+    image = image_bytes(32, 32)
+    client = TritonVLMClient(faulty.http_url, timeout=120)
+    client.infer("llava", image, PROMPT, max_tokens=1)
+    prompts = [PROMPT, f"{PROMPT} {FAULT_AT_PARSE}", f"{PROMPT} Say more.", f"{PROMPT} Briefly."]
+    with ThreadPoolExecutor(len(prompts) + 1) as pool:
+        busy = pool.submit(client.infer, "llava", image, PROMPT, max_tokens=600, ignore_eos=True)
+        time.sleep(0.15)
+        results = list(pool.map(lambda p: _outcome(lambda: client.infer("llava", image, p, max_tokens=3)), prompts))
+        assert busy.result()
+    failed = results.pop(1)
+    assert isinstance(failed, GenerationError) and "CUDA out of memory" in str(failed), failed
+    assert all(isinstance(result, str) for result in results), results
+    _assert_ready(faulty, "llava")
+    assert client.infer("llava", image, PROMPT, max_tokens=2)
+    client.close()
 
 
 # -- a model that cannot load ---------------------------------------------------------------------------------

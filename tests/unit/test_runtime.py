@@ -13,7 +13,7 @@ import triton_vlm.runtime as runtime_module
 from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, TritonVLMError,
                                UnknownModelError)
 from triton_vlm.models.generation import GenerationOutput
-from triton_vlm.runtime import MAX_PROMPT_CHARS, VLMRuntime, _as_error
+from triton_vlm.runtime import MAX_PROMPT_CHARS, VLMRuntime, as_request_error
 from triton_vlm.sampling import SamplingParams
 from triton_vlm.settings import ModelSettings
 
@@ -284,15 +284,15 @@ def test_tiny_positive_temperature_is_answered_greedily(llava_runtime: VLMRuntim
     assert result.token_ids == expected.token_ids
 
 
-# -- _as_error -----------------------------------------------------------------------------------------------------
+# -- as_request_error ----------------------------------------------------------------------------------------------
 def test_as_error_mapping() -> None:
     own = ModelLoadError("x")
-    assert _as_error(own) is own
-    assert isinstance(_as_error(ValueError("v")), InvalidInputError)
-    assert isinstance(_as_error(IndexError("i")), InvalidInputError)
-    oom = _as_error(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert as_request_error(own) is own
+    assert isinstance(as_request_error(ValueError("v")), InvalidInputError)
+    assert isinstance(as_request_error(IndexError("i")), InvalidInputError)
+    oom = as_request_error(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert isinstance(oom, GenerationError) and "out of GPU memory" in str(oom)
-    other = _as_error(KeyError("k"))
+    other = as_request_error(KeyError("k"))
     assert isinstance(other, GenerationError) and "KeyError" in str(other)
     assert all(isinstance(e, TritonVLMError) for e in (oom, other))
 

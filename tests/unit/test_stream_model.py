@@ -1,4 +1,5 @@
-"""triton_vlm.backend.stream_model: what the engine model's final response carries (Triton's utils faked)."""
+"""triton_vlm.backend.stream_model and its response loop: what the engine model's responses carry, and how it
+unloads (Triton's utils faked)."""
 
 from __future__ import annotations
 
@@ -19,21 +20,29 @@ from triton_vlm.sampling import SamplingParams
 
 from .test_backend import FakeMetric, fake_pb_utils
 
+#: Every module that imports Triton's utils, imported again over the fake.
 MODULES = ("triton_vlm.backend", "triton_vlm.backend.python_model", "triton_vlm.backend.metrics",
+           "triton_vlm.backend.requests", "triton_vlm.backend.stream_requests", "triton_vlm.backend.responses",
+           "triton_vlm.backend.batched_tasks", "triton_vlm.backend.engine_service",
            "triton_vlm.backend.stream_model")
 PROMPT = "<grounding>An image of"
 
 
-@pytest.fixture
-def stream_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def stream_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """The stream model's modules over a fake ``triton_python_backend_utils``, by their short names."""
     utils = fake_pb_utils()
     utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
     for name in MODULES:
         monkeypatch.delitem(sys.modules, name, raising=False)
-    yield importlib.import_module("triton_vlm.backend.stream_model")
+    yield SimpleNamespace(**{name.rsplit(".", 1)[1]: importlib.import_module(name) for name in MODULES[1:]})
     for name in MODULES:
         sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def stream_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    yield from stream_backend(monkeypatch)
 
 
 def grounded_answer(processor: Any) -> list[int]:
@@ -46,19 +55,25 @@ def grounded_answer(processor: Any) -> list[int]:
 
 def delivering_model(module: Any, runtime: VLMRuntime, extra_outputs: dict[str, str],
                      stream_interval: int = 1) -> Any:
-    """The stream model's response side alone: no initialize(), so no threads and no engine."""
-    model = object.__new__(module.TritonVLMStreamModel)
-    model.runtime, model.extra_outputs, model._stream_interval = runtime, extra_outputs, stream_interval
-    model.metrics = SimpleNamespace(observe_request=lambda *args: None, request_errors=FakeMetric())
-    return model
+    """The stream model's response loop alone, its thread not started."""
+    metrics = SimpleNamespace(observe_request=lambda *args: None, request_errors=FakeMetric())
+    loop = module.responses.ResponseLoop(runtime, metrics, None, extra_outputs)
+    loop.stream_interval = stream_interval
+    return loop
+
+
+def recording_sender() -> tuple[Any, list[tuple[Any, int]]]:
+    """A response sender that records (response, flags)."""
+    sent: list[tuple[Any, int]] = []
+    return SimpleNamespace(send=lambda response=None, flags=0: sent.append((response, flags))), sent
 
 
 def recording_state(module: Any, token_ids: list[int]) -> tuple[Any, list[tuple[Any, int]]]:
     """A streamed request's state whose sender records (response, flags)."""
-    sent: list[tuple[Any, int]] = []
-    sender = SimpleNamespace(send=lambda response=None, flags=0: sent.append((response, flags)))
-    request = GenerationRequest(image=Image.new("RGB", (64, 48)), prompt=PROMPT, params=SamplingParams())
-    return module._Stream(sender=sender, stream=True, token_ids=token_ids, request=request), sent
+    sender, sent = recording_sender()
+    request = module.stream_requests.OpenRequest(None, sender, 0.0, release=lambda: None, request_id="r1")
+    generation = GenerationRequest(image=Image.new("RGB", (64, 48)), prompt=PROMPT, params=SamplingParams())
+    return module.responses._Stream(request, stream=True, token_ids=token_ids, generation=generation), sent
 
 
 def finish(module: Any, runtime: VLMRuntime, extra_outputs: dict[str, str], token_ids: list[int]) -> Any:
@@ -67,7 +82,7 @@ def finish(module: Any, runtime: VLMRuntime, extra_outputs: dict[str, str], toke
     state, sent = recording_state(module, token_ids)
     model._deliver(state, RequestOutput("r1", (), True, "stop", prompt_tokens=70, generated_tokens=len(token_ids)))
     (response, flags), = sent
-    assert flags == module.FINAL
+    assert flags == module.stream_requests.FINAL
     return response
 
 
@@ -111,7 +126,7 @@ def test_deltas_go_out_every_stream_interval_tokens_after_the_first(stream_model
     for interval, pieces in sent.items():
         # Nothing lost or repeated: the pieces make the whole answer, and exactly the last is FINAL.
         assert "".join(text for text, _, _ in pieces) == answer
-        assert [flags for _, _, flags in pieces] == [0] * (len(pieces) - 1) + [stream_model.FINAL]
+        assert [flags for _, _, flags in pieces] == [0] * (len(pieces) - 1) + [stream_model.stream_requests.FINAL]
         counts = [tokens for _, tokens, _ in pieces[:-1]]
         assert counts[0] == 1  # the first piece at once (time to first token)
         assert all(later - earlier >= interval for earlier, later in zip(counts, counts[1:]))
@@ -146,17 +161,21 @@ def test_a_long_stream_decodes_a_few_tokens_a_delta(stream_model: Any, llava_run
 def test_finalize_stops_its_threads_and_names_one_that_does_not_stop_in_time(
         stream_model: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Triton exits 1 when a model takes past its 30 s exit timeout to unload: finalize waits a bounded time for
-    the engine and its two threads, and says which did not stop."""
+    the engine service with its engine, the response loop and the batched tasks, and says which did not stop."""
     import logging
-    import queue
     import threading
     import time
 
-    monkeypatch.setattr(stream_model, "FINALIZE_WAIT_S", 0.2)
+    from triton_vlm.engine.engine import EngineStats
+    from triton_vlm.errors import GenerationError
+
+    monkeypatch.setattr(stream_model.stream_model, "FINALIZE_WAIT_S", 0.2)
     release = threading.Event()
 
     class Engine:
         """Its thread ignores shutdown until released, as a stuck engine step would."""
+
+        stats = EngineStats()
 
         def __init__(self) -> None:
             self.thread = threading.Thread(target=release.wait, daemon=True)
@@ -166,23 +185,27 @@ def test_finalize_stops_its_threads_and_names_one_that_does_not_stop_in_time(
             self.thread.join(timeout)
             return not self.thread.is_alive()
 
-    def drain(inbox: queue.SimpleQueue) -> None:
-        while inbox.get() is not None:
-            pass
+    def stuck_generate(requests: list[Any]) -> list[Any]:
+        release.wait()
+        return [GenerationError("released")] * len(requests)
 
-    model = object.__new__(stream_model.TritonVLMStreamModel)
+    runtime = SimpleNamespace(settings=SimpleNamespace(model_name="llava_stream", stream_interval=1),
+                              generate=stuck_generate, loaded=None)
+    metrics = SimpleNamespace(request_errors=FakeMetric(), loaded=FakeMetric(), load_failures=FakeMetric())
+    model = object.__new__(stream_model.stream_model.TritonVLMStreamModel)
     model.model_name = "llava_stream"
-    model._engine = Engine()
-    model._outbox, model._tasks = queue.SimpleQueue(), queue.SimpleQueue()
-    model._sender = threading.Thread(target=drain, args=(model._outbox,), name="triton-vlm-responses", daemon=True)
-    model._task_runner = threading.Thread(target=release.wait, name="triton-vlm-tasks", daemon=True)
-    model._sender.start()
-    model._task_runner.start()
+    model.responses = stream_model.responses.ResponseLoop(runtime, metrics, None, {}).start()
+    model.tasks = stream_model.batched_tasks.BatchedTasks(runtime, metrics, {}).start()
+    model.service = stream_model.engine_service.EngineService(runtime, metrics, model.responses, model.tasks,
+                                                              build=Engine).start()
+    model.service.preload()  # the engine is up
+    sender, sent = recording_sender()
+    model.tasks.submit(stream_model.stream_requests.OpenRequest(None, sender, 0.0, release=lambda: None), None)
     began = time.monotonic()
     with caplog.at_level(logging.INFO, logger="triton_vlm"):
         model.finalize()
     assert time.monotonic() - began < 2.0
-    assert not model._sender.is_alive()  # it took the None and ended
+    assert not model.responses._thread.is_alive() and not model.service._thread.is_alive()
     messages = [r.getMessage() for r in caplog.records]
     assert "model llava_stream: the engine thread, thread triton-vlm-tasks still running at unload" in messages
     assert any(m.startswith("model llava_stream unloaded in ") for m in messages)

@@ -2,23 +2,28 @@
 
 ``execute`` answers every request exactly once: requests that fail validation get their own error response
 (INVALID_ARG), the rest run as ONE batched generation. Nothing is raised out of ``execute``, because that
-would fail the whole batch.
+would fail the whole batch: one error boundary (:meth:`TritonVLMModel._boundary`) wraps each request's own work,
+and whatever it raises (a bad input, a processor error, CUDA out of memory, a bug) becomes that request's error
+response while the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, ClassVar
 
+from triton_vlm.backend.faults import FaultInjection
 from triton_vlm.backend.metrics import BackendMetrics
 from triton_vlm.backend.requests import (declared_extra_outputs, error_response, extra_values, output_response,
                                          parse_request, runtime_from_args)
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.models.generation import GenerationOutput
-from triton_vlm.runtime import GenerationRequest
+from triton_vlm.runtime import GenerationRequest, as_request_error
 
 log = logging.getLogger("triton_vlm")
 
@@ -36,6 +41,7 @@ class TritonVLMModel:
         self.metrics = BackendMetrics(self.model_name)
         #: Optional outputs (e.g. kosmos2's entities) this model declares: sent in every response.
         self.extra_outputs = declared_extra_outputs(args, self.runtime.family.extra_outputs)
+        self.faults = FaultInjection.from_env()  # test-only; off unless TRITON_VLM_INJECT_FAULTS is set
         log.info("model %s (%s) ready on %s; weights load %s", self.model_name, self.settings.family,
                  self.runtime.device,
                  "now (preload)" if self.settings.preload else "on the first request")
@@ -45,30 +51,18 @@ class TritonVLMModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         received = time.perf_counter()
         responses: list[Any] = [None] * len(requests)
-        batch: list[GenerationRequest] = []
-        slots: list[int] = []
+        batch: dict[int, GenerationRequest] = {}  # by the request's index
         for index, request in enumerate(requests):
-            try:
-                is_cancelled = getattr(request, "is_cancelled", None)  # Triton's; polled while the batch runs
-                if is_cancelled is not None and is_cancelled():  # gave up while queued: no work at all
-                    raise RequestCancelledError(f"model {self.model_name!r}: request cancelled by its client "
-                                                f"before it ran")
-                batch.append(replace(parse_request(request, self.runtime), is_cancelled=is_cancelled))
-                slots.append(index)
-            except TritonVLMError as exc:
-                responses[index] = self._error_response(exc)
+            with self._boundary(responses, index):
+                batch[index] = self._parse(request)
         if batch:
-            was_loaded = self.runtime.loaded is not None
-            results = self.runtime.generate(batch)
-            if not was_loaded:
-                self._record_load()
-            self.metrics.batch_size.set(len(batch))
-            self.metrics.batch_sizes.observe(len(batch))
-            for index, request, result in zip(slots, batch, results):
-                responses[index] = (self._error_response(result) if isinstance(result, TritonVLMError)
-                                    else self._response(result, received))
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s", request_log_line(self.model_name, request, result, received, len(batch)))
+            results = self._generate(list(batch.values()))
+            for (index, request), result in zip(batch.items(), results):
+                with self._boundary(responses, index):
+                    responses[index] = (self._error_response(result) if isinstance(result, TritonVLMError)
+                                        else self._response(result, received))
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("%s", request_log_line(self.model_name, request, result, received, len(batch)))
         return responses
 
     def finalize(self) -> None:
@@ -76,6 +70,41 @@ class TritonVLMModel:
         quiet_teardown()
 
     # -- helpers ------------------------------------------------------------------------------------------
+    @contextmanager
+    def _boundary(self, responses: list[Any], index: int) -> Iterator[None]:
+        """The error boundary of request ``index``: whatever its work raises becomes its error response."""
+        try:
+            yield
+        except Exception as exc:
+            responses[index] = self._error_response(exc)
+
+    def _parse(self, request: Any) -> GenerationRequest:
+        """Validate one request for the batch; raises its error."""
+        is_cancelled = getattr(request, "is_cancelled", None)  # Triton's; polled while the batch runs
+        if is_cancelled is not None and is_cancelled():  # gave up while queued: no work at all
+            raise RequestCancelledError(f"model {self.model_name!r}: request cancelled by its client "
+                                        f"before it ran")
+        parsed = parse_request(request, self.runtime)
+        self.faults.check("parse", parsed.prompt)
+        return replace(parsed, is_cancelled=is_cancelled)
+
+    def _generate(self, batch: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
+        """The batch's results, one per request (the runtime answers per request, load failures included)."""
+        was_loaded = self.runtime.loaded is not None
+        try:
+            results = self.runtime.generate(batch)
+        except Exception as exc:  # what escapes the runtime (a bug) fails this batch's requests, not the model
+            log.exception("model %s: batched generation failed", self.model_name)
+            return [as_request_error(exc)] * len(batch)
+        try:
+            if not was_loaded:
+                self._record_load()
+            self.metrics.batch_size.set(len(batch))
+            self.metrics.batch_sizes.observe(len(batch))
+        except Exception:  # metrics are reports: the answers still go out
+            log.exception("model %s: recording batch metrics failed", self.model_name)
+        return results
+
     def _load(self) -> None:
         try:
             self.runtime.ensure_loaded()
@@ -93,7 +122,7 @@ class TritonVLMModel:
     def _response(self, output: GenerationOutput, received: float) -> Any:
         return answer_response(self.metrics, self.extra_outputs, output, received)
 
-    def _error_response(self, exc: TritonVLMError) -> Any:
+    def _error_response(self, exc: BaseException) -> Any:
         return failure_response(self.metrics, exc)
 
 
@@ -106,8 +135,14 @@ def answer_response(metrics: BackendMetrics, extra_outputs: dict[str, str], outp
                            extra_values(extra_outputs, output.extras))
 
 
-def failure_response(metrics: BackendMetrics, exc: TritonVLMError, *, tagged: bool = False) -> Any:
-    """A request's error response; counted as an error unless its client cancelled it."""
+def failure_response(metrics: BackendMetrics, exc: BaseException, *, tagged: bool = False) -> Any:
+    """A request's error response for any exception: ours as it is, anything else as the error
+    :func:`~triton_vlm.runtime.as_request_error` makes of it (logged with its traceback: a fault or a bug, e.g.
+    CUDA out of memory). Counted as an error unless its client cancelled it."""
+    if not isinstance(exc, TritonVLMError):
+        error = as_request_error(exc)
+        log.error("request failed: %s", error, exc_info=exc)
+        exc = error
     if isinstance(exc, RequestCancelledError):
         log.info("%s", exc)  # the client's choice, not an error of ours
         return error_response(exc, tagged=tagged)

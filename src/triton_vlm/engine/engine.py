@@ -38,8 +38,11 @@ log = logging.getLogger("triton_vlm")
 
 @dataclass
 class EngineStats:
-    """Cumulative counters, written by the engine thread only; read them for reports, not for control."""
+    """What the engine publishes for metrics: written by the engine thread only; other threads (the backend's
+    response loop) read it without a lock, for reports, never for control."""
 
+    #: Sequences the scheduler runs (prefilling or decoding) after the latest step: the batch size now.
+    running: int = 0
     steps: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
@@ -153,6 +156,7 @@ class LLMEngine:
             if not self._drain(block=block):
                 return
             self.step()
+            self.stats.running = len(self.scheduler.running)
 
     def _drain(self, block: bool) -> bool:
         """Move inbox messages into the scheduler; False once shutdown was asked for."""

@@ -1,0 +1,252 @@
+"""The response loop of a ``<model>_stream`` model: one thread ("triton-vlm-responses") that sends every response of
+the requests the engine runs.
+
+The engine thread hands it raw token ids (:meth:`ResponseLoop.put`, the engine requests' ``on_output``); the engine
+service announces each request before submitting it (:meth:`ResponseLoop.open`), so the loop knows a request before
+its first output. The loop owns all per-request streaming state (:class:`_Stream`): it detokenizes, sends deltas (or
+one final answer when the request says ``stream: false``), notices cancelled requests and aborts them in the
+engine, and ends every request with exactly one FINAL response. Engine metrics come from the engine's published
+:class:`~triton_vlm.engine.engine.EngineStats`; the loop never reads the scheduler, which belongs to the engine
+thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
+from triton_vlm.backend.requests import extra_values, output_response
+from triton_vlm.backend.stream_requests import OpenRequest
+from triton_vlm.detokenizer import IncrementalDetokenizer
+from triton_vlm.engine import RequestOutput
+from triton_vlm.models.generation import CANCEL_CHECK_S
+from triton_vlm.runtime import GenerationRequest, VLMRuntime
+
+if TYPE_CHECKING:
+    from triton_vlm.engine.engine import EngineStats
+
+log = logging.getLogger("triton_vlm")
+
+#: How often engine metrics are sampled while requests are open (each update is an IPC call per metric).
+SAMPLE_S = 0.25
+
+
+class EngineHandle(Protocol):
+    """What the response loop uses of the engine: both are safe to use from its thread."""
+
+    #: Counters and the running batch size, written by the engine thread (read for metrics only).
+    stats: EngineStats
+
+    def abort(self, request_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A request the engine service is about to submit (it reaches the loop before any of its outputs)."""
+
+    request: OpenRequest
+    engine: EngineHandle
+    stream: bool
+    #: Kept where the model declares extra outputs (kosmos2's entities): they are worked out from the image and
+    #: the prompt when the answer is complete.
+    generation: GenerationRequest | None
+
+
+@dataclass
+class _Stream:
+    """One open engine request, as the response thread (its only user) tracks it."""
+
+    request: OpenRequest
+    stream: bool
+    token_ids: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    sent_tokens: int = 0  # generated tokens when the last delta went out
+    first_token_at: float | None = None
+    aborted: bool = False
+    generation: GenerationRequest | None = None
+    #: The streamed text so far, a few tokens decoded per delta (families with ``incremental_text``).
+    detokenizer: IncrementalDetokenizer | None = None
+
+
+class ResponseLoop:
+    """Sends the engine requests' responses from its own thread. Thread-safe entry points: :meth:`open`,
+    :meth:`put`, :meth:`stop`."""
+
+    def __init__(self, runtime: VLMRuntime, metrics: BackendMetrics, engine_metrics: EngineMetrics,
+                 extra_outputs: dict[str, str]) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.engine_metrics = engine_metrics
+        self.extra_outputs = extra_outputs
+        self.stream_interval = runtime.settings.stream_interval
+        self._inbox: queue.SimpleQueue[_Opened | RequestOutput | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="triton-vlm-responses", daemon=True)
+        # Owned by the response thread: the engine of the requests it serves (from their _Opened message).
+        self._engine: EngineHandle | None = None
+
+    def start(self) -> ResponseLoop:
+        self._thread.start()
+        return self
+
+    def open(self, request: OpenRequest, engine: EngineHandle, stream: bool,
+             generation: GenerationRequest | None) -> None:
+        """Announce ``request`` (before it is submitted to ``engine``); the loop answers it from now on."""
+        self._inbox.put(_Opened(request, engine, stream, generation if self.extra_outputs else None))
+
+    def put(self, output: RequestOutput) -> None:
+        """An engine output (the engine requests' ``on_output``; quick, from the engine thread)."""
+        self._inbox.put(output)
+
+    def stop(self, timeout: float) -> bool:
+        """Send what is pending, end every open request FINAL and stop; whether the thread stopped in ``timeout``."""
+        self._inbox.put(None)
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def name(self) -> str:
+        return self._thread.name
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        streams: dict[str, _Stream] = {}
+        next_sample = next_cancel_check = 0.0
+        busy = False  # requests were open since the last sample
+        while True:
+            # Take everything pending, then send at most one response per request: when the engine outpaces
+            # the IPC to Triton, deltas merge instead of queueing up (and the GIL stays with the engine).
+            try:
+                batch = [self._inbox.get(timeout=0.05)]
+            except queue.Empty:
+                batch = []
+            while True:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            pending: dict[str, RequestOutput] = {}
+            for message in batch:
+                if message is None:
+                    self._flush(streams, pending)
+                    for state in streams.values():  # shutting down: every open request still ends FINAL
+                        state.request.finish()
+                    return
+                if isinstance(message, _Opened):
+                    self._engine = message.engine
+                    streams[message.request.request_id] = _Stream(message.request, message.stream,
+                                                                  generation=message.generation)
+                elif message.request_id in streams:
+                    state = streams[message.request_id]
+                    if message.new_token_ids and state.first_token_at is None:
+                        state.first_token_at = time.perf_counter()
+                    state.token_ids.extend(message.new_token_ids)
+                    pending[message.request_id] = message  # the latest carries counts and finish state
+            busy = busy or bool(streams) or bool(pending)
+            self._flush(streams, pending)
+            if time.monotonic() >= next_cancel_check:
+                # Each question is an IPC round trip per open request: not at every step (the loop's pace).
+                next_cancel_check = time.monotonic() + CANCEL_CHECK_S
+                self._abort_cancelled(streams)
+            if busy and time.monotonic() >= next_sample:
+                next_sample, busy = time.monotonic() + SAMPLE_S, False
+                self._sample_engine()
+
+    def _flush(self, streams: dict[str, _Stream], pending: dict[str, RequestOutput]) -> None:
+        for request_id, out in pending.items():
+            state = streams[request_id]
+            try:
+                self._deliver(state, out)
+            except Exception as exc:  # a client that went away, or a failure building the answer: this request
+                state.request.fail(exc, self.metrics)  # ends with its error, the loop goes on with the others
+                if not out.finished and self._engine is not None:
+                    self._engine.abort(request_id)
+                out = RequestOutput(request_id, (), True, "abort")
+            if out.finished:
+                del streams[request_id]
+
+    def _deliver(self, state: _Stream, out: RequestOutput) -> None:
+        """Send what ``out`` (the latest output, tokens already merged into ``state``) calls for."""
+        if out.finished and out.error is not None:
+            state.request.fail(out.error, self.metrics)
+            return
+        if out.finish_reason == "abort":
+            state.request.finish()
+            return
+        if not (out.finished or state.stream):
+            return  # a whole-answer request: nothing to send until the end
+        if not out.finished and state.sent_chars and out.generated_tokens - state.sent_tokens < self.stream_interval:
+            return  # the next delta waits for stream_interval tokens (the first went out at once)
+        family = self.runtime.family
+        processor = self.runtime.loaded.processor  # type: ignore[union-attr]
+        extras: dict[str, str] = {}
+        if out.finished and self.extra_outputs and state.generation is not None:
+            # The whole answer: its text and the extra outputs worked out from it (kosmos2's entities).
+            text, found = family.decode_output(processor, state.token_ids, state.generation.image,
+                                               state.generation.prompt)
+            extras = extra_values(self.extra_outputs, found)
+        elif not out.finished and family.incremental_text:
+            if state.detokenizer is None:
+                state.detokenizer = IncrementalDetokenizer(functools.partial(family.detokenize, processor))
+            text = state.detokenizer.update(state.token_ids).strip()
+        else:  # the whole answer once, at the end (or a family whose text is no plain decode)
+            text = family.decode_text(processor, state.token_ids)
+        if out.finished:
+            self._observe(state, out)
+            piece = text[state.sent_chars:] if state.stream else text
+            state.request.finish(output_response(piece, out.generated_tokens, out.prompt_tokens, out.finish_reason,
+                                                 extras))
+        elif not text.endswith("\ufffd") and len(text) > state.sent_chars:
+            # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
+            piece, state.sent_chars, state.sent_tokens = text[state.sent_chars:], len(text), out.generated_tokens
+            state.request.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None))
+
+    def _observe(self, state: _Stream, out: RequestOutput) -> None:
+        """A finished request's metrics, and its debug line."""
+        finished = time.perf_counter()
+        received = state.request.received
+        self.metrics.observe_request(received, state.first_token_at, finished, out.generated_tokens,
+                                     out.prompt_tokens)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("model %s: request %s: %d prompt + %d generated tokens, %s, first token after %.3fs, "
+                      "%.3fs in all", self.runtime.settings.model_name, out.request_id, out.prompt_tokens,
+                      out.generated_tokens, out.finish_reason, (state.first_token_at or finished) - received,
+                      finished - received)
+
+    def _sample_engine(self) -> None:
+        """Engine metrics, sampled at most every SAMPLE_S while requests are open and once after (one update per
+        step would cost an IPC round trip per token): the sequences the engine ran at its latest step as the batch
+        size, and the counters."""
+        if self._engine is None:
+            return
+        stats = self._engine.stats
+        running = stats.running  # read once: the engine thread replaces it at every step
+        try:
+            if running:
+                self.metrics.batch_size.set(running)
+                self.metrics.batch_sizes.observe(running)
+            self.engine_metrics.update(stats)
+        except Exception:  # metrics are reports: a failed update never stops the responses
+            log.exception("updating the engine metrics failed")
+
+    def _abort_cancelled(self, streams: dict[str, _Stream]) -> None:
+        if self._engine is None:
+            return
+        for request_id, state in list(streams.items()):
+            if state.aborted:
+                continue
+            is_cancelled = state.request.is_cancelled
+            try:
+                cancelled = is_cancelled is not None and is_cancelled()
+            except Exception:  # asking is an IPC call; a failed question is asked again at the next check
+                log.debug("request %s: could not ask whether it was cancelled", request_id, exc_info=True)
+                continue
+            if cancelled:
+                log.info("request %s: cancelled by its client; aborting it in the engine", request_id)
+                state.aborted = True
+                self._engine.abort(request_id)
