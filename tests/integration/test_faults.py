@@ -28,7 +28,7 @@ from tests.unit.helpers import image_bytes
 from triton_client import TritonVLMClient
 from triton_vlm.errors import InvalidInputError, ModelUnavailableError, RequestTimeoutError, ServerUnreachableError
 from triton_vlm.launcher import ServerOptions, TritonServer
-from triton_vlm.launcher.supervisor import live_stubs
+from triton_vlm.launcher.procfs import live_stubs
 
 pytestmark = pytest.mark.integration
 
