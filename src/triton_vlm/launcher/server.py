@@ -165,8 +165,8 @@ class TritonServer:
 
     # -- start: the steps ---------------------------------------------------------------------------------
     def start(self) -> TritonServer:
-        """Start tritonserver (and the OpenAI front, if asked for). Every step before the spawn raises
-        :class:`LauncherError` with what to do, and nothing runs then."""
+        """Start tritonserver (and the OpenAI front, if asked for). A step that fails before the spawn raises
+        :class:`LauncherError` saying what to do, and no process has started then."""
         opts = self.options
         self._check_ports_free()
         dist = find_distribution()
