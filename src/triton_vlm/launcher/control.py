@@ -80,7 +80,9 @@ class ModelControl:
             return False
 
     def load(self, model: str, alive: Callable[[], bool] | None = None) -> None:
+        """Load ``model`` (again); raises RuntimeError with Triton's reason if it fails (see :meth:`_post`)."""
         self._post(f"/models/{model}/load", alive=alive)
 
     def unload(self, model: str, alive: Callable[[], bool] | None = None) -> None:
+        """Unload ``model``; its readiness answers 400 from now on."""
         self._post(f"/models/{model}/unload", alive=alive)
