@@ -119,7 +119,9 @@ def sleeping(tmp_path: Path) -> Iterator[TritonServer]:
     """A server whose "tritonserver" is a process that sleeps until it is stopped."""
     server = make_server(tmp_path)
     server.models = ["llava"]
-    server._spawn_first([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), "KIND_CPU")
+    process = server._spawn_first([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ),
+                                  "KIND_CPU")
+    assert server.process is process
     yield server
     server.stop(timeout=5)
 
@@ -138,15 +140,16 @@ def test_spawn_first_starts_the_server_in_its_own_session(sleeping: TritonServer
 
 def test_start_supervisor_watches_the_server_with_the_launch_settings(sleeping: TritonServer) -> None:
     sleeping._forwarders = {"llava_stream": ["llava"]}
-    sleeping._start_supervisor({"TRITON_VLM_HANG_TIMEOUT_S": "7"})
+    assert sleeping.process is not None
+    sleeping._start_supervisor(sleeping.process.pid, {"TRITON_VLM_HANG_TIMEOUT_S": "7"})
     watcher = sleeping.supervisor
-    assert watcher is not None and sleeping.process is not None
+    assert watcher is not None
     assert watcher.server_pid == sleeping.process.pid and watcher.hang_timeout == 7.0
     assert watcher.dependents == {"llava_stream": ["llava"]}
     assert watcher.on_server_exit == sleeping._restarts.server_exited
     assert watcher.control.http_url == sleeping.http_url and sleeping._restarts._supervised
     with pytest.raises(LauncherError, match="TRITON_VLM_HANG_TIMEOUT_S"):
-        sleeping._start_supervisor({"TRITON_VLM_HANG_TIMEOUT_S": "never"})
+        sleeping._start_supervisor(sleeping.process.pid, {"TRITON_VLM_HANG_TIMEOUT_S": "never"})
 
 
 def test_start_openai_front_hands_it_the_options_and_the_log(tmp_path: Path,
@@ -168,5 +171,5 @@ def test_start_openai_front_hands_it_the_options_and_the_log(tmp_path: Path,
     options = OpenAIOptions(port=free_port())
     with open(tmp_path / "log", "w") as log_file:
         server = TritonServer(ServerOptions(work_dir=tmp_path, openai=options), log_file=log_file)
-        server._start_openai_front()
+        server._start_openai_front(options)
         assert started == [(options, log_file)] and isinstance(server.openai_front, Front)

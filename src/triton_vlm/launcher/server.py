@@ -181,11 +181,11 @@ class TritonServer:
         env = self._environment(dist)
         if opts.tiny:
             self._build_tiny_checkpoints(repository)
-        self._spawn_first(self._command_line(dist.binary, served, backends), env, kind)
+        process = self._spawn_first(self._command_line(dist.binary, served, backends), env, kind)
         if opts.supervise:
-            self._start_supervisor(settings_env)
+            self._start_supervisor(process.pid, settings_env)
         if opts.openai is not None:
-            self._start_openai_front()
+            self._start_openai_front(opts.openai)
         return self
 
     def _check_ports_free(self) -> None:
@@ -251,28 +251,25 @@ class TritonServer:
             "--exit-timeout-secs=30", f"--log-verbose={opts.log_verbose}",
         ]
 
-    def _spawn_first(self, command: list[str], env: dict[str, str], kind: str | None) -> None:
+    def _spawn_first(self, command: list[str], env: dict[str, str], kind: str | None) -> subprocess.Popen[bytes]:
         """Start the first tritonserver; a restart spawns the same command in the same environment."""
         log.info("starting tritonserver for %s (%s instances%s)", ", ".join(self.models),
                  "CPU" if kind == "KIND_CPU" else "configured", ", tiny weights" if self.options.tiny else "")
         self._command, self._env = command, env
-        self._restarts.start()
+        return self._restarts.start()
 
-    def _start_supervisor(self, settings_env: Mapping[str, str]) -> None:
+    def _start_supervisor(self, server_pid: int, settings_env: Mapping[str, str]) -> None:
         """Watch the stubs (reload a model whose stub died) and the server (start it again when it dies, kill it
         when it hangs)."""
-        process = self.process
-        assert process is not None, "the supervisor watches a started server"
-        self.supervisor = StubSupervisor(process.pid, self.model_control(),
+        self.supervisor = StubSupervisor(server_pid, self.model_control(),
                                          on_server_exit=self._restarts.server_exited, dependents=self._forwarders,
                                          hang_timeout=hang_timeout(settings_env),
                                          server_log=self._log_path()).start()
         self._restarts.supervised()
 
-    def _start_openai_front(self) -> None:
+    def _start_openai_front(self, options: OpenAIOptions) -> None:
         """Start the OpenAI-compatible front as a child process of its own (stopped with the server)."""
-        assert self.options.openai is not None
-        self.openai_front = OpenAIFront(self.options.openai, log_file=self.log_file).start()
+        self.openai_front = OpenAIFront(options, log_file=self.log_file).start()
 
     # -- the server process -------------------------------------------------------------------------------
     def _log_path(self) -> Path | None:
