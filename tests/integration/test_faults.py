@@ -30,7 +30,7 @@ from triton_client import TritonVLMClient
 from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
                                ServerUnreachableError)
 from triton_vlm.launcher import ServerOptions, TritonServer
-from triton_vlm.launcher.supervisor import live_stubs
+from triton_vlm.launcher.procfs import live_stubs
 
 pytestmark = pytest.mark.integration
 

@@ -183,7 +183,7 @@ def test_a_forwarded_request_its_client_cancels_stops_in_the_engine(forwarding_s
     import tritonclient.grpc as grpcclient
 
     from triton_vlm.client.client import request_inputs
-    from triton_vlm.launcher.supervisor import live_stubs
+    from triton_vlm.launcher.procfs import live_stubs
 
     def log() -> str:
         return Path(forwarding_server.log_file.name).read_text(errors="replace")  # type: ignore[union-attr]
@@ -231,7 +231,7 @@ def test_forwarder_serves_again_after_the_engine_stub_dies(forwarding_server: Tr
     import signal
     import time
 
-    from triton_vlm.launcher.supervisor import live_stubs
+    from triton_vlm.launcher.procfs import live_stubs
 
     assert forwarding_server.process is not None and forwarding_server.supervisor is not None
     (pid,) = [p for p, s in live_stubs(forwarding_server.process.pid).items() if s.model == "llava_stream"]

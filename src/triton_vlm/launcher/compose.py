@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
+from triton_vlm.launcher.children import die_with_parent
 from triton_vlm.launcher.distribution import LauncherError
-from triton_vlm.launcher.server import ServerOptions, _die_with_parent, answers
+from triton_vlm.launcher.server import ServerOptions, answers
 
 COMPOSE_FILES = {"gpu": "docker-compose.yml", "cpu": "docker-compose-cpu.yml"}
 STILL_WAITING_EVERY_S = 60.0
@@ -97,7 +98,7 @@ def run_compose(mode: str, compose: Sequence[str], options: ServerOptions, direc
         # Its own session: a terminal's Ctrl-C reaches only us, and we pass it on once (compose treats a
         # second one as "kill now"). It still gets SIGTERM if this process dies.
         process = subprocess.Popen(command, env=env, cwd=file.parent, start_new_session=True,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=die_with_parent)
     except OSError as exc:
         raise LauncherError(f"could not run {command[0]}: {exc}") from exc
 

@@ -1,8 +1,12 @@
-"""Run ``tritonserver`` as a child process: build its command and environment, wait for readiness, stop it."""
+"""Run ``tritonserver`` as a child process: build its command and environment, wait for readiness, stop it.
+
+:meth:`TritonServer.start` reads as its steps, each a method below it. The server process, and whether it is
+started again when it dies, belong to :class:`~triton_vlm.launcher.restarts.ServerRestarts`; its stubs to
+:class:`~triton_vlm.launcher.supervisor.StubSupervisor`.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
@@ -12,28 +16,31 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
+from triton_vlm.launcher.children import die_with_parent, signal_group
+from triton_vlm.launcher.control import ADMIN_HEADER, ModelControl
 from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
 from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, instance_count, own_batch_delay,
                                           queue_limits)
 from triton_vlm.launcher.preflight import check_shm
+from triton_vlm.launcher.procfs import live_stubs
 from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, make_forwarder,
                                             model_family, render_repository, servable_models)
+from triton_vlm.launcher.restarts import ServerRestarts
 from triton_vlm.launcher.stub_env import stub_python_bin
-from triton_vlm.launcher.supervisor import ADMIN_HEADER, ModelControl, StubSupervisor, hang_timeout
+from triton_vlm.launcher.supervisor import StubSupervisor
+from triton_vlm.launcher.watchdog import hang_timeout
+from triton_vlm.openai import OpenAIOptions
+from triton_vlm.openai.process import OpenAIFront
 from triton_vlm.settings import env_prefix
-
-if TYPE_CHECKING:
-    from triton_vlm.openai import OpenAIOptions
-    from triton_vlm.openai.process import OpenAIFront
 
 log = logging.getLogger("triton_vlm")
 
@@ -85,9 +92,6 @@ class ServerOptions:
 #: Triton APIs only the launcher (or an operator with the admin key) may use: loading or unloading models
 #: (running code from the repository), shared-memory registration, trace and log settings (files on the host).
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
-#: A server that crashes more often than this is left down (an orchestrator may do better than a loop).
-MAX_SERVER_RESTARTS = 5
-RESTART_WINDOW_S = 600.0
 
 
 def gpu_available() -> bool:
@@ -102,6 +106,7 @@ def gpu_available() -> bool:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """Whether ``port`` on ``host`` cannot be bound now (something listens there)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -124,30 +129,67 @@ class TritonServer:
     """One ``tritonserver`` child process over a rendered copy of the model repository.
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`. The child gets SIGTERM if this process dies
-    (Linux), so no server outlives its launcher.
+    (Linux), so no server outlives its launcher. When it dies on its own after it was ready, it is started again
+    (see :mod:`triton_vlm.launcher.restarts`).
     """
 
     def __init__(self, options: ServerOptions, log_file: IO[str] | None = None) -> None:
         self.options = options
         self.log_file = log_file
-        self.process: subprocess.Popen[bytes] | None = None
         self._own_work_dir = options.work_dir is None
         self.work_dir = options.work_dir or Path(tempfile.mkdtemp(prefix="triton-vlm-"))
         self.models: list[str] = []
         self.admin_key = options.admin_key or os.environ.get("TRITON_VLM_ADMIN_KEY") or secrets.token_urlsafe(24)
         self.supervisor: StubSupervisor | None = None
-        #: Times tritonserver itself died and was started again (see :meth:`_server_exited`).
-        self.server_restarts: list[float] = []
+        self.openai_front: OpenAIFront | None = None
+        #: Engine model -> the public models that forward to it (engine hosts); reloaded with it by the supervisor.
+        self._forwarders: dict[str, list[str]] = {}
         self._command: list[str] = []
         self._env: dict[str, str] = {}
-        self._ready_once = False
-        self._stopping = False
-        self._gave_up = False
-        self._lifecycle = threading.Condition()
-        self.openai_front: OpenAIFront | None = None
+        self._restarts: ServerRestarts[subprocess.Popen[bytes]] = ServerRestarts(
+            self._spawn, self._ports_free, cleanup=self._clean_up_after)
 
-    # -- lifecycle ----------------------------------------------------------------------------------------
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The running tritonserver (a new one after each restart); None before start and after stop."""
+        return self._restarts.process
+
+    @process.setter
+    def process(self, process: subprocess.Popen[bytes] | None) -> None:
+        self._restarts.adopt(process)
+
+    @property
+    def server_restarts(self) -> list[float]:
+        """When (time.monotonic) tritonserver was started again after it died, oldest first."""
+        return self._restarts.restarts
+
+    # -- start: the steps ---------------------------------------------------------------------------------
     def start(self) -> TritonServer:
+        """Start tritonserver (and the OpenAI front, if asked for). A step that fails before the spawn raises
+        :class:`LauncherError` saying what to do, and no process has started then."""
+        opts = self.options
+        self._check_ports_free()
+        dist = find_distribution()
+        repository = opts.model_repository or default_model_repository()
+        streams = self._select_models(repository)
+        kind = self._instance_kind()
+        served = render_repository(repository, self.work_dir / "models", self.models, kind)
+        self._add_forwarders(served, streams, kind)
+        settings_env = {**os.environ, **opts.extra_env}  # what the models' own TRITON_VLM_<MODEL>_* come from
+        check_shm(self._apply_overload_limits(served, settings_env), env=settings_env)
+        backends = prepare_backend_dir(dist, self.work_dir)
+        env = self._environment(dist)
+        if opts.tiny:
+            self._build_tiny_checkpoints(repository)
+        process = self._spawn_first(self._command_line(dist.binary, served, backends), env, kind)
+        if opts.supervise:
+            self._start_supervisor(process.pid, settings_env)
+        if opts.openai is not None:
+            self._start_openai_front(opts.openai)
+        return self
+
+    def _check_ports_free(self) -> None:
+        """Refuse to start where a port this run would listen on is taken (another tritonserver?)."""
         opts = self.options
         busy = [("HTTP", opts.host, opts.http_port), ("gRPC", opts.host, opts.grpc_port),
                 ("metrics", opts.host, opts.metrics_port)]
@@ -157,35 +199,46 @@ class TritonServer:
             if port_in_use(host, port):
                 raise LauncherError(f"{name} port {port} is already in use (another tritonserver?); "
                                     f"stop it or choose another port with --{name.lower()}-port")
-        dist = find_distribution()
-        repository = opts.model_repository or default_model_repository()
-        public = list(opts.models) or servable_models(repository)
+
+    def _select_models(self, repository: Path) -> dict[str, list[str]]:
+        """Set :attr:`models`: the public models asked for (default: every one ``repository`` can serve), then
+        their ``<model>_stream`` companions. Returns each public model's companions."""
+        public = list(self.options.models) or servable_models(repository)
         if not public:
             raise LauncherError(f"no servable models in {repository}")
         streams = {m: companions(repository, m) for m in public}
         self.models = public + [c for m in public for c in streams[m] if c not in public]
-        kind = self._instance_kind()
-        served = render_repository(repository, self.work_dir / "models", self.models, kind)
-        self._forwarders: dict[str, list[str]] = {}
+        return streams
+
+    def _add_forwarders(self, served: Path, streams: dict[str, list[str]], kind: str | None) -> None:
+        """Where the engine serves (``engine`` on, or auto and not on CPU), make each public model that has a
+        companion forward to it, over gRPC to this server."""
+        opts = self.options
+        self._forwarders = {}
         if opts.engine == "on" or (opts.engine == "auto" and kind != "KIND_CPU"):
-            for model in public:
-                if streams[model]:
-                    make_forwarder(served / model, streams[model][0], opts.forwarder_instances, self.grpc_url)
-                    self._forwarders.setdefault(streams[model][0], []).append(model)
+            for model, companion in streams.items():
+                if companion:
+                    make_forwarder(served / model, companion[0], opts.forwarder_instances, self.grpc_url)
+                    self._forwarders.setdefault(companion[0], []).append(model)
+
+    def _apply_overload_limits(self, served: Path, settings_env: Mapping[str, str]) -> int:
+        """Write each rendered model's queue policy and batching delay (see :mod:`triton_vlm.launcher.policies`);
+        returns how many model instances (Python stubs) will run, which the /dev/shm check needs."""
+        opts = self.options
         stubs = 0
-        settings_env = {**os.environ, **opts.extra_env}  # what the models' own TRITON_VLM_<MODEL>_* come from
         for model in self.models:
             apply_queue_policy(served / model, *queue_limits(model, opts.max_queue_size, opts.queue_timeout_ms,
                                                              settings_env))
             apply_batch_delay(served / model, opts.batch_delay_us, own_batch_delay(model, settings_env))
             stubs += instance_count(served / model)
-        check_shm(stubs, env=settings_env)
-        backends = prepare_backend_dir(dist, self.work_dir)
-        env = self._environment(dist)
-        if opts.tiny:
-            self._build_tiny_checkpoints(repository)
-        command = [
-            str(dist.binary), f"--model-repository={served}", f"--backend-directory={backends}",
+        return stubs
+
+    def _command_line(self, binary: Path, served: Path, backends: Path) -> list[str]:
+        """tritonserver's command line: the rendered repository, this run's addresses, explicit model control
+        behind the admin key."""
+        opts = self.options
+        return [
+            str(binary), f"--model-repository={served}", f"--backend-directory={backends}",
             f"--http-port={opts.http_port}", f"--grpc-port={opts.grpc_port}",
             f"--metrics-port={opts.metrics_port}", f"--http-address={opts.host}",
             f"--grpc-address={opts.host}", f"--metrics-address={opts.host}",
@@ -197,22 +250,28 @@ class TritonServer:
             f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}",
             "--exit-timeout-secs=30", f"--log-verbose={opts.log_verbose}",
         ]
+
+    def _spawn_first(self, command: list[str], env: dict[str, str], kind: str | None) -> subprocess.Popen[bytes]:
+        """Start the first tritonserver; a restart spawns the same command in the same environment."""
         log.info("starting tritonserver for %s (%s instances%s)", ", ".join(self.models),
-                 "CPU" if kind == "KIND_CPU" else "configured", ", tiny weights" if opts.tiny else "")
+                 "CPU" if kind == "KIND_CPU" else "configured", ", tiny weights" if self.options.tiny else "")
         self._command, self._env = command, env
-        self._stopping = False
-        self.process = self._spawn()
-        if opts.supervise:
-            self.supervisor = StubSupervisor(self.process.pid, self.model_control(),
-                                             on_server_exit=self._server_exited, dependents=self._forwarders,
-                                             hang_timeout=hang_timeout(settings_env),
-                                             server_log=self._log_path()).start()
-        if opts.openai is not None:
-            from triton_vlm.openai.process import OpenAIFront
+        return self._restarts.start()
 
-            self.openai_front = OpenAIFront(opts.openai, log_file=self.log_file).start()
-        return self
+    def _start_supervisor(self, server_pid: int, settings_env: Mapping[str, str]) -> None:
+        """Watch the stubs (reload a model whose stub died) and the server (start it again when it dies, kill it
+        when it hangs)."""
+        self.supervisor = StubSupervisor(server_pid, self.model_control(),
+                                         on_server_exit=self._restarts.server_exited, dependents=self._forwarders,
+                                         hang_timeout=hang_timeout(settings_env),
+                                         server_log=self._log_path()).start()
+        self._restarts.supervised()
 
+    def _start_openai_front(self, options: OpenAIOptions) -> None:
+        """Start the OpenAI-compatible front as a child process of its own (stopped with the server)."""
+        self.openai_front = OpenAIFront(options, log_file=self.log_file).start()
+
+    # -- the server process -------------------------------------------------------------------------------
     def _log_path(self) -> Path | None:
         """The server's log file where it is a regular file (the watchdog reads its crash lines)."""
         name = getattr(self.log_file, "name", None)
@@ -221,49 +280,26 @@ class TritonServer:
     def _spawn(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             self._command, env=self._env, cwd=self.work_dir, stdout=self.log_file, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
 
-    def _server_exited(self) -> int | None:
-        """Called by the supervisor when tritonserver itself died (the Python backend aborts the whole server in
-        some stub crashes, e.g. a decoupled stub killed while it streams): start it again on the same ports,
-        at most :data:`MAX_SERVER_RESTARTS` times in :data:`RESTART_WINDOW_S`. Returns the new pid, or None
-        (stopping, never ready yet, or too many restarts: then it stays down and :meth:`wait` returns)."""
-        with self._lifecycle:
-            process = self.process
-            if self._stopping or process is None or not self._ready_once:
-                return None
-            code = process.poll()
-            if code is None:
-                return process.pid
-            _signal_group(process.pid, signal.SIGKILL)  # its stubs, if any outlived it
-            if self.supervisor is not None:
-                _remove_regions(self.supervisor.regions)
-            now = time.monotonic()
-            recent = [t for t in self.server_restarts if now - t < RESTART_WINDOW_S]
-            if len(recent) >= MAX_SERVER_RESTARTS:
-                log.error("tritonserver exited (code %s) for the %d. time in %.0fs; not restarting it again",
-                          code, len(recent) + 1, RESTART_WINDOW_S)
-                self._gave_up = True
-                self._lifecycle.notify_all()
-                return None
-            log.error("tritonserver exited unexpectedly (code %s); starting it again on the same ports", code)
-            opts = self.options
-            deadline = now + 30
-            while time.monotonic() < deadline and any(
-                    port_in_use(opts.host, port) for port in (opts.http_port, opts.grpc_port, opts.metrics_port)):
-                time.sleep(0.2)
-            self.process = self._spawn()
-            self.server_restarts.append(time.monotonic())
-            self._lifecycle.notify_all()
-            return self.process.pid
+    def _ports_free(self) -> bool:
+        """Whether a new tritonserver can listen on this run's ports (a dead one's may linger a moment)."""
+        opts = self.options
+        return not any(port_in_use(opts.host, port) for port in (opts.http_port, opts.grpc_port, opts.metrics_port))
+
+    def _clean_up_after(self, process: subprocess.Popen[bytes]) -> None:
+        """What a dead tritonserver leaves: stubs that outlived it, their shared-memory regions."""
+        signal_group(process.pid, signal.SIGKILL)
+        supervisor = self.supervisor
+        if supervisor is not None:
+            _remove_regions(supervisor.regions)
 
     def wait(self, poll_s: float = 0.5) -> int:
         """Block while the server runs (across restarts after a crash); its exit code once it stays down, or 1
         when the OpenAI front dies (a server whose advertised API died should not go on half-working)."""
         while True:
-            with self._lifecycle:
-                process = self.process
+            process = self.process
             if process is None:
                 return 0
             try:
@@ -274,12 +310,8 @@ class TritonServer:
                     log.error("the OpenAI front exited (code %s); stopping", front.process.returncode)
                     return 1
                 continue
-            with self._lifecycle:
-                # The supervisor looks every fraction of a second: give it time to start a new server.
-                self._lifecycle.wait_for(lambda: self.process is not process or self._gave_up or self._stopping
-                                         or self.supervisor is None or not self._ready_once, timeout=10)
-                if self.process is process or self._gave_up or self._stopping:
-                    return code
+            if self._restarts.stays_down(process):
+                return code
 
     def model_control(self) -> ModelControl:
         """Triton's model repository API (index, load, unload) with this run's admin key."""
@@ -303,7 +335,7 @@ class TritonServer:
                 code = None if self.process is None else self.process.returncode
                 raise LauncherError(f"tritonserver exited (code {code}) before it was ready; see its log above")
             if answers(url) and answers(self.metrics_url):
-                self._ready_once = True
+                self._restarts.ready()
                 return
             time.sleep(0.25)
         raise LauncherError(f"tritonserver was not ready after {timeout:.0f}s ({url})")
@@ -313,14 +345,11 @@ class TritonServer:
         front, self.openai_front = self.openai_front, None
         if front is not None:
             front.stop()
-        with self._lifecycle:
-            self._stopping = True
-            self._lifecycle.notify_all()
+        self._restarts.stopping()
         supervisor, self.supervisor = self.supervisor, None
         if supervisor is not None:
             supervisor.stop()  # first: the unloads at shutdown end every stub on purpose
-        with self._lifecycle:
-            process, self.process = self.process, None
+        process = self._restarts.release()
         code = None
         if process is not None:
             if process.poll() is None:
@@ -333,10 +362,10 @@ class TritonServer:
                         process.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not stop in %.0fs; killing it", timeout)
-                    _signal_group(process.pid, signal.SIGKILL)
+                    signal_group(process.pid, signal.SIGKILL)
                     process.wait()
             # Stubs share the server's process group; none may outlive it.
-            _signal_group(process.pid, signal.SIGKILL)
+            signal_group(process.pid, signal.SIGKILL)
             code = process.returncode if code is None else code
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -348,8 +377,6 @@ class TritonServer:
         that were in flight on it are never released), so tritonserver's own shutdown would wait out its exit
         timeout and exit 1. Instead: unload every model (in-flight requests on live stubs finish first), wait
         until no live stub is left, end the server, remove the dead stubs' shared-memory regions. Returns 0."""
-        from triton_vlm.launcher.supervisor import live_stubs
-
         control = self.model_control()
         for model in self.models:
             try:
@@ -363,7 +390,7 @@ class TritonServer:
             time.sleep(0.1)
         log.info("tritonserver: every live model is unloaded; ending it without waiting for the versions whose "
                  "stub died")
-        _signal_group(process.pid, signal.SIGKILL)
+        signal_group(process.pid, signal.SIGKILL)
         process.wait()
         _remove_regions(supervisor.regions)
         return 0
@@ -436,21 +463,5 @@ def _remove_regions(regions: set[str]) -> None:
     for region in regions:
         try:
             os.unlink(os.path.join("/dev/shm", region))
-        except OSError:
-            pass
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM us when the launcher dies (prctl PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
         except OSError:
             pass

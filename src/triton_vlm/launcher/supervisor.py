@@ -16,243 +16,41 @@ flight on the dead stub), so at shutdown tritonserver would wait its whole exit 
 Streams in flight on a dead decoupled model (``<model>_stream``) get no final response from Triton 2.51: they
 end at their client's timeout. Non-streaming requests in flight get an error within about a second.
 
-The repository API is only reachable with the launcher's admin header (``--http-restricted-api`` /
-``--grpc-restricted-protocol``), so nobody else can load or unload models (see :class:`ModelControl`).
+The repository API is only reachable with the launcher's admin header (see
+:class:`~triton_vlm.launcher.control.ModelControl`). The stubs are found through :mod:`triton_vlm.launcher.procfs`.
+When tritonserver itself dies, the supervisor asks ``on_server_exit`` (the launcher's
+:class:`~triton_vlm.launcher.restarts.ServerRestarts`) for a new one to watch; a server that hangs instead is killed
+by :class:`~triton_vlm.launcher.watchdog.HangWatchdog`, which the supervisor runs beside its own loop.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import signal
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from triton_vlm.launcher.distribution import LauncherError
+from triton_vlm.launcher.control import ModelControl
+from triton_vlm.launcher.procfs import Stub, exit_reason, live_stubs, process_state
+from triton_vlm.launcher.watchdog import DEFAULT_HANG_TIMEOUT_S, HangWatchdog
+
+__all__ = ["RecoveryEvent", "StubSupervisor"]
 
 log = logging.getLogger("triton_vlm")
-
-#: The header the repository API (model load/unload, index) requires; gRPC metadata key
-#: ``triton-grpc-protocol-<this>``.
-ADMIN_HEADER = "triton-vlm-admin-key"
-STUB_NAME = "triton_python_backend_stub"
-
-
-@dataclass(frozen=True)
-class Stub:
-    """One live Python backend stub: its process, model and instance (e.g. ``llava_0_0``)."""
-
-    pid: int
-    model: str
-    instance: str
-    #: Its shared-memory region in /dev/shm (``triton_python_backend_shm_region_<uuid>``).
-    region: str = ""
-
-
-def _read(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError:
-        return None
-
-
-def process_state(pid: int) -> str | None:
-    """The one-letter state of ``pid`` (``R``, ``S``, ``Z`` for a zombie...), None if it is gone."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    # "pid (comm) state ...": comm may hold spaces and parentheses; the state follows the last ')'.
-    return stat[stat.rfind(b")") + 2:][:1].decode() or None
-
-
-def _parent(pid: int) -> int | None:
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return int(fields[1]) if len(fields) > 1 else None
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid``, zombies included (whichever of its threads started them)."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
-    lists = [_read(f"/proc/{pid}/task/{task}/children") for task in tasks]
-    if all(children is not None for children in lists):
-        return sorted({int(c) for children in lists for c in (children or b"").split()})
-    found = []
-    for entry in os.listdir("/proc"):  # kernels without CONFIG_PROC_CHILDREN
-        if entry.isdigit() and _parent(int(entry)) == pid:
-            found.append(int(entry))
-    return found
-
-
-def live_stubs(server_pid: int) -> dict[int, Stub]:
-    """The server's live stubs by pid. A stub's command line is
-    ``triton_python_backend_stub <repo>/<model>/<version>/model.py <shm region> ... <instance> <kind>``."""
-    stubs = {}
-    for pid in child_pids(server_pid):
-        if process_state(pid) in (None, "Z", "X"):
-            continue
-        argv = (_read(f"/proc/{pid}/cmdline") or b"").decode(errors="replace").split("\0")
-        if len(argv) < 4 or not argv[0].endswith(STUB_NAME):
-            continue
-        model_file = Path(argv[1])
-        args = [a for a in argv if a]
-        stubs[pid] = Stub(pid, model_file.parent.parent.name, args[-2] if len(args) >= 2 else "", argv[2])
-    return stubs
-
-
-def exit_reason(pid: int) -> str:
-    """How a (zombie) child ended, as far as /proc tells: its exit signal or code."""
-    stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return "exited"
-    fields = stat[stat.rfind(b")") + 2:].split()
-    try:
-        status = int(fields[49])  # exit_code (field 52 of stat, Linux >= 3.5)
-    except (IndexError, ValueError):
-        return "exited"
-    if status & 0x7F:
-        try:
-            return f"killed by {signal.Signals(status & 0x7F).name}"
-        except ValueError:
-            return f"killed by signal {status & 0x7F}"
-    return f"exited with code {status >> 8}"
-
-
-#: Seconds a server that answered before may go without answering ``/v2/health/live`` before it is killed.
-DEFAULT_HANG_TIMEOUT_S = 30.0
-
-
-def hang_timeout(env: Mapping[str, str]) -> float:
-    """The watchdog's limit: ``TRITON_VLM_HANG_TIMEOUT_S`` (0 turns it off), else :data:`DEFAULT_HANG_TIMEOUT_S`."""
-    raw = env.get("TRITON_VLM_HANG_TIMEOUT_S", "").strip()
-    try:
-        value = float(raw) if raw else DEFAULT_HANG_TIMEOUT_S
-    except ValueError:
-        raise LauncherError(f"TRITON_VLM_HANG_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise LauncherError(f"TRITON_VLM_HANG_TIMEOUT_S must be >= 0, got {value}")
-    return value
-
-
-class ModelControl:
-    """Triton's model repository API over HTTP, with the launcher's admin header."""
-
-    def __init__(self, http_url: str, admin_key: str, timeout: float = 300.0) -> None:
-        self.http_url = http_url
-        self.base = f"http://{http_url}/v2/repository"
-        self.headers = {ADMIN_HEADER: admin_key, "Content-Type": "application/json"}
-        self.timeout = timeout
-
-    def _post(self, path: str, body: dict | None = None, alive: Callable[[], bool] | None = None) -> bytes:
-        """POST to the repository API. With ``alive``, the call is given up as soon as it says the server is gone:
-        a load can rightly take minutes, but one sent to a server that then aborted may hang to the timeout
-        (its connection stays open in the stubs), and the server is not started again meanwhile."""
-        request = urllib.request.Request(self.base + path, data=json.dumps(body or {}).encode(), method="POST",
-                                         headers=self.headers)
-
-        def call() -> bytes:
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode(errors="replace")
-                raise RuntimeError(f"{path}: HTTP {exc.code}: {detail}") from None
-
-        if alive is None:
-            return call()
-        outcome: list[bytes | BaseException] = []
-
-        def run() -> None:
-            try:
-                outcome.append(call())
-            except BaseException as exc:  # handed to the waiting thread
-                outcome.append(exc)
-
-        worker = threading.Thread(target=run, name="triton-vlm-control", daemon=True)  # dies with us if left
-        worker.start()
-        while worker.is_alive():
-            worker.join(ALIVE_POLL_S)
-            if worker.is_alive() and not alive():
-                raise RuntimeError(f"{path}: tritonserver exited during the call")
-        result = outcome[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def index(self) -> dict[str, dict[str, str]]:
-        """Every model of the repository: ``{name: {"state": READY|UNAVAILABLE|..., "reason": ...}}``."""
-        return {m["name"]: {"state": m.get("state", ""), "reason": m.get("reason", "")}
-                for m in json.loads(self._post("/index") or b"[]")}
-
-    def live(self, timeout: float = 5.0) -> bool:
-        """Whether the server answers ``/v2/health/live`` (open to all: no admin key)."""
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=timeout) as response:
-                return response.status == 200
-        except (OSError, ValueError):
-            return False
-
-    def load(self, model: str, alive: Callable[[], bool] | None = None) -> None:
-        self._post(f"/models/{model}/load", alive=alive)
-
-    def unload(self, model: str, alive: Callable[[], bool] | None = None) -> None:
-        self._post(f"/models/{model}/unload", alive=alive)
 
 
 @dataclass
 class RecoveryEvent:
+    """One recovery: a model reloaded after its stub died, or ``"(server)"``: tritonserver restarted or killed."""
+
     model: str
     detail: str
     started: float
     ready_after_s: float | None = None  # None: the reload failed
     error: str | None = None
-
-
-#: Seconds a server may go on running after its crash handler began, before it counts as hung there.
-CRASH_GRACE_S = 5.0
-#: How often a long repository call checks that the server it waits for still runs.
-ALIVE_POLL_S = 0.5
-#: Triton's crash handler line, for the signals that end a process (not SIGINT/SIGTERM: a normal stop).
-_FATAL_SIGNAL_LINE = re.compile(rb"^Signal \((4|6|7|8|11)\) received\.", re.MULTILINE)
-
-
-class CrashLines:
-    """Reads what a log file gained since the last call; tells whether it holds a fatal-signal line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.skip()
-
-    def skip(self) -> None:
-        """Forget what the file holds so far."""
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
-        self._tail = b""
-
-    def new_fatal_signal(self) -> bool:
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read()
-        except OSError:
-            return False
-        self._offset += len(data)
-        text = self._tail + data
-        found = bool(_FATAL_SIGNAL_LINE.search(text))
-        self._tail = b"" if found else text[-200:]  # a line split across two reads still matches
-        return found
 
 
 @dataclass
@@ -287,27 +85,29 @@ class StubSupervisor:
         self.regions: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._watchdog: threading.Thread | None = None
+        self._watchdog: HangWatchdog | None = None
         self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> StubSupervisor:
+        """Start the stub loop, and the watchdog unless ``hang_timeout`` is 0 (daemon threads)."""
         if not os.path.isdir(f"/proc/{self.server_pid}"):
             log.warning("no /proc on this system: dead Python stubs will not be detected or replaced")
             return self
         self._thread = threading.Thread(target=self._run, name="triton-vlm-supervisor", daemon=True)
         self._thread.start()
         if self.hang_timeout > 0:
-            # Its own thread: the stub loop can sit in a model reload for minutes, against this very server.
-            self._watchdog = threading.Thread(target=self._watch, name="triton-vlm-watchdog", daemon=True)
-            self._watchdog.start()
+            self._watchdog = HangWatchdog(lambda: self.server_pid, self.control.live, self.hang_timeout,
+                                          self.server_log, on_kill=self._server_killed).start()
         return self
 
     def stop(self) -> None:
+        """Stop both threads (each is given up to 30 s)."""
         self._stop.set()
-        for thread in (self._thread, self._watchdog):
-            if thread is not None:
-                thread.join(timeout=30)
+        if self._watchdog is not None:
+            self._watchdog.stop(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         self._thread = self._watchdog = None
 
     @property
@@ -317,6 +117,7 @@ class StubSupervisor:
             return bool(self.events)
 
     def recoveries(self, model: str | None = None) -> list[RecoveryEvent]:
+        """The recoveries so far (of ``model`` only, if given), oldest first."""
         with self._lock:
             return [e for e in self.events if model is None or e.model == model]
 
@@ -328,40 +129,10 @@ class StubSupervisor:
             except Exception:  # the supervisor must outlive any surprise
                 log.exception("stub supervisor: check failed")
 
-    def _watch(self) -> None:
-        armed_pid, last_live = None, time.monotonic()
-        crash_lines = CrashLines(self.server_log) if self.server_log is not None else None
-        crashed: float | None = None  # when the watched server's crash line was seen
-        watched = self.server_pid
-        while not self._stop.wait(1.0):
-            pid = self.server_pid
-            if pid != watched:
-                # A new server: what the log holds so far (the last one's crash lines) is not about it.
-                watched, crashed = pid, None
-                if crash_lines is not None:
-                    crash_lines.skip()
-            if process_state(pid) in (None, "Z"):
-                continue  # dead: the stub loop restarts it
-            if crash_lines is not None and crash_lines.new_fatal_signal():
-                crashed = time.monotonic()
-            if crashed is not None and time.monotonic() - crashed > CRASH_GRACE_S:
-                self.kill_hung_server(pid, time.monotonic() - crashed, "still runs after its crash handler began")
-                crashed = armed_pid = None
-            elif self.control.live():
-                armed_pid, last_live = pid, time.monotonic()
-            elif armed_pid == pid and time.monotonic() - last_live > self.hang_timeout:
-                self.kill_hung_server(pid, time.monotonic() - last_live, "has not answered /v2/health/live")
-                armed_pid = None
-
-    def kill_hung_server(self, pid: int, stuck_s: float, why: str = "has not answered /v2/health/live") -> None:
-        """End a server that still runs but is stuck (its stubs too: they share its process group)."""
-        log.error("tritonserver (pid %d) %s for %.0fs; killing it so that it is started again", pid, why, stuck_s)
+    def _server_killed(self, pid: int, why: str) -> None:
+        """The watchdog killed a hung server: the stub loop finds it dead next and has it started again."""
         with self._lock:
             self.events.append(RecoveryEvent("(server)", f"tritonserver pid {pid} hung ({why})", time.monotonic()))
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def check(self) -> list[str]:
         """One round: track new stubs, reload models whose stubs died; returns the models reloaded."""

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from typing import IO
 
+from triton_vlm.launcher.children import die_with_parent, signal_group
 from triton_vlm.openai.config import API_KEY_ENV, API_KEY_FILE_ENV, MiB, OpenAIOptions
 
 log = logging.getLogger("triton_vlm")
@@ -61,11 +62,10 @@ class OpenAIFront:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OpenAIFront:
-        from triton_vlm.launcher.server import _die_with_parent
-
+        """Start the front in its own session; it gets SIGTERM if the launcher dies."""
         self.process = subprocess.Popen(front_command(self.options), env=front_environment(self.options),
                                         stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+                                        start_new_session=True, preexec_fn=die_with_parent)
         return self
 
     @property
@@ -105,10 +105,7 @@ class OpenAIFront:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 log.warning("the OpenAI front did not stop in %.0fs; killing it", timeout)
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_group(process.pid, signal.SIGKILL)
         process.wait()
         if terminated and process.returncode == -signal.SIGTERM:
             return 0
