@@ -20,9 +20,6 @@ from .helpers import ROOT
 
 SRC = ROOT / "src"
 
-#: Cycles known to be removed by another branch: ``launcher`` takes ``openai/process.py``'s private
-#: ``_die_with_parent`` out of ``launcher/server.py``. Delete this allowance when that branch is merged.
-KNOWN_CYCLES = {frozenset({"triton_vlm.launcher.server", "triton_vlm.openai.process"})}
 
 
 def _module_name(path: Path) -> str:
@@ -163,7 +160,7 @@ def test_the_graph_reads_every_kind_of_import() -> None:
 # -- the rules ----------------------------------------------------------------------------------------------
 def test_src_has_no_import_cycles() -> None:
     found = cycles(import_graph())
-    assert [sorted(c) for c in found if c not in KNOWN_CYCLES] == []
+    assert [sorted(c) for c in found] == []
 
 
 def test_the_engine_imports_nothing_from_the_model_families() -> None:
