@@ -5,8 +5,8 @@ The public kosmos2 forwards each plain infer to ``kosmos2_stream`` and asks Trit
 client deadline far shorter than their answers must all time out at the client, each must be aborted in the engine
 before its ``max_tokens``, every KV slot must be free afterwards, and the model must answer the next request.
 
-Full-size kosmos2 (random fp16 weights): a tiny model on a GPU answers 1000 tokens before the forwarder's first
-look, so there would be nothing to cancel. On the H100, 16 requests of 600 tokens (1.6 s each) with a 0.5 s
+Full-size kosmos2 (random fp16 weights): a tiny model on a GPU may finish all its tokens (at most ~1000 fit its
+1024 positions) before the forwarder's first look, leaving nothing to cancel. On the H100, 16 requests of 600 tokens (1.6 s each) with a 0.5 s
 deadline were aborted after 318-323 tokens (docs/reliability.md).
 """
 
