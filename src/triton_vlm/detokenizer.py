@@ -2,7 +2,7 @@
 
 Decoding the whole answer again for every streamed delta costs O(n) per delta, O(n^2) per answer: for a
 2048-token answer that was ~0.6 s of tokenizer time on the thread that sends responses, at every concurrent
-stream (bench/detokenize.py). Here each update decodes two short windows: the tokens since the previous update,
+stream (bench/results/cpu-detokenize.json). Here each update decodes two short windows: the tokens since the previous update,
 once with and once without the few tokens before them as context, and appends the difference. The context
 keeps what depends on neighbours right (SentencePiece's leading spaces). A window that ends inside a character
 (a trailing U+FFFD) waits for the next token; one that would not simply extend the text (bytes that are no UTF-8

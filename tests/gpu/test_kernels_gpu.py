@@ -57,8 +57,9 @@ def test_fp8_inputs_from_the_norm_and_gating_kernels_change_nothing(monkeypatch:
                                                                     rows: int) -> None:
     """The fused RMSNorm and SiLU gating with fp8 outputs against the plain kernels and a quantizing pass, through
     the tiny llava decoder's layers in float16 (decode batches of 17-64 rows, and prefill). These gave the same
-    bits on an H100 and an H200; bench/gpu_fp8_producers.py finds a few one-step fp8 roundings per million
-    values at llava's sizes (the RMSNorm's float16 output can come out an ulp apart), so only that is allowed."""
+    bits on an H100 and an H200; at llava's sizes a few one-step fp8 roundings per million values came out
+    (bench/results/h200-fp8-producers.json: the RMSNorm's float16 output can come out an ulp apart), so only that
+    is allowed."""
     from tests.unit.test_engine_fp8 import layers_with_and_without_fp8_producers
 
     if torch.cuda.get_device_capability() < (8, 9):

@@ -1,11 +1,13 @@
-"""bench/roofline.py: the bytes and FLOPs of a llava wave, and the floor they put under its time."""
+"""triton_vlm.bench.roofline: the bytes and FLOPs of a llava wave, and the floor they put under its time; and
+triton_vlm.bench.gpu_roofline's report of a run beside that floor."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.roofline import Peaks, WaveCost, llava_wave_cost, wave_floor
+from triton_vlm.bench import gpu_roofline
 from triton_vlm.bench.checkpoints import llava_7b_config
+from triton_vlm.bench.roofline import Peaks, WaveCost, llava_wave_cost, wave_floor
 
 LLAVA_LAYER_PARAMS = 4 * 4096 * 4096 + 3 * 4096 * 11008  # MHA q, k, v, o; gate, up, down
 LLAVA_LM_HEAD = 4096 * 32064
@@ -70,3 +72,46 @@ def test_the_overlapped_floor_is_the_longer_of_all_flops_and_all_bytes_and_never
     report = floor.as_json(5)
     assert report["serial_tok_s"] == pytest.approx(floor.tok_s(5))
     assert report["overlapped_tok_s"] == pytest.approx(20 / floor.overlapped_s)
+
+
+def measured_run(gpu: str, device_s: dict[str, float]) -> dict:
+    """What gpu_roofline measured in a run of 128 requests (two waves of 64), as it records it."""
+    return {"gpu": gpu, "clients": 64, "requests": 128, "output_tokens": 128, "prompt_tokens": 600,
+            "quantization": "fp8", "kv_cache_dtype": "fp8", "engine_c64_tok_s": 4000.0, "engine_seconds": 4.1,
+            "engine_device_s": device_s, "hf_c64_tok_s": 700.0, "hf_c64_repeated_tok_s": 1400.0}
+
+
+def test_the_run_floor_is_its_waves_at_each_set_of_peaks_and_the_shares_are_against_it() -> None:
+    cost = llava_wave_cost(llava_7b_config(), prompt_tokens=600, output_tokens=128, weight_bytes=1, kv_bytes=1)
+    measured = Peaks(bandwidth_b_s=3.0e12, prefill_flop_s=1.3e15, vision_flop_s=7.6e14)
+    result = measured_run("NVIDIA H100 80GB HBM3", {"build_prompt_embeds": 0.4, "prefill": 1.9, "decode": 3.2})
+    gpu_roofline.add_floors(result, cost, measured)
+    assert set(result["floors"]) == {"measured_peaks", "h100_sxm_datasheet"}
+    floor = wave_floor(cost, measured, clients=64)
+    entry = result["floors"]["measured_peaks"]
+    assert entry["run_floor_s"] == pytest.approx({"vision": 2 * floor.vision_s, "prefill": 2 * floor.prefill_s,
+                                                  "decode": 2 * floor.decode_s, "serial": 2 * floor.serial_s})
+    assert entry["engine_share_of_serial_floor"] == pytest.approx(4000 / floor.tok_s(128))
+    assert result["six_x_hf_repeated_tok_s"] == 6 * 1400.0
+    assert entry["six_x_hf_repeated_share_of_overlapped_floor"] == pytest.approx(
+        8400 / floor.tok_s(128, overlapped=True))
+    assert (result["engine_over_hf"], result["engine_over_hf_repeated"]) == pytest.approx((4000 / 700, 4000 / 1400))
+    # The datasheet's peaks are higher than any measured: a lower floor.
+    assert result["floors"]["h100_sxm_datasheet"]["run_floor_s"]["serial"] < entry["run_floor_s"]["serial"]
+    lines = gpu_roofline.table(result).splitlines()
+    vision = next(line for line in lines if line.startswith("vision"))
+    assert vision.split()[1:] == ["0.400", f"{2 * floor.vision_s:.3f}", f"{2 * floor.vision_s / 0.4:.2f}"]
+    assert [line.split()[0] for line in lines[2:5]] == ["vision", "prefill", "decode"]
+    assert any(line.startswith("floor at h100_sxm_datasheet") for line in lines)
+
+
+def test_steps_that_prefill_and_decode_together_are_set_beside_both_floors_and_other_gpus_get_measured_peaks() -> None:
+    cost = llava_wave_cost(llava_7b_config(), prompt_tokens=600, output_tokens=128)
+    measured = Peaks(bandwidth_b_s=3.0e12, prefill_flop_s=7.0e14, vision_flop_s=7.0e14)
+    result = measured_run("NVIDIA H200", {"build_prompt_embeds": 0.3, "prefill": 0.5, "decode": 6.0,
+                                          "prefill_and_decode": 1.5})
+    gpu_roofline.add_floors(result, cost, measured)
+    assert set(result["floors"]) == {"measured_peaks"}
+    run_floor = result["floors"]["measured_peaks"]["run_floor_s"]
+    mixed = next(line for line in gpu_roofline.table(result).splitlines() if line.startswith("prefill+decode"))
+    assert mixed.split()[1:3] == ["8.000", f"{run_floor['prefill'] + run_floor['decode']:.3f}"]

@@ -1,4 +1,4 @@
-"""bench/summarize.py: the GPU issue's summary keys from a raw ``triton-vlm bench`` report."""
+"""triton_vlm.bench.summarize: the GPU issue's summary keys from a raw ``triton-vlm bench`` report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.summarize import summarize
+from triton_vlm.bench.summarize import summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 

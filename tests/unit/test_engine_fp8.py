@@ -1,6 +1,6 @@
 """fp8 in the engine (triton_vlm.engine.quantization), on CPU with the torch twins: per-channel weights and
 per-row activations, a saturating fp8 KV cache, the Llama decoder quantized, and the settings that turn it on.
-The GPU kernels are checked against these twins by tests/gpu (on a CUDA device) and bench/gpu_fp8_probe.py."""
+The GPU kernels are checked against these twins by tests/gpu (on a CUDA device)."""
 
 from __future__ import annotations
 

@@ -86,6 +86,23 @@ def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
     return path
 
 
+def load_random_full_size(model: str, device: torch.device) -> tuple[Any, Any, Any]:
+    """``(family, model, processor)``: ``model``'s full-size random fp16 architecture on ``device``. llava is built
+    in memory; kosmos2 and moondream2 are written to a temporary checkpoint and loaded the way a server loads them."""
+    import tempfile
+
+    from triton_vlm.models import get_family
+
+    family = get_family(model)
+    if model == "llava":
+        return (family, *random_llava_7b(device))
+    with tempfile.TemporaryDirectory(prefix=f"{model}-random-") as tmp:
+        path = save_random_full_size(model, Path(tmp), device)
+        loaded, processor = family.load(str(path), revision=None, dtype=torch.float16, device=device,
+                                        local_files_only=True, trust_remote_code=False)
+    return family, loaded, processor
+
+
 if __name__ == "__main__":
     import sys
     import time

@@ -145,7 +145,8 @@ def run_hf_baseline(runtime: Any, workload: Workload, batch: int) -> RunResult:
     64 on an H100): PyTorch's default SDPA backend there, cuDNN, builds a plan for each new sequence length, which an
     HF server pays for each batch size and length it has not met yet. The repeat finds every plan built (this
     benchmark's requests are all one length) and is recorded beside it (``repeated_tok_s``): 2x faster at 64
-    requests on an H100 (bench/gpu_roofline.py). A warm-up at another batch size sets up the CUDA libraries first.
+    requests on an H100 (bench/results/h100-llava-roofline-fp8.json). A warm-up at another batch size sets up the
+    CUDA libraries first.
 
     A model with no ``generate`` (moondream2 is native: no transformers class) runs the backend's own batched
     generation in-process instead, so the ratio is then what serving adds or saves over that loop."""

@@ -29,10 +29,10 @@ def avoid_per_shape_attention_plans(device: torch.device) -> None:
     """Keep PyTorch's SDPA off its cuDNN backend on CUDA.
 
     cuDNN builds an execution plan the first time it meets a shape: about 36 ms on an H100 per new sequence
-    length or batch size, where flash attention needs 0.2 ms and then runs as fast (bench/gpu_phase_probe.py).
-    A server meets new prompt lengths, chunk lengths and vision batch sizes all the time, so those plans were
-    what made first-token latency jump and a cold 64-client run lose 1.6 s of 11. The setting is process-wide:
-    the engine owns the process it serves from, and its other models gain the same."""
+    length or batch size, where flash attention needs 0.2 ms and then runs as fast (timed at commit 52cedf7 by
+    a phase probe since deleted). A server meets new prompt lengths, chunk lengths and vision batch sizes all the
+    time, so those plans were what made first-token latency jump and a cold 64-client run lose 1.6 s of 11. The
+    setting is process-wide: the engine owns the process it serves from, and its other models gain the same."""
     if device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
         torch.backends.cuda.enable_cudnn_sdp(False)
         log.info("engine: SDPA's cuDNN backend is off (it plans per shape); flash attention serves instead")

@@ -323,7 +323,8 @@ def fp8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                       block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """``x @ (weight * scale).T`` for a few rows of ``x`` [rows <= 64, in] (fp16/bf16), ``weight`` fp8 [out, in]
     row-major and ``scale`` [out] float32: a weight-bandwidth-bound decode matmul that reads fp8 weights
-    without quantizing ``x``. Tiles by default as bench/gpu_fp8_matmul_sweep.py found best on an H100."""
+    without quantizing ``x``. Tiles by default as a sweep found best on an H100
+    (bench/results/h100-fp8-matmul-sweep.txt)."""
     rows, inner = x.shape
     outs = weight.shape[0]
     if not weight.is_contiguous():
@@ -345,9 +346,9 @@ def fp8_matmul(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, wei
                out_dtype: torch.dtype, block_n: int = 64, block_k: int | None = None, num_warps: int | None = None,
                num_stages: int | None = None) -> torch.Tensor:
     """``(x * x_scale) @ (weight * weight_scale).T`` for up to 64 rows: ``x`` fp8 [rows, in] with float32 scales
-    [rows], ``weight`` fp8 [out, in] row-major with float32 scales [out]. Tiles from
-    bench/gpu_fp8_gemm_variants.py on an H100 (llava's projections at 48 and 64 rows: 100-102 us a layer against
-    121-123 for ``torch._scaled_mm``, input quantization included in both)."""
+    [rows], ``weight`` fp8 [out, in] row-major with float32 scales [out]. Tiles from the variants compared on an
+    H100 (bench/results/h100-fp8-gemm-variants.txt; llava's projections at 48 and 64 rows: 100-102 us a layer
+    against 121-123 for ``torch._scaled_mm``, input quantization included in both)."""
     rows, inner = x.shape
     outs = weight.shape[0]
     if rows > 64 or not (x.is_contiguous() and weight.is_contiguous()):
@@ -430,10 +431,11 @@ class AttentionTiles(NamedTuple):
     stages: int | None = None
 
 
-#: From bench/gpu_attention_sweep.py on an H100 (32 KV heads). Many rows: at llava's 64 x 660 positions, 135 us a
-#: layer with an fp8 cache against 142 at 256-position splits and 167 at (128, 64, 4); fp16 K/V 235 against 238
-#: and 263. 512-position splits won for fp8 at every shape tried (head_dim 64 and 128, 150-1500 positions, 16-64
-#: rows: 4-11%) and tied or won for fp16 (bench/results/h100-attention-sweep-split512.txt).
+#: From tile sweeps on an H100 (32 KV heads; bench/results/h100-attention-sweep*.txt). Many rows: at llava's
+#: 64 x 660 positions, 135 us a layer with an fp8 cache against 142 at 256-position splits and 167 at
+#: (128, 64, 4); fp16 K/V 235 against 238 and 263. 512-position splits won for fp8 at every shape tried (head_dim
+#: 64 and 128, 150-1500 positions, 16-64 rows: 4-11%) and tied or won for fp16
+#: (bench/results/h100-attention-sweep-split512.txt).
 ATTENTION_TILES_WIDE = AttentionTiles(512, 32, 2)
 #: Few rows: long splits leave most SMs idle (one row: 32 x 3 programs with work), so splits get shorter:
 #: 6.9 us a layer against 11.4 at one row (fp16; fp8 6.5 against 11.0).

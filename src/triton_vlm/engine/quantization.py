@@ -104,8 +104,8 @@ def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return to_storage(rows / scale, FP8).contiguous(), scale
 
 
-#: How an fp8 projection multiplies, by rows (bench/gpu_fp8_gemm_variants.py, llava's shapes on an H100, per layer,
-#: input quantization included):
+#: How an fp8 projection multiplies, by rows (bench/results/h100-fp8-gemm-variants.txt, llava's shapes on an
+#: H100, per layer, input quantization included):
 #: - up to WEIGHT_ONLY_MAX_ROWS (decode steps of a few requests): inputs stay in the model's dtype and a kernel
 #:   streams the fp8 weight, widening it (80 us at 1 row, 82 at 16; ``_scaled_mm`` 122);
 #: - up to FP8_KERNEL_MAX_ROWS: inputs quantized per row, an fp8 x fp8 Triton kernel with the weight's channels on

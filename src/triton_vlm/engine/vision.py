@@ -1,9 +1,9 @@
 """The vision tower as CUDA graphs at small batches.
 
 A ViT at batch 1 to 16 is bound by kernel launches, not by the GPU: CLIP-L/336 takes 9.1 ms for one image and
-9.7 ms for eight on an H100 (bench/gpu_phase_probe.py), nearly all of it the host queuing ~400 kernels. That is
-first-token latency at low load, and at high load the decode graphs idle behind it each time a few requests
-are admitted. Families whose pixels all reach the tower at one shape (llava's and kosmos2's images, moondream2's
+9.7 ms for eight on an H100 (timed at commit f0a8f2a by a phase probe since deleted), nearly all of it the host
+queuing ~400 kernels. That is first-token latency at low load, and at high load the decode graphs idle behind it
+each time a few requests are admitted. Families whose pixels all reach the tower at one shape (llava's and kosmos2's images, moondream2's
 crops) replay a graph per batch bucket instead; a larger batch (compute-bound anyway) and any tower that fails to
 capture run eagerly. On the GPU, CLIP-style towers also get their quick_gelu as one kernel (:func:`fuse_quick_gelu`).
 """

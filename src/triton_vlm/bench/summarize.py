@@ -1,7 +1,7 @@
 """The summary file the GPU issue asks for, from a raw ``triton-vlm bench --json`` report.
 
-python bench/summarize.py RAW.json --decoder-params 6.74e9 --command "MODEL=llava bash bench/gpu_triton_run.sh" \
-    --out bench/results/h100-llava.json
+python -m triton_vlm.bench.summarize RAW.json --decoder-params 6.74e9 \
+    --command "MODEL=llava bash bench/gpu_triton_run.sh" --out bench/results/h100-llava.json
 
 ``roofline_b1_tok_s`` is memory bandwidth (3.0 TB/s, a practical H100 figure) over the bytes one decode step
 reads at batch 1: the language model's weights (fp16/bf16: 2 bytes a parameter).
@@ -18,6 +18,8 @@ BANDWIDTH_B_S = 3.0e12
 
 
 def summarize(raw: dict[str, Any], decoder_params: float, command: str, notes: list[str] | None = None) -> dict[str, Any]:
+    """The summary of ``raw`` (a report with concurrency 1 and 64): streamed runs are the headline where there are
+    any, plain infer rides along; ``command`` is what produced ``raw``; the raw report is kept under ``raw``."""
     def run(api: str, concurrency: int) -> dict[str, Any] | None:
         return next((r for r in raw["runs"] if r["api"] == api and r["concurrency"] == concurrency), None)
 
@@ -46,9 +48,10 @@ def summarize(raw: dict[str, Any], decoder_params: float, command: str, notes: l
         "bench_command": raw["command"],  # what ``command`` ran, as triton-vlm bench recorded it
         "workload": raw["workload"],
     }
-    if headline == "stream" and run("infer", 1) and run("infer", 64):
-        summary["served_infer_b1_tok_s"] = run("infer", 1)["output_tok_s"]  # type: ignore[index]
-        summary["served_infer_c64_tok_s"] = run("infer", 64)["output_tok_s"]  # type: ignore[index]
+    infer_b1, infer_c64 = run("infer", 1), run("infer", 64)
+    if headline == "stream" and infer_b1 is not None and infer_c64 is not None:
+        summary["served_infer_b1_tok_s"] = infer_b1["output_tok_s"]
+        summary["served_infer_c64_tok_s"] = infer_c64["output_tok_s"]
     if notes:
         summary["notes"] = notes
     summary["ratios"] = raw["ratios"]
@@ -59,6 +62,7 @@ def summarize(raw: dict[str, Any], decoder_params: float, command: str, notes: l
 
 
 def main() -> None:
+    """The command line: RAW -> OUT."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("raw", type=Path)
     parser.add_argument("--decoder-params", type=float, required=True, help="language-model parameters")

@@ -1,6 +1,6 @@
 """How close llava-1.5-7b at 64 clients comes to what one GPU allows, beside HF generate, in one process.
 
-python -m bench.gpu_roofline [--quantization fp8 --kv-cache-dtype fp8] [--requests 192] [--json OUT]
+python -m triton_vlm.bench.gpu_roofline [--quantization fp8 --kv-cache-dtype fp8] [--requests 192] [--json OUT]
 
 1. Peaks measured here, the best of several shapes (generous, so the floor is low): memory bandwidth (a copy,
    bytes read + written, and a reduction, bytes read) and matmul rates at llava's projection shapes, 8192 rows,
@@ -8,8 +8,11 @@ python -m bench.gpu_roofline [--quantization fp8 --kv-cache-dtype fp8] [--reques
 2. HF ``generate`` at batch 64, its first call and a repeat (PyTorch's default SDPA backends, as the served
    benchmark's baseline), before the engine exists (it turns cuDNN's SDPA off for the process).
 3. The engine in-process at 64 clients (``--requests``, 128 tokens each), device time by phase.
-4. The floor of that run from bench/roofline.py at the measured peaks (and at the datasheet's, on an H100 SXM),
-   phase by phase beside the engine's device time, and what 6x HF's repeat would take as a share of the floor.
+4. The floor of that run from :mod:`triton_vlm.bench.roofline` at the measured peaks (and at the datasheet's, on
+   an H100 SXM), phase by phase beside the engine's device time, and what 6x HF's repeat would take as a share of
+   the floor.
+
+Recorded runs: bench/results/h100-llava-roofline-fp8.json and h100-llava-roofline-fp16.json.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import argparse
 import json
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from bench.gpu_engine_probe import NEW_TOKENS, engine_run, hf_generate, probe_inputs
-from bench.gpu_engine_profile import GpuTimeline
-from bench.roofline import Peaks, llava_wave_cost, wave_floor
 from triton_vlm.bench.checkpoints import random_llava_7b
+from triton_vlm.bench.inprocess import NEW_TOKENS, GpuTimeline, engine_run, hf_generate, probe_inputs
+from triton_vlm.bench.roofline import Peaks, WaveCost, llava_wave_cost, wave_floor
 from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.models import get_family
 
@@ -51,7 +54,7 @@ def best_seconds(fn: Callable[[], object], repeats: int = 10) -> float:
     return best
 
 
-def bandwidth(device: torch.device, gib: float = 4.0) -> dict:
+def bandwidth(device: torch.device, gib: float = 4.0) -> dict[str, float]:
     """Bytes/s of a device-to-device copy (read + written) and of a sum (read)."""
     src = torch.empty(int(gib * 2**30) // 2, dtype=torch.float16, device=device).normal_()
     dst = torch.empty_like(src)
@@ -61,10 +64,10 @@ def bandwidth(device: torch.device, gib: float = 4.0) -> dict:
     return {"copy_b_s": copy, "sum_b_s": read}
 
 
-def matmul_rates(device: torch.device, rows: int = 8192) -> dict:
+def matmul_rates(device: torch.device, rows: int = 8192) -> dict[str, dict[str, float]]:
     """FLOP/s of float16 and fp8 matmuls at llava's projection shapes; the best of each."""
     fp8 = torch.float8_e4m3fn
-    rates: dict = {"fp16": {}, "fp8": {}}
+    rates: dict[str, dict[str, float]] = {"fp16": {}, "fp8": {}}
     for k, n in PROJECTIONS:
         a = torch.randn(rows, k, device=device, dtype=torch.float16)
         w = torch.randn(n, k, device=device, dtype=torch.float16)
@@ -79,16 +82,18 @@ def matmul_rates(device: torch.device, rows: int = 8192) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    """The command line (module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantization", default="fp8", choices=["none", "fp8"])
     parser.add_argument("--kv-cache-dtype", default="fp8", choices=["auto", "fp8"])
     parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
-    result: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "clients": CLIENTS,
-                    "requests": args.requests, "output_tokens": NEW_TOKENS, "quantization": args.quantization,
-                    "kv_cache_dtype": args.kv_cache_dtype}
+    result: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "clients": CLIENTS,
+        "requests": args.requests, "output_tokens": NEW_TOKENS, "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype}
     result["bandwidth"] = bandwidth(device)
     result["matmul_flop_s"] = matmul_rates(device)
     torch.cuda.empty_cache()  # the probes' buffers, before the model
@@ -129,9 +134,21 @@ def main() -> None:
 
     cost = llava_wave_cost(model.config, prompt_tokens, NEW_TOKENS, weight_bytes=1.0 if fp8_weights else 2.0,
                            kv_bytes=1.0 if args.kv_cache_dtype == "fp8" else 2.0)
-    waves = args.requests / CLIENTS
-    result["engine_over_hf"] = run["output_tok_s"] / result["hf_c64_tok_s"]
-    result["engine_over_hf_repeated"] = run["output_tok_s"] / result["hf_c64_repeated_tok_s"]
+    add_floors(result, cost, measured)
+    print(table(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def add_floors(result: dict[str, Any], cost: WaveCost, measured: Peaks) -> None:
+    """Put the run's floors into ``result`` (which holds the run's measurements: ``requests``, ``gpu``,
+    ``engine_c64_tok_s``, ``hf_c64_tok_s``, ``hf_c64_repeated_tok_s``): per wave and for the whole run, at the
+    ``measured`` peaks and, on an H100 SXM, at the datasheet's; the engine's and 6x HF's share of each."""
+    engine_tok_s = result["engine_c64_tok_s"]
+    waves = result["requests"] / CLIENTS
+    result["engine_over_hf"] = engine_tok_s / result["hf_c64_tok_s"]
+    result["engine_over_hf_repeated"] = engine_tok_s / result["hf_c64_repeated_tok_s"]
     target = 6 * result["hf_c64_repeated_tok_s"]
     result["six_x_hf_repeated_tok_s"] = target
     floors = {"measured_peaks": measured}
@@ -140,20 +157,18 @@ def main() -> None:
     result["floors"] = {}
     for name, peaks in floors.items():
         floor = wave_floor(cost, peaks, CLIENTS)
-        entry = {"peaks": peaks.__dict__, "wave": floor.as_json(NEW_TOKENS),
-                 "run_floor_s": {"vision": floor.vision_s * waves, "prefill": floor.prefill_s * waves,
-                                 "decode": floor.decode_s * waves, "serial": floor.serial_s * waves}}
-        entry["engine_share_of_serial_floor"] = run["output_tok_s"] / floor.tok_s(NEW_TOKENS)
-        entry["six_x_hf_repeated_share_of_serial_floor"] = target / floor.tok_s(NEW_TOKENS)
-        entry["six_x_hf_repeated_share_of_overlapped_floor"] = target / floor.tok_s(NEW_TOKENS, overlapped=True)
-        result["floors"][name] = entry
-    print(table(result), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        result["floors"][name] = {
+            "peaks": peaks.__dict__, "wave": floor.as_json(NEW_TOKENS),
+            "run_floor_s": {"vision": floor.vision_s * waves, "prefill": floor.prefill_s * waves,
+                            "decode": floor.decode_s * waves, "serial": floor.serial_s * waves},
+            "engine_share_of_serial_floor": engine_tok_s / floor.tok_s(NEW_TOKENS),
+            "six_x_hf_repeated_share_of_serial_floor": target / floor.tok_s(NEW_TOKENS),
+            "six_x_hf_repeated_share_of_overlapped_floor": target / floor.tok_s(NEW_TOKENS, overlapped=True),
+        }
 
 
-def table(result: dict) -> str:
+def table(result: dict[str, Any]) -> str:
+    """The run beside its floor, phase by phase, as printed (``result`` after :func:`add_floors`)."""
     measured = result["floors"]["measured_peaks"]
     engine = result["engine_device_s"]
     phases = [("vision", ("build_prompt_embeds",)), ("prefill", ("prefill",)), ("decode", ("decode",))]

@@ -8,8 +8,8 @@ A "wave" is ``clients`` requests that each encode one image, prefill ``prompt_to
   every engine that runs them as separate kernels does;
 - ``overlapped``: all FLOPs and all bytes of the wave at once, whichever takes longer; no kernel mix reaches it.
 
-Nothing else counts: no norms, rotary, sampling, launch gaps or host time. Used by bench/gpu_roofline.py; plain
-arithmetic so it is tested on CPU (tests/unit/test_bench_roofline.py).
+Nothing else counts: no norms, rotary, sampling, launch gaps or host time. Used by
+:mod:`triton_vlm.bench.gpu_roofline`; plain arithmetic so it is tested on CPU (tests/unit/test_bench_roofline.py).
 """
 
 from __future__ import annotations
@@ -84,12 +84,15 @@ class WaveFloor:
 
     @property
     def serial_s(self) -> float:
+        """Vision, prefill and decode one after another."""
         return self.vision_s + self.prefill_s + self.decode_s
 
     def tok_s(self, output_tokens: int, overlapped: bool = False) -> float:
+        """Output tokens a second at the serial (or the overlapped) floor."""
         return self.clients * output_tokens / (self.overlapped_s if overlapped else self.serial_s)
 
-    def as_json(self, output_tokens: int) -> dict:
+    def as_json(self, output_tokens: int) -> dict[str, Any]:
+        """The floor's fields, with the serial time and both throughputs."""
         return {**asdict(self), "serial_s": self.serial_s, "serial_tok_s": self.tok_s(output_tokens),
                 "overlapped_tok_s": self.tok_s(output_tokens, overlapped=True)}
 
