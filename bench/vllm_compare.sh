@@ -10,7 +10,8 @@
 #                                                 $OUT/vllm-MODE[-fp8].json
 #   bash bench/vllm_compare.sh served [fp8]       carrying .device/triton-server.tar.xz: our server, triton-vlm
 #                                                 bench (stream + infer) and perf_analyzer -> $OUT/served[-fp8].json,
-#                                                 $OUT/pa[-fp8].json
+#                                                 $OUT/pa[-fp8].json (API=stream, PERF_ANALYZER=0, REQUESTS=6,192,
+#                                                 PROJECT=DIR to serve another checkout, TAG=-x to name its file)
 # then here: python -m triton_vlm.bench.peer DIR --command "..." --out bench/results/h100-llava-vs-vllm.json
 #
 # Needs, built here once: .peer/ (bash ../shared/peer/fetch_bundle.sh .peer) and .device/ (bench/gpu_prepare.sh).
@@ -58,6 +59,8 @@ served)
   python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/tvlm-site \
     $STASH/wheels/tritonclient-*.whl $STASH/wheels/grpcio-*.whl $STASH/wheels/protobuf-*.whl \
     $STASH/wheels/python_rapidjson-*.whl
+  # PROJECT: another checkout of triton-vlm to serve (a before/after comparison in one window); default this one.
+  cd "${PROJECT:-.}"
   export PYTHONPATH=/tmp/tvlm-site:$PWD/src
   export TRITON_VLM_TRITON_HOME=/tmp/tritonserver TRITON_VLM_TRITON_LIBS=/tmp/tritonserver/nvidia_pytriton.libs
   export TRITON_VLM_NUMPY1_WHEEL=$(ls $STASH/wheels/numpy-1.26.4-*.whl) TRITON_VLM_WHEELHOUSE=$STASH/wheels
@@ -71,8 +74,8 @@ served)
     sleep 1
   done
   python3 -m triton_vlm.cli.main bench --model llava --url 127.0.0.1:18001 --no-baseline --concurrency 1,64 \
-    --requests ${REQUESTS:-6,192} --max-tokens 128 --api both --json "$OUT/served$suffix.json"
-  python3 -m triton_vlm.bench.perf_analyzer --url 127.0.0.1:18001 --model llava --concurrency 1,64 \
+    --requests ${REQUESTS:-6,192} --max-tokens 128 --api ${API:-both} --json "$OUT/served$suffix${TAG:-}.json"
+  [ "${PERF_ANALYZER:-1}" = 1 ] && python3 -m triton_vlm.bench.perf_analyzer --url 127.0.0.1:18001 --model llava --concurrency 1,64 \
     --requests 8,192 --max-tokens 128 --wheel $STASH/wheels/tritonclient-2.51.0-*.whl \
     --libs /tmp/tritonserver/nvidia_pytriton.libs --json "$OUT/pa$suffix.json" ;;
 *)
