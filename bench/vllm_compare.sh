@@ -75,9 +75,11 @@ served)
   done
   python3 -m triton_vlm.cli.main bench --model llava --url 127.0.0.1:18001 --no-baseline --concurrency 1,64 \
     --requests ${REQUESTS:-6,192} --max-tokens 128 --api ${API:-both} --json "$OUT/served$suffix${TAG:-}.json"
-  [ "${PERF_ANALYZER:-1}" = 1 ] && python3 -m triton_vlm.bench.perf_analyzer --url 127.0.0.1:18001 --model llava --concurrency 1,64 \
-    --requests 8,192 --max-tokens 128 --wheel $STASH/wheels/tritonclient-2.51.0-*.whl \
-    --libs /tmp/tritonserver/nvidia_pytriton.libs --json "$OUT/pa$suffix.json" ;;
+  if [ "${PERF_ANALYZER:-1}" = 1 ]; then
+    python3 -m triton_vlm.bench.perf_analyzer --url 127.0.0.1:18001 --model llava --concurrency 1,64 \
+      --requests 8,192 --max-tokens 128 --wheel $STASH/wheels/tritonclient-2.51.0-*.whl \
+      --libs /tmp/tritonserver/nvidia_pytriton.libs --json "$OUT/pa$suffix.json"
+  fi ;;
 *)
   echo "unknown phase $phase" >&2; exit 2 ;;
 esac
