@@ -27,7 +27,7 @@ from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.python_model import answer_response, failure_response
 from triton_vlm.backend.requests import (declared_extra_outputs, extra_values, input_scalar, output_response,
                                          parse_request, runtime_from_args)
-from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
+from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown, startup_failed
 from triton_vlm.detokenizer import IncrementalDetokenizer
 from triton_vlm.engine import LLMEngine, RequestOutput
 from triton_vlm.errors import GenerationError, ModelUnavailableError, TritonVLMError
@@ -93,6 +93,7 @@ class TritonVLMStreamModel:
         self.runtime = runtime_from_args(args, self.family)
         self.model_name = self.runtime.settings.model_name
         self.metrics = BackendMetrics(self.model_name)
+        self.metrics.note_weights(self.runtime)
         self.engine_metrics = EngineMetrics(self.model_name)
         self._engine: LLMEngine | None = None
         self._engine_lock = threading.Lock()
@@ -112,7 +113,11 @@ class TritonVLMStreamModel:
         self._task_runner = threading.Thread(target=self._task_loop, name="triton-vlm-tasks", daemon=True)
         self._task_runner.start()
         if self.runtime.settings.preload:
-            self._ensure_engine()
+            try:
+                self._ensure_engine()
+            except BaseException as exc:
+                startup_failed(self.model_name, exc)
+                raise
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
