@@ -13,7 +13,8 @@
 #   6. stop (exit code 0 within the grace period), start again: healthy again, answers again, and the tiny
 #      checkpoints in the cache volume were not built a second time
 #   7. stop cleanly, remove the test's containers and volumes; stop the dockerd this script started
-# Exit: 0 passed, 1 failed, 77 skipped (no Docker engine can run here).
+# Exit: 0 passed, 1 failed, 77 skipped (no Docker engine can run here); also written to $DOCKER_TEST_RESULT if set
+# (through make, every failure is exit 2).
 # Settings (environment): PYTHON (the host's Python with this project's dependencies, for the client),
 # DOCKER_TEST_MODELS (llava,kosmos2), DOCKER_TEST_KEEP=1 (leave the container, volumes and dockerd running),
 # TRITON_VLM_BASE_IMAGE (triton-vlm-base:bookworm), DEBIAN_MIRROR (default: apt's), TORCH_VERSION (2.13.0).
@@ -51,6 +52,8 @@ show_logs() {
 cleanup() {
   local code=$?
   set +e
+  # make turns every failing recipe into its own exit 2: callers that must tell a skip apart read this file.
+  if [ -n "${DOCKER_TEST_RESULT:-}" ]; then echo "$code" >"$DOCKER_TEST_RESULT"; fi
   rm -rf "$WORK" "$BUILD_DIR/wheels"
   if [ "${DOCKER_TEST_KEEP:-0}" != 1 ]; then
     if [ -n "${COMPOSE+x}" ] && docker info >/dev/null 2>&1; then

@@ -155,9 +155,11 @@ def test_a_failed_start_disables_crash_reports_and_tells_the_launcher(monkeypatc
     try:
         startup_failed("llava", RuntimeError("model 'llava': cannot load weights\nProvide them by one of: ..."))
         assert not faulthandler.is_enabled()  # the stub's native teardown would print a segfault report
+        startup_failed("kosmos2", MemoryError("out of memory"))
     finally:
         faulthandler.disable()
-    assert errors.read_text() == "llava: model 'llava': cannot load weights Provide them by one of: ...\n"
+    assert errors.read_text() == ("model 'llava': cannot load weights Provide them by one of: ...\n"
+                                  "kosmos2: out of memory\n")
 
 
 def test_serve_says_why_models_failed_at_start_last(monkeypatch: pytest.MonkeyPatch,

@@ -45,6 +45,7 @@ def startup_failed(model: str, exc: BaseException) -> None:
     if path:
         try:
             with open(path, "a", encoding="utf-8") as errors:
-                errors.write(" ".join(f"{model}: {exc}".split()) + "\n")  # one line per failure
+                reason = str(exc) if repr(model) in str(exc) else f"{model}: {exc}"
+                errors.write(" ".join(reason.split()) + "\n")  # one line per failure
         except OSError:
             pass  # the reason is in Triton's log regardless
