@@ -16,9 +16,6 @@ from typing import Any
 
 import pytest
 
-from triton_vlm.availability import (WeightsAvailability, missing_weights_note, repository_availability,
-                                     weights_availability)
-from triton_vlm.cli.addresses import grpc_address, metrics_address, split_url
 from triton_vlm.cli.main import _parser, main
 from triton_vlm.settings import ModelSettings
 
@@ -58,6 +55,8 @@ def fake() -> Iterator[FakeTriton]:
 
 # -- status --url on another port read :8002 (another server's numbers) -----------------------------------------
 def test_metrics_address_is_derived_only_for_default_ports() -> None:
+    from triton_vlm.cli.addresses import metrics_address, split_url
+
     assert metrics_address("localhost:8000", None).url == "http://localhost:8002/metrics"
     assert metrics_address("grpc://10.0.0.5:8001", None).url == "http://10.0.0.5:8002/metrics"
     assert metrics_address("myhost", None).url == "http://myhost:8002/metrics"
@@ -87,6 +86,8 @@ def test_status_says_which_metrics_address_it_used(fake: FakeTriton, capsys: pyt
 
 # -- dashboard-preview --url passed the HTTP address as the gRPC one ------------------------------------------------
 def test_grpc_address_is_derived_from_the_http_one() -> None:
+    from triton_vlm.cli.addresses import grpc_address
+
     assert grpc_address("localhost:8000", None).url == "localhost:8001"
     assert grpc_address("http://h:8000", "h:9001").url == "h:9001"
     assert grpc_address("h:18000", None).url is None
@@ -211,6 +212,8 @@ def test_the_download_command_named_in_hints_is_installed() -> None:
 
 # -- 7 models READY without weights; status said "not loaded" ------------------------------------------------------
 def test_weights_availability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from triton_vlm.availability import weights_availability
+
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -238,6 +241,7 @@ def test_the_default_repository_without_weights_is_reported(monkeypatch: pytest.
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("TRITON_VLM_TINY", raising=False)
+    from triton_vlm.availability import missing_weights_note, repository_availability
     from triton_vlm.launcher.repository import companions, default_model_repository, servable_models
 
     repository = default_model_repository()
@@ -256,6 +260,7 @@ def test_serve_prints_the_missing_weights_note_after_ready(monkeypatch: pytest.M
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     import triton_vlm.cli.main as cli
     import triton_vlm.launcher as launcher
+    from triton_vlm.availability import WeightsAvailability
 
     class ReadyServer:
         models = ["llava"]
