@@ -12,7 +12,8 @@
 #      gRPC), check :8002/metrics
 #   6. stop (exit code 0 within the grace period), start again: healthy again, answers again, and the tiny
 #      checkpoints in the cache volume were not built a second time
-#   7. stop cleanly, remove the test's containers and volumes; stop the dockerd this script started
+#   7. stop cleanly; then `--preload` without weights must fail plainly (exit 1, the reason last, no crash report)
+#   8. remove the test's containers and volumes; stop the dockerd this script started
 # Exit: 0 passed, 1 failed, 77 skipped (no Docker engine can run here); also written to $DOCKER_TEST_RESULT if set
 # (through make, every failure is exit 2).
 # Settings (environment): PYTHON (the host's Python with this project's dependencies, for the client),
@@ -279,6 +280,19 @@ stop_cleanly() {  # $1: what for
   say "$1: stopped cleanly in $(elapsed "$started") s (exit code 0)"
 }
 
+preload_without_weights() {  # a first `up` with TRITON_VLM_PRELOAD=1 and no weights: a plain reason, no crash report
+  local out code=0
+  out=$(compose run --rm --no-deps -e TRITON_VLM_TINY=0 -e TRITON_VLM_PRELOAD=1 -e TRITON_VLM_MODELS=llava \
+        -e HF_HUB_OFFLINE=1 triton 2>&1) || code=$?
+  [ "$code" = 1 ] || { echo "$out" | tail -n 20 >&2; fail "preload without weights: exit code $code, not 1"; }
+  if echo "$out" | grep -q "Fatal Python error"; then fail "preload without weights: a crash report in the log"; fi
+  echo "$out" | tail -n 3 | grep -q "^error: the server did not start" \
+    || { echo "$out" | tail -n 5 >&2; fail "preload without weights: the reason is not the last thing said"; }
+  echo "$out" | tail -n 2 | grep -q "hf download" || fail "preload without weights: no way to provide them named"
+  say "preload without weights: exit 1, the reason last:"
+  echo "$out" | tail -n 3 | cut -c1-200 | sed 's/^/    /'
+}
+
 # -- main ---------------------------------------------------------------------------------------------------------
 engine
 find_compose
@@ -315,5 +329,6 @@ $CACHE_AFTER"
 say "cache volume survived the restart: the same checkpoint files, no second build"
 
 stop_cleanly "final stop"
+preload_without_weights
 say "PASSED in $(elapsed "$T0") s: build ${BUILD_S} s, image ${IMAGE_MB} MB, healthy after ${FIRST_HEALTHY_S} s" \
     "(after the restart: ${HEALTHY_S} s); answer: $FIRST_ANSWER"
