@@ -100,7 +100,7 @@ def _weights_source(settings: ModelSettings, family: ModelFamily) -> tuple[str, 
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"model {settings.model_name!r}: local_path {str(path)!r} is not a checkpoint directory "
-                "(no config.json). Point it at a directory made by save_pretrained or `huggingface-cli download`."
+                "(no config.json). Point it at a directory made by save_pretrained or `hf download ID --local-dir DIR`."
             )
         return str(path), None, True
     model_id = settings.hf_model_id or family.default_hf_model_id
@@ -110,6 +110,12 @@ def _weights_source(settings: ModelSettings, family: ModelFamily) -> tuple[str, 
                     settings.model_name, hub_endpoint(), model_id)
         local_only = True
     return model_id, settings.revision or None, local_only
+
+
+def _revision_flag(revision: str | None) -> str:
+    """`` --revision R`` for the download command (huggingface_hub's ``hf``; the older CLI name is gone), where
+    a revision is pinned."""
+    return f" --revision {revision}" if revision and revision != "main" else ""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -163,7 +169,7 @@ def _load_failure_message(settings: ModelSettings, source: str, revision: str | 
         return (
             f"model {settings.model_name!r}: the cached weights of {source!r} (revision {revision or 'default'}) "
             f"are corrupt or incomplete (an interrupted download?). Download them again with "
-            f"`huggingface-cli download {source} --force-download` (cache in HF_HOME, "
+            f"`hf download {source}{_revision_flag(revision)} --force-download` (cache in HF_HOME, "
             f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}). {cause}"
         )
     return _missing_weights_message(settings, source, revision, exc)
@@ -180,7 +186,7 @@ def _missing_weights_message(settings: ModelSettings, source: str, revision: str
     return (
         f"model {settings.model_name!r}: cannot load weights {source!r} (revision {revision or 'default'}): "
         f"{hub_miss_reason()}. Provide them by one of: (1) on a connected machine run "
-        f"`huggingface-cli download {source}` and copy the cache to HF_HOME "
+        f"`hf download {source}{_revision_flag(revision)}` and copy the cache to HF_HOME "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); (2) set {env_prefix(settings.model_name)}"
         f"LOCAL_PATH (or the local_path parameter) to a checkpoint directory; (3) use --tiny for test weights. "
         f"Cause: {type(exc).__name__}: {_first_line(exc)}"

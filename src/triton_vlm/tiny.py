@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,8 @@ TINY_FORMAT_VERSION = 2
 #: Decimal places kept of a trained unigram log-probability (the trainer's last bits vary from run to run).
 UNIGRAM_SCORE_DECIMALS = 6
 SEED = 1234
+
+log = logging.getLogger("triton_vlm")
 
 CORPUS = [
     "a photo of a cat sitting on a red mat next to a window",
@@ -69,6 +73,7 @@ def ensure_tiny_checkpoint(family: str, root: Path | None = None, variant: str |
         if (target / "config.json").exists():
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        started = time.monotonic()
         try:
             builder = get_family(family)
             if variant:
@@ -78,6 +83,8 @@ def ensure_tiny_checkpoint(family: str, root: Path | None = None, variant: str |
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        # Said once per build: a cache that survives (a container's volume) shows no such line on the next start.
+        log.info("built the tiny checkpoint %s in %.1f s", target, time.monotonic() - started)
     return target
 
 

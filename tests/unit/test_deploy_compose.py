@@ -108,10 +108,10 @@ def _service(mode: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     return interpolate(load(mode), env or {})["services"]["triton"]
 
 
-@pytest.mark.parametrize("mode, kind", [("gpu", "gpu"), ("cpu", "cpu")])
-def test_service_runs_the_launcher_inside_the_image(mode: str, kind: str) -> None:
+@pytest.mark.parametrize("mode, kind, dockerfile", [("gpu", "gpu", "Dockerfile"), ("cpu", "cpu", "Dockerfile.cpu")])
+def test_service_runs_the_launcher_inside_the_image(mode: str, kind: str, dockerfile: str) -> None:
     service = _service(mode)
-    assert service["build"]["context"] == "." and service["build"]["dockerfile"] == "Dockerfile"
+    assert service["build"]["context"] == "." and service["build"]["dockerfile"] == dockerfile
     assert (ROOT / service["build"]["dockerfile"]).is_file()
     assert service["command"] == ["triton-vlm", "serve", "--host", "0.0.0.0", "--instance-kind", kind]
 
@@ -120,8 +120,29 @@ def test_gpu_reservation_only_in_the_gpu_file() -> None:
     (device,) = _service("gpu")["deploy"]["resources"]["reservations"]["devices"]
     assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
     assert "deploy" not in _service("cpu")
-    assert "nvidia" not in FILES["cpu"].read_text().replace("NVIDIA's", "")
+    assert "nvidia" not in FILES["cpu"].read_text().replace("NVIDIA's", "").replace("nvidia-pytriton", "")
     assert _service("cpu")["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+
+
+def test_cpu_build_takes_a_local_base_torch_wheels_and_a_ca_secret() -> None:
+    """What `make docker-test` sets: a base image made with debootstrap, no torch index (the local wheel), pip's
+    CA bundle as a build secret (never a build argument: those stay in the image's history)."""
+    build = _service("cpu")["build"]
+    assert build["args"]["BASE_IMAGE"] == "debian:bookworm-slim" and build["secrets"] == ["pip_cert"]
+    assert "PIP_CERT" not in json.dumps(build["args"]) and "cert" not in " ".join(build["args"]).lower()
+    assert interpolate(load("cpu"), {})["secrets"]["pip_cert"]["file"] == "/dev/null"
+    env = {"TRITON_VLM_BASE_IMAGE": "triton-vlm-base:bookworm", "TRITON_VLM_TORCH_INDEX_URL": "",
+           "TRITON_VLM_PIP_CERT": "/etc/ssl/certs/ca-certificates.crt"}
+    document = interpolate(load("cpu"), env)
+    assert document["services"]["triton"]["build"]["args"] == {"BASE_IMAGE": "triton-vlm-base:bookworm",
+                                                               "TORCH_INDEX_URL": ""}
+    assert document["secrets"]["pip_cert"]["file"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert validate(document) == []
+
+
+def test_cpu_service_sets_no_memlock_limit() -> None:
+    """Raising RLIMIT_MEMLOCK needs a privilege sandboxed engines lack: the container would not start."""
+    assert "memlock" not in _service("cpu")["ulimits"] and "memlock" in _service("gpu")["ulimits"]
 
 
 @pytest.mark.parametrize("mode", ["gpu", "cpu"])

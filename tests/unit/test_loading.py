@@ -44,7 +44,7 @@ def test_offline_missing_llava_weights_explain_what_to_do(monkeypatch: pytest.Mo
     assert "TRITON_VLM_LLAVA_LOCAL_PATH" in message
     assert "HF_HOME" in message and str(tmp_path / "hf-home") in message
     assert "--tiny" in message
-    assert "huggingface-cli download llava-hf/llava-1.5-7b-hf" in message
+    assert "hf download llava-hf/llava-1.5-7b-hf" in message
 
 
 def test_offline_missing_kosmos_weights_name_their_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +111,7 @@ def test_an_unreachable_hub_means_the_cache_alone_and_a_clear_error(
     assert calls == [True]
     message = str(info.value)
     assert f"the Hugging Face Hub ({endpoint}) could not be reached and no cached copy was found" in message
-    assert "HF_HUB_OFFLINE" not in message and "huggingface-cli download llava-hf/llava-1.5-7b-hf" in message
+    assert "HF_HUB_OFFLINE" not in message and "hf download llava-hf/llava-1.5-7b-hf" in message
 
 
 def test_hf_model_id_override_is_the_one_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,7 +175,7 @@ def test_local_path_without_weights_message_is_about_the_directory(tmp_path: Pat
         load_model(real_settings("kosmos2").with_overrides(local_path=str(checkpoint)), CPU)
     message = str(info.value)
     assert str(checkpoint) in message
-    assert "huggingface-cli download " + str(checkpoint) not in message
+    assert "hf download " + str(checkpoint) not in message
     assert "offline mode" not in message and "HF_HUB_OFFLINE" not in message
     assert "local_path" in message and "model.safetensors" in message
     assert "TRITON_VLM_KOSMOS2_LOCAL_PATH" in message
@@ -194,7 +194,7 @@ def test_local_path_with_unusable_processor_files_is_about_the_directory(tmp_pat
         load_model(real_settings("llava").with_overrides(local_path=str(checkpoint)), CPU)
     message = str(info.value)
     assert f"local_path {str(checkpoint)!r}" in message
-    assert "offline mode" not in message and "huggingface-cli download" not in message
+    assert "offline mode" not in message and "hf download" not in message
 
 
 def corrupt_checkpoint(tmp_path: Path) -> Path:
@@ -258,7 +258,7 @@ def test_corrupt_hub_cache_suggests_downloading_again(monkeypatch: pytest.Monkey
         load_model(real_settings("kosmos2"), CPU)
     message = str(info.value)
     assert "'microsoft/kosmos-2-patch14-224'" in message and "corrupt or incomplete" in message
-    assert "huggingface-cli download microsoft/kosmos-2-patch14-224 --force-download" in message
+    assert "hf download microsoft/kosmos-2-patch14-224 --force-download" in message
 
 
 def test_cuda_out_of_memory_stays_distinct(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -356,10 +356,10 @@ def test_missing_weights_message_for_a_directory_never_suggests_downloading_it(t
     local = real_settings("llava").with_overrides(local_path=str(tmp_path))
     message = _missing_weights_message(local, str(tmp_path), None, cause)
     assert f"local_path {str(tmp_path)!r}" in message and "TRITON_VLM_LLAVA_LOCAL_PATH" in message
-    assert "offline mode" not in message and "huggingface-cli download" not in message
+    assert "offline mode" not in message and "hf download" not in message
     tiny = real_settings("llava").with_overrides(tiny=True)
     message = _missing_weights_message(tiny, str(tmp_path), None, cause)
     assert "tiny checkpoint" in message and "offline mode" not in message
     # A hub id keeps the hub advice.
     hub = _missing_weights_message(real_settings("llava"), "llava-hf/llava-1.5-7b-hf", "main", cause)
-    assert "offline mode (HF_HUB_OFFLINE=1)" in hub and "huggingface-cli download llava-hf/llava-1.5-7b-hf" in hub
+    assert "offline mode (HF_HUB_OFFLINE=1)" in hub and "hf download llava-hf/llava-1.5-7b-hf" in hub

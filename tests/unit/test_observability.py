@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from triton_vlm.cli.addresses import metrics_address
 from triton_vlm.observability import dashboard as dash
 from triton_vlm.observability.promql import Evaluator, PromQLError, metric_names
 from triton_vlm.observability.scrape import Recording, Sample, metric_types, parse_metrics, record, value_of
-from triton_vlm.observability.status import ModelStatus, ServerStatus, default_metrics_url, format_status, gather
+from triton_vlm.observability.status import ModelStatus, ServerStatus, format_status, gather
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "triton-vlm.json"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -280,7 +281,10 @@ def test_preview_renders_every_panel_from_a_recording(board: dict[str, Any], tmp
     assert all(d.has_data for d in data), [d.panel.title for d in data if not d.has_data]
     ttft = dict(by_title["Time to first token"].series)
     assert ttft["llava avg"][-1] == pytest.approx(0.05)
-    assert dict(by_title["Requests / s"].series)["llava ok"][-1] == pytest.approx(4.0)
+    requests = dict(by_title["Requests / s"].series)
+    assert requests["llava answered"][-1] == pytest.approx(4.0)
+    errors = [v for v in requests["llava answered with an error"] if v == v]  # not NaN
+    assert max(errors) > 0 and errors[-1] == 0  # one error at 10 s and 20 s, none in the last 5 s window
     assert dict(by_title["Request latency and queue time (avg)"].series)["kosmos2 request"][-1] == pytest.approx(0.2)
     assert dict(by_title["Batch size (avg)"].series)["llava"][-1] == pytest.approx(2.0)
     assert dict(by_title["Engine time by phase"].series)["llava_stream decode"][-1] == pytest.approx(0.5)
@@ -404,8 +408,10 @@ def test_status_without_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_default_metrics_url() -> None:
-    assert default_metrics_url("localhost:8000") == "http://localhost:8002/metrics"
-    assert default_metrics_url("http://10.0.0.5:9000/") == "http://10.0.0.5:8002/metrics"
+    """Derived for Triton's default ports only (more in test_newcomer.py): port 8002 of a server on 9000 may be
+    another server's."""
+    assert metrics_address("localhost:8000", None).url == "http://localhost:8002/metrics"
+    assert metrics_address("http://10.0.0.5:9000/", None).url is None
 
 
 def test_status_table_for_an_empty_server() -> None:

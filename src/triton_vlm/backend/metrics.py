@@ -9,9 +9,12 @@ Python backend lacks histograms, the same ``_sum`` and ``_count`` series are exp
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
+
+log = logging.getLogger("triton_vlm")
 
 #: Upper bounds (seconds) for time to first token: a tiny model on CPU answers in ms, a 7B prefill in 10s of ms,
 #: a first request that loads weights in seconds to minutes.
@@ -23,7 +26,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 #: Every custom metric name (histograms by their base name), for docs and tests.
 METRIC_NAMES = (
-    "triton_vlm_model_loaded", "triton_vlm_model_load_seconds", "triton_vlm_model_load_failures_total",
+    "triton_vlm_model_loaded", "triton_vlm_model_weights_available", "triton_vlm_model_load_seconds", "triton_vlm_model_load_failures_total",
     "triton_vlm_prompt_tokens_total", "triton_vlm_generated_tokens_total", "triton_vlm_request_errors_total",
     "triton_vlm_last_batch_size", "triton_vlm_batch_size", "triton_vlm_time_to_first_token_seconds",
     "triton_vlm_time_per_output_token_seconds",
@@ -115,6 +118,10 @@ class BackendMetrics:
 
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         self.loaded = metric("triton_vlm_model_loaded", "1 once the model's weights are loaded, else 0", gauge)
+        self.weights_available = metric(
+            "triton_vlm_model_weights_available",
+            "1 where the model's weights can be had here (tiny, local_path, the HF cache, or the Hub answers), "
+            "0 where every request fails for want of them", gauge)
         self.load_seconds = metric("triton_vlm_model_load_seconds", "Seconds the last weight load took", gauge)
         self.load_failures = metric("triton_vlm_model_load_failures_total", "Failed weight loads", counter)
         self.prompt_tokens = metric("triton_vlm_prompt_tokens_total", "Prompt tokens processed", counter)
@@ -132,6 +139,17 @@ class BackendMetrics:
             "triton_vlm_time_per_output_token_seconds",
             "Per request: mean seconds between output tokens after the first", TPOT_BUCKETS)
         self.loaded.set(0)
+
+    def note_weights(self, runtime: Any) -> None:
+        """Set ``triton_vlm_model_weights_available`` from where ``runtime``'s weights would come from (disk
+        checks, and a Hub probe where they are in no cache); Triton calls the model READY either way."""
+        from triton_vlm.availability import weights_availability
+
+        found = weights_availability(runtime.settings, runtime.family.default_hf_model_id)
+        self.weights_available.set(1 if found.available else 0)
+        if not found.available:
+            log.warning("model %s: no weights here (%s); every request fails until they are provided (the "
+                        "launcher's start note says how)", runtime.settings.model_name, found.detail)
 
     def observe_request(self, received: float, first_token: float | None, finished: float,
                         generated_tokens: int, prompt_tokens: int) -> None:

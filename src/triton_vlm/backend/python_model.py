@@ -20,7 +20,7 @@ from triton_vlm.backend.faults import FaultInjection
 from triton_vlm.backend.metrics import BackendMetrics
 from triton_vlm.backend.requests import (declared_extra_outputs, error_response, extra_values, output_response,
                                          parse_request, runtime_from_args)
-from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
+from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown, startup_failed
 from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import GenerationRequest, as_request_error
@@ -39,6 +39,7 @@ class TritonVLMModel:
         self.settings = self.runtime.settings
         self.model_name = self.settings.model_name
         self.metrics = BackendMetrics(self.model_name)
+        self.metrics.note_weights(self.runtime)
         #: Optional outputs (e.g. kosmos2's entities) this model declares: sent in every response.
         self.extra_outputs = declared_extra_outputs(args, self.runtime.family.extra_outputs)
         self.faults = FaultInjection.from_env()  # test-only; off unless TRITON_VLM_INJECT_FAULTS is set
@@ -46,7 +47,11 @@ class TritonVLMModel:
                  self.runtime.device,
                  "now (preload)" if self.settings.preload else "on the first request")
         if self.settings.preload:
-            self._load()
+            try:
+                self._load()
+            except BaseException as exc:
+                startup_failed(self.model_name, exc)
+                raise
 
     def execute(self, requests: list[Any]) -> list[Any]:
         received = time.perf_counter()

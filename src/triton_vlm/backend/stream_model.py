@@ -30,7 +30,7 @@ from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.requests import declared_extra_outputs, runtime_from_args
 from triton_vlm.backend.responses import ResponseLoop
 from triton_vlm.backend.stream_requests import Admission, refuse
-from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
+from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown, startup_failed
 
 log = logging.getLogger("triton_vlm")
 
@@ -54,6 +54,7 @@ class TritonVLMStreamModel:
         settings = self.runtime.settings
         self.model_name = settings.model_name
         self.metrics = BackendMetrics(self.model_name)
+        self.metrics.note_weights(self.runtime)
         extra_outputs = declared_extra_outputs(args, self.runtime.family.extra_outputs)
         # At most max_num_seqs requests run and max_queue_size wait (0: no bound).
         self.admission = Admission(self.model_name, settings.max_num_seqs + settings.max_queue_size
@@ -67,7 +68,8 @@ class TritonVLMStreamModel:
         if settings.preload:
             try:
                 self.service.preload()  # on the service's thread; a model that cannot build fails its load
-            except Exception:
+            except BaseException as exc:
+                startup_failed(self.model_name, exc)
                 self._stop()
                 raise
 

@@ -28,3 +28,24 @@ def quiet_teardown() -> None:
     """Stop crash reports once a model is finalized: the stub's native teardown that follows can segfault
     (no Python frame, no request left), which would print a fatal-error report at every normal stop."""
     faulthandler.disable()
+
+
+#: A file the launcher names for the reasons models failed at start (one line each); it prints them last.
+STARTUP_ERRORS_ENV = "TRITON_VLM_STARTUP_ERRORS"
+
+
+def startup_failed(model: str, exc: BaseException) -> None:
+    """``initialize`` of ``model`` is about to raise ``exc`` (e.g. preloading weights that are not here).
+
+    Triton then ends the stub, whose native teardown segfaults as after a finalize: without
+    :func:`quiet_teardown` the log would end in a "Fatal Python error: Segmentation fault" report that buries the
+    reason. The reason also goes to the launcher's file, so it can say it last and plainly."""
+    quiet_teardown()
+    path = os.environ.get(STARTUP_ERRORS_ENV)
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as errors:
+                reason = str(exc) if repr(model) in str(exc) else f"{model}: {exc}"
+                errors.write(" ".join(reason.split()) + "\n")  # one line per failure
+        except OSError:
+            pass  # the reason is in Triton's log regardless

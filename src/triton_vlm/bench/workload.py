@@ -8,6 +8,7 @@ request generates exactly ``max_tokens`` tokens.
 from __future__ import annotations
 
 import io
+import math
 import statistics
 import threading
 import time
@@ -256,9 +257,17 @@ def format_table(title: str, rows: list[RunResult]) -> str:
     header = f"{'concurrency':>11} {'tok/s':>10} {'req/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9} {'errors':>6}"
     lines = [title, header]
     for r in rows:
-        lines.append(f"{r.concurrency:>11} {r.output_tok_s:>10.1f} {r.requests_s:>8.2f} {r.ttft_p50_s * 1e3:>7.1f}ms "
-                     f"{r.ttft_p99_s * 1e3:>7.1f}ms {r.itl_p50_s * 1e3:>7.2f}ms {r.itl_p99_s * 1e3:>7.2f}ms {r.errors:>6}")
+        lines.append(f"{r.concurrency:>11} {r.output_tok_s:>10.1f} {r.requests_s:>8.2f} {_ms(r.ttft_p50_s, 1)} "
+                     f"{_ms(r.ttft_p99_s, 1)} {_ms(r.itl_p50_s, 2)} {_ms(r.itl_p99_s, 2)} {r.errors:>6}")
     return "\n".join(lines)
+
+
+def _ms(seconds: float, decimals: int) -> str:
+    """A latency column: milliseconds, or ``-`` where the run did not measure it (NaN, e.g. the baseline's
+    TTFT: one ``generate`` call has no first-token time)."""
+    if math.isnan(seconds):
+        return f"{'-':>9}"
+    return f"{seconds * 1e3:>7.{decimals}f}ms"
 
 
 def plot(path: str, served: list[RunResult], baseline: list[RunResult]) -> bool:

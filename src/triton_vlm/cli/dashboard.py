@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="HTTP address of the server to send a small load to while "
                                                     "recording (default: record only)")
     parser.add_argument("--grpc-url", default=None, help="gRPC address for the token streams of the load "
-                                                         "(default: the --url host, port 8001)")
+                                                         "(default: the --url host, port 8001, where --url is on "
+                                                         "port 8000; other ports need it)")
     parser.add_argument("--models", default="llava,kosmos2,moondream2", help="models the load asks")
     parser.add_argument("--rounds", type=int, default=2, help="load rounds (each: every model at concurrency "
                                                               "1, 2 and 4, and a token stream)")
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from triton_vlm.cli.addresses import grpc_address
+    from triton_vlm.errors import TritonVLMError
     from triton_vlm.observability import dashboard as dash
     from triton_vlm.observability.scrape import Recording
 
@@ -52,10 +55,16 @@ def run(args: argparse.Namespace) -> int:
         recording = _record_tiny(args, models, say)
         source = "a tiny-model server (random weights, CPU)"
     else:
-        load = f", load to {args.url}" if args.url else ""
+        grpc_url = None
+        if args.url:
+            grpc = grpc_address(args.url, args.grpc_url)
+            if grpc.url is None:
+                raise TritonVLMError(f"dashboard-preview: {grpc.source}")
+            grpc_url = grpc.url
+        load = f", load to {args.url} (HTTP) and {grpc_url} (gRPC)" if args.url else ""
         say(f"recording {args.metrics_url} every {args.interval:g}s{load}")
         recording = dash.collect(args.metrics_url, seconds=args.seconds, interval=args.interval, http_url=args.url,
-                                 grpc_url=args.grpc_url, models=models, rounds=args.rounds, log=say)
+                                 grpc_url=grpc_url, models=models, rounds=args.rounds, log=say)
         source = args.metrics_url
     recording.source = source
     if args.save_recording is not None:

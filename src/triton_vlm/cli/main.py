@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from triton_vlm.errors import TritonVLMError
 
 if TYPE_CHECKING:
+    from triton_vlm.availability import WeightsAvailability
     from triton_vlm.launcher import ServerOptions
 
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triton-vlm", description=__doc__)
+    parser.add_argument("--version", action=_PrintVersion,
+                        help="print the version of triton-vlm and of the server it runs, then exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run tritonserver over the model repository (foreground)")
@@ -54,19 +57,26 @@ def _parser() -> argparse.ArgumentParser:
 
     infer = commands.add_parser("infer", help="ask a model about an image; prints only the generated text "
                                               "(--json: text, token counts, finish reason, latency)")
-    infer.add_argument("--model", required=True)
-    infer.add_argument("--image", required=True, type=Path)
-    infer.add_argument("--prompt", required=True)
+    infer.add_argument("--model", required=True,
+                       help="model to ask, as the server names it (llava, kosmos2, moondream2, smolvlm; "
+                            "`triton-vlm status` lists them); not a <model>_stream one: those only stream")
+    infer.add_argument("--image", required=True, type=Path, help="image file (JPEG, PNG, WebP, ...)")
+    infer.add_argument("--prompt", required=True,
+                       help="the question or instruction (kosmos2: start with <grounding> for boxes)")
     where = infer.add_mutually_exclusive_group()
     where.add_argument("--url", default=os.environ.get("TRITON_VLM_URL", "localhost:8000"),
-                       help="server address, HTTP or gRPC with --grpc (default: $TRITON_VLM_URL or localhost:8000)")
+                       help="server address: its HTTP port (default 8000), or with --grpc its gRPC port (default "
+                            "8001) (default: $TRITON_VLM_URL or localhost:8000)")
     where.add_argument("--direct", action="store_true", help="run in this process, without Triton")
-    infer.add_argument("--grpc", action="store_true", help="talk gRPC instead of HTTP")
+    infer.add_argument("--grpc", action="store_true",
+                       help="talk gRPC instead of HTTP; --url must then name the gRPC port (8001 by default)")
     infer.add_argument("--tiny", action="store_true", help="with --direct: the tiny checkpoints")
-    infer.add_argument("--max-tokens", type=int, default=None)
-    infer.add_argument("--temperature", type=float, default=None)
-    infer.add_argument("--top-p", type=float, default=None)
-    infer.add_argument("--seed", type=int, default=None)
+    infer.add_argument("--max-tokens", type=int, default=None,
+                       help="most tokens to generate (default: the model's default_max_tokens, 128)")
+    infer.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0: greedy)")
+    infer.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this share of the "
+                                                                 "probability mass (default 1)")
+    infer.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same answer)")
     infer.add_argument("--task", default=None,
                        help="a skill of models that have several (moondream2: query, caption[:short|normal|long], "
                             "detect, point)")
@@ -127,6 +137,49 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--output", type=Path, default=None, help="directory (default: the tiny cache)")
     tiny.set_defaults(handler=_make_tiny)
     return parser
+
+
+class _PrintVersion(argparse.Action):
+    """``--version``: argparse's own action wraps the line at the terminal's width; this prints it whole, and
+    reads the installed versions only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(version_line(), flush=True)
+        parser.exit()
+
+
+def version_line() -> str:
+    """``triton-vlm X (tritonserver Y from nvidia-pytriton Z, Python W)``; parts that are not installed are
+    left out."""
+    import importlib.metadata
+    import platform
+
+    from triton_vlm import __version__
+
+    def installed(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    parts = []
+    pytriton = installed("nvidia-pytriton")
+    if pytriton:
+        # The server each nvidia-pytriton release ships (its release notes); the launcher runs that one.
+        server = {"0.7.0": "2.51.0"}.get(pytriton)
+        parts.append(f"tritonserver {server} from nvidia-pytriton {pytriton}" if server
+                     else f"nvidia-pytriton {pytriton}")
+    if os.environ.get("TRITON_VLM_TRITON_HOME"):
+        parts.append(f"TRITON_VLM_TRITON_HOME={os.environ['TRITON_VLM_TRITON_HOME']}")
+    torch = installed("torch")
+    if torch:
+        parts.append(f"torch {torch}")
+    parts.append(f"Python {platform.python_version()}")
+    return f"triton-vlm {installed('triton-vlm') or __version__} ({', '.join(parts)})"
 
 
 def _env_flag(name: str) -> bool:
@@ -244,15 +297,26 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from triton_vlm.launcher import TritonServer
+    import dataclasses
+    import tempfile
 
-    server = TritonServer(_server_options(args))
+    from triton_vlm.backend.stub_logging import STARTUP_ERRORS_ENV
+    from triton_vlm.launcher import LauncherError, TritonServer
+
+    options = _server_options(args)
+    # Where the models write why they failed at start (see stub_logging.startup_failed): said last, below.
+    errors_fd, errors_name = tempfile.mkstemp(prefix="triton-vlm-startup-", suffix=".txt")
+    os.close(errors_fd)
+    errors_path = Path(errors_name)
+    options = dataclasses.replace(options, extra_env={**options.extra_env, STARTUP_ERRORS_ENV: str(errors_path)})
+    server = TritonServer(options)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
     try:
+        missing = [] if server.options.tiny else _models_without_weights(server.options)
         server.start()
         server.wait_until_ready()
         print(f"[triton-vlm] ready: models {', '.join(server.models)}\n"
@@ -261,12 +325,50 @@ def _serve(args: argparse.Namespace) -> int:
               f"[triton-vlm]   metrics  {server.metrics_url}\n"
               + (f"[triton-vlm]   OpenAI   {server.options.openai.base_url}\n" if server.options.openai else "")
               + "[triton-vlm] Ctrl-C to stop", flush=True)
+        if missing:
+            from triton_vlm.availability import missing_weights_note
+
+            print("\n".join(f"[triton-vlm] note: {line}" for line in missing_weights_note(missing).splitlines()),
+                  flush=True)
         return server.wait()  # across restarts after a crash (see TritonServer.wait)
     except KeyboardInterrupt:
         print("[triton-vlm] stopping", flush=True)
         return 0
+    except LauncherError as exc:
+        server.stop()
+        reasons = _startup_errors(errors_path)
+        if not reasons:
+            raise
+        # Last and plain, below Triton's tables and tracebacks.
+        print("\n".join([f"error: the server did not start: {exc}", *[f"  {line}" for line in reasons]]),
+              file=sys.stderr, flush=True)
+        return 1
     finally:
         server.stop()
+        errors_path.unlink(missing_ok=True)
+
+
+def _startup_errors(path: Path) -> list[str]:
+    """The reasons models gave for failing at start, each once (a model's instances may each give it)."""
+    try:
+        return list(dict.fromkeys(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
+    except OSError:
+        return []
+
+
+def _models_without_weights(options: ServerOptions) -> list[WeightsAvailability]:
+    """The served models whose weights cannot be had here (said after the ready lines, so they are seen)."""
+    from triton_vlm.availability import repository_availability
+    from triton_vlm.launcher.repository import companions, default_model_repository, servable_models
+
+    repository = options.model_repository or default_model_repository()
+    try:
+        public = list(options.models) or servable_models(repository)
+        models = public + [c for m in public for c in companions(repository, m) if c not in public]
+        return [found for found in repository_availability(repository, models) if not found.available]
+    except (TritonVLMError, OSError) as exc:  # the server's own start reports a broken repository better
+        logging.getLogger("triton_vlm").debug("weights check skipped: %s", exc)
+        return []
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -292,15 +394,22 @@ def _infer(args: argparse.Namespace) -> int:
                                  time.perf_counter() - started,
                                  entities=parse_entities(output.extras.get("entities", "[]")))
     else:
+        from triton_vlm.cli.addresses import metrics_address
+        from triton_vlm.cli.hints import explain_decoupled, explain_unreachable
         from triton_vlm.client import TritonVLMClient
-        from triton_vlm.observability.status import default_metrics_url
+        from triton_vlm.errors import ServerUnreachableError
 
         with TritonVLMClient(args.url, protocol="grpc" if args.grpc else "http", timeout=args.timeout,
                              retry=args.retries) as client:
-            metrics_url = args.metrics_url or default_metrics_url(client.url)
+            metrics_url = metrics_address(client.url, args.metrics_url).url
             spinner = Spinner(sys.stderr, lambda: loading_message(args.model, metrics_url))
             with spinner if friendly else contextlib.nullcontext():
-                result = client.infer_result(args.model, args.image, args.prompt, task=args.task, **sampling)
+                try:
+                    result = client.infer_result(args.model, args.image, args.prompt, task=args.task, **sampling)
+                except ServerUnreachableError as exc:
+                    raise explain_unreachable(exc, client.url, client.protocol) from None
+                except TritonVLMError as exc:
+                    raise explain_decoupled(exc, client, args.model) from None
     print_result(result, model=args.model, as_json=args.json)
     if args.draw:
         _draw(args.image, args.draw, result.text, result.entities, label=args.prompt)

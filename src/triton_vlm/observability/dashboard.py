@@ -149,17 +149,20 @@ def run_load(http_url: str, grpc_url: str, models: list[str], *, stop: threading
 def collect(metrics_url: str, *, seconds: float, interval: float = 1.0, http_url: str | None = None,
             grpc_url: str | None = None, models: list[str] | None = None, rounds: int = 3,
             log: Callable[[str], None] = lambda _: None) -> Recording:
-    """Scrape ``metrics_url`` every ``interval`` s; with ``http_url``, send :func:`run_load` meanwhile and stop
-    recording a few scrapes after it ends (or after ``seconds``)."""
+    """Scrape ``metrics_url`` every ``interval`` s; with ``http_url`` (and ``grpc_url``, the same server's gRPC
+    address, for the token streams), send :func:`run_load` meanwhile and stop recording a few scrapes after it
+    ends (or after ``seconds``)."""
     if http_url is None:
         return record(metrics_url, seconds, interval)
+    if grpc_url is None:
+        raise ValueError("a load needs the server's gRPC address as well as its HTTP one")
     stop = threading.Event()
     finished = threading.Event()
     failure: list[BaseException] = []
 
     def load() -> None:
         try:
-            run_load(http_url, grpc_url or http_url, models or ["llava", "kosmos2", "moondream2"], stop=stop,
+            run_load(http_url, grpc_url, models or ["llava", "kosmos2", "moondream2"], stop=stop,
                      rounds=rounds, log=log)
         except BaseException as exc:  # reported after the recording
             failure.append(exc)
