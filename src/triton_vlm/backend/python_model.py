@@ -38,8 +38,8 @@ class TritonVLMModel:
         self.extra_outputs = declared_extra_outputs(args, self.runtime.family.extra_outputs)
         log.info("model %s (%s) ready on %s; weights load %s", self.model_name, self.settings.family,
                  self.runtime.device,
-                 "now (preload)" if self.settings.preload else "on the first request")
-        if self.settings.preload:
+                 "now (preload)" if self.settings.weights.preload else "on the first request")
+        if self.settings.weights.preload:
             self._load()
 
     def execute(self, requests: list[Any]) -> list[Any]:

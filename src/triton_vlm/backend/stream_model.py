@@ -81,7 +81,7 @@ class _Stream:
 
 
 class TritonVLMStreamModel:
-    """Base for ``triton_models/<m>_stream/1/model.py``; subclasses set :attr:`family`."""
+    """Base for the ``<m>_stream/1/model.py`` the launcher renders; subclasses set :attr:`family`."""
 
     family: ClassVar[str | None] = None
 
@@ -98,11 +98,11 @@ class TritonVLMStreamModel:
         self._engine_lock = threading.Lock()
         self._outbox: queue.SimpleQueue[_Open | RequestOutput | None] = queue.SimpleQueue()
         self._ids = 0
-        self._stream_interval = self.runtime.settings.stream_interval
+        self._stream_interval = self.runtime.settings.engine.stream_interval
         # Overload: execute() returns at once, so Triton's queue never fills; the bound is here instead. At most
         # max_num_seqs requests run and max_queue_size wait in the engine.
-        waiting = self.runtime.settings.max_queue_size
-        self._limit = self.runtime.settings.max_num_seqs + waiting if waiting > 0 else None
+        waiting = self.runtime.settings.engine.max_queue_size
+        self._limit = self.runtime.settings.engine.max_num_seqs + waiting if waiting > 0 else None
         self._open = 0
         self._open_lock = threading.Lock()
         self._sender = threading.Thread(target=self._send_loop, name="triton-vlm-responses", daemon=True)
@@ -111,7 +111,7 @@ class TritonVLMStreamModel:
         self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._task_runner = threading.Thread(target=self._task_loop, name="triton-vlm-tasks", daemon=True)
         self._task_runner.start()
-        if self.runtime.settings.preload:
+        if self.runtime.settings.weights.preload:
             self._ensure_engine()
 
     def execute(self, requests: list[Any]) -> None:
@@ -177,7 +177,7 @@ class TritonVLMStreamModel:
                         raise
                     try:
                         engine = LLMEngine(loaded.family, loaded.model, loaded.processor,
-                                           self.runtime.settings.engine_config())
+                                           self.runtime.settings.engine)
                         engine.runner.warmup()
                     except (NotImplementedError, MemoryError) as exc:
                         raise GenerationError(f"model {self.model_name!r}: engine unavailable: {exc}") from exc

@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _env_flag(name: str) -> bool:
-    from triton_vlm.settings import parse_bool
+    from triton_vlm.config import parse_bool
 
     try:
         return parse_bool(os.environ.get(name, ""), name=name)

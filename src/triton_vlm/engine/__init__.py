@@ -14,7 +14,7 @@
                                   models/moondream2/engine_adapter.py)
 """
 
-from triton_vlm.engine.config import EngineConfig
+from triton_vlm.config import EngineConfig
 from triton_vlm.engine.engine import LLMEngine
 from triton_vlm.engine.request import EngineRequest, RequestOutput
 

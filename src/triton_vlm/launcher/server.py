@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from triton_vlm.config import env_prefix
 from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
 from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, instance_count, own_batch_delay,
                                           queue_limits)
 from triton_vlm.launcher.preflight import check_shm
-from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, make_forwarder,
-                                            model_family, render_repository, servable_models)
+from triton_vlm.launcher.repository import (companions, default_model_repository, make_forwarder, model_family,
+                                            model_settings, render_repository, servable_models)
 from triton_vlm.launcher.stub_env import stub_python_bin
 from triton_vlm.launcher.supervisor import ADMIN_HEADER, ModelControl, StubSupervisor, hang_timeout
-from triton_vlm.settings import env_prefix
 
 if TYPE_CHECKING:
     from triton_vlm.openai import OpenAIOptions
@@ -417,16 +417,12 @@ class TritonServer:
 
     def _build_tiny_checkpoints(self, repository: Path) -> None:
         from triton_vlm.models import get_family
-        from triton_vlm.settings import ModelSettings, read_config_parameters
         from triton_vlm.tiny import ensure_tiny_checkpoint
 
         for model in self.models:
             family = get_family(model_family(repository, model))
             if family.supported:
-                source = base_model(repository, model) or model
-                name, parameters = read_config_parameters(repository / source / "config.pbtxt")
-                parameters.setdefault("model_family", family.name)
-                hf_model_id = ModelSettings.from_parameters(name, parameters).hf_model_id
+                hf_model_id = model_settings(repository, model).weights.hf_model_id
                 ensure_tiny_checkpoint(family.name,
                                        variant=family.tiny_variant(hf_model_id or family.default_hf_model_id))
 
