@@ -36,6 +36,7 @@ TOP_KEYS = ("model_family", "base_model")
 
 
 def parse_bool(value: str | bool, *, name: str) -> bool:
+    """1/true/yes/on or 0/false/no/off/"" (any case, spaces around); anything else is a ConfigError for ``name``."""
     if isinstance(value, bool):
         return value
     lowered = value.strip().lower()
