@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triton_vlm.hub import hub_miss_reason, hub_offline, hub_reachable
-from triton_vlm.settings import ModelSettings, env_prefix
+from triton_vlm.config import ModelSettings, env_prefix
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,18 @@ def weights_availability(settings: ModelSettings, default_hf_model_id: str = "",
                          hub_answers: Callable[[], bool] = hub_reachable) -> WeightsAvailability:
     """Where ``settings``' weights would come from. Reads the disk only, plus one Hub probe (``hub_answers``,
     up to 3 s) where the weights are in no cache and the Hub is not off."""
-    name = settings.model_name
-    if settings.tiny:
+    name, weights = settings.model_name, settings.weights
+    if weights.tiny:
         return WeightsAvailability(name, "tiny")
-    if settings.local_path:
-        path = Path(settings.local_path).expanduser()
+    if weights.local_path:
+        path = Path(weights.local_path).expanduser()
         if (path / "config.json").is_file():
             return WeightsAvailability(name, "local_path", str(path))
         return WeightsAvailability(name, "missing", str(path), "this local_path has no config.json")
-    model_id = settings.hf_model_id or default_hf_model_id
+    model_id = weights.hf_model_id or default_hf_model_id
     if not model_id:
         return WeightsAvailability(name, "missing", "", "no hf_model_id and no local_path")
-    if _in_hf_cache(model_id, settings.revision or None):
+    if _in_hf_cache(model_id, weights.revision or None):
         return WeightsAvailability(name, "cache", model_id)
     if not hub_offline() and hub_answers():
         return WeightsAvailability(name, "hub", model_id)
@@ -109,9 +109,8 @@ def repository_availability(repository: Path, models: list[str],
     ``TRITON_VLM_<MODEL>_*`` overrides), the Hub probed at most once."""
     import functools
 
-    from triton_vlm.launcher.repository import base_model, model_family
+    from triton_vlm.launcher.repository import model_family, model_settings
     from triton_vlm.models import get_family
-    from triton_vlm.settings import read_config_parameters
 
     probe = functools.cache(hub_answers)
     found = []
@@ -119,9 +118,5 @@ def repository_availability(repository: Path, models: list[str],
         family = get_family(model_family(repository, model))
         if not family.supported:
             continue
-        source = base_model(repository, model) or model
-        _, parameters = read_config_parameters(repository / source / "config.pbtxt")
-        parameters.setdefault("model_family", family.name)
-        settings = ModelSettings.from_parameters(model, parameters)
-        found.append(weights_availability(settings, family.default_hf_model_id, probe))
+        found.append(weights_availability(model_settings(repository, model), family.default_hf_model_id, probe))
     return found

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from triton_vlm.client.client import ImageLike, encode_image
+from triton_vlm.config import read_config_file, read_settings
 from triton_vlm.errors import TritonVLMError
 from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.launcher.repository import default_model_repository
 from triton_vlm.runtime import VLMRuntime
-from triton_vlm.settings import ModelSettings, read_config_parameters
 
 
 def direct_runtime(model: str, *, tiny: bool = False, repository: Path | None = None,
@@ -24,8 +24,7 @@ def direct_runtime(model: str, *, tiny: bool = False, repository: Path | None = 
     config = repository / model / "config.pbtxt"
     if not config.is_file():
         raise UnknownModelError(f"model {model!r} not found in {repository}")
-    name, parameters = read_config_parameters(config)
-    settings = ModelSettings.from_parameters(name, parameters)
+    settings = read_settings(*read_config_file(config))
     if tiny:
         settings = settings.with_overrides(tiny=True)
     if device is None:

@@ -7,7 +7,7 @@ import socket
 import threading
 import urllib.parse
 
-from triton_vlm.settings import parse_bool
+from triton_vlm.config import parse_bool
 
 #: Seconds the Hub may take to accept a connection before a load uses the local cache alone.
 HUB_PROBE_TIMEOUT_S = 3.0

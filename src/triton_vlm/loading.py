@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from triton_vlm.config import ModelSettings, env_prefix
 from triton_vlm.errors import ModelLoadError
 from triton_vlm.hub import hub_endpoint, hub_miss_reason, hub_offline, hub_reachable
 from triton_vlm.models import ModelFamily, get_family
-from triton_vlm.settings import ModelSettings
 
 log = logging.getLogger("triton_vlm")
 
@@ -32,8 +32,8 @@ class LoadedModel:
 
 def resolve_device(settings: ModelSettings, instance_kind: str = "CPU", device_id: int = 0) -> torch.device:
     """``device=auto`` follows the Triton instance: a GPU instance uses its GPU, anything else the CPU."""
-    if settings.device != "auto":
-        return torch.device(settings.device)
+    if settings.weights.device != "auto":
+        return torch.device(settings.weights.device)
     if instance_kind.upper() == "GPU" and torch.cuda.is_available():
         return torch.device("cuda", device_id)
     return torch.device("cpu")
@@ -41,8 +41,8 @@ def resolve_device(settings: ModelSettings, instance_kind: str = "CPU", device_i
 
 def resolve_dtype(settings: ModelSettings, device: torch.device, family: ModelFamily | None = None) -> torch.dtype:
     """``dtype=auto``: float32 on CPU; on GPU the family's :attr:`~ModelFamily.auto_cuda_dtype` (float16)."""
-    if settings.dtype != "auto":
-        return getattr(torch, settings.dtype)
+    if settings.weights.dtype != "auto":
+        return getattr(torch, settings.weights.dtype)
     if device.type != "cuda":
         return torch.float32
     return getattr(torch, family.auto_cuda_dtype) if family is not None else torch.float16
@@ -67,7 +67,7 @@ def load_model(settings: ModelSettings, device: torch.device) -> LoadedModel:
     try:
         model, processor = family.load(source, revision=revision, dtype=dtype, device=device,
                                        local_files_only=local_only,
-                                       trust_remote_code=settings.trust_remote_code)
+                                       trust_remote_code=settings.weights.trust_remote_code)
     except ModelLoadError:
         raise
     except torch.cuda.OutOfMemoryError as exc:
@@ -89,27 +89,27 @@ def _quiet_transformers() -> None:
 
 
 def _weights_source(settings: ModelSettings, family: ModelFamily) -> tuple[str, str | None, bool]:
-    if settings.tiny:
+    if settings.weights.tiny:
         from triton_vlm.tiny import ensure_tiny_checkpoint
 
-        variant = family.tiny_variant(settings.hf_model_id or family.default_hf_model_id)
+        variant = family.tiny_variant(settings.weights.hf_model_id or family.default_hf_model_id)
         path = ensure_tiny_checkpoint(family.name, variant=variant) if variant else ensure_tiny_checkpoint(family.name)
         return str(path), None, True
-    if settings.local_path:
-        path = Path(settings.local_path).expanduser()
+    if settings.weights.local_path:
+        path = Path(settings.weights.local_path).expanduser()
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"model {settings.model_name!r}: local_path {str(path)!r} is not a checkpoint directory "
                 "(no config.json). Point it at a directory made by save_pretrained or `hf download ID --local-dir DIR`."
             )
         return str(path), None, True
-    model_id = settings.hf_model_id or family.default_hf_model_id
+    model_id = settings.weights.hf_model_id or family.default_hf_model_id
     local_only = hub_offline()
     if not local_only and not hub_reachable():
         log.warning("model %s: the Hugging Face Hub (%s) cannot be reached; loading %s from the local cache only",
                     settings.model_name, hub_endpoint(), model_id)
         local_only = True
-    return model_id, settings.revision or None, local_only
+    return model_id, settings.weights.revision or None, local_only
 
 
 def _revision_flag(revision: str | None) -> str:
@@ -140,22 +140,20 @@ def _pickle_weights_only(directory: Path) -> bool:
 def _load_failure_message(settings: ModelSettings, source: str, revision: str | None, exc: BaseException) -> str:
     """Why loading ``source`` failed and what to do: about the directory for a tiny or local checkpoint,
     about the hub (cache, offline mode, download) for a hub id."""
-    from triton_vlm.settings import env_prefix
-
     cause = f"Cause: {type(exc).__name__}: {_first_line(exc)}"
     corrupt = _is_corrupt(exc)
-    if settings.tiny:
+    if settings.weights.tiny:
         return (f"model {settings.model_name!r}: the tiny checkpoint {source!r} cannot be loaded"
                 f"{' (corrupt or incomplete files)' if corrupt else ''}; delete that directory and it is rebuilt "
                 f"on the next load. {cause}")
-    if settings.local_path and _pickle_weights_only(Path(source)):
+    if settings.weights.local_path and _pickle_weights_only(Path(source)):
         return (
             f"model {settings.model_name!r}: the checkpoint in local_path {source!r} has its weights only as "
             f"pickle files (*.bin / *.pt); triton-vlm loads safetensors only, because unpickling a file can run "
             f"code hidden in it. Convert it once where you trust the file (load it and call "
             f"save_pretrained(path, safe_serialization=True)), or use the model's safetensors release. {cause}"
         )
-    if settings.local_path:
+    if settings.weights.local_path:
         what = ("its weights are corrupt or incomplete (an interrupted copy?)" if corrupt else
                 "it does not hold a complete, loadable checkpoint")
         return (
@@ -179,9 +177,7 @@ def _missing_weights_message(settings: ModelSettings, source: str, revision: str
                              exc: BaseException) -> str:
     """Hub weights not found: offline without a cached copy, or the hub unreachable. For a tiny or local
     checkpoint (``source`` is a directory, not a hub id) the message is about that directory instead."""
-    from triton_vlm.settings import env_prefix
-
-    if settings.local_path or settings.tiny:
+    if settings.weights.local_path or settings.weights.tiny:
         return _load_failure_message(settings, source, revision, exc)
     return (
         f"model {settings.model_name!r}: cannot load weights {source!r} (revision {revision or 'default'}): "

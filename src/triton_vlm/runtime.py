@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from triton_vlm.config import ModelSettings
 from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, RequestCancelledError,
                                TritonVLMError)
 from triton_vlm.models.generation import CANCELLED, GenerationOutput
@@ -21,12 +22,8 @@ from triton_vlm.images import decode_image
 from triton_vlm.loading import LoadedModel, load_model
 from triton_vlm.models import get_family
 from triton_vlm.sampling import SamplingParams
-from triton_vlm.settings import ModelSettings
 
 log = logging.getLogger("triton_vlm")
-
-#: Longest prompt accepted, in characters (the token limit is the model's context, checked at encode).
-MAX_PROMPT_CHARS = 16_000
 
 
 @dataclass(frozen=True)
@@ -86,13 +83,14 @@ class VLMRuntime:
         task = self.family.normalize_task(None if task is None else _text("task", task))
         if not prompt.strip() and self.family.prompt_required(task):
             raise InvalidInputError("prompt: empty; ask the model something")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise InvalidInputError(f"prompt: {len(prompt)} characters is over the limit of {MAX_PROMPT_CHARS}")
+        limits = self.settings.limits
+        if len(prompt) > limits.max_prompt_chars:
+            raise InvalidInputError(f"prompt: {len(prompt)} characters is over the limit of {limits.max_prompt_chars}")
         if "\x00" in prompt:
             raise InvalidInputError("prompt: contains a NUL character")
         self.family.validate_prompt(prompt)
-        limit = self.settings.max_tokens_limit
-        max_tokens = self.settings.default_max_tokens if max_tokens is None else max_tokens
+        limit = limits.max_tokens_limit
+        max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= limit:
             raise InvalidInputError(f"max_tokens must be in [1, {limit}], got {max_tokens}")
         params = SamplingParams(
@@ -102,9 +100,8 @@ class VLMRuntime:
             seed=seed,
             ignore_eos=ignore_eos,
         )
-        image = decode_image(image_bytes, max_bytes=self.settings.max_image_bytes,
-                             max_pixels=self.settings.max_image_pixels,
-                             max_aspect_ratio=self.settings.max_image_aspect_ratio)
+        image = decode_image(image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                             max_aspect_ratio=limits.max_image_aspect_ratio)
         return GenerationRequest(image=image, prompt=prompt, params=params, task=task)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:

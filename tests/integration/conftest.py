@@ -19,7 +19,7 @@ from triton_vlm.openai.config import MiB
 # smolvlm: the auto family (a directory written by `triton-vlm add-model`), a tiny Idefics3 under --tiny.
 SERVED_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
 WORKING_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
-#: The engine companions the launcher serves beside them (decoupled, streaming).
+#: The engine models the launcher derives from them and serves beside them (decoupled, streaming).
 ENGINE_MODELS = ("kosmos2_stream", "llava_stream", "moondream2_stream")
 #: A typical prompt for each working model.
 PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",

@@ -15,8 +15,8 @@ from PIL import Image
 from tests.integration.conftest import RunningServer
 from tests.unit.helpers import encode, image_bytes, multi_frame, png_header_only, rgb_array
 from triton_client import TritonVLMClient
+from triton_vlm.config import RequestLimits
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.runtime import MAX_PROMPT_CHARS
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ IMAGES: dict[str, tuple[Callable[[], bytes], str | None]] = {
 PROMPTS: dict[str, tuple[str, dict, str | None]] = {
     "empty": ("", {}, "prompt: empty"),
     "whitespace": (" \n\t ", {}, "prompt: empty"),
-    "over-the-character-limit": ("x" * (MAX_PROMPT_CHARS + 1), {}, "over the limit of"),
+    "over-the-character-limit": ("x" * (RequestLimits().max_prompt_chars + 1), {}, "over the limit of"),
     "beyond-the-context": ("tell me more " * 1000, {}, "exceed the model's context of 1024 tokens"),
     "answer-beyond-the-context": ("What is this?", {"max_tokens": 1024}, "exceed the model's context"),
     "nul": ("what\x00is this", {}, "NUL"),

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from tritonclient.grpc import model_config_pb2 as pb
 
 from triton_vlm.cli.main import main
+from triton_vlm.config import read_config_file, read_settings
 from triton_vlm.errors import InvalidInputError, ModelLoadError, UnknownModelError
+from triton_vlm.launcher.repository import public_config
 from triton_vlm.models.generation import generate_batch
 from triton_vlm.launcher.scaffold import add_model, render_config, render_model_py
 from triton_vlm.model_config import load_model_config
@@ -23,7 +24,6 @@ from triton_vlm.models import get_family
 from triton_vlm.models.auto.family import AutoFamily, reserved_tokens
 from triton_vlm.runtime import VLMRuntime
 from triton_vlm.sampling import SamplingParams
-from triton_vlm.settings import ModelSettings, read_config_parameters
 
 from .helpers import REPOSITORY, SAMPLE_IMAGE, rgb_array
 
@@ -31,37 +31,36 @@ SMOLVLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 
 # -- add-model -----------------------------------------------------------------------------------------------------
-def test_add_model_writes_a_parsing_config_with_family_and_hub_id(tmp_path: Path) -> None:
+def test_add_model_writes_a_few_lines_with_family_and_hub_id(tmp_path: Path) -> None:
     target = add_model(tmp_path, "qwen-vl.test_2", "Qwen/Qwen2-VL-2B-Instruct")
     assert target == tmp_path / "qwen-vl.test_2"
-    config = load_model_config(target / "config.pbtxt")
-    assert config.name == "qwen-vl.test_2" and config.backend == "python"
-    name, parameters = read_config_parameters(target / "config.pbtxt")
-    settings = ModelSettings.from_parameters(name, parameters, env={})
-    assert (settings.family, settings.hf_model_id, settings.revision) == ("auto", "Qwen/Qwen2-VL-2B-Instruct", "main")
-    assert "TRITON_VLM_QWEN_VL_TEST_2_<KEY>" in (target / "config.pbtxt").read_text()
+    text = (target / "config.pbtxt").read_text()
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        'name: "qwen-vl.test_2"', 'backend: "python"',
+        'parameters { key: "model_family" value: { string_value: "auto" } }',
+        'parameters { key: "hf_model_id" value: { string_value: "Qwen/Qwen2-VL-2B-Instruct" } }']
+    assert "TRITON_VLM_QWEN_VL_TEST_2_<KEY>" in text and "src/triton_vlm/config/schema.py" in text
+    settings = read_settings(*read_config_file(target / "config.pbtxt"), env={})
+    assert (settings.family, settings.weights.hf_model_id, settings.weights.revision) == (
+        "auto", "Qwen/Qwen2-VL-2B-Instruct", "main")
+    # A revision other than the default is written; the default is not.
+    assert 'string_value: "v2"' in render_config("m", "auto", "a/b", "v2") and "revision" not in text
     source = (target / "1" / "model.py").read_text()
     assert 'family = "auto"' in source and "TritonVLMModel" in source
     compile(source, "model.py", "exec")
 
 
-@pytest.mark.parametrize("model", ["llava", "kosmos2", "moondream2"])
-def test_the_template_is_the_config_every_public_model_has(model: str) -> None:
+@pytest.mark.parametrize("model, family", [("llava", "llava"), ("kosmos2", "kosmos2"), ("moondream2", "moondream2"),
+                                           ("smolvlm", "auto")])
+def test_add_model_serves_what_every_shipped_model_spells_out(tmp_path: Path, model: str, family: str) -> None:
+    """The few lines add-model writes, completed at launch, are the shipped config: the same inputs (task for
+    moondream2), outputs (entities for kosmos2), batching, instance and parameters."""
     existing = load_model_config(REPOSITORY / model / "config.pbtxt")
-    revision = existing.parameters["revision"].string_value
-    hf_model_id = existing.parameters["hf_model_id"].string_value
-    rendered = pb.ModelConfig()
-    from google.protobuf import text_format
-
-    text_format.Parse(render_config(model, model, hf_model_id, revision), rendered)
-    assert rendered == existing  # same inputs (task for moondream2), outputs (entities for kosmos2), everything
-    assert (REPOSITORY / model / "1" / "model.py").read_text() == render_model_py(model)
-
-
-def test_smolvlm_is_exactly_what_add_model_writes(tmp_path: Path) -> None:
-    target = add_model(tmp_path, "smolvlm", SMOLVLM)
-    for name in ("config.pbtxt", "1/model.py"):
-        assert (target / name).read_text() == (REPOSITORY / "smolvlm" / name).read_text(), name
+    revision = existing.parameters["revision"].string_value if "revision" in existing.parameters else "main"
+    add_model(tmp_path, model, existing.parameters["hf_model_id"].string_value, family=family, revision=revision)
+    assert public_config(tmp_path, model) == existing
+    assert (tmp_path / model / "1" / "model.py").read_text() == (REPOSITORY / model / "1" / "model.py").read_text()
+    assert render_model_py(family) == (REPOSITORY / model / "1" / "model.py").read_text()
 
 
 def test_add_model_refusals(tmp_path: Path) -> None:
@@ -69,7 +68,7 @@ def test_add_model_refusals(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="already exists.*--force"):
         add_model(tmp_path, "m", "a/c")
     add_model(tmp_path, "m", "a/c", force=True)
-    assert read_config_parameters(tmp_path / "m" / "config.pbtxt")[1]["hf_model_id"] == "a/c"
+    assert read_config_file(tmp_path / "m" / "config.pbtxt")[1]["hf_model_id"] == "a/c"
     for bad in ("", "a b", "../x", "x/y", "-x", "m_stream"):
         with pytest.raises(InvalidInputError, match="model name"):
             add_model(tmp_path, bad, "a/b")
@@ -84,7 +83,7 @@ def test_add_model_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     code = main(["add-model", "tiny-vlm", "--hf-model-id", SMOLVLM, "--model-repository", str(tmp_path)])
     assert code == 0
     assert "./triton_start.sh --models tiny-vlm" in capsys.readouterr().out
-    assert read_config_parameters(tmp_path / "tiny-vlm" / "config.pbtxt")[1]["model_family"] == "auto"
+    assert read_config_file(tmp_path / "tiny-vlm" / "config.pbtxt")[1]["model_family"] == "auto"
     code = main(["add-model", "tiny-vlm", "--hf-model-id", SMOLVLM, "--model-repository", str(tmp_path)])
     assert code == 1 and "already exists" in capsys.readouterr().err
 

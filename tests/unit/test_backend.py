@@ -113,8 +113,8 @@ def test_initialize_reads_config_and_family(backend: Any, monkeypatch: pytest.Mo
     monkeypatch.setenv("TRITON_VLM_LLAVA_MAX_TOKENS_LIMIT", "64")
     model = initialize(backend, "llava", {"hf_model_id": "x/y", "default_max_tokens": "9"})
     assert model.settings.family == "llava"  # from the TritonPythonModel class
-    assert model.settings.hf_model_id == "x/y" and model.settings.default_max_tokens == 9
-    assert model.settings.max_tokens_limit == 64
+    assert model.settings.weights.hf_model_id == "x/y" and model.settings.limits.default_max_tokens == 9
+    assert model.settings.limits.max_tokens_limit == 64
     assert str(model.runtime.device) == "cpu" and model.runtime.loaded is None
     assert model.metrics.loaded.value == 0
 

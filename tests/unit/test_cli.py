@@ -136,7 +136,7 @@ def test_direct_runtime_uses_config_and_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("TRITON_VLM_KOSMOS2_MAX_TOKENS_LIMIT", "12")
     monkeypatch.setenv("TRITON_VLM_KOSMOS2_DEFAULT_MAX_TOKENS", "3")
     runtime = direct_runtime("kosmos2", tiny=True, device="cpu")
-    assert runtime.settings.tiny and runtime.settings.max_tokens_limit == 12
-    assert runtime.settings.hf_model_id == "microsoft/kosmos-2-patch14-224"
+    assert runtime.settings.weights.tiny and runtime.settings.limits.max_tokens_limit == 12
+    assert runtime.settings.weights.hf_model_id == "microsoft/kosmos-2-patch14-224"
     assert str(runtime.device) == "cpu" and runtime.loaded is None
     assert direct_runtime("kosmos2").device.type in ("cpu", "cuda")

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from triton_vlm.config import read_settings
 from triton_vlm.engine import EngineConfig, LLMEngine
 from triton_vlm.engine.attention import decode_attention, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
@@ -19,7 +20,6 @@ from triton_vlm.engine.quantization import (FP8, FP8_KERNEL_MAX_ROWS, FP8_MAX, W
                                             takes_fp8_rows, to_storage)
 from triton_vlm.errors import GenerationError, InvalidInputError
 from triton_vlm.sampling import SamplingParams
-from triton_vlm.settings import ModelSettings
 
 from .helpers import load_tiny, noise
 
@@ -270,10 +270,9 @@ def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch: pytest.MonkeyPat
 
 
 def test_settings_turn_fp8_on_and_bad_values_are_refused() -> None:
-    settings = ModelSettings.from_parameters(
-        "llava_stream", {"model_family": "llava", "kv_cache_dtype": "fp8"},
-        env={"TRITON_VLM_LLAVA_STREAM_QUANTIZATION": "fp8"})
-    config = settings.engine_config()
+    settings = read_settings("llava_stream", {"model_family": "llava", "base_model": "llava", "kv_cache_dtype": "fp8"},
+                             env={"TRITON_VLM_LLAVA_STREAM_QUANTIZATION": "fp8"})
+    config = settings.engine
     assert (config.quantization, config.kv_cache_dtype) == ("fp8", "fp8")
     assert (EngineConfig().quantization, EngineConfig().kv_cache_dtype) == ("none", "auto")
     with pytest.raises(InvalidInputError, match="quantization must be one of"):

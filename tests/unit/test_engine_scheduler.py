@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_vlm.engine.config import EngineConfig
+from triton_vlm.config import EngineConfig
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.request import EngineRequest, Sequence, SequenceStatus
 from triton_vlm.engine.scheduler import PrefillChunk, Scheduler

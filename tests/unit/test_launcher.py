@@ -15,19 +15,21 @@ from triton_vlm.launcher import server as server_module
 from triton_vlm.launcher import stub_env
 from triton_vlm.launcher.distribution import (TritonDistribution, find_distribution, library_path,
                                               prepare_backend_dir)
+from triton_vlm.config import ConfigError
 from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, list_models,
-                                            make_forwarder, model_family, render_repository, servable_models)
+                                            make_forwarder, model_family, model_settings, render_repository,
+                                            servable_models)
 from triton_vlm.model_config import load_model_config
+from triton_vlm.models.base import ModelFamily
 
 from .helpers import REPOSITORY, free_port
 
 
 # -- repository ------------------------------------------------------------------------------------------------------
 def test_list_and_servable_models() -> None:
-    assert list_models(REPOSITORY) == ["kosmos2", "kosmos2_stream", "llava", "llava_stream", "moondream2",
-                                       "moondream2_stream", "smolvlm"]
-    # Every family is served (moondream2 natively since its merge); the <model>_stream engine companions are
-    # served along with their base, never selected on their own; smolvlm is an `add-model` model of the auto family.
+    assert list_models(REPOSITORY) == ["kosmos2", "llava", "moondream2", "smolvlm"]
+    # Every family is served (moondream2 natively since its merge); smolvlm is an `add-model` model of the auto
+    # family. The <model>_stream engine models are no directories: they come with their public model.
     assert servable_models(REPOSITORY) == ["kosmos2", "llava", "moondream2", "smolvlm"]
     assert model_family(REPOSITORY, "kosmos2") == "kosmos2"
     assert model_family(REPOSITORY, "smolvlm") == "auto"
@@ -35,7 +37,9 @@ def test_list_and_servable_models() -> None:
     assert companions(REPOSITORY, "llava") == ["llava_stream"]
     assert companions(REPOSITORY, "kosmos2") == ["kosmos2_stream"] and companions(REPOSITORY, "smolvlm") == []
     assert companions(REPOSITORY, "moondream2") == ["moondream2_stream"]
+    assert companions(REPOSITORY, "llava_stream") == []
     assert base_model(REPOSITORY, "llava_stream") == "llava" and base_model(REPOSITORY, "llava") is None
+    assert base_model(REPOSITORY, "gpt5_stream") is None
 
 
 def write_model(repository: Path, name: str, parameters: dict[str, str]) -> None:
@@ -45,23 +49,84 @@ def write_model(repository: Path, name: str, parameters: dict[str, str]) -> None
     (repository / name / "1" / "model.py").write_text("")
 
 
-def test_companions_follow_base_model_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_models_follow_the_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which public models get a <model>_stream is data of their family (ModelFamily.has_engine)."""
     write_model(tmp_path, "alpha", {"model_family": "llava"})
-    write_model(tmp_path, "alpha_stream", {"base_model": "alpha"})
-    write_model(tmp_path, "alpha_stream2", {"base_model": "alpha", "max_num_seqs": "4"})
     write_model(tmp_path, "beta", {"model_family": "kosmos2"})
-    write_model(tmp_path, "gamma", {"model_family": "kosmos2", "base_model": ""})  # empty: not a companion
-    assert companions(tmp_path, "alpha") == ["alpha_stream", "alpha_stream2"]
-    assert companions(tmp_path, "beta") == [] and companions(tmp_path, "alpha_stream") == []
-    assert [base_model(tmp_path, m) for m in ("alpha", "alpha_stream", "gamma")] == [None, "alpha", None]
-    # A companion's family is its base model's (the companion config names none).
-    assert model_family(tmp_path, "alpha_stream2") == "llava"
+    write_model(tmp_path, "gamma", {"model_family": "auto"})
+    assert [companions(tmp_path, m) for m in ("alpha", "beta", "gamma")] == [["alpha_stream"], ["beta_stream"], []]
+    assert model_family(tmp_path, "alpha_stream") == "llava"
     assert servable_models(tmp_path) == ["alpha", "beta", "gamma"]
-    # Only families this version can serve are selected by default.
     from triton_vlm.models import get_family
 
+    monkeypatch.setattr(type(get_family("kosmos2")), "has_engine", False)
+    assert companions(tmp_path, "beta") == []
+    # Only families this version can serve are selected by default.
     monkeypatch.setattr(type(get_family("kosmos2")), "supported", False)
-    assert servable_models(tmp_path) == ["alpha"]
+    assert servable_models(tmp_path) == ["alpha", "gamma"]
+
+
+def test_every_family_with_an_engine_adapter_says_so() -> None:
+    from triton_vlm.models import available_families, get_family
+
+    for name in available_families():
+        family = get_family(name)
+        assert family.has_engine == (type(family).engine_adapter is not ModelFamily.engine_adapter), name
+
+
+def test_a_stale_stream_directory_is_refused(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"model_family": "llava"})
+    write_model(tmp_path, "alpha_stream", {"base_model": "alpha"})
+    with pytest.raises(LauncherError, match="alpha_stream would hide the engine model the launcher derives from "
+                                            "alpha; delete that directory"):
+        list_models(tmp_path)
+
+
+def test_engine_models_are_rendered_from_their_public_config(tmp_path: Path) -> None:
+    target = render_repository(REPOSITORY, tmp_path / "models", ["moondream2", "moondream2_stream"], "KIND_CPU")
+    assert sorted(p.name for p in target.iterdir()) == ["moondream2", "moondream2_stream"]
+    config = load_model_config(target / "moondream2_stream" / "config.pbtxt")
+    assert config.model_transaction_policy.decoupled and config.max_batch_size == 64
+    assert [g.kind for g in config.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
+    assert {k: v.string_value for k, v in config.parameters.items()} == {
+        "model_family": "moondream2", "hf_model_id": "vikhyatk/moondream2", "revision": "2025-06-21",
+        "base_model": "moondream2"}
+    source = (target / "moondream2_stream" / "1" / "model.py").read_text()
+    assert "class TritonPythonModel(TritonVLMStreamModel)" in source and 'family = "moondream2"' in source
+    compile(source, "model.py", "exec")
+    assert not (REPOSITORY / "moondream2_stream").exists()  # the source repository is untouched
+
+
+def test_a_short_config_is_completed_and_gets_its_engine_model(tmp_path: Path) -> None:
+    """What add-model writes (a few lines) is served as a complete model, with <name>_stream for an engine family."""
+    from triton_vlm.launcher.scaffold import add_model
+
+    add_model(tmp_path / "repo", "my-llava", "someone/llava-ft", family="llava")
+    target = render_repository(tmp_path / "repo", tmp_path / "models", ["my-llava", "my-llava_stream"], None)
+    public = load_model_config(target / "my-llava" / "config.pbtxt")
+    assert [i.name for i in public.input][:2] == ["image", "prompt"] and public.max_batch_size == 8
+    stream = load_model_config(target / "my-llava_stream" / "config.pbtxt")
+    assert stream.parameters["hf_model_id"].string_value == "someone/llava-ft"
+    assert "stream" in [i.name for i in stream.input]
+
+
+def test_a_bad_parameter_fails_the_render(tmp_path: Path) -> None:
+    write_model(tmp_path, "alpha", {"model_family": "llava", "max_num_seq": "4"})
+    with pytest.raises(ConfigError, match="model 'alpha': unknown parameter 'max_num_seq' in its config.pbtxt; did "
+                                          "you mean 'max_num_seqs'?"):
+        render_repository(tmp_path, tmp_path / "models", ["alpha"], None)
+    write_model(tmp_path, "beta", {"model_family": "llava", "max_num_seqs": "0"})
+    # beta's own parameter, read for the engine model derived from it.
+    with pytest.raises(ConfigError, match=r"model 'beta': max_num_seqs must be >= 1, got 0 \(from parameter"):
+        render_repository(tmp_path, tmp_path / "models", ["beta_stream"], None)
+
+
+def test_model_settings_are_what_the_stub_reads(tmp_path: Path) -> None:
+    env = {"TRITON_VLM_LLAVA_DTYPE": "float16", "TRITON_VLM_LLAVA_STREAM_MAX_NUM_SEQS": "4"}
+    stream = model_settings(REPOSITORY, "llava_stream", env)
+    assert (stream.base_model, stream.weights.dtype, stream.engine.max_num_seqs) == ("llava", "float16", 4)
+    assert model_settings(REPOSITORY, "llava", env).engine.max_num_seqs == 64
+    assert model_settings(REPOSITORY, "smolvlm", {}).weights.hf_model_id == "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 
 def test_make_forwarder_turns_a_public_model_into_a_cpu_forwarder(tmp_path: Path) -> None:
@@ -83,9 +148,8 @@ def test_make_forwarder_turns_a_public_model_into_a_cpu_forwarder(tmp_path: Path
     assert "from triton_vlm.backend import ForwardingModel" in source
     assert "class TritonPythonModel(ForwardingModel)" in source and "llava_stream" in source
     compile(source, "model.py", "exec")
-    # The companion and the source repository are untouched.
-    assert (target / "llava_stream" / "1" / "model.py").read_text() == (
-        REPOSITORY / "llava_stream" / "1" / "model.py").read_text()
+    # The engine model and the source repository are untouched.
+    assert "TritonVLMStreamModel" in (target / "llava_stream" / "1" / "model.py").read_text()
     assert "ForwardingModel" not in (REPOSITORY / "llava" / "1" / "model.py").read_text()
     assert load_model_config(REPOSITORY / "llava" / "config.pbtxt").instance_group[0].kind == (
         pb.ModelInstanceGroup.KIND_GPU)
@@ -159,8 +223,10 @@ def test_render_repository_unknown_model_lists_known_ones(tmp_path: Path) -> Non
         render_repository(REPOSITORY, tmp_path / "models", ["llava", "gpt5", "blip"], "KIND_CPU")
     message = str(info.value)
     assert "unknown model(s) gpt5, blip" in message
-    assert message.endswith("has: kosmos2, kosmos2_stream, llava, llava_stream, moondream2, moondream2_stream, "
-                            "smolvlm")
+    assert message.endswith("has: kosmos2, llava, moondream2, smolvlm (and <model>_stream for those whose family "
+                            "has an engine)")
+    with pytest.raises(LauncherError, match="unknown model.s. smolvlm_stream;"):  # auto has no engine
+        render_repository(REPOSITORY, tmp_path / "models", ["smolvlm_stream"], None)
     assert not (tmp_path / "models").exists()
 
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
+from triton_vlm.config import ModelSettings, read_config_file, read_settings
 from triton_vlm.errors import ModelLoadError
 from triton_vlm.hub import hub_endpoint, hub_reachable
 from triton_vlm.loading import hub_offline, load_model, resolve_device, resolve_dtype
 from triton_vlm.models import get_family
 from triton_vlm.runtime import VLMRuntime
-from triton_vlm.settings import ModelSettings, read_config_parameters
 from triton_vlm.tiny import ensure_tiny_checkpoint
 
 from .helpers import REPOSITORY, free_port, image_bytes
@@ -26,8 +26,7 @@ CPU = torch.device("cpu")
 
 
 def real_settings(model: str) -> ModelSettings:
-    name, parameters = read_config_parameters(REPOSITORY / model / "config.pbtxt")
-    return ModelSettings.from_parameters(name, parameters, env={})
+    return read_settings(*read_config_file(REPOSITORY / model / "config.pbtxt"), env={})
 
 
 # -- missing weights ------------------------------------------------------------------------------------------
@@ -35,7 +34,7 @@ def test_offline_missing_llava_weights_explain_what_to_do(monkeypatch: pytest.Mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     settings = real_settings("llava")
-    assert not settings.tiny and not settings.local_path
+    assert not settings.weights.tiny and not settings.weights.local_path
     with pytest.raises(ModelLoadError) as info:
         load_model(settings, CPU)
     message = str(info.value)
@@ -159,7 +158,7 @@ def test_local_path_loads_a_checkpoint_directory(tmp_path: Path) -> None:
 def test_tiny_loads_from_the_tiny_cache(kosmos2_runtime: VLMRuntime) -> None:
     loaded = kosmos2_runtime.ensure_loaded()
     assert loaded.source == str(ensure_tiny_checkpoint("kosmos2"))
-    assert kosmos2_runtime.settings.tiny
+    assert kosmos2_runtime.settings.weights.tiny
 
 
 def test_dtype_setting_is_applied(tmp_path: Path) -> None:

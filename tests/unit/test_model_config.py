@@ -1,23 +1,30 @@
-"""triton_vlm.model_config: the repository's config.pbtxt files and the request/response contract."""
+"""triton_vlm.model_config: the repository's config.pbtxt files and the request/response contract, with the
+``<model>_stream`` engine models the launcher derives from them (triton_vlm.config.contract, launcher/repository.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from triton_vlm.config import read_settings, string_parameters
+from triton_vlm.config.contract import complete_config, template
+from triton_vlm.launcher.repository import public_config, stream_config
 from triton_vlm.model_config import dump_model_config, force_instance_kind, load_model_config
+from triton_vlm.models import get_family
 
-from .helpers import REPOSITORY
+from .helpers import REPOSITORY, ROOT
 
 CONFIGS = sorted(REPOSITORY.glob("*/config.pbtxt"))
+LEGACY = ROOT / "tests" / "data" / "legacy_stream_configs"
 #: Public models: one per family, served by the shared backend (and by the engine through a forwarder), plus
 #: smolvlm, made by `triton-vlm add-model` for the auto family.
 PUBLIC = ("kosmos2", "llava", "moondream2", "smolvlm")
 FAMILY_OF = {"smolvlm": "auto"}
-#: Companion models: decoupled engine models serving a public model's weights.
+#: Engine models: decoupled, serving a public model's weights; derived from its config at launch.
 COMPANIONS = {"kosmos2_stream": "kosmos2", "llava_stream": "llava", "moondream2_stream": "moondream2"}
 OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64,
             "ignore_eos": pb.TYPE_BOOL}
@@ -27,16 +34,19 @@ OUTPUTS = {"generated_text": pb.TYPE_STRING, "generated_tokens": pb.TYPE_INT32, 
            "finish_reason": pb.TYPE_STRING}
 #: Outputs only some models have (the family's optional outputs; clients ask for them or not).
 EXTRA_OUTPUTS = {"kosmos2": {"entities": pb.TYPE_STRING}, "kosmos2_stream": {"entities": pb.TYPE_STRING}}
-ENGINE_PARAMETERS = ("max_model_len", "max_num_seqs", "kv_cache_memory_fraction", "cuda_graphs")
 
 
 def load(model: str) -> pb.ModelConfig:
+    """A public model's config.pbtxt, or the config the launcher derives for an engine model."""
+    if model in COMPANIONS:
+        base = COMPANIONS[model]
+        return stream_config(public_config(REPOSITORY, base), FAMILY_OF.get(base, base))
     return load_model_config(REPOSITORY / model / "config.pbtxt")
 
 
-@pytest.fixture(params=CONFIGS, ids=lambda p: p.parent.name)
+@pytest.fixture(params=[*PUBLIC, *COMPANIONS])
 def config(request: pytest.FixtureRequest) -> pb.ModelConfig:
-    return load_model_config(request.param)
+    return load(request.param)
 
 
 @pytest.fixture(params=PUBLIC)
@@ -45,7 +55,7 @@ def public(request: pytest.FixtureRequest) -> pb.ModelConfig:
 
 
 def test_every_model_directory_has_a_parsing_config() -> None:
-    assert {p.parent.name for p in CONFIGS} == {*PUBLIC, *COMPANIONS}
+    assert {p.parent.name for p in CONFIGS} == set(PUBLIC)  # the engine models have no directory
     for path in CONFIGS:
         assert load_model_config(path).name == path.parent.name
         assert (path.parent / "1" / "model.py").is_file()
@@ -106,13 +116,14 @@ def test_parameters_name_the_family(public: pb.ModelConfig) -> None:
     assert "base_model" not in public.parameters
 
 
-# -- the engine companions (<model>_stream) ----------------------------------------------------------------------------
+# -- the engine models (<model>_stream), derived at launch -------------------------------------------------------------
 @pytest.mark.parametrize("companion, base", sorted(COMPANIONS.items()))
 def test_companion_contract(companion: str, base: str) -> None:
     config, base_config = load(companion), load(base)
     assert config.model_transaction_policy.decoupled
     assert config.parameters["base_model"].string_value == base
-    assert "model_family" not in config.parameters  # the family comes from the base model
+    # The base model's parameters, so the engine model's stub needs no other file.
+    assert {k: v for k, v in config.parameters.items() if k != "base_model"} == dict(base_config.parameters)
     inputs = {i.name: i for i in config.input}
     base_inputs = {i.name: i for i in base_config.input}
     assert set(inputs) == {*base_inputs, "stream"}
@@ -122,15 +133,58 @@ def test_companion_contract(companion: str, base: str) -> None:
     stream = inputs["stream"]
     assert stream.optional and stream.data_type == pb.TYPE_BOOL and list(stream.dims) == [1]
     assert list(config.output) == list(base_config.output)  # same outputs, same order
-    for key in ENGINE_PARAMETERS:
-        assert config.parameters[key].string_value, key
+    assert config.max_batch_size == read_settings(companion, string_parameters(config.parameters),
+                                                  env={}).engine.max_num_seqs  # execute() only enqueues
     assert config.max_batch_size >= base_config.max_batch_size
+    assert not config.dynamic_batching.HasField("default_queue_policy")  # the engine bounds its own queue
+
+
+def test_engine_sizing_set_in_the_public_config_sizes_the_derived_one() -> None:
+    public = load("llava")
+    public.parameters["max_num_seqs"].string_value = "128"
+    public.instance_group[0].count = 2
+    derived = stream_config(public, "llava")
+    assert derived.max_batch_size == 128
+    assert [g.count for g in derived.instance_group] == [1]  # one engine owns the GPU
 
 
 @pytest.mark.parametrize("companion, base", sorted(COMPANIONS.items()))
-def test_companion_model_py_serves_the_base_family(companion: str, base: str) -> None:
-    source = (REPOSITORY / companion / "1" / "model.py").read_text()
-    assert "TritonVLMStreamModel" in source and f'family = "{base}"' in source
+def test_derived_engine_configs_say_what_the_old_stream_files_said(companion: str, base: str) -> None:
+    """Before, triton_models/<m>_stream/config.pbtxt was a near-copy of <m>'s (tests/data/legacy_stream_configs/);
+    the launcher's derivation gives the same Triton config, and the same settings once the launcher added the base
+    model's parameters (as it did then)."""
+    derived = load(companion)
+    legacy = load_model_config(LEGACY / f"{companion}.pbtxt")
+    legacy_parameters = {**json.loads((LEGACY / "public_parameters.json").read_text())[base],
+                         **string_parameters(legacy.parameters)}
+    env = {"TRITON_VLM_LLAVA_STREAM_QUANTIZATION": "fp8", "TRITON_VLM_KOSMOS2_MAX_NUM_SEQS": "4"}
+    assert read_settings(companion, string_parameters(derived.parameters), env=env) == read_settings(
+        companion, legacy_parameters, env=env)
+    assert derived.parameters["base_model"].string_value == base
+    derived.ClearField("parameters")
+    legacy.ClearField("parameters")
+    assert derived == legacy
+
+
+def test_the_template_is_the_contract_every_public_model_spells_out(public: pb.ModelConfig) -> None:
+    """A config with only its name, backend and parameters (what add-model writes) is completed to exactly the
+    shipped one: the shared contract plus the family's task input and optional outputs."""
+    family = get_family(FAMILY_OF.get(public.name, public.name))
+    short = pb.ModelConfig(name=public.name, backend=public.backend)
+    for key, value in public.parameters.items():
+        short.parameters[key].CopyFrom(value)
+    assert complete_config(short, family.tasks, family.extra_outputs)
+    assert short == public
+    assert not complete_config(short)  # a complete config is left as it is
+
+
+def test_complete_config_keeps_what_a_short_config_sets() -> None:
+    config = pb.ModelConfig(name="m", max_batch_size=2)
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=3)
+    assert complete_config(config, ("query",), ("entities",))
+    assert (config.max_batch_size, config.backend, [g.count for g in config.instance_group]) == (2, "python", [3])
+    assert [i.name for i in config.input][-1] == "task" and [o.name for o in config.output][-1] == "entities"
+    assert [i.name for i in config.input][:-1] == [i.name for i in template().input]
 
 
 def test_force_instance_kind_cpu_clears_gpus() -> None:

@@ -289,20 +289,20 @@ def test_families_without_tasks_refuse_one() -> None:
 
 
 def test_moondream2_is_servable_and_pinned() -> None:
-    from triton_vlm.launcher.repository import servable_models
+    from triton_vlm.launcher.repository import model_settings, servable_models
     from triton_vlm.model_config import load_model_config
 
     assert "moondream2" in servable_models(REPOSITORY)
     config = load_model_config(REPOSITORY / "moondream2" / "config.pbtxt")
     assert config.parameters["revision"].string_value == DEFAULT_REVISION == "2025-06-21"
-    assert config.parameters["trust_remote_code"].string_value == "false"
+    assert model_settings(REPOSITORY, "moondream2", {}).weights.trust_remote_code is False
     task = {i.name: i for i in config.input}["task"]
     assert task.optional and list(task.dims) == [1]
 
 
 def test_auto_dtype_on_gpu_is_the_release_precision() -> None:
     from triton_vlm.loading import resolve_dtype
-    from triton_vlm.settings import ModelSettings
+    from triton_vlm.config import ModelSettings
 
     settings = ModelSettings(model_name="moondream2", family="moondream2")
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from triton_vlm.cli.main import _parser, main
-from triton_vlm.settings import ModelSettings
+from triton_vlm.config import ModelSettings, WeightsConfig
 
 from .fake_triton import FakeTriton
 from .helpers import ROOT, SAMPLE_IMAGE, free_port
@@ -199,8 +199,8 @@ def test_serve_says_why_models_failed_at_start_last(monkeypatch: pytest.MonkeyPa
 def test_the_download_command_named_in_hints_is_installed() -> None:
     from triton_vlm.loading import _missing_weights_message
 
-    settings = ModelSettings(model_name="moondream2", family="moondream2", hf_model_id="vikhyatk/moondream2",
-                             revision="2025-06-21")
+    settings = ModelSettings(model_name="moondream2", family="moondream2",
+                             weights=WeightsConfig(hf_model_id="vikhyatk/moondream2", revision="2025-06-21"))
     message = _missing_weights_message(settings, "vikhyatk/moondream2", "2025-06-21", OSError("offline"))
     assert "`hf download vikhyatk/moondream2 --revision 2025-06-21`" in message
     scripts = {e.name for e in importlib.metadata.entry_points(group="console_scripts")
@@ -217,7 +217,8 @@ def test_weights_availability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    base = ModelSettings(model_name="llava", family="llava", hf_model_id="llava-hf/llava-1.5-7b-hf")
+    base = ModelSettings(model_name="llava", family="llava",
+                         weights=WeightsConfig(hf_model_id="llava-hf/llava-1.5-7b-hf"))
     assert weights_availability(base, hub_answers=lambda: False).where == "missing"
     assert weights_availability(base, hub_answers=lambda: True).where == "hub"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from triton_vlm.client.client import _translate
+from triton_vlm.config import ConfigError, ModelSettings, RequestLimits, read_settings
 from triton_vlm.errors import (InvalidInputError, ModelLoadError, ModelUnavailableError, RequestTimeoutError,
                                UnknownModelError)
 from triton_vlm.models.generation import check_context
@@ -29,13 +30,12 @@ from triton_vlm.launcher import preflight
 from triton_vlm.launcher import server as server_module
 from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, instance_count, own_batch_delay,
                                           queue_limits)
-from triton_vlm.launcher.repository import render_repository
+from triton_vlm.launcher.repository import model_settings, render_repository
 from triton_vlm.loading import load_model
 from triton_vlm.model_config import load_model_config
 from triton_vlm.models import get_family
-from triton_vlm.runtime import MAX_PROMPT_CHARS, GenerationRequest, VLMRuntime
+from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
-from triton_vlm.settings import ModelSettings
 from triton_vlm.tiny import ensure_tiny_checkpoint
 
 from .helpers import REPOSITORY, free_port, image_bytes
@@ -186,7 +186,7 @@ def test_batch_delay_precedence_and_rendering(tmp_path: Path) -> None:
     assert apply_batch_delay(stream, None, own_us=2000)  # its own TRITON_VLM_LLAVA_STREAM_BATCH_DELAY_US applies
 
 
-def test_batched_configs_keep_triton_prefetching_and_engines_bound_their_queue() -> None:
+def test_batched_configs_keep_triton_prefetching_and_engines_bound_their_queue(tmp_path: Path) -> None:
     """The weight-holding batched models have no queue policy (Triton 2.51 stops prefetching with one, and a
     single instance then stalls up to 500 ms between batches); the engine models keep theirs as their bound."""
     for model in ("llava", "kosmos2", "moondream2", "smolvlm"):
@@ -194,27 +194,28 @@ def test_batched_configs_keep_triton_prefetching_and_engines_bound_their_queue()
         assert config.dynamic_batching.max_queue_delay_microseconds == 0
         assert not config.dynamic_batching.HasField("default_queue_policy"), model
         assert not config.dynamic_batching.priority_queue_policy
+    served = render_repository(REPOSITORY, tmp_path / "models", ["llava_stream", "kosmos2_stream",
+                                                                  "moondream2_stream"], None)
     for model in ("llava_stream", "kosmos2_stream", "moondream2_stream"):
-        config = load_model_config(REPOSITORY / model / "config.pbtxt")
+        config = load_model_config(served / model / "config.pbtxt")
         assert not config.dynamic_batching.HasField("default_queue_policy"), model
-        assert config.parameters["max_queue_size"].string_value == "256"
+        assert model_settings(REPOSITORY, model, {}).engine.max_queue_size == 256  # the schema's default
     for model in ("llava", "kosmos2", "moondream2"):
-        config = load_model_config(REPOSITORY / model / "config.pbtxt")
-        params = {k: v.string_value for k, v in config.parameters.items()}
-        settings = ModelSettings.from_parameters(model, params, env={})
-        assert (settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect_ratio) == (
+        settings = model_settings(REPOSITORY, model, {})
+        limits = settings.limits
+        assert (limits.max_image_bytes, limits.max_image_pixels, limits.max_image_aspect_ratio) == (
             20 * MIB, 40_000_000, 100.0)
-        assert params["trust_remote_code"] == "false" and not settings.trust_remote_code
+        assert not settings.weights.trust_remote_code
 
 
 def test_image_limits_are_overridable_by_environment() -> None:
     params = {"model_family": "llava", "max_image_pixels": "40000000"}
     env = {"TRITON_VLM_LLAVA_MAX_IMAGE_PIXELS": "4096", "TRITON_VLM_LLAVA_MAX_IMAGE_BYTES": "1000",
            "TRITON_VLM_LLAVA_MAX_IMAGE_ASPECT_RATIO": "3.5"}
-    settings = ModelSettings.from_parameters("llava", params, env=env)
-    assert (settings.max_image_pixels, settings.max_image_bytes, settings.max_image_aspect_ratio) == (4096, 1000, 3.5)
+    limits = read_settings("llava", params, env=env).limits
+    assert (limits.max_image_pixels, limits.max_image_bytes, limits.max_image_aspect_ratio) == (4096, 1000, 3.5)
     with pytest.raises(InvalidInputError, match="max_image_aspect_ratio must be >= 1"):
-        ModelSettings.from_parameters("llava", {**params, "max_image_aspect_ratio": "0.5"}, env={})
+        read_settings("llava", {**params, "max_image_aspect_ratio": "0.5"}, env={})
 
 
 @pytest.mark.parametrize("env, option, expected", [
@@ -228,7 +229,8 @@ def test_queue_limit_precedence(env: dict[str, str], option: tuple, expected: tu
 
 
 def test_bad_queue_limits_are_refused() -> None:
-    with pytest.raises(LauncherError, match="TRITON_VLM_M_MAX_QUEUE_SIZE must be a whole number"):
+    with pytest.raises(ConfigError, match=r"max_queue_size must be a number, got 'lots' \(from "
+                                          r"TRITON_VLM_M_MAX_QUEUE_SIZE\)"):
         queue_limits("m", None, None, env={"TRITON_VLM_M_MAX_QUEUE_SIZE": "lots"})
     with pytest.raises(LauncherError, match="max_queue_size must be >= 0"):
         queue_limits("m", -1, None, env={})
@@ -334,7 +336,7 @@ def test_a_request_beyond_the_context_fails_alone_in_its_batch(llava_runtime: VL
 
 # -- weights: safetensors only, no remote code --------------------------------------------------------------------
 def _settings(family: str, **overrides: Any) -> ModelSettings:
-    return ModelSettings(model_name=family, family=family, **overrides)
+    return ModelSettings(model_name=family, family=family).with_overrides(**overrides)
 
 
 def test_pickle_only_checkpoint_is_refused_with_a_clear_message(tmp_path: Path) -> None:
@@ -377,7 +379,7 @@ def test_remote_code_in_a_checkpoint_never_runs_by_default(tmp_path: Path) -> No
                             else "evil.EvilProcessor"}
         path.write_text(json.dumps(data))
     settings = _settings("llava", local_path=str(checkpoint))
-    assert settings.trust_remote_code is False
+    assert settings.weights.trust_remote_code is False
     try:
         load_model(settings, CPU)
     except ModelLoadError as exc:  # refusing is fine too; running the code is not
@@ -385,9 +387,9 @@ def test_remote_code_in_a_checkpoint_never_runs_by_default(tmp_path: Path) -> No
     assert not marker.exists()
     # The checkpoint really asks for its code: a model with trust_remote_code set runs it. In a process of its
     # own: remote code registers classes inside transformers, which later saves in this process would trip on.
-    script = ("import torch; from triton_vlm.loading import load_model; from triton_vlm.settings import ModelSettings; "
-              f"load_model(ModelSettings(model_name='llava', family='llava', local_path={str(checkpoint)!r}, "
-              "trust_remote_code=True), torch.device('cpu'))")
+    script = ("import torch; from triton_vlm.loading import load_model; from triton_vlm.config import ModelSettings; "
+              f"load_model(ModelSettings(model_name='llava', family='llava').with_overrides("
+              f"local_path={str(checkpoint)!r}, trust_remote_code=True), torch.device('cpu'))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert marker.read_text() == "ran", result.stderr[-2000:]
@@ -405,7 +407,7 @@ def test_trust_remote_code_is_per_model_and_reaches_the_loader(monkeypatch: pyte
     params = {"model_family": "kosmos2"}
     for env, expected in (({}, False), ({"TRITON_VLM_KOSMOS2_TRUST_REMOTE_CODE": "true"}, True),
                           ({"TRITON_VLM_OTHER_TRUST_REMOTE_CODE": "true"}, False)):
-        settings = ModelSettings.from_parameters("kosmos2", params, env=env)
+        settings = read_settings("kosmos2", params, env=env)
         with pytest.raises(ModelLoadError):
             load_model(settings.with_overrides(tiny=True), CPU)
         assert seen[-1] is expected
@@ -423,7 +425,8 @@ def test_hf_token_is_never_part_of_a_load_failure(monkeypatch: pytest.MonkeyPatc
 
 
 # -- prompt decoding, property-based --------------------------------------------------------------------------------
-FUZZ = VLMRuntime(ModelSettings(model_name="fuzz", family="llava", tiny=True, max_image_pixels=10**6), CPU)
+FUZZ = VLMRuntime(ModelSettings(model_name="fuzz", family="llava").with_overrides(tiny=True, max_image_pixels=10**6),
+                  CPU)
 FUZZ_IMAGE = image_bytes(8, 8)
 
 
@@ -436,7 +439,7 @@ def test_any_prompt_is_accepted_as_text_or_refused_as_invalid(prompt: bytes | st
         return
     assert isinstance(request, GenerationRequest)
     text = request.prompt
-    assert isinstance(text, str) and text.strip() and "\x00" not in text and len(text) <= MAX_PROMPT_CHARS
+    assert isinstance(text, str) and text.strip() and "\x00" not in text and len(text) <= RequestLimits().max_prompt_chars
     assert not any(token in text for token in get_family("llava").reserved_prompt_tokens)
     if isinstance(prompt, bytes):
         assert text == prompt.decode("utf-8")

@@ -10,21 +10,24 @@ import pytest
 import torch
 
 import triton_vlm.runtime as runtime_module
+from triton_vlm.config import ModelSettings, RequestLimits
 from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, TritonVLMError,
                                UnknownModelError)
 from triton_vlm.models.generation import GenerationOutput
-from triton_vlm.runtime import MAX_PROMPT_CHARS, VLMRuntime, as_request_error
+from triton_vlm.runtime import VLMRuntime, as_request_error
 from triton_vlm.sampling import SamplingParams
-from triton_vlm.settings import ModelSettings
 
 from .helpers import image_bytes
 
 CPU = torch.device("cpu")
+#: The schema's default prompt limit, in characters.
+MAX_PROMPT_CHARS = RequestLimits().max_prompt_chars
 IMAGE = image_bytes(32, 24, seed=1)
 
 
 def fresh(family: str = "llava", **overrides: Any) -> VLMRuntime:
-    return VLMRuntime(ModelSettings(model_name=f"test-{family}", family=family, tiny=True, **overrides), CPU)
+    return VLMRuntime(ModelSettings(model_name=f"test-{family}", family=family).with_overrides(tiny=True, **overrides),
+                      CPU)
 
 
 # -- make_request ------------------------------------------------------------------------------------------------
@@ -61,6 +64,13 @@ def test_bad_prompts(prompt: str | bytes, fragment: str) -> None:
 
 def test_longest_prompt_is_accepted() -> None:
     assert len(fresh().make_request(IMAGE, "x" * MAX_PROMPT_CHARS).prompt) == MAX_PROMPT_CHARS
+
+
+def test_prompt_limit_comes_from_settings() -> None:
+    runtime = fresh(max_prompt_chars=10)
+    assert runtime.make_request(IMAGE, "x" * 10).prompt == "x" * 10
+    with pytest.raises(InvalidInputError, match="11 characters is over the limit of 10"):
+        runtime.make_request(IMAGE, "x" * 11)
 
 
 def test_invalid_utf8_message_names_the_byte() -> None:

@@ -71,7 +71,7 @@ EngineBuilder = Callable[[], Engine]
 def build_engine(runtime: VLMRuntime) -> LLMEngine:
     """Load ``runtime``'s weights (once per process), build its engine, capture the CUDA graphs, start its thread."""
     loaded = runtime.ensure_loaded()
-    engine = LLMEngine(loaded.family, loaded.model, loaded.processor, runtime.settings.engine_config())
+    engine = LLMEngine(loaded.family, loaded.model, loaded.processor, runtime.settings.engine)
     engine.runner.warmup()
     return engine.start()
 

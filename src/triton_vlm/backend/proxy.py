@@ -27,6 +27,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
+from triton_vlm.config import string_parameters
 from triton_vlm.error_tags import split_error_tag
 
 #: Where the forwarder finds the server when its config does not say (the launcher writes ``forward_grpc_url``).
@@ -42,10 +43,10 @@ class ForwardingModel:
     def initialize(self, args: dict[str, str]) -> None:
         configure_logging()
         config = json.loads(args["model_config"])
-        params = config.get("parameters") or {}
+        params = string_parameters(config.get("parameters"))
         self.name = config.get("name", "?")
-        self.target = params["forward_to"]["string_value"]
-        self.url = (params.get("forward_grpc_url") or {}).get("string_value") or DEFAULT_GRPC_URL
+        self.target = params["forward_to"]
+        self.url = params.get("forward_grpc_url") or DEFAULT_GRPC_URL
         self.outputs = [output["name"] for output in config["output"]]
         self._client: Any = None  # made in the stub's event loop, at the first execute()
         self._pending: set[asyncio.Future[None]] = set()

@@ -45,8 +45,8 @@ class TritonVLMModel:
         self.faults = FaultInjection.from_env()  # test-only; off unless TRITON_VLM_INJECT_FAULTS is set
         log.info("model %s (%s) ready on %s; weights load %s", self.model_name, self.settings.family,
                  self.runtime.device,
-                 "now (preload)" if self.settings.preload else "on the first request")
-        if self.settings.preload:
+                 "now (preload)" if self.settings.weights.preload else "on the first request")
+        if self.settings.weights.preload:
             try:
                 self._load()
             except BaseException as exc:

@@ -9,34 +9,17 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from triton_vlm.config import settings_from_triton_args
 from triton_vlm.error_tags import tag_error
 from triton_vlm.errors import InvalidInputError, TritonVLMError
 from triton_vlm.images import image_bytes_from_tensor
 from triton_vlm.loading import resolve_device
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
-from triton_vlm.settings import ModelSettings, parameters_from_json_config
 
 
 def runtime_from_args(args: dict[str, str], family: str | None) -> VLMRuntime:
     """The :class:`VLMRuntime` a model instance serves, from Triton's ``initialize`` arguments."""
-    config = json.loads(args["model_config"])
-    parameters = parameters_from_json_config(config)
-    aliases: tuple[str, ...] = ()
-    base = parameters.get("base_model")
-    if base:
-        # A companion model (<m>_stream) shares its base model's weights settings and env overrides. The
-        # launcher copies the base's parameters in; a repository served without it is read here.
-        if "hf_model_id" not in parameters:
-            from pathlib import Path
-
-            from triton_vlm.settings import read_config_parameters
-
-            _, base_parameters = read_config_parameters(Path(args["model_repository"]).parent / base / "config.pbtxt")
-            parameters = {**base_parameters, **parameters}
-        aliases = (base,)
-    if family:
-        parameters.setdefault("model_family", family)
-    settings = ModelSettings.from_parameters(args["model_name"], parameters, env_aliases=aliases)
+    settings = settings_from_triton_args(args, family)
     device = resolve_device(settings, args.get("model_instance_kind", "CPU"),
                             int(args.get("model_instance_device_id", 0)))
     return VLMRuntime(settings, device)

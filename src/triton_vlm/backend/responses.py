@@ -84,7 +84,7 @@ class ResponseLoop:
         self.metrics = metrics
         self.engine_metrics = engine_metrics
         self.extra_outputs = extra_outputs
-        self.stream_interval = runtime.settings.stream_interval
+        self.stream_interval = runtime.settings.engine.stream_interval
         self._inbox: queue.SimpleQueue[_Opened | RequestOutput | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="triton-vlm-responses", daemon=True)
         # Owned by the response thread: the engine of the requests it serves (from their _Opened message).

@@ -41,7 +41,7 @@ FINALIZE_WAIT_S = 6.0
 
 
 class TritonVLMStreamModel:
-    """Base for ``triton_models/<m>_stream/1/model.py``; subclasses set :attr:`family`."""
+    """Base for the ``<m>_stream/1/model.py`` the launcher renders; subclasses set :attr:`family`."""
 
     family: ClassVar[str | None] = None
 
@@ -57,15 +57,15 @@ class TritonVLMStreamModel:
         self.metrics.note_weights(self.runtime)
         extra_outputs = declared_extra_outputs(args, self.runtime.family.extra_outputs)
         # At most max_num_seqs requests run and max_queue_size wait (0: no bound).
-        self.admission = Admission(self.model_name, settings.max_num_seqs + settings.max_queue_size
-                                   if settings.max_queue_size > 0 else None)
+        self.admission = Admission(self.model_name, settings.engine.max_num_seqs + settings.engine.max_queue_size
+                                   if settings.engine.max_queue_size > 0 else None)
         self.responses = ResponseLoop(self.runtime, self.metrics, EngineMetrics(self.model_name), extra_outputs)
         self.tasks = BatchedTasks(self.runtime, self.metrics, extra_outputs)
         self.service = EngineService(self.runtime, self.metrics, self.responses, self.tasks,
                                      functools.partial(build_engine, self.runtime), FaultInjection.from_env())
         for part in (self.responses, self.tasks, self.service):
             part.start()
-        if settings.preload:
+        if settings.weights.preload:
             try:
                 self.service.preload()  # on the service's thread; a model that cannot build fails its load
             except BaseException as exc:

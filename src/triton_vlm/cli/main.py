@@ -183,7 +183,7 @@ def version_line() -> str:
 
 
 def _env_flag(name: str) -> bool:
-    from triton_vlm.settings import parse_bool
+    from triton_vlm.config import parse_bool
 
     try:
         return parse_bool(os.environ.get(name, ""), name=name)

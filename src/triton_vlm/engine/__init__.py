@@ -16,7 +16,7 @@ interfaces of adapter.py, implemented in the family's own package (``models/<fam
     └── EngineFamily, EngineAdapter (adapter.py)  what a model family provides (models/<family>/engine_adapter.py)
 """
 
-from triton_vlm.engine.config import EngineConfig
+from triton_vlm.config import EngineConfig
 from triton_vlm.engine.engine import LLMEngine
 from triton_vlm.engine.request import EngineRequest, RequestOutput
 

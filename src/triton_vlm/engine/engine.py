@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from triton_vlm.config import EngineConfig
 from triton_vlm.engine.adapter import EngineFamily
-from triton_vlm.engine.config import EngineConfig
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.quantization import check_fp8_support, kv_cache_dtype
 from triton_vlm.engine.request import EngineRequest, RequestOutput, Sequence, SequenceStatus

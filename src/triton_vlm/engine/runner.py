@@ -21,7 +21,7 @@ import torch
 
 from triton_vlm.engine.adapter import Decoder, EngineAdapter
 from triton_vlm.engine.attention import avoid_per_shape_attention_plans
-from triton_vlm.engine.config import EngineConfig
+from triton_vlm.config import EngineConfig
 from triton_vlm.engine.kernels import fused_available
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.request import Sequence

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from triton_vlm.engine.config import EngineConfig
+from triton_vlm.config import EngineConfig
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.request import Sequence, SequenceStatus
 

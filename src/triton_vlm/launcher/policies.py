@@ -12,17 +12,18 @@ engine reads ``max_queue_size`` as its own bound.
 
 The batching delay (``max_queue_delay_microseconds``) is the other side of the same trade: how long the first
 request of a batch may wait for company. ``--batch-delay-us`` / ``TRITON_VLM_<MODEL>_BATCH_DELAY_US``.
+
+The per-model values are the schema's :class:`~triton_vlm.config.BatchingConfig`, read by its one reader.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from triton_vlm.config import read_batching
 from triton_vlm.launcher.distribution import LauncherError
 from triton_vlm.model_config import dump_model_config, load_model_config
-from triton_vlm.settings import env_prefix
 
 
 def _number(value: str | int | None, name: str) -> int | None:
@@ -41,12 +42,9 @@ def queue_limits(model: str, max_queue_size: int | None, queue_timeout_ms: int |
                  env: Mapping[str, str] | None = None) -> tuple[int | None, int | None]:
     """``(max_queue_size, timeout_ms)`` for ``model``: its env overrides, else the launcher's; None: as
     configured. 0 means unbounded for both, as in Triton."""
-    env = os.environ if env is None else env
-    prefix = env_prefix(model)
-    size = _number(env.get(prefix + "MAX_QUEUE_SIZE"), prefix + "MAX_QUEUE_SIZE")
-    timeout = _number(env.get(prefix + "QUEUE_TIMEOUT_MS"), prefix + "QUEUE_TIMEOUT_MS")
-    return (_number(max_queue_size, "max_queue_size") if size is None else size,
-            _number(queue_timeout_ms, "queue_timeout_ms") if timeout is None else timeout)
+    own = read_batching(model, env)
+    return (_number(max_queue_size, "max_queue_size") if own.max_queue_size is None else own.max_queue_size,
+            _number(queue_timeout_ms, "queue_timeout_ms") if own.queue_timeout_ms is None else own.queue_timeout_ms)
 
 
 def apply_queue_policy(model_dir: Path, max_queue_size: int | None, queue_timeout_ms: int | None) -> bool:
@@ -78,9 +76,7 @@ def apply_queue_policy(model_dir: Path, max_queue_size: int | None, queue_timeou
 
 def own_batch_delay(model: str, env: Mapping[str, str] | None = None) -> int | None:
     """``model``'s own batching delay, ``TRITON_VLM_<MODEL>_BATCH_DELAY_US``; None where it has none."""
-    env = os.environ if env is None else env
-    name = env_prefix(model) + "BATCH_DELAY_US"
-    return _number(env.get(name), name)
+    return read_batching(model, env).batch_delay_us
 
 
 def apply_batch_delay(model_dir: Path, delay_us: int | None, own_us: int | None = None) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from triton_vlm.config import env_prefix
 from triton_vlm.launcher.children import die_with_parent, signal_group
 from triton_vlm.launcher.control import ADMIN_HEADER, ModelControl
 from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
@@ -32,15 +33,14 @@ from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy,
                                           queue_limits)
 from triton_vlm.launcher.preflight import check_shm
 from triton_vlm.launcher.procfs import live_stubs
-from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, make_forwarder,
-                                            model_family, render_repository, servable_models)
+from triton_vlm.launcher.repository import (companions, default_model_repository, make_forwarder, model_family,
+                                            model_settings, render_repository, servable_models)
 from triton_vlm.launcher.restarts import ServerRestarts
 from triton_vlm.launcher.stub_env import stub_python_bin
 from triton_vlm.launcher.supervisor import StubSupervisor
 from triton_vlm.launcher.watchdog import hang_timeout
 from triton_vlm.openai import OpenAIOptions
 from triton_vlm.openai.process import OpenAIFront
-from triton_vlm.settings import env_prefix
 
 log = logging.getLogger("triton_vlm")
 
@@ -444,16 +444,12 @@ class TritonServer:
 
     def _build_tiny_checkpoints(self, repository: Path) -> None:
         from triton_vlm.models import get_family
-        from triton_vlm.settings import ModelSettings, read_config_parameters
         from triton_vlm.tiny import ensure_tiny_checkpoint
 
         for model in self.models:
             family = get_family(model_family(repository, model))
             if family.supported:
-                source = base_model(repository, model) or model
-                name, parameters = read_config_parameters(repository / source / "config.pbtxt")
-                parameters.setdefault("model_family", family.name)
-                hf_model_id = ModelSettings.from_parameters(name, parameters).hf_model_id
+                hf_model_id = model_settings(repository, model).weights.hf_model_id
                 ensure_tiny_checkpoint(family.name,
                                        variant=family.tiny_variant(hf_model_id or family.default_hf_model_id))
 

@@ -42,6 +42,9 @@ class ModelFamily(ABC):
     default_hf_model_id: ClassVar[str]
     #: Whether :meth:`load` can serve this family in this version of the project.
     supported: ClassVar[bool] = True
+    #: Whether :meth:`engine_adapter` runs it on triton-vlm's engine: the launcher then serves each of its models
+    #: with a ``<model>_stream`` engine model beside it (launcher/repository.py derives its config).
+    has_engine: ClassVar[bool] = False
     #: Tokens a user prompt may not contain because the processor gives them structural meaning.
     reserved_prompt_tokens: ClassVar[tuple[str, ...]] = ()
     #: Precision of ``dtype=auto`` on a GPU: the one the weights were trained and released in.

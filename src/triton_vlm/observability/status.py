@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from triton_vlm.config import string_parameters
 from triton_vlm.errors import TritonVLMError
 from triton_vlm.observability.scrape import Sample, fetch_metrics, parse_metrics, value_of
 
@@ -89,14 +90,9 @@ def _read_config(client: Any, model: ModelStatus) -> None:
     for group in config.get("instance_group") or []:
         kind = str(group.get("kind", "KIND_AUTO")).removeprefix("KIND_")
         model.instances.append(f"{int(group.get('count', 1))}x {kind}")
-    parameters = config.get("parameters") or {}
-
-    def parameter(key: str) -> str | None:
-        value = (parameters.get(key) or {}).get("string_value")
-        return value or None
-
-    model.forwards_to = parameter("forward_to")
-    model.base_model = parameter("base_model")
+    parameters = string_parameters(config.get("parameters"))
+    model.forwards_to = parameters.get("forward_to") or None
+    model.base_model = parameters.get("base_model") or None
 
 
 def _read_metrics(samples: list[Sample], model: ModelStatus) -> None:
