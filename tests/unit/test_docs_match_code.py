@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from triton_vlm.cli.main import _parser
-from triton_vlm.launcher.repository import list_models, servable_models
+from triton_vlm.launcher.repository import companions, list_models, servable_models
 
 from .helpers import ROOT
 
 REPOSITORY = ROOT / "triton_models"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-MODELS = set(list_models(REPOSITORY))
+#: What the launcher serves: the repository's models and the engine models it derives beside them.
+MODELS = {served for model in list_models(REPOSITORY) for served in (model, *companions(REPOSITORY, model))}
 PUBLIC = set(servable_models(REPOSITORY))
 ENGINES = {m for m in MODELS if m.endswith("_stream")}
 #: Names the docs use for models a reader makes (add-model examples), not ones the repository ships.
@@ -70,7 +71,7 @@ def test_every_flag_the_docs_mention_exists(doc: str, command: str, flag: str) -
 def test_every_stream_model_the_docs_name_exists() -> None:
     for path in DOCS:
         for name in set(re.findall(r"\b([a-z][a-z0-9]*_stream)\b", _text(path))) - {"generate_stream", "model_stream"}:
-            assert name in MODELS, f"{path.name} names {name}, which triton_models/ does not have"
+            assert name in MODELS, f"{path.name} names {name}, which the launcher does not serve"
 
 
 def test_every_backticked_model_name_exists() -> None:

@@ -189,8 +189,8 @@ def test_finalize_stops_its_threads_and_names_one_that_does_not_stop_in_time(
         release.wait()
         return [GenerationError("released")] * len(requests)
 
-    runtime = SimpleNamespace(settings=SimpleNamespace(model_name="llava_stream", stream_interval=1),
-                              generate=stuck_generate, loaded=None)
+    settings = SimpleNamespace(model_name="llava_stream", engine=SimpleNamespace(stream_interval=1))
+    runtime = SimpleNamespace(settings=settings, generate=stuck_generate, loaded=None)
     metrics = SimpleNamespace(request_errors=FakeMetric(), loaded=FakeMetric(), load_failures=FakeMetric())
     model = object.__new__(stream_model.stream_model.TritonVLMStreamModel)
     model.model_name = "llava_stream"

@@ -42,9 +42,6 @@ class ModelFamily(ABC):
     default_hf_model_id: ClassVar[str]
     #: Whether :meth:`load` can serve this family in this version of the project.
     supported: ClassVar[bool] = True
-    #: Whether :meth:`engine_adapter` runs it on triton-vlm's engine: the launcher then serves each of its models
-    #: with a ``<model>_stream`` engine model beside it (launcher/repository.py derives its config).
-    has_engine: ClassVar[bool] = False
     #: Tokens a user prompt may not contain because the processor gives them structural meaning.
     reserved_prompt_tokens: ClassVar[tuple[str, ...]] = ()
     #: Precision of ``dtype=auto`` on a GPU: the one the weights were trained and released in.
@@ -77,6 +74,12 @@ class ModelFamily(ABC):
         model.to(device).eval()
         processor.tokenizer.padding_side = "left"
         return model, processor
+
+    @property
+    def has_engine(self) -> bool:
+        """Whether triton-vlm's engine runs this family (it names an engine adapter): the launcher then serves each
+        of its models with a ``<model>_stream`` engine model beside it (launcher/repository.py derives its config)."""
+        return self.engine_adapter_class is not None
 
     def engine_adapter(self) -> EngineAdapter | None:
         """How :mod:`triton_vlm.engine` runs this family (:attr:`engine_adapter_class`); None where only the HF

@@ -22,7 +22,6 @@ CHAT_TEMPLATE = (
 
 class LlavaFamily(ModelFamily):
     name = "llava"
-    has_engine = True
     default_hf_model_id = "llava-hf/llava-1.5-7b-hf"
     # The tokenizer turns these into control tokens wherever they appear in the text: a user's "</s>" would
     # end the prompt early, a "<image>" would ask for a second image.

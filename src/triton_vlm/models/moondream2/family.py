@@ -31,7 +31,6 @@ DEFAULT_REVISION = "2025-06-21"
 
 class Moondream2Family(ModelFamily):
     name = "moondream2"
-    has_engine = True
     default_hf_model_id = "vikhyatk/moondream2"
     supported = True
     # The tokenizer turns these into control tokens even inside user text.
