@@ -19,11 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import tritonclient.grpc as grpcclient
-
 from triton_vlm.bench.cli import start_server
 from triton_vlm.bench.workload import Workload
-from triton_vlm.client.client import request_inputs
+from triton_vlm.client import TritonVLMClient
+from triton_vlm.errors import RequestTimeoutError, TritonVLMError
 
 ABORTED = re.compile(r"engine: request \S+ aborted after (\d+) tokens; its KV slot is free again \((\d+) of (\d+)")
 
@@ -38,23 +37,26 @@ def main() -> int:
     args = parser.parse_args()
     workload = Workload(args.model, prompt="What is in this image?", max_tokens=args.max_tokens)
 
-    def inputs(index: int, max_tokens: int = workload.max_tokens) -> list:
-        return request_inputs(grpcclient, workload.image(index), workload.prompt, max_tokens=max_tokens,
-                              ignore_eos=True)
+    def ask(client: TritonVLMClient, index: int, max_tokens: int = workload.max_tokens) -> None:
+        client.infer_result(args.model, workload.image(index), workload.prompt, max_tokens=max_tokens,
+                            ignore_eos=True)
 
     server = start_server(args.model, tiny=args.tiny, engine="on" if args.tiny else "auto")
     log_path = Path(server.log_file.name)
     try:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
+        client = TritonVLMClient(server.grpc_url, protocol="grpc")
+        impatient = TritonVLMClient(server.grpc_url, protocol="grpc", timeout=args.deadline_s)
         warm = time.perf_counter()
-        client.infer(args.model, inputs(0))
+        ask(client, 0)
         full_answer_s = time.perf_counter() - warm
 
         def give_up(index: int) -> str:
             try:
-                client.infer(args.model, inputs(index + 1), client_timeout=args.deadline_s)
-            except grpcclient.InferenceServerException as exc:
-                return str(exc.status())
+                ask(impatient, index + 1)
+            except RequestTimeoutError:  # gRPC's DEADLINE_EXCEEDED
+                return "deadline exceeded"
+            except TritonVLMError as exc:
+                return f"{type(exc).__name__}: {exc}"
             return "answered"
 
         mark = len(log_path.read_text(errors="replace"))
@@ -66,9 +68,10 @@ def main() -> int:
             time.sleep(0.2)
             aborts = ABORTED.findall(log_path.read_text(errors="replace")[mark:])
         after = time.perf_counter()
-        client.infer(args.model, inputs(99, max_tokens=4))
+        ask(client, 99, max_tokens=4)
         next_answer_s = time.perf_counter() - after
         client.close()
+        impatient.close()
     finally:
         server.stop()
     tokens = [int(t) for t, _, _ in aborts]
@@ -79,7 +82,7 @@ def main() -> int:
         "slots_free_after_last_abort": "/".join(aborts[-1][1:]) if aborts else None,
         "next_answer_s": round(next_answer_s, 3),
     }
-    ok = (statuses == ["StatusCode.DEADLINE_EXCEEDED"] * args.requests and len(aborts) == args.requests
+    ok = (statuses == ["deadline exceeded"] * args.requests and len(aborts) == args.requests
           and all(t < args.max_tokens for t in tokens) and aborts[-1][1] == aborts[-1][2])
     summary["ok"] = ok
     print(json.dumps(summary, indent=1))

@@ -152,7 +152,7 @@ class ModelSettings:
 
 def read_config_parameters(config_path: Path) -> tuple[str, dict[str, str]]:
     """Read ``name`` and the ``string_value`` parameters of a Triton ``config.pbtxt``."""
-    from triton_vlm.model_config import load_model_config
+    from triton_vlm._protocol.model_config import load_model_config
 
     config = load_model_config(config_path)
     name = config.name or config_path.parent.name

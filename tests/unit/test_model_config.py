@@ -1,4 +1,4 @@
-"""triton_vlm.model_config: the repository's config.pbtxt files and the request/response contract."""
+"""triton_vlm._protocol.model_config: the repository's config.pbtxt files and the request/response contract."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from triton_vlm.model_config import dump_model_config, force_instance_kind, load_model_config
+from triton_vlm._protocol.model_config import dump_model_config, force_instance_kind, load_model_config
 
 from .helpers import REPOSITORY
 

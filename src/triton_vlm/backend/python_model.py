@@ -106,15 +106,15 @@ def answer_response(metrics: BackendMetrics, extra_outputs: dict[str, str], outp
                            extra_values(extra_outputs, output.extras))
 
 
-def failure_response(metrics: BackendMetrics, exc: TritonVLMError, *, tagged: bool = False) -> Any:
+def failure_response(metrics: BackendMetrics, exc: TritonVLMError) -> Any:
     """A request's error response; counted as an error unless its client cancelled it."""
     if isinstance(exc, RequestCancelledError):
         log.info("%s", exc)  # the client's choice, not an error of ours
-        return error_response(exc, tagged=tagged)
+        return error_response(exc)
     metrics.request_errors.increment(1)
     if isinstance(exc, ModelLoadError):
         log.error("%s", exc)
-    return error_response(exc, tagged=tagged)
+    return error_response(exc)
 
 
 def request_log_line(model: str, request: GenerationRequest, result: GenerationOutput | TritonVLMError,

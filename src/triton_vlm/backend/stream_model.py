@@ -144,7 +144,7 @@ class TritonVLMStreamModel:
                                        parsed if self.extra_outputs else None))
                 engine.submit(engine_request)
             except TritonVLMError as exc:
-                sender.send(failure_response(self.metrics, exc, tagged=True), flags=FINAL)
+                sender.send(failure_response(self.metrics, exc), flags=FINAL)
         return None
 
     def finalize(self) -> None:
@@ -214,7 +214,7 @@ class TritonVLMStreamModel:
     def _answer_task(self, task: _Task, result: GenerationOutput | TritonVLMError) -> None:
         """One FINAL response: the answer, or the request's own error."""
         try:
-            response = (failure_response(self.metrics, result, tagged=True) if isinstance(result, TritonVLMError)
+            response = (failure_response(self.metrics, result) if isinstance(result, TritonVLMError)
                         else answer_response(self.metrics, self.extra_outputs, result, task.received))
             task.sender.send(response, flags=FINAL)
         except Exception:  # a client that went away
@@ -287,7 +287,7 @@ class TritonVLMStreamModel:
         """Send what ``out`` (the latest output, tokens already merged into ``state``) calls for."""
         if out.finished and out.error is not None:
             error = out.error if isinstance(out.error, TritonVLMError) else GenerationError(str(out.error))
-            state.sender.send(failure_response(self.metrics, error, tagged=True), flags=FINAL)
+            state.sender.send(failure_response(self.metrics, error), flags=FINAL)
             return
         if out.finish_reason == "abort":
             state.sender.send(flags=FINAL)

@@ -20,8 +20,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from triton_vlm._protocol.model_config import dump_model_config, load_model_config
 from triton_vlm.launcher.distribution import LauncherError
-from triton_vlm.model_config import dump_model_config, load_model_config
 from triton_vlm.settings import env_prefix
 
 

@@ -6,8 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from triton_vlm._protocol.model_config import dump_model_config, force_instance_kind, load_model_config
 from triton_vlm.launcher.distribution import LauncherError
-from triton_vlm.model_config import dump_model_config, force_instance_kind, load_model_config
 
 
 def default_model_repository() -> Path:
