@@ -37,8 +37,9 @@ def translate(exc: BaseException, *, model: str | None, url: str,
 
     if isinstance(exc, InferenceServerException):
         return server_error(exc.message() or str(exc), exc.status(), model=model, url=url, timeout=timeout)
-    if _is_rpc_error(exc):  # the gRPC call itself failed (e.g. nothing listens there)
-        return server_error(exc.details() or "", str(exc.code()), model=model, url=url, timeout=timeout)
+    rpc = _rpc_error(exc)
+    if rpc is not None:  # the gRPC call itself failed (e.g. nothing listens there)
+        return server_error(rpc.details() or "", str(rpc.code()), model=model, url=url, timeout=timeout)
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return RequestTimeoutError(f"no answer from {url}{_within(timeout)}", model=model)
     if isinstance(exc, (ConnectionError, OSError)):  # aiohttp's ClientConnectorError too
@@ -114,9 +115,10 @@ def _within(timeout: float | None) -> str:
     return f" within {timeout:g}s" if timeout is not None else ""
 
 
-def _is_rpc_error(exc: BaseException) -> bool:
+def _rpc_error(exc: BaseException) -> Any:
+    """``exc`` where it is a failed gRPC call (a ``grpc.RpcError`` with its code and details), else None."""
     try:
         import grpc
     except ImportError:  # an HTTP-only install
-        return False
-    return isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None))
+        return None
+    return exc if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)) else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,8 @@ def _no_response(call: StreamCall, timeout: float | None) -> RequestTimeoutError
     return RequestTimeoutError(f"no response from {call.model} in {timeout:g}s", model=call.model)
 
 
-def stream_sync(client: Any, call: StreamCall, *, url: str, timeout: float | None = None) -> Iterator[Any]:
+def stream_sync(client: Any, call: StreamCall, *, url: str,
+                timeout: float | None = None) -> Generator[Any, None, None]:
     """The responses of ``call`` on ``client`` (a ``tritonclient.grpc.InferenceServerClient``; one stream at a
     time per client). ``timeout`` bounds the stream and the wait for each response."""
     responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
@@ -76,7 +77,7 @@ def stream_sync(client: Any, call: StreamCall, *, url: str, timeout: float | Non
 
 
 async def stream_async(client: Any, call: StreamCall, *, url: str,
-                       timeout: float | None = None) -> AsyncIterator[Any]:
+                       timeout: float | None = None) -> AsyncGenerator[Any, None]:
     """The responses of ``call`` on ``client`` (a ``tritonclient.grpc.aio.InferenceServerClient``), each call a
     stream of its own. ``timeout`` bounds the stream and the wait for each response.
 
@@ -128,7 +129,8 @@ async def _read_to_end(responses: AsyncIterator[Any]) -> None:
         pass
 
 
-def outputs_sync(client: Any, call: StreamCall, *, url: str, timeout: float | None = None) -> Iterator[Output]:
+def outputs_sync(client: Any, call: StreamCall, *, url: str,
+                 timeout: float | None = None) -> Generator[Output, None, None]:
     """:func:`stream_sync`'s responses as :class:`Output`; a request that ends without a finish reason (its
     model aborted it) is a :class:`RequestCancelledError`."""
     last: Output | None = None
@@ -143,7 +145,7 @@ def outputs_sync(client: Any, call: StreamCall, *, url: str, timeout: float | No
 
 
 async def outputs_async(client: Any, call: StreamCall, *, url: str,
-                        timeout: float | None = None) -> AsyncIterator[Output]:
+                        timeout: float | None = None) -> AsyncGenerator[Output, None]:
     """:func:`stream_async`'s responses as :class:`Output` (see :func:`outputs_sync`)."""
     last: Output | None = None
     responses = stream_async(client, call, url=url, timeout=timeout)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any
 
 from triton_vlm._protocol.connect import make_client
@@ -123,7 +123,7 @@ class AsyncTritonVLMClient(ServerEndpoint):
                 await pieces.aclose()
             return
 
-    async def _stream_once(self, call: StreamCall) -> AsyncIterator[StreamPiece]:
+    async def _stream_once(self, call: StreamCall) -> AsyncGenerator[StreamPiece, None]:
         outputs = outputs_async(self._grpc_stream_client(), call, url=self.grpc_url, timeout=self.timeout)
         try:
             async for output in outputs:

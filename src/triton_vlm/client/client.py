@@ -301,8 +301,12 @@ class TritonVLMClient(ServerEndpoint):
             return
 
     def _stream_once(self, call: StreamCall) -> Iterator[StreamPiece]:
-        for output in outputs_sync(self._stream_client(), call, url=self.grpc_url, timeout=self.timeout):
-            yield stream_piece(output)
+        outputs = outputs_sync(self._stream_client(), call, url=self.grpc_url, timeout=self.timeout)
+        try:
+            for output in outputs:
+                yield stream_piece(output)
+        finally:
+            outputs.close()  # now, where the caller left early: that cancels the request
 
     # -- server state -------------------------------------------------------------------------------------
     def is_ready(self, model_name: str | None = None) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,9 +160,13 @@ class TritonGateway:
         ``entities``, the model's ``entities`` output). Closing the iterator early cancels the request in
         Triton."""
         call = self._call(f"{model}{STREAM_SUFFIX}", image, prompt, sampling, stream=True, entities=entities)
-        async for output in self._stream(call):
-            # Only the final response carries the entities.
-            yield _piece(output, entities=entities and bool(output.finish_reason))
+        outputs = self._stream(call)
+        try:
+            async for output in outputs:
+                # Only the final response carries the entities.
+                yield _piece(output, entities=entities and bool(output.finish_reason))
+        finally:
+            await outputs.aclose()  # now, where the caller left early: that cancels the request
 
     def _call(self, model: str, image: bytes, prompt: str, sampling: Sampling, *, stream: bool | None,
               entities: bool) -> StreamCall:
@@ -174,7 +178,7 @@ class TritonGateway:
         outputs = requested_outputs("grpc.aio", (*OUTPUTS, *([ENTITIES] if entities else [])))
         return StreamCall(model, request_inputs("grpc.aio", fields), outputs)
 
-    async def _stream(self, call: StreamCall) -> AsyncIterator[Output]:
+    async def _stream(self, call: StreamCall) -> AsyncGenerator[Output, None]:
         outputs = outputs_async(self._grpc(), call, url=self.url, timeout=self.timeout_s)
         try:
             async for output in outputs:
