@@ -13,16 +13,34 @@
 
 The backend turns each into a per-request ``TritonError`` so one bad request never fails a batch.
 The client raises the same classes from server answers, so callers catch one tree everywhere.
+
+Every error carries structure beside its message: ``model`` (the model it is about, where known), ``code`` (the
+Triton code name, ``"INVALID_ARG"``...; by default the class's) and ``param`` (the request field at fault:
+``"image"``, ``"prompt"``, ``"max_tokens"``...; None where no one field is). The backend sends all three to
+clients (:mod:`triton_vlm._protocol.wire`), so nothing downstream reads them back from the message.
+Dependency-free: Triton's stub imports it in every model, the torch-free forwarder included.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class TritonVLMError(Exception):
     """Base of every error this project raises on purpose."""
 
-    #: Name of the matching ``pb_utils.TritonError`` code attribute.
-    triton_code: str = "INTERNAL"
+    #: Name of the matching ``pb_utils.TritonError`` code attribute: the default of :attr:`code`.
+    triton_code: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str = "", *, model: str | None = None, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        #: The model the error is about (the one a client asked), where known.
+        self.model = model
+        #: The request field at fault (``"image"``, ``"prompt"``, ``"max_tokens"``...), where one is.
+        self.param = param
+        #: The Triton code name (``"INVALID_ARG"``, ``"UNAVAILABLE"``...).
+        self.code = code or self.triton_code
 
 
 class InvalidInputError(TritonVLMError, ValueError):

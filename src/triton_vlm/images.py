@@ -18,9 +18,11 @@ ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 def image_bytes_from_tensor(array: np.ndarray) -> bytes:
     """The raw file bytes of one request's ``image`` tensor (UINT8, shape [n] or [1, n])."""
     if array.dtype != np.uint8:
-        raise InvalidInputError(f"image: expected a UINT8 tensor of encoded file bytes, got {array.dtype}")
+        raise InvalidInputError(f"image: expected a UINT8 tensor of encoded file bytes, got {array.dtype}",
+                                param="image")
     if array.ndim > 2 or (array.ndim == 2 and array.shape[0] != 1):
-        raise InvalidInputError(f"image: expected shape [n] or [1, n] of file bytes, got {list(array.shape)}")
+        raise InvalidInputError(f"image: expected shape [n] or [1, n] of file bytes, got {list(array.shape)}",
+                                param="image")
     return array.tobytes()
 
 
@@ -37,17 +39,17 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
     40 KB PNG of 1 x 40000 pixels would become 336 x 13 million pixels, many GB.
     """
     if not data:
-        raise InvalidInputError("image: empty; send the bytes of a PNG or JPEG file")
+        raise InvalidInputError("image: empty; send the bytes of a PNG or JPEG file", param="image")
     if len(data) > max_bytes:
-        raise InvalidInputError(f"image: {len(data)} bytes is over the limit of {max_bytes} bytes")
+        raise InvalidInputError(f"image: {len(data)} bytes is over the limit of {max_bytes} bytes", param="image")
     try:
         return _decode(data, max_pixels, max_aspect_ratio)
     except InvalidInputError:
         raise
     except Exception as exc:  # a last net: PIL raises a zoo of types (IndexError, struct.error, ...) on bad data
         raise InvalidInputError(
-            f"image: cannot decode {len(data)} bytes ({type(exc).__name__}: {exc}); send an intact PNG or JPEG"
-        ) from None
+            f"image: cannot decode {len(data)} bytes ({type(exc).__name__}: {exc}); send an intact PNG or JPEG",
+            param="image") from None
 
 
 def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float | None = None) -> Image.Image:
@@ -57,38 +59,40 @@ def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float | None = None)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidInputError(
-            f"image: not a recognised image file ({len(data)} bytes starting {data[:8]!r}); send PNG or JPEG bytes"
-        ) from None
+            f"image: not a recognised image file ({len(data)} bytes starting {data[:8]!r}); send PNG or JPEG bytes",
+            param="image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(f"image: too many pixels ({exc})") from None
+        raise InvalidInputError(f"image: too many pixels ({exc})", param="image") from None
     except Exception as exc:  # PIL raises a zoo of types for corrupt headers
-        raise InvalidInputError(f"image: cannot open ({type(exc).__name__}: {exc})") from None
+        raise InvalidInputError(f"image: cannot open ({type(exc).__name__}: {exc})", param="image") from None
     if image.format not in ACCEPTED_FORMATS:
-        raise InvalidInputError(f"image: format {image.format} is not accepted; send PNG or JPEG")
+        raise InvalidInputError(f"image: format {image.format} is not accepted; send PNG or JPEG", param="image")
     width, height = image.size
     if width * height > max_pixels:
-        raise InvalidInputError(f"image: {width}x{height} pixels is over the limit of {max_pixels} pixels")
+        raise InvalidInputError(f"image: {width}x{height} pixels is over the limit of {max_pixels} pixels",
+                                param="image")
     if width < 1 or height < 1:
-        raise InvalidInputError(f"image: invalid size {width}x{height}")
+        raise InvalidInputError(f"image: invalid size {width}x{height}", param="image")
     if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
         raise InvalidInputError(
-            f"image: {width}x{height} is more elongated than the limit of {max_aspect_ratio:g}:1; crop or pad it")
+            f"image: {width}x{height} is more elongated than the limit of {max_aspect_ratio:g}:1; crop or pad it",
+            param="image")
     try:
         # Counting frames reads every frame header: a truncated animation fails here (IndexError, struct.error).
         frames = getattr(image, "n_frames", 1)
     except Exception as exc:
         raise InvalidInputError(
-            f"image: corrupt or truncated {image.format} data (cannot count its frames: {type(exc).__name__}: {exc})"
-        ) from None
+            f"image: corrupt or truncated {image.format} data (cannot count its frames: {type(exc).__name__}: {exc})",
+            param="image") from None
     if frames > 1:
-        raise InvalidInputError(f"image: {frames} frames (animated or multi-page); send a single image")
+        raise InvalidInputError(f"image: {frames} frames (animated or multi-page); send a single image", param="image")
     try:
         bits = _sample_bits(image)  # before load(): PIL forgets the raw sample layout once pixels are decoded
         image.load()
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image, bits)
     except Exception as exc:
-        raise InvalidInputError(f"image: corrupt or truncated {image.format} data ({exc})") from None
+        raise InvalidInputError(f"image: corrupt or truncated {image.format} data ({exc})", param="image") from None
 
 
 def _sample_bits(image: Image.Image) -> tuple[int, bool] | None:

@@ -82,17 +82,18 @@ class VLMRuntime:
         prompt = _text("prompt", prompt)
         task = self.family.normalize_task(None if task is None else _text("task", task))
         if not prompt.strip() and self.family.prompt_required(task):
-            raise InvalidInputError("prompt: empty; ask the model something")
+            raise InvalidInputError("prompt: empty; ask the model something", param="prompt")
         limits = self.settings.limits
         if len(prompt) > limits.max_prompt_chars:
-            raise InvalidInputError(f"prompt: {len(prompt)} characters is over the limit of {limits.max_prompt_chars}")
+            raise InvalidInputError(f"prompt: {len(prompt)} characters is over the limit of {limits.max_prompt_chars}",
+                                    param="prompt")
         if "\x00" in prompt:
-            raise InvalidInputError("prompt: contains a NUL character")
+            raise InvalidInputError("prompt: contains a NUL character", param="prompt")
         self.family.validate_prompt(prompt)
         limit = limits.max_tokens_limit
         max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= limit:
-            raise InvalidInputError(f"max_tokens must be in [1, {limit}], got {max_tokens}")
+            raise InvalidInputError(f"max_tokens must be in [1, {limit}], got {max_tokens}", param="max_tokens")
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=0.0 if temperature is None else temperature,
@@ -149,7 +150,8 @@ def _text(field: str, value: str | bytes) -> str:
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidInputError(f"{field}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise InvalidInputError(f"{field}: not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                                    param=field) from None
     return value
 
 

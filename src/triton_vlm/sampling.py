@@ -30,13 +30,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise InvalidInputError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidInputError(f"max_tokens must be >= 1, got {self.max_tokens}", param="max_tokens")
         if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
-            raise InvalidInputError(f"temperature must be in [0, 100], got {self.temperature}")
+            raise InvalidInputError(f"temperature must be in [0, 100], got {self.temperature}", param="temperature")
         if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise InvalidInputError(f"seed must be in [0, 2**63-1], got {self.seed}")
+            raise InvalidInputError(f"seed must be in [0, 2**63-1], got {self.seed}", param="seed")
 
     @property
     def greedy(self) -> bool:

@@ -103,13 +103,22 @@ PROMPTS: dict[str, tuple[str, dict, str | None]] = {
 }
 
 
-def _check(call: Callable[[], str], expected: str | None) -> None:
+#: The request field each refused prompt case names (``InvalidInputError.param``); Triton's own refusals name none.
+PARAMS = {"max-tokens-0": "max_tokens", "max-tokens-negative": "max_tokens", "max-tokens-huge": "max_tokens",
+          "temperature-negative": "temperature", "temperature-nan": "temperature", "temperature-inf": "temperature",
+          "top-p-0": "top_p", "top-p-above-1": "top_p", "seed-negative": "seed", "task-on-a-model-without-tasks": None}
+
+
+def _check(call: Callable[[], str], expected: str | None, param: str | None = None) -> None:
     if expected is OK:
         assert isinstance(call(), str)
         return
     with pytest.raises(InvalidInputError) as info:
         call()
     assert expected in str(info.value)
+    # Structure, not text: the code, the field at fault and the model travel beside a clean message.
+    assert (info.value.code, info.value.param, info.value.model) == ("INVALID_ARG", param, "llava")
+    assert not str(info.value).startswith("[")
 
 
 @pytest.fixture(scope="module", params=["http", "grpc"])
@@ -123,14 +132,14 @@ def client(request: pytest.FixtureRequest, triton: RunningServer) -> Iterator[Tr
 @pytest.mark.parametrize("case", sorted(IMAGES))
 def test_images(client: TritonVLMClient, case: str) -> None:
     make, expected = IMAGES[case]
-    _check(lambda: client.infer("llava", make(), "What is this?", max_tokens=1), expected)
+    _check(lambda: client.infer("llava", make(), "What is this?", max_tokens=1), expected, "image")
 
 
 @pytest.mark.parametrize("case", sorted(PROMPTS))
 def test_prompts_and_sampling(client: TritonVLMClient, case: str, sample_image_bytes: bytes) -> None:
     prompt, extra, expected = PROMPTS[case]
     extra = {"max_tokens": 1, **extra}
-    _check(lambda: client.infer("llava", sample_image_bytes, prompt, **extra), expected)
+    _check(lambda: client.infer("llava", sample_image_bytes, prompt, **extra), expected, PARAMS.get(case, "prompt"))
 
 
 @pytest.mark.parametrize("model, prompt, fragment", [

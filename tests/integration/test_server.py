@@ -297,10 +297,11 @@ def test_a_cancelled_request_stops_generating_and_the_model_serves_on(triton: Ru
 
     import tritonclient.grpc as grpcclient
 
-    from triton_vlm.client.client import request_inputs
+    from triton_vlm._protocol.tensors import RequestFields, request_inputs
 
     def inputs(max_tokens: int) -> list:
-        return request_inputs(grpcclient, sample_image_bytes, "Describe it.", max_tokens=max_tokens, ignore_eos=True)
+        return request_inputs("grpc", RequestFields(sample_image_bytes, "Describe it.", max_tokens=max_tokens,
+                                                    ignore_eos=True))
 
     pattern = re.compile(r"INFO model 'llava': request cancelled by its client (after (\d+) tokens|before it ran)")
     before = len(pattern.findall(triton.log()))

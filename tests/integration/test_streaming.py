@@ -77,10 +77,12 @@ def test_concurrent_streams_equal_direct(triton: RunningServer, llava: VLMRuntim
 def test_stream_errors_are_typed_and_the_stream_model_keeps_serving(triton: RunningServer,
                                                                     sample_image_bytes: bytes) -> None:
     with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
-        with pytest.raises(InvalidInputError, match="not a recognised image"):
+        with pytest.raises(InvalidInputError, match="^image: not a recognised image") as info:
             list(client.stream("llava", b"not an image", PROMPT))
-        with pytest.raises(InvalidInputError, match="exceeds the engine's context"):
+        assert (info.value.code, info.value.param, info.value.model) == ("INVALID_ARG", "image", "llava_stream")
+        with pytest.raises(InvalidInputError, match="exceeds the engine's context") as info:
             list(client.stream("llava", sample_image_bytes, PROMPT, max_tokens=1024))
+        assert info.value.param == "prompt"
         assert "".join(client.stream("llava", sample_image_bytes, PROMPT, max_tokens=3))
 
 
@@ -120,8 +122,9 @@ def test_forwarding_model_serves_plain_infer_from_the_engine(forwarding_server: 
     client = TritonVLMClient(forwarding_server.http_url)
     with ThreadPoolExecutor(6) as pool:
         served = list(pool.map(lambda ip: client.infer("llava", ip[0], ip[1], max_tokens=10), zip(images, prompts)))
-    with pytest.raises(InvalidInputError, match="not a recognised image"):
+    with pytest.raises(InvalidInputError, match="^image: not a recognised image") as info:
         client.infer("llava", b"garbage", PROMPT)  # the engine's INVALID_ARG survives the hop as HTTP 400
+    assert (info.value.code, info.value.param, info.value.model) == ("INVALID_ARG", "image", "llava")
     client.close()
     assert served == [_expected(llava, i, p, max_tokens=10) for i, p in zip(images, prompts)]
 
@@ -182,7 +185,7 @@ def test_a_forwarded_request_its_client_cancels_stops_in_the_engine(forwarding_s
 
     import tritonclient.grpc as grpcclient
 
-    from triton_vlm.client.client import request_inputs
+    from triton_vlm._protocol.tensors import RequestFields, request_inputs
     from triton_vlm.launcher.procfs import live_stubs
 
     def log() -> str:
@@ -197,15 +200,15 @@ def test_a_forwarded_request_its_client_cancels_stops_in_the_engine(forwarding_s
             time.sleep(0.05)
         raise AssertionError(f"no {pattern.pattern!r} in the log: {log()[-3000:]}")
 
-    short = request_inputs(grpcclient, sample_image_bytes, PROMPT)
+    short = request_inputs("grpc", RequestFields(sample_image_bytes, PROMPT))
     assert forwarding_server.process is not None
     (engine,) = [p for p, s in live_stubs(forwarding_server.process.pid).items() if s.model == "llava_stream"]
     client = grpcclient.InferenceServerClient(forwarding_server.grpc_url)
     assert client.infer("llava", short).as_numpy("generated_text") is not None  # warm: the model loaded
     mark = len(log())
     answers: queue.Queue = queue.Queue()
-    call = client.async_infer("llava", request_inputs(grpcclient, sample_image_bytes, PROMPT, max_tokens=900,
-                                                      ignore_eos=True),
+    long_answer = RequestFields(sample_image_bytes, PROMPT, max_tokens=900, ignore_eos=True)
+    call = client.async_infer("llava", request_inputs("grpc", long_answer),
                               callback=lambda result, error: answers.put(error))
     time.sleep(0.1)
     os.kill(engine, signal.SIGSTOP)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from triton_vlm._protocol.wire import WireError, decode_error
 from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import VLMRuntime
 
@@ -142,10 +143,15 @@ def test_execute_answers_each_request(backend: Any, llava_runtime: VLMRuntime) -
     assert int(first.tensors["prompt_tokens"][0, 0]) == expected.prompt_tokens
     assert first.tensors["finish_reason"][0, 0] == b"length"
     assert sampled.error is None and int(sampled.tensors["generated_tokens"][0, 0]) == 2
-    for response, fragment in ((bad_image, "image:"), (no_prompt, "'image' and 'prompt' are required"),
-                               (reserved, "reserved token"), (too_many, "max_tokens must be in")):
+    for response, fragment, param in ((bad_image, "image:", "image"),
+                                      (no_prompt, "'image' and 'prompt' are required", "prompt"),
+                                      (reserved, "reserved token", "prompt"), (too_many, "max_tokens must be in",
+                                                                               "max_tokens")):
         assert response.error is not None and response.error.code == "INVALID_ARG"
-        assert fragment in response.error.message
+        # The code and the request field at fault travel encoded in the message (Triton carries no field).
+        wire = decode_error(response.error.message)
+        assert wire is not None and (wire.code, wire.param) == ("INVALID_ARG", param)
+        assert fragment in wire.message
         assert response.tensors == {}
     assert model.metrics.request_errors.value == 4
     assert model.metrics.batch_size.value == 2
@@ -197,8 +203,10 @@ def test_scalar_inputs_must_be_single_values(backend: Any) -> None:
     two_prompts = request(image_bytes(8, 8), b"hi")
     two_prompts["prompt"] = np.array([[b"a", b"b"]], dtype=np.object_)
     responses = model.execute([bad, two_prompts])
-    assert "max_tokens: expected one value, got 2" in responses[0].error.message
-    assert "prompt: expected one string, got 2" in responses[1].error.message
+    assert decode_error(responses[0].error.message) == WireError("INVALID_ARG", "max_tokens: expected one value, got 2",
+                                                                 "max_tokens")
+    assert decode_error(responses[1].error.message) == WireError("INVALID_ARG", "prompt: expected one string, got 2",
+                                                                 "prompt")
     assert model.runtime.loaded is None  # nothing valid, nothing loaded
 
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from triton_vlm._protocol.errors import translate
 from triton_vlm.client import TritonVLMClient, encode_image
-from triton_vlm.client.client import _translate
 from triton_vlm.errors import (ConnectionLostError, GenerationError, InvalidInputError, ModelUnavailableError,
                                ServerUnreachableError, TritonVLMError, UnknownModelError)
 from triton_vlm.images import decode_image
@@ -71,7 +71,7 @@ def test_1d_uint8_array_is_file_bytes() -> None:
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="no such file") as info:
         encode_image(tmp_path / "missing.png")
-    assert "missing.png" in str(info.value)
+    assert "missing.png" in str(info.value) and info.value.param == "image"
     with pytest.raises(InvalidInputError, match="no such file"):
         encode_image(str(tmp_path))  # a directory is not a file
 
@@ -162,6 +162,7 @@ def test_bad_image_fails_before_any_network(closed_url: str) -> None:
     ("generation failed", "StatusCode.INTERNAL", GenerationError),
 ])
 def test_translate(message: str, status: str | None, expected: type[TritonVLMError]) -> None:
-    error = _translate(InferenceServerException(message, status=status), "nope", "h:1")
+    error = translate(InferenceServerException(message, status=status), model="nope", url="h:1")
     assert type(error) is expected
     assert message in str(error)
+    assert error.model == "nope" and error.code == expected.triton_code and error.param is None

@@ -173,12 +173,12 @@ def test_http_timeout_is_a_request_timeout_and_not_retried(port: int) -> None:
 def test_grpc_deadline_is_a_request_timeout() -> None:
     from tritonclient.utils import InferenceServerException
 
-    from triton_vlm.client.client import _translate
+    from triton_vlm._protocol.errors import translate
 
-    error = _translate(InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED"),
-                       "llava", "h:1", 2.0)
+    error = translate(InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED"),
+                      model="llava", url="h:1", timeout=2.0)
     assert isinstance(error, RequestTimeoutError) and isinstance(error, TimeoutError)
-    assert "within 2s" in str(error)
+    assert "within 2s" in str(error) and error.model == "llava"
 
 
 # -- infer_many -------------------------------------------------------------------------------------------------

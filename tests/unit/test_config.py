@@ -287,7 +287,7 @@ def test_string_parameters_of_json_and_protobuf_configs() -> None:
                              "odd": {}}}
     assert string_parameters(config["parameters"]) == {"model_family": "kosmos2", "preload": "true", "odd": ""}
     assert string_parameters({}) == {} and string_parameters(None) == {}
-    from triton_vlm.model_config import load_model_config
+    from triton_vlm._protocol.model_config import load_model_config
 
     proto = load_model_config(REPOSITORY / "moondream2" / "config.pbtxt")
     assert string_parameters(proto.parameters)["revision"] == "2025-06-21"

@@ -187,6 +187,7 @@ def assert_rejected(data: bytes, *fragments: str, **limits: int) -> InvalidInput
         decode(data, **limits)
     message = str(info.value)
     assert message.startswith("image:"), message
+    assert info.value.param == "image" and info.value.code == "INVALID_ARG"
     for fragment in fragments:
         assert fragment in message, message
     return info.value

@@ -280,17 +280,19 @@ def test_runtime_batch_isolates_a_request_over_the_context(runtime: Any) -> None
     results = runtime.generate([good, too_long])
     assert not isinstance(results[0], Exception)
     assert isinstance(results[1], InvalidInputError) and "max_tokens" in str(results[1])
+    assert results[1].param == "max_tokens"
 
 
 def test_families_without_tasks_refuse_one() -> None:
-    with pytest.raises(InvalidInputError, match="takes no task"):
+    with pytest.raises(InvalidInputError, match="takes no task") as info:
         get_family("llava").normalize_task("detect")
+    assert info.value.param == "task"
     assert get_family("kosmos2").normalize_task("  ") is None
 
 
 def test_moondream2_is_servable_and_pinned() -> None:
     from triton_vlm.launcher.repository import model_settings, servable_models
-    from triton_vlm.model_config import load_model_config
+    from triton_vlm._protocol.model_config import load_model_config
 
     assert "moondream2" in servable_models(REPOSITORY)
     config = load_model_config(REPOSITORY / "moondream2" / "config.pbtxt")

@@ -20,12 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, ServerUnreachableError,
-                               UnknownModelError)
+from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
+                               ServerUnreachableError, UnknownModelError)
 from triton_vlm.openai import OpenAIOptions, load_api_keys
 from triton_vlm.openai.app import create_app
 from triton_vlm.openai.config import OpenAIConfigError
-from triton_vlm.openai.errors import APIError, TritonTimeoutError, from_triton
+from triton_vlm.openai.errors import APIError, from_triton
 from triton_vlm.openai.images import decode_data_uri, fetch_image, image_bytes, is_public_address
 from triton_vlm.openai.messages import conversation
 from triton_vlm.openai.schemas import ChatCompletionRequest
@@ -415,7 +415,10 @@ def test_model_cards_say_what_each_model_can_do(client: TestClient) -> None:
 
 
 def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
-    """TritonGateway against a fake gRPC client: metadata decides the capabilities and the outputs asked for."""
+    """TritonGateway against a fake gRPC client: metadata decides the capabilities and the outputs asked for; a
+    whole answer of a model with a ``<model>_stream`` companion comes from the companion (one Triton pass)."""
+    import types
+
     import numpy as np
 
     from triton_vlm.openai.triton import TritonGateway
@@ -431,15 +434,22 @@ def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
     class Result:
         def __init__(self, arrays: dict[str, Any]) -> None:
             self.arrays = arrays
+            # What a stream response also has: its outputs and Triton's final flag.
+            self.outputs = list(arrays)
+            self.parameters = {"triton_final_response": types.SimpleNamespace(bool_param=True)}
 
         def as_numpy(self, name: str) -> Any:
             return self.arrays.get(name)
+
+        def get_response(self) -> Result:
+            return self
 
     class Index:
         def __init__(self, names: list[str]) -> None:
             self.models = [type("M", (), {"name": n, "state": "READY"})() for n in names]
 
     asked: list[list[str]] = []
+    streamed: list[tuple[str, bytes]] = []  # (model, the stream input's raw value)
     raw = json.dumps(ENTITIES).encode()
 
     class FakeGrpc:
@@ -461,6 +471,16 @@ def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
                 arrays["entities"] = np.array([raw], dtype=object)
             return Result(arrays)
 
+        def stream_infer(self, requests: Any, stream_timeout: float) -> Any:
+            async def responses() -> Any:
+                request = await requests.__anext__()
+                streamed.append((request["model_name"],
+                                 {t.name(): t for t in request["inputs"]}["stream"]._get_content()))
+                yield await self.infer(request["model_name"], request["inputs"], request["outputs"], 1), None
+                async for _ in requests:  # until the gateway half-closes
+                    pass
+            return responses()
+
     async def scenario() -> None:
         gateway = TritonGateway("fake:8001")
         gateway._client = FakeGrpc()
@@ -472,17 +492,18 @@ def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
         assert piece.entities == ENTITIES and piece.text == "An image of a snowman"
         assert (await gateway.infer("llava", PNG, "Hi", Sampling())).entities is None
         assert "entities" in asked[0] and "entities" not in asked[1]
+        assert streamed == [("llava_stream", b"\x00")]  # llava: from llava_stream, the whole answer (stream=False)
 
     asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("error, status, code", [
-    (InvalidInputError("image: not a recognised image (PIL: cannot identify)"), 400, "invalid_value"),
-    (InvalidInputError("max_tokens must be in [1, 1024], got 5000"), 400, "invalid_value"),
+    (InvalidInputError("image: not a recognised image (PIL: cannot identify)", param="image"), 400, "invalid_value"),
+    (InvalidInputError("max_tokens must be in [1, 1024], got 5000", param="max_tokens"), 400, "invalid_value"),
     (UnknownModelError("gone"), 404, "model_not_found"),
     (ModelUnavailableError("weights missing"), 503, "model_unavailable"),
     (ServerUnreachableError("refused"), 503, "triton_unreachable"),
-    (TritonTimeoutError("slow"), 504, "timeout"),
+    (RequestTimeoutError("slow"), 504, "timeout"),
     (GenerationError("CUDA error"), 500, "generation_error"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
@@ -496,9 +517,23 @@ def test_triton_errors_before_the_first_token_get_their_status(client: TestClien
                                                                                            "param", "code"}
     if status in (503,):
         assert response.headers["retry-after"] == "1"
-    if "max_tokens" in str(error):
-        assert response.json()["error"]["param"] == "max_tokens"
+    # The field at fault is the error's param (never read from the message), named as the request named it.
+    expected_param = {"max_tokens": "max_tokens", "image": "messages"}.get(getattr(error, "param", None) or "")
+    assert response.json()["error"]["param"] == (expected_param or (None if status != 404 else "model"))
     assert from_triton(error, "llava").status == status  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("param, limit_field, expected", [
+    ("image", "max_tokens", "messages"), ("prompt", "max_tokens", "messages"),
+    ("max_tokens", "max_completion_tokens", "max_completion_tokens"), ("max_tokens", "max_tokens", "max_tokens"),
+    ("temperature", "max_tokens", "temperature"), ("top_p", "max_tokens", "top_p"), ("seed", "max_tokens", "seed"),
+    ("task", "max_tokens", "task"), (None, "max_tokens", None),
+])
+def test_the_field_at_fault_comes_from_the_error_s_param(param: str | None, limit_field: str,
+                                                         expected: str | None) -> None:
+    """Only ``param`` counts: a message that starts with a field name names nothing by itself."""
+    error = InvalidInputError("max_tokens and temperature are both in this message", param=param)
+    assert from_triton(error, "llava", max_tokens_param=limit_field).param == expected
 
 
 def test_an_error_mid_stream_is_an_error_event(client: TestClient, gateway: FakeGateway) -> None:

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tritonclient.utils import InferenceServerException
+
+from triton_vlm._protocol.wire import WireError, decode_error, encode_error
 
 FINAL = 1
 
@@ -105,7 +108,7 @@ class Param:
 
 
 class Result:
-    """A ModelStreamInfer response: outputs and the final flag (``enable_empty_final_response``)."""
+    """A ModelStreamInfer response: outputs and Triton's final flag (``triton_final_response``)."""
 
     def __init__(self, outputs: dict[str, np.ndarray], final: bool) -> None:
         self.arrays = outputs
@@ -119,14 +122,6 @@ class Result:
         return self.arrays.get(name)
 
 
-class StreamError:
-    def __init__(self, message: str) -> None:
-        self._message = message
-
-    def message(self) -> str:
-        return self._message
-
-
 class GrpcClient:
     """``tritonclient.grpc.aio.InferenceServerClient``: each ``stream_infer`` is a stream of its own, answered by
     prompt; the stream ends once the client has half-closed it, as Triton's does."""
@@ -138,14 +133,16 @@ class GrpcClient:
     def __init__(self, url: str) -> None:
         GrpcClient.urls.append(url)
 
-    async def stream_infer(self, requests: Any) -> Any:
+    async def stream_infer(self, requests: Any, stream_timeout: float | None = None) -> Any:
         request = await requests.__anext__()
         GrpcClient.sent.append(request)
         prompt = {t.name: t for t in request["inputs"]}["prompt"].array[0, 0].decode()
         if prompt == "crash":
             raise RuntimeError("stream broken")
-        if prompt == "refused":
-            yield None, StreamError("UNAVAILABLE: overloaded: 3 requests (limit 2)")
+        if prompt == "refused":  # an engine error arrives as a bare message on a stream, encoded by the backend
+            yield None, InferenceServerException(msg=encode_error("UNAVAILABLE", "overloaded: 3 requests (limit 2)"))
+        elif prompt == "bad image":
+            yield None, InferenceServerException(msg=encode_error("INVALID_ARG", "image: empty", "image"))
         elif prompt == "abandoned":
             try:
                 await asyncio.Event().wait()  # generating for as long as nobody cancels it
@@ -222,7 +219,7 @@ def test_each_request_is_answered_when_it_is_done_not_with_its_batch(proxy: Any)
         assert tensor.as_numpy()[0, 0] == f"answer to {name}".encode()
     assert GrpcClient.urls == ["127.0.0.1:18001"]  # one client an instance, at the address the launcher wrote
     for request in GrpcClient.sent:
-        assert request["model_name"] == "llava_stream" and request["enable_empty_final_response"]
+        assert request["model_name"] == "llava_stream"
         inputs = {t.name: t for t in request["inputs"]}
         assert inputs["stream"].array.tolist() == [[False]] and inputs["stream"].datatype == "BOOL"
         assert inputs["image"].array.tolist() == [[0, 1, 2, 3]] and inputs["image"].datatype == "UINT8"
@@ -231,13 +228,20 @@ def test_each_request_is_answered_when_it_is_done_not_with_its_batch(proxy: Any)
 
 
 def test_engine_errors_and_failed_calls_are_that_request_s_error(proxy: Any) -> None:
-    _, log, _ = serve(proxy, ["refused", "crash", "fine"])
+    """An engine error is passed on with its code (Triton's, for plain infer callers) and, encoded in the message,
+    its request field; a failed call is the request's INTERNAL error."""
+    _, log, _ = serve(proxy, ["refused", "bad image", "crash", "fine"])
     answers = {name: response for name, response, flags in log if flags == FINAL}
-    assert sorted(answers) == ["crash", "fine", "refused"] and len(log) == 3
+    assert sorted(answers) == ["bad image", "crash", "fine", "refused"] and len(log) == 4
     refused = answers["refused"].error()
-    assert refused.code == "UNAVAILABLE" and refused.message().startswith("overloaded")
+    assert refused.code == "UNAVAILABLE"
+    assert decode_error(refused.message()) == WireError("UNAVAILABLE", "overloaded: 3 requests (limit 2)")
+    bad = answers["bad image"].error()
+    assert bad.code == "INVALID_ARG"
+    assert decode_error(bad.message()) == WireError("INVALID_ARG", "image: empty", "image")
     crashed = answers["crash"].error()
     assert crashed.code == "INTERNAL" and "llava_stream" in crashed.message() and "stream broken" in crashed.message()
+    assert decode_error(crashed.message()) is not None
     assert not answers["fine"].has_error()
 
 

@@ -20,7 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
-from triton_vlm.client.client import _translate
+from triton_vlm._protocol.errors import translate
+from triton_vlm._protocol.model_config import load_model_config
 from triton_vlm.config import ConfigError, ModelSettings, RequestLimits, read_settings
 from triton_vlm.errors import (InvalidInputError, ModelLoadError, ModelUnavailableError, RequestTimeoutError,
                                UnknownModelError)
@@ -32,7 +33,6 @@ from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy,
                                           queue_limits)
 from triton_vlm.launcher.repository import model_settings, render_repository
 from triton_vlm.loading import load_model
-from triton_vlm.model_config import load_model_config
 from triton_vlm.models import get_family
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
@@ -291,8 +291,9 @@ def test_out_of_memory_in_a_batch_fails_only_what_does_not_fit(llava_runtime: VL
     ("Request for unknown model: 'nope' is not found", "400", UnknownModelError, "nope"),
 ])
 def test_overload_and_restart_errors_are_unavailable(message: str, status: str, kind: type, fragment: str) -> None:
-    error = _translate(InferenceServerException(message, status=status), "llava", "host:1")
+    error = translate(InferenceServerException(message, status=status), model="llava", url="host:1")
     assert type(error) is kind and fragment in str(error)
+    assert error.model == "llava" and error.code == kind.triton_code
 
 
 # -- the context check (HF path) ----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_prompt_bytes_are_decoded_as_utf8() -> None:
 def test_bad_prompts(prompt: str | bytes, fragment: str) -> None:
     with pytest.raises(InvalidInputError) as info:
         fresh().make_request(IMAGE, prompt)
-    assert fragment in str(info.value)
+    assert fragment in str(info.value) and info.value.param == "prompt"
 
 
 def test_longest_prompt_is_accepted() -> None:
@@ -83,8 +83,9 @@ def test_invalid_utf8_message_names_the_byte() -> None:
     ("kosmos2", "<image> what"), ("kosmos2", "a </image> b"),
 ])
 def test_reserved_tokens_are_refused(family: str, prompt: str) -> None:
-    with pytest.raises(InvalidInputError, match="reserved token"):
+    with pytest.raises(InvalidInputError, match="reserved token") as info:
         fresh(family).make_request(IMAGE, prompt)
+    assert info.value.param == "prompt"
 
 
 def test_kosmos_grounding_prefix_is_allowed() -> None:
@@ -93,8 +94,9 @@ def test_kosmos_grounding_prefix_is_allowed() -> None:
 
 @pytest.mark.parametrize("max_tokens", [0, -1, 1025])
 def test_max_tokens_outside_limit(max_tokens: int) -> None:
-    with pytest.raises(InvalidInputError, match=rf"max_tokens must be in \[1, 1024\], got {max_tokens}"):
+    with pytest.raises(InvalidInputError, match=rf"max_tokens must be in \[1, 1024\], got {max_tokens}") as info:
         fresh().make_request(IMAGE, "hi", max_tokens=max_tokens)
+    assert info.value.param == "max_tokens"
 
 
 def test_max_tokens_limit_comes_from_settings() -> None:
@@ -109,14 +111,16 @@ def test_max_tokens_limit_comes_from_settings() -> None:
     ({"temperature": float("nan")}, "temperature"),
 ])
 def test_bad_sampling_values(kwargs: dict[str, Any], fragment: str) -> None:
-    with pytest.raises(InvalidInputError, match=fragment):
+    with pytest.raises(InvalidInputError, match=fragment) as info:
         fresh().make_request(IMAGE, "hi", **kwargs)
+    assert info.value.param == fragment
 
 
 @pytest.mark.parametrize("data, fragment", [(b"", "empty"), (b"not an image at all", "not a recognised")])
 def test_bad_image(data: bytes, fragment: str) -> None:
-    with pytest.raises(InvalidInputError, match=fragment):
+    with pytest.raises(InvalidInputError, match=fragment) as info:
         fresh().make_request(data, "hi")
+    assert info.value.param == "image"
 
 
 def test_image_limits_come_from_settings() -> None:

@@ -42,6 +42,7 @@ def test_invalid_params(kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(InvalidInputError) as info:
         SamplingParams(**kwargs)  # type: ignore[arg-type]
     assert fragment in str(info.value)
+    assert info.value.param == next(iter(kwargs)) and info.value.code == "INVALID_ARG"
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -10,7 +10,8 @@ The calls go to this same server over gRPC on the loopback, one stream per reque
 2.51's stub died of SIGSEGV under many concurrent decoupled BLS calls, from ``async_exec`` (whose callback
 holds a dangling reference to the stub; python_backend#439) and from ``exec`` on threads alike
 (docs/reliability.md). A request whose client cancels it (or whose deadline passes) has its stream cancelled,
-which cancels it in the engine too.
+which cancels it in the engine too. The stream loop, tensors and errors are :mod:`triton_vlm._protocol`'s; an
+engine error is passed on with its code and request field (:mod:`triton_vlm._protocol.wire`).
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-import tritonclient.grpc.aio as grpcclient
-from tritonclient.utils import np_to_triton_dtype
 
+from triton_vlm._protocol.connect import make_client
+from triton_vlm._protocol.stream import StreamCall, stream_async
+from triton_vlm._protocol.tensors import input_tensors, requested_outputs
+from triton_vlm._protocol.wire import encode_error
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown
 from triton_vlm.config import string_parameters
-from triton_vlm.error_tags import split_error_tag
+from triton_vlm.errors import TritonVLMError
 
 #: Where the forwarder finds the server when its config does not say (the launcher writes ``forward_grpc_url``).
 DEFAULT_GRPC_URL = "127.0.0.1:8001"
@@ -53,7 +55,7 @@ class ForwardingModel:
 
     async def execute(self, requests: list[Any]) -> None:
         if self._client is None:
-            self._client = grpcclient.InferenceServerClient(self.url)
+            self._client = make_client("grpc.aio", self.url)
         for request in requests:
             task = asyncio.ensure_future(self._answer(self._inputs(request), request.get_response_sender()))
             self._pending.add(task)  # the event loop keeps only a weak reference to a task
@@ -62,13 +64,8 @@ class ForwardingModel:
 
     def _inputs(self, request: Any) -> list[Any]:
         # Serialized here: the request's own tensors are freed when execute() returns, before the call is sent.
-        inputs = []
         arrays = [(t.name(), t.as_numpy()) for t in request.inputs() if t.name() != "stream"]
-        for name, array in [*arrays, ("stream", np.array([[False]], dtype=np.bool_))]:
-            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        return inputs
+        return input_tensors("grpc.aio", [*arrays, ("stream", np.array([[False]], dtype=np.bool_))])
 
     async def _answer(self, inputs: list[Any], sender: Any) -> None:
         call = asyncio.ensure_future(self._call(inputs))
@@ -79,12 +76,13 @@ class ForwardingModel:
                 call.cancel()
                 await asyncio.wait({call})
                 log.info("model %r: request cancelled by its client; cancelled in %s too", self.name, self.target)
+        failure = None if call.cancelled() else call.exception()
         if call.cancelled():
-            response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                "cancelled by the client", pb_utils.TritonError.CANCELLED))
-        elif call.exception() is not None:  # the client gets it as this request's error
-            response = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                f"forwarding to {self.target} failed: {call.exception()}", pb_utils.TritonError.INTERNAL))
+            response = _error_response("CANCELLED", "cancelled by the client")
+        elif isinstance(failure, TritonVLMError):  # the engine's error (or the way to it failed): passed on
+            response = _error_response(failure.code, str(failure), failure.param)
+        elif failure is not None:  # the client gets it as this request's error
+            response = _error_response("INTERNAL", f"forwarding to {self.target} failed: {failure}")
         else:
             response = call.result()
         try:
@@ -93,34 +91,13 @@ class ForwardingModel:
             log.debug("answer not delivered", exc_info=True)
 
     async def _call(self, inputs: list[Any]) -> Any:
-        answered = asyncio.Event()
-
-        async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self.target, "inputs": inputs, "enable_empty_final_response": True,
-                   "outputs": [grpcclient.InferRequestedOutput(name) for name in self.outputs]}
-            await answered.wait()  # then the stream half-closes, and the server ends it
-
-        final = failure = None
-        try:
-            async for result, error in self._client.stream_infer(one_request()):
-                if error is not None:
-                    failure = error
-                    answered.set()
-                    continue
-                response = result.get_response()
-                if response.outputs:
-                    final = result
-                if response.parameters["triton_final_response"].bool_param:
-                    answered.set()
-        finally:
-            answered.set()
-        if failure is not None:
-            code, message = split_error_tag(failure.message())
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                message, getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL)))
+        """The engine's answer as this request's response; its error is raised (the project's error tree)."""
+        call = StreamCall(self.target, inputs, requested_outputs("grpc.aio", self.outputs))
+        final = None
+        async for result in stream_async(self._client, call, url=self.url):
+            final = result  # the whole answer comes in one response (the stream input is False)
         if final is None:
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                f"{self.target} ended the request without an answer (cancelled?)", pb_utils.TritonError.CANCELLED))
+            return _error_response("CANCELLED", f"{self.target} ended the request without an answer (cancelled?)")
         arrays = [(name, final.as_numpy(name)) for name in self.outputs]
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, array) for name, array in arrays
                                                           if array is not None])
@@ -136,3 +113,9 @@ def _client_left(sender: Any) -> bool:
     except Exception:  # noqa: BLE001 - an unanswerable question is not a cancellation
         log.debug("is_cancelled failed", exc_info=True)
         return False
+
+
+def _error_response(code: str, message: str, param: str | None = None) -> Any:
+    """A request's error response: Triton's code for plain infer callers, all of it encoded in the message."""
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+        encode_error(code, message, param), getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL)))

@@ -140,7 +140,7 @@ def answer_response(metrics: BackendMetrics, extra_outputs: dict[str, str], outp
                            extra_values(extra_outputs, output.extras))
 
 
-def failure_response(metrics: BackendMetrics, exc: BaseException, *, tagged: bool = False) -> Any:
+def failure_response(metrics: BackendMetrics, exc: BaseException) -> Any:
     """A request's error response for any exception: ours as it is, anything else as the error
     :func:`~triton_vlm.runtime.as_request_error` makes of it (logged with its traceback: a fault or a bug, e.g.
     CUDA out of memory). Counted as an error unless its client cancelled it."""
@@ -150,11 +150,11 @@ def failure_response(metrics: BackendMetrics, exc: BaseException, *, tagged: boo
         exc = error
     if isinstance(exc, RequestCancelledError):
         log.info("%s", exc)  # the client's choice, not an error of ours
-        return error_response(exc, tagged=tagged)
+        return error_response(exc)
     metrics.request_errors.increment(1)
     if isinstance(exc, ModelLoadError):
         log.error("%s", exc)
-    return error_response(exc, tagged=tagged)
+    return error_response(exc)
 
 
 def request_log_line(model: str, request: GenerationRequest, result: GenerationOutput | TritonVLMError,

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from triton_vlm._protocol.wire import encode_error
 from triton_vlm.config import settings_from_triton_args
-from triton_vlm.error_tags import tag_error
 from triton_vlm.errors import InvalidInputError, TritonVLMError
 from triton_vlm.images import image_bytes_from_tensor
 from triton_vlm.loading import resolve_device
@@ -35,7 +35,7 @@ def input_scalar(request: Any, name: str, kind: type) -> Any:
     if array is None:
         return None
     if array.size != 1:
-        raise InvalidInputError(f"{name}: expected one value, got {array.size}")
+        raise InvalidInputError(f"{name}: expected one value, got {array.size}", param=name)
     return kind(array.reshape(-1)[0])
 
 
@@ -44,10 +44,11 @@ def parse_request(request: Any, runtime: VLMRuntime) -> GenerationRequest:
     image = input_array(request, "image")
     prompt = input_array(request, "prompt")
     if image is None or prompt is None:
-        raise InvalidInputError("inputs 'image' and 'prompt' are required")
+        raise InvalidInputError("inputs 'image' and 'prompt' are required",
+                                param="image" if image is None else "prompt")
     prompts = prompt.reshape(-1)
     if prompts.size != 1:
-        raise InvalidInputError(f"prompt: expected one string, got {prompts.size}")
+        raise InvalidInputError(f"prompt: expected one string, got {prompts.size}", param="prompt")
     value = prompts[0]
     return runtime.make_request(
         image_bytes_from_tensor(image),
@@ -91,9 +92,10 @@ def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish
     ])
 
 
-def error_response(exc: TritonVLMError, *, tagged: bool = False) -> Any:
-    """A per-request error response. ``tagged`` prefixes the code (see :mod:`triton_vlm.error_tags`) for
-    paths that lose Triton's code: decoupled streams and BLS."""
-    code = getattr(pb_utils.TritonError, exc.triton_code, pb_utils.TritonError.INTERNAL)
-    message = tag_error(exc.triton_code, str(exc)) if tagged else str(exc)
+def error_response(exc: TritonVLMError) -> Any:
+    """A per-request error response: Triton's code (which plain infer callers get), and the code and request
+    field encoded in the message too (:mod:`triton_vlm._protocol.wire`), for the paths that lose the code
+    (decoupled streams) and for the field, which Triton never carries."""
+    code = getattr(pb_utils.TritonError, exc.code, pb_utils.TritonError.INTERNAL)
+    message = encode_error(exc.code, str(exc), exc.param)
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))

@@ -104,7 +104,7 @@ class OpenRequest:
     def fail(self, exc: BaseException, metrics: BackendMetrics) -> None:
         """End the request with ``exc`` as its error response, whatever the exception (see ``failure_response``)."""
         try:
-            response = failure_response(metrics, exc, tagged=True)
+            response = failure_response(metrics, exc)
         except Exception:  # never leave a request open, not even for a bug in building its error
             log.exception("building an error response failed")
             response = None

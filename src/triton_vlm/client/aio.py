@@ -1,7 +1,7 @@
 """``AsyncTritonVLMClient``: the asyncio twin of :class:`~triton_vlm.client.TritonVLMClient`.
 
-Built on ``tritonclient.http.aio`` (aiohttp) and ``tritonclient.grpc.aio``; requests are built and answers
-parsed by the same functions as the sync client's, and errors are the same classes.
+Built on ``tritonclient.http.aio`` (aiohttp) and ``tritonclient.grpc.aio``; requests, answers, the stream loop
+and errors are :mod:`triton_vlm._protocol`'s, as the sync client's are.
 
 >>> async with AsyncTritonVLMClient("localhost:8000", retry=5) as client:       # doctest: +SKIP
 ...     print(await client.infer("llava", "test_images/sample_image.jpg", "What is this?"))
@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any
 
+from triton_vlm._protocol.connect import make_client
+from triton_vlm._protocol.errors import is_restricted, translate
+from triton_vlm._protocol.results import parse_output, statistics_models, stream_model
+from triton_vlm._protocol.stream import StreamCall, outputs_async
+from triton_vlm._protocol.tensors import Api, request_inputs
 from triton_vlm.client.client import (BatchItem, BatchResults, ImageLike, InferenceResult, Protocol, ServerEndpoint,
-                                      StreamPiece, _translate, batch_item, connection_lost, is_restricted,
-                                      parse_piece, parse_result, request_inputs, statistics_models, stream_target)
+                                      StreamPiece, batch_item, inference_result, request_fields, stream_piece)
 from triton_vlm.client.retry import RetryPolicy
-from triton_vlm.errors import RequestTimeoutError, ServerUnreachableError, TritonVLMError
+from triton_vlm.errors import ServerUnreachableError, TritonVLMError
 
 
 class AsyncTritonVLMClient(ServerEndpoint):
@@ -44,13 +48,13 @@ class AsyncTritonVLMClient(ServerEndpoint):
     async def infer_result(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                            temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                            task: str | None = None, ignore_eos: bool = False) -> InferenceResult:
-        module = self._module()
-        inputs = request_inputs(module, image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, task=task, ignore_eos=True if ignore_eos else None)
+        inputs = request_inputs(self._api(), request_fields(
+            image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, task=task,
+            ignore_eos=ignore_eos))
         started = time.perf_counter()
         # As the sync client: no output list, so optional outputs (kosmos2's entities) come back too.
         result = await self._call(lambda c: c.infer(model_name, inputs), model_name)
-        return parse_result(result, time.perf_counter() - started)
+        return inference_result(parse_output(result), time.perf_counter() - started)
 
     async def infer_many(self, model_name: str, items: Iterable[BatchItem], *, concurrency: int = 4,
                          progress: bool | None = True, return_exceptions: bool = False,
@@ -96,15 +100,13 @@ class AsyncTritonVLMClient(ServerEndpoint):
                             seed: int | None = None, ignore_eos: bool = False,
                             task: str | None = None) -> AsyncIterator[StreamPiece]:
         """Streamed pieces with token counts; the last one has the finish reason. Leaving early cancels."""
-        import tritonclient.grpc.aio as grpc_aio
-
-        inputs = request_inputs(grpc_aio, image, prompt, max_tokens=max_tokens, temperature=temperature,
-                                top_p=top_p, seed=seed, ignore_eos=ignore_eos, stream=True, task=task)
-        target = stream_target(model_name)
+        call = StreamCall(stream_model(model_name), request_inputs("grpc.aio", request_fields(
+            image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            ignore_eos=ignore_eos, task=task, stream=True)))
         started = time.monotonic()
         delays = self.retry.delays()
         while True:
-            pieces = self._stream_once(target, inputs)
+            pieces = self._stream_once(call)
             try:
                 first = await pieces.__anext__()
             except StopAsyncIteration:
@@ -121,45 +123,13 @@ class AsyncTritonVLMClient(ServerEndpoint):
                 await pieces.aclose()
             return
 
-    async def _stream_once(self, target: str, inputs: list[Any]) -> AsyncIterator[StreamPiece]:
-        import grpc
-        from tritonclient.utils import InferenceServerException
-
-        client = self._grpc_stream_client()
-        done = asyncio.Event()
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": target, "inputs": inputs}
-            await done.wait()  # keep the stream open until the final response
-
-        responses = client.stream_infer(requests(), stream_timeout=self.timeout)
-        finished = False
+    async def _stream_once(self, call: StreamCall) -> AsyncGenerator[StreamPiece, None]:
+        outputs = outputs_async(self._grpc_stream_client(), call, url=self.grpc_url, timeout=self.timeout)
         try:
-            while True:
-                try:
-                    result, error = await asyncio.wait_for(responses.__anext__(), self.timeout)
-                except StopAsyncIteration:
-                    return
-                except asyncio.TimeoutError:
-                    raise RequestTimeoutError(f"no response from {target} in {self.timeout:g}s") from None
-                except InferenceServerException as exc:
-                    raise _translate(exc, target, self.grpc_url, self.timeout) from None
-                except grpc.RpcError as exc:  # the stream itself failed (e.g. nothing listens there)
-                    raise _translate(InferenceServerException(msg=exc.details(), status=str(exc.code())), target,
-                                     self.grpc_url, self.timeout) from None
-                finished = error is not None  # an error response ends the request too
-                piece = parse_piece(result, error, target, self.grpc_url, self.timeout)
-                finished = bool(piece.finish_reason)
-                yield piece
-                if finished:
-                    return
+            async for output in outputs:
+                yield stream_piece(output)
         finally:
-            done.set()
-            # Cancel only a request still running: cancelling one that just ended races with its final response,
-            # and Triton 2.51 then never releases it (the <model>_stream model could no longer unload).
-            cancel = getattr(responses, "cancel", None)
-            if cancel is not None and not finished:
-                cancel()
+            await outputs.aclose()
 
     # -- server state -------------------------------------------------------------------------------------
     async def is_ready(self, model_name: str | None = None) -> bool:
@@ -212,47 +182,29 @@ class AsyncTritonVLMClient(ServerEndpoint):
         await self.close()
 
     # -- internals ----------------------------------------------------------------------------------------
-    def _module(self) -> Any:
-        if self.protocol == "grpc":
-            import tritonclient.grpc.aio as module
-        else:
-            import tritonclient.http.aio as module
-        return module
-
     def _get_client(self) -> Any:
         if self._client is None:
-            module = self._module()
-            self._client = (module.InferenceServerClient(self.url) if self.protocol == "grpc" else
-                            module.InferenceServerClient(self.url, conn_timeout=self.timeout))
+            self._client = make_client(self._api(), self.url, timeout=self.timeout)
         return self._client
+
+    def _api(self) -> Api:
+        return "grpc.aio" if self.protocol == "grpc" else "http.aio"
 
     def _grpc_stream_client(self) -> Any:
         if self._stream_client is None:
             if self.protocol == "grpc" and self.grpc_url == self.url:
                 return self._get_client()
-            import tritonclient.grpc.aio as grpc_aio
-
-            self._stream_client = grpc_aio.InferenceServerClient(self.grpc_url)
+            self._stream_client = make_client("grpc.aio", self.grpc_url)
         return self._stream_client
 
     async def _call(self, fn: Callable[[Any], Any], model_name: str | None) -> Any:
         return await self.retry.acall(lambda: self._call_once(fn, model_name))
 
     async def _call_once(self, fn: Callable[[Any], Any], model_name: str | None) -> Any:
-        from tritonclient.utils import InferenceServerException
-
         try:
             return await asyncio.wait_for(fn(self._get_client()), self.timeout)
-        except InferenceServerException as exc:
-            raise _translate(exc, model_name, self.url, self.timeout) from None
-        except asyncio.TimeoutError:
-            raise RequestTimeoutError(f"no answer from {self.url} within {self.timeout:g}s") from None
-        except (ConnectionError, OSError) as exc:
-            raise ServerUnreachableError(f"cannot reach triton-vlm server at {self.url}: {exc}") from None
-        except Exception as exc:
-            # aiohttp's connection errors (ClientConnectorError is an OSError; others are not)
-            if type(exc).__name__ == "ServerDisconnectedError":
-                raise connection_lost(self.url, exc) from None
-            if type(exc).__module__.startswith("aiohttp"):
-                raise ServerUnreachableError(f"cannot reach triton-vlm server at {self.url}: {exc}") from None
-            raise
+        except Exception as exc:  # aiohttp's connection errors too (ClientConnectorError is an OSError; others not)
+            error = translate(exc, model=model_name, url=self.url, timeout=self.timeout)
+            if error is None:
+                raise
+            raise error from None

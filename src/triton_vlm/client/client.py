@@ -5,30 +5,32 @@ Errors come back as the project's exception tree (:mod:`triton_vlm.errors`): a b
 :class:`ServerUnreachableError` (:class:`ConnectionLostError` where it hung up mid-request), no answer
 within ``timeout`` a :class:`RequestTimeoutError`.
 
-Request building and response parsing are module functions shared with the asyncio client
-(:mod:`triton_vlm.client.aio`).
+Triton's protocol (tensors, answers, the stream loop, errors) is :mod:`triton_vlm._protocol`'s, shared with the
+asyncio client (:mod:`triton_vlm.client.aio`), the OpenAI front and the forwarder.
 """
 
 from __future__ import annotations
 
 import io
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.client import HTTPException
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import numpy as np
 from PIL import Image
 
+from triton_vlm._protocol.connect import make_client
+from triton_vlm._protocol.errors import is_restricted, translate
+from triton_vlm._protocol.results import Output, parse_output, statistics_models, stream_model
+from triton_vlm._protocol.stream import StreamCall, outputs_sync
+from triton_vlm._protocol.tensors import RequestFields, request_inputs
 from triton_vlm.client.entities import Entity, parse_entities
 from triton_vlm.client.retry import RetryPolicy
-from triton_vlm.errors import (ConnectionLostError, GenerationError, InvalidInputError, ModelUnavailableError,
-                               RequestTimeoutError, ServerUnreachableError, TritonVLMError, UnknownModelError)
+from triton_vlm.errors import InvalidInputError, ServerUnreachableError, TritonVLMError
 
 ImageLike = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 Protocol = Literal["http", "grpc"]
@@ -71,7 +73,7 @@ def encode_image(image: ImageLike) -> bytes:
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
-            raise InvalidInputError(f"image: no such file {str(path)!r}")
+            raise InvalidInputError(f"image: no such file {str(path)!r}", param="image")
         return path.read_bytes()
     if isinstance(image, (bytes, bytearray)):
         return bytes(image)
@@ -83,97 +85,38 @@ def encode_image(image: ImageLike) -> bytes:
         else:
             raise InvalidInputError(
                 f"image: an array must be HxW or HxWxC uint8 pixels (or 1-D file bytes), got "
-                f"{image.dtype} {list(image.shape)}")
+                f"{image.dtype} {list(image.shape)}", param="image")
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
-    raise InvalidInputError(f"image: unsupported type {type(image).__name__}")
+    raise InvalidInputError(f"image: unsupported type {type(image).__name__}", param="image")
 
 
-# -- request building and response parsing (shared with the asyncio client) -----------------------------------
-def make_tensor(module: Any, name: str, array: np.ndarray, triton_type: str) -> Any:
-    tensor = module.InferInput(name, list(array.shape), triton_type)
-    tensor.set_data_from_numpy(array)
-    return tensor
-
-
-def request_inputs(module: Any, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
+# -- request fields and answers (shared with the asyncio client) ----------------------------------------------
+def request_fields(image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                    temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                   task: str | None = None, ignore_eos: bool | None = None,
-                   stream: bool | None = None) -> list[Any]:
-    """The input tensors of one request for ``module`` (``tritonclient.http``/``.grpc`` or their ``.aio``);
-    optional inputs left at None are not sent (the model's defaults apply)."""
-    data = np.frombuffer(encode_image(image), dtype=np.uint8)[None, :]
-    inputs = [make_tensor(module, "image", data, "UINT8"),
-              make_tensor(module, "prompt", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES")]
-    for name, value, dtype, triton_type in (("max_tokens", max_tokens, np.int32, "INT32"),
-                                            ("temperature", temperature, np.float32, "FP32"),
-                                            ("top_p", top_p, np.float32, "FP32"),
-                                            ("seed", seed, np.int64, "INT64")):
-        if value is not None:
-            inputs.append(make_tensor(module, name, np.array([[value]], dtype=dtype), triton_type))
-    if ignore_eos is not None:
-        inputs.append(make_tensor(module, "ignore_eos", np.array([[ignore_eos]], dtype=np.bool_), "BOOL"))
-    if task is not None:
-        inputs.append(make_tensor(module, "task", np.array([[task.encode("utf-8")]], dtype=np.object_), "BYTES"))
-    if stream is not None:
-        inputs.append(make_tensor(module, "stream", np.array([[stream]], dtype=np.bool_), "BOOL"))
-    return inputs
+                   task: str | None = None, ignore_eos: bool = False, stream: bool | None = None) -> RequestFields:
+    """One request's fields; ``ignore_eos=False`` is not sent (the model's default)."""
+    return RequestFields(image=encode_image(image), prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed, ignore_eos=True if ignore_eos else None, task=task, stream=stream)
 
 
-
-def _output_fields(result: Any) -> tuple[str, int, int, str]:
-    def text(name: str) -> str:
-        value = result.as_numpy(name).reshape(-1)[0]
-        return value.decode("utf-8") if isinstance(value, bytes) else str(value)  # str: a JSON (non-binary) answer
-
-    return (text("generated_text"), int(result.as_numpy("generated_tokens").reshape(-1)[0]),
-            int(result.as_numpy("prompt_tokens").reshape(-1)[0]), text("finish_reason"))
+def inference_result(output: Output, latency_s: float) -> InferenceResult:
+    return InferenceResult(text=output.text, generated_tokens=output.generated_tokens,
+                           prompt_tokens=output.prompt_tokens, finish_reason=output.finish_reason,
+                           latency_s=latency_s, entities=_entities(output))
 
 
-def _entities(result: Any) -> list[Entity]:
+def stream_piece(output: Output) -> StreamPiece:
+    return StreamPiece(text=output.text, generated_tokens=output.generated_tokens,
+                       prompt_tokens=output.prompt_tokens, finish_reason=output.finish_reason,
+                       entities=_entities(output))
+
+
+def _entities(output: Output) -> list[Entity]:
     """The ``entities`` output where the response has one (kosmos2's; a stream's last piece), else none."""
-    entities = result.as_numpy("entities")
-    return [] if entities is None else parse_entities(entities.reshape(-1)[0])
-
-
-def parse_result(result: Any, latency_s: float) -> InferenceResult:
-    """An :class:`InferenceResult` from a tritonclient ``InferResult``."""
-    text, generated, prompt_tokens, finish_reason = _output_fields(result)
-    return InferenceResult(text=text, generated_tokens=generated, prompt_tokens=prompt_tokens,
-                           finish_reason=finish_reason, latency_s=latency_s, entities=_entities(result))
-
-
-def parse_piece(result: Any, error: Any, target: str, url: str, timeout: float | None = None) -> StreamPiece:
-    """The piece one stream response carries; an error response (which ends the request) is raised as the
-    client's error."""
-    if error is not None:
-        from tritonclient.utils import InferenceServerException
-
-        if isinstance(error, InferenceServerException):
-            raise _translate(error, target, url, timeout)
-        raise ServerUnreachableError(str(error))
-    text, generated, prompt_tokens, finish_reason = _output_fields(result)
-    return StreamPiece(text=text, generated_tokens=generated, prompt_tokens=prompt_tokens,
-                       finish_reason=finish_reason, entities=_entities(result))
-
-
-def is_restricted(exc: BaseException) -> bool:
-    """True for Triton's answer to an API the launcher keeps behind its admin key (the repository index)."""
-    return "is restricted" in str(exc)
-
-
-def statistics_models(stats: Any) -> list[tuple[str, str]]:
-    """``(name, version)`` of every loaded model from Triton's statistics (a gRPC message or HTTP JSON): the
-    model list that needs no admin key."""
-    if isinstance(stats, Mapping):
-        return [(m["name"], m["version"]) for m in stats.get("model_stats", [])]
-    return [(m.name, m.version) for m in stats.model_stats]
-
-
-def stream_target(model_name: str) -> str:
-    return model_name if model_name.endswith("_stream") else f"{model_name}_stream"
+    return [] if output.entities is None else parse_entities(output.entities)
 
 
 def batch_item(item: BatchItem, model_name: str, common: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -279,13 +222,13 @@ class TritonVLMClient(ServerEndpoint):
                      ignore_eos: bool = False) -> InferenceResult:
         """Like :meth:`infer`, with token counts, finish reason, latency and the model's optional outputs
         (``entities``). ``ignore_eos`` generates exactly ``max_tokens`` tokens (benchmarks)."""
-        module = self._module()
-        inputs = request_inputs(module, image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, task=task, ignore_eos=True if ignore_eos else None)
+        inputs = request_inputs(self.protocol, request_fields(
+            image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, task=task,
+            ignore_eos=ignore_eos))
         started = time.perf_counter()
         # No output list: the model returns all it declares, optional ones such as kosmos2's entities included.
         result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
-        return parse_result(result, time.perf_counter() - started)
+        return inference_result(parse_output(result), time.perf_counter() - started)
 
     def infer_many(self, model_name: str, items: Iterable[BatchItem], *, concurrency: int = 4,
                    progress: bool | None = True, return_exceptions: bool = False,
@@ -339,15 +282,13 @@ class TritonVLMClient(ServerEndpoint):
 
         With a retry policy, a stream that fails before its first piece because the server is not up yet is
         started again."""
-        import tritonclient.grpc as grpc_module
-
-        inputs = request_inputs(grpc_module, image, prompt, max_tokens=max_tokens, temperature=temperature,
-                                top_p=top_p, seed=seed, ignore_eos=ignore_eos, stream=True, task=task)
-        target = stream_target(model_name)
+        call = StreamCall(stream_model(model_name), request_inputs("grpc", request_fields(
+            image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            ignore_eos=ignore_eos, task=task, stream=True)))
         started = time.monotonic()
         delays = self.retry.delays()
         while True:
-            pieces = self._stream_once(grpc_module, target, inputs)
+            pieces = self._stream_once(call)
             try:
                 first = next(pieces)
             except StopIteration:
@@ -359,30 +300,13 @@ class TritonVLMClient(ServerEndpoint):
             yield from pieces
             return
 
-    def _stream_once(self, grpc_module: Any, target: str, inputs: list[Any]) -> Iterator[StreamPiece]:
-        pieces: queue.Queue[tuple[Any, Any]] = queue.Queue()
-        client = self._stream_client(grpc_module)
-        finished = False
+    def _stream_once(self, call: StreamCall) -> Iterator[StreamPiece]:
+        outputs = outputs_sync(self._stream_client(), call, url=self.grpc_url, timeout=self.timeout)
         try:
-            client.start_stream(callback=lambda result, error: pieces.put((result, error)),
-                                stream_timeout=self.timeout)
-            client.async_stream_infer(target, inputs)
-            while True:
-                try:
-                    result, error = pieces.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise RequestTimeoutError(f"no response from {target} in {self.timeout:g}s") from None
-                finished = error is not None  # an error response ends the request too: nothing left to cancel
-                piece = parse_piece(result, error, target, self.grpc_url, self.timeout)
-                finished = bool(piece.finish_reason)
-                yield piece
-                if finished:
-                    return
+            for output in outputs:
+                yield stream_piece(output)
         finally:
-            # Cancel only a request that is still running (the caller left early, or an error): cancelling one
-            # that just ended races with its final response, and Triton 2.51 then never releases the request
-            # (the <model>_stream model can no longer be unloaded).
-            client.stop_stream(cancel_requests=not finished)
+            outputs.close()  # now, where the caller left early: that cancels the request
 
     # -- server state -------------------------------------------------------------------------------------
     def is_ready(self, model_name: str | None = None) -> bool:
@@ -453,32 +377,20 @@ class TritonVLMClient(ServerEndpoint):
         self.close()
 
     # -- internals ----------------------------------------------------------------------------------------
-    def _module(self) -> Any:
-        if self.protocol == "grpc":
-            import tritonclient.grpc as module
-        else:
-            import tritonclient.http as module
-        return module
-
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
-            module = self._module()
-            if self.protocol == "grpc":
-                client = module.InferenceServerClient(self.url)
-            else:
-                client = module.InferenceServerClient(self.url, connection_timeout=self.timeout,
-                                                      network_timeout=self.timeout)
+            client = make_client(self.protocol, self.url, timeout=self.timeout)
             self._local.client = client
             with self._clients_lock:
                 self._clients.append(client)
         return client
 
-    def _stream_client(self, grpc_module: Any) -> Any:
+    def _stream_client(self) -> Any:
         """This thread's gRPC client for streams (a channel is costly to set up; a stream is not)."""
         client = getattr(self._local, "stream_client", None)
         if client is None:
-            client = grpc_module.InferenceServerClient(self.grpc_url)
+            client = make_client("grpc", self.grpc_url)
             self._local.stream_client = client
             with self._clients_lock:
                 self._clients.append(client)
@@ -492,58 +404,10 @@ class TritonVLMClient(ServerEndpoint):
         return self.retry.call(lambda: self._call_once(fn, model_name))
 
     def _call_once(self, fn: Any, model_name: str | None) -> Any:
-        from tritonclient.utils import InferenceServerException
-
         try:
             return fn(self._client())
-        except InferenceServerException as exc:
-            raise _translate(exc, model_name, self.url, self.timeout) from None
-        except TimeoutError:
-            raise RequestTimeoutError(f"no answer from {self.url} within {self.timeout:g}s") from None
-        except (ConnectionError, OSError) as exc:
-            raise ServerUnreachableError(f"cannot reach triton-vlm server at {self.url}: {exc}") from None
-        except HTTPException as exc:  # geventhttpclient's: the server hung up mid-answer
-            raise connection_lost(self.url, exc) from None
-
-
-def connection_lost(url: str, cause: object) -> ConnectionLostError:
-    """The error for a server that closed the connection before its answer (it crashed or restarted)."""
-    return ConnectionLostError(f"triton-vlm server at {url} closed the connection before answering (did it "
-                               f"restart?); retrying is safe: {cause or 'connection closed'}")
-
-
-def _translate(exc: Any, model_name: str | None, url: str, timeout: float | None = None) -> TritonVLMError:
-    from triton_vlm.error_tags import split_error_tag
-
-    message = exc.message() or str(exc)
-    status = str(exc.status() or "")
-    if status == "StatusCode.DEADLINE_EXCEEDED" or message.lower() == "deadline exceeded":
-        within = f" within {timeout:g}s" if timeout is not None else ""
-        return RequestTimeoutError(f"no answer from {url}{within} ({message})")
-    code, untagged = split_error_tag(message)
-    if message != untagged:  # a tagged stream error: the tag is the status
-        message = untagged
-        status = {"INVALID_ARG": "400", "UNAVAILABLE": "503", "NOT_FOUND": "404"}.get(code, "500")
-    lowered = message.lower()
-    if "has no available versions" in lowered or ("stub process" in lowered and "not healthy" in lowered):
-        # The model exists but cannot serve this moment: its Python stub died, or it is being reloaded.
-        return ModelUnavailableError(f"model {model_name!r} is not available right now (restarting?); "
-                                     f"retry shortly: {message}")
-    if "exceeds maximum queue size" in lowered or "request timeout expired" in lowered:
-        return ModelUnavailableError(f"model {model_name!r} is overloaded (its queue is full or the request "
-                                     f"waited past its timeout); retry with backoff: {message}")
-    if "unknown model" in lowered or ("not found" in lowered and model_name and model_name in message):
-        return UnknownModelError(f"model {model_name!r} is not served at {url}: {message}")
-    if status in ("400", "StatusCode.INVALID_ARGUMENT"):
-        return InvalidInputError(message)
-    if status in ("503", "StatusCode.UNAVAILABLE"):
-        if any(sign in lowered for sign in ("socket closed", "connection reset", "broken pipe")):
-            return connection_lost(url, message)
-        if "failed to connect" in lowered or "connection refused" in lowered or "unavailable" == lowered:
-            return ServerUnreachableError(f"cannot reach triton-vlm server at {url}: {message}")
-        return ModelUnavailableError(message)
-    if status in ("", "None") and ("connect" in lowered or "refused" in lowered):
-        return ServerUnreachableError(f"cannot reach triton-vlm server at {url}: {message}")
-    if status in ("404", "StatusCode.NOT_FOUND"):
-        return UnknownModelError(message)
-    return GenerationError(message)
+        except Exception as exc:
+            error = translate(exc, model=model_name, url=self.url, timeout=self.timeout)
+            if error is None:
+                raise
+            raise error from None

@@ -203,7 +203,7 @@ def settings_from_triton_args(args: Mapping[str, str], family: str | None = None
 
 def read_config_file(path: Path) -> tuple[str, dict[str, str]]:
     """``(name, string parameters)`` of a ``config.pbtxt``; the name falls back to its directory's."""
-    from triton_vlm.model_config import load_model_config
+    from triton_vlm._protocol.model_config import load_model_config
 
     config = load_model_config(path)
     return config.name or path.parent.name, string_parameters(config.parameters)

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from triton_vlm._protocol.model_config import dump_model_config, load_model_config
 from triton_vlm.config import read_batching
 from triton_vlm.launcher.distribution import LauncherError
-from triton_vlm.model_config import dump_model_config, load_model_config
 
 
 def _number(value: str | int | None, name: str) -> int | None:

@@ -7,10 +7,10 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from triton_vlm._protocol.model_config import ModelConfig, dump_model_config, force_instance_kind, load_model_config
 from triton_vlm.config import ModelSettings, read_settings, string_parameters
 from triton_vlm.config.contract import complete_config, with_stream_input
 from triton_vlm.launcher.distribution import LauncherError
-from triton_vlm.model_config import ModelConfig, dump_model_config, force_instance_kind, load_model_config
 
 
 def default_model_repository() -> Path:

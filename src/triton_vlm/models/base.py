@@ -102,14 +102,15 @@ class ModelFamily(ABC):
     def validate_prompt(self, prompt: str) -> None:
         for token in self.reserved_prompt_tokens:
             if token in prompt:
-                raise InvalidInputError(f"prompt: may not contain the reserved token {token!r}")
+                raise InvalidInputError(f"prompt: may not contain the reserved token {token!r}", param="prompt")
 
     def normalize_task(self, task: str | None) -> str | None:
         """The canonical name of a request's ``task`` (None: the default behaviour); raises
         :class:`InvalidInputError` for a task this family does not have."""
         if task is None or not task.strip():
             return None
-        raise InvalidInputError(f"task: model family {self.name!r} takes no task (got {task!r}); leave it out")
+        raise InvalidInputError(f"task: model family {self.name!r} takes no task (got {task!r}); leave it out",
+                                param="task")
 
     def prompt_required(self, task: str | None) -> bool:
         """Whether a request with this (normalized) task needs a non-empty prompt."""

@@ -68,7 +68,7 @@ def check_context(family: ModelFamily, model: Any, prompt_tokens: list[int], par
             advice = (f"ask for at most max_tokens={room}" if room > 0 else "shorten the prompt")
             raise InvalidInputError(
                 f"prompt: {int(used)} tokens (image included) + max_tokens {p.max_tokens} exceed the model's "
-                f"context of {limit} tokens; {advice}")
+                f"context of {limit} tokens; {advice}", param="prompt")
 
 
 @torch.inference_mode()

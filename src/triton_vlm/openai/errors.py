@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, ServerUnreachableError,
+from triton_vlm.errors import (InvalidInputError, ModelUnavailableError, RequestTimeoutError, ServerUnreachableError,
                                TritonVLMError, UnknownModelError)
 
 #: The ``type`` OpenAI uses for each status.
@@ -40,8 +40,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class TritonTimeoutError(GenerationError):
-    """Triton did not answer within the front's request timeout."""
+#: The OpenAI field for each request field the backend names (``exc.param``); the others keep their names.
+OPENAI_PARAMS = {"image": "messages", "prompt": "messages"}
 
 
 def from_triton(exc: TritonVLMError, model: str, *, max_tokens_param: str = "max_completion_tokens") -> APIError:
@@ -52,8 +52,8 @@ def from_triton(exc: TritonVLMError, model: str, *, max_tokens_param: str = "max
         return APIError(404, f"The model '{model}' does not exist: {message}", param="model",
                         code="model_not_found")
     if isinstance(exc, InvalidInputError):
-        return APIError(400, message, param=_param_for(message, max_tokens_param), code="invalid_value")
-    if isinstance(exc, TritonTimeoutError):
+        return APIError(400, message, param=openai_param(exc.param, max_tokens_param), code="invalid_value")
+    if isinstance(exc, RequestTimeoutError):
         return APIError(504, message, code="timeout")
     if isinstance(exc, ServerUnreachableError):
         return APIError(503, f"Triton is not reachable: {message}", code="triton_unreachable")
@@ -62,14 +62,9 @@ def from_triton(exc: TritonVLMError, model: str, *, max_tokens_param: str = "max
     return APIError(500, message, code="generation_error")
 
 
-def _param_for(message: str, max_tokens_param: str) -> str | None:
-    """The request field a backend message is about (it names it first: ``image: ...``, ``max_tokens must``)."""
-    lowered = message.lower()
-    if lowered.startswith("image"):
-        return "messages"
-    if lowered.startswith("prompt"):
-        return "messages"
-    for name in ("max_tokens", "temperature", "top_p", "seed", "task"):
-        if lowered.startswith(name) or f" {name} " in f" {lowered} ":
-            return max_tokens_param if name == "max_tokens" else name
-    return None
+def openai_param(param: str | None, max_tokens_param: str) -> str | None:
+    """The request field of the chat completion that holds the backend's ``param`` (image and prompt: the
+    messages; ``max_tokens``: whichever of ``max_tokens`` / ``max_completion_tokens`` the request used)."""
+    if param == "max_tokens":
+        return max_tokens_param
+    return OPENAI_PARAMS.get(param, param) if param else None

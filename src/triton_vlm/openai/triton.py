@@ -1,30 +1,26 @@
 """The way to Triton: asyncio gRPC (``tritonclient.grpc.aio``), one channel shared by every request.
 
-Whole answers come from ``<model>``; token streams from ``<model>_stream`` (gRPC bidirectional streaming to a
-decoupled model). Errors come back as the project's exception tree (:mod:`triton_vlm.errors`), read the same
-way :class:`~triton_vlm.client.TritonVLMClient` reads them.
+Every answer of a model with a ``<model>_stream`` companion (the engine) comes from that companion over a gRPC
+stream, whole answers too (one Triton pass, not the public forwarder and then the engine); models without one
+(CPU hosts with ``--engine off``, ``add-model`` models) answer plain infer calls. The protocol (tensors, the
+stream loop, errors as the project's exception tree) is :mod:`triton_vlm._protocol`'s, as the client's is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from triton_vlm.errors import GenerationError, ServerUnreachableError, TritonVLMError
-from triton_vlm.openai.errors import TritonTimeoutError
-
-STREAM_SUFFIX = "_stream"
-OUTPUTS = ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")
-#: Optional output of grounding models (kosmos2): JSON list of phrases with their boxes. Asked for only where the
-#: model's metadata lists it (Triton refuses a request for an output the model does not have).
-ENTITIES = "entities"
-#: Optional input of models with several skills (moondream2).
-TASK = "task"
+from triton_vlm._protocol.connect import make_client
+from triton_vlm._protocol.errors import is_restricted, translate
+from triton_vlm._protocol.results import (ENTITIES, OUTPUTS, STREAM_SUFFIX, TASK, Output, parse_output,
+                                          statistics_models)
+from triton_vlm._protocol.stream import StreamCall, outputs_async
+from triton_vlm._protocol.tensors import RequestFields, request_inputs, requested_outputs
+from triton_vlm.errors import GenerationError, TritonVLMError
 
 
 @dataclass(frozen=True)
@@ -73,9 +69,7 @@ class TritonGateway:
 
     def _grpc(self) -> Any:
         if self._client is None:
-            import tritonclient.grpc.aio as aio
-
-            self._client = aio.InferenceServerClient(self.url)
+            self._client = make_client("grpc.aio", self.url)
         return self._client
 
     async def close(self) -> None:
@@ -114,8 +108,6 @@ class TritonGateway:
     async def _served_names(self) -> tuple[set[str], set[str]]:
         """All model names and the READY ones: from the repository index, or where the launcher keeps it behind
         its admin key, from the statistics API and each model's readiness."""
-        from triton_vlm.client.client import is_restricted, statistics_models
-
         grpc = self._grpc()
         try:
             index = await grpc.get_model_repository_index(client_timeout=10)
@@ -145,122 +137,78 @@ class TritonGateway:
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
                     entities: bool = False) -> Piece:
-        """The whole answer; ``entities``: also ask for the ``entities`` output (only models that have it)."""
-        import tritonclient.grpc as grpc_module
+        """The whole answer; ``entities``: also ask for the ``entities`` output (only models that have it).
 
-        inputs = _inputs(grpc_module, image, prompt, sampling)
-        outputs = [grpc_module.InferRequestedOutput(name) for name in (*OUTPUTS, *([ENTITIES] if entities else []))]
+        From ``<model>_stream`` where the index says the model has one (a stream with one response), else from
+        ``model`` itself."""
+        served = (self._index or {}).get(model)
+        if served is not None and served.streams:
+            call = self._call(f"{model}{STREAM_SUFFIX}", image, prompt, sampling, stream=False, entities=entities)
+            outputs = [output async for output in self._stream(call)]  # one; a request without is an error
+            return _piece(outputs[-1], entities=entities)
+        call = self._call(model, image, prompt, sampling, stream=None, entities=entities)
         try:
-            result = await self._grpc().infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            result = await self._grpc().infer(call.model, call.inputs, outputs=call.outputs,
+                                              client_timeout=self.timeout_s)
         except Exception as exc:
             raise self._error(exc, model) from None
-        return _piece(result, entities=entities)
+        return _piece(parse_output(result), entities=entities)
 
     async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
                      entities: bool = False) -> AsyncIterator[Piece]:
         """Pieces of the answer as ``<model>_stream`` generates them; the last has a finish reason (and, with
         ``entities``, the model's ``entities`` output). Closing the iterator early cancels the request in
         Triton."""
-        import tritonclient.grpc as grpc_module
-
-        target = f"{model}{STREAM_SUFFIX}"
-        inputs = _inputs(grpc_module, image, prompt, sampling)
-        inputs.append(_tensor(grpc_module, "stream", np.array([[True]], dtype=np.bool_), "BOOL"))
-        outputs = [grpc_module.InferRequestedOutput(name) for name in (*OUTPUTS, *([ENTITIES] if entities else []))]
-        finished = asyncio.Event()
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": target, "inputs": inputs, "outputs": outputs}
-            await finished.wait()  # keep our side open until the last response is in
-
-        responses = self._grpc().stream_infer(requests(), stream_timeout=self.timeout_s)
-        ended = False
+        call = self._call(f"{model}{STREAM_SUFFIX}", image, prompt, sampling, stream=True, entities=entities)
+        outputs = self._stream(call)
         try:
-            while True:
-                try:
-                    result, error = await responses.__anext__()
-                except StopAsyncIteration:
-                    raise GenerationError(f"{target} ended its stream without a final response") from None
-                except Exception as exc:
-                    raise self._error(exc, target) from None
-                if error is not None:
-                    ended = True  # an error response ends the request too
-                    raise self._error(error, target)
-                piece = _piece(result)
-                ended = bool(piece.finish_reason)
-                if ended and entities:  # only the final response carries them
-                    piece = replace(piece, entities=_entities(result))
-                yield piece
-                if ended:
-                    return
+            async for output in outputs:
+                # Only the final response carries the entities.
+                yield _piece(output, entities=entities and bool(output.finish_reason))
         finally:
-            finished.set()
-            # Cancel only a request still running (the client left early): cancelling one that just ended races
-            # with its final response, and Triton 2.51 then never releases it.
-            if not ended:
-                responses.cancel()
+            await outputs.aclose()  # now, where the caller left early: that cancels the request
+
+    def _call(self, model: str, image: bytes, prompt: str, sampling: Sampling, *, stream: bool | None,
+              entities: bool) -> StreamCall:
+        fields = RequestFields(image=image, prompt=prompt, max_tokens=sampling.max_tokens,
+                               temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                               task=sampling.task, stream=stream)
+        # Asked for by name: ``entities`` only where the model's metadata lists it (Triton refuses a request for
+        # an output the model does not have).
+        outputs = requested_outputs("grpc.aio", (*OUTPUTS, *([ENTITIES] if entities else [])))
+        return StreamCall(model, request_inputs("grpc.aio", fields), outputs)
+
+    async def _stream(self, call: StreamCall) -> AsyncGenerator[Output, None]:
+        outputs = outputs_async(self._grpc(), call, url=self.url, timeout=self.timeout_s)
+        try:
+            async for output in outputs:
+                yield output
+        except Exception as exc:
+            raise self._error(exc, call.model) from None
+        finally:
+            await outputs.aclose()
 
     # -- errors -------------------------------------------------------------------------------------------
     def _error(self, exc: BaseException, model: str | None) -> TritonVLMError:
-        import grpc
-        from tritonclient.grpc._utils import get_error_grpc
-        from tritonclient.utils import InferenceServerException
-
-        from triton_vlm.client.client import _translate
-
-        if isinstance(exc, TritonVLMError):
-            return exc
-        if isinstance(exc, grpc.aio.AioRpcError):
-            exc = get_error_grpc(exc)
-        if isinstance(exc, InferenceServerException):
-            status = str(exc.status() or "")
-            if "DEADLINE_EXCEEDED" in status:
-                return TritonTimeoutError(f"no answer from Triton within {self.timeout_s:g} s")
-            if "UNAVAILABLE" in status and "connect" in (exc.message() or "").lower():
-                return ServerUnreachableError(f"cannot reach Triton at {self.url}: {exc.message()}")
-            return _translate(exc, model, self.url)
-        return GenerationError(f"{type(exc).__name__}: {exc}")
+        """Any failure on the way to Triton as the project's error (a bug too: the answer is then a 500)."""
+        error = translate(exc, model=model, url=self.url, timeout=self.timeout_s)
+        return error if error is not None else GenerationError(f"{type(exc).__name__}: {exc}", model=model)
 
 
-def _tensor(module: Any, name: str, array: np.ndarray, triton_type: str) -> Any:
-    tensor = module.InferInput(name, list(array.shape), triton_type)
-    tensor.set_data_from_numpy(array)
-    return tensor
+def _piece(output: Output, *, entities: bool = False) -> Piece:
+    return Piece(text=output.text, prompt_tokens=output.prompt_tokens, completion_tokens=output.generated_tokens,
+                 finish_reason=output.finish_reason, entities=_entities(output) if entities else None)
 
 
-def _inputs(module: Any, image: bytes, prompt: str, sampling: Sampling) -> list[Any]:
-    inputs = [_tensor(module, "image", np.frombuffer(image, dtype=np.uint8)[None, :], "UINT8"),
-              _tensor(module, "prompt", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES")]
-    for name, value, dtype, triton_type in (("max_tokens", sampling.max_tokens, np.int32, "INT32"),
-                                            ("temperature", sampling.temperature, np.float32, "FP32"),
-                                            ("top_p", sampling.top_p, np.float32, "FP32"),
-                                            ("seed", sampling.seed, np.int64, "INT64")):
-        if value is not None:
-            inputs.append(_tensor(module, name, np.array([[value]], dtype=dtype), triton_type))
-    if sampling.task is not None:
-        inputs.append(_tensor(module, "task", np.array([[sampling.task.encode("utf-8")]], dtype=np.object_),
-                              "BYTES"))
-    return inputs
-
-
-def _piece(result: Any, *, entities: bool = False) -> Piece:
-    return Piece(text=result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8"),
-                 prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                 completion_tokens=int(result.as_numpy("generated_tokens").reshape(-1)[0]),
-                 finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode("utf-8"),
-                 entities=_entities(result) if entities else None)
-
-
-def _entities(result: Any) -> list[dict[str, Any]]:
+def _entities(output: Output) -> list[dict[str, Any]]:
     """The ``entities`` output as checked plain dicts (the shape :func:`~triton_vlm.client.entities.parse_entities`
     reads); a missing or malformed one is a server-side fault, not the caller's."""
     from triton_vlm.client.entities import parse_entities
 
-    raw = result.as_numpy(ENTITIES)
-    if raw is None:
+    if output.entities is None:
         raise GenerationError("the model did not return its entities output")
     try:
-        parsed = parse_entities(raw.reshape(-1)[0])
+        parsed = parse_entities(output.entities)
     except TritonVLMError as exc:
         raise GenerationError(f"the model's entities output is malformed: {exc}") from None
     return [entity_dict(e) for e in parsed]

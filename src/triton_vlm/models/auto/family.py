@@ -64,7 +64,7 @@ class AutoFamily(ModelFamily):
     def render_prompt(self, processor: Any, prompt: str) -> str:
         for token in reserved_tokens(processor):
             if token in prompt:
-                raise InvalidInputError(f"prompt: may not contain the reserved token {token!r}")
+                raise InvalidInputError(f"prompt: may not contain the reserved token {token!r}", param="prompt")
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
 

@@ -96,7 +96,8 @@ class Moondream2Family(ModelFamily):
             used = model.prefix_length + len(processor.prompt_tokens(task, prompt))
             if not task.is_region and used + p.max_tokens > limit:
                 raise InvalidInputError(f"max_tokens: {p.max_tokens} new tokens after {used} prompt tokens exceed "
-                                        f"the context of {limit} tokens; ask for at most {limit - used}")
+                                        f"the context of {limit} tokens; ask for at most {limit - used}",
+                                        param="max_tokens")
         results: list[GenerationOutput | None] = [None] * len(prompts)
         text_rows = [i for i, t in enumerate(parsed) if not t.is_region]
         if text_rows:

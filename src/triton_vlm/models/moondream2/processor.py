@@ -30,10 +30,11 @@ class Moondream2Processor:
         """Token ids that follow BOS and the image: the reference's template for ``task`` around ``prompt``."""
         template = self.tokens.templates.get(task.kind)
         if template is None:
-            raise InvalidInputError(f"task: this moondream2 checkpoint has no {task.kind!r} template")
+            raise InvalidInputError(f"task: this moondream2 checkpoint has no {task.kind!r} template", param="task")
         if task.kind == "caption":
             if task.length not in template:
-                raise InvalidInputError(f"task: this moondream2 checkpoint has no {task.length!r} caption")
+                raise InvalidInputError(f"task: this moondream2 checkpoint has no {task.length!r} caption",
+                                        param="task")
             return list(template[task.length])
         # The reference puts a space before object names; before questions only in the legacy generation.
         text = (self.generation.question_prefix if task.kind == "query" else " ") + prompt
@@ -53,7 +54,7 @@ class Moondream2Processor:
         for tokens in prompts:
             if prefix + len(tokens) >= limit:
                 raise InvalidInputError(f"prompt: {len(tokens)} tokens after the {prefix} image tokens exceed the "
-                                        f"context of {limit} tokens")
+                                        f"context of {limit} tokens", param="prompt")
         length = prefix + max(len(t) for t in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)

@@ -48,4 +48,4 @@ def parse_task(value: str | None) -> Task:
     if kind in KINDS and kind != "caption" and not option:
         return Task(kind)
     accepted = ", ".join(["query", "caption", *(f"caption:{n}" for n in CAPTION_LENGTHS), "detect", "point"])
-    raise InvalidInputError(f"task: unknown moondream2 task {value!r}; use one of: {accepted}")
+    raise InvalidInputError(f"task: unknown moondream2 task {value!r}; use one of: {accepted}", param="task")

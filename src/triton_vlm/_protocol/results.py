@@ -1,0 +1,61 @@
+"""A response's outputs as a typed :class:`Output`, and the other answers read from Triton."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: The outputs every served model declares.
+OUTPUTS = ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")
+#: Optional output of grounding models (kosmos2): a JSON list of phrases with their boxes.
+ENTITIES = "entities"
+#: Optional input of models with several skills (moondream2).
+TASK = "task"
+#: The decoupled companion that streams a public model's answers: ``<model>_stream``.
+STREAM_SUFFIX = "_stream"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One response: a whole answer, or one piece of a stream (then ``text`` is the new text and the counts are
+    totals so far)."""
+
+    text: str
+    generated_tokens: int
+    prompt_tokens: int
+    finish_reason: str  #: "" until the last piece of a stream
+    #: The ``entities`` output (JSON) where the response has one (kosmos2's; a stream's last piece), else None.
+    entities: str | None = None
+
+
+def stream_model(model: str) -> str:
+    """The streaming companion of ``model`` (a name that already is one stays as it is)."""
+    return model if model.endswith(STREAM_SUFFIX) else f"{model}{STREAM_SUFFIX}"
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)  # str: a JSON (non-binary) answer
+
+
+def _first(result: Any, name: str) -> Any:
+    array = result.as_numpy(name)
+    return None if array is None else array.reshape(-1)[0]
+
+
+def parse_output(result: Any) -> Output:
+    """An :class:`Output` from a tritonclient ``InferResult`` (HTTP or gRPC)."""
+    entities = _first(result, ENTITIES)
+    return Output(text=_text(_first(result, "generated_text")),
+                  generated_tokens=int(_first(result, "generated_tokens")),
+                  prompt_tokens=int(_first(result, "prompt_tokens")),
+                  finish_reason=_text(_first(result, "finish_reason")),
+                  entities=None if entities is None else _text(entities))
+
+
+def statistics_models(stats: Any) -> list[tuple[str, str]]:
+    """``(name, version)`` of every loaded model from Triton's statistics (a gRPC message or HTTP JSON): the
+    model list that needs no admin key."""
+    if isinstance(stats, Mapping):
+        return [(m["name"], m["version"]) for m in stats.get("model_stats", [])]
+    return [(m.name, m.version) for m in stats.model_stats]

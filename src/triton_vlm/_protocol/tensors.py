@@ -1,0 +1,74 @@
+"""Request input tensors from typed request fields, for any of tritonclient's four client modules."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+#: Which tritonclient module the tensors are for: ``tritonclient.<api>``.
+Api = Literal["http", "grpc", "http.aio", "grpc.aio"]
+
+#: The optional scalar inputs, each with the numpy type it is sent as (Triton's type follows from it).
+OPTIONAL_INPUTS: tuple[tuple[str, type[np.generic]], ...] = (
+    ("max_tokens", np.int32), ("temperature", np.float32), ("top_p", np.float32), ("seed", np.int64),
+    ("ignore_eos", np.bool_), ("task", np.object_), ("stream", np.bool_))
+
+
+@dataclass(frozen=True)
+class RequestFields:
+    """One request's inputs; an optional field left at None is not sent (the model's default applies)."""
+
+    image: bytes  #: encoded file bytes (PNG, JPEG...)
+    prompt: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    ignore_eos: bool | None = None
+    task: str | None = None
+    #: True: token by token (``<model>_stream`` only); False: the whole answer in one response.
+    stream: bool | None = None
+
+    def arrays(self) -> list[tuple[str, np.ndarray]]:
+        """``(name, array)`` of every input to send, each ``[1, n]`` (a batch of one)."""
+        arrays = [("image", np.frombuffer(self.image, dtype=np.uint8)[None, :]),
+                  ("prompt", np.array([[self.prompt.encode("utf-8")]], dtype=np.object_))]
+        for name, dtype in OPTIONAL_INPUTS:
+            value = getattr(self, name)
+            if value is not None:
+                value = value.encode("utf-8") if isinstance(value, str) else value
+                arrays.append((name, np.array([[value]], dtype=dtype)))
+        return arrays
+
+
+def client_module(api: Api) -> Any:
+    """``tritonclient.<api>`` (imported on first use: the HTTP and asyncio modules pull in their own stacks)."""
+    return importlib.import_module(f"tritonclient.{api}")
+
+
+def input_tensor(api: Api, name: str, array: np.ndarray) -> Any:
+    """One ``InferInput`` holding ``array``; its Triton type follows from the array's (object: BYTES)."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensor = client_module(api).InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    tensor.set_data_from_numpy(array)  # serialized here: the array may be freed or reused afterwards
+    return tensor
+
+
+def input_tensors(api: Api, arrays: Iterable[tuple[str, np.ndarray]]) -> list[Any]:
+    return [input_tensor(api, name, array) for name, array in arrays]
+
+
+def request_inputs(api: Api, fields: RequestFields) -> list[Any]:
+    """The input tensors of one request."""
+    return input_tensors(api, fields.arrays())
+
+
+def requested_outputs(api: Api, names: Iterable[str]) -> list[Any]:
+    """The ``InferRequestedOutput`` list asking for ``names`` (without one, a model returns all it declares)."""
+    module = client_module(api)
+    return [module.InferRequestedOutput(name) for name in names]
