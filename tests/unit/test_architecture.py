@@ -21,7 +21,6 @@ from .helpers import ROOT
 SRC = ROOT / "src"
 
 
-
 def _module_name(path: Path) -> str:
     parts = path.relative_to(SRC).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -188,3 +187,20 @@ def test_a_family_is_one_package(name: str) -> None:
     graph = import_graph()
     assert sorted((m, t) for m, targets in graph.items() if _inside(m, package) for t in targets
                   if any(_inside(t, o) for o in others)) == []
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """The top-level names of everything ``path`` imports, at any level (``if TYPE_CHECKING:`` excluded)."""
+    names = set()
+    for node in _import_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_protocol_package_imports_tritonclient() -> None:
+    importers = sorted(module for module, path in _modules().items()
+                       if "tritonclient" in _third_party_imports(path))
+    assert importers and all(_inside(m, "triton_vlm._protocol") for m in importers), importers
