@@ -6,6 +6,7 @@
 #
 #   bash bench/vllm_compare.sh stash              each call carrying one .peer/vllm_carry.tar.part-* (6 calls)
 #   bash bench/vllm_compare.sh install            carrying .device/wheels: installs vLLM, writes the checkpoint
+#                                                 (`checkpoint` instead: the checkpoint alone, for our side only)
 #   bash bench/vllm_compare.sh vllm MODES [fp8]   MODES engine, server or engine,server: vLLM's runs ->
 #                                                 $OUT/vllm-MODE[-fp8].json
 #   bash bench/vllm_compare.sh served [fp8]       carrying .device/triton-server.tar.xz: our server, triton-vlm
@@ -20,7 +21,7 @@ OUT=${OUT:-/tmp/out}
 STASH=/tmp/device                      # what earlier calls carried, kept while the machine is held
 CHECKPOINT=/tmp/llava-random
 mkdir -p "$OUT" "$STASH"
-phase=${1:?usage: vllm_compare.sh stash|install|vllm MODE [fp8]|served [fp8]}
+phase=${1:?usage: vllm_compare.sh stash|install|checkpoint|vllm MODES [fp8]|served [fp8]}
 shift
 # Keep what this call carried for the calls after it.
 [ -d .device/wheels ] && mkdir -p $STASH/wheels && cp -n .device/wheels/*.whl $STASH/wheels/
@@ -36,6 +37,9 @@ stash)
 install)
   . .peer/install_on_device.sh install
   PYTHONPATH=$PWD/src python3 -m triton_vlm.bench.checkpoints llava $CHECKPOINT
+  du -sh $CHECKPOINT ;;
+checkpoint)  # only our side (no vLLM): the checkpoint, and the wheels this call carried are kept
+  [ -f $CHECKPOINT/config.json ] || PYTHONPATH=$PWD/src python3 -m triton_vlm.bench.checkpoints llava $CHECKPOINT
   du -sh $CHECKPOINT ;;
 vllm)
   modes=${1:?engine, server or engine,server}
