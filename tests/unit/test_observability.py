@@ -168,7 +168,7 @@ def test_unsupported_queries_say_so() -> None:
     ev = Evaluator(_recording({"a": [1, 2]}))
     for query, message in (("topk(1, a)", "unsupported aggregation"), ("abs(a)", "unsupported function"),
                            ("a and a", "unsupported operator"), ("rate(a)", "cannot parse"),
-                           ("sum(", "cannot parse")):
+                           ("sum(", "cannot parse"), ("1 + 1", "expected an instant vector")):
         with pytest.raises(PromQLError, match=message):
             ev.instant(query)
 
