@@ -171,11 +171,11 @@ class LLMEngine:
                     self._finish(seq, "abort")
                 return False
             if isinstance(message, _Abort):
-                seq = self.scheduler.find(message.request_id)
-                if seq is not None:
-                    self._finish(seq, "abort")
+                aborted = self.scheduler.find(message.request_id)
+                if aborted is not None:
+                    self._finish(aborted, "abort")
                     log.info("engine: request %s aborted after %d tokens; its KV slot is free again "
-                             "(%d of %d slots free, %d waiting)", message.request_id, len(seq.output_ids),
+                             "(%d of %d slots free, %d waiting)", message.request_id, len(aborted.output_ids),
                              self.cache.free_slots, self.cache.num_slots, len(self.scheduler.waiting))
             else:
                 seq = Sequence(message, max_generated=min(message.params.max_tokens,
