@@ -23,13 +23,13 @@ class CountingBuild:
         self.fail = fail
         self.lock = threading.Lock()
 
-    def __call__(self, path: Path) -> None:
+    def __call__(self, path: Path, variant: str | None = None) -> None:
         with self.lock:
             self.calls += 1
         if self.fail:
             (path / "partial.bin").write_bytes(b"half")
             raise RuntimeError("build interrupted")
-        self.original(path)
+        self.original(path, variant)
 
 
 def test_tiny_root_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

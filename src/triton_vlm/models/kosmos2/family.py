@@ -31,7 +31,7 @@ class Kosmos2Family(ModelFamily):
     incremental_text = False  # post_process_generation rewrites the whole text
     engine_adapter_class = ("triton_vlm.models.kosmos2.engine_adapter", "Kosmos2EngineAdapter")
 
-    def model_class(self) -> type:
+    def model_class(self) -> type[Any]:
         from transformers import Kosmos2ForConditionalGeneration
 
         return Kosmos2ForConditionalGeneration
@@ -67,7 +67,7 @@ class Kosmos2Family(ModelFamily):
         text, entities = grounded_entities(processor, raw, image.size, prompt)
         return text.strip(), {"entities": json.dumps(entities)}
 
-    def build_tiny(self, path: Path) -> None:
+    def build_tiny(self, path: Path, variant: str | None = None) -> None:
         write_random_checkpoint(path)
 
 

@@ -41,7 +41,7 @@ class Moondream2Family(ModelFamily):
     # The query task (the default) runs on the engine; captions and region tasks on the batched loop.
     engine_adapter_class = ("triton_vlm.models.moondream2.engine_adapter", "Moondream2EngineAdapter")
 
-    def model_class(self) -> type:
+    def model_class(self) -> type[Any]:
         return Moondream2Model
 
     # -- loading -----------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class Moondream2Family(ModelFamily):
         log.info("moondream2 %s: %s tokenizer generation", source, generation.name)
         return model.eval(), Moondream2Processor(tokenizer, config, generation)
 
-    def build_tiny(self, path: Path) -> None:
+    def build_tiny(self, path: Path, variant: str | None = None) -> None:
         write_random_checkpoint(path)
 
     # -- requests ----------------------------------------------------------------------------------------

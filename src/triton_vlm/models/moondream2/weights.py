@@ -133,7 +133,8 @@ def load_official_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch
     if not report.ok:
         raise ModelLoadError(f"model {model_id!r}: the checkpoint does not match the moondream2 2025 layout "
                              f"({report.describe()})")
-    ours = {to_ours(k): v for k, v in tensors.items()}
+    # Every key has our name here (check_keys reported any that has none).
+    ours = {name: v for k, v in tensors.items() if (name := to_ours(k)) is not None}
     model.load_state_dict(ours, strict=True, assign=True)
 
 
