@@ -35,9 +35,11 @@ def direct_runtime(model: str, *, tiny: bool = False, repository: Path | None = 
 
 
 def direct_infer(runtime: VLMRuntime, image: ImageLike, prompt: str, *, task: str | None = None,
-                 **sampling: object) -> GenerationOutput:
+                 max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                 seed: int | None = None, ignore_eos: bool = False) -> GenerationOutput:
     """One request through ``runtime``; raises the request's :class:`TritonVLMError` if it fails."""
-    request = runtime.make_request(encode_image(image), prompt, task=task, **sampling)  # type: ignore[arg-type]
+    request = runtime.make_request(encode_image(image), prompt, task=task, max_tokens=max_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
     (result,) = runtime.generate([request])
     if isinstance(result, TritonVLMError):
         raise result

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
+# Re-exported (the ``as`` form): config/contract.py builds configs with the schema's message classes.
+from tritonclient.grpc import model_config_pb2 as model_config_pb2
 
 ModelConfig = model_config_pb2.ModelConfig
 

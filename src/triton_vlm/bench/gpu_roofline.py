@@ -171,7 +171,7 @@ def table(result: dict[str, Any]) -> str:
     """The run beside its floor, phase by phase, as printed (``result`` after :func:`add_floors`)."""
     measured = result["floors"]["measured_peaks"]
     engine = result["engine_device_s"]
-    phases = [("vision", ("build_prompt_embeds",)), ("prefill", ("prefill",)), ("decode", ("decode",))]
+    phases: list[tuple[str, tuple[str, ...]]] = [("vision", ("build_prompt_embeds",)), ("prefill", ("prefill",)), ("decode", ("decode",))]
     if engine.get("prefill_and_decode"):  # steps that prefill and decode in one forward: the two together
         phases[1:] = [("prefill+decode", ("prefill", "decode", "prefill_and_decode"))]
     lines = [f"llava-1.5-7b, {result['clients']} clients, {result['requests']} requests x {result['output_tokens']} "

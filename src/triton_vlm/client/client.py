@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from triton_vlm._protocol.connect import make_client
@@ -32,7 +33,7 @@ from triton_vlm.client.entities import Entity, parse_entities
 from triton_vlm.client.retry import RetryPolicy
 from triton_vlm.errors import InvalidInputError, ServerUnreachableError, TritonVLMError
 
-ImageLike = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+ImageLike = Union[str, Path, bytes, bytearray, Image.Image, npt.NDArray[Any]]
 Protocol = Literal["http", "grpc"]
 #: One item of :meth:`TritonVLMClient.infer_many`: ``(image, prompt)`` or a dict of :meth:`infer_result`'s
 #: keyword arguments (``image`` and ``prompt`` required; ``model_name`` overrides the call's model).

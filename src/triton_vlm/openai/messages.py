@@ -30,13 +30,13 @@ class Conversation:
     image_param: str
 
 
-def _texts(content: object) -> list[str]:
+def _texts(content: str | Sequence[object] | None) -> list[str]:
     if content is None:
         return []
     if isinstance(content, str):
         return [content]
     texts = []
-    for part in content:  # type: ignore[attr-defined]
+    for part in content:
         if isinstance(part, TextPart):
             texts.append(part.text)
         elif isinstance(part, RefusalPart):

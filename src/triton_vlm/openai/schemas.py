@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -87,7 +88,7 @@ class StreamOptions(_Request):
 #: A 16x16 red PNG, for the description's example request.
 EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mM8oaHBQ"
                  "ApgYiARjGoY1TB0NAAAjC0BOJDndDkAAAAASUVORK5CYII=")
-EXAMPLE_REQUEST = {
+EXAMPLE_REQUEST: JsonDict = {
     "model": "llava",
     "messages": [{"role": "user", "content": [{"type": "text", "text": "What colour is this image?"},
                                               {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}}]}],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +155,7 @@ class TritonGateway:
         return _piece(parse_output(result), entities=entities)
 
     async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
-                     entities: bool = False) -> AsyncIterator[Piece]:
+                     entities: bool = False) -> AsyncGenerator[Piece, None]:
         """Pieces of the answer as ``<model>_stream`` generates them; the last has a finish reason (and, with
         ``entities``, the model's ``entities`` output). Closing the iterator early cancels the request in
         Triton."""
