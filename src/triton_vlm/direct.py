@@ -9,8 +9,8 @@ import torch
 from triton_vlm.client.client import ImageLike, encode_image
 from triton_vlm.config import read_config_file, read_settings
 from triton_vlm.errors import TritonVLMError
-from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.launcher.repository import default_model_repository
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import VLMRuntime
 
 

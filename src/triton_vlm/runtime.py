@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 
 from triton_vlm.config import ModelSettings
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, RequestCancelledError,
-                               TritonVLMError)
-from triton_vlm.models.generation import CANCELLED, GenerationOutput
+from triton_vlm.errors import GenerationError, InvalidInputError, ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.images import decode_image
 from triton_vlm.loading import LoadedModel, load_model
 from triton_vlm.models import get_family
+from triton_vlm.models.generation import CANCELLED, GenerationOutput
 from triton_vlm.sampling import SamplingParams
 
 log = logging.getLogger("triton_vlm")

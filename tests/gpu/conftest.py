@@ -12,7 +12,6 @@ from typing import Any, ContextManager
 
 import pytest
 import torch
-
 from tests.conftest import free_ports
 
 HERE = Path(__file__).resolve().parent

@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from tests.unit import test_engine as llava_cpu
 from tests.unit import test_engine_kosmos2 as kosmos2_cpu
 from tests.unit import test_engine_moondream2 as moondream2_cpu
 from tests.unit.helpers import ParityCase
+
 from triton_vlm.bench.parity import divergence, hf_greedy_with_logits
 from triton_vlm.engine.vision import GraphedVision
 

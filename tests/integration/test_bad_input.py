@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
-
 from tests.integration.conftest import RunningServer
 from tests.unit.helpers import encode, image_bytes, multi_frame, png_header_only, rgb_array
+
 from triton_client import TritonVLMClient
 from triton_vlm.config import RequestLimits
 from triton_vlm.errors import InvalidInputError

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import ROOT, SAMPLE_IMAGE, free_ports
 from tests.integration.conftest import RunningServer
+
 from triton_client import TritonVLMClient
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import ModelUnavailableError

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import ROOT, SAMPLE_IMAGE
 from tests.integration.conftest import ENGINE_MODELS, PROMPTS, WORKING_MODELS, RunningServer
+
 from triton_client import AsyncTritonVLMClient, TritonVLMClient
 from triton_vlm.cli.main import main
 from triton_vlm.observability import dashboard as dash

@@ -22,9 +22,9 @@ from pathlib import Path
 import openai
 import pytest
 from PIL import Image
-
 from tests.conftest import ROOT, SAMPLE_IMAGE, free_ports
 from tests.integration.conftest import API_KEY, PROMPTS, WORKING_MODELS, Front, RunningServer
+
 from triton_client import TritonVLMClient
 
 pytestmark = pytest.mark.integration
@@ -411,9 +411,14 @@ def test_openapi_fuzzing(openapi_schema: object, front: Front, method: str, path
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, ignored_auth, negative_data_rejection,
-                                                   response_headers_conformance, response_schema_conformance,
-                                                   status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        ignored_auth,
+        negative_data_rejection,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     operation = openapi_schema[path][method]  # type: ignore[index]
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,

@@ -4,8 +4,8 @@ metrics, lazy loading and per-request errors."""
 from __future__ import annotations
 
 import json
-import time
 import re
+import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +14,8 @@ from typing import TypeVar
 import numpy as np
 import pytest
 from PIL import Image
-
 from tests.integration.conftest import ENGINE_MODELS, PROMPTS, SERVED_MODELS, WORKING_MODELS, RunningServer
+
 from triton_client import TritonVLMClient
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import InvalidInputError, UnknownModelError

@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import ROOT, free_ports
 from tests.unit.fakehost import make_host
 from tests.unit.test_deploy_dockerfile import TRITON_CONTAINER, find

@@ -9,15 +9,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from tests.conftest import free_ports
 from tests.integration.conftest import RunningServer
+
 from triton_client import TritonVLMClient
 from triton_vlm.client import parse_entities
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.launcher import ServerOptions, TritonServer
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import VLMRuntime
 
 pytestmark = pytest.mark.integration

@@ -18,10 +18,10 @@ from triton_vlm.cli.main import main
 from triton_vlm.config import read_config_file, read_settings
 from triton_vlm.errors import InvalidInputError, ModelLoadError, UnknownModelError
 from triton_vlm.launcher.repository import public_config
-from triton_vlm.models.generation import generate_batch
 from triton_vlm.launcher.scaffold import add_model, render_config, render_model_py
 from triton_vlm.models import get_family
 from triton_vlm.models.auto.family import AutoFamily, reserved_tokens
+from triton_vlm.models.generation import generate_batch
 from triton_vlm.runtime import VLMRuntime
 from triton_vlm.sampling import SamplingParams
 

@@ -9,8 +9,14 @@ import time
 import pytest
 
 from triton_vlm.client import AsyncTritonVLMClient, InferenceResult, RetryPolicy, TritonVLMClient
-from triton_vlm.errors import (ConnectionLostError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
-                               ServerUnreachableError, TritonVLMError)
+from triton_vlm.errors import (
+    ConnectionLostError,
+    InvalidInputError,
+    ModelUnavailableError,
+    RequestTimeoutError,
+    ServerUnreachableError,
+    TritonVLMError,
+)
 
 from .fake_triton import HANG_UP, FakeTriton, answer
 from .helpers import free_port, image_bytes

@@ -11,13 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from triton_vlm.config import read_settings
-from triton_vlm.engine import EngineConfig, LLMEngine
+from triton_vlm.engine import EngineConfig, LLMEngine, quantization
 from triton_vlm.engine.attention import decode_attention, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine import quantization
-from triton_vlm.engine.quantization import (FP8, FP8_KERNEL_MAX_ROWS, FP8_MAX, WEIGHT_ONLY_MAX_ROWS, Fp8Rows,
-                                            Fp8Weight, check_fp8_support, kv_cache_dtype, linear, quantize_rows,
-                                            takes_fp8_rows, to_storage)
+from triton_vlm.engine.quantization import (
+    FP8,
+    FP8_KERNEL_MAX_ROWS,
+    FP8_MAX,
+    WEIGHT_ONLY_MAX_ROWS,
+    Fp8Rows,
+    Fp8Weight,
+    check_fp8_support,
+    kv_cache_dtype,
+    linear,
+    quantize_rows,
+    takes_fp8_rows,
+    to_storage,
+)
 from triton_vlm.errors import GenerationError, InvalidInputError
 from triton_vlm.sampling import SamplingParams
 

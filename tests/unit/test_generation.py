@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from triton_vlm.models import generation
 from triton_vlm.errors import RequestCancelledError
+from triton_vlm.models import generation
 from triton_vlm.models.generation import CANCELLED, GenerationOutput, generate_batch, position_ids_for
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from triton_vlm.errors import InvalidInputError  # noqa: E402
-from triton_vlm.models.generation import generate_batch  # noqa: E402
 from triton_vlm.models import get_family  # noqa: E402
+from triton_vlm.models.generation import generate_batch  # noqa: E402
 from triton_vlm.models.moondream2 import DEFAULT_REVISION  # noqa: E402
 from triton_vlm.models.moondream2.config import MoondreamConfig  # noqa: E402
 from triton_vlm.models.moondream2.model import prefill_mask  # noqa: E402
@@ -291,8 +291,8 @@ def test_families_without_tasks_refuse_one() -> None:
 
 
 def test_moondream2_is_servable_and_pinned() -> None:
-    from triton_vlm.launcher.repository import model_settings, servable_models
     from triton_vlm._protocol.model_config import load_model_config
+    from triton_vlm.launcher.repository import model_settings, servable_models
 
     assert "moondream2" in servable_models(REPOSITORY)
     config = load_model_config(REPOSITORY / "moondream2" / "config.pbtxt")
@@ -303,8 +303,8 @@ def test_moondream2_is_servable_and_pinned() -> None:
 
 
 def test_auto_dtype_on_gpu_is_the_release_precision() -> None:
-    from triton_vlm.loading import resolve_dtype
     from triton_vlm.config import ModelSettings
+    from triton_vlm.loading import resolve_dtype
 
     settings = ModelSettings(model_name="moondream2", family="moondream2")
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")

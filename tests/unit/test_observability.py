@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from tests.conftest import ROOT
+
 from triton_vlm.cli.addresses import metrics_address
 from triton_vlm.observability import dashboard as dash
 from triton_vlm.observability.promql import Evaluator, PromQLError, metric_names
@@ -96,6 +96,7 @@ def test_record_scrapes_over_time(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_fetch_metrics_from_a_closed_port() -> None:
     from tests.unit.helpers import free_port
+
     from triton_vlm.errors import ServerUnreachableError
     from triton_vlm.observability.scrape import fetch_metrics
 

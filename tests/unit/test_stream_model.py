@@ -214,6 +214,7 @@ def test_finalize_stops_its_threads_and_names_one_that_does_not_stop_in_time(
 
 def test_engine_shutdown_reports_whether_its_thread_stopped() -> None:
     from tests.unit.helpers import load_tiny
+
     from triton_vlm.engine import EngineConfig, LLMEngine
 
     family, model, processor = load_tiny("llava")

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from triton_vlm.models import get_family
-from triton_vlm.tiny import (TINY_FORMAT_VERSION, ensure_tiny_checkpoint, tiny_checkpoint_dir, tiny_root,
-                             train_llama_style_vocab, train_unigram_vocab)
+from triton_vlm.tiny import (
+    TINY_FORMAT_VERSION,
+    ensure_tiny_checkpoint,
+    tiny_checkpoint_dir,
+    tiny_root,
+    train_llama_style_vocab,
+    train_unigram_vocab,
+)
 
 FAMILIES = ("llava", "kosmos2")
 

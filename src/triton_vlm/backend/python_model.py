@@ -18,8 +18,14 @@ from typing import Any, ClassVar
 
 from triton_vlm.backend.faults import FaultInjection
 from triton_vlm.backend.metrics import BackendMetrics
-from triton_vlm.backend.requests import (declared_extra_outputs, error_response, extra_values, output_response,
-                                         parse_request, runtime_from_args)
+from triton_vlm.backend.requests import (
+    declared_extra_outputs,
+    error_response,
+    extra_values,
+    output_response,
+    parse_request,
+    runtime_from_args,
+)
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown, startup_failed
 from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.models.generation import GenerationOutput

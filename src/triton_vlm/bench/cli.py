@@ -10,8 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from triton_vlm.bench.workload import (RoundTrip, RunResult, Workload, format_table, plot, run_hf_baseline,
-                                      run_round_trip, run_served, warm_up)
+from triton_vlm.bench.workload import (
+    RoundTrip,
+    RunResult,
+    Workload,
+    format_table,
+    plot,
+    run_hf_baseline,
+    run_round_trip,
+    run_served,
+    warm_up,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

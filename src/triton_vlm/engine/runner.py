@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from triton_vlm.config import EngineConfig
 from triton_vlm.engine.adapter import Decoder, EngineAdapter, MixingDecoder, mixes
 from triton_vlm.engine.attention import avoid_per_shape_attention_plans
-from triton_vlm.config import EngineConfig
 from triton_vlm.engine.kernels import fused_available
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.request import Sequence

@@ -31,8 +31,16 @@ from triton_vlm.openai.errors import APIError, from_triton
 from triton_vlm.openai.images import image_bytes
 from triton_vlm.openai.messages import conversation
 from triton_vlm.openai.playground import install_playground
-from triton_vlm.openai.schemas import (Capability, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                                       ErrorResponse, Health, ModelCard, ModelList)
+from triton_vlm.openai.schemas import (
+    Capability,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
 from triton_vlm.openai.triton import Piece, Sampling, ServedModel, TritonGateway
 
 log = logging.getLogger("triton_vlm.openai")

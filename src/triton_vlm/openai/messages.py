@@ -18,8 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from triton_vlm.openai.errors import APIError
-from triton_vlm.openai.schemas import (AssistantMessage, ImagePart, Message, RefusalPart, SystemMessage, TextPart,
-                                       ToolMessage, UserMessage)
+from triton_vlm.openai.schemas import (
+    AssistantMessage,
+    ImagePart,
+    Message,
+    RefusalPart,
+    SystemMessage,
+    TextPart,
+    ToolMessage,
+    UserMessage,
+)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from typing import Any
 
 from triton_vlm._protocol.connect import make_client
 from triton_vlm._protocol.errors import is_restricted, translate
-from triton_vlm._protocol.results import (ENTITIES, OUTPUTS, STREAM_SUFFIX, TASK, Output, parse_output,
-                                          statistics_models)
+from triton_vlm._protocol.results import ENTITIES, OUTPUTS, STREAM_SUFFIX, TASK, Output, parse_output, statistics_models
 from triton_vlm._protocol.stream import StreamCall, outputs_async
 from triton_vlm._protocol.tensors import RequestFields, request_inputs, requested_outputs
 from triton_vlm.errors import GenerationError, TritonVLMError

@@ -75,8 +75,13 @@ def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any =
     """A random-weight Kosmos-2 with a tiny trained tokenizer (the grounding tags included). ``full_size`` takes
     kosmos-2-patch14-224's sizes (transformers' defaults; 224 px images) for benchmarks, where speed depends on
     shapes, not on weight values; the tokenizer's ids all lie inside the real vocabulary."""
-    from transformers import (CLIPImageProcessor, Kosmos2Config, Kosmos2ForConditionalGeneration,
-                              Kosmos2Processor, XLMRobertaTokenizer)
+    from transformers import (
+        CLIPImageProcessor,
+        Kosmos2Config,
+        Kosmos2ForConditionalGeneration,
+        Kosmos2Processor,
+        XLMRobertaTokenizer,
+    )
 
     from triton_vlm.tiny import built_as, seeded, train_unigram_vocab
 

@@ -40,8 +40,15 @@ class LlavaFamily(ModelFamily):
         return f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:"
 
     def build_tiny(self, path: Path, variant: str | None = None) -> None:
-        from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaTokenizer,
-                                  LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlamaTokenizer,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
 
         from triton_vlm.tiny import seeded, train_llama_style_vocab
 

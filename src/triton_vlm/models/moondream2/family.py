@@ -18,10 +18,20 @@ from triton_vlm.models.moondream2.locate import locate
 from triton_vlm.models.moondream2.model import Moondream2Model
 from triton_vlm.models.moondream2.processor import Moondream2Processor
 from triton_vlm.models.moondream2.tasks import CAPTION_LENGTHS, parse_task
-from triton_vlm.models.moondream2.tokenizer import (Moondream2Tokenizer, detect_generation, load_tokenizer,
-                                                    starmie_template_ids, train_tiny_tokenizer)
-from triton_vlm.models.moondream2.weights import (load_official_state_dict, read_checkpoint_config,
-                                                  read_official_tensors, resolve_checkpoint, write_checkpoint)
+from triton_vlm.models.moondream2.tokenizer import (
+    Moondream2Tokenizer,
+    detect_generation,
+    load_tokenizer,
+    starmie_template_ids,
+    train_tiny_tokenizer,
+)
+from triton_vlm.models.moondream2.weights import (
+    load_official_state_dict,
+    read_checkpoint_config,
+    read_official_tensors,
+    resolve_checkpoint,
+    write_checkpoint,
+)
 from triton_vlm.sampling import SamplingParams
 
 log = logging.getLogger("triton_vlm")
