@@ -139,6 +139,9 @@ class VLMRuntime:
             [r.params for r in requests], [r.task for r in requests],
             cancelled=[r.is_cancelled for r in requests] if any(r.is_cancelled for r in requests) else None,
         )
+        if len(outputs) != len(requests):  # checked here, so that every caller may pair results with requests
+            raise GenerationError(f"model {self.settings.model_name!r}: family {loaded.family.name!r} answered "
+                                  f"{len(outputs)} of {len(requests)} requests")
         return [RequestCancelledError(f"model {self.settings.model_name!r}: request cancelled by its client after "
                                       f"{len(o.token_ids)} tokens") if o.finish_reason == CANCELLED else o
                 for o in outputs]
