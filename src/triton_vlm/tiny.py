@@ -182,7 +182,7 @@ def train_unigram_vocab(vocab_size: int, specials: list[str]) -> list[tuple[str,
     floor = min(scores.values())
     singles = [token for token in scores if len(token) == 1]
     band = sorted(token for token in singles if scores[token] < floor + 1e-4 * (len(singles) + 1))
-    for token, score in zip(band, sorted((scores[t] for t in band), reverse=True)):
+    for token, score in zip(band, sorted((scores[t] for t in band), reverse=True), strict=True):
         scores[token] = score
     pieces = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
     return [(token, head.get(token, 0.0)) for token in specials] + pieces

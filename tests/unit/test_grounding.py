@@ -211,7 +211,7 @@ def test_backend_sends_entities_in_every_response_of_a_model_that_declares_it(
     image = image_bytes(40, 30, seed=2)
     responses = model.execute([request(image, b"<grounding> An image of", max_tokens=4),
                                request(image, b"What is this?", max_tokens=4), request(b"junk", b"x")])
-    for response, prompt in zip(responses[:2], ("<grounding> An image of", "What is this?")):
+    for response, prompt in zip(responses[:2], ("<grounding> An image of", "What is this?"), strict=True):
         assert response.error is None
         assert set(response.tensors) == {*COMMON, "entities"}
         (expected,) = kosmos2_runtime.generate([kosmos2_runtime.make_request(image, prompt, max_tokens=4)])

@@ -186,7 +186,7 @@ def test_exif_orientation_is_applied(orientation: int, size: tuple[int, int]) ->
 
 
 def test_accepted_formats() -> None:
-    assert ACCEPTED_FORMATS == {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"}
+    assert {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"} == ACCEPTED_FORMATS
 
 
 # -- rejected inputs ----------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_dashboard_panels_tile_the_grid(board: dict[str, Any]) -> None:
     cells: set[tuple[int, int]] = set()
     for panel in board["panels"]:
         g = panel["gridPos"]
-        assert g["w"] > 0 and g["h"] > 0 and 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        assert g["w"] > 0 and g["h"] > 0 and g["x"] >= 0 and g["x"] + g["w"] <= 24, panel["title"]
         area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not area & cells, f"{panel['title']} overlaps another panel"
         cells |= area

@@ -4,6 +4,7 @@ unloads (Triton's utils faked)."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -129,7 +130,7 @@ def test_deltas_go_out_every_stream_interval_tokens_after_the_first(stream_model
         assert [flags for _, _, flags in pieces] == [0] * (len(pieces) - 1) + [stream_model.stream_requests.FINAL]
         counts = [tokens for _, tokens, _ in pieces[:-1]]
         assert counts[0] == 1  # the first piece at once (time to first token)
-        assert all(later - earlier >= interval for earlier, later in zip(counts, counts[1:]))
+        assert all(later - earlier >= interval for earlier, later in itertools.pairwise(counts))
     # One piece a token, but for tokens that add no text of their own (a lone space is held until a word follows).
     assert len(ids) - 3 <= len(sent[1]) <= len(ids)
     assert len(sent[3]) <= 2 + (len(ids) - 1) // 3 < len(sent[1])

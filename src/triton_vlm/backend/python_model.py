@@ -68,7 +68,7 @@ class TritonVLMModel:
                 batch[index] = self._parse(request)
         if batch:
             results = self._generate(list(batch.values()))
-            for (index, request), result in zip(batch.items(), results):
+            for (index, request), result in zip(batch.items(), results, strict=True):
                 with self._boundary(responses, index):
                     responses[index] = (self._error_response(result) if isinstance(result, TritonVLMError)
                                         else self._response(result, received))

@@ -124,7 +124,8 @@ class EngineAdapter(ABC):
         features = self.image_features(model, requests, encode)
         lengths = [len(r.prompt_ids) for r in requests]
         embeds = decoder.embed_tokens(device_longs([t for r in requests for t in r.prompt_ids], model.device))
-        rows = [start + row for start, r in zip(itertools.accumulate([0, *lengths]), requests)
+        # Each request's first row; the running total has one entry more (the end), which zip leaves out.
+        rows = [start + row for start, r in zip(itertools.accumulate([0, *lengths]), requests, strict=False)
                 for row in r.mm_inputs["image_rows"]]
         embeds[device_longs(rows, model.device)] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return list(embeds.split(lengths))

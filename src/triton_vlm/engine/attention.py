@@ -69,7 +69,7 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
             return out.reshape(q.shape[0], -1)
         outputs = []
         offset = 0
-        for (slot, start, length), mask in zip(chunks, masks):
+        for (slot, start, length), mask in zip(chunks, masks, strict=True):
             end = start + length
             chunk_k = k[offset:offset + length].transpose(0, 1)
             chunk_v = v[offset:offset + length].transpose(0, 1)

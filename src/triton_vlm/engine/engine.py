@@ -266,14 +266,14 @@ class LLMEngine:
             self._fail(step.rows, exc)
             return
         waited = time.perf_counter()
-        for seq, slot in zip(step.rows, step.slots):
+        for seq, slot in zip(step.rows, step.slots, strict=True):
             if seq.status is not SequenceStatus.FINISHED:
                 self._append(seq, tokens[slot])
         self.stats.seconds["wait"] += waited - clock
         self.stats.seconds["update"] += time.perf_counter() - waited
 
     def _fail(self, seqs: Iterable[Sequence], exc: Exception) -> None:
-        log.exception("engine step failed")
+        log.error("engine step failed", exc_info=exc)
         error = exc if isinstance(exc, TritonVLMError) else GenerationError(f"{type(exc).__name__}: {exc}")
         for seq in seqs:
             if seq.status is not SequenceStatus.FINISHED:

@@ -82,7 +82,7 @@ class ModelRunner:
     def build_prompt_embeds(self, seqs: list[Sequence]) -> None:
         """Prompt embeddings (image features in place) for newly admitted sequences, vision batched."""
         embeds = self.adapter.prompt_embeds(self.model, self.decoder, [s.request for s in seqs], self.encode_images)
-        for seq, embed in zip(seqs, embeds):
+        for seq, embed in zip(seqs, embeds, strict=True):
             seq.prompt_embeds = embed
 
     @torch.inference_mode()

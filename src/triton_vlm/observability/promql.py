@@ -12,6 +12,7 @@ at most 5 minutes, as Prometheus does, but without staleness markers.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -76,7 +77,7 @@ class Evaluator:
         self.recording = recording
         # name -> labels -> [(t, value)] in time order
         self._series: dict[str, dict[Labels, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-        for t, scrape in zip(recording.times, recording.scrapes):
+        for t, scrape in zip(recording.times, recording.scrapes, strict=True):
             for sample in scrape:
                 self._series[sample.name][sample.labels].append((t, sample.value))
 
@@ -163,7 +164,7 @@ class Evaluator:
                     points = points[-2:]
                 if len(points) < 2:
                     continue
-                increase = sum(b - a if b >= a else b for (_, a), (_, b) in zip(points, points[1:]))
+                increase = sum(b - a if b >= a else b for (_, a), (_, b) in itertools.pairwise(points))
                 seconds = points[-1][0] - points[0][0]
                 if seconds <= 0:
                     continue

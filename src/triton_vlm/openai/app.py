@@ -179,7 +179,7 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error")
+        log.error("internal error", exc_info=exc)
         return error_response(APIError(500, f"internal error ({type(exc).__name__})", code="internal_error"))
 
     # -- health and description ---------------------------------------------------------------------------

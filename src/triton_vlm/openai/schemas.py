@@ -7,7 +7,7 @@ OpenAI-compatible servers do; known fields this server cannot honour are refused
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
@@ -42,8 +42,8 @@ class RefusalPart(_Request):
     refusal: str
 
 
-UserContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
-AssistantContentPart = Annotated[Union[TextPart, RefusalPart], Field(discriminator="type")]
+UserContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+AssistantContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
 
 
 class SystemMessage(_Request):
@@ -78,7 +78,7 @@ class ToolMessage(_Request):
     tool_call_id: str
 
 
-Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 class StreamOptions(_Request):

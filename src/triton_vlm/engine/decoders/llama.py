@@ -95,7 +95,7 @@ class LlamaDecoder:
         if method != "fp8":
             raise ValueError(f"LlamaDecoder: unknown quantization {method!r}")
         self.mixes = False
-        for layer, hf_layer in zip(self.layers, self._hf_layers):
+        for layer, hf_layer in zip(self.layers, self._hf_layers, strict=True):
             for name in _Layer.PROJECTIONS:
                 weight = getattr(layer, name)
                 if isinstance(weight, torch.Tensor):

@@ -102,7 +102,7 @@ class Moondream2Family(ModelFamily):
         """Text tasks (query, caption) share one batched decode; detect and point run the region loop."""
         parsed = [parse_task(t) for t in tasks]
         limit = model.config.text.max_context
-        for task, prompt, p in zip(parsed, prompts, params):
+        for task, prompt, p in zip(parsed, prompts, params, strict=True):
             used = model.prefix_length + len(processor.prompt_tokens(task, prompt))
             if not task.is_region and used + p.max_tokens > limit:
                 raise InvalidInputError(f"max_tokens: {p.max_tokens} new tokens after {used} prompt tokens exceed "
@@ -115,7 +115,7 @@ class Moondream2Family(ModelFamily):
                                      [prompts[i] for i in text_rows], [params[i] for i in text_rows],
                                      [parsed[i].name for i in text_rows],
                                      None if cancelled is None else [cancelled[i] for i in text_rows])
-            for row, output in zip(text_rows, outputs):
+            for row, output in zip(text_rows, outputs, strict=True):
                 results[row] = output
         for row, task in enumerate(parsed):
             if task.is_region:
