@@ -250,7 +250,9 @@ def test_infer_draw_kosmos2_entities(in_project: None, monkeypatch: pytest.Monke
     import triton_vlm.direct
 
     processor = kosmos2_runtime.ensure_loaded().processor
-    text, entities = grounded_entities(processor, SNOWMAN, Image.open(SAMPLE_IMAGE).size)
+    with Image.open(SAMPLE_IMAGE) as image:  # the header only: nothing else would close the file
+        size = image.size
+    text, entities = grounded_entities(processor, SNOWMAN, size)
     answer = GenerationOutput(text=text, token_ids=(1,), prompt_tokens=3, finish_reason="stop",
                               extras={"entities": json.dumps(entities)})
     monkeypatch.setattr(triton_vlm.direct, "direct_infer", lambda *a, **k: answer)
