@@ -136,7 +136,7 @@ class ModelRunner:
         """:meth:`prefill` and :meth:`decode` as one forward (no graph: its shape changes every step, and a step
         of prefill outlasts its kernel launches). Returns (logits after each chunk, decode logits by slot)."""
         if self._mixing is None:
-            raise RuntimeError("engine: prefill_and_decode on a decoder that does not mix (see Runner.mixes)")
+            raise RuntimeError("engine: prefill_and_decode on a decoder that does not mix (see ModelRunner.mixes)")
         batch = max(s.slot for s in seqs) + 1
         self._stage(seqs, batch)
         positions, lengths = self._step_inputs[0, :batch], self._step_inputs[1, :batch]
