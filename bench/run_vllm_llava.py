@@ -273,8 +273,8 @@ async def run_server(ns):
     if hf_overrides:
         cmd += ["--hf-overrides", json.dumps(hf_overrides)]
     log("starting:", " ".join(cmd))
-    logf = open(ns.server_log, "w")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+    with open(ns.server_log, "w") as logf:  # the server writes to its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
     t_start = time.perf_counter()
     try:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
@@ -317,7 +317,6 @@ async def run_server(ns):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        logf.close()
     import vllm
     res.update(mode="server", load_format=load_format, startup_s=round(startup_s, 1),
                vllm_version=vllm.__version__)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from triton_vlm.hub import hub_miss_reason, hub_offline, hub_reachable
 from triton_vlm.config import ModelSettings, env_prefix
+from triton_vlm.hub import hub_miss_reason, hub_offline, hub_reachable
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import torch
 from triton_vlm.client.client import ImageLike, encode_image
 from triton_vlm.config import read_config_file, read_settings
 from triton_vlm.errors import TritonVLMError
-from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.launcher.repository import default_model_repository
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import VLMRuntime
 
 
@@ -35,9 +35,11 @@ def direct_runtime(model: str, *, tiny: bool = False, repository: Path | None = 
 
 
 def direct_infer(runtime: VLMRuntime, image: ImageLike, prompt: str, *, task: str | None = None,
-                 **sampling: object) -> GenerationOutput:
+                 max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                 seed: int | None = None, ignore_eos: bool = False) -> GenerationOutput:
     """One request through ``runtime``; raises the request's :class:`TritonVLMError` if it fails."""
-    request = runtime.make_request(encode_image(image), prompt, task=task, **sampling)  # type: ignore[arg-type]
+    request = runtime.make_request(encode_image(image), prompt, task=task, max_tokens=max_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
     (result,) = runtime.generate([request])
     if isinstance(result, TritonVLMError):
         raise result

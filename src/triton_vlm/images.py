@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from triton_vlm.errors import InvalidInputError
@@ -15,7 +17,7 @@ from triton_vlm.errors import InvalidInputError
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 
 
-def image_bytes_from_tensor(array: np.ndarray) -> bytes:
+def image_bytes_from_tensor(array: npt.NDArray[Any]) -> bytes:
     """The raw file bytes of one request's ``image`` tensor (UINT8, shape [n] or [1, n])."""
     if array.dtype != np.uint8:
         raise InvalidInputError(f"image: expected a UINT8 tensor of encoded file bytes, got {array.dtype}",
@@ -89,8 +91,7 @@ def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float | None = None)
     try:
         bits = _sample_bits(image)  # before load(): PIL forgets the raw sample layout once pixels are decoded
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image, bits)
+        return _to_rgb(ImageOps.exif_transpose(image), bits)
     except Exception as exc:
         raise InvalidInputError(f"image: corrupt or truncated {image.format} data ({exc})", param="image") from None
 

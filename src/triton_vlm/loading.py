@@ -134,7 +134,7 @@ def _pickle_weights_only(directory: Path) -> bool:
         return False
     names = [p.name for p in directory.iterdir()]
     pickled = any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) and "tokenizer" not in n for n in names)
-    return pickled and not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names)
+    return pickled and not any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names)
 
 
 def _load_failure_message(settings: ModelSettings, source: str, revision: str | None, exc: BaseException) -> str:

@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 
 from triton_vlm.config import ModelSettings
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, RequestCancelledError,
-                               TritonVLMError)
-from triton_vlm.models.generation import CANCELLED, GenerationOutput
+from triton_vlm.errors import GenerationError, InvalidInputError, ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.images import decode_image
 from triton_vlm.loading import LoadedModel, load_model
 from triton_vlm.models import get_family
+from triton_vlm.models.generation import CANCELLED, GenerationOutput
 from triton_vlm.sampling import SamplingParams
 
 log = logging.getLogger("triton_vlm")
@@ -140,6 +139,9 @@ class VLMRuntime:
             [r.params for r in requests], [r.task for r in requests],
             cancelled=[r.is_cancelled for r in requests] if any(r.is_cancelled for r in requests) else None,
         )
+        if len(outputs) != len(requests):  # checked here, so that every caller may pair results with requests
+            raise GenerationError(f"model {self.settings.model_name!r}: family {loaded.family.name!r} answered "
+                                  f"{len(outputs)} of {len(requests)} requests")
         return [RequestCancelledError(f"model {self.settings.model_name!r}: request cancelled by its client after "
                                       f"{len(o.token_ids)} tokens") if o.finish_reason == CANCELLED else o
                 for o in outputs]

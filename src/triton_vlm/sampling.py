@@ -57,7 +57,7 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
     """Next token of every row of ``logits`` [rows, vocab]: argmax for greedy rows, a draw from the row's
     own generator (temperature, then top-p) for the others."""
     tokens = logits.argmax(dim=-1)
-    for row, (p, generator) in enumerate(zip(params, generators)):
+    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if generator is None:
             continue
         probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)

@@ -76,10 +76,7 @@ def ensure_tiny_checkpoint(family: str, root: Path | None = None, variant: str |
         started = time.monotonic()
         try:
             builder = get_family(family)
-            if variant:
-                builder.build_tiny(staging, variant=variant)  # type: ignore[call-arg]
-            else:
-                builder.build_tiny(staging)
+            builder.build_tiny(staging, variant=variant)
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -133,11 +130,14 @@ def train_llama_style_vocab(vocab_size: int, pad_to: int | None = None) -> tuple
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, show_progress=False)
     tokenizer.train_from_iterator(CORPUS, trainer)
     state = json.loads(tokenizer.to_str())["model"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    merges: list[tuple[str, str]] = []
+    for merge in state["merges"]:  # "a b" in older tokenizers' JSON, ["a", "b"] in newer
+        first, second = merge.split(" ", 1) if isinstance(merge, str) else merge
+        merges.append((first, second))
     vocab = dict(state["vocab"])
     for index in range(len(vocab), pad_to or 0):
         vocab[f"▁filler{index}"] = index  # decodable, never produced by encoding (no merge reaches it)
-    return vocab, merges  # type: ignore[return-value]
+    return vocab, merges
 
 
 def train_byte_level_bpe(vocab_size: int, specials: list[str], extra_corpus: list[str] | None = None) -> Any:
@@ -182,7 +182,7 @@ def train_unigram_vocab(vocab_size: int, specials: list[str]) -> list[tuple[str,
     floor = min(scores.values())
     singles = [token for token in scores if len(token) == 1]
     band = sorted(token for token in singles if scores[token] < floor + 1e-4 * (len(singles) + 1))
-    for token, score in zip(band, sorted((scores[t] for t in band), reverse=True)):
+    for token, score in zip(band, sorted((scores[t] for t in band), reverse=True), strict=True):
         scores[token] = score
     pieces = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
     return [(token, head.get(token, 0.0)) for token in specials] + pieces

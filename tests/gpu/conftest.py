@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import pytest
 import torch
-
 from tests.conftest import free_ports
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +60,7 @@ def triton_tree() -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve(triton_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., ContextManager[Served]]:
+def serve(triton_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., AbstractContextManager[Served]]:
     """``serve(models, **options)``: a context manager that starts a tritonserver for ``models`` (preloaded, free
     loopback ports, further :class:`~triton_vlm.launcher.ServerOptions` as keywords), waits until it is ready,
     and stops it on exit, checking that it exited cleanly."""

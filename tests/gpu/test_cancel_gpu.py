@@ -16,8 +16,9 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, ContextManager
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -45,7 +46,7 @@ def kosmos2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_requests_whose_clients_give_up_are_aborted_in_the_engine(
-        serve: Callable[..., ContextManager[Served]], kosmos2_checkpoint: Path) -> None:
+        serve: Callable[..., AbstractContextManager[Served]], kosmos2_checkpoint: Path) -> None:
     workload = Workload("kosmos2", prompt="What is in this image?", max_tokens=MAX_TOKENS)
     with serve(("kosmos2",), extra_env={"TRITON_VLM_KOSMOS2_LOCAL_PATH": str(kosmos2_checkpoint)}) as server:
         with TritonVLMClient(server.grpc_url, protocol="grpc", timeout=300) as patient:

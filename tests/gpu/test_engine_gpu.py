@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from tests.unit import test_engine as llava_cpu
 from tests.unit import test_engine_kosmos2 as kosmos2_cpu
 from tests.unit import test_engine_moondream2 as moondream2_cpu
 from tests.unit.helpers import ParityCase
+
 from triton_vlm.bench.parity import divergence, hf_greedy_with_logits
 from triton_vlm.engine.vision import GraphedVision
 
@@ -55,7 +55,7 @@ def test_float16_engine_follows_hf_generate_up_to_near_ties(name: str) -> None:
     engine = parity.engine(loaded, max_num_seqs=2, max_prefill_tokens=16)
     compared = 0
     family, model, processor = loaded
-    for (image, prompt, params), ours in zip(parity.items(), engine.generate(parity.items())):
+    for (image, prompt, params), ours in zip(parity.items(), engine.generate(parity.items()), strict=True):
         found = divergence(ours, *hf_greedy_with_logits(family, model, processor, image, prompt, params.max_tokens))
         # Where the two part, HF rated the engine's token all but as high as its own.
         assert 0 <= found.gap < NEAR_TIE, f"{name}: token {found.step} differs from HF's by {found.gap:.4f}"
@@ -91,8 +91,8 @@ def test_llava_7b_engine_follows_hf_generate_up_to_near_ties() -> None:
     params = SamplingParams(max_tokens=64)
     engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=768, max_num_seqs=4))
     try:
-        ours = engine.generate([(image, prompt, params) for image, prompt in zip(images, prompts)])
-        for index, (image, prompt, tokens) in enumerate(zip(images, prompts, ours)):
+        ours = engine.generate([(image, prompt, params) for image, prompt in zip(images, prompts, strict=True)])
+        for index, (image, prompt, tokens) in enumerate(zip(images, prompts, ours, strict=True)):
             theirs, logits = hf_greedy_with_logits(family, model, processor, image, prompt, params.max_tokens)
             found = divergence(tokens, theirs, logits)
             top = max(abs(float(row.max())) for row in logits[:found.length])

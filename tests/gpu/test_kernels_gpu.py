@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tests.unit.kernel_checks import kernel_errors
 
 #: On an H100 (2026-11-26) the largest errors were 9.5e-7 in float32 and 2.0e-3 in float16 (one unit in the last

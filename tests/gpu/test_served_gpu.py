@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -23,7 +24,7 @@ MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def server(serve: Callable[..., ContextManager[Served]]) -> Iterator[Served]:
+def server(serve: Callable[..., AbstractContextManager[Served]]) -> Iterator[Served]:
     # The launcher's defaults on a GPU host (instance kind and engine "auto"), as a user gets them.
     with serve(MODELS, tiny=True) as served:
         yield served
@@ -57,7 +58,7 @@ def metric_reaching(server: Served, name: str, target: float, **labels: str) -> 
 def test_the_engines_run_on_the_gpu_and_the_public_models_forward_to_them(client: TritonVLMClient) -> None:
     ready = {m["name"] for m in client.list_models() if m.get("state", "READY") == "READY"}
     assert ready >= {*MODELS, *ENGINES}
-    for model, engine in zip(MODELS, ENGINES):
+    for model, engine in zip(MODELS, ENGINES, strict=True):
         assert client.model_config(model)["parameters"]["forward_to"]["string_value"] == engine
         kinds = {group.get("kind") for group in client.model_config(engine)["instance_group"]}
         assert kinds == {"KIND_GPU"}, (engine, kinds)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.conftest import free_port, free_ports
+
 from triton_vlm.launcher import ServerOptions, TritonServer
 from triton_vlm.openai import OpenAIOptions
 from triton_vlm.openai.config import MiB

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
-
 from tests.integration.conftest import RunningServer
 from tests.unit.helpers import encode, image_bytes, multi_frame, png_header_only, rgb_array
+
 from triton_client import TritonVLMClient
 from triton_vlm.config import RequestLimits
 from triton_vlm.errors import InvalidInputError
@@ -234,7 +234,7 @@ def test_a_batch_of_mixed_bad_requests_answers_each_alone(triton: RunningServer,
     with ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(call, cases * 2))
     client.close()
-    for (_, _, _, expected), result in zip(cases * 2, results):
+    for (_, _, _, expected), result in zip(cases * 2, results, strict=True):
         if expected is OK:
             assert isinstance(result, str), result
         else:

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import ROOT, SAMPLE_IMAGE, free_ports
 from tests.integration.conftest import RunningServer
+
 from triton_client import TritonVLMClient
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import ModelUnavailableError
@@ -62,11 +62,11 @@ def test_start_script_serves_real_weights_config_and_stops_cleanly(tmp_path: Pat
     them, the server keeps running, and SIGTERM stops everything."""
     http, grpc, metrics = free_ports()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), TRITON_VLM_MODE="embedded")
-    log = open(tmp_path / "start.log", "w")
-    process = subprocess.Popen(
-        [str(ROOT / "triton_start.sh"), "--models", "llava", "--http-port", str(http), "--grpc-port", str(grpc),
-         "--metrics-port", str(metrics)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-    )
+    with open(tmp_path / "start.log", "w") as log:  # the script writes to its own copy of the descriptor
+        process = subprocess.Popen(
+            [str(ROOT / "triton_start.sh"), "--models", "llava", "--http-port", str(http), "--grpc-port", str(grpc),
+             "--metrics-port", str(metrics)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
     try:
         client = TritonVLMClient(f"127.0.0.1:{http}")
         client.wait_until_ready(timeout=180)
@@ -81,7 +81,6 @@ def test_start_script_serves_real_weights_config_and_stops_cleanly(tmp_path: Pat
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
-        log.close()
     output = (tmp_path / "start.log").read_text()
     assert code == 0, output[-3000:]
     assert "ready: models llava" in output and f"http://127.0.0.1:{http}" in output

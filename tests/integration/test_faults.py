@@ -22,13 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import free_ports
 from tests.integration.conftest import ServerHandle
 from tests.unit.helpers import image_bytes
+
 from triton_client import TritonVLMClient
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
-                               ServerUnreachableError)
+from triton_vlm.errors import (
+    GenerationError,
+    InvalidInputError,
+    ModelUnavailableError,
+    RequestTimeoutError,
+    ServerUnreachableError,
+)
 from triton_vlm.launcher import ServerOptions, TritonServer
 from triton_vlm.launcher.procfs import live_stubs
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from tests.conftest import ROOT, SAMPLE_IMAGE
 from tests.integration.conftest import RunningServer
+
 from triton_client import TritonVLMClient
 from triton_vlm.cli.main import main
 from triton_vlm.client.entities import parse_entities

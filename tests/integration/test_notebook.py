@@ -7,7 +7,6 @@ import os
 import time
 
 import pytest
-
 from tests.conftest import ROOT
 from tests.integration.conftest import RunningServer
 

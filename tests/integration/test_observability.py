@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import ROOT, SAMPLE_IMAGE
 from tests.integration.conftest import ENGINE_MODELS, PROMPTS, WORKING_MODELS, RunningServer
+
 from triton_client import AsyncTritonVLMClient, TritonVLMClient
 from triton_vlm.cli.main import main
 from triton_vlm.observability import dashboard as dash
@@ -169,7 +169,7 @@ def test_async_client_equals_the_sync_client(triton: RunningServer, protocol: st
             assert {m["name"] for m in await client.list_models()} == {*WORKING_MODELS, *ENGINE_MODELS}
             answers = await asyncio.gather(*(client.infer(m, sample_image_bytes, PROMPTS[m], max_tokens=6)
                                              for m in WORKING_MODELS))
-            assert dict(zip(WORKING_MODELS, answers)) == expected
+            assert dict(zip(WORKING_MODELS, answers, strict=True)) == expected
             pieces = [p async for p in client.stream_pieces("llava", sample_image_bytes, PROMPTS["llava"],
                                                             max_tokens=6)]
             assert "".join(p.text for p in pieces) == streamed and pieces[-1].finish_reason

@@ -22,9 +22,9 @@ from pathlib import Path
 import openai
 import pytest
 from PIL import Image
-
 from tests.conftest import ROOT, SAMPLE_IMAGE, free_ports
 from tests.integration.conftest import API_KEY, PROMPTS, WORKING_MODELS, Front, RunningServer
+
 from triton_client import TritonVLMClient
 
 pytestmark = pytest.mark.integration
@@ -409,11 +409,16 @@ def test_openapi_fuzzing(openapi_schema: object, front: Front, method: str, path
     every status, content type, header and body as /openapi.json documents them, invalid input answered 4xx,
     and the API key really checked."""
     from hypothesis import HealthCheck, given, settings
-    from schemathesis import GenerationMode
+    from schemathesis import Case, GenerationMode
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, ignored_auth, negative_data_rejection,
-                                                   response_headers_conformance, response_schema_conformance,
-                                                   status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        ignored_auth,
+        negative_data_rejection,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     operation = openapi_schema[path][method]  # type: ignore[index]
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
@@ -425,12 +430,12 @@ def test_openapi_fuzzing(openapi_schema: object, front: Front, method: str, path
         @given(case=strategy)
         @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
-        def run(case: object) -> None:
+        def run(case: Case) -> None:
             assert front.root.startswith("http://127.0.0.1:")
-            body = getattr(case, "body", None)
+            body = case.body
             if mode == "positive" and isinstance(body, dict) and isinstance(body.get("model"), str):
                 body["model"] = "llava"  # a served model, so requests get past the model lookup to the rest
-            response = case.call_and_validate(base_url=front.root, headers=auth, checks=checks,  # type: ignore
+            response = case.call_and_validate(base_url=front.root, headers=auth, checks=checks,
                                               timeout=60)
             statuses.append(response.status_code)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.conftest import SAMPLE_IMAGE
 from tests.integration.conftest import API_KEY, Front, RunningServer
+
 from triton_client import TritonVLMClient
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import ROOT
 from tests.integration.conftest import RunningServer
 

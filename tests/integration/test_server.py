@@ -4,8 +4,8 @@ metrics, lazy loading and per-request errors."""
 from __future__ import annotations
 
 import json
-import time
 import re
+import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +14,8 @@ from typing import TypeVar
 import numpy as np
 import pytest
 from PIL import Image
-
 from tests.integration.conftest import ENGINE_MODELS, PROMPTS, SERVED_MODELS, WORKING_MODELS, RunningServer
+
 from triton_client import TritonVLMClient
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import InvalidInputError, UnknownModelError
@@ -193,10 +193,10 @@ def test_concurrent_requests_are_batched_and_equal_direct(triton: RunningServer,
     def burst() -> list[str]:
         with TritonVLMClient(triton.http_url) as client, ThreadPoolExecutor(8) as pool:
             return list(pool.map(lambda ip: client.infer(model, ip[0], ip[1], max_tokens=MAX_TOKENS),
-                                 zip(images, prompts)))
+                                 zip(images, prompts, strict=True)))
 
     served, inferences, executions = batched_burst(triton, model, images[0], burst, requests=8)
-    expected = [_direct_text(direct[model], i, p, max_tokens=MAX_TOKENS) for i, p in zip(images, prompts)]
+    expected = [_direct_text(direct[model], i, p, max_tokens=MAX_TOKENS) for i, p in zip(images, prompts, strict=True)]
     assert served == expected
     assert inferences == 9  # the burst and the long request before it
     assert executions < inferences, f"no batching: {executions} executions for {inferences} requests"
@@ -268,9 +268,8 @@ def test_one_bad_request_in_a_batch_fails_alone(triton: RunningServer, direct: d
 
 
 def test_unknown_model(triton: RunningServer, sample_image_bytes: bytes) -> None:
-    with TritonVLMClient(triton.http_url) as client:
-        with pytest.raises(UnknownModelError, match="nonexistent"):
-            client.infer("nonexistent", sample_image_bytes, "hi")
+    with TritonVLMClient(triton.http_url) as client, pytest.raises(UnknownModelError, match="nonexistent"):
+        client.infer("nonexistent", sample_image_bytes, "hi")
 
 
 def test_moondream2_skills_served_equal_direct(triton: RunningServer, direct: dict[str, VLMRuntime],

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import ROOT, free_ports
 
 pytestmark = pytest.mark.integration

@@ -9,15 +9,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from tests.conftest import free_ports
 from tests.integration.conftest import RunningServer
+
 from triton_client import TritonVLMClient
 from triton_vlm.client import parse_entities
 from triton_vlm.direct import direct_runtime
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.launcher import ServerOptions, TritonServer
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import VLMRuntime
 
 pytestmark = pytest.mark.integration
@@ -99,16 +99,16 @@ def test_leaving_a_stream_early_cancels_it(triton: RunningServer, sample_image_b
 def forwarding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """llava and kosmos2 served the GPU way: each public model forwards to its <model>_stream (the engine)."""
     http, grpc, metrics = free_ports()
-    log = open(tmp_path_factory.mktemp("forwarding") / "tritonserver.log", "w")
-    server = TritonServer(ServerOptions(models=("llava", "kosmos2"), tiny=True, engine="on", forwarder_instances=2,
-                                        http_port=http, grpc_port=grpc, metrics_port=metrics), log_file=log)
-    server.start()
-    try:
-        server.wait_until_ready(timeout=180)
-        yield server
-    finally:
-        code = server.stop()
-        log.close()
+    with open(tmp_path_factory.mktemp("forwarding") / "tritonserver.log", "w") as log:
+        server = TritonServer(ServerOptions(models=("llava", "kosmos2"), tiny=True, engine="on",
+                                            forwarder_instances=2, http_port=http, grpc_port=grpc,
+                                            metrics_port=metrics), log_file=log)
+        server.start()
+        try:
+            server.wait_until_ready(timeout=180)
+            yield server
+        finally:
+            code = server.stop()
     assert code == 0
 
 
@@ -121,12 +121,13 @@ def test_forwarding_model_serves_plain_infer_from_the_engine(forwarding_server: 
     prompts = [f"{PROMPT} {'now ' * i}" for i in range(6)]
     client = TritonVLMClient(forwarding_server.http_url)
     with ThreadPoolExecutor(6) as pool:
-        served = list(pool.map(lambda ip: client.infer("llava", ip[0], ip[1], max_tokens=10), zip(images, prompts)))
+        served = list(pool.map(lambda ip: client.infer("llava", ip[0], ip[1], max_tokens=10),
+                               zip(images, prompts, strict=True)))
     with pytest.raises(InvalidInputError, match="^image: not a recognised image") as info:
         client.infer("llava", b"garbage", PROMPT)  # the engine's INVALID_ARG survives the hop as HTTP 400
     assert (info.value.code, info.value.param, info.value.model) == ("INVALID_ARG", "image", "llava")
     client.close()
-    assert served == [_expected(llava, i, p, max_tokens=10) for i, p in zip(images, prompts)]
+    assert served == [_expected(llava, i, p, max_tokens=10) for i, p in zip(images, prompts, strict=True)]
 
 
 def test_a_forwarded_request_is_not_held_up_by_longer_ones(forwarding_server: TritonServer,

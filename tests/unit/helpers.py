@@ -121,7 +121,7 @@ class ParityCase:
         from triton_vlm.sampling import SamplingParams
 
         return [(image, prompt, SamplingParams(max_tokens=m))
-                for image, prompt, m in zip(self.images, self.prompts, self.max_tokens)]
+                for image, prompt, m in zip(self.images, self.prompts, self.max_tokens, strict=True)]
 
     @staticmethod
     def engine(loaded: tuple[Any, Any, Any], **config: Any) -> Any:

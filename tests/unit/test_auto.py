@@ -18,10 +18,10 @@ from triton_vlm.cli.main import main
 from triton_vlm.config import read_config_file, read_settings
 from triton_vlm.errors import InvalidInputError, ModelLoadError, UnknownModelError
 from triton_vlm.launcher.repository import public_config
-from triton_vlm.models.generation import generate_batch
 from triton_vlm.launcher.scaffold import add_model, render_config, render_model_py
 from triton_vlm.models import get_family
 from triton_vlm.models.auto.family import AutoFamily, reserved_tokens
+from triton_vlm.models.generation import generate_batch
 from triton_vlm.runtime import VLMRuntime
 from triton_vlm.sampling import SamplingParams
 
@@ -244,7 +244,7 @@ def test_mrope_logits_equal_the_models_own_positions(tiny_qwen2_vl: tuple[Any, A
 def test_mrope_greedy_equals_transformers_generate(tiny_qwen2_vl: tuple[Any, Any]) -> None:
     model, processor = tiny_qwen2_vl
     family = AutoFamily()
-    for (w, h), prompt in zip(QWEN_IMAGES[:2], QWEN_PROMPTS[:2]):
+    for (w, h), prompt in zip(QWEN_IMAGES[:2], QWEN_PROMPTS[:2], strict=True):
         image = Image.fromarray(rgb_array(w, h, seed=w))
         (ours,) = generate_batch(family, model, processor, [image], [prompt], [SamplingParams(max_tokens=10)])
         inputs = family.encode(processor, [image], [family.render_prompt(processor, prompt)])
@@ -263,7 +263,7 @@ def test_mrope_batch_equals_single_requests(tiny_qwen2_vl: tuple[Any, Any]) -> N
     params = [SamplingParams(max_tokens=8)] * 3
     batch = generate_batch(family, model, processor, images, QWEN_PROMPTS, params)
     singles = [generate_batch(family, model, processor, [i], [p], [q])[0]
-               for i, p, q in zip(images, QWEN_PROMPTS, params)]
+               for i, p, q in zip(images, QWEN_PROMPTS, params, strict=True)]
     assert len({s.prompt_tokens for s in singles}) == 3  # padded batch
     assert batch == singles
 

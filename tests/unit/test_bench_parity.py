@@ -35,7 +35,8 @@ def test_hf_generate_with_logits_matches_the_engine_on_cpu() -> None:
     image = noise(40, 30, seed=3)
     tokens, scores = hf_greedy_with_logits(family, model, processor, image, "What is this?", 6)
     assert len(tokens) == len(scores) == 6
-    assert all(int(row.argmax()) == token for row, token in zip(scores, tokens))  # greedy: each its row's best
+    # greedy: each its row's best
+    assert all(int(row.argmax()) == token for row, token in zip(scores, tokens, strict=True))
     engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=256))
     (ours,) = engine.generate([(image, "What is this?", SamplingParams(max_tokens=6))])
     assert divergence(ours, tokens, scores) == Divergence(None, 0.0, 6)

@@ -70,7 +70,7 @@ def test_perf_analyzer_inputs_are_the_served_workload(tmp_path: Path) -> None:
     assert len(data) == 3
     images = [base64.b64decode(d["image"]["content"]["b64"]) for d in data]
     assert images == [workload.image(i) for i in range(3)] and len(set(images)) == 3  # distinct, as in the bench
-    assert all(d["image"]["shape"] == [len(b)] for d, b in zip(data, images))
+    assert all(d["image"]["shape"] == [len(b)] for d, b in zip(data, images, strict=True))
     assert Image.open(io.BytesIO(images[0])).size == (32, 32)
     assert data[0]["prompt"] == [workload.prompt] and data[0]["max_tokens"] == [7]
     assert data[0]["ignore_eos"] == [True]

@@ -12,8 +12,15 @@ from tritonclient.utils import InferenceServerException
 
 from triton_vlm._protocol.errors import translate
 from triton_vlm.client import TritonVLMClient, encode_image
-from triton_vlm.errors import (ConnectionLostError, GenerationError, InvalidInputError, ModelUnavailableError,
-                               ServerUnreachableError, TritonVLMError, UnknownModelError)
+from triton_vlm.errors import (
+    ConnectionLostError,
+    GenerationError,
+    InvalidInputError,
+    ModelUnavailableError,
+    ServerUnreachableError,
+    TritonVLMError,
+    UnknownModelError,
+)
 from triton_vlm.images import decode_image
 
 from .helpers import BIG, SAMPLE_IMAGE, free_port, image_bytes, rgb_array

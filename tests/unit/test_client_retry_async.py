@@ -9,8 +9,14 @@ import time
 import pytest
 
 from triton_vlm.client import AsyncTritonVLMClient, InferenceResult, RetryPolicy, TritonVLMClient
-from triton_vlm.errors import (ConnectionLostError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
-                               ServerUnreachableError, TritonVLMError)
+from triton_vlm.errors import (
+    ConnectionLostError,
+    InvalidInputError,
+    ModelUnavailableError,
+    RequestTimeoutError,
+    ServerUnreachableError,
+    TritonVLMError,
+)
 
 from .fake_triton import HANG_UP, FakeTriton, answer
 from .helpers import free_port, image_bytes
@@ -59,9 +65,9 @@ def test_policy_retries_only_what_it_should() -> None:
     assert policy.call(flaky, sleep=sleeps.append) == "ok"
     assert sleeps == [1.0, 2.0]
     for error in (InvalidInputError("bad"), RequestTimeoutError("slow"), TritonVLMError("other")):
-        attempts = []
+        attempts: list[int] = []
 
-        def failing(error: Exception = error) -> None:
+        def failing(error: Exception = error, attempts: list[int] = attempts) -> None:
             attempts.append(1)
             raise error
 
@@ -107,9 +113,8 @@ def test_retries_until_the_server_is_up(port: int) -> None:
 
 
 def test_without_retry_a_starting_server_is_unreachable(port: int) -> None:
-    with TritonVLMClient(f"127.0.0.1:{port}", timeout=5) as client:
-        with pytest.raises(ServerUnreachableError):
-            client.infer("llava", IMAGE, "hi")
+    with TritonVLMClient(f"127.0.0.1:{port}", timeout=5) as client, pytest.raises(ServerUnreachableError):
+        client.infer("llava", IMAGE, "hi")
 
 
 def test_unavailable_is_retried_and_invalid_arg_is_not(port: int) -> None:
@@ -161,9 +166,9 @@ def test_a_server_that_hangs_up_mid_request_is_a_lost_connection(port: int) -> N
 def test_http_timeout_is_a_request_timeout_and_not_retried(port: int) -> None:
     fake = _fake(port, delay=1.0).start()
     try:
-        with TritonVLMClient(f"127.0.0.1:{port}", timeout=0.3, retry=FAST) as client:
-            with pytest.raises(RequestTimeoutError, match="within 0.3s"):
-                client.infer("llava", IMAGE, "hi")
+        with (TritonVLMClient(f"127.0.0.1:{port}", timeout=0.3, retry=FAST) as client,
+              pytest.raises(RequestTimeoutError, match="within 0.3s")):
+            client.infer("llava", IMAGE, "hi")
         time.sleep(0.8)
         assert fake.infer_count() == 1
     finally:

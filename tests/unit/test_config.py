@@ -10,9 +10,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from triton_vlm.config import (DTYPES, BatchingConfig, ConfigError, EngineConfig, ModelSettings, RequestLimits,
-                               WeightsConfig, env_prefix, parse_bool, read_batching, read_config_file, read_settings,
-                               settings_from_triton_args, string_parameters, tiny_mode)
+from triton_vlm.config import (
+    DTYPES,
+    BatchingConfig,
+    ConfigError,
+    EngineConfig,
+    ModelSettings,
+    RequestLimits,
+    WeightsConfig,
+    env_prefix,
+    parse_bool,
+    read_batching,
+    read_config_file,
+    read_settings,
+    settings_from_triton_args,
+    string_parameters,
+    tiny_mode,
+)
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.models import get_family
 

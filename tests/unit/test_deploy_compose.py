@@ -11,8 +11,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-
 from tests.conftest import ROOT
+
 from triton_vlm.launcher import ServerOptions
 from triton_vlm.launcher.compose import COMPOSE_FILES, compose_environment
 

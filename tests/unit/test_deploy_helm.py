@@ -15,7 +15,6 @@ import kubernetes_validate
 import promql_parser
 import pytest
 import yaml
-
 from tests.conftest import ROOT
 
 CHART = ROOT / "deploy" / "helm" / "triton-vlm"

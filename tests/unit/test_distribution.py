@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import ROOT, free_port
+
 from triton_vlm.launcher import ServerOptions, TritonServer
 from triton_vlm.launcher.distribution import LauncherError, find_distribution, prepare_backend_dir
 

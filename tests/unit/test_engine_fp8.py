@@ -11,13 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from triton_vlm.config import read_settings
-from triton_vlm.engine import EngineConfig, LLMEngine
+from triton_vlm.engine import EngineConfig, LLMEngine, quantization
 from triton_vlm.engine.attention import decode_attention, prefill_attention
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine import quantization
-from triton_vlm.engine.quantization import (FP8, FP8_KERNEL_MAX_ROWS, FP8_MAX, WEIGHT_ONLY_MAX_ROWS, Fp8Rows,
-                                            Fp8Weight, check_fp8_support, kv_cache_dtype, linear, quantize_rows,
-                                            takes_fp8_rows, to_storage)
+from triton_vlm.engine.quantization import (
+    FP8,
+    FP8_KERNEL_MAX_ROWS,
+    FP8_MAX,
+    WEIGHT_ONLY_MAX_ROWS,
+    Fp8Rows,
+    Fp8Weight,
+    check_fp8_support,
+    kv_cache_dtype,
+    linear,
+    quantize_rows,
+    takes_fp8_rows,
+    to_storage,
+)
 from triton_vlm.errors import GenerationError, InvalidInputError
 from triton_vlm.sampling import SamplingParams
 
@@ -174,7 +184,7 @@ def engine(loaded: tuple[Any, Any, Any], **config: Any) -> LLMEngine:
 def first_logits(engine: LLMEngine) -> torch.Tensor:
     """The logits after each prompt's prefill [prompts, vocab]."""
     requests = [engine.prepare(image, prompt, SamplingParams(max_tokens=1), lambda out: None)
-                for image, prompt in zip(IMAGES, PROMPTS)]
+                for image, prompt in zip(IMAGES, PROMPTS, strict=True)]
     embeds = engine.adapter.prompt_embeds(engine.model, engine.decoder, requests, engine.runner.encode_images)
     chunks = [(slot, 0, len(r.prompt_ids)) for slot, r in enumerate(requests)]
     with torch.inference_mode():
@@ -196,9 +206,10 @@ def test_fp8_engine_stays_close_to_the_dense_one(dense_logits: torch.Tensor, con
     assert F.cosine_similarity(logits, dense_logits, dim=-1).min() > 0.99
     assert relative_error(logits, dense_logits) < 0.1
     # Random tiny weights leave near-ties at the top: the dense choice is among fp8's first few, not always first.
-    assert all(d in top for d, top in zip(dense_logits.argmax(-1).tolist(), logits.topk(5).indices.tolist()))
+    assert all(d in top for d, top in zip(dense_logits.argmax(-1).tolist(), logits.topk(5).indices.tolist(),
+                                          strict=True))
     outputs = fp8_engine.generate([(image, prompt, SamplingParams(max_tokens=8, ignore_eos=True))
-                                   for image, prompt in zip(IMAGES, PROMPTS)])
+                                   for image, prompt in zip(IMAGES, PROMPTS, strict=True)])
     assert [len(tokens) for tokens in outputs] == [8, 8, 8]
     assert [tokens[0] for tokens in outputs] == logits.argmax(-1).tolist()
 

@@ -78,7 +78,7 @@ def test_every_crop_reaches_the_vision_tower_at_the_shape_it_is_graphed_at(loade
     moondream = engine(loaded)
     shape = moondream.adapter.image_shape(model)
     requests = [moondream.prepare(image, prompt, SamplingParams(max_tokens=1), lambda out: None)
-                for image, prompt in zip(IMAGES, PROMPTS)]
+                for image, prompt in zip(IMAGES, PROMPTS, strict=True)]
     crops = [r.mm_inputs["pixel_values"] for r in requests]
     assert {tuple(c.shape[1:]) for c in crops} == {shape} and len({len(c) for c in crops}) > 1
     batches: list[tuple[int, ...]] = []

@@ -87,9 +87,9 @@ def test_warmup_captures_every_bucket(vision: tuple[GraphedVision, list[int]]) -
 
 @pytest.mark.parametrize("family", ["llava", "kosmos2"])
 def test_every_quick_gelu_of_a_clip_tower_is_fused_and_the_features_stay_the_same(family: str) -> None:
+    from tests.unit.helpers import load_tiny
     from transformers.activations import QuickGELUActivation
 
-    from tests.unit.helpers import load_tiny
     from triton_vlm.engine.vision import FusedQuickGELU, fuse_quick_gelu
 
     loaded_family, model, _processor = load_tiny(family)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from triton_vlm.models import generation
 from triton_vlm.errors import RequestCancelledError
+from triton_vlm.models import generation
 from triton_vlm.models.generation import CANCELLED, GenerationOutput, generate_batch, position_ids_for
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
@@ -90,7 +90,7 @@ def test_batch_equals_single_requests(runtime: VLMRuntime) -> None:
     imgs = images()
     params = [SamplingParams(max_tokens=10)] * 3
     batch = run(runtime, imgs, PROMPTS, params)
-    singles = [run(runtime, [i], [p], [q])[0] for i, p, q in zip(imgs, PROMPTS, params)]
+    singles = [run(runtime, [i], [p], [q])[0] for i, p, q in zip(imgs, PROMPTS, params, strict=True)]
     assert len({s.prompt_tokens for s in singles}) == 3  # different prompt lengths, so the batch is padded
     assert [b.token_ids for b in batch] == [s.token_ids for s in singles]
     assert batch == singles  # text, prompt_tokens and finish_reason too
@@ -117,7 +117,7 @@ def test_per_row_max_tokens(runtime: VLMRuntime) -> None:
     imgs = images()
     batch = run(runtime, imgs, PROMPTS, [SamplingParams(max_tokens=n) for n in limits])
     longest = run(runtime, imgs, PROMPTS, [SamplingParams(max_tokens=9)] * 3)
-    for out, full, n in zip(batch, longest, limits):
+    for out, full, n in zip(batch, longest, limits, strict=True):
         assert out.finish_reason == "length"
         assert len(out.token_ids) == n
         assert out.token_ids == full.token_ids[:n]  # greedy: a shorter limit is a prefix

@@ -211,7 +211,7 @@ def test_backend_sends_entities_in_every_response_of_a_model_that_declares_it(
     image = image_bytes(40, 30, seed=2)
     responses = model.execute([request(image, b"<grounding> An image of", max_tokens=4),
                                request(image, b"What is this?", max_tokens=4), request(b"junk", b"x")])
-    for response, prompt in zip(responses[:2], ("<grounding> An image of", "What is this?")):
+    for response, prompt in zip(responses[:2], ("<grounding> An image of", "What is this?"), strict=True):
         assert response.error is None
         assert set(response.tensors) == {*COMMON, "entities"}
         (expected,) = kosmos2_runtime.generate([kosmos2_runtime.make_request(image, prompt, max_tokens=4)])
@@ -250,7 +250,9 @@ def test_infer_draw_kosmos2_entities(in_project: None, monkeypatch: pytest.Monke
     import triton_vlm.direct
 
     processor = kosmos2_runtime.ensure_loaded().processor
-    text, entities = grounded_entities(processor, SNOWMAN, Image.open(SAMPLE_IMAGE).size)
+    with Image.open(SAMPLE_IMAGE) as image:  # the header only: nothing else would close the file
+        size = image.size
+    text, entities = grounded_entities(processor, SNOWMAN, size)
     answer = GenerationOutput(text=text, token_ids=(1,), prompt_tokens=3, finish_reason="stop",
                               extras={"entities": json.dumps(entities)})
     monkeypatch.setattr(triton_vlm.direct, "direct_infer", lambda *a, **k: answer)

@@ -14,8 +14,16 @@ from PIL import Image
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.images import ACCEPTED_FORMATS, decode_image, image_bytes_from_tensor
 
-from .helpers import (BIG, SAMPLE_IMAGE, encode, image_bytes, multi_frame, png_header_only, rgb_array,
-                      truncated_animated_gif)
+from .helpers import (
+    BIG,
+    SAMPLE_IMAGE,
+    encode,
+    image_bytes,
+    multi_frame,
+    png_header_only,
+    rgb_array,
+    truncated_animated_gif,
+)
 
 
 def decode(data: bytes, max_bytes: int = BIG, max_pixels: int = BIG) -> Image.Image:
@@ -178,7 +186,7 @@ def test_exif_orientation_is_applied(orientation: int, size: tuple[int, int]) ->
 
 
 def test_accepted_formats() -> None:
-    assert ACCEPTED_FORMATS == {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"}
+    assert {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"} == ACCEPTED_FORMATS
 
 
 # -- rejected inputs ----------------------------------------------------------------------------------------

@@ -11,15 +11,21 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 from triton_vlm._protocol.model_config import load_model_config
-from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer
-from triton_vlm.launcher import server as server_module
-from triton_vlm.launcher import stub_env
-from triton_vlm.launcher.distribution import (TritonDistribution, find_distribution, library_path,
-                                              prepare_backend_dir)
 from triton_vlm.config import ConfigError
-from triton_vlm.launcher.repository import (base_model, companions, default_model_repository, list_models,
-                                            make_forwarder, model_family, model_settings, render_repository,
-                                            servable_models)
+from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer, stub_env
+from triton_vlm.launcher import server as server_module
+from triton_vlm.launcher.distribution import TritonDistribution, find_distribution, library_path, prepare_backend_dir
+from triton_vlm.launcher.repository import (
+    base_model,
+    companions,
+    default_model_repository,
+    list_models,
+    make_forwarder,
+    model_family,
+    model_settings,
+    render_repository,
+    servable_models,
+)
 
 from .helpers import REPOSITORY, free_port
 

@@ -10,10 +10,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from triton_vlm._protocol.model_config import dump_model_config, force_instance_kind, load_model_config
 from triton_vlm.config import read_settings, string_parameters
 from triton_vlm.config.contract import complete_config, template
 from triton_vlm.launcher.repository import public_config, stream_config
-from triton_vlm._protocol.model_config import dump_model_config, force_instance_kind, load_model_config
 from triton_vlm.models import get_family
 
 from .helpers import REPOSITORY, ROOT

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, ModelUnavailableError,
-                               ServerUnreachableError, TritonVLMError, UnknownModelError)
+from triton_vlm.errors import (
+    GenerationError,
+    InvalidInputError,
+    ModelLoadError,
+    ModelUnavailableError,
+    ServerUnreachableError,
+    TritonVLMError,
+    UnknownModelError,
+)
 from triton_vlm.models import ModelFamily, available_families, get_family
 from triton_vlm.models.base import cache_kwarg
 from triton_vlm.models.llava import IMAGE_TOKEN, LlavaFamily

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from triton_vlm.errors import InvalidInputError  # noqa: E402
-from triton_vlm.models.generation import generate_batch  # noqa: E402
 from triton_vlm.models import get_family  # noqa: E402
+from triton_vlm.models.generation import generate_batch  # noqa: E402
 from triton_vlm.models.moondream2 import DEFAULT_REVISION  # noqa: E402
 from triton_vlm.models.moondream2.config import MoondreamConfig  # noqa: E402
 from triton_vlm.models.moondream2.model import prefill_mask  # noqa: E402
@@ -72,7 +72,7 @@ def test_tiny_checkpoint_uses_the_official_file_layout(tiny_dir: Path, loaded: t
     _, model, _ = loaded
     assert {p.name for p in tiny_dir.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
     with safe_open(str(tiny_dir / "model.safetensors"), framework="pt") as handle:
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118 - no __iter__
     assert all(k.startswith(("model.vision.", "model.text.", "model.region.")) for k in shapes)
     assert {"model.text.wte", "model.vision.pos_emb", "model.region.size_features"} <= set(shapes)
     assert check_keys(shapes, model).ok
@@ -192,13 +192,13 @@ def test_left_padded_batch_equals_single_requests(loaded: tuple[Any, Any, Any]) 
               SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=7)]
     batch = generate_batch(family, model, processor, IMAGES, prompts, params, tasks)
     singles = [generate_batch(family, model, processor, [i], [p], [s], [t])[0]
-               for i, p, s, t in zip(IMAGES, prompts, params, tasks)]
+               for i, p, s, t in zip(IMAGES, prompts, params, tasks, strict=True)]
     assert [o.token_ids for o in batch] == [o.token_ids for o in singles]
     assert [o.text for o in batch] == [o.text for o in singles]
     assert [o.prompt_tokens for o in batch] == [o.prompt_tokens for o in singles]
     # BOS + 16 image tokens + the template and question.
     assert batch[1].prompt_tokens == 1 + 16 + len(processor.prompt_tokens(parse_task("caption:short"), ""))
-    assert all(len(o.token_ids) <= s.max_tokens for o, s in zip(batch, params))
+    assert all(len(o.token_ids) <= s.max_tokens for o, s in zip(batch, params, strict=True))
 
 
 def test_answer_marker_is_never_generated(loaded: tuple[Any, Any, Any]) -> None:
@@ -213,7 +213,7 @@ def test_region_tasks_answer_json_in_pixels_inside_the_image(loaded: tuple[Any, 
     family, model, processor = loaded
     images = [IMAGES[0], IMAGES[2]]
     outs = family.generate(model, processor, images, ["face", "cat"], [SamplingParams()] * 2, [kind, kind])
-    for out, image in zip(outs, images):
+    for out, image in zip(outs, images, strict=True):
         payload = json.loads(out.text)
         assert payload["image_size"] == {"width": image.width, "height": image.height}
         found = payload["objects" if kind == "detect" else "points"]
@@ -291,8 +291,8 @@ def test_families_without_tasks_refuse_one() -> None:
 
 
 def test_moondream2_is_servable_and_pinned() -> None:
-    from triton_vlm.launcher.repository import model_settings, servable_models
     from triton_vlm._protocol.model_config import load_model_config
+    from triton_vlm.launcher.repository import model_settings, servable_models
 
     assert "moondream2" in servable_models(REPOSITORY)
     config = load_model_config(REPOSITORY / "moondream2" / "config.pbtxt")
@@ -303,8 +303,8 @@ def test_moondream2_is_servable_and_pinned() -> None:
 
 
 def test_auto_dtype_on_gpu_is_the_release_precision() -> None:
-    from triton_vlm.loading import resolve_dtype
     from triton_vlm.config import ModelSettings
+    from triton_vlm.loading import resolve_dtype
 
     settings = ModelSettings(model_name="moondream2", family="moondream2")
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")

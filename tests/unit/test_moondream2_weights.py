@@ -19,9 +19,14 @@ from triton_vlm.errors import ModelLoadError  # noqa: E402
 from triton_vlm.models.moondream2.config import MoondreamConfig  # noqa: E402
 from triton_vlm.models.moondream2.model import Moondream2Model  # noqa: E402
 from triton_vlm.models.moondream2.tokenizer import LEGACY, STARMIE, detect_generation  # noqa: E402
-from triton_vlm.models.moondream2.weights import (KEY_TABLE, check_keys,  # noqa: E402
-                                                  load_official_state_dict, resolve_checkpoint, to_official,
-                                                  to_ours)
+from triton_vlm.models.moondream2.weights import (  # noqa: E402
+    KEY_TABLE,
+    check_keys,
+    load_official_state_dict,
+    resolve_checkpoint,
+    to_official,
+    to_ours,
+)
 
 
 def official_layout(config: MoondreamConfig) -> dict[str, tuple[int, ...]]:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from tests.conftest import ROOT
+
 from triton_vlm.cli.addresses import metrics_address
 from triton_vlm.observability import dashboard as dash
 from triton_vlm.observability.promql import Evaluator, PromQLError, metric_names
@@ -96,6 +96,7 @@ def test_record_scrapes_over_time(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_fetch_metrics_from_a_closed_port() -> None:
     from tests.unit.helpers import free_port
+
     from triton_vlm.errors import ServerUnreachableError
     from triton_vlm.observability.scrape import fetch_metrics
 
@@ -168,7 +169,7 @@ def test_unsupported_queries_say_so() -> None:
     ev = Evaluator(_recording({"a": [1, 2]}))
     for query, message in (("topk(1, a)", "unsupported aggregation"), ("abs(a)", "unsupported function"),
                            ("a and a", "unsupported operator"), ("rate(a)", "cannot parse"),
-                           ("sum(", "cannot parse")):
+                           ("sum(", "cannot parse"), ("1 + 1", "expected an instant vector")):
         with pytest.raises(PromQLError, match=message):
             ev.instant(query)
 
@@ -203,7 +204,7 @@ def test_dashboard_panels_tile_the_grid(board: dict[str, Any]) -> None:
     cells: set[tuple[int, int]] = set()
     for panel in board["panels"]:
         g = panel["gridPos"]
-        assert g["w"] > 0 and g["h"] > 0 and 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        assert g["w"] > 0 and g["h"] > 0 and g["x"] >= 0 and g["x"] + g["w"] <= 24, panel["title"]
         area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not area & cells, f"{panel['title']} overlaps another panel"
         cells |= area

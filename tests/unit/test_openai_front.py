@@ -20,8 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelUnavailableError, RequestTimeoutError,
-                               ServerUnreachableError, UnknownModelError)
+from triton_vlm.errors import (
+    GenerationError,
+    InvalidInputError,
+    ModelUnavailableError,
+    RequestTimeoutError,
+    ServerUnreachableError,
+    UnknownModelError,
+)
 from triton_vlm.openai import OpenAIOptions, load_api_keys
 from triton_vlm.openai.app import create_app
 from triton_vlm.openai.config import OpenAIConfigError

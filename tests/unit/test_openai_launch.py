@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tests.unit.test_deploy_compose import FILES, interpolate, load, validate, variables
+
 from triton_vlm.cli.main import _parser, _server_options, main
 from triton_vlm.launcher import ServerOptions
 from triton_vlm.launcher.compose import compose_environment, endpoints_text

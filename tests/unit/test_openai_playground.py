@@ -8,15 +8,15 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-
 from tests.conftest import ROOT
 from tests.unit.test_openai_front import AUTH, KEY, FakeGateway
+
 from triton_vlm.openai import OpenAIOptions
 from triton_vlm.openai.app import create_app
 from triton_vlm.openai.cli import add_arguments, options_from_args
 from triton_vlm.openai.config import MiB
-from triton_vlm.openai.process import front_command
 from triton_vlm.openai.playground import ASSETS
+from triton_vlm.openai.process import front_command
 
 STATIC = ROOT / "src" / "triton_vlm" / "openai" / "static"
 

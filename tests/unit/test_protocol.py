@@ -23,9 +23,18 @@ from triton_vlm._protocol.results import Output, parse_output, statistics_models
 from triton_vlm._protocol.stream import StreamCall, outputs_async, outputs_sync, stream_async, stream_sync
 from triton_vlm._protocol.tensors import RequestFields, request_inputs, requested_outputs
 from triton_vlm._protocol.wire import CODES, WireError, decode_error, encode_error
-from triton_vlm.errors import (ConnectionLostError, GenerationError, InvalidInputError, ModelLoadError,
-                               ModelUnavailableError, RequestCancelledError, RequestTimeoutError,
-                               ServerUnreachableError, TritonVLMError, UnknownModelError)
+from triton_vlm.errors import (
+    ConnectionLostError,
+    GenerationError,
+    InvalidInputError,
+    ModelLoadError,
+    ModelUnavailableError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    ServerUnreachableError,
+    TritonVLMError,
+    UnknownModelError,
+)
 
 
 # -- the wire encoding -------------------------------------------------------------------------------------------

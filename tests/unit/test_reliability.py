@@ -23,17 +23,26 @@ from tritonclient.utils import InferenceServerException
 from triton_vlm._protocol.errors import translate
 from triton_vlm._protocol.model_config import load_model_config
 from triton_vlm.config import ConfigError, ModelSettings, RequestLimits, read_settings
-from triton_vlm.errors import (InvalidInputError, ModelLoadError, ModelUnavailableError, RequestTimeoutError,
-                               UnknownModelError)
-from triton_vlm.models.generation import check_context
-from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer
-from triton_vlm.launcher import preflight
+from triton_vlm.errors import (
+    InvalidInputError,
+    ModelLoadError,
+    ModelUnavailableError,
+    RequestTimeoutError,
+    UnknownModelError,
+)
+from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer, preflight
 from triton_vlm.launcher import server as server_module
-from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, instance_count, own_batch_delay,
-                                          queue_limits)
+from triton_vlm.launcher.policies import (
+    apply_batch_delay,
+    apply_queue_policy,
+    instance_count,
+    own_batch_delay,
+    queue_limits,
+)
 from triton_vlm.launcher.repository import model_settings, render_repository
 from triton_vlm.loading import load_model
 from triton_vlm.models import get_family
+from triton_vlm.models.generation import check_context
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
 from triton_vlm.tiny import ensure_tiny_checkpoint

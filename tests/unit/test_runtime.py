@@ -11,8 +11,7 @@ import torch
 
 import triton_vlm.runtime as runtime_module
 from triton_vlm.config import ModelSettings, RequestLimits
-from triton_vlm.errors import (GenerationError, InvalidInputError, ModelLoadError, TritonVLMError,
-                               UnknownModelError)
+from triton_vlm.errors import GenerationError, InvalidInputError, ModelLoadError, TritonVLMError, UnknownModelError
 from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import VLMRuntime, as_request_error
 from triton_vlm.sampling import SamplingParams

@@ -10,8 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.sampling import (MAX_SEED, MIN_TEMPERATURE, RowSampler, SamplingParams, _top_p_filter,
-                                 choose_tokens, make_generator)
+from triton_vlm.sampling import (
+    MAX_SEED,
+    MIN_TEMPERATURE,
+    RowSampler,
+    SamplingParams,
+    _top_p_filter,
+    choose_tokens,
+    make_generator,
+)
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import ROOT, free_port
 from tests.unit.fakehost import FakeHost, make_host
 

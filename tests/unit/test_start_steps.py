@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from triton_vlm._protocol.model_config import load_model_config
 from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer
 from triton_vlm.launcher import server as server_module
 from triton_vlm.launcher.repository import render_repository
 from triton_vlm.launcher.restarts import State
-from triton_vlm._protocol.model_config import load_model_config
 from triton_vlm.openai import OpenAIOptions
 
 from .helpers import REPOSITORY, free_port

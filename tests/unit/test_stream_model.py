@@ -4,6 +4,7 @@ unloads (Triton's utils faked)."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -129,7 +130,7 @@ def test_deltas_go_out_every_stream_interval_tokens_after_the_first(stream_model
         assert [flags for _, _, flags in pieces] == [0] * (len(pieces) - 1) + [stream_model.stream_requests.FINAL]
         counts = [tokens for _, tokens, _ in pieces[:-1]]
         assert counts[0] == 1  # the first piece at once (time to first token)
-        assert all(later - earlier >= interval for earlier, later in zip(counts, counts[1:]))
+        assert all(later - earlier >= interval for earlier, later in itertools.pairwise(counts))
     # One piece a token, but for tokens that add no text of their own (a lone space is held until a word follows).
     assert len(ids) - 3 <= len(sent[1]) <= len(ids)
     assert len(sent[3]) <= 2 + (len(ids) - 1) // 3 < len(sent[1])
@@ -214,6 +215,7 @@ def test_finalize_stops_its_threads_and_names_one_that_does_not_stop_in_time(
 
 def test_engine_shutdown_reports_whether_its_thread_stopped() -> None:
     from tests.unit.helpers import load_tiny
+
     from triton_vlm.engine import EngineConfig, LLMEngine
 
     family, model, processor = load_tiny("llava")

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from triton_vlm.models import get_family
-from triton_vlm.tiny import (TINY_FORMAT_VERSION, ensure_tiny_checkpoint, tiny_checkpoint_dir, tiny_root,
-                             train_llama_style_vocab, train_unigram_vocab)
+from triton_vlm.tiny import (
+    TINY_FORMAT_VERSION,
+    ensure_tiny_checkpoint,
+    tiny_checkpoint_dir,
+    tiny_root,
+    train_llama_style_vocab,
+    train_unigram_vocab,
+)
 
 FAMILIES = ("llava", "kosmos2")
 
@@ -23,13 +29,13 @@ class CountingBuild:
         self.fail = fail
         self.lock = threading.Lock()
 
-    def __call__(self, path: Path) -> None:
+    def __call__(self, path: Path, variant: str | None = None) -> None:
         with self.lock:
             self.calls += 1
         if self.fail:
             (path / "partial.bin").write_bytes(b"half")
             raise RuntimeError("build interrupted")
-        self.original(path)
+        self.original(path, variant)
 
 
 def test_tiny_root_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

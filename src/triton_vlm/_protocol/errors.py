@@ -12,9 +12,17 @@ from http.client import HTTPException
 from typing import Any
 
 from triton_vlm._protocol.wire import decode_error
-from triton_vlm.errors import (ConnectionLostError, GenerationError, InvalidInputError, ModelUnavailableError,
-                               RequestCancelledError, RequestTimeoutError, ServerUnreachableError, TritonVLMError,
-                               UnknownModelError)
+from triton_vlm.errors import (
+    ConnectionLostError,
+    GenerationError,
+    InvalidInputError,
+    ModelUnavailableError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    ServerUnreachableError,
+    TritonVLMError,
+    UnknownModelError,
+)
 
 #: The class for each code the backend sends; any other code is a :class:`GenerationError` that keeps it.
 CLASS_OF_CODE: dict[str, type[TritonVLMError]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
+from tritonclient.grpc import model_config_pb2 as model_config_pb2  # re-exported: config/contract.py uses it
 
 ModelConfig = model_config_pb2.ModelConfig
 

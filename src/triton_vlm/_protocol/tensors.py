@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 #: Which tritonclient module the tensors are for: ``tritonclient.<api>``.
 Api = Literal["http", "grpc", "http.aio", "grpc.aio"]
@@ -33,7 +34,7 @@ class RequestFields:
     #: True: token by token (``<model>_stream`` only); False: the whole answer in one response.
     stream: bool | None = None
 
-    def arrays(self) -> list[tuple[str, np.ndarray]]:
+    def arrays(self) -> list[tuple[str, npt.NDArray[Any]]]:
         """``(name, array)`` of every input to send, each ``[1, n]`` (a batch of one)."""
         arrays = [("image", np.frombuffer(self.image, dtype=np.uint8)[None, :]),
                   ("prompt", np.array([[self.prompt.encode("utf-8")]], dtype=np.object_))]
@@ -50,7 +51,7 @@ def client_module(api: Api) -> Any:
     return importlib.import_module(f"tritonclient.{api}")
 
 
-def input_tensor(api: Api, name: str, array: np.ndarray) -> Any:
+def input_tensor(api: Api, name: str, array: npt.NDArray[Any]) -> Any:
     """One ``InferInput`` holding ``array``; its Triton type follows from the array's (object: BYTES)."""
     from tritonclient.utils import np_to_triton_dtype
 
@@ -59,7 +60,7 @@ def input_tensor(api: Api, name: str, array: np.ndarray) -> Any:
     return tensor
 
 
-def input_tensors(api: Api, arrays: Iterable[tuple[str, np.ndarray]]) -> list[Any]:
+def input_tensors(api: Api, arrays: Iterable[tuple[str, npt.NDArray[Any]]]) -> list[Any]:
     return [input_tensor(api, name, array) for name, array in arrays]
 
 

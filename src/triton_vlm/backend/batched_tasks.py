@@ -78,7 +78,7 @@ class BatchedTasks:
             except Exception as exc:  # the runtime answers per request; this is for whatever escapes it
                 log.exception("batched generation failed")
                 results = [as_request_error(exc)] * len(batch)
-            for task, result in zip(batch, results):
+            for task, result in zip(batch, results, strict=True):
                 self._answer(task, result)
 
     def _answer(self, task: _Task, result: GenerationOutput | TritonVLMError) -> None:

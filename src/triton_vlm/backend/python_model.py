@@ -18,8 +18,14 @@ from typing import Any, ClassVar
 
 from triton_vlm.backend.faults import FaultInjection
 from triton_vlm.backend.metrics import BackendMetrics
-from triton_vlm.backend.requests import (declared_extra_outputs, error_response, extra_values, output_response,
-                                         parse_request, runtime_from_args)
+from triton_vlm.backend.requests import (
+    declared_extra_outputs,
+    error_response,
+    extra_values,
+    output_response,
+    parse_request,
+    runtime_from_args,
+)
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown, startup_failed
 from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.models.generation import GenerationOutput
@@ -62,7 +68,7 @@ class TritonVLMModel:
                 batch[index] = self._parse(request)
         if batch:
             results = self._generate(list(batch.values()))
-            for (index, request), result in zip(batch.items(), results):
+            for (index, request), result in zip(batch.items(), results, strict=True):
                 with self._boundary(responses, index):
                     responses[index] = (self._error_response(result) if isinstance(result, TritonVLMError)
                                         else self._response(result, received))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm._protocol.wire import encode_error
@@ -15,6 +16,8 @@ from triton_vlm.errors import InvalidInputError, TritonVLMError
 from triton_vlm.images import image_bytes_from_tensor
 from triton_vlm.loading import resolve_device
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
+
+T = TypeVar("T")
 
 
 def runtime_from_args(args: dict[str, str], family: str | None) -> VLMRuntime:
@@ -25,12 +28,12 @@ def runtime_from_args(args: dict[str, str], family: str | None) -> VLMRuntime:
     return VLMRuntime(settings, device)
 
 
-def input_array(request: Any, name: str) -> np.ndarray | None:
+def input_array(request: Any, name: str) -> npt.NDArray[Any] | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
 
 
-def input_scalar(request: Any, name: str, kind: type) -> Any:
+def input_scalar(request: Any, name: str, kind: Callable[[Any], T]) -> T | None:
     array = input_array(request, name)
     if array is None:
         return None

@@ -183,7 +183,7 @@ class ResponseLoop:
         if not out.finished and state.sent_chars and out.generated_tokens - state.sent_tokens < self.stream_interval:
             return  # the next delta waits for stream_interval tokens (the first went out at once)
         family = self.runtime.family
-        processor = self.runtime.loaded.processor  # type: ignore[union-attr]
+        processor = self.runtime.ensure_loaded().processor  # loaded before the engine was built: no lock taken
         extras: dict[str, str] = {}
         if out.finished and self.extra_outputs and state.generation is not None:
             # The whole answer: its text and the extra outputs worked out from it (kosmos2's entities).

@@ -10,6 +10,7 @@ real sizes with the tiny checkpoints' tokenizers (ids inside the real vocabulari
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def llava_7b_config() -> Any:
                        bos_token_id=1, eos_token_id=2, pad_token_id=32001)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
                        projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                       vision_feature_layer=-2, pad_token_id=32001)
+                       vision_feature_layer=-2)
 
 
 def llava_7b_processor() -> Any:
@@ -76,13 +77,10 @@ def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if model == "llava":
         return save_random_llava_7b(path, device)
-    if model == "kosmos2":
-        from triton_vlm.models.kosmos2.family import write_random_checkpoint
-    elif model == "moondream2":
-        from triton_vlm.models.moondream2.family import write_random_checkpoint  # type: ignore[no-redef]
-    else:
+    if model not in ("kosmos2", "moondream2"):
         raise ValueError(f"no full-size random checkpoint for {model!r} (llava, kosmos2, moondream2)")
-    write_random_checkpoint(path, full_size=True, dtype=torch.float16, device=device)
+    family = importlib.import_module(f"triton_vlm.models.{model}.family")
+    family.write_random_checkpoint(path, full_size=True, dtype=torch.float16, device=device)
     return path
 
 

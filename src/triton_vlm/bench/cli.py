@@ -10,8 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from triton_vlm.bench.workload import (RoundTrip, RunResult, Workload, format_table, plot, run_hf_baseline,
-                                      run_round_trip, run_served, warm_up)
+from triton_vlm.bench.workload import (
+    RoundTrip,
+    RunResult,
+    Workload,
+    format_table,
+    plot,
+    run_hf_baseline,
+    run_round_trip,
+    run_served,
+    warm_up,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         from triton_vlm.direct import direct_runtime
 
         runtime = direct_runtime(args.model, tiny=args.tiny)
-        baseline = [run_hf_baseline(runtime, w, c) for w, c in zip(workloads, levels)]
+        baseline = [run_hf_baseline(runtime, w, c) for w, c in zip(workloads, levels, strict=True)]
         if not args.round_trip:
             del runtime
             _free_memory()
@@ -79,12 +88,13 @@ def run(args: argparse.Namespace) -> int:
                   f"{round_trip.direct_p50_s * 1e3:.1f} ms, served p50 {round_trip.served_p50_s * 1e3:.1f} ms, "
                   f"added {round_trip.overhead_p50_s * 1e3:.1f} ms", flush=True)
         warm_up(url, workload, apis)
-        served = [run_served(url, w, c, api=api) for api in apis for w, c in zip(workloads, levels)]
+        served = [run_served(url, w, c, api=api) for api in apis for w, c in zip(workloads, levels, strict=True)]
     finally:
         if server is not None:
             server.stop()
+            server.log_file.close()
     print(format_table(f"triton-vlm served ({args.model} through Triton: {', '.join(apis)})", served), flush=True)
-    pairs = list(zip(served, baseline * len(apis)))
+    pairs = list(zip(served, baseline * len(apis), strict=True)) if baseline else []
     ratios = {f"{s.extra['api']}_c{s.concurrency}": s.output_tok_s / b.output_tok_s for s, b in pairs}
     repeated = {f"{s.extra['api']}_c{s.concurrency}": s.output_tok_s / b.extra["repeated_tok_s"] for s, b in pairs}
     if ratios:
@@ -118,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 def start_server(model: str, *, tiny: bool = False, engine: str = "auto", batch_delay_us: int | None = None) -> Any:
     """A ready server for ``model`` on the first free ports from 18000, logging to a temporary file
-    (``server.log_file.name``); stop it with ``server.stop()``."""
+    (``server.log_file.name``); stop it with ``server.stop()``, then close ``server.log_file``."""
     from triton_vlm.launcher import ServerOptions, TritonServer
     from triton_vlm.launcher.server import port_in_use
 
@@ -132,15 +142,17 @@ def start_server(model: str, *, tiny: bool = False, engine: str = "auto", batch_
 
     log_path = Path(tempfile.mkstemp(prefix="triton-vlm-bench-", suffix=".log")[1])
     print(f"[triton-vlm] starting a server for the benchmark; its log: {log_path}", flush=True)
+    log_file = open(log_path, "w")  # noqa: SIM115 - written until stop(); run() closes it
     server = TritonServer(ServerOptions(models=(model,), tiny=tiny, preload=True, engine=engine,
                                         batch_delay_us=batch_delay_us,
                                         http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2]),
-                          log_file=open(log_path, "w"))
+                          log_file=log_file)
     server.start()
     try:
         server.wait_until_ready(timeout=900)
     except BaseException:
         server.stop()
+        log_file.close()
         raise
     return server
 

@@ -108,7 +108,7 @@ def new_sequences(engine: LLMEngine, count: int) -> list[Sequence]:
     """``count`` prepared requests with noise images, as the scheduler admits them."""
     images, prompts = probe_inputs(count)
     return [Sequence(engine.prepare(image, prompt, SamplingParams(max_tokens=1), _ignore), max_generated=1)
-            for image, prompt in zip(images, prompts)]
+            for image, prompt in zip(images, prompts, strict=True)]
 
 
 def profile_vision(engine: LLMEngine, counts: list[int]) -> None:

@@ -18,6 +18,7 @@ Recorded runs: bench/results/h100-llava-roofline-fp8.json and h100-llava-rooflin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -72,12 +73,13 @@ def matmul_rates(device: torch.device, rows: int = 8192) -> dict[str, dict[str, 
         a = torch.randn(rows, k, device=device, dtype=torch.float16)
         w = torch.randn(n, k, device=device, dtype=torch.float16)
         flops = 2 * rows * k * n
-        rates["fp16"][f"{k}x{n}"] = flops / best_seconds(lambda: a @ w.t())
+        # partial, not a lambda: each timed call binds this iteration's tensors.
+        rates["fp16"][f"{k}x{n}"] = flops / best_seconds(functools.partial(torch.matmul, a, w.t()))
         a8, w8 = a.to(fp8), w.to(fp8).t()  # [k, n] column-major, as Fp8Weight keeps it
         scale_a = torch.ones(rows, 1, device=device)
         scale_b = torch.ones(1, n, device=device)
         rates["fp8"][f"{k}x{n}"] = flops / best_seconds(
-            lambda: torch._scaled_mm(a8, w8, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float16))
+            functools.partial(torch._scaled_mm, a8, w8, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float16))
     return rates
 
 
@@ -171,7 +173,7 @@ def table(result: dict[str, Any]) -> str:
     """The run beside its floor, phase by phase, as printed (``result`` after :func:`add_floors`)."""
     measured = result["floors"]["measured_peaks"]
     engine = result["engine_device_s"]
-    phases = [("vision", ("build_prompt_embeds",)), ("prefill", ("prefill",)), ("decode", ("decode",))]
+    phases: list[tuple[str, tuple[str, ...]]] = [("vision", ("build_prompt_embeds",)), ("prefill", ("prefill",)), ("decode", ("decode",))]
     if engine.get("prefill_and_decode"):  # steps that prefill and decode in one forward: the two together
         phases[1:] = [("prefill+decode", ("prefill", "decode", "prefill_and_decode"))]
     lines = [f"llava-1.5-7b, {result['clients']} clients, {result['requests']} requests x {result['output_tokens']} "

@@ -31,7 +31,8 @@ def hf_greedy_with_logits(family: Any, model: Any, processor: Any, image: Any, p
 
 def divergence(ours: list[int], theirs: list[int], logits: list[Any]) -> Divergence:
     """Compare the engine's tokens (``ours``) with HF's (``theirs``, chosen from ``logits``)."""
-    step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    # Over the shorter: where one stopped before the other, the lengths differ (handled below).
+    step = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
     if step is None:
         if len(ours) != len(theirs):  # one stopped (EOS) where the other went on
             step = min(len(ours), len(theirs))

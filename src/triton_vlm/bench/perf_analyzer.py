@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload(model=args.model, image_size=args.image_size, max_tokens=args.max_tokens)
     work = Path(tempfile.mkdtemp(prefix="triton-vlm-pa-"))
     results = []
-    for level, count in zip(levels, counts):
+    for level, count in zip(levels, counts, strict=True):
         result = run(args.url, args.model, level, count, workload, binary=binary, libs=libs, work_dir=work)
         print(f"perf_analyzer {args.model} c{level}: {result.infer_s:.3f} infer/s = {result.output_tok_s:.1f} tok/s "
               f"(p50 {result.latency_p50_s:.3f} s, p99 {result.latency_p99_s:.3f} s)", flush=True)

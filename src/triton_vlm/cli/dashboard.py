@@ -6,7 +6,12 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the observability modules load with the command, not with the CLI
+    from triton_vlm.observability.scrape import Recording
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,14 +90,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_tiny(args: argparse.Namespace, models: list[str], say) -> object:  # type: ignore[no-untyped-def]
+def _record_tiny(args: argparse.Namespace, models: list[str], say: Callable[[str], None]) -> Recording:
     import socket
     import tempfile
 
     from triton_vlm.launcher import ServerOptions, TritonServer
     from triton_vlm.observability import dashboard as dash
 
-    ports = []
+    ports: list[int] = []
     sockets = []
     for _ in range(3):
         sock = socket.socket()

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from triton_vlm.errors import ServerUnreachableError, TritonVLMError
 
@@ -19,7 +19,7 @@ def other_protocol_answers(url: str, protocol: str, timeout: float = 3.0) -> boo
     """Whether a Triton server answers at ``url`` over the protocol that is not ``protocol``."""
     from triton_vlm.client import TritonVLMClient
 
-    other = "http" if protocol == "grpc" else "grpc"
+    other: Literal["http", "grpc"] = "http" if protocol == "grpc" else "grpc"
     try:
         with TritonVLMClient(url, protocol=other, timeout=timeout) as client:
             client.server_metadata()  # raises where nothing (or no Triton) answers that way

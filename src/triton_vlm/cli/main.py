@@ -10,12 +10,13 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from triton_vlm.errors import TritonVLMError
 
 if TYPE_CHECKING:
     from triton_vlm.availability import WeightsAvailability
+    from triton_vlm.client.entities import Entity
     from triton_vlm.launcher import ServerOptions
 
 
@@ -143,8 +144,8 @@ class _PrintVersion(argparse.Action):
     """``--version``: argparse's own action wraps the line at the terminal's width; this prints it whole, and
     reads the installed versions only when asked."""
 
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
@@ -422,7 +423,7 @@ def _openai(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _draw(image_path: Path, out: Path, text: str, entities: list, label: str) -> None:
+def _draw(image_path: Path, out: Path, text: str, entities: list[Entity], label: str) -> None:
     """Write ``image_path`` with the boxes of ``entities`` (or of a detect/point JSON answer) to ``out``."""
     from triton_vlm.client.entities import draw_entities, entities_from_answer
     from triton_vlm.images import decode_image

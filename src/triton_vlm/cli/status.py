@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when the server is ready and every model READY, 3 when some are not, 1 when unreachable."""
-    from triton_vlm.client import TritonVLMClient
     from triton_vlm.cli.addresses import metrics_address
+    from triton_vlm.client import TritonVLMClient
     from triton_vlm.observability.status import format_status, gather
 
     with TritonVLMClient(args.url, protocol="grpc" if args.grpc else "http", timeout=args.timeout) as client:

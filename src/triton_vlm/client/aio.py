@@ -21,8 +21,19 @@ from triton_vlm._protocol.errors import is_restricted, translate
 from triton_vlm._protocol.results import parse_output, statistics_models, stream_model
 from triton_vlm._protocol.stream import StreamCall, outputs_async
 from triton_vlm._protocol.tensors import Api, request_inputs
-from triton_vlm.client.client import (BatchItem, BatchResults, ImageLike, InferenceResult, Protocol, ServerEndpoint,
-                                      StreamPiece, batch_item, inference_result, request_fields, stream_piece)
+from triton_vlm.client.client import (
+    BatchItem,
+    BatchResults,
+    ImageLike,
+    InferenceResult,
+    Protocol,
+    ServerEndpoint,
+    StreamPiece,
+    batch_item,
+    inference_result,
+    request_fields,
+    stream_piece,
+)
 from triton_vlm.client.retry import RetryPolicy
 from triton_vlm.errors import ServerUnreachableError, TritonVLMError
 

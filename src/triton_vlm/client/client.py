@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from triton_vlm._protocol.connect import make_client
@@ -32,11 +33,11 @@ from triton_vlm.client.entities import Entity, parse_entities
 from triton_vlm.client.retry import RetryPolicy
 from triton_vlm.errors import InvalidInputError, ServerUnreachableError, TritonVLMError
 
-ImageLike = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+ImageLike = str | Path | bytes | bytearray | Image.Image | npt.NDArray[Any]
 Protocol = Literal["http", "grpc"]
 #: One item of :meth:`TritonVLMClient.infer_many`: ``(image, prompt)`` or a dict of :meth:`infer_result`'s
 #: keyword arguments (``image`` and ``prompt`` required; ``model_name`` overrides the call's model).
-BatchItem = Union[tuple[ImageLike, str], Mapping[str, Any]]
+BatchItem = tuple[ImageLike, str] | Mapping[str, Any]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from google.protobuf import text_format
+
 from triton_vlm._protocol.model_config import model_config_pb2 as pb
 
 #: Everything but the family's extras: the inputs every model takes, the four outputs every model returns.

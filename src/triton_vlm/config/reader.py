@@ -24,8 +24,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from triton_vlm.config.schema import (BatchingConfig, ConfigError, EngineConfig, ModelSettings, RequestLimits,
-                                      WeightsConfig)
+from triton_vlm.config.schema import (
+    BatchingConfig,
+    ConfigError,
+    EngineConfig,
+    ModelSettings,
+    RequestLimits,
+    WeightsConfig,
+)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import torch
 
@@ -25,9 +25,8 @@ from triton_vlm.engine.transfer import device_longs, device_pixels
 class Decoder(Protocol):
     """A language model's forward over the slot KV cache, as the runner drives it.
 
-    Optional members, looked up with ``getattr``: ``mixes`` (True where :meth:`prefill_and_decode` runs a
-    step's prompt chunks and decode rows as one forward, with :meth:`prefill`'s and :meth:`decode`'s arguments)
-    and ``quantize(method)`` (where the projections can be quantized)."""
+    Optional members, looked up with ``getattr``: ``mixes`` (see :class:`MixingDecoder`) and
+    ``quantize(method)`` (where the projections can be quantized)."""
 
     num_layers: int
     num_kv_heads: int
@@ -51,6 +50,24 @@ class Decoder(Protocol):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: [rows, hidden] -> [rows, vocab]."""
         ...
+
+
+class MixingDecoder(Decoder, Protocol):
+    """A :class:`Decoder` that can run a step's prompt chunks and decode rows as one forward, where ``mixes``."""
+
+    mixes: bool
+
+    def prefill_and_decode(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache,
+                           tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
+                           context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`prefill` and :meth:`decode` (same arguments) as one forward: (logits after each chunk
+        [chunks, vocab], decode logits [batch, vocab])."""
+        ...
+
+
+def mixes(decoder: Decoder) -> TypeGuard[MixingDecoder]:
+    """Whether ``decoder`` runs prompt chunks and decode rows as one forward (its ``mixes`` is set and true)."""
+    return bool(getattr(decoder, "mixes", False))
 
 
 class EngineFamily(Protocol):
@@ -107,7 +124,8 @@ class EngineAdapter(ABC):
         features = self.image_features(model, requests, encode)
         lengths = [len(r.prompt_ids) for r in requests]
         embeds = decoder.embed_tokens(device_longs([t for r in requests for t in r.prompt_ids], model.device))
-        rows = [start + row for start, r in zip(itertools.accumulate([0, *lengths]), requests)
+        # Each request's first row; the running total has one entry more (the end), which zip leaves out.
+        rows = [start + row for start, r in zip(itertools.accumulate([0, *lengths]), requests, strict=False)
                 for row in r.mm_inputs["image_rows"]]
         embeds[device_longs(rows, model.device)] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return list(embeds.split(lengths))

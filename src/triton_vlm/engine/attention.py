@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ def avoid_per_shape_attention_plans(device: torch.device) -> None:
         log.info("engine: SDPA's cuDNN backend is off (it plans per shape); flash attention serves instead")
 
 
-def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], masks: list[torch.Tensor | None],
+def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], masks: Sequence[torch.Tensor | None],
                       gqa: bool, fused: bool = False, causal: bool = False) -> Attend:
     """For packed chunks ``(slot, start, length)`` (back to back in q/k/v). A chunk's mask [length, start +
     length] says which cached positions each of its queries sees; None is plain causal from position 0.
@@ -49,8 +49,8 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
     if fused:
         token_slots = device_longs([slot for slot, _, length in chunks for _ in range(length)], device)
         token_positions = chunk_positions(chunks, device)
-    varlen = fused and causal and flash_varlen_available(device)
-    if varlen:
+    flash = _FLASH_VARLEN if fused and causal and flash_varlen_available(device) else None
+    if flash is not None:
         lengths = [length for _, _, length in chunks]
         spans = [start + length for _, start, length in chunks]
         bounds = device_longs([0, *itertools.accumulate(lengths), 0, *itertools.accumulate(spans)], device).int()
@@ -60,16 +60,16 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
     def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys[index], cache.values[index]
         stored = fused and kernels.store_kv(k, v, keys, values, token_slots, token_positions, FP8_MAX)
-        if varlen and stored and q.dtype in (torch.float16, torch.bfloat16):
+        if flash is not None and stored and q.dtype in (torch.float16, torch.bfloat16):
             if not fresh_only:
                 k, v = _packed_context(keys, k, chunks), _packed_context(values, v, chunks)
             # Causal with fewer queries than keys lines the queries up with the last keys (flash attention's
             # rule): a continued chunk sees its slot's whole prefix, as causal_chunk_masks says.
-            out = _FLASH_VARLEN(q, k, v, query_bounds, key_bounds, max(lengths), max(spans), 0.0, True, False)[0]
+            out = flash(q, k, v, query_bounds, key_bounds, max(lengths), max(spans), 0.0, True, False)[0]
             return out.reshape(q.shape[0], -1)
         outputs = []
         offset = 0
-        for (slot, start, length), mask in zip(chunks, masks):
+        for (slot, start, length), mask in zip(chunks, masks, strict=True):
             end = start + length
             chunk_k = k[offset:offset + length].transpose(0, 1)
             chunk_v = v[offset:offset + length].transpose(0, 1)

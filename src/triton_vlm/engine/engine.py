@@ -171,11 +171,11 @@ class LLMEngine:
                     self._finish(seq, "abort")
                 return False
             if isinstance(message, _Abort):
-                seq = self.scheduler.find(message.request_id)
-                if seq is not None:
-                    self._finish(seq, "abort")
+                aborted = self.scheduler.find(message.request_id)
+                if aborted is not None:
+                    self._finish(aborted, "abort")
                     log.info("engine: request %s aborted after %d tokens; its KV slot is free again "
-                             "(%d of %d slots free, %d waiting)", message.request_id, len(seq.output_ids),
+                             "(%d of %d slots free, %d waiting)", message.request_id, len(aborted.output_ids),
                              self.cache.free_slots, self.cache.num_slots, len(self.scheduler.waiting))
             else:
                 seq = Sequence(message, max_generated=min(message.params.max_tokens,
@@ -266,14 +266,14 @@ class LLMEngine:
             self._fail(step.rows, exc)
             return
         waited = time.perf_counter()
-        for seq, slot in zip(step.rows, step.slots):
+        for seq, slot in zip(step.rows, step.slots, strict=True):
             if seq.status is not SequenceStatus.FINISHED:
                 self._append(seq, tokens[slot])
         self.stats.seconds["wait"] += waited - clock
         self.stats.seconds["update"] += time.perf_counter() - waited
 
     def _fail(self, seqs: Iterable[Sequence], exc: Exception) -> None:
-        log.exception("engine step failed")
+        log.error("engine step failed", exc_info=exc)
         error = exc if isinstance(exc, TritonVLMError) else GenerationError(f"{type(exc).__name__}: {exc}")
         for seq in seqs:
             if seq.status is not SequenceStatus.FINISHED:

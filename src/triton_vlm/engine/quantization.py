@@ -16,6 +16,7 @@ Both change the outputs slightly (greedy tokens can part from fp16's at near-tie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,7 @@ WEIGHT_ONLY_MAX_ROWS = 16
 FP8_KERNEL_MAX_ROWS = 64
 
 
-def takes_fp8_rows(weight: torch.Tensor | Fp8Weight, rows: int) -> bool:
+def takes_fp8_rows(weight: torch.Tensor | Fp8Weight, rows: int) -> TypeGuard[Fp8Weight]:
     """Whether :func:`linear` quantizes an input of ``rows`` rows per row for ``weight``: where it does, the
     input's producer may hand it over as :class:`Fp8Rows` instead."""
     return isinstance(weight, Fp8Weight) and rows > WEIGHT_ONLY_MAX_ROWS

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from triton_vlm.engine.adapter import Decoder, EngineAdapter
-from triton_vlm.engine.attention import avoid_per_shape_attention_plans
 from triton_vlm.config import EngineConfig
+from triton_vlm.engine.adapter import Decoder, EngineAdapter, MixingDecoder, mixes
+from triton_vlm.engine.attention import avoid_per_shape_attention_plans
 from triton_vlm.engine.kernels import fused_available
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.request import Sequence
@@ -64,7 +64,8 @@ class ModelRunner:
         self._read_events = [torch.cuda.Event() for _ in range(2)] if pinned else []
         self._reads = 0
         #: Whether a step's prompt chunks and decode rows go through one forward (:meth:`prefill_and_decode`).
-        self.mixes: bool = getattr(decoder, "mixes", False)
+        self._mixing: MixingDecoder | None = decoder if mixes(decoder) else None
+        self.mixes = self._mixing is not None
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -81,7 +82,7 @@ class ModelRunner:
     def build_prompt_embeds(self, seqs: list[Sequence]) -> None:
         """Prompt embeddings (image features in place) for newly admitted sequences, vision batched."""
         embeds = self.adapter.prompt_embeds(self.model, self.decoder, [s.request for s in seqs], self.encode_images)
-        for seq, embed in zip(seqs, embeds):
+        for seq, embed in zip(seqs, embeds, strict=True):
             seq.prompt_embeds = embed
 
     @torch.inference_mode()
@@ -134,11 +135,13 @@ class ModelRunner:
     def prefill_and_decode(self, chunks: list[PrefillChunk], seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`prefill` and :meth:`decode` as one forward (no graph: its shape changes every step, and a step
         of prefill outlasts its kernel launches). Returns (logits after each chunk, decode logits by slot)."""
+        if self._mixing is None:
+            raise RuntimeError("engine: prefill_and_decode on a decoder that does not mix (see ModelRunner.mixes)")
         batch = max(s.slot for s in seqs) + 1
         self._stage(seqs, batch)
         positions, lengths = self._step_inputs[0, :batch], self._step_inputs[1, :batch]
         tokens = self.next_tokens[:batch]
-        prefill_logits, logits = self.decoder.prefill_and_decode(  # type: ignore[attr-defined]
+        prefill_logits, logits = self._mixing.prefill_and_decode(
             *_packed(chunks), self.cache, tokens, positions, lengths, self._context(seqs))
         self._keep_greedy(tokens, positions, logits)
         return prefill_logits, logits
@@ -210,5 +213,10 @@ class ModelRunner:
 
 def _packed(chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """The chunks' prompt embeddings back to back [tokens, hidden], and each as ``(slot, start, length)``."""
-    embeds = torch.cat([c.seq.prompt_embeds[c.start:c.start + c.length] for c in chunks])  # type: ignore[index]
-    return embeds, [(c.seq.slot, c.start, c.length) for c in chunks]
+    rows = []
+    for c in chunks:
+        embeds = c.seq.prompt_embeds
+        if embeds is None:  # built at admission, dropped only once the whole prompt is in the cache
+            raise RuntimeError(f"engine: request {c.seq.request.request_id} has no prompt embeddings left")
+        rows.append(embeds[c.start:c.start + c.length])
+    return torch.cat(rows), [(c.seq.slot, c.start, c.length) for c in chunks]

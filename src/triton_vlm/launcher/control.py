@@ -11,6 +11,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["ADMIN_HEADER", "ALIVE_POLL_S", "ModelControl"]
 
@@ -30,7 +31,7 @@ class ModelControl:
         self.headers = {ADMIN_HEADER: admin_key, "Content-Type": "application/json"}
         self.timeout = timeout
 
-    def _post(self, path: str, body: dict | None = None, alive: Callable[[], bool] | None = None) -> bytes:
+    def _post(self, path: str, body: dict[str, Any] | None = None, alive: Callable[[], bool] | None = None) -> bytes:
         """POST to the repository API. With ``alive``, the call is given up as soon as it says the server is gone:
         a load can rightly take minutes, but one sent to a server that then aborted may hang to the timeout
         (its connection stays open in the stubs), and the server is not started again meanwhile."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 from triton_vlm.launcher.distribution import LauncherError
 
@@ -34,7 +35,7 @@ def shm_free_bytes(path: str = SHM_PATH) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
-def check_shm(stubs: int, path: str = SHM_PATH, env: dict[str, str] | None = None) -> None:
+def check_shm(stubs: int, path: str = SHM_PATH, env: Mapping[str, str] | None = None) -> None:
     """Raise :class:`LauncherError` when ``path`` has too little free space for ``stubs`` Python stubs."""
     env = os.environ if env is None else env
     override = env.get("TRITON_VLM_MIN_SHM_MB", "").strip()

@@ -27,14 +27,31 @@ from typing import IO
 from triton_vlm.config import env_prefix
 from triton_vlm.launcher.children import die_with_parent, signal_group
 from triton_vlm.launcher.control import ADMIN_HEADER, ModelControl
-from triton_vlm.launcher.distribution import (LauncherError, TritonDistribution, find_distribution, library_path,
-                                              prepare_backend_dir)
-from triton_vlm.launcher.policies import (apply_batch_delay, apply_queue_policy, instance_count, own_batch_delay,
-                                          queue_limits)
+from triton_vlm.launcher.distribution import (
+    LauncherError,
+    TritonDistribution,
+    find_distribution,
+    library_path,
+    prepare_backend_dir,
+)
+from triton_vlm.launcher.policies import (
+    apply_batch_delay,
+    apply_queue_policy,
+    instance_count,
+    own_batch_delay,
+    queue_limits,
+)
 from triton_vlm.launcher.preflight import check_shm
 from triton_vlm.launcher.procfs import live_stubs
-from triton_vlm.launcher.repository import (companions, default_model_repository, make_forwarder, model_family,
-                                            model_settings, render_repository, servable_models)
+from triton_vlm.launcher.repository import (
+    companions,
+    default_model_repository,
+    make_forwarder,
+    model_family,
+    model_settings,
+    render_repository,
+    servable_models,
+)
 from triton_vlm.launcher.restarts import ServerRestarts
 from triton_vlm.launcher.stub_env import stub_python_bin
 from triton_vlm.launcher.supervisor import StubSupervisor

@@ -133,10 +133,7 @@ def _install_numpy1(site_dir: Path, name: str = "numpy") -> None:
     TRITON_VLM_NUMPY1_WHEEL) where there is one, else from the package index."""
     wheels = _numpy1_wheels(name)
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", str(site_dir)]
-    if wheels:
-        command = pip + ["--no-index", wheels[0]]
-    else:
-        command = pip + [NUMPY1_BUILDS[name][0]]
+    command = pip + (["--no-index", wheels[0]] if wheels else [NUMPY1_BUILDS[name][0]])
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         spec = NUMPY1_BUILDS[name][0]

@@ -61,7 +61,8 @@ class ModelFamily(ABC):
 
     # -- loading -----------------------------------------------------------------------------------------
     @abstractmethod
-    def model_class(self) -> type: ...
+    def model_class(self) -> type[Any]:
+        """The model's class: transformers' (the default :meth:`load` calls its ``from_pretrained``) or ours."""
 
     def load(self, source: str, *, revision: str | None, dtype: torch.dtype, device: torch.device,
              local_files_only: bool, trust_remote_code: bool) -> tuple[Any, Any]:
@@ -89,8 +90,9 @@ class ModelFamily(ABC):
         return import_class(self.engine_adapter_class)()
 
     @abstractmethod
-    def build_tiny(self, path: Path) -> None:
-        """Write a tiny random-weight checkpoint of the real architecture (model + processor) to ``path``."""
+    def build_tiny(self, path: Path, variant: str | None = None) -> None:
+        """Write a tiny random-weight checkpoint of the real architecture (model + processor) to ``path``.
+        ``variant``: the architecture, for families of several (see :meth:`tiny_variant`); None for the others."""
 
     def tiny_variant(self, hf_model_id: str) -> str | None:
         """Which tiny checkpoint stands in for ``hf_model_id`` under ``--tiny``: None for families of one

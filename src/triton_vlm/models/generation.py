@@ -62,7 +62,7 @@ def check_context(family: ModelFamily, model: Any, prompt_tokens: list[int], par
     limit = family.context_length(model)
     if limit is None:
         return
-    for used, p in zip(prompt_tokens, params):
+    for used, p in zip(prompt_tokens, params, strict=True):
         if used + p.max_tokens > limit:
             room = limit - used
             advice = (f"ask for at most max_tokens={room}" if room > 0 else "shorten the prompt")
@@ -82,7 +82,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
 
     device = model.device
     tasks = tasks or [None] * len(prompts)
-    texts = [family.render_request(processor, p, t) for p, t in zip(prompts, tasks)]
+    texts = [family.render_request(processor, p, t) for p, t in zip(prompts, tasks, strict=True)]
     inputs = family.encode(processor, images, texts)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
@@ -143,7 +143,8 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
         logits = family.decode(model, tokens[:, None], attention_mask, positions, cache)
 
     outputs = []
-    for ids, n, reason, done, image, prompt in zip(generated, prompt_tokens, finish, finished_at, images, prompts):
+    per_request = zip(generated, prompt_tokens, finish, finished_at, images, prompts, strict=True)
+    for ids, n, reason, done, image, prompt in per_request:
         text, extras = family.decode_output(processor, ids, image, prompt)
         outputs.append(GenerationOutput(text=text, token_ids=tuple(ids), prompt_tokens=int(n), finish_reason=reason,
                                         extras=extras, first_token_at=first_token_at, finished_at=done))

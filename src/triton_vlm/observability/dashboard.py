@@ -137,7 +137,7 @@ def run_load(http_url: str, grpc_url: str, models: list[str], *, stop: threading
                                       max_tokens=max_tokens)
                     sent += len(items)
                 if "llava_stream" in served and not stop.is_set():
-                    for piece in client.stream_pieces("llava", image, "Describe it.", max_tokens=max_tokens * 2):
+                    for _ in client.stream_pieces("llava", image, "Describe it.", max_tokens=max_tokens * 2):
                         pass
                     sent += 1
             log(f"load round {round_ + 1}/{rounds}: {sent} requests")
@@ -189,7 +189,7 @@ def collect(metrics_url: str, *, seconds: float, interval: float = 1.0, http_url
         raise failure[0]
     offset = interval + (recording.times[0] if recording.times else 0.0)
     merged = Recording(list(record_started.times), list(record_started.scrapes))
-    for t, scrape in zip(recording.times, recording.scrapes):
+    for t, scrape in zip(recording.times, recording.scrapes, strict=True):
         merged.add(t + offset, scrape)
     return merged
 

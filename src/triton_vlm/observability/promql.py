@@ -12,6 +12,7 @@ at most 5 minutes, as Prometheus does, but without staleness markers.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -76,7 +77,7 @@ class Evaluator:
         self.recording = recording
         # name -> labels -> [(t, value)] in time order
         self._series: dict[str, dict[Labels, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-        for t, scrape in zip(recording.times, recording.scrapes):
+        for t, scrape in zip(recording.times, recording.scrapes, strict=True):
             for sample in scrape:
                 self._series[sample.name][sample.labels].append((t, sample.value))
 
@@ -86,15 +87,27 @@ class Evaluator:
         node = parse(query)
         out: dict[Labels, list[float]] = {}
         for i, t in enumerate(times):
-            for labels, value in self._eval(node, t).items():
+            for labels, value in self._vector(node, t).items():
                 out.setdefault(labels, [math.nan] * len(times))[i] = value
         return out
 
     def instant(self, query: str, t: float | None = None) -> Vector:
-        return self._eval(parse(query), self.recording.times[-1] if t is None else t)
+        return self._vector(parse(query), self.recording.times[-1] if t is None else t)
 
     # -- evaluation ---------------------------------------------------------------------------------------
-    def _eval(self, node: Any, t: float) -> Vector | float:  # type: ignore[return]
+    def _vector(self, node: Any, t: float) -> Vector:
+        value = self._eval(node, t)
+        if isinstance(value, float):
+            raise PromQLError(f"expected an instant vector, got the number {value}: {node}")
+        return value
+
+    def _number(self, node: Any, t: float) -> float:
+        value = self._eval(node, t)
+        if not isinstance(value, float):
+            raise PromQLError(f"expected a number, got an instant vector: {node}")
+        return value
+
+    def _eval(self, node: Any, t: float) -> Vector | float:
         kind = type(node).__name__
         if kind == "NumberLiteral":
             return float(node.val)
@@ -151,7 +164,7 @@ class Evaluator:
                     points = points[-2:]
                 if len(points) < 2:
                     continue
-                increase = sum(b - a if b >= a else b for (_, a), (_, b) in zip(points, points[1:]))
+                increase = sum(b - a if b >= a else b for (_, a), (_, b) in itertools.pairwise(points))
                 seconds = points[-1][0] - points[0][0]
                 if seconds <= 0:
                     continue
@@ -160,18 +173,15 @@ class Evaluator:
                                            else per_second)
             return out
         if name == "histogram_quantile":
-            phi, vector = self._eval(node.args[0], t), self._eval(node.args[1], t)
-            return _histogram_quantile(float(phi), vector)  # type: ignore[arg-type]
+            return _histogram_quantile(self._number(node.args[0], t), self._vector(node.args[1], t))
         if name in ("clamp_min", "clamp_max"):
-            vector, bound = self._eval(node.args[0], t), float(self._eval(node.args[1], t))  # type: ignore[arg-type]
+            vector, bound = self._vector(node.args[0], t), self._number(node.args[1], t)
             pick = max if name == "clamp_min" else min
-            return {_drop_name(k): pick(v, bound) for k, v in vector.items()}  # type: ignore[union-attr]
+            return {_drop_name(k): pick(v, bound) for k, v in vector.items()}
         raise PromQLError(f"unsupported function {name}()")
 
     def _aggregate(self, node: Any, t: float) -> Vector:
-        vector = self._eval(node.expr, t)
-        if isinstance(vector, float):
-            raise PromQLError("aggregating a number")
+        vector = self._vector(node.expr, t)
         modifier = node.modifier
         labels = set(modifier.labels) if modifier is not None else set()
         without = modifier is not None and str(modifier.type).endswith("Without")
@@ -195,12 +205,10 @@ class Evaluator:
             raise PromQLError(f"unsupported operator {op}")
         fn = _BINARY[op]
         lhs, rhs = self._eval(node.lhs, t), self._eval(node.rhs, t)
-        if isinstance(lhs, float) and isinstance(rhs, float):
-            return fn(lhs, rhs)
-        if isinstance(rhs, float):
-            return {_drop_name(k): fn(v, rhs) for k, v in lhs.items()}  # type: ignore[union-attr]
         if isinstance(lhs, float):
-            return {_drop_name(k): fn(lhs, v) for k, v in rhs.items()}
+            return fn(lhs, rhs) if isinstance(rhs, float) else {_drop_name(k): fn(lhs, v) for k, v in rhs.items()}
+        if isinstance(rhs, float):
+            return {_drop_name(k): fn(v, rhs) for k, v in lhs.items()}
         matching = node.modifier.matching if node.modifier is not None else None
 
         def signature(labels: Labels) -> Labels:

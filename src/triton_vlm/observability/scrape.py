@@ -8,6 +8,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from triton_vlm.errors import ServerUnreachableError
 
@@ -101,12 +102,12 @@ class Recording:
     def names(self) -> set[str]:
         return {s.name for scrape in self.scrapes for s in scrape}
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "times": self.times,
                 "scrapes": [[[s.name, dict(s.labels), s.value] for s in scrape] for scrape in self.scrapes]}
 
     @classmethod
-    def from_json(cls, data: dict) -> Recording:
+    def from_json(cls, data: dict[str, Any]) -> Recording:
         return cls(list(data["times"]), [[Sample(n, tuple(sorted(labels.items())), float(v))
                                           for n, labels, v in scrape] for scrape in data["scrapes"]],
                    str(data.get("source", "")))

@@ -147,7 +147,7 @@ def format_status(status: ServerStatus) -> str:
                      ", ".join(m.instances) or "-", batch, weights, requests,
                      "-" if m.generated_tokens is None else str(m.generated_tokens)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     if any(m.weights_available is False and not m.weights_loaded for m in status.models):
         lines.append("weights unavailable: every request fails until the weights are there: the Hugging Face cache "
                      "(HF_HOME), <MODEL>_LOCAL_PATH, or Hub access; see the server's start note")

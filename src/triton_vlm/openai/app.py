@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -31,8 +31,16 @@ from triton_vlm.openai.errors import APIError, from_triton
 from triton_vlm.openai.images import image_bytes
 from triton_vlm.openai.messages import conversation
 from triton_vlm.openai.playground import install_playground
-from triton_vlm.openai.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse,
-                                       Health, ModelCard, ModelList)
+from triton_vlm.openai.schemas import (
+    Capability,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
 from triton_vlm.openai.triton import Piece, Sampling, ServedModel, TritonGateway
 
 log = logging.getLogger("triton_vlm.openai")
@@ -121,7 +129,7 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
         yield
         await gateway.close()
 
-    app = FastAPI(
+    app = _App(
         title="triton-vlm OpenAI-compatible API",
         version="1",
         description="OpenAI chat completions with images, in front of Triton (llava, kosmos2, moondream2). "
@@ -171,7 +179,7 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error")
+        log.error("internal error", exc_info=exc)
         return error_response(APIError(500, f"internal error ({type(exc).__name__})", code="internal_error"))
 
     # -- health and description ---------------------------------------------------------------------------
@@ -223,8 +231,9 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
         return card(await find_model(model))
 
     def card(model: ServedModel) -> ModelCard:
-        capabilities = [name for name, has in (("stream", model.streams), ("task", model.tasks),
-                                               ("entities", model.entities)) if has]
+        flags: tuple[tuple[Capability, bool], ...] = (
+            ("stream", model.streams), ("task", model.tasks), ("entities", model.entities))
+        capabilities = [name for name, has in flags if has]
         return ModelCard(id=model.name, created=started, capabilities=capabilities)
 
     # -- chat completions ---------------------------------------------------------------------------------
@@ -298,12 +307,11 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
 
     if options.playground:
         install_playground(app, options)
-    _install_openapi(app)
-    app.add_middleware(BodyLimit, limit=options.max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=options.max_body_bytes)
     if options.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins),  # type: ignore[arg-type]
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False, max_age=600)
     return app
@@ -392,12 +400,12 @@ def _usage(piece: Piece) -> dict[str, int]:
             "total_tokens": piece.prompt_tokens + piece.completion_tokens}
 
 
-async def _one(answer: Any) -> AsyncIterator[Piece]:
+async def _one(answer: Any) -> AsyncGenerator[Piece, None]:
     """A whole answer as a one-piece stream (models without a ``<model>_stream`` companion)."""
     yield await answer
 
 
-async def sse_events(completion_id: str, created: int, model: str, first: Piece, rest: AsyncIterator[Piece],
+async def sse_events(completion_id: str, created: int, model: str, first: Piece, rest: AsyncGenerator[Piece, None],
                      include_usage: bool, release: Callable[[], None]) -> AsyncIterator[str]:
     """``data: {chunk}`` events: the role, the text as it comes, the finish reason, the usage, ``[DONE]``."""
 
@@ -460,15 +468,14 @@ def _pick(responses: dict[int | str, dict[str, Any]], *codes: int) -> dict[int |
     return {code: responses[code] for code in codes}
 
 
-def _install_openapi(app: FastAPI) -> None:
-    """FastAPI's description, with 400 where FastAPI documents 422 (this API answers validation errors 400)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+class _App(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's description, with 400 where FastAPI documents 422 (this API answers validation errors 400)."""
+        if self.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(title=self.title, version=self.version, description=self.description,
+                                 routes=self.routes)
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
@@ -480,7 +487,5 @@ def _install_openapi(app: FastAPI) -> None:
             for name, definition in chunk.pop("$defs", {}).items():
                 components.setdefault(name, definition)
             components["ChatCompletionChunk"] = chunk
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+            self.openapi_schema = schema
+        return self.openapi_schema

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from triton_vlm.errors import (InvalidInputError, ModelUnavailableError, RequestTimeoutError, ServerUnreachableError,
-                               TritonVLMError, UnknownModelError)
+from triton_vlm.errors import (
+    InvalidInputError,
+    ModelUnavailableError,
+    RequestTimeoutError,
+    ServerUnreachableError,
+    TritonVLMError,
+    UnknownModelError,
+)
 
 #: The ``type`` OpenAI uses for each status.
 ERROR_TYPES = {

@@ -147,8 +147,9 @@ async def _fetch(url: str, max_bytes: int, allow_private: bool, param: str) -> b
             except _Refused as exc:
                 raise refused(str(exc)) from None
             except aiohttp.ClientConnectorError as exc:
-                if isinstance(exc.os_error, _Refused) or isinstance(exc.__cause__, _Refused):
-                    raise refused(str(exc.os_error or exc.__cause__)) from None
+                refusal = exc.os_error if isinstance(exc.os_error, _Refused) else exc.__cause__
+                if isinstance(refusal, _Refused):
+                    raise refused(str(refusal)) from None
                 raise APIError(400, f"could not connect to the image URL's host: {exc.os_error}", param=param,
                                code="image_fetch_failed") from None
             except aiohttp.ClientError as exc:

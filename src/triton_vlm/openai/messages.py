@@ -18,8 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from triton_vlm.openai.errors import APIError
-from triton_vlm.openai.schemas import (AssistantMessage, ImagePart, Message, RefusalPart, SystemMessage, TextPart,
-                                       ToolMessage, UserMessage)
+from triton_vlm.openai.schemas import (
+    AssistantMessage,
+    ImagePart,
+    Message,
+    RefusalPart,
+    SystemMessage,
+    TextPart,
+    ToolMessage,
+    UserMessage,
+)
 
 
 @dataclass(frozen=True)
@@ -30,13 +38,13 @@ class Conversation:
     image_param: str
 
 
-def _texts(content: object) -> list[str]:
+def _texts(content: str | Sequence[object] | None) -> list[str]:
     if content is None:
         return []
     if isinstance(content, str):
         return [content]
     texts = []
-    for part in content:  # type: ignore[attr-defined]
+    for part in content:
         if isinstance(part, TextPart):
             texts.append(part.text)
         elif isinstance(part, RefusalPart):

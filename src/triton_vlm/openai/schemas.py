@@ -7,9 +7,10 @@ OpenAI-compatible servers do; known fields this server cannot honour are refused
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -41,8 +42,8 @@ class RefusalPart(_Request):
     refusal: str
 
 
-UserContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
-AssistantContentPart = Annotated[Union[TextPart, RefusalPart], Field(discriminator="type")]
+UserContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+AssistantContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
 
 
 class SystemMessage(_Request):
@@ -77,7 +78,7 @@ class ToolMessage(_Request):
     tool_call_id: str
 
 
-Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")]
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 class StreamOptions(_Request):
@@ -87,7 +88,7 @@ class StreamOptions(_Request):
 #: A 16x16 red PNG, for the description's example request.
 EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGklEQVR42mM8oaHBQ"
                  "ApgYiARjGoY1TB0NAAAjC0BOJDndDkAAAAASUVORK5CYII=")
-EXAMPLE_REQUEST = {
+EXAMPLE_REQUEST: JsonDict = {
     "model": "llava",
     "messages": [{"role": "user", "content": [{"type": "text", "text": "What colour is this image?"},
                                               {"type": "image_url", "image_url": {"url": EXAMPLE_IMAGE}}]}],

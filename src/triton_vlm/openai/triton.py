@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 from triton_vlm._protocol.connect import make_client
 from triton_vlm._protocol.errors import is_restricted, translate
-from triton_vlm._protocol.results import (ENTITIES, OUTPUTS, STREAM_SUFFIX, TASK, Output, parse_output,
-                                          statistics_models)
+from triton_vlm._protocol.results import ENTITIES, OUTPUTS, STREAM_SUFFIX, TASK, Output, parse_output, statistics_models
 from triton_vlm._protocol.stream import StreamCall, outputs_async
 from triton_vlm._protocol.tensors import RequestFields, request_inputs, requested_outputs
 from triton_vlm.errors import GenerationError, TritonVLMError
@@ -155,7 +154,7 @@ class TritonGateway:
         return _piece(parse_output(result), entities=entities)
 
     async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
-                     entities: bool = False) -> AsyncIterator[Piece]:
+                     entities: bool = False) -> AsyncGenerator[Piece, None]:
         """Pieces of the answer as ``<model>_stream`` generates them; the last has a finish reason (and, with
         ``entities``, the model's ``entities`` output). Closing the iterator early cancels the request in
         Triton."""

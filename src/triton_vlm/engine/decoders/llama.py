@@ -16,8 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
-from triton_vlm.engine.attention import (causal_chunk_masks, chunk_positions, decode_attention, last_rows,
-                                         mixed_attention, prefill_attention)
+from triton_vlm.engine.attention import (
+    causal_chunk_masks,
+    chunk_positions,
+    decode_attention,
+    last_rows,
+    mixed_attention,
+    prefill_attention,
+)
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Rows, Fp8Weight, linear, quantize_rows, takes_fp8_rows
 from triton_vlm.engine.weights import fuse_weights, output_weight, relayout
@@ -89,7 +95,7 @@ class LlamaDecoder:
         if method != "fp8":
             raise ValueError(f"LlamaDecoder: unknown quantization {method!r}")
         self.mixes = False
-        for layer, hf_layer in zip(self.layers, self._hf_layers):
+        for layer, hf_layer in zip(self.layers, self._hf_layers, strict=True):
             for name in _Layer.PROJECTIONS:
                 weight = getattr(layer, name)
                 if isinstance(weight, torch.Tensor):

@@ -42,7 +42,7 @@ class AutoFamily(ModelFamily):
     # Most current VLMs are released in bfloat16.
     auto_cuda_dtype = "bfloat16"
 
-    def model_class(self) -> type:
+    def model_class(self) -> type[Any]:
         from transformers import AutoModelForImageTextToText
 
         return AutoModelForImageTextToText
@@ -149,7 +149,6 @@ def _tiny_idefics3(path: Path) -> None:
                          max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
     )
     seeded()
     model = Idefics3ForConditionalGeneration(config).eval()

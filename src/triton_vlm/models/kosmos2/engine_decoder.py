@@ -16,8 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from triton_vlm.engine import kernels
-from triton_vlm.engine.attention import (causal_chunk_masks, chunk_positions, decode_attention, last_rows,
-                                         prefill_attention)
+from triton_vlm.engine.attention import (
+    causal_chunk_masks,
+    chunk_positions,
+    decode_attention,
+    last_rows,
+    prefill_attention,
+)
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.weights import fuse_weights, output_weight, relayout
 

@@ -31,7 +31,7 @@ class Kosmos2Family(ModelFamily):
     incremental_text = False  # post_process_generation rewrites the whole text
     engine_adapter_class = ("triton_vlm.models.kosmos2.engine_adapter", "Kosmos2EngineAdapter")
 
-    def model_class(self) -> type:
+    def model_class(self) -> type[Any]:
         from transformers import Kosmos2ForConditionalGeneration
 
         return Kosmos2ForConditionalGeneration
@@ -67,7 +67,7 @@ class Kosmos2Family(ModelFamily):
         text, entities = grounded_entities(processor, raw, image.size, prompt)
         return text.strip(), {"entities": json.dumps(entities)}
 
-    def build_tiny(self, path: Path) -> None:
+    def build_tiny(self, path: Path, variant: str | None = None) -> None:
         write_random_checkpoint(path)
 
 
@@ -75,8 +75,13 @@ def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any =
     """A random-weight Kosmos-2 with a tiny trained tokenizer (the grounding tags included). ``full_size`` takes
     kosmos-2-patch14-224's sizes (transformers' defaults; 224 px images) for benchmarks, where speed depends on
     shapes, not on weight values; the tokenizer's ids all lie inside the real vocabulary."""
-    from transformers import (CLIPImageProcessor, Kosmos2Config, Kosmos2ForConditionalGeneration,
-                              Kosmos2Processor, XLMRobertaTokenizer)
+    from transformers import (
+        CLIPImageProcessor,
+        Kosmos2Config,
+        Kosmos2ForConditionalGeneration,
+        Kosmos2Processor,
+        XLMRobertaTokenizer,
+    )
 
     from triton_vlm.tiny import built_as, seeded, train_unigram_vocab
 

@@ -28,7 +28,7 @@ class LlavaFamily(ModelFamily):
     reserved_prompt_tokens = (IMAGE_TOKEN, "<s>", "</s>", "<unk>", "<pad>")
     engine_adapter_class = ("triton_vlm.models.llava.engine_adapter", "LlavaEngineAdapter")
 
-    def model_class(self) -> type:
+    def model_class(self) -> type[Any]:
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration
@@ -39,9 +39,16 @@ class LlavaFamily(ModelFamily):
             return processor.apply_chat_template(conversation, add_generation_prompt=True)
         return f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:"
 
-    def build_tiny(self, path: Path) -> None:
-        from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaTokenizer,
-                                  LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+    def build_tiny(self, path: Path, variant: str | None = None) -> None:
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlamaTokenizer,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+        )
 
         from triton_vlm.tiny import seeded, train_llama_style_vocab
 
@@ -61,9 +68,8 @@ class LlavaFamily(ModelFamily):
                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
                                     max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-            image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            image_token_index=tokenizer.get_vocab()[IMAGE_TOKEN],
             vision_feature_select_strategy="default", vision_feature_layer=-2,
-            pad_token_id=tokenizer.pad_token_id,
         )
         seeded()
         model = LlavaForConditionalGeneration(config).eval()

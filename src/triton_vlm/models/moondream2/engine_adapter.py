@@ -22,7 +22,7 @@ class Moondream2EngineAdapter(EngineAdapter):
     def accepts(self, task: str | None) -> bool:
         return task in (None, "query")
 
-    def prepare(self, family: Any, processor: Any, image: Image.Image, prompt: str) -> tuple[list[int], dict]:
+    def prepare(self, family: Any, processor: Any, image: Image.Image, prompt: str) -> tuple[list[int], dict[str, Any]]:
         """``[BOS, image slots..., query template around prompt...]``; the slots' ids are never embedded."""
         config = processor.config
         slots = config.vision.num_patches

@@ -18,10 +18,20 @@ from triton_vlm.models.moondream2.locate import locate
 from triton_vlm.models.moondream2.model import Moondream2Model
 from triton_vlm.models.moondream2.processor import Moondream2Processor
 from triton_vlm.models.moondream2.tasks import CAPTION_LENGTHS, parse_task
-from triton_vlm.models.moondream2.tokenizer import (Moondream2Tokenizer, detect_generation, load_tokenizer,
-                                                    starmie_template_ids, train_tiny_tokenizer)
-from triton_vlm.models.moondream2.weights import (load_official_state_dict, read_checkpoint_config,
-                                                  read_official_tensors, resolve_checkpoint, write_checkpoint)
+from triton_vlm.models.moondream2.tokenizer import (
+    Moondream2Tokenizer,
+    detect_generation,
+    load_tokenizer,
+    starmie_template_ids,
+    train_tiny_tokenizer,
+)
+from triton_vlm.models.moondream2.weights import (
+    load_official_state_dict,
+    read_checkpoint_config,
+    read_official_tensors,
+    resolve_checkpoint,
+    write_checkpoint,
+)
 from triton_vlm.sampling import SamplingParams
 
 log = logging.getLogger("triton_vlm")
@@ -41,7 +51,7 @@ class Moondream2Family(ModelFamily):
     # The query task (the default) runs on the engine; captions and region tasks on the batched loop.
     engine_adapter_class = ("triton_vlm.models.moondream2.engine_adapter", "Moondream2EngineAdapter")
 
-    def model_class(self) -> type:
+    def model_class(self) -> type[Any]:
         return Moondream2Model
 
     # -- loading -----------------------------------------------------------------------------------------
@@ -66,7 +76,7 @@ class Moondream2Family(ModelFamily):
         log.info("moondream2 %s: %s tokenizer generation", source, generation.name)
         return model.eval(), Moondream2Processor(tokenizer, config, generation)
 
-    def build_tiny(self, path: Path) -> None:
+    def build_tiny(self, path: Path, variant: str | None = None) -> None:
         write_random_checkpoint(path)
 
     # -- requests ----------------------------------------------------------------------------------------
@@ -92,7 +102,7 @@ class Moondream2Family(ModelFamily):
         """Text tasks (query, caption) share one batched decode; detect and point run the region loop."""
         parsed = [parse_task(t) for t in tasks]
         limit = model.config.text.max_context
-        for task, prompt, p in zip(parsed, prompts, params):
+        for task, prompt, p in zip(parsed, prompts, params, strict=True):
             used = model.prefix_length + len(processor.prompt_tokens(task, prompt))
             if not task.is_region and used + p.max_tokens > limit:
                 raise InvalidInputError(f"max_tokens: {p.max_tokens} new tokens after {used} prompt tokens exceed "
@@ -105,7 +115,7 @@ class Moondream2Family(ModelFamily):
                                      [prompts[i] for i in text_rows], [params[i] for i in text_rows],
                                      [parsed[i].name for i in text_rows],
                                      None if cancelled is None else [cancelled[i] for i in text_rows])
-            for row, output in zip(text_rows, outputs):
+            for row, output in zip(text_rows, outputs, strict=True):
                 results[row] = output
         for row, task in enumerate(parsed):
             if task.is_region:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 
@@ -45,7 +47,7 @@ def select_tiling(height: int, width: int, tile: int, max_tiles: int) -> tuple[i
 class CropSet:
     """``crops[0]`` is the global view, ``crops[1:]`` the local tiles in row-major order."""
 
-    crops: np.ndarray  # [1 + rows * cols, crop, crop, 3] uint8
+    crops: npt.NDArray[np.uint8]  # [1 + rows * cols, crop, crop, 3]
     tiling: tuple[int, int]  # (rows, cols)
 
 
@@ -69,7 +71,7 @@ def overlap_crops(image: Image.Image, config: VisionConfig) -> CropSet:
     return CropSet(crops=crops, tiling=(rows, cols))
 
 
-def normalize_crops(crops: np.ndarray) -> torch.Tensor:
+def normalize_crops(crops: npt.NDArray[Any]) -> torch.Tensor:
     """uint8 ``[n, H, W, 3]`` -> float32 ``[n, 3, H, W]`` scaled to [-1, 1] (mean 0.5, std 0.5)."""
     pixels = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
     return (pixels / 255.0 - 0.5) / 0.5

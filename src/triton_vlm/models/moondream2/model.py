@@ -73,7 +73,7 @@ class Moondream2Model(nn.Module):
                        tilings: torch.Tensor) -> torch.Tensor:
         """The crops' ViT features ``[sum(crop_counts), grid * grid, enc_dim]`` -> ``[B, grid * grid, dim]``."""
         images, start = [], 0
-        for count, (rows, cols) in zip(crop_counts.tolist(), tilings.tolist()):
+        for count, (rows, cols) in zip(crop_counts.tolist(), tilings.tolist(), strict=True):
             images.append(self.projector(features[start: start + count], (rows, cols)))
             start += count
         return torch.stack(images)

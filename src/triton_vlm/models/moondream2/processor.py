@@ -61,7 +61,7 @@ class Moondream2Processor:
         attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
         image_mask = torch.zeros((len(prompts), length), dtype=torch.bool)
         crops, counts, tilings = [], [], []
-        for row, (image, tokens) in enumerate(zip(images, prompts)):
+        for row, (image, tokens) in enumerate(zip(images, prompts, strict=True)):
             start = length - prefix - len(tokens)
             input_ids[row, start] = self.tokens.bos_id
             input_ids[row, start + prefix:] = torch.tensor(tokens, dtype=torch.long)

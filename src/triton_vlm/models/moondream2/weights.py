@@ -133,7 +133,8 @@ def load_official_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch
     if not report.ok:
         raise ModelLoadError(f"model {model_id!r}: the checkpoint does not match the moondream2 2025 layout "
                              f"({report.describe()})")
-    ours = {to_ours(k): v for k, v in tensors.items()}
+    # Every key has our name here (check_keys reported any that has none).
+    ours = {name: v for k, v in tensors.items() if (name := to_ours(k)) is not None}
     model.load_state_dict(ours, strict=True, assign=True)
 
 
@@ -146,7 +147,7 @@ def read_official_tensors(checkpoint: Path, *, dtype: torch.dtype, device: torch
     for path in _safetensors_files(checkpoint, model_id):
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as handle:
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 - safe_open has keys() but is not iterable
                     tensors[key] = handle.get_tensor(key).to(dtype)
         except Exception as exc:  # safetensors reports truncation and bad headers with its own error type
             raise ModelLoadError(f"model {model_id!r}: cannot read {str(path)!r} ({type(exc).__name__}: {exc}); "
