@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from dataclasses import dataclass
 
 from triton_vlm.backend.metrics import BackendMetrics
 from triton_vlm.backend.python_model import answer_response
 from triton_vlm.backend.stream_requests import OpenRequest
+from triton_vlm.backend.worker import InboxWorker
 from triton_vlm.errors import TritonVLMError
 from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.runtime import GenerationRequest, VLMRuntime, as_request_error
@@ -30,19 +30,14 @@ class _Task:
     generation: GenerationRequest
 
 
-class BatchedTasks:
+class BatchedTasks(InboxWorker[_Task]):
     """Runs tasks in batches on its own thread. Thread-safe entry points: :meth:`submit`, :meth:`stop`."""
 
     def __init__(self, runtime: VLMRuntime, metrics: BackendMetrics, extra_outputs: dict[str, str]) -> None:
+        super().__init__("triton-vlm-tasks")
         self.runtime = runtime
         self.metrics = metrics
         self.extra_outputs = extra_outputs
-        self._inbox: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="triton-vlm-tasks", daemon=True)
-
-    def start(self) -> BatchedTasks:
-        self._thread.start()
-        return self
 
     def submit(self, request: OpenRequest, generation: GenerationRequest) -> None:
         """Run ``generation`` for ``request``, which this component now ends."""
@@ -50,13 +45,7 @@ class BatchedTasks:
 
     def stop(self, timeout: float) -> bool:
         """Finish the batch that runs, then stop; whether the thread stopped within ``timeout`` seconds."""
-        self._inbox.put(None)
-        self._thread.join(timeout=timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def name(self) -> str:
-        return self._thread.name
+        return self._join(timeout)
 
     def _run(self) -> None:
         while True:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -36,6 +35,7 @@ from triton_vlm.backend.metrics import BackendMetrics
 from triton_vlm.backend.requests import input_scalar, parse_request
 from triton_vlm.backend.responses import ResponseLoop
 from triton_vlm.backend.stream_requests import OpenRequest
+from triton_vlm.backend.worker import InboxWorker
 from triton_vlm.engine import EngineRequest, LLMEngine, RequestOutput
 from triton_vlm.errors import ModelUnavailableError, TritonVLMError
 from triton_vlm.runtime import VLMRuntime
@@ -89,12 +89,13 @@ class _BuildFailed(Exception):
         self.error = error
 
 
-class EngineService:
+class EngineService(InboxWorker[OpenRequest | _Preload]):
     """Builds and feeds the engine on its own thread. Thread-safe entry points: :meth:`submit`, :meth:`preload`,
     :meth:`stop`, :attr:`engine`."""
 
     def __init__(self, runtime: VLMRuntime, metrics: BackendMetrics, responses: ResponseLoop, tasks: BatchedTasks,
                  build: EngineBuilder, faults: FaultInjection | None = None) -> None:
+        super().__init__("triton-vlm-engine-service")
         self.runtime = runtime
         self.model_name = runtime.settings.model_name
         self.metrics = metrics
@@ -102,8 +103,6 @@ class EngineService:
         self.tasks = tasks
         self.faults = faults or FaultInjection()
         self._build = build
-        self._inbox: queue.SimpleQueue[OpenRequest | _Preload | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="triton-vlm-engine-service", daemon=True)
         self._ids = itertools.count(1)  # this thread's
         #: Written once by this thread when the engine is ready; read by any (a reference: no lock needed).
         self._engine: Engine | None = None
@@ -112,10 +111,6 @@ class EngineService:
     def engine(self) -> Engine | None:
         """The engine once built, else None."""
         return self._engine
-
-    def start(self) -> EngineService:
-        self._thread.start()
-        return self
 
     def submit(self, request: OpenRequest) -> None:
         """Serve ``request`` (from Triton's execute thread); the service ends it or hands it on."""
@@ -131,9 +126,7 @@ class EngineService:
         """Stop taking requests, then shut the engine down, waiting at most ``timeout`` seconds in all (the
         service's thread stops at once unless a build or a request is under way). Names what did not stop."""
         deadline = time.monotonic() + timeout
-        self._inbox.put(None)
-        self._thread.join(timeout=timeout)
-        stuck = [f"thread {self._thread.name}"] if self._thread.is_alive() else []
+        stuck = [] if self._join(timeout) else [f"thread {self.name}"]
         engine = self._engine
         if engine is not None and not engine.shutdown(timeout=max(deadline - time.monotonic(), 0.1)):
             stuck.append("the engine thread")

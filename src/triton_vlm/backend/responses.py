@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.requests import extra_values, output_response
 from triton_vlm.backend.stream_requests import OpenRequest
+from triton_vlm.backend.worker import InboxWorker
 from triton_vlm.detokenizer import IncrementalDetokenizer
 from triton_vlm.engine import RequestOutput
 from triton_vlm.models.generation import CANCEL_CHECK_S
@@ -74,25 +74,20 @@ class _Stream:
     detokenizer: IncrementalDetokenizer | None = None
 
 
-class ResponseLoop:
+class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
     """Sends the engine requests' responses from its own thread. Thread-safe entry points: :meth:`open`,
     :meth:`put`, :meth:`stop`."""
 
     def __init__(self, runtime: VLMRuntime, metrics: BackendMetrics, engine_metrics: EngineMetrics,
                  extra_outputs: dict[str, str]) -> None:
+        super().__init__("triton-vlm-responses")
         self.runtime = runtime
         self.metrics = metrics
         self.engine_metrics = engine_metrics
         self.extra_outputs = extra_outputs
         self.stream_interval = runtime.settings.engine.stream_interval
-        self._inbox: queue.SimpleQueue[_Opened | RequestOutput | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="triton-vlm-responses", daemon=True)
         # Owned by the response thread: the engine of the requests it serves (from their _Opened message).
         self._engine: EngineHandle | None = None
-
-    def start(self) -> ResponseLoop:
-        self._thread.start()
-        return self
 
     def open(self, request: OpenRequest, engine: EngineHandle, stream: bool,
              generation: GenerationRequest | None) -> None:
@@ -105,13 +100,7 @@ class ResponseLoop:
 
     def stop(self, timeout: float) -> bool:
         """Send what is pending, end every open request FINAL and stop; whether the thread stopped in ``timeout``."""
-        self._inbox.put(None)
-        self._thread.join(timeout=timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def name(self) -> str:
-        return self._thread.name
+        return self._join(timeout)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -30,7 +30,7 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", 
 
 
 def _read(name: str) -> bytes:
-    return resources.files("triton_vlm.openai").joinpath("static", name).read_bytes()
+    return resources.files("triton_vlm.openai").joinpath("static").joinpath(name).read_bytes()  # 3.10: one part a call
 
 
 def install_playground(app: FastAPI, options: OpenAIOptions) -> None:
