@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import glob
 import io
 import json
@@ -176,24 +177,11 @@ async def run_engine(ns):
                         output_kind=RequestOutputKind.DELTA)
     prompt_text = f"USER: <image>\n{ns.prompt} ASSISTANT:"
 
-    async def closed_loop(seeds, concurrency):
-        pngs = [image_png(s) for s in seeds]
-        results = []
-        nxt = [0]
-
-        async def worker():
-            while nxt[0] < len(pngs):
-                i = nxt[0]
-                nxt[0] += 1
-                results.append(await engine_request(engine, sp, prompt_text, pngs[i],
-                                                    f"r{seeds[i]}-{uuid.uuid4().hex[:8]}"))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        return results, time.perf_counter() - t0
+    def one(png, rid):
+        return engine_request(engine, sp, prompt_text, png, rid)
 
     try:
-        res = await bench(ns, closed_loop)
+        res = await bench(ns, functools.partial(closed_loop, one))
     finally:
         engine.shutdown()
     res.update(mode="engine", load_format=load_format, startup_s=round(startup_s, 1),
@@ -294,23 +282,10 @@ async def run_server(ns):
             startup_s = time.perf_counter() - t_start
             log(f"server healthy in {startup_s:.1f}s")
 
-            async def closed_loop(seeds, concurrency):
-                pngs = [image_png(s) for s in seeds]
-                results = []
-                nxt = [0]
+            def one(png, rid):
+                return server_request(session, url, ns, png, rid)
 
-                async def worker():
-                    while nxt[0] < len(pngs):
-                        i = nxt[0]
-                        nxt[0] += 1
-                        results.append(await server_request(session, url, ns, pngs[i],
-                                                            f"r{seeds[i]}-{uuid.uuid4().hex[:8]}"))
-
-                t0 = time.perf_counter()
-                await asyncio.gather(*[worker() for _ in range(concurrency)])
-                return results, time.perf_counter() - t0
-
-            res = await bench(ns, closed_loop)
+            res = await bench(ns, functools.partial(closed_loop, one))
     finally:
         proc.terminate()
         try:
@@ -324,6 +299,24 @@ async def run_server(ns):
 
 
 # ----------------------------------------------------------------------------
+async def closed_loop(one_request, seeds, concurrency):
+    """``concurrency`` clients, each with one request in flight, until every seed's image was asked about;
+    ``one_request(png, request_id)`` is the mode's request. Returns (results, wall seconds)."""
+    pngs = [image_png(s) for s in seeds]
+    results = []
+    nxt = [0]
+
+    async def worker():
+        while nxt[0] < len(pngs):
+            i = nxt[0]
+            nxt[0] += 1
+            results.append(await one_request(pngs[i], f"r{seeds[i]}-{uuid.uuid4().hex[:8]}"))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return results, time.perf_counter() - t0
+
+
 async def bench(ns, closed_loop):
     # seeds: warm-up 100000+, c1 200000+, c64 warm-up 300000+, c64 measured 0..N-1 (all distinct)
     log(f"warm-up: {ns.warmup} sequential requests")
