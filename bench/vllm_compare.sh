@@ -59,15 +59,11 @@ served)
     suffix=-fp8
     export TRITON_VLM_LLAVA_STREAM_QUANTIZATION=fp8 TRITON_VLM_LLAVA_STREAM_KV_CACHE_DTYPE=fp8
   fi
-  tar -xJf $STASH/triton-server.tar.xz -C /tmp
-  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/tvlm-site \
-    $STASH/wheels/tritonclient-*.whl $STASH/wheels/grpcio-*.whl $STASH/wheels/protobuf-*.whl \
-    $STASH/wheels/python_rapidjson-*.whl
   # PROJECT: another checkout of triton-vlm to serve (a before/after comparison in one window); default this one.
+  # The client wheels go to a site of their own: /tmp/site holds vLLM's.
+  here=$PWD
   cd "${PROJECT:-.}"
-  export PYTHONPATH=/tmp/tvlm-site:$PWD/src
-  export TRITON_VLM_TRITON_HOME=/tmp/tritonserver TRITON_VLM_TRITON_LIBS=/tmp/tritonserver/nvidia_pytriton.libs
-  export TRITON_VLM_NUMPY1_WHEEL=$(ls $STASH/wheels/numpy-1.26.4-*.whl) TRITON_VLM_WHEELHOUSE=$STASH/wheels
+  DEVICE_DIR=$STASH SITE=/tmp/tvlm-site source "$here/bench/gpu_env.sh"
   python3 -m triton_vlm.cli.main serve --models llava --preload --http-port 18000 --grpc-port 18001 \
     --metrics-port 18002 > "$OUT/server$suffix.log" 2>&1 &
   server=$!
