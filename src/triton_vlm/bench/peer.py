@@ -65,19 +65,15 @@ def compare(directory: Path, command: str, notes: list[str] | None = None) -> di
             if infer_b1 and infer_c64:
                 out[f"served_infer_b1_tok_s{suffix}"] = infer_b1["output_tok_s"]
                 out[f"served_infer_c64_tok_s{suffix}"] = infer_c64["output_tok_s"]
-        if server is not None:
-            raw[f"vllm_server_{precision}"] = server
-            out[f"vllm_b1_tok_s{suffix}"] = server["b1_tok_s"]
-            out[f"vllm_c64_tok_s{suffix}"] = server["c64_tok_s"]
-            out[f"vllm_ttft_b1_s{suffix}"] = server["ttft_b1_s"]
-            out.setdefault("vllm_version", server.get("vllm_version"))
-            out.setdefault("gpu", server.get("gpu"))
-        if engine is not None:
-            raw[f"vllm_engine_{precision}"] = engine
-            out[f"vllm_engine_b1_tok_s{suffix}"] = engine["b1_tok_s"]
-            out[f"vllm_engine_c64_tok_s{suffix}"] = engine["c64_tok_s"]
-            out[f"vllm_engine_ttft_b1_s{suffix}"] = engine["ttft_b1_s"]
-            out.setdefault("vllm_version", engine.get("vllm_version"))
+        # vLLM's server is the fair peer (``vllm_*``); its in-process engine is kept beside it (``vllm_engine_*``).
+        for mode, run, prefix in (("server", server, "vllm_"), ("engine", engine, "vllm_engine_")):
+            if run is None:
+                continue
+            raw[f"vllm_{mode}_{precision}"] = run
+            for key in ("b1_tok_s", "c64_tok_s", "ttft_b1_s"):
+                out[f"{prefix}{key}{suffix}"] = run[key]
+            out.setdefault("vllm_version", run.get("vllm_version"))
+            out.setdefault("gpu", run.get("gpu"))
         if pa is not None:
             raw[f"perf_analyzer_{precision}"] = pa
             for level in (1, 64):
