@@ -17,6 +17,7 @@ from typing import Any
 
 from triton_vlm.config import WeightsConfig
 from triton_vlm.launcher.distribution import LauncherError
+from triton_vlm.launcher.repository import STREAM_SUFFIX
 
 #: A Hugging Face id: ``name`` or ``owner/name`` (letters, digits, ``-``, ``_``, ``.``).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -49,10 +50,16 @@ class ServedCheckpoint:
     #: What its config.json names, for messages.
     architectures: tuple[str, ...]
 
+    def served_models(self) -> list[str]:
+        """The public model, and ``<name>_stream`` where the family has an engine."""
+        from triton_vlm.models import get_family
+
+        return [self.name, *([self.name + STREAM_SUFFIX] if get_family(self.family).has_engine else [])]
+
     def describe(self) -> str:
         weights = self.local_path or (self.hf_model_id + (f"@{self.revision}" if self.revision != "main" else ""))
         picked = f"architecture {self.architectures[0]}" if self.architectures else "no architectures"
-        return f"{self.name}: {weights} (family {self.family}; {picked})"
+        return f"{' and '.join(self.served_models())} from {weights} (family {self.family}; {picked})"
 
 
 def local_checkpoint(source: str) -> Path | None:
