@@ -145,13 +145,12 @@ def config_architectures(config: Mapping[str, Any]) -> list[str]:
 
 def pick_family(source: str, config: Mapping[str, Any]) -> str:
     """The family for a checkpoint's config.json, by its ``architectures``; raises listing the supported ones."""
-    from triton_vlm.models.registry import architecture_families
+    from triton_vlm.models.registry import architecture_families, family_for_architectures
 
     architectures = config_architectures(config)
-    supported = architecture_families()
-    family = next((supported[a] for a in architectures if a in supported), None)
+    family = family_for_architectures(architectures)
     if family is None:
-        raise LauncherError(unsupported_message(source, architectures, supported))
+        raise LauncherError(unsupported_message(source, architectures, architecture_families()))
     return family
 
 
