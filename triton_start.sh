@@ -5,6 +5,7 @@
 #   Docker, no GPU                               -> docker compose -f docker-compose-cpu.yml up
 #   no (working) Docker                          -> the embedded tritonserver from the Python wheel
 # Flags:  --mode auto|gpu|cpu|embedded  --dry-run  --tiny  --models llava,kosmos2  --preload
+#         --model-id HF_ID_OR_DIR [--name NAME] [--family auto]   (one checkpoint, see docs/models.md)
 #         --http-port N  --grpc-port N  --metrics-port N  --host ADDR      (see docs/deployment.md)
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -17,7 +17,8 @@ from triton_vlm.errors import TritonVLMError
 if TYPE_CHECKING:
     from triton_vlm.availability import WeightsAvailability
     from triton_vlm.client.entities import Entity
-    from triton_vlm.launcher import ServerOptions
+    from triton_vlm.launcher import ServerOptions, TritonServer
+    from triton_vlm.launcher.checkpoint import CheckpointRequest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the version of triton-vlm and of the server it runs, then exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run tritonserver over the model repository (foreground)")
+    serve = commands.add_parser(
+        "serve", help="run tritonserver (foreground) over the model repository, or over one checkpoint: "
+                      "triton-vlm serve llava-hf/llava-1.5-7b-hf")
+    serve.add_argument("source", nargs="?", metavar="MODEL_ID_OR_DIR", default=None,
+                       help="serve this one checkpoint: a Hugging Face id or a checkpoint directory, its family "
+                            "picked from its config.json (same as --model-id); a model of the repository is "
+                            "served as with --models. Default: the repository's models (--models)")
     _add_server_arguments(serve)
     serve.set_defaults(handler=_serve)
 
@@ -199,6 +206,20 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated models (default: $TRITON_VLM_MODELS, else every servable one)")
     parser.add_argument("--tiny", action="store_true", default=_env_flag("TRITON_VLM_TINY"),
                         help="serve tiny random-weight checkpoints (tests, demos)")
+    parser.add_argument("--model-id", default=os.environ.get("TRITON_VLM_MODEL_ID") or None,
+                        metavar="MODEL_ID_OR_DIR",
+                        help="serve one checkpoint instead of the repository's models: a Hugging Face id or a "
+                             "checkpoint directory; its family is picked from its config.json's architectures "
+                             "(default: $TRITON_VLM_MODEL_ID)")
+    parser.add_argument("--name", default=os.environ.get("TRITON_VLM_MODEL_NAME") or None,
+                        help="with a checkpoint: the name clients use (default: $TRITON_VLM_MODEL_NAME, else the "
+                             "last part of the id or directory, e.g. llava-1.5-7b-hf)")
+    parser.add_argument("--family", default=os.environ.get("TRITON_VLM_MODEL_FAMILY") or None,
+                        help="with a checkpoint: its family instead of the one its config.json picks; auto serves "
+                             "any AutoModelForImageTextToText with a chat template (default: "
+                             "$TRITON_VLM_MODEL_FAMILY)")
+    parser.add_argument("--revision", default=os.environ.get("TRITON_VLM_MODEL_REVISION") or "main",
+                        help="with a Hugging Face id: the revision (default: $TRITON_VLM_MODEL_REVISION, else main)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -245,14 +266,55 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
     elif args.api_key or args.api_key_file or args.cors_origin or args.allow_remote_images:
         print("[triton-vlm] note: --api-key, --api-key-file, --cors-origin and --allow-remote-images apply to "
               "the OpenAI API, which runs only with --openai-port", file=sys.stderr, flush=True)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    checkpoint = _checkpoint_request(args)
+    if checkpoint is not None and not models and args.model_repository is None and _repository_has(checkpoint):
+        models, checkpoint = (checkpoint.source,), None  # `triton-vlm serve llava`: the repository's llava
     return ServerOptions(
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        models=models, checkpoint=checkpoint,
         model_repository=args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, host=args.host, tiny=args.tiny, preload=args.preload,
         instance_kind=args.instance_kind, log_verbose=args.log_verbose, engine=args.engine, openai=openai,
         max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
         batch_delay_us=args.batch_delay_us,
     )
+
+
+def _checkpoint_request(args: argparse.Namespace) -> CheckpointRequest | None:
+    """The checkpoint that ``serve MODEL_ID_OR_DIR`` or ``--model-id`` names, with --name, --family, --revision."""
+    from triton_vlm.launcher.checkpoint import CheckpointRequest
+    from triton_vlm.launcher.distribution import LauncherError
+
+    positional = getattr(args, "source", None)  # serve's; start has --model-id only
+    if positional and args.model_id and positional != args.model_id:
+        raise LauncherError(f"two checkpoints: {positional} and --model-id {args.model_id} (or "
+                            "$TRITON_VLM_MODEL_ID); serve one")
+    source = positional or args.model_id
+    if source is None:
+        given = [flag for flag, value in (("--name", args.name), ("--family", args.family),
+                                          ("--revision", args.revision != "main")) if value]
+        if given:
+            raise LauncherError(f"{', '.join(given)} apply to a checkpoint: name one (triton-vlm serve "
+                                "MODEL_ID_OR_DIR, or --model-id); add-model writes an entry into the repository")
+        return None
+    return CheckpointRequest(source=source, name=args.name, family=args.family, revision=args.revision)
+
+
+def _repository_has(checkpoint: CheckpointRequest) -> bool:
+    """Whether what ``serve NAME`` names is a model of the project's repository rather than a hub id (no ``/``) or
+    a directory: ``triton-vlm serve llava`` is ``--models llava``."""
+    from triton_vlm.launcher.repository import default_model_repository, list_models
+
+    if "/" in checkpoint.source or Path(checkpoint.source).expanduser().exists():
+        return False
+    try:
+        known = checkpoint.source in list_models(default_model_repository())
+    except (TritonVLMError, OSError):  # no repository here (an installed package): a hub id, then
+        return False
+    if known and (checkpoint.name or checkpoint.family or checkpoint.revision != "main"):
+        raise TritonVLMError(f"{checkpoint.source} is a model of the repository: --name, --family and --revision "
+                             "apply to checkpoints (a Hugging Face id owner/name or a directory)")
+    return known
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -268,9 +330,17 @@ def _start(args: argparse.Namespace) -> int:
     say(f"[triton-vlm] mode: {plan.mode} ({plan.reason})")
     for note in plan.notes:
         say(f"[triton-vlm] note: {note}")
+    checkpoint = options.checkpoint
+    if checkpoint is not None and plan.mode != "embedded" and Path(checkpoint.source).expanduser().exists():
+        raise LauncherError(f"{checkpoint.source} is a directory of this host, which the {plan.mode} "
+                            "container does not see: serve it with --mode embedded, or give its Hugging Face id")
     if args.dry_run:
         for line in host.describe():
             say(f"[triton-vlm] {line}")
+        if plan.mode == "embedded" and checkpoint is not None:
+            from triton_vlm.launcher.checkpoint import resolve_checkpoint
+
+            say(f"[triton-vlm] would serve {resolve_checkpoint(checkpoint).describe()}")
         if plan.mode == "embedded":
             say("[triton-vlm] would run: triton-vlm serve (embedded tritonserver)")
         else:
@@ -317,8 +387,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        missing = [] if server.options.tiny else _models_without_weights(server.options)
         server.start()
+        missing = [] if server.options.tiny else _models_without_weights(server)
         server.wait_until_ready()
         print(f"[triton-vlm] ready: models {', '.join(server.models)}\n"
               f"[triton-vlm]   HTTP     http://{server.http_url}\n"
@@ -357,16 +427,14 @@ def _startup_errors(path: Path) -> list[str]:
         return []
 
 
-def _models_without_weights(options: ServerOptions) -> list[WeightsAvailability]:
+def _models_without_weights(server: TritonServer) -> list[WeightsAvailability]:
     """The served models whose weights cannot be had here (said after the ready lines, so they are seen)."""
     from triton_vlm.availability import repository_availability
-    from triton_vlm.launcher.repository import companions, default_model_repository, servable_models
 
-    repository = options.model_repository or default_model_repository()
+    if server.repository is None:
+        return []
     try:
-        public = list(options.models) or servable_models(repository)
-        models = public + [c for m in public for c in companions(repository, m) if c not in public]
-        return [found for found in repository_availability(repository, models) if not found.available]
+        return [found for found in repository_availability(server.repository, server.models) if not found.available]
     except (TritonVLMError, OSError) as exc:  # the server's own start reports a broken repository better
         logging.getLogger("triton_vlm").debug("weights check skipped: %s", exc)
         return []

@@ -58,6 +58,13 @@ def compose_environment(options: ServerOptions, base: Mapping[str, str] | None =
         "TRITON_HOST": options.host,
         "TRITON_VLM_MODELS": ",".join(options.models),
     })
+    checkpoint = options.checkpoint
+    env.update({  # triton-vlm serve's --model-id, --name, --family and --revision in the container
+        "TRITON_VLM_MODEL_ID": checkpoint.source if checkpoint else "",
+        "TRITON_VLM_MODEL_NAME": (checkpoint.name or "") if checkpoint else "",
+        "TRITON_VLM_MODEL_FAMILY": (checkpoint.family or "") if checkpoint else "",
+        "TRITON_VLM_MODEL_REVISION": checkpoint.revision if checkpoint else "main",
+    })
     if options.tiny:
         env["TRITON_VLM_TINY"] = "1"
     if options.preload:

@@ -18,16 +18,15 @@ from triton_vlm.errors import InvalidInputError
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 CONFIG_TEMPLATE = """\
-# {name}: {hf_model_id}, served by triton-vlm's shared Python backend (family {family}). At launch the
+# {name}: {weights}, served by triton-vlm's shared Python backend (family {family}). At launch the
 # launcher adds the I/O contract, dynamic batching and one GPU instance every model shares
 # (src/triton_vlm/config/contract.py; write them here to change them). Every setting has its default in
 # src/triton_vlm/config/schema.py: add one here as a parameter, or override it with {env_prefix}<KEY>.
 name: "{name}"
 backend: "python"
 parameters {{ key: "model_family" value: {{ string_value: "{family}" }} }}
-parameters {{ key: "hf_model_id" value: {{ string_value: "{hf_model_id}" }} }}
 """
-REVISION = 'parameters {{ key: "revision" value: {{ string_value: "{revision}" }} }}\n'
+PARAMETER = 'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
 
 MODEL_PY_TEMPLATE = '''\
 """Triton Python backend entry point for the {family} family; the logic lives in triton_vlm.backend."""
@@ -40,17 +39,24 @@ class TritonPythonModel(TritonVLMModel):
 '''
 
 
-def render_config(name: str, family: str, hf_model_id: str, revision: str = WeightsConfig.revision) -> str:
+def render_config(name: str, family: str, hf_model_id: str, revision: str = WeightsConfig.revision,
+                  local_path: str = "") -> str:
     """The ``config.pbtxt`` of model ``name`` served by ``family`` with weights ``hf_model_id`` (the revision
-    only where it is not the default)."""
+    only where it is not the default) or from the directory ``local_path`` (then ``hf_model_id`` may be "")."""
     from triton_vlm.models import get_family
 
     get_family(family)  # UnknownModelError lists the families
-    for field, value in (("hf_model_id", hf_model_id), ("revision", revision)):
+    checked = [("hf_model_id", hf_model_id)] if hf_model_id or not local_path else []
+    if local_path:
+        checked.append(("local_path", local_path))
+    if revision != WeightsConfig.revision:
+        checked.append(("revision", revision))
+    for field, value in checked:
         if not value or any(c in value for c in '"\\\n'):
             raise InvalidInputError(f"{field}: expected a non-empty value without quotes or newlines, got {value!r}")
-    text = CONFIG_TEMPLATE.format(name=name, family=family, hf_model_id=hf_model_id, env_prefix=env_prefix(name))
-    return text + (REVISION.format(revision=revision) if revision != WeightsConfig.revision else "")
+    text = CONFIG_TEMPLATE.format(name=name, family=family, weights=local_path or hf_model_id,
+                                  env_prefix=env_prefix(name))
+    return text + "".join(PARAMETER.format(key=key, value=value) for key, value in checked)
 
 
 def render_model_py(family: str) -> str:
@@ -58,15 +64,16 @@ def render_model_py(family: str) -> str:
 
 
 def add_model(repository: Path, name: str, hf_model_id: str, *, family: str = "auto",
-              revision: str = WeightsConfig.revision, force: bool = False) -> Path:
-    """Write ``<repository>/<name>/{config.pbtxt,1/model.py}``; returns the model directory.
+              revision: str = WeightsConfig.revision, local_path: str = "", force: bool = False) -> Path:
+    """Write ``<repository>/<name>/{config.pbtxt,1/model.py}``; returns the model directory. ``local_path``: a
+    checkpoint directory to load instead of ``hf_model_id`` (``triton-vlm serve DIR``).
 
     Refuses a bad name, an unknown family, and (unless ``force``) a model directory that already exists.
     """
     if not MODEL_NAME.match(name) or name.endswith("_stream"):
         raise InvalidInputError(f"model name {name!r}: use letters, digits, '_', '.', '-' (at most 64, not "
                                 "ending in _stream, which names engine models)")
-    config = render_config(name, family, hf_model_id, revision)
+    config = render_config(name, family, hf_model_id, revision, local_path)
     target = Path(repository) / name
     if target.exists() and not force:
         raise InvalidInputError(f"{target} already exists; pick another name or pass --force to overwrite it")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from triton_vlm.config import env_prefix
+from triton_vlm.launcher.checkpoint import CheckpointRequest, resolve_checkpoint, write_entry
 from triton_vlm.launcher.children import die_with_parent, signal_group
 from triton_vlm.launcher.control import ADMIN_HEADER, ModelControl
 from triton_vlm.launcher.distribution import (
@@ -68,6 +69,10 @@ class ServerOptions:
 
     models: tuple[str, ...] = ()  # empty: every model this version can serve
     model_repository: Path | None = None
+    #: Serve this one checkpoint (hub id or directory) instead of a repository's models: its entry is written into
+    #: a repository of this run's own (triton_vlm.launcher.checkpoint), so ``models`` and ``model_repository``
+    #: must stay unset.
+    checkpoint: CheckpointRequest | None = None
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
@@ -104,6 +109,9 @@ class ServerOptions:
             raise LauncherError(f"HTTP, gRPC and metrics ports must differ, got {ports}")
         if self.openai is not None and self.openai.port in ports:
             raise LauncherError(f"the OpenAI port {self.openai.port} is already the HTTP, gRPC or metrics port")
+        if self.checkpoint is not None and (self.models or self.model_repository is not None):
+            raise LauncherError(f"serve either the checkpoint {self.checkpoint.source} or models of a repository "
+                                "(--models, $TRITON_VLM_MODELS, --model-repository), not both")
 
 
 #: Triton APIs only the launcher (or an operator with the admin key) may use: loading or unloading models
@@ -156,6 +164,8 @@ class TritonServer:
         self._own_work_dir = options.work_dir is None
         self.work_dir = options.work_dir or Path(tempfile.mkdtemp(prefix="triton-vlm-"))
         self.models: list[str] = []
+        #: The repository the served one is rendered from (set by :meth:`start`).
+        self.repository: Path | None = None
         self.admin_key = options.admin_key or os.environ.get("TRITON_VLM_ADMIN_KEY") or secrets.token_urlsafe(24)
         self.supervisor: StubSupervisor | None = None
         self.openai_front: OpenAIFront | None = None
@@ -187,7 +197,7 @@ class TritonServer:
         opts = self.options
         self._check_ports_free()
         dist = find_distribution()
-        repository = opts.model_repository or default_model_repository()
+        repository = self.repository = self._source_repository()
         streams = self._select_models(repository)
         kind = self._instance_kind()
         served = render_repository(repository, self.work_dir / "models", self.models, kind)
@@ -216,6 +226,18 @@ class TritonServer:
             if port_in_use(host, port):
                 raise LauncherError(f"{name} port {port} is already in use (another tritonserver?); "
                                     f"stop it or choose another port with --{name.lower()}-port")
+
+    def _source_repository(self) -> Path:
+        """The repository to serve: the one named (or found), or for a checkpoint a repository of this run's own
+        holding its one entry (the public model; :meth:`_select_models` adds its ``_stream``)."""
+        opts = self.options
+        if opts.checkpoint is None:
+            return opts.model_repository or default_model_repository()
+        checkpoint = resolve_checkpoint(opts.checkpoint)
+        log.info("serving %s", checkpoint.describe())
+        repository = self.work_dir / "checkpoint"
+        write_entry(repository, checkpoint)
+        return repository
 
     def _select_models(self, repository: Path) -> dict[str, list[str]]:
         """Set :attr:`models`: the public models asked for (default: every one ``repository`` can serve), then

@@ -40,6 +40,10 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     #: Real weights served by default (Hugging Face model id).
     default_hf_model_id: ClassVar[str]
+    #: The ``architectures`` of a checkpoint's config.json that this family serves (transformers' class names, e.g.
+    #: ``LlavaForConditionalGeneration``): ``triton-vlm serve ID`` picks the family by them
+    #: (:func:`~triton_vlm.models.registry.family_for_architectures`). Empty: picked only by name (``auto``).
+    architectures: ClassVar[tuple[str, ...]] = ()
     #: Whether :meth:`load` can serve this family in this version of the project.
     supported: ClassVar[bool] = True
     #: Tokens a user prompt may not contain because the processor gives them structural meaning.

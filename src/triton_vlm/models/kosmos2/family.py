@@ -25,6 +25,7 @@ _TRAILING_PHRASE = re.compile(r"<phrase>([^<]*)</phrase>\s*$")
 class Kosmos2Family(ModelFamily):
     name = "kosmos2"
     default_hf_model_id = "microsoft/kosmos-2-patch14-224"
+    architectures = ("Kosmos2ForConditionalGeneration",)
     # Control tokens of its tokenizer; the grounding tags (<grounding>, <phrase>, ...) stay allowed.
     reserved_prompt_tokens = ("<image>", "</image>", "<s>", "</s>", "<pad>", "<unk>", "<mask>")
     extra_outputs = {"entities": "[]"}

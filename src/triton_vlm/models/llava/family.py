@@ -23,6 +23,7 @@ CHAT_TEMPLATE = (
 class LlavaFamily(ModelFamily):
     name = "llava"
     default_hf_model_id = "llava-hf/llava-1.5-7b-hf"
+    architectures = ("LlavaForConditionalGeneration",)
     # The tokenizer turns these into control tokens wherever they appear in the text: a user's "</s>" would
     # end the prompt early, a "<image>" would ask for a second image.
     reserved_prompt_tokens = (IMAGE_TOKEN, "<s>", "</s>", "<unk>", "<pad>")

@@ -42,6 +42,7 @@ DEFAULT_REVISION = "2025-06-21"
 class Moondream2Family(ModelFamily):
     name = "moondream2"
     default_hf_model_id = "vikhyatk/moondream2"
+    architectures = ("HfMoondream",)  # what its config.json names (the 2025 releases)
     supported = True
     # The tokenizer turns these into control tokens even inside user text.
     reserved_prompt_tokens = ("<|endoftext|>", "<|md_reserved_")
@@ -160,4 +161,5 @@ def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: torch
         model.init_random_weights()
     write_checkpoint(model, path, dtype=dtype)
     (path / "config.json").write_text(json.dumps(
-        {"architectures": ["HfMoondream"], "model_type": "moondream1", "config": config.to_dict()}, indent=2))
+        {"architectures": list(Moondream2Family.architectures), "model_type": "moondream1",
+         "config": config.to_dict()}, indent=2))
