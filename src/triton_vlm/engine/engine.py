@@ -244,7 +244,7 @@ class LLMEngine:
             chunk.seq.num_prefilled += chunk.length
         for seq in finished_prefill:
             seq.status = SequenceStatus.DECODING
-            seq.prompt_embeds = None
+            seq.release_prompt()
         rows = [*finished_prefill, *plan.decode]
         for seq in rows:
             seq.num_generated += 1

@@ -65,11 +65,19 @@ class Sequence:
     max_generated: int | None = None
     #: Prompt embeddings (text + image), built once when the sequence is admitted, freed after prefill.
     prompt_embeds: torch.Tensor | None = None
+    #: The prompt's rotary positions on the device ([rows, prompt_len]) where the decoder takes them (multimodal
+    #: RoPE), from ``mm_inputs["position_ids"]``; built and freed with ``prompt_embeds``.
+    prompt_positions: torch.Tensor | None = None
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_generated is None:
             self.max_generated = self.request.params.max_tokens
+
+    def release_prompt(self) -> None:
+        """Free what only prefill needs (the whole prompt is in the cache, or the sequence finished)."""
+        self.prompt_embeds = None
+        self.prompt_positions = None
 
     @property
     def prompt_len(self) -> int:
