@@ -74,8 +74,8 @@ def mixes(decoder: Decoder) -> TypeGuard[MixingDecoder]:
 
 class PositionedDecoder(Decoder, Protocol):
     """A :class:`Decoder` whose rotary positions are not its cache positions (multimodal RoPE, where
-    ``multimodal_positions``): each prompt brings its own (``mm_inputs["position_ids"]``, [rows, prompt_len]), and a
-    decode row's is ``length - 1 + mm_inputs["rope_delta"]``, the runner's per-slot offset on the device."""
+    ``multimodal_positions``): each prompt brings its own (:meth:`EngineAdapter.rope_positions`), and a decode
+    row's is ``length - 1 + rope_delta``, its slot's offset in a device tensor the runner keeps."""
 
     multimodal_positions: bool
 
@@ -118,9 +118,14 @@ class EngineAdapter(ABC):
     def prepare(self, family: Any, processor: Any, image: Any, prompt: str) -> tuple[list[int], dict[str, Any]]:
         """Prompt token ids (image placeholders expanded) and the multimodal inputs for one request: at least
         ``pixel_values`` and ``image_rows``, the prompt positions that take the image's features, in order; for a
-        :class:`PositionedDecoder` also ``position_ids`` (the prompt's rotary positions, [rows, prompt_len]) and
-        ``rope_delta`` (int: a generated token's rotary position minus its cache position).
         ``family`` is the :class:`EngineFamily` this adapter came from (the family's own class)."""
+
+    def rope_positions(self, model: Any, prompt_ids: list[int],
+                       mm_inputs: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
+        """For a :class:`PositionedDecoder`: a prepared prompt's rotary positions ([rows, prompt_len], on the host)
+        and its ``rope_delta`` (a generated token's rotary position minus its cache position). Runs on the
+        caller's thread with :meth:`prepare`; None (the default): the cache positions."""
+        return None
 
     @abstractmethod
     def build_decoder(self, model: Any) -> Decoder:

@@ -93,15 +93,16 @@ class ModelRunner:
         for seq, embed in zip(seqs, embeds, strict=True):
             seq.prompt_embeds = embed
         if self.rope_offsets is not None:
-            inputs = [s.request.mm_inputs for s in seqs]
-            if any("position_ids" not in m for m in inputs):
-                raise RuntimeError("engine: this decoder rotates by the prompt's own positions; the adapter's "
-                                   "prepare() must give mm_inputs['position_ids'] and ['rope_delta']")
-            positions = device_copy(torch.cat([m["position_ids"] for m in inputs], dim=-1), self.device, torch.long)
-            for seq, own in zip(seqs, positions.split([s.prompt_len for s in seqs], dim=-1), strict=True):
-                seq.prompt_positions = own
+            requests = [s.request for s in seqs]
+            own = [r.prompt_positions for r in requests]
+            if any(p is None for p in own):
+                raise RuntimeError("engine: this decoder rotates by the prompt's own positions, which the request "
+                                   "lacks (EngineAdapter.rope_positions)")
+            positions = device_copy(torch.cat([p for p in own if p is not None], dim=-1), self.device, torch.long)
+            for seq, part in zip(seqs, positions.split([s.prompt_len for s in seqs], dim=-1), strict=True):
+                seq.prompt_positions = part
             self.rope_offsets[device_longs([s.slot for s in seqs], self.device)] = device_longs(
-                [int(m["rope_delta"]) for m in inputs], self.device)
+                [r.rope_delta for r in requests], self.device)
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
