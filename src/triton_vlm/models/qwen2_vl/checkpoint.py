@@ -85,6 +85,7 @@ def write_random_checkpoint(path: Path, variant: str = QWEN2_VL, sizes: Sizes | 
                             vocab_size: int | None = None, dtype: Any = None, device: Any = None) -> None:
     """A random-weight ``variant`` checkpoint at ``path``: :data:`TINY` sizes unless ``sizes`` are given (then a
     ``vocab_size`` too: the tokenizer's ids all lie inside it)."""
+    import torch
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -92,8 +93,6 @@ def write_random_checkpoint(path: Path, variant: str = QWEN2_VL, sizes: Sizes | 
         Qwen2VLForConditionalGeneration,
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    import torch
 
     from triton_vlm.tiny import built_as, seeded
 
