@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from triton_vlm.engine import EngineConfig, LLMEngine
+from triton_vlm.engine.adapter import positioned
 from triton_vlm.models import get_family
 from triton_vlm.sampling import SamplingParams
 from triton_vlm.tiny import ensure_tiny_checkpoint
@@ -131,6 +132,6 @@ def test_the_positions_count(loaded: Loaded, reference: list[list[int]], wrong: 
 def test_plain_models_pay_nothing_for_positions(llava_runtime: Any) -> None:
     loaded = llava_runtime.ensure_loaded()
     llava = LLMEngine(loaded.family, loaded.model, loaded.processor, EngineConfig(max_model_len=256))
-    assert llava.runner.rope_offsets is None and not getattr(llava.decoder, "multimodal_positions")
+    assert llava.runner.rope_offsets is None and not positioned(llava.decoder)
     request = llava.prepare(IMAGES[0], "hi", SamplingParams(max_tokens=2), lambda out: None)
     assert request.prompt_positions is None and request.rope_delta == 0
