@@ -25,16 +25,20 @@ IMAGES = [noise(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
 Loaded = tuple[Any, Any, Any]
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def loaded(request: pytest.FixtureRequest) -> Loaded:
+def load(model_type: str) -> Loaded:
     family = get_family("qwen2_vl")
-    variant = family.tiny_variant("Qwen/Qwen2.5-VL-7B-Instruct" if request.param == "qwen2_5_vl"
+    variant = family.tiny_variant("Qwen/Qwen2.5-VL-7B-Instruct" if model_type == "qwen2_5_vl"
                                   else family.default_hf_model_id)
     model, processor = family.load(str(ensure_tiny_checkpoint("qwen2_vl", variant=variant)), revision=None,
                                    dtype=torch.float32, device=torch.device("cpu"), local_files_only=True,
                                    trust_remote_code=False)
-    assert model.config.model_type == request.param
+    assert model.config.model_type == model_type
     return family, model, processor
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def loaded(request: pytest.FixtureRequest) -> Loaded:
+    return load(request.param)
 
 
 def hf_generate(loaded: Loaded, index: int) -> list[int]:
@@ -127,6 +131,33 @@ def test_the_positions_count(loaded: Loaded, reference: list[list[int]], wrong: 
 
     monkeypatch.setattr(qwen.adapter, "rope_positions", altered)
     assert qwen.generate(items()) != reference
+
+
+def first_logits(qwen: LLMEngine) -> torch.Tensor:
+    """The logits after each prompt's prefill [prompts, vocab], at the prompts' own 3-D positions."""
+    requests = [qwen.prepare(image, prompt, SamplingParams(max_tokens=1), lambda out: None)
+                for image, prompt in zip(IMAGES, PROMPTS, strict=True)]
+    embeds = qwen.adapter.prompt_embeds(qwen.model, qwen.decoder, requests, qwen.runner.encode_images)
+    chunks = [(slot, 0, len(r.prompt_ids)) for slot, r in enumerate(requests)]
+    positions = torch.cat([r.prompt_positions for r in requests if r.prompt_positions is not None], dim=-1)
+    with torch.inference_mode():
+        return qwen.decoder.logits(qwen.decoder.prefill(torch.cat(embeds), chunks, qwen.cache, positions))
+
+
+def test_fp8_projections_keep_the_biases(loaded: Loaded) -> None:
+    """fp8 weights, the bias added after the matmul: close to the dense engine, far from a bias-less fp8 one."""
+    import torch.nn.functional as F
+
+    from triton_vlm.engine.quantization import Fp8Weight
+
+    dense = first_logits(engine(loaded, max_num_seqs=4))
+    fp8 = engine(load(loaded[1].config.model_type), max_num_seqs=4, quantization="fp8")  # quantizing frees weights
+    assert isinstance(fp8.decoder.layers[0].qkv, Fp8Weight)
+    assert F.cosine_similarity(first_logits(fp8), dense, dim=-1).min() > 0.98  # 5x-spread weights: coarser fp8
+    for layer in fp8.decoder.layers:
+        assert layer.qkv_bias is not None
+        layer.qkv_bias = torch.zeros_like(layer.qkv_bias)
+    assert F.cosine_similarity(first_logits(fp8), dense, dim=-1).min() < 0.95
 
 
 def test_plain_models_pay_nothing_for_positions(llava_runtime: Any) -> None:
