@@ -3,7 +3,8 @@
 Speed depends on shapes, not on weight values, so llava-1.5-7b's exact config with random fp16 weights runs
 as fast as the real thing. The processor is the real one's kind (CLIP 336 px, a Llama-style tokenizer with
 the same 32000-piece id space, ``<image>`` = 32000, ``<pad>`` = 32001). kosmos-2 and moondream2 come at their
-real sizes with the tiny checkpoints' tokenizers (ids inside the real vocabularies).
+real sizes with the tiny checkpoints' tokenizers (ids inside the real vocabularies); so do Qwen2-VL-7B-Instruct
+(``qwen2_vl``) and Qwen2.5-VL-7B-Instruct (``qwen2_5_vl``), with their real image processors' pixel bounds.
 
 ``python -m triton_vlm.bench.checkpoints MODEL PATH`` writes one (on the GPU when there is one).
 """
@@ -72,13 +73,51 @@ def save_random_llava_7b(path: Path, device: torch.device) -> Path:
     return path
 
 
+def qwen_vl_7b_sizes(variant: str) -> Any:
+    """Qwen2-VL-7B-Instruct's (``qwen2_vl``) or Qwen2.5-VL-7B-Instruct's (``qwen2_5_vl``) sizes, from their
+    ``config.json`` and ``preprocessor_config.json`` on the Hub (written from those files, not downloaded here)."""
+    from triton_vlm.models.qwen2_vl.checkpoint import QWEN2_5_VL, Sizes
+
+    # Both: a Qwen2-7B decoder (hidden 3584, 28 layers, 28 heads, 4 KV heads, intermediate 18944, RMSNorm 1e-6,
+    # rope_theta 1e6, mrope_section [16, 24, 24], untied lm_head) over vocab 152064; 14 px patches merged 2x2;
+    # 3136..12845056 pixels an image (min_pixels, max_pixels); contexts 32768 (2) and 128000 (2.5).
+    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                max_position_embeddings=128000 if variant == QWEN2_5_VL else 32768,
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+    images = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2, temporal_patch_size=2)
+    if variant == QWEN2_5_VL:
+        # 32 blocks of 1280 (SwiGLU 3420, 16 heads), windows of 112 px but in blocks 7, 15, 23, 31; out 3584.
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                      hidden_act="silu", patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                      window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+    else:
+        # 32 blocks of 1280 (MLP ratio 4, 16 heads), merged into 3584.
+        vision = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=3584, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+    return Sizes(text, vision, images)
+
+
+#: Full-size Qwen VL checkpoints by model name; the vocabulary is the real one.
+QWEN_VL_VOCAB = 152064
+QWEN_VL_MODELS = ("qwen2_vl", "qwen2_5_vl")
+
+
 def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
-    """Write ``model``'s full-size random fp16 checkpoint (llava, kosmos2 or moondream2) to ``path``."""
+    """Write ``model``'s full-size random fp16 checkpoint (llava, kosmos2, moondream2, qwen2_vl or qwen2_5_vl) to
+    ``path``."""
     path.mkdir(parents=True, exist_ok=True)
     if model == "llava":
         return save_random_llava_7b(path, device)
+    if model in QWEN_VL_MODELS:
+        from triton_vlm.models.qwen2_vl.checkpoint import write_random_checkpoint
+
+        write_random_checkpoint(path, model, qwen_vl_7b_sizes(model), vocab_size=QWEN_VL_VOCAB,
+                                dtype=torch.float16, device=device)
+        return path
     if model not in ("kosmos2", "moondream2"):
-        raise ValueError(f"no full-size random checkpoint for {model!r} (llava, kosmos2, moondream2)")
+        raise ValueError(f"no full-size random checkpoint for {model!r} (llava, kosmos2, moondream2, "
+                         f"{', '.join(QWEN_VL_MODELS)})")
     family = importlib.import_module(f"triton_vlm.models.{model}.family")
     family.write_random_checkpoint(path, full_size=True, dtype=torch.float16, device=device)
     return path
@@ -91,7 +130,7 @@ def load_random_full_size(model: str, device: torch.device) -> tuple[Any, Any, A
 
     from triton_vlm.models import get_family
 
-    family = get_family(model)
+    family = get_family("qwen2_vl" if model in QWEN_VL_MODELS else model)
     if model == "llava":
         return (family, *random_llava_7b(device))
     with tempfile.TemporaryDirectory(prefix=f"{model}-random-") as tmp:

@@ -203,6 +203,20 @@ class ModelFamily(ABC):
         return self.decode_text(processor, token_ids), {}
 
 
+def multimodal_rope(model: Any, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A model's own multimodal RoPE positions for processor outputs ``inputs``: ``([3, batch, seq], deltas [batch,
+    1])`` from its ``get_rope_index`` (Qwen2-VL, Qwen2.5-VL: time, height and width over an image's tokens; a
+    generated token's position is its index + delta). None for models without one."""
+    rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+    if rope_index is None:
+        return None
+    # Its arguments vary between transformers releases (mm_token_type_ids since 5.2x): pass those it takes.
+    accepted = inspect.signature(rope_index).parameters
+    extra = {k: v for k, v in inputs.items() if k in accepted and k != "input_ids"}
+    positions, deltas = rope_index(inputs["input_ids"], **extra)
+    return positions, deltas
+
+
 def cache_kwarg(forward: Any) -> str:
     """The name a model's forward uses for its KV cache: ``cache`` (transformers >= 5.2x) or the older one."""
     parameters = inspect.signature(forward).parameters

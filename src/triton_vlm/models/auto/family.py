@@ -16,7 +16,6 @@ picked from the hub id (:meth:`AutoFamily.tiny_variant`).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from triton_vlm.errors import InvalidInputError, ModelLoadError
-from triton_vlm.models.base import ModelFamily
+from triton_vlm.models.base import ModelFamily, multimodal_rope
 
 #: Position of the first real token where it is not 0 (by ``config.model_type``).
 FIRST_POSITION: dict[str, int] = {"paligemma": 1}
@@ -73,14 +72,9 @@ class AutoFamily(ModelFamily):
         return FIRST_POSITION.get(getattr(model.config, "model_type", ""), 0)
 
     def position_ids(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
-        if rope_index is None:
-            return super().position_ids(model, inputs)
+        rope = multimodal_rope(model, inputs)
         # Multimodal RoPE: [3, batch, seq] (time, height, width); padding is masked out by the attention mask.
-        accepted = inspect.signature(rope_index).parameters
-        extra = {k: v for k, v in inputs.items() if k in accepted and k != "input_ids"}
-        positions, _deltas = rope_index(inputs["input_ids"], **extra)
-        return positions
+        return super().position_ids(model, inputs) if rope is None else rope[0]
 
     # -- tiny checkpoints --------------------------------------------------------------------------------
     def tiny_variant(self, hf_model_id: str) -> str:
