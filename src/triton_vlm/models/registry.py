@@ -12,6 +12,7 @@ _FAMILIES: dict[str, LazyClass] = {
     "llava": ("triton_vlm.models.llava", "LlavaFamily"),
     "kosmos2": ("triton_vlm.models.kosmos2", "Kosmos2Family"),
     "moondream2": ("triton_vlm.models.moondream2", "Moondream2Family"),
+    "smolvlm": ("triton_vlm.models.smolvlm", "SmolVLMFamily"),
     # Any AutoModelForImageTextToText checkpoint with a chat template (triton-vlm add-model).
     "auto": ("triton_vlm.models.auto", "AutoFamily"),
 }
