@@ -5,4 +5,3 @@ from triton_vlm.backend import TritonVLMModel
 
 class TritonPythonModel(TritonVLMModel):
     family = "smolvlm"
-
