@@ -239,11 +239,9 @@ def test_full_size_random_checkpoints_exist_for_the_engine_families_only(tmp_pat
 def test_full_size_smolvlm_is_smolvlm_instruct_on_the_meta_device() -> None:
     """SmolVLM-Instruct's shapes (2.25B parameters as published; 81 image tokens per 384 px tile), built on the meta
     device: no memory, no weights."""
-    from transformers import Idefics3ForConditionalGeneration
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
     from triton_vlm.models.smolvlm.family import image_seq_len, smolvlm_instruct_config, tiny_config
-
-    from transformers import AutoProcessor
 
     tokenizer = AutoProcessor.from_pretrained(ensure_tiny_checkpoint("smolvlm")).tokenizer
     config = smolvlm_instruct_config(tokenizer)

@@ -124,7 +124,6 @@ def tiny_config(tokenizer: Any) -> Any:
                          max_position_embeddings=2048, rope_theta=273768.0, tie_word_embeddings=True,
                          initializer_range=0.2, **_token_ids(tokenizer)),
         scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
-        initializer_range=0.2,
     )
 
 
