@@ -21,7 +21,8 @@ from typing import Any
 
 #: Bump when a tiny builder changes, so stale checkpoints in caches are rebuilt.
 #: 2: the kosmos2 unigram vocabulary is canonical (rounded scores, sorted), so its tokenizer.json is reproducible.
-TINY_FORMAT_VERSION = 2
+#: 3: the tiny Idefics3 (smolvlm; auto's stand-in) has tied embeddings, SmolVLM's rope_theta and std-0.2 weights.
+TINY_FORMAT_VERSION = 3
 #: Decimal places kept of a trained unigram log-probability (the trainer's last bits vary from run to run).
 UNIGRAM_SCORE_DECIMALS = 6
 SEED = 1234

@@ -123,7 +123,7 @@ def test_model_list_over_http_and_grpc(triton: RunningServer) -> None:
     for protocol, url in (("http", triton.http_url), ("grpc", triton.grpc_url)):
         with TritonVLMClient(url, protocol=protocol) as client:  # type: ignore[arg-type]
             models = {m["name"]: m["state"] for m in client.list_models()}
-            # <m>_stream comes with m: the engine-backed, streaming companion (smolvlm's auto family has none).
+            # <m>_stream comes with m: the engine-backed, streaming companion.
             assert models == {m: "READY" for m in (*SERVED_MODELS, *ENGINE_MODELS)}
             assert client.is_ready() and client.is_ready("llava")
 

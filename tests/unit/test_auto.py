@@ -1,7 +1,8 @@
 """The ``auto`` family (any AutoModelForImageTextToText with a chat template) and ``triton-vlm add-model``.
 
 The shared generation tests (test_generation.py, through the ``runtime`` fixture) run the auto family too, on the
-tiny Idefics3 that stands in for ``triton_models/smolvlm``: greedy == transformers' generate, batch == singles.
+tiny Idefics3 of an `add-model` SmolVLM (the checkpoint the smolvlm family serves on the engine): greedy ==
+transformers' generate, batch == singles.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from triton_vlm.errors import InvalidInputError, ModelLoadError, UnknownModelErr
 from triton_vlm.launcher.repository import public_config
 from triton_vlm.launcher.scaffold import add_model, render_config, render_model_py
 from triton_vlm.models import get_family
-from triton_vlm.models.auto.family import AutoFamily, reserved_tokens
+from triton_vlm.models.auto.family import AutoFamily
+from triton_vlm.models.chat import reserved_tokens
 from triton_vlm.models.generation import generate_batch
 from triton_vlm.runtime import VLMRuntime
 from triton_vlm.sampling import SamplingParams
@@ -51,7 +53,7 @@ def test_add_model_writes_a_few_lines_with_family_and_hub_id(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("model, family", [("llava", "llava"), ("kosmos2", "kosmos2"), ("moondream2", "moondream2"),
-                                           ("smolvlm", "auto")])
+                                           ("smolvlm", "smolvlm")])
 def test_add_model_serves_what_every_shipped_model_spells_out(tmp_path: Path, model: str, family: str) -> None:
     """The few lines add-model writes, completed at launch, are the shipped config: the same inputs (task for
     moondream2), outputs (entities for kosmos2), batching, instance and parameters."""

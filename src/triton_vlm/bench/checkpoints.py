@@ -2,8 +2,9 @@
 
 Speed depends on shapes, not on weight values, so llava-1.5-7b's exact config with random fp16 weights runs
 as fast as the real thing. The processor is the real one's kind (CLIP 336 px, a Llama-style tokenizer with
-the same 32000-piece id space, ``<image>`` = 32000, ``<pad>`` = 32001). kosmos-2 and moondream2 come at their
-real sizes with the tiny checkpoints' tokenizers (ids inside the real vocabularies); so do Qwen2-VL-7B-Instruct
+the same 32000-piece id space, ``<image>`` = 32000, ``<pad>`` = 32001). kosmos-2, moondream2 and SmolVLM-Instruct
+(smolvlm: Idefics3 with SigLIP so400m and SmolLM2-1.7B, ``models/smolvlm/family.py:smolvlm_instruct_config``) come
+at their real sizes with the tiny checkpoints' tokenizers (ids inside the real vocabularies); so do Qwen2-VL-7B-Instruct
 (``qwen2_vl``) and Qwen2.5-VL-7B-Instruct (``qwen2_5_vl``), with their real image processors' pixel bounds.
 
 ``python -m triton_vlm.bench.checkpoints MODEL PATH`` writes one (on the GPU when there is one).
@@ -104,8 +105,8 @@ QWEN_VL_MODELS = ("qwen2_vl", "qwen2_5_vl")
 
 
 def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
-    """Write ``model``'s full-size random fp16 checkpoint (llava, kosmos2, moondream2, qwen2_vl or qwen2_5_vl) to
-    ``path``."""
+    """Write ``model``'s full-size random fp16 checkpoint (llava, kosmos2, moondream2, smolvlm,
+    qwen2_vl or qwen2_5_vl) to ``path``."""
     path.mkdir(parents=True, exist_ok=True)
     if model == "llava":
         return save_random_llava_7b(path, device)
@@ -115,8 +116,8 @@ def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
         write_random_checkpoint(path, model, qwen_vl_7b_sizes(model), vocab_size=QWEN_VL_VOCAB,
                                 dtype=torch.float16, device=device)
         return path
-    if model not in ("kosmos2", "moondream2"):
-        raise ValueError(f"no full-size random checkpoint for {model!r} (llava, kosmos2, moondream2, "
+    if model not in ("kosmos2", "moondream2", "smolvlm"):
+        raise ValueError(f"no full-size random checkpoint for {model!r} (llava, kosmos2, moondream2, smolvlm, "
                          f"{', '.join(QWEN_VL_MODELS)})")
     family = importlib.import_module(f"triton_vlm.models.{model}.family")
     family.write_random_checkpoint(path, full_size=True, dtype=torch.float16, device=device)
@@ -125,7 +126,8 @@ def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
 
 def load_random_full_size(model: str, device: torch.device) -> tuple[Any, Any, Any]:
     """``(family, model, processor)``: ``model``'s full-size random fp16 architecture on ``device``. llava is built
-    in memory; kosmos2 and moondream2 are written to a temporary checkpoint and loaded the way a server loads them."""
+    in memory; kosmos2, moondream2 and smolvlm are written to a temporary checkpoint and loaded the way a server
+    loads them."""
     import tempfile
 
     from triton_vlm.models import get_family

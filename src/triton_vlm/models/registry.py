@@ -16,6 +16,7 @@ _FAMILIES: dict[str, LazyClass] = {
     "moondream2": ("triton_vlm.models.moondream2", "Moondream2Family"),
     # Qwen2-VL and Qwen2.5-VL (the tiny variant qwen2_5_vl stands in for a Qwen2.5-VL id).
     "qwen2_vl": ("triton_vlm.models.qwen2_vl", "Qwen2VLFamily"),
+    "smolvlm": ("triton_vlm.models.smolvlm", "SmolVLMFamily"),
     # Any AutoModelForImageTextToText checkpoint with a chat template (triton-vlm add-model).
     "auto": ("triton_vlm.models.auto", "AutoFamily"),
 }

@@ -11,19 +11,20 @@ the shared batched loop (:mod:`triton_vlm.models.generation`) generates, with le
 
 Refused at load with a clear message: checkpoints without a chat template, and the model types in
 :data:`UNSUPPORTED`. ``--tiny`` serves a tiny random checkpoint of one of :data:`TINY_BUILDERS`' architectures,
-picked from the hub id (:meth:`AutoFamily.tiny_variant`).
+picked from the hub id (:meth:`AutoFamily.tiny_variant`) and built by the family that has that architecture on
+the engine (SmolVLM/Idefics3: ``smolvlm``), so the two routes can be compared on the same weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from triton_vlm.errors import InvalidInputError, ModelLoadError
+from triton_vlm.errors import ModelLoadError
 from triton_vlm.models.base import ModelFamily, multimodal_rope
+from triton_vlm.models.chat import render_chat
 
 #: Position of the first real token where it is not 0 (by ``config.model_type``).
 FIRST_POSITION: dict[str, int] = {"paligemma": 1}
@@ -61,11 +62,7 @@ class AutoFamily(ModelFamily):
 
     # -- prompting ---------------------------------------------------------------------------------------
     def render_prompt(self, processor: Any, prompt: str) -> str:
-        for token in reserved_tokens(processor):
-            if token in prompt:
-                raise InvalidInputError(f"prompt: may not contain the reserved token {token!r}", param="prompt")
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return render_chat(processor, prompt)
 
     # -- stepping ----------------------------------------------------------------------------------------
     def first_position(self, model: Any) -> int:
@@ -87,75 +84,19 @@ class AutoFamily(ModelFamily):
     def build_tiny(self, path: Path, variant: str | None = None) -> None:
         variant = variant or DEFAULT_TINY
         try:
-            builder = TINY_BUILDERS[variant]
+            family = TINY_BUILDERS[variant]
         except KeyError:
             raise ValueError(f"no tiny build for model type {variant!r}; known: {', '.join(TINY_BUILDERS)}") from None
-        builder(path)
+        from triton_vlm.models.registry import get_family
+
+        get_family(family).build_tiny(path)
 
 
-def reserved_tokens(processor: Any) -> list[str]:
-    """Tokens a user prompt may not contain: the processor's image/video placeholders and the tokenizer's
-    special tokens (chat-template control tokens such as ``<end_of_utterance>``, ``<|im_end|>``)."""
-    tokenizer = processor.tokenizer
-    tokens = {getattr(processor, name, None) for name in ("image_token", "video_token")}
-    tokens.update(tokenizer.all_special_tokens)
-    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
-    tokens.update(str(t) for t in added if getattr(t, "special", False))
-    return sorted(t for t in tokens if isinstance(t, str) and t)
-
-
-# -- tiny builders (random weights, locally trained tokenizer, the real processor classes) -----------------------
-#: SmolVLM's chat template (user turn with the image first; "Assistant:" as the generation prompt).
-SMOLVLM_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-
-
-def _tiny_idefics3(path: Path) -> None:
-    """Idefics3 (SmolVLM): SigLIP-style vision, pixel-shuffle connector, Llama text; image splitting on."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaTokenizer
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    from triton_vlm.tiny import seeded, train_llama_style_vocab
-
-    vocab, merges = train_llama_style_vocab(vocab_size=600)
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.add_tokens(["<|im_start|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
-                          "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))],
-                         special_tokens=True)
-    tokenizer.add_special_tokens({"eos_token": "<end_of_utterance>"})  # as SmolVLM-Instruct: a turn ends it
-    # 32 px tiles of 8 px patches, pixel shuffle by 2: 4 image tokens per tile; images up to 64 px: 2x2 tiles + 1.
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                                                do_image_splitting=True)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
-    tokenizer = processor.tokenizer
-    config = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    seeded()
-    model = Idefics3ForConditionalGeneration(config).eval()
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-
-
-#: model type -> tiny builder.
-TINY_BUILDERS: dict[str, Callable[[Path], None]] = {
-    "idefics3": _tiny_idefics3,
+# -- tiny checkpoints --------------------------------------------------------------------------------------------
+#: model type -> the family whose tiny checkpoint (its ``build_tiny``, found through the registry: a family imports
+#: no other) stands in for it: the same architecture, served here through transformers' generate.
+TINY_BUILDERS: dict[str, str] = {
+    "idefics3": "smolvlm",
 }
 DEFAULT_TINY = "idefics3"
 #: Hub id fragment (lower case) -> the tiny model type that stands in for it under --tiny.
