@@ -32,15 +32,12 @@ def llava_7b_config() -> Any:
 
 
 def llava_7b_processor() -> Any:
-    from transformers import CLIPImageProcessor, LlamaTokenizer, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
     from triton_vlm.models.llava import CHAT_TEMPLATE, IMAGE_TOKEN
-    from triton_vlm.tiny import train_llama_style_vocab
+    from triton_vlm.models.llava_common import llava_hf_tokenizer
 
-    vocab, merges = train_llama_style_vocab(vocab_size=600, pad_to=32000)
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
-    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer = llava_hf_tokenizer(pad_to=32000)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                           vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
