@@ -256,7 +256,7 @@ def moondream2() -> VLMRuntime:
     return direct_runtime("moondream2", tiny=True, device="cpu")
 
 
-@pytest.mark.parametrize("model", ["moondream2", "kosmos2"])
+@pytest.mark.parametrize("model", ["moondream2", "kosmos2", "llava_next"])
 def test_the_engine_streams_what_the_batched_model_answers(triton: RunningServer, sample_image_bytes: bytes,
                                                           model: str) -> None:
     # Not kosmos2's grounded prompt: the tiny random model answers that in location tokens, which clean up to "".

@@ -22,10 +22,13 @@ CONFIGS = sorted(REPOSITORY.glob("*/config.pbtxt"))
 LEGACY = ROOT / "tests" / "data" / "legacy_stream_configs"
 #: Public models: one per family, served by the shared backend (and by the engine through a forwarder), plus
 #: smolvlm, made by `triton-vlm add-model` for the auto family.
-PUBLIC = ("kosmos2", "llava", "moondream2", "smolvlm")
+PUBLIC = ("kosmos2", "llava", "llava_next", "moondream2", "smolvlm")
 FAMILY_OF = {"smolvlm": "auto"}
 #: Engine models: decoupled, serving a public model's weights; derived from its config at launch.
-COMPANIONS = {"kosmos2_stream": "kosmos2", "llava_stream": "llava", "moondream2_stream": "moondream2"}
+COMPANIONS = {"kosmos2_stream": "kosmos2", "llava_stream": "llava", "moondream2_stream": "moondream2",
+              "llava_next_stream": "llava_next"}
+#: Engine models that once had a directory of their own (tests/data/legacy_stream_configs/).
+LEGACY_COMPANIONS = {c: b for c, b in COMPANIONS.items() if c != "llava_next_stream"}
 OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64,
             "ignore_eos": pb.TYPE_BOOL}
 #: Inputs only some public models take.
@@ -148,7 +151,7 @@ def test_engine_sizing_set_in_the_public_config_sizes_the_derived_one() -> None:
     assert [g.count for g in derived.instance_group] == [1]  # one engine owns the GPU
 
 
-@pytest.mark.parametrize("companion, base", sorted(COMPANIONS.items()))
+@pytest.mark.parametrize("companion, base", sorted(LEGACY_COMPANIONS.items()))
 def test_derived_engine_configs_say_what_the_old_stream_files_said(companion: str, base: str) -> None:
     """Before, triton_models/<m>_stream/config.pbtxt was a near-copy of <m>'s (tests/data/legacy_stream_configs/);
     the launcher's derivation gives the same Triton config, and the same settings once the launcher added the base

@@ -57,7 +57,7 @@ def test_select_models_adds_the_companions_after_the_public_models(tmp_path: Pat
     assert server.models == ["kosmos2", "llava", "kosmos2_stream", "llava_stream"]
     everything = make_server(tmp_path / "all")
     everything._select_models(REPOSITORY)
-    assert everything.models[:4] == ["kosmos2", "llava", "moondream2", "smolvlm"]
+    assert everything.models[:5] == ["kosmos2", "llava", "llava_next", "moondream2", "smolvlm"]
     assert "smolvlm_stream" not in everything.models  # smolvlm has no engine companion
 
 
