@@ -259,7 +259,7 @@ def moondream2() -> VLMRuntime:
 # Not smolvlm: its tiny model's answer here holds byte tokens that are no valid UTF-8, and the stream's incremental
 # detokenizer renders one of them differently from a whole decode (a lead's note: backend detokenizer, not the
 # engine); test_grounding_and_auto.py compares its engine stream with the public model's answer.
-@pytest.mark.parametrize("model", ["moondream2", "kosmos2", "qwen2_vl"])
+@pytest.mark.parametrize("model", ["moondream2", "kosmos2", "qwen2_vl", "llava_next"])
 def test_the_engine_streams_what_the_batched_model_answers(triton: RunningServer, sample_image_bytes: bytes,
                                                           model: str) -> None:
     # Not kosmos2's grounded prompt: the tiny random model answers that in location tokens, which clean up to "".

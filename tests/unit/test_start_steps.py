@@ -59,8 +59,8 @@ def test_select_models_adds_the_companions_after_the_public_models(tmp_path: Pat
     assert server.models == ["kosmos2", "llava", "kosmos2_stream", "llava_stream"]
     everything = make_server(tmp_path / "all")
     everything._select_models(REPOSITORY)
-    assert everything.models[:4] == ["kosmos2", "llava", "moondream2", "smolvlm"]
-    assert everything.models[4:] == [f"{m}_stream" for m in everything.models[:4]]  # every family has an engine
+    assert everything.models[:6] == ["kosmos2", "llava", "llava_next", "moondream2", "qwen2_vl", "smolvlm"]
+    assert everything.models[6:] == [f"{m}_stream" for m in everything.models[:6]]  # every family has an engine
 
 
 def test_select_models_refuses_an_empty_repository(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from triton_vlm.engine.attention import (
     last_rows,
     mixed_attention,
     prefill_attention,
+    sliding_window,
 )
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Rows, Fp8Weight, linear, quantize_rows, takes_fp8_rows
@@ -96,6 +97,8 @@ class LlamaDecoder:
                 down=relayout((mlp.down_proj,), mlp.down_proj.weight.data),
             ))
         self._gqa = self.num_kv_heads != self.num_heads
+        #: Mistral's sliding window (None: every position sees the whole prefix).
+        self.window = sliding_window(config)
         self.fused = kernels.fused_available(lm_head.weight.device)
 
     def quantize(self, method: str) -> None:
@@ -187,8 +190,8 @@ class LlamaDecoder:
         if positions is None:
             positions = chunk_positions(chunks, embeds.device)
         cos, sin = self._rope(embeds, positions)
-        attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, embeds.device), self._gqa, self.fused,
-                                   causal=True)
+        attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, embeds.device, self.window), self._gqa,
+                                   self.fused, causal=True, window=self.window)
         return last_rows(self._layers(embeds, cos, sin, attend), chunks)
 
     # -- decode -------------------------------------------------------------------------------------------
@@ -202,7 +205,8 @@ class LlamaDecoder:
         the device). Returns logits [batch, vocab]."""
         h = self.embed_tokens(tokens)
         cos, sin = self._rope(h, lengths - 1 if positions is None else positions)
-        h = self._layers(h, cos, sin, decode_attention(cache, write_positions, lengths, context, self.fused))
+        h = self._layers(h, cos, sin, decode_attention(cache, write_positions, lengths, context, self.fused,
+                                                       self.window))
         return self.logits(h)
 
     # -- both in one forward ------------------------------------------------------------------------------
@@ -221,9 +225,9 @@ class LlamaDecoder:
         rows = lengths - 1 if decode_positions is None else decode_positions
         cos, sin = self._rope(h, torch.cat([prompt, rows.expand(*prompt.shape[:-1], -1)], dim=-1))
         attend = mixed_attention(
-            prefill_attention(cache, chunks, causal_chunk_masks(chunks, h.device), self._gqa, self.fused,
-                              causal=True),
-            decode_attention(cache, write_positions, lengths, context, self.fused), count)
+            prefill_attention(cache, chunks, causal_chunk_masks(chunks, h.device, self.window), self._gqa,
+                              self.fused, causal=True, window=self.window),
+            decode_attention(cache, write_positions, lengths, context, self.fused, self.window), count)
         hidden = self._layers(h, cos, sin, attend)
         logits = self.logits(torch.cat([last_rows(hidden[:count], chunks), hidden[count:]]))
         return logits[:len(chunks)], logits[len(chunks):]

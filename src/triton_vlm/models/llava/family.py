@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from triton_vlm.models.base import ModelFamily
-
-IMAGE_TOKEN = "<image>"
+from triton_vlm.models.llava_common import IMAGE_TOKEN, RESERVED_PROMPT_TOKENS, image_prompt
 
 # LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT:".
 CHAT_TEMPLATE = (
@@ -24,9 +23,7 @@ class LlavaFamily(ModelFamily):
     name = "llava"
     default_hf_model_id = "llava-hf/llava-1.5-7b-hf"
     architectures = ("LlavaForConditionalGeneration",)
-    # The tokenizer turns these into control tokens wherever they appear in the text: a user's "</s>" would
-    # end the prompt early, a "<image>" would ask for a second image.
-    reserved_prompt_tokens = (IMAGE_TOKEN, "<s>", "</s>", "<unk>", "<pad>")
+    reserved_prompt_tokens = RESERVED_PROMPT_TOKENS
     engine_adapter_class = ("triton_vlm.models.llava.engine_adapter", "LlavaEngineAdapter")
 
     def model_class(self) -> type[Any]:
@@ -35,10 +32,7 @@ class LlavaFamily(ModelFamily):
         return LlavaForConditionalGeneration
 
     def render_prompt(self, processor: Any, prompt: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        if getattr(processor, "chat_template", None):
-            return processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:"
+        return image_prompt(processor, prompt, "USER: {image}\n{prompt} ASSISTANT:")
 
     def build_tiny(self, path: Path, variant: str | None = None) -> None:
         from transformers import (
