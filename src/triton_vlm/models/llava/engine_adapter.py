@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from triton_vlm.models.llava_common import ImageTokenEngineAdapter, pooled
+from triton_vlm.models.llava_common.engine_adapter import ImageTokenEngineAdapter, pooled
 
 
 class LlavaEngineAdapter(ImageTokenEngineAdapter):

@@ -14,7 +14,7 @@ import torch
 
 from triton_vlm.engine.request import EngineRequest
 from triton_vlm.engine.transfer import device_pixels
-from triton_vlm.models.llava_common import ImageTokenEngineAdapter
+from triton_vlm.models.llava_common.engine_adapter import ImageTokenEngineAdapter
 
 
 class LlavaNextEngineAdapter(ImageTokenEngineAdapter):
