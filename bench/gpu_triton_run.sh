@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H100 benchmark as it was run through the device tool (see bench/README.md): a full-size architecture with
-# random fp16 weights (MODEL=llava: llava-1.5-7b, the default; kosmos2; moondream2), served by the real
+# random fp16 weights (MODEL=llava: llava-1.5-7b, the default; kosmos2; moondream2; llava_next:
+# llava-v1.6-mistral-7b; qwen2_vl: Qwen2-VL-7B-Instruct; smolvlm: SmolVLM-Instruct), served by the real
 # Triton 2.51 from the nvidia-pytriton wheel. FP8=1 serves it with fp8 projections and KV cache (llava) or an
 # fp8 KV cache (the others), and names the results h100-MODEL-fp8.*. CONCURRENCY and REQUESTS: the levels and
 # requests per level (one number, or one per level), as triton-vlm bench takes them.
@@ -16,9 +17,16 @@ source bench/gpu_env.sh
 CHECKPOINT=/tmp/$MODEL-random
 [ -f $CHECKPOINT/config.json ] || python3 -m triton_vlm.bench.checkpoints $MODEL $CHECKPOINT
 export TRITON_VLM_${MODEL^^}_LOCAL_PATH=$CHECKPOINT
-# <model>_stream (the engine): the KV cache sized for this workload's prompt (576, 730 or 64 image positions)
-# + 128.
-export TRITON_VLM_${MODEL^^}_STREAM_MAX_MODEL_LEN=${MAX_MODEL_LEN:-$([ "$MODEL" = moondream2 ] && echo 1024 || echo 768)}
+# <model>_stream (the engine): the KV cache sized for this workload's prompt (the 336 px image's positions: llava
+# 576, kosmos2 64, moondream2 730, llava_next 2,928 (a square image: 2 x 2 tiles + the base), qwen2_vl 144,
+# smolvlm 1,377 (resized to 1536 px: 4 x 4 tiles + the global view, 81 each)) + the text + 128 new tokens.
+case $MODEL in
+  moondream2|qwen2_vl) default_len=1024 ;;
+  smolvlm) default_len=1664 ;;
+  llava_next) default_len=3200 ;;
+  *) default_len=768 ;;
+esac
+export TRITON_VLM_${MODEL^^}_STREAM_MAX_MODEL_LEN=${MAX_MODEL_LEN:-$default_len}
 NAME=h100-$MODEL
 if [ "${FP8:-0}" = 1 ]; then
   NAME=$NAME-fp8
