@@ -18,12 +18,12 @@ CHECKPOINT=/tmp/$MODEL-random
 [ -f $CHECKPOINT/config.json ] || python3 -m triton_vlm.bench.checkpoints $MODEL $CHECKPOINT
 export TRITON_VLM_${MODEL^^}_LOCAL_PATH=$CHECKPOINT
 # <model>_stream (the engine): the KV cache sized for this workload's prompt (the 336 px image's positions: llava
-# 576, kosmos2 64, moondream2 730, llava_next 2,928 (a square image: 2 x 2 tiles + the base), qwen2_vl 144,
+# 576, kosmos2 64, moondream2 730, llava_next 1,176 (a square image: a 1 x 2 grid, unpadded, + the base), qwen2_vl 144,
 # smolvlm 1,377 (resized to 1536 px: 4 x 4 tiles + the global view, 81 each)) + the text + 128 new tokens.
 case $MODEL in
   moondream2|qwen2_vl) default_len=1024 ;;
   smolvlm) default_len=1664 ;;
-  llava_next) default_len=3200 ;;
+  llava_next) default_len=1408 ;;
   *) default_len=768 ;;
 esac
 export TRITON_VLM_${MODEL^^}_STREAM_MAX_MODEL_LEN=${MAX_MODEL_LEN:-$default_len}
