@@ -1,8 +1,10 @@
 """Any image-text-to-text model with a chat template (``AutoModelForImageTextToText``): the ``auto`` family.
 
 A new model is a directory with ``model_family: "auto"`` and its ``hf_model_id`` (``triton-vlm add-model``).
-The prompt is the processor's chat template over one user turn, ``[image, text]``, with the generation prompt;
-the shared batched loop (:mod:`triton_vlm.models.generation`) generates, with left padding and explicit positions:
+The prompt is the processor's chat template over the conversation (a ``prompt`` request: one user turn,
+``[image, text]``) with the generation prompt, with as many images per request as the checkpoint's processor
+takes (up to ``max_images_per_request``) or none; the shared batched loop (:mod:`triton_vlm.models.generation`)
+generates, with left padding and explicit positions:
 
 * RoPE models count positions from 0 over real tokens (Llama, Mistral, Gemma, Idefics3/SmolVLM, LLaVA-NeXT...);
   PaliGemma counts from 1 (:data:`FIRST_POSITION`).
@@ -17,12 +19,13 @@ picked from the hub id (:meth:`AutoFamily.tiny_variant`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError, ModelLoadError
 from triton_vlm.models.base import ModelFamily
 
@@ -62,11 +65,12 @@ class AutoFamily(ModelFamily):
 
     # -- prompting ---------------------------------------------------------------------------------------
     def render_prompt(self, processor: Any, prompt: str) -> str:
-        for token in reserved_tokens(processor):
-            if token in prompt:
-                raise InvalidInputError(f"prompt: may not contain the reserved token {token!r}", param="prompt")
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+        check_reserved(processor, [prompt], "prompt")
+        return str(super().render_prompt(processor, prompt))
+
+    def render_chat(self, processor: Any, chat: Chat) -> str:
+        check_reserved(processor, chat.texts(), "messages")
+        return str(super().render_chat(processor, chat))
 
     # -- stepping ----------------------------------------------------------------------------------------
     def first_position(self, model: Any) -> int:
@@ -97,6 +101,15 @@ class AutoFamily(ModelFamily):
         except KeyError:
             raise ValueError(f"no tiny build for model type {variant!r}; known: {', '.join(TINY_BUILDERS)}") from None
         builder(path)
+
+
+def check_reserved(processor: Any, texts: Iterable[str], param: str) -> None:
+    """:class:`InvalidInputError` (naming ``param``) where a text holds one of :func:`reserved_tokens`."""
+    reserved = reserved_tokens(processor)
+    for text in texts:
+        for token in reserved:
+            if token in text:
+                raise InvalidInputError(f"{param}: may not contain the reserved token {token!r}", param=param)
 
 
 def reserved_tokens(processor: Any) -> list[str]:

@@ -12,9 +12,12 @@ from triton_vlm.engine.decoders.llama import LlamaDecoder
 
 
 class LlavaEngineAdapter(EngineAdapter):
-    def prepare(self, family: Any, processor: Any, image: Any, prompt: str) -> tuple[list[int], dict[str, Any]]:
-        encoded = processor(images=[image], text=[family.render_prompt(processor, prompt)], return_tensors="pt")
+    def prepare(self, family: Any, processor: Any, images: list[Any], text: Any) -> tuple[list[int], dict[str, Any]]:
+        """One ``<image>`` placeholder per image in ``text``, each expanded to its feature rows by the processor."""
+        encoded = family.encode(processor, [images], [text])
         ids = encoded["input_ids"][0].tolist()
+        if not images:
+            return ids, {"image_rows": []}
         image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         return ids, {"pixel_values": encoded["pixel_values"],
                      "image_rows": [row for row, token in enumerate(ids) if token == image_token]}

@@ -9,7 +9,8 @@ from triton_vlm.models.base import ModelFamily
 
 IMAGE_TOKEN = "<image>"
 
-# LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT:".
+# LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT:", earlier turns before it ("USER: ... ASSISTANT:
+# ... "), each image where it stood (several images take several <image> placeholders in one prompt).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | upper ~ ': ' }}"
     "{% for part in message['content'] %}"
@@ -28,17 +29,13 @@ class LlavaFamily(ModelFamily):
     # end the prompt early, a "<image>" would ask for a second image.
     reserved_prompt_tokens = (IMAGE_TOKEN, "<s>", "</s>", "<unk>", "<pad>")
     engine_adapter_class = ("triton_vlm.models.llava.engine_adapter", "LlavaEngineAdapter")
+    # A checkpoint saved without a chat template (older llava-hf revisions) still gets LLaVA-1.5's format.
+    fallback_chat_template = CHAT_TEMPLATE
 
     def model_class(self) -> type[Any]:
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration
-
-    def render_prompt(self, processor: Any, prompt: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        if getattr(processor, "chat_template", None):
-            return processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return f"USER: {IMAGE_TOKEN}\n{prompt} ASSISTANT:"
 
     def build_tiny(self, path: Path, variant: str | None = None) -> None:
         from transformers import (
