@@ -27,8 +27,8 @@ from triton_vlm.backend.requests import (
     runtime_from_args,
 )
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown, startup_failed
-from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.chat import Chat
+from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.models.generation import GenerationOutput, Prompt
 from triton_vlm.runtime import GenerationRequest, as_request_error
 

@@ -169,13 +169,15 @@ class ModelFamily(ABC):
             return self.render_chat(processor, prompt)
         return self.render_request(processor, prompt, task)
 
-    def encode(self, processor: Any, images: list[list[Image.Image]], texts: list[Any]) -> dict[str, torch.Tensor]:
-        """Left-padded batch tensors for the first forward pass; ``images``: each row's images, in order. One
-        image per row goes to the processor as the flat list processors have always taken; other batches as a
-        list per row (which transformers' processors take too), and a batch without images as text alone."""
-        if not any(images):
+    def encode(self, processor: Any, images: Sequence[RowImages], texts: list[Any]) -> dict[str, torch.Tensor]:
+        """Left-padded batch tensors for the first forward pass; ``images``: each row's image or list of images,
+        in order. One image per row goes to the processor as the flat list processors have always taken; other
+        batches as a list per row (which transformers' processors take too), and a batch without images as text
+        alone."""
+        rows = [image_list(row) for row in images]
+        if not any(rows):
             return dict(processor(text=texts, padding=True, return_tensors="pt"))
-        batch: list[Any] = [row[0] for row in images] if all(len(row) == 1 for row in images) else images
+        batch: list[Any] = [row[0] for row in rows] if all(len(row) == 1 for row in rows) else rows
         return dict(processor(images=batch, text=texts, padding=True, return_tensors="pt"))
 
     # -- generating --------------------------------------------------------------------------------------

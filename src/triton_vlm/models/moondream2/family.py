@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
@@ -109,9 +108,9 @@ class Moondream2Family(ModelFamily):
     def render_chat(self, processor: Moondream2Processor, chat: Chat) -> list[int]:
         return processor.chat_tokens(chat)
 
-    def encode(self, processor: Moondream2Processor, images: list[list[Image.Image]],
+    def encode(self, processor: Moondream2Processor, images: Sequence[RowImages],
                texts: list[Any]) -> dict[str, torch.Tensor]:
-        return processor([row[0] for row in images], texts)
+        return processor([image_list(row)[0] for row in images], texts)
 
     def generate(self, model: Moondream2Model, processor: Moondream2Processor, images: Sequence[RowImages],
                  prompts: Sequence[Prompt], params: list[SamplingParams],
