@@ -21,7 +21,8 @@ from typing import Any
 
 #: Bump when a tiny builder changes, so stale checkpoints in caches are rebuilt.
 #: 2: the kosmos2 unigram vocabulary is canonical (rounded scores, sorted), so its tokenizer.json is reproducible.
-TINY_FORMAT_VERSION = 2
+#: 3: llava's chat template is llava-hf's (system text without a role, a message's images before its text).
+TINY_FORMAT_VERSION = 3
 #: Decimal places kept of a trained unigram log-probability (the trainer's last bits vary from run to run).
 UNIGRAM_SCORE_DECIMALS = 6
 SEED = 1234

@@ -85,9 +85,9 @@ def test_llava_renders_a_chat_with_the_processors_own_template(llava_runtime: VL
     loaded = llava_runtime.ensure_loaded()
     ours = loaded.family.render_chat(loaded.processor, chat(FOUR_TURNS, 2))
     assert ours == loaded.processor.apply_chat_template(FOUR_TURNS_HF, add_generation_prompt=True)
-    # LLaVA-1.5's format, each <image> where it stood, the generation prompt last.
-    assert ours == ("SYSTEM: Answer in one word. USER: <image>\nWhat is this? ASSISTANT: A cat. USER: And this one? "
-                    "<image>\nASSISTANT: A dog. USER: Which is bigger? ASSISTANT:")
+    # llava-hf's LLaVA-1.5 format: system text first, a message's images before its text, the generation prompt last.
+    assert ours == ("Answer in one word. USER: <image>\nWhat is this? ASSISTANT: A cat. USER: <image>\nAnd this one? "
+                    "ASSISTANT: A dog. USER: Which is bigger? ASSISTANT:")
     # A prompt request is the one-turn chat [image, prompt]: the same input either way.
     single = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     assert loaded.family.render_prompt(loaded.processor, "What is this?") == loaded.family.render_chat(

@@ -9,14 +9,15 @@ from triton_vlm.models.base import ModelFamily
 
 IMAGE_TOKEN = "<image>"
 
-# LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT:", earlier turns before it ("USER: ... ASSISTANT:
-# ... "), each image where it stood (several images take several <image> placeholders in one prompt).
+# LLaVA-1.5's conversation format, as llava-hf's checkpoints ship it: "USER: <image>\n{prompt} ASSISTANT:", earlier
+# turns before it ("USER: ... ASSISTANT: ... "), system text in front without a role. Within a message its images
+# come first, one "<image>\n" each (several images: several placeholders in one prompt), then its text parts.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | upper ~ ': ' }}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] ~ ' ' }}{% endif %}"
-    "{% endfor %}{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
