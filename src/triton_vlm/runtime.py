@@ -108,11 +108,10 @@ class VLMRuntime:
                           task: str | bytes | None = None) -> GenerationRequest:
         """Validate a chat request: ``messages`` (JSON, :mod:`triton_vlm.chat`) and the file bytes of its images;
         raises :class:`InvalidInputError` naming the bad field (``messages``, ``images``...). Image counts are
-        checked against the family's limits before any image is decoded."""
-        if task is not None and _text("task", task).strip():
-            raise InvalidInputError("task: a chat (messages) is answered as a conversation and takes no task; "
-                                    "leave it out, or send a prompt instead", param="task")
+        checked against the family's limits before any image is decoded. ``task`` as for :meth:`make_request` (a
+        family's skill other than answering takes the last user message's text: ``ModelFamily.render_input``)."""
         family = self.family
+        task = family.normalize_task(None if task is None else _text("task", task))
         count = len(images)
         if count > family.max_images_per_request:
             raise InvalidInputError(
@@ -127,13 +126,16 @@ class VLMRuntime:
         texts = list(chat.texts())
         if not any(text.strip() for text in texts) and not count:
             raise InvalidInputError("messages: no text and no image; ask the model something", param="messages")
+        if task is not None and not chat.question.strip() and family.prompt_required(task):
+            raise InvalidInputError(f"messages: task {task!r} needs a question in the last user message",
+                                    param="messages")
         self._check_text(texts, "messages")
         params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos)
         limits = self.settings.limits
         decoded = tuple(decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
                                      max_aspect_ratio=limits.max_image_aspect_ratio, field=f"images[{i}]")
                         for i, data in enumerate(images))
-        return GenerationRequest(images=decoded, prompt=chat, params=params)
+        return GenerationRequest(images=decoded, prompt=chat, params=params, task=task)
 
     def _check_text(self, texts: list[str], param: str) -> None:
         """The request's texts against the limits: total length, NUL, the family's reserved tokens."""

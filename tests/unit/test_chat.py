@@ -128,6 +128,16 @@ def test_moondream2_chat_is_its_question_answer_template() -> None:
     assert family.render_chat(processor, single) == family.render_prompt(processor, "What is it?")
 
 
+def test_moondream2_skills_take_a_chats_last_question() -> None:
+    family, _model, processor = load_tiny("moondream2")
+    conversation = chat([*FOUR_TURNS[1:3], {"role": "user", "content": "the cat"}], 1)
+    assert family.render_input(processor, conversation, "detect") == family.render_request(processor, "the cat",
+                                                                                          "detect")
+    assert family.render_input(processor, conversation, "caption:short") == family.render_request(
+        processor, "", "caption:short")
+    assert family.render_input(processor, conversation, "query") == family.render_chat(processor, conversation)
+
+
 def _query() -> Any:
     from triton_vlm.models.moondream2.tasks import Task
 
@@ -179,6 +189,9 @@ def test_chat_requests_are_checked_like_prompts(unloaded: dict[str, VLMRuntime])
         (lambda: llava.make_chat_request(two_images(), [image_bytes(8, 8), b"junk"]), "images",
          "images[1]: not a recognised image"),
         (lambda: llava.make_chat_request('[{"role": "user", "content": "Hi"}]', task="query"), "task", "takes no task"),
+        (lambda: unloaded["moondream2"].make_chat_request(
+            '[{"role": "user", "content": [{"type": "image"}]}]', [image_bytes(8, 8)], task="detect"), "messages",
+         "task 'detect' needs a question"),
         (lambda: llava.make_chat_request('[{"role": "user", "content": "Hi"}]', max_tokens=0), "max_tokens", "in [1,"),
     ]
     for make, param, fragment in cases:

@@ -108,6 +108,12 @@ class Moondream2Family(ModelFamily):
     def render_chat(self, processor: Moondream2Processor, chat: Chat) -> list[int]:
         return processor.chat_tokens(chat)
 
+    def render_input(self, processor: Moondream2Processor, prompt: Prompt, task: str | None = None) -> Any:
+        if isinstance(prompt, Chat) and parse_task(task).kind != "query":
+            # Captions, detect and point are no conversation: they take the last question (an object's name).
+            return self.render_request(processor, prompt.question, task)
+        return super().render_input(processor, prompt, task)
+
     def encode(self, processor: Moondream2Processor, images: Sequence[RowImages],
                texts: list[Any]) -> dict[str, torch.Tensor]:
         return processor([image_list(row)[0] for row in images], texts)
