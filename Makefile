@@ -3,6 +3,12 @@ VENV ?= .venv
 PYTHON ?= python3
 # A CPU build of torch (from local disk on our dev/CI machines); override for CUDA hosts.
 TORCH_SPEC ?= torch==2.13.0
+# torchvision (Qwen2-VL's fast processors): the release built for TORCH_SPEC's torch, installed with --no-deps so pip
+# never swaps torch for another build. PyPI's torchvision wheels are CUDA builds, which fail to import beside a CPU
+# torch ("operator torchvision::nms does not exist"); with a CPU torch only a +cpu build is taken (from an index that
+# has one, e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu), else none: Qwen2-VL then uses
+# transformers' PIL image processor (src/triton_vlm/models/qwen2_vl/processor.py).
+TORCHVISION_SPEC ?= torchvision==0.28.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -31,6 +37,11 @@ $(STAMP): pyproject.toml
 	$(PIP_INSTALL) --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) "$(TORCH_SPEC)"
 	$(PIP_INSTALL) -e ".[server,test]"
+	@if $(PY) -c "import torchvision" 2>/dev/null; then :; \
+	elif $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then \
+		$(PIP_INSTALL) --no-deps "$(TORCHVISION_SPEC)"; \
+	else $(PIP_INSTALL) --no-deps "$(TORCHVISION_SPEC)+cpu" 2>/dev/null || \
+		echo "note: no CPU build of $(TORCHVISION_SPEC) on the configured indexes: Qwen2-VL uses its PIL processor"; fi
 	touch $(STAMP)
 
 # Triton's perf_analyzer (bench/README.md): the last tritonclient wheel that ships it, 2.51, holds the binary.

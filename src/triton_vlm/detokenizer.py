@@ -8,37 +8,77 @@ keeps what depends on neighbours right (SentencePiece's leading spaces). A windo
 (a trailing U+FFFD) waits for the next token; one that would not simply extend the text (bytes that are no UTF-8
 at all) decodes the whole list instead, so the text is always what the tokenizer gives for the whole list.
 vLLM and TGI detokenize streams with the same windows.
+
+Some text is not final even when it ends with a whole character. A tokenizer with byte fallback (Llama's,
+SentencePiece ones: ``<0x75>`` tokens) decodes each run of byte tokens as one piece: its UTF-8 text, or one U+FFFD
+per byte where the run is no UTF-8. ``<0x75>`` alone reads "u", ``<0x75> <0xA0>`` reads two U+FFFD. Special
+tokens are skipped before that, so they do not end a run (and a window of only skipped tokens is no context:
+SentencePiece strips the leading space of the first token it sees). Such tokens are *held*
+(:func:`held_token_ids`): a window ends at the last token that is not held, so a stream never sends text that a
+later token takes back. Byte-level BPE (GPT-2's, Qwen2's) has no byte tokens: its broken bytes decode the same
+whatever follows, but for a trailing incomplete character.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
 
 #: What an incomplete UTF-8 sequence decodes to.
 REPLACEMENT = "\ufffd"
 
+#: A byte-fallback tokenizer's byte token: ``<0x00>`` to ``<0xFF>``.
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def held_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids whose text may change with the tokens after them: a transformers tokenizer's byte-fallback tokens
+    and its special tokens (those a decode skips). Empty for a tokenizer without ``get_vocab`` (a plain
+    byte-level one, moondream2's), and holding a token that needs no holding only delays its text."""
+    if not hasattr(tokenizer, "get_vocab"):
+        return frozenset()
+    held = {token_id for token, token_id in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)}
+    held.update(getattr(tokenizer, "all_special_ids", ()))
+    added: dict[int, Any] = getattr(tokenizer, "added_tokens_decoder", {})
+    held.update(token_id for token_id, token in added.items() if getattr(token, "special", False))
+    return frozenset(held)
+
 
 class IncrementalDetokenizer:
     """``update(ids)`` with the whole (growing) token list returns its text so far: ``decode(ids)``, where
-    ``decode`` maps token ids to text as the tokenizer does, held back while it ends inside a character."""
+    ``decode`` maps token ids to text as the tokenizer does, held back while it ends inside a character or with
+    ``held`` tokens (:func:`held_token_ids`), whose text the tokens after them may change. What it returned once
+    is the start of every later text."""
 
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], held: Iterable[int] = ()) -> None:
         self._decode = decode
+        self._held = frozenset(held)
         self.text = ""
         self._prefix = 0  # tokens [prefix, read) are the context of the next window
-        self._read = 0  # ``text`` is decode(ids[:read])
+        self._read = 0  # ``text`` is decode(ids[:read]); ids[read - 1] is no held token
+        self._seen = 0  # tokens [read, seen) were looked at: ...
+        self._final = 0  # ... and ids[:final] ends with a token that is not held (read when none did)
 
     def update(self, ids: list[int]) -> str:
         if len(ids) <= self._read:
             return self.text
+        self._final = max(self._final, self._read)
+        for i in range(max(self._seen, self._read), len(ids)):  # each token once, even in a long run of bytes
+            if ids[i] not in self._held:
+                self._final = i + 1
+        self._seen = len(ids)
+        end = self._final
+        if end <= self._read:
+            return self.text  # only held tokens since the last text: wait for one that ends their run
         before = self._decode(ids[self._prefix:self._read])
-        after = self._decode(ids[self._prefix:])
+        after = self._decode(ids[self._prefix:end])
         if after.endswith(REPLACEMENT):
             return self.text  # inside a character: the next token may complete it
         new = after[len(before):]
         if after.startswith(before) and REPLACEMENT not in new:
             self.text += new
         else:  # bytes that are no text at all, or a window that changed its context: decode the whole list
-            self.text = self._decode(ids)
-        self._prefix, self._read = self._read, len(ids)
+            self.text = self._decode(ids[:end])
+        self._prefix, self._read = self._read, end
         return self.text

@@ -16,7 +16,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 def test_compiled_kernels_match_their_torch_twins(dtype: torch.dtype) -> None:
     errors = kernel_errors("cuda", dtype)
-    assert len(errors) == 24
+    assert len(errors) == 26
     for name, error in errors.items():
         assert error < TOLERANCE[dtype], f"{name}: max abs error {error}"
 
@@ -100,3 +100,29 @@ def test_fp8_decode_matmuls_fit_adas_shared_memory() -> None:
     result = subprocess.run([sys.executable, "-c", ON_ADA_LIMITS, str(ADA_SHARED_MEMORY)], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("window", [None, 8, 16])
+def test_windowed_flash_prefill_and_decode_kernel_follow_dense_attention(monkeypatch: pytest.MonkeyPatch,
+                                                                         window: int | None) -> None:
+    """Mistral's sliding window on the fused paths: the variable-length flash prefill (``window_size_left``) over
+    fresh and continued chunks of two slots, then the decode kernel (a start offset per row), in float16 against
+    dense attention over each query's last ``window`` positions (tests/unit/test_engine_sliding_window.py runs the
+    torch paths through the same steps)."""
+    from tests.unit.test_engine_sliding_window import PROMPTS, STEPS, windowed_run
+
+    from triton_vlm.engine import attention
+
+    flash = attention._FLASH_VARLEN  # noqa: SLF001 (which call the prefill makes is what the test is about)
+    calls: list[dict[str, int]] = []
+
+    def recording(*args: object, **kwargs: int) -> object:
+        calls.append(kwargs)
+        return flash(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_FLASH_VARLEN", recording)
+    got, expected = windowed_run(window, "cuda", torch.float16, fused=True)
+    assert len(calls) == len(STEPS)  # one flash call a step (one layer)
+    assert all(kw.get("window_size_left") == (None if window is None else window - 1) for kw in calls)
+    for slot in PROMPTS:
+        torch.testing.assert_close(got[slot], expected[slot], atol=5e-3, rtol=5e-3)

@@ -16,14 +16,16 @@ from triton_vlm.launcher import ServerOptions, TritonServer
 from triton_vlm.openai import OpenAIOptions
 from triton_vlm.openai.config import MiB
 
-# smolvlm: the auto family (a directory written by `triton-vlm add-model`), a tiny Idefics3 under --tiny.
-SERVED_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
-WORKING_MODELS = ("llava", "kosmos2", "moondream2", "smolvlm")
+# smolvlm: Idefics3 / SmolVLM (a tiny Idefics3 with image splitting under --tiny).
+SERVED_MODELS = ("llava", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "llava_next")
+WORKING_MODELS = ("llava", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "llava_next")
 #: The engine models the launcher derives from them and serves beside them (decoupled, streaming).
-ENGINE_MODELS = ("kosmos2_stream", "llava_stream", "moondream2_stream")
+ENGINE_MODELS = ("kosmos2_stream", "llava_stream", "moondream2_stream", "qwen2_vl_stream", "smolvlm_stream",
+                 "llava_next_stream")
 #: A typical prompt for each working model.
 PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
-           "moondream2": "What is in this image?", "smolvlm": "What is in this image?"}
+           "moondream2": "What is in this image?", "qwen2_vl": "What is in this image?",
+           "smolvlm": "What is in this image?", "llava_next": "What is in this image?"}
 
 
 @dataclass

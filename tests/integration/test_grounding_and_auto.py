@@ -1,5 +1,6 @@
-"""Through the real tritonserver: kosmos2's optional ``entities`` output, ``--draw``, and a model added with
-``triton-vlm add-model`` (smolvlm, auto family) served in --tiny mode."""
+"""Through the real tritonserver: kosmos2's optional ``entities`` output, ``--draw``, and smolvlm (Idefics3 with
+image splitting) served by its own family and on the engine in --tiny mode. The ``auto`` family is served by no
+model of this session: tests/unit/test_auto.py runs an add-model SmolVLM of it through the runtime the backend uses."""
 
 from __future__ import annotations
 
@@ -97,13 +98,19 @@ def test_infer_draw_against_the_server(triton: RunningServer, tmp_path: Path,
     assert (np.abs(drawn - original).sum(-1) > 30).sum() > (100 if boxes else -1)
 
 
-def test_added_model_is_served_by_the_auto_family(triton: RunningServer, sample_image_bytes: bytes) -> None:
-    # Answers equal to direct inference, batched or not: test_server.py (smolvlm is one of WORKING_MODELS).
+def test_smolvlm_is_served_by_its_family_and_on_the_engine(triton: RunningServer, sample_image_bytes: bytes) -> None:
+    # Answers equal to direct inference, batched or not: test_server.py (smolvlm is one of WORKING_MODELS); the
+    # engine's stream: test_streaming.py.
     with urllib.request.urlopen(f"http://{triton.http_url}/v2/models/smolvlm/config", timeout=10) as response:
         config = json.loads(response.read())
-    assert config["parameters"]["model_family"]["string_value"] == "auto"
+    assert config["parameters"]["model_family"]["string_value"] == "smolvlm"
     assert config["parameters"]["hf_model_id"]["string_value"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
-    with TritonVLMClient(triton.http_url) as client:
-        result = client.infer_result("smolvlm", sample_image_bytes, "What is in this image?", max_tokens=4)
-    assert result.generated_tokens == 4 and result.prompt_tokens > 40  # the image is 2x2 tiles + a global view
-    assert re.search(r"loaded model smolvlm \(auto from \S+/tiny/auto-idefics3-v\d+\)", triton.log())
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
+        public = client.infer_result("smolvlm", sample_image_bytes, "What is in this image?", max_tokens=4,
+                                     ignore_eos=True)
+        pieces = list(client.stream_pieces("smolvlm", sample_image_bytes, "What is in this image?", max_tokens=4,
+                                           ignore_eos=True))  # through smolvlm_stream, the engine
+    assert public.generated_tokens == 4 and public.prompt_tokens > 40  # the image is 2x2 tiles + a global view
+    assert "".join(p.text for p in pieces) == public.text and pieces[-1].generated_tokens == 4
+    assert re.search(r"loaded model smolvlm \(smolvlm from \S+/tiny/smolvlm-v\d+\)", triton.log())
+    assert re.search(r"loaded model smolvlm_stream \(smolvlm from \S+/tiny/smolvlm-v\d+\)", triton.log())

@@ -1,6 +1,7 @@
-"""One command for one checkpoint, for real: ``triton-vlm serve DIR`` and ``./triton_start.sh --model-id DIR`` serve
-a tiny llava checkpoint's directory under its served name, with ``<name>_stream`` beside it, on a real tritonserver
-(free loopback ports); the answers are the tiny llava's."""
+"""One command for one checkpoint, for real: ``triton-vlm serve DIR`` serves the tiny checkpoint directory of each
+engine architecture (llava, LLaVA-NeXT, Qwen2-VL, Idefics3) under a name, and ``./triton_start.sh
+--model-id DIR`` a tiny llava under its derived name, with ``<name>_stream`` beside it, on a real tritonserver (free
+loopback ports); the answers are what the same checkpoint answers in process."""
 
 from __future__ import annotations
 
@@ -23,12 +24,26 @@ pytestmark = pytest.mark.integration
 PROMPT = "What is this?"
 
 
+#: model (its --tiny checkpoint) -> (family, the architecture its config.json names).
+CHECKPOINTS = {
+    "llava": ("llava", "LlavaForConditionalGeneration"),
+    "llava_next": ("llava_next", "LlavaNextForConditionalGeneration"),
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "smolvlm": ("smolvlm", "Idefics3ForConditionalGeneration"),
+}
+
+
+def _answer_in_process(model: str) -> str:
+    """What ``model``'s tiny checkpoint (--tiny's) answers in this process."""
+    runtime = direct_runtime(model, tiny=True, device="cpu")
+    (output,) = runtime.generate([runtime.make_request(SAMPLE_IMAGE.read_bytes(), PROMPT, max_tokens=6)])
+    return output.text  # type: ignore[union-attr]
+
+
 @pytest.fixture(scope="module")
 def expected() -> str:
     """What the tiny llava answers in this process (the same checkpoint, --tiny's)."""
-    runtime = direct_runtime("llava", tiny=True, device="cpu")
-    (output,) = runtime.generate([runtime.make_request(SAMPLE_IMAGE.read_bytes(), PROMPT, max_tokens=6)])
-    return output.text  # type: ignore[union-attr]
+    return _answer_in_process("llava")
 
 
 def _serve_and_ask(command: list[str], name: str, http: int, grpc: int, log_path: Path) -> tuple[str, str, str]:
@@ -51,16 +66,19 @@ def _serve_and_ask(command: list[str], name: str, http: int, grpc: int, log_path
     return answer, streamed, output
 
 
-def test_serve_a_checkpoint_directory_under_a_name(tmp_path: Path, expected: str) -> None:
+@pytest.mark.parametrize("model", sorted(CHECKPOINTS))
+def test_serve_a_checkpoint_directory_under_a_name(tmp_path: Path, model: str) -> None:
+    family, architecture = CHECKPOINTS[model]
+    name = f"my-{model}"
     http, grpc, metrics = free_ports()
-    command = [sys.executable, "-m", "triton_vlm.cli.main", "serve", str(ensure_tiny_checkpoint("llava")),
-               "--name", "my-llava", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port",
-               str(metrics)]
-    answer, streamed, output = _serve_and_ask(command, "my-llava", http, grpc, tmp_path / "serve.log")
+    command = [sys.executable, "-m", "triton_vlm.cli.main", "serve", str(ensure_tiny_checkpoint(model)),
+               "--name", name, "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    answer, streamed, output = _serve_and_ask(command, name, http, grpc, tmp_path / "serve.log")
+    expected = _answer_in_process(model)
     assert answer == expected and streamed.strip() == expected
-    assert "ready: models my-llava, my-llava_stream" in output
-    assert "serving my-llava and my-llava_stream from " in output and "(family llava; architecture " \
-                                                                      "LlavaForConditionalGeneration)" in output
+    assert f"ready: models {name}, {name}_stream" in output
+    assert f"serving {name} and {name}_stream from " in output
+    assert f"(family {family}; architecture {architecture})" in output
 
 
 def test_start_script_model_id_serves_it_under_its_derived_name(tmp_path: Path, expected: str) -> None:

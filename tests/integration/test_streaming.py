@@ -256,7 +256,9 @@ def moondream2() -> VLMRuntime:
     return direct_runtime("moondream2", tiny=True, device="cpu")
 
 
-@pytest.mark.parametrize("model", ["moondream2", "kosmos2"])
+# smolvlm's tiny answer here holds a run of byte tokens that is no UTF-8 ("u" then a stray byte: all U+FFFD in a
+# whole decode), which the stream holds back until the run ends (triton_vlm.detokenizer).
+@pytest.mark.parametrize("model", ["moondream2", "kosmos2", "qwen2_vl", "llava_next", "smolvlm"])
 def test_the_engine_streams_what_the_batched_model_answers(triton: RunningServer, sample_image_bytes: bytes,
                                                           model: str) -> None:
     # Not kosmos2's grounded prompt: the tiny random model answers that in location tokens, which clean up to "".

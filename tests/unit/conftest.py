@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,15 +27,23 @@ settings.register_profile(
 )
 settings.load_profile("unit")
 
-FAMILIES = ("llava", "kosmos2", "auto")
-#: The model each family's runtime serves (auto: the scaffolded SmolVLM, a tiny Idefics3 under --tiny).
-MODELS = {"llava": "llava", "kosmos2": "kosmos2", "auto": "smolvlm"}
+FAMILIES = ("llava", "kosmos2", "smolvlm", "auto")
+#: The hub id of the model the ``auto`` runtime serves: SmolVLM written by `triton-vlm add-model` with the auto
+#: family (a tiny Idefics3 under --tiny), the same architecture the smolvlm family runs on the engine.
+AUTO_HUB_ID = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 
 def _runtime(family: str):  # type: ignore[no-untyped-def]
     from triton_vlm.direct import direct_runtime
 
-    runtime = direct_runtime(MODELS[family], tiny=True, device="cpu")
+    repository = None
+    if family == "auto":
+        from triton_vlm.launcher.scaffold import add_model
+
+        repository = Path(tempfile.mkdtemp(prefix="triton-vlm-unit-auto-"))
+        add_model(repository, "smolvlm_auto", AUTO_HUB_ID, family="auto")
+    runtime = direct_runtime("smolvlm_auto" if family == "auto" else family, tiny=True, device="cpu",
+                             repository=repository)
     runtime.ensure_loaded()
     return runtime
 
@@ -51,8 +60,14 @@ def kosmos2_runtime():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def smolvlm_runtime():  # type: ignore[no-untyped-def]
+    """``triton_models/smolvlm``: the smolvlm family (a tiny Idefics3 with image splitting)."""
+    return _runtime("smolvlm")
+
+
+@pytest.fixture(scope="session")
 def auto_runtime():  # type: ignore[no-untyped-def]
-    """The ``auto`` family serving ``triton_models/smolvlm`` (its tiny stand-in: Idefics3)."""
+    """The ``auto`` family serving an `add-model` SmolVLM (its tiny stand-in: the same Idefics3 as smolvlm's)."""
     return _runtime("auto")
 
 

@@ -77,6 +77,14 @@ def kernel_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> di
         errors[f"decode_attention {heads}/{kv_heads} heads, {positions} positions"] = max(
             error(kernels.decode_attention(q, keys, values, lengths, tiles), expected)  # narrow and wide splits
             for tiles in (kernels.ATTENTION_TILES_NARROW, kernels.ATTENTION_TILES_WIDE))
+    for heads, kv_heads, positions, window in [(8, 2, 300, 37), (4, 4, 600, 100)]:  # Mistral's sliding window
+        # Rows whose window starts inside a later split, inside the first, or covers the whole row.
+        q, lengths = randn(3, heads, 32), torch.tensor([positions, 90, 1], device=device)
+        keys, values = randn(4, kv_heads, positions, 32), randn(4, kv_heads, positions, 32)
+        expected = kernels.decode_attention_torch(q, keys, values, lengths, window=window)
+        errors[f"decode_attention {heads}/{kv_heads} heads, {positions} positions, window {window}"] = max(
+            error(kernels.decode_attention(q, keys, values, lengths, tiles, window=window), expected)
+            for tiles in (kernels.ATTENTION_TILES_NARROW, kernels.ATTENTION_TILES_WIDE))
     for cache_dtype in (dtype, FP8):
         keys = torch.zeros(3, 3, 10, 16, dtype=cache_dtype, device=device)  # 3 KV heads: not a power of two
         values = torch.zeros_like(keys)

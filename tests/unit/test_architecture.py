@@ -169,7 +169,10 @@ def test_the_engine_imports_nothing_from_the_model_families() -> None:
     assert offending == []
 
 
-@pytest.mark.parametrize("name", ["llava", "kosmos2", "moondream2", "auto"])
+FAMILY_PACKAGES = ("llava", "llava_next", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "auto")
+
+
+@pytest.mark.parametrize("name", FAMILY_PACKAGES)
 def test_a_family_is_one_package(name: str) -> None:
     """The registry's entry and the family's engine adapter both live in ``models/<family>/``."""
     from triton_vlm.models import get_family
@@ -183,7 +186,7 @@ def test_a_family_is_one_package(name: str) -> None:
         assert _inside(module, package)
         assert isinstance(family.engine_adapter(), getattr(importlib.import_module(module), class_name))
     # Nothing of one family reaches into another's package.
-    others = [f"triton_vlm.models.{o}" for o in ("llava", "kosmos2", "moondream2", "auto") if o != name]
+    others = [f"triton_vlm.models.{o}" for o in FAMILY_PACKAGES if o != name]
     graph = import_graph()
     assert sorted((m, t) for m, targets in graph.items() if _inside(m, package) for t in targets
                   if any(_inside(t, o) for o in others)) == []

@@ -77,17 +77,17 @@ def test_two_families_claiming_one_architecture_is_refused(monkeypatch: pytest.M
 
 
 def test_an_unknown_architecture_lists_the_supported_ones_and_auto(tmp_path: Path) -> None:
-    source = _checkpoint(tmp_path / "qwen", "Qwen2VLForConditionalGeneration")
+    source = _checkpoint(tmp_path / "paligemma", "PaliGemmaForConditionalGeneration")
     with pytest.raises(LauncherError) as error:
         resolve_checkpoint(CheckpointRequest(str(source)))
     message = str(error.value)
-    assert "Qwen2VLForConditionalGeneration, which no family here serves" in message
+    assert "PaliGemmaForConditionalGeneration, which no family here serves" in message
     for architecture, family in DECLARED.items():
         assert f"{architecture} ({family})" in message
     assert "--family auto" in message and "AutoModelForImageTextToText" in message
     # --family forces one; auto claims no architecture, so it is the way to serve any other.
     forced = resolve_checkpoint(CheckpointRequest(str(source), family="auto"))
-    assert (forced.family, forced.architectures) == ("auto", ("Qwen2VLForConditionalGeneration",))
+    assert (forced.family, forced.architectures) == ("auto", ("PaliGemmaForConditionalGeneration",))
     with pytest.raises(UnknownModelError, match="known families: auto"):
         resolve_checkpoint(CheckpointRequest(str(source), family="blip2"))
 

@@ -21,7 +21,7 @@ from triton_vlm.models.llava import IMAGE_TOKEN, LlavaFamily
 
 
 def test_registry() -> None:
-    assert available_families() == ["auto", "kosmos2", "llava", "moondream2"]
+    assert available_families() == ["auto", "kosmos2", "llava", "llava_next", "moondream2", "qwen2_vl", "smolvlm"]
     for name in available_families():
         family = get_family(name)
         assert isinstance(family, ModelFamily) and family.name == name
@@ -33,7 +33,7 @@ def test_registry() -> None:
 def test_unknown_family_lists_known_ones() -> None:
     with pytest.raises(UnknownModelError) as info:
         get_family("blip2")
-    assert str(info.value) == "unknown model family 'blip2'; known families: auto, kosmos2, llava, moondream2"
+    assert str(info.value) == "unknown model family 'blip2'; known families: auto, kosmos2, llava, llava_next, moondream2, qwen2_vl, smolvlm"
     assert isinstance(info.value, KeyError)
 
 
@@ -41,6 +41,7 @@ def test_default_model_ids() -> None:
     assert get_family("llava").default_hf_model_id == "llava-hf/llava-1.5-7b-hf"
     assert get_family("kosmos2").default_hf_model_id == "microsoft/kosmos-2-patch14-224"
     assert get_family("moondream2").default_hf_model_id == "vikhyatk/moondream2"
+    assert get_family("qwen2_vl").default_hf_model_id == "Qwen/Qwen2-VL-7B-Instruct"
 
 
 def test_moondream2_is_native() -> None:

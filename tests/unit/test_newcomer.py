@@ -250,7 +250,7 @@ def test_the_default_repository_without_weights_is_reported(monkeypatch: pytest.
     models = public + [c for m in public for c in companions(repository, m) if c not in public]
     probes: list[int] = []
     found = repository_availability(repository, models, hub_answers=lambda: probes.append(1) or False)
-    assert len(found) == 7 and not any(f.available for f in found) and probes == []  # offline: no probe
+    assert len(found) == len(models) == 12 and not any(f.available for f in found) and probes == []  # offline: no probe
     note = missing_weights_note(found)
     assert note.startswith("no weights here for ") and all(m in note.splitlines()[0] for m in models)
     assert "hf download" in note and "TRITON_VLM_" in note and "_LOCAL_PATH=" in note and "--tiny" in note

@@ -5,6 +5,7 @@ test_reliability.py's command-line tests and the integration tests."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from triton_vlm.launcher import LauncherError, ServerOptions, TritonServer
 from triton_vlm.launcher import server as server_module
 from triton_vlm.launcher.repository import render_repository
 from triton_vlm.launcher.restarts import State
+from triton_vlm.launcher.scaffold import add_model
 from triton_vlm.openai import OpenAIOptions
 
 from .helpers import REPOSITORY, free_port
@@ -57,8 +59,8 @@ def test_select_models_adds_the_companions_after_the_public_models(tmp_path: Pat
     assert server.models == ["kosmos2", "llava", "kosmos2_stream", "llava_stream"]
     everything = make_server(tmp_path / "all")
     everything._select_models(REPOSITORY)
-    assert everything.models[:4] == ["kosmos2", "llava", "moondream2", "smolvlm"]
-    assert "smolvlm_stream" not in everything.models  # smolvlm has no engine companion
+    assert everything.models[:6] == ["kosmos2", "llava", "llava_next", "moondream2", "qwen2_vl", "smolvlm"]
+    assert everything.models[6:] == [f"{m}_stream" for m in everything.models[:6]]  # every family has an engine
 
 
 def test_select_models_refuses_an_empty_repository(tmp_path: Path) -> None:
@@ -75,9 +77,14 @@ def test_select_models_refuses_an_empty_repository(tmp_path: Path) -> None:
 ])
 def test_add_forwarders_where_the_engine_serves(tmp_path: Path, engine: str, kind: str | None,
                                                 forwards: bool) -> None:
-    server = make_server(tmp_path, models=("llava", "smolvlm"), engine=engine, forwarder_instances=3)
-    streams = server._select_models(REPOSITORY)
-    served = render_repository(REPOSITORY, tmp_path / "models", server.models, kind)
+    # llava, and a model of the auto family (no engine) as `triton-vlm add-model` writes one.
+    repository = tmp_path / "repository"
+    shutil.copytree(REPOSITORY / "llava", repository / "llava")
+    add_model(repository, "vlm", "HuggingFaceTB/SmolVLM-256M-Instruct", family="auto")
+    server = make_server(tmp_path, models=("llava", "vlm"), engine=engine, forwarder_instances=3,
+                         model_repository=repository)
+    streams = server._select_models(repository)
+    served = render_repository(repository, tmp_path / "models", server.models, kind)
     server._add_forwarders(served, streams, kind)
     config = load_model_config(served / "llava" / "config.pbtxt")
     assert (config.parameters["forward_to"].string_value == "llava_stream") is forwards
@@ -85,7 +92,7 @@ def test_add_forwarders_where_the_engine_serves(tmp_path: Path, engine: str, kin
     if forwards:
         assert config.parameters["forward_grpc_url"].string_value == server.grpc_url
         assert [g.count for g in config.instance_group] == [3]
-    assert "forward_to" not in load_model_config(served / "smolvlm" / "config.pbtxt").parameters
+    assert "forward_to" not in load_model_config(served / "vlm" / "config.pbtxt").parameters
 
 
 # -- overload limits --------------------------------------------------------------------------------------------------

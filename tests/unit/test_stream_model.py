@@ -137,6 +137,21 @@ def test_deltas_go_out_every_stream_interval_tokens_after_the_first(stream_model
     assert len(sent[100]) == 2  # the first token, then everything else with the end
 
 
+#: The tiny smolvlm's greedy answer to the sample image ("What is this?", 12 tokens): byte tokens <0x75> ("u", valid
+#: alone) and <0xA0> make one run of bytes that is no UTF-8, which the tokenizer turns into U+FFFD, "u" included.
+SMOLVLM_ANSWER = [240, 401, 424, 575, 139, 553, 120, 163, 120, 213, 227, 540]
+
+
+def test_a_stream_sends_no_text_that_a_later_byte_token_changes(stream_model: Any,
+                                                                 smolvlm_runtime: VLMRuntime) -> None:
+    processor = smolvlm_runtime.ensure_loaded().processor
+    answer = smolvlm_runtime.family.decode_text(processor, SMOLVLM_ANSWER)
+    assert "u" not in answer and answer.count("\ufffd") == 7  # the premise: 'u' is one of the bytes of a bad run
+    pieces = stream_through(stream_model, smolvlm_runtime, SMOLVLM_ANSWER, 1)
+    assert "".join(text for text, _, _ in pieces) == answer
+    assert len(pieces) >= 4  # still a stream: the words before the run went out as they came
+
+
 def test_a_long_stream_decodes_a_few_tokens_a_delta(stream_model: Any, llava_runtime: VLMRuntime,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Each delta decodes a short window (triton_vlm.detokenizer), not the whole answer so far: O(n) tokenizer

@@ -19,7 +19,7 @@ from triton_vlm.tiny import (
     train_unigram_vocab,
 )
 
-FAMILIES = ("llava", "kosmos2")
+FAMILIES = ("llava", "kosmos2", "smolvlm")
 
 
 class CountingBuild:
@@ -229,8 +229,46 @@ def test_auto_tiny_checkpoint_is_per_architecture_and_reproducible(tmp_path: Pat
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
-def test_full_size_random_checkpoints_exist_for_the_three_seed_models_only(tmp_path: Path) -> None:
+def test_full_size_random_checkpoints_exist_for_the_engine_families_only(tmp_path: Path) -> None:
     from triton_vlm.bench.checkpoints import save_random_full_size
 
     with pytest.raises(ValueError, match="no full-size random checkpoint for 'auto'"):
         save_random_full_size("auto", tmp_path, torch.device("cpu"))
+
+
+def test_full_size_smolvlm_is_smolvlm_instruct_on_the_meta_device() -> None:
+    """SmolVLM-Instruct's shapes (2.25B parameters as published; 81 image tokens per 384 px tile), built on the meta
+    device: no memory, no weights."""
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    from triton_vlm.models.smolvlm.family import image_seq_len, smolvlm_instruct_config, tiny_config
+
+    tokenizer = AutoProcessor.from_pretrained(ensure_tiny_checkpoint("smolvlm")).tokenizer
+    config = smolvlm_instruct_config(tokenizer)
+    with torch.device("meta"):
+        model = Idefics3ForConditionalGeneration(config)
+    assert sum(p.numel() for p in model.parameters()) == 2_246_272_880
+    assert image_seq_len(config) == 81 and image_seq_len(tiny_config(tokenizer)) == 4
+    assert model.lm_head.weight.shape == (49155, 2048) and len(tokenizer) < 49155
+    assert model.model.connector.modality_projection.proj.weight.shape == (2048, 1152 * 9)
+
+
+def test_the_full_size_llava_next_is_llava_v1_6_mistral_7b() -> None:
+    """Built on the meta device (no memory): Mistral-7B's shapes without a sliding window (v0.2), CLIP-L/336, and a
+    processor that tiles a 640 x 480 image on the 2 x 2 grid (base + 4 tiles) with the real ids for ``<image>``."""
+    from PIL import Image
+    from transformers import LlavaNextForConditionalGeneration
+
+    from triton_vlm.bench.checkpoints import llava_next_7b_config, llava_next_7b_processor
+
+    config = llava_next_7b_config()
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(config)
+    assert 7.5e9 < sum(p.numel() for p in model.parameters()) < 7.6e9  # llava-v1.6-mistral-7b: 7.57 B
+    assert (config.text_config.num_key_value_heads, config.text_config.sliding_window) == (8, None)
+    processor = llava_next_7b_processor()
+    encoded = processor(images=[Image.new("RGB", (640, 480))], text=["[INST] <image>\nhi [/INST]"],
+                        return_tensors="pt")
+    assert tuple(encoded["pixel_values"].shape) == (1, 5, 3, 336, 336)
+    assert int((encoded["input_ids"] == config.image_token_id).sum()) == 2340
+    assert processor.tokenizer.pad_token_id == 32001

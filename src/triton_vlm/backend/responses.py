@@ -23,7 +23,7 @@ from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.requests import extra_values, output_response
 from triton_vlm.backend.stream_requests import OpenRequest
 from triton_vlm.backend.worker import InboxWorker
-from triton_vlm.detokenizer import IncrementalDetokenizer
+from triton_vlm.detokenizer import IncrementalDetokenizer, held_token_ids
 from triton_vlm.engine import RequestOutput
 from triton_vlm.models.generation import CANCEL_CHECK_S
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
@@ -88,6 +88,8 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         self.stream_interval = runtime.settings.engine.stream_interval
         # Owned by the response thread: the engine of the requests it serves (from their _Opened message).
         self._engine: EngineHandle | None = None
+        # Owned by the response thread: the tokens whose text waits for the next (the tokenizer's, read once).
+        self._held: frozenset[int] | None = None
 
     def open(self, request: OpenRequest, engine: EngineHandle, stream: bool,
              generation: GenerationRequest | None) -> None:
@@ -181,7 +183,10 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
             extras = extra_values(self.extra_outputs, found)
         elif not out.finished and family.incremental_text:
             if state.detokenizer is None:
-                state.detokenizer = IncrementalDetokenizer(functools.partial(family.detokenize, processor))
+                if self._held is None:
+                    self._held = held_token_ids(getattr(processor, "tokenizer", processor))
+                state.detokenizer = IncrementalDetokenizer(functools.partial(family.detokenize, processor),
+                                                           self._held)
             text = state.detokenizer.update(state.token_ids).strip()
         else:  # the whole answer once, at the end (or a family whose text is no plain decode)
             text = family.decode_text(processor, state.token_ids)

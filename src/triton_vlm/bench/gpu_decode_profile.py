@@ -32,7 +32,7 @@ from triton_vlm.sampling import SamplingParams
 def main() -> None:
     """The command line (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["llava", "moondream2", "kosmos2"], default="kosmos2")
+    parser.add_argument("--model", choices=["llava", "llava_next", "moondream2", "kosmos2"], default="kosmos2")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=150, help="positions each row attends to")
     parser.add_argument("--quantization", default="none")

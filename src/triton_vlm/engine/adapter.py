@@ -25,8 +25,8 @@ from triton_vlm.engine.transfer import device_longs, device_pixels
 class Decoder(Protocol):
     """A language model's forward over the slot KV cache, as the runner drives it.
 
-    Optional members, looked up with ``getattr``: ``mixes`` (see :class:`MixingDecoder`) and
-    ``quantize(method)`` (where the projections can be quantized)."""
+    Optional members, looked up with ``getattr``: ``mixes`` (see :class:`MixingDecoder`), ``multimodal_positions``
+    (see :class:`PositionedDecoder`) and ``quantize(method)`` (where the projections can be quantized)."""
 
     num_layers: int
     num_kv_heads: int
@@ -59,15 +59,41 @@ class MixingDecoder(Decoder, Protocol):
 
     def prefill_and_decode(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache,
                            tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
-                           context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           context: int | None = None, prompt_positions: torch.Tensor | None = None,
+                           decode_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`prefill` and :meth:`decode` (same arguments) as one forward: (logits after each chunk
-        [chunks, vocab], decode logits [batch, vocab])."""
+        [chunks, vocab], decode logits [batch, vocab]). The positions: as :class:`PositionedDecoder`'s (None: the
+        rows' cache positions)."""
         ...
 
 
 def mixes(decoder: Decoder) -> TypeGuard[MixingDecoder]:
     """Whether ``decoder`` runs prompt chunks and decode rows as one forward (its ``mixes`` is set and true)."""
     return bool(getattr(decoder, "mixes", False))
+
+
+class PositionedDecoder(Decoder, Protocol):
+    """A :class:`Decoder` whose rotary positions are not its cache positions (multimodal RoPE, where
+    ``multimodal_positions``): each prompt brings its own (:meth:`EngineAdapter.rope_positions`), and a decode
+    row's is ``length - 1 + rope_delta``, its slot's offset in a device tensor the runner keeps."""
+
+    multimodal_positions: bool
+
+    def prefill(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`Decoder.prefill`, the packed rows rotated by ``positions`` ([rows, tokens] or [tokens])."""
+        ...
+
+    def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
+               cache: SlotKVCache, context: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`Decoder.decode`, each row rotated by ``positions`` [batch]."""
+        ...
+
+
+def positioned(decoder: Decoder) -> TypeGuard[PositionedDecoder]:
+    """Whether ``decoder`` takes its rows' rotary positions from the runner (``multimodal_positions`` set and true).
+    Only then does the runner keep per-request positions and offsets: other models pay nothing for them."""
+    return bool(getattr(decoder, "multimodal_positions", False))
 
 
 class EngineFamily(Protocol):
@@ -101,6 +127,13 @@ class EngineAdapter(ABC):
         ``image_rows`` lists the prompt positions that take the images' features, in order, and ``pixel_values``
         holds the pixels where there are images (a text-only request has neither: no rows, no pixels, and the
         engine's vision step leaves it out). ``family`` is the :class:`EngineFamily` this adapter came from."""
+
+    def rope_positions(self, model: Any, prompt_ids: list[int],
+                       mm_inputs: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
+        """For a :class:`PositionedDecoder`: a prepared prompt's rotary positions ([rows, prompt_len], on the host)
+        and its ``rope_delta`` (a generated token's rotary position minus its cache position). Runs on the
+        caller's thread with :meth:`prepare`; None (the default): the cache positions."""
+        return None
 
     @abstractmethod
     def build_decoder(self, model: Any) -> Decoder:

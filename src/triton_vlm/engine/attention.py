@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +40,13 @@ def avoid_per_shape_attention_plans(device: torch.device) -> None:
 
 
 def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], masks: Sequence[torch.Tensor | None],
-                      gqa: bool, fused: bool = False, causal: bool = False) -> Attend:
+                      gqa: bool, fused: bool = False, causal: bool = False, window: int | None = None) -> Attend:
     """For packed chunks ``(slot, start, length)`` (back to back in q/k/v). A chunk's mask [length, start +
     length] says which cached positions each of its queries sees; None is plain causal from position 0.
     ``fused``: every chunk's K/V stored by one kernel a layer (instead of a few copies per chunk). ``causal``:
-    the masks are :func:`causal_chunk_masks`'; then on GPU one variable-length flash-attention call a layer
-    serves every chunk (an SDPA call per chunk cost llava's c64 benchmark 0.13 s of 2.13 s of fp8 prefill)."""
+    the masks are :func:`causal_chunk_masks`' (with ``window``, a sliding window's); then on GPU one
+    variable-length flash-attention call a layer serves every chunk (an SDPA call per chunk cost llava's c64
+    benchmark 0.13 s of 2.13 s of fp8 prefill), given the same window."""
     device = cache.keys[0].device
     if fused:
         token_slots = device_longs([slot for slot, _, length in chunks for _ in range(length)], device)
@@ -56,6 +58,8 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
         bounds = device_longs([0, *itertools.accumulate(lengths), 0, *itertools.accumulate(spans)], device).int()
         query_bounds, key_bounds = bounds[:len(chunks) + 1], bounds[len(chunks) + 1:]
         fresh_only = all(start == 0 for _, start, _ in chunks)
+        # A query sees itself and the window - 1 positions before it (transformers' sliding-window mask).
+        windowed = {} if window is None else {"window_size_left": window - 1, "window_size_right": 0}
 
     def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys[index], cache.values[index]
@@ -65,7 +69,8 @@ def prefill_attention(cache: SlotKVCache, chunks: list[tuple[int, int, int]], ma
                 k, v = _packed_context(keys, k, chunks), _packed_context(values, v, chunks)
             # Causal with fewer queries than keys lines the queries up with the last keys (flash attention's
             # rule): a continued chunk sees its slot's whole prefix, as causal_chunk_masks says.
-            out = flash(q, k, v, query_bounds, key_bounds, max(lengths), max(spans), 0.0, True, False)[0]
+            out = flash(q, k, v, query_bounds, key_bounds, max(lengths), max(spans), 0.0, True, False,
+                        **windowed)[0]
             return out.reshape(q.shape[0], -1)
         outputs = []
         offset = 0
@@ -126,15 +131,36 @@ def chunk_positions(chunks: list[tuple[int, int, int]], device: torch.device) ->
     return torch.cat([torch.arange(start, start + length, device=device) for _, start, length in chunks])
 
 
-def causal_chunk_masks(chunks: list[tuple[int, int, int]], device: torch.device) -> list[torch.Tensor | None]:
+def causal_chunk_masks(chunks: list[tuple[int, int, int]], device: torch.device,
+                       window: int | None = None) -> list[torch.Tensor | None]:
     """Masks for :func:`prefill_attention` over causal prompts: a chunk from position 0 is plain causal (None);
-    a later one sees the whole cached prefix and is causal within itself."""
+    a later one sees the whole cached prefix and is causal within itself. With a sliding ``window`` a query
+    sees only its last ``window`` positions (itself included), where that cuts anything off."""
     masks: list[torch.Tensor | None] = []
     for _, start, length in chunks:
         end = start + length
-        masks.append(None if start == 0 else (torch.arange(end, device=device)[None, :]
-                                               <= torch.arange(start, end, device=device)[:, None]))
+        if start == 0 and (window is None or end <= window):
+            masks.append(None)
+            continue
+        keys, queries = torch.arange(end, device=device)[None, :], torch.arange(start, end, device=device)[:, None]
+        mask = keys <= queries
+        if window is not None:
+            mask &= keys > queries - window
+        masks.append(mask)
     return masks
+
+
+def sliding_window(config: Any) -> int | None:
+    """The sliding window a Hugging Face text config sets for every layer (Mistral's ``sliding_window``), or None.
+    Configs with ``layer_types`` (Qwen2's) say per layer; a mix of windowed and full layers is refused rather than
+    served wrong."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if not window or (kinds and "sliding_attention" not in kinds):
+        return None
+    if kinds - {"sliding_attention"}:
+        raise NotImplementedError(f"layers of kinds {sorted(kinds)}: a sliding window on some layers only")
+    return int(window)
 
 
 def last_rows(hidden: torch.Tensor, chunks: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -144,9 +170,9 @@ def last_rows(hidden: torch.Tensor, chunks: list[tuple[int, int, int]]) -> torch
 
 
 def decode_attention(cache: SlotKVCache, write_positions: torch.Tensor, lengths: torch.Tensor,
-                     context: int | None, fused: bool) -> Attend:
+                     context: int | None, fused: bool, window: int | None = None) -> Attend:
     """For one token per slot (row i is slot i): the fused kernel reads each row's length on the device; the
-    torch twin masks up to ``context``."""
+    torch twin masks up to ``context``. ``window``: each row sees only its last ``window`` positions."""
     slots = torch.arange(write_positions.shape[0], device=write_positions.device)
 
     def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -155,8 +181,8 @@ def decode_attention(cache: SlotKVCache, write_positions: torch.Tensor, lengths:
             keys[slots, :, write_positions] = to_storage(k, keys.dtype)
             values[slots, :, write_positions] = to_storage(v, values.dtype)
         if fused:
-            return kernels.decode_attention(q, keys, values, lengths)
-        return kernels.decode_attention_torch(q, keys, values, lengths, context)
+            return kernels.decode_attention(q, keys, values, lengths, window=window)
+        return kernels.decode_attention_torch(q, keys, values, lengths, context, window)
 
     return attend
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from triton_vlm.config import EngineConfig
-from triton_vlm.engine.adapter import EngineFamily
+from triton_vlm.engine.adapter import EngineFamily, positioned
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.quantization import check_fp8_support, kv_cache_dtype
 from triton_vlm.engine.request import EngineRequest, RequestOutput, Sequence, SequenceStatus
@@ -119,6 +119,8 @@ class LLMEngine:
         the family (``render_input``)."""
         text = self.family.render_input(self.processor, prompt)
         prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, image_list(images), text)
+        rope = self.adapter.rope_positions(self.model, prompt_ids, mm_inputs) if positioned(self.decoder) else None
+        positions, rope_delta = rope if rope is not None else (None, 0)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidInputError(
                 f"prompt of {len(prompt_ids)} tokens (image included) + max_tokens {params.max_tokens} exceeds "
@@ -126,7 +128,8 @@ class LLMEngine:
         return EngineRequest(request_id=request_id or f"req-{next(self._ids)}", prompt_ids=prompt_ids,
                              params=params, on_output=on_output, mm_inputs=mm_inputs,
                              stop_token_ids=frozenset() if (params.ignore_eos if ignore_eos is None else ignore_eos)
-                             else self.stop_token_ids, min_first_chunk=self.min_first_chunk)
+                             else self.stop_token_ids, min_first_chunk=self.min_first_chunk,
+                             prompt_positions=positions, rope_delta=rope_delta)
 
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put(request)
@@ -248,7 +251,7 @@ class LLMEngine:
             chunk.seq.num_prefilled += chunk.length
         for seq in finished_prefill:
             seq.status = SequenceStatus.DECODING
-            seq.prompt_embeds = None
+            seq.release_prompt()
         rows = [*finished_prefill, *plan.decode]
         for seq in rows:
             seq.num_generated += 1

@@ -27,6 +27,10 @@ class EngineRequest:
     stop_token_ids: frozenset[int] = frozenset()
     #: The first prefill chunk holds at least this many positions (a prefix that attends both ways).
     min_first_chunk: int = 0
+    #: Multimodal RoPE only (``EngineAdapter.rope_positions``): the prompt's rotary positions [rows, prompt_len],
+    #: and how far a generated token's rotary position lies from its cache position.
+    prompt_positions: torch.Tensor | None = None
+    rope_delta: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,11 +69,19 @@ class Sequence:
     max_generated: int | None = None
     #: Prompt embeddings (text + image), built once when the sequence is admitted, freed after prefill.
     prompt_embeds: torch.Tensor | None = None
+    #: The request's ``prompt_positions`` on the device, where the decoder takes them (multimodal RoPE); built
+    #: and freed with ``prompt_embeds``.
+    prompt_positions: torch.Tensor | None = None
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_generated is None:
             self.max_generated = self.request.params.max_tokens
+
+    def release_prompt(self) -> None:
+        """Free what only prefill needs (the whole prompt is in the cache, or the sequence finished)."""
+        self.prompt_embeds = None
+        self.prompt_positions = None
 
     @property
     def prompt_len(self) -> int:

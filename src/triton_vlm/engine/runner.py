@@ -7,6 +7,10 @@ responses or schedules.
 
 Decode steps replay CUDA graphs on GPU, one per batch bucket (and per context bucket where attention is not
 the fused kernel); graphs are captured the first time a bucket is needed and share one memory pool.
+
+Multimodal RoPE (a :class:`~triton_vlm.engine.adapter.PositionedDecoder`): each prompt's own rotary positions go to
+the device at admission, and a decode row's position is its length - 1 plus its slot's offset in ``rope_offsets``,
+a device tensor written at admission and read inside the graphs. Other decoders get neither.
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ from typing import Any
 import torch
 
 from triton_vlm.config import EngineConfig
-from triton_vlm.engine.adapter import Decoder, EngineAdapter, MixingDecoder, mixes
+from triton_vlm.engine.adapter import Decoder, EngineAdapter, MixingDecoder, PositionedDecoder, mixes, positioned
 from triton_vlm.engine.attention import avoid_per_shape_attention_plans
 from triton_vlm.engine.kernels import fused_available
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.request import Sequence
 from triton_vlm.engine.scheduler import PrefillChunk
-from triton_vlm.engine.transfer import device_longs
+from triton_vlm.engine.transfer import device_copy, device_longs
 from triton_vlm.engine.vision import GraphedVision, fuse_quick_gelu
 
 log = logging.getLogger("triton_vlm")
@@ -66,6 +70,10 @@ class ModelRunner:
         #: Whether a step's prompt chunks and decode rows go through one forward (:meth:`prefill_and_decode`).
         self._mixing: MixingDecoder | None = decoder if mixes(decoder) else None
         self.mixes = self._mixing is not None
+        #: Where the decoder takes rotary positions: each slot's decode offset (its request's ``rope_delta``).
+        self._positioned: PositionedDecoder | None = decoder if positioned(decoder) else None
+        self.rope_offsets = (torch.zeros(limit, dtype=torch.long, device=self.device)
+                             if self._positioned is not None else None)
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -84,11 +92,26 @@ class ModelRunner:
         embeds = self.adapter.prompt_embeds(self.model, self.decoder, [s.request for s in seqs], self.encode_images)
         for seq, embed in zip(seqs, embeds, strict=True):
             seq.prompt_embeds = embed
+        if self.rope_offsets is not None:
+            requests = [s.request for s in seqs]
+            own = [r.prompt_positions for r in requests]
+            if any(p is None for p in own):
+                raise RuntimeError("engine: this decoder rotates by the prompt's own positions, which the request "
+                                   "lacks (EngineAdapter.rope_positions)")
+            positions = device_copy(torch.cat([p for p in own if p is not None], dim=-1), self.device, torch.long)
+            for seq, part in zip(seqs, positions.split([s.prompt_len for s in seqs], dim=-1), strict=True):
+                seq.prompt_positions = part
+            self.rope_offsets[device_longs([s.slot for s in seqs], self.device)] = device_longs(
+                [r.rope_delta for r in requests], self.device)
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Logits after each chunk's last position [chunks, vocab] (meaningful for prompt-completing ones)."""
-        hidden = self.decoder.prefill(*_packed(chunks), self.cache)
+        embeds, packed = _packed(chunks)
+        if self._positioned is not None:
+            hidden = self._positioned.prefill(embeds, packed, self.cache, _packed_positions(chunks))
+        else:
+            hidden = self.decoder.prefill(embeds, packed, self.cache)
         return self.decoder.logits(hidden)
 
     # -- tokens -------------------------------------------------------------------------------------------
@@ -141,8 +164,10 @@ class ModelRunner:
         self._stage(seqs, batch)
         positions, lengths = self._step_inputs[0, :batch], self._step_inputs[1, :batch]
         tokens = self.next_tokens[:batch]
+        prompt_positions = _packed_positions(chunks) if self._positioned is not None else None
         prefill_logits, logits = self._mixing.prefill_and_decode(
-            *_packed(chunks), self.cache, tokens, positions, lengths, self._context(seqs))
+            *_packed(chunks), self.cache, tokens, positions, lengths, self._context(seqs),
+            prompt_positions=prompt_positions, decode_positions=self._rope_positions(lengths))
         self._keep_greedy(tokens, positions, logits)
         return prefill_logits, logits
 
@@ -170,9 +195,20 @@ class ModelRunner:
         """The step a graph holds: forward, then the greedy token into ``next_tokens`` for decoding rows."""
         positions, lengths = self._step_inputs[0, :batch], self._step_inputs[1, :batch]
         tokens = self.next_tokens[:batch]
-        logits = self.decoder.decode(tokens, positions, lengths, self.cache, context)
+        if self._positioned is not None:
+            logits = self._positioned.decode(tokens, positions, lengths, self.cache, context,
+                                             positions=self._rope_positions(lengths))
+        else:
+            logits = self.decoder.decode(tokens, positions, lengths, self.cache, context)
         self._keep_greedy(tokens, positions, logits)
         return logits
+
+    def _rope_positions(self, lengths: torch.Tensor) -> torch.Tensor | None:
+        """Decode rows' rotary positions, ``length - 1 + offset``, computed on the device (inside a graph); None
+        where the decoder rotates by cache positions."""
+        if self.rope_offsets is None:
+            return None
+        return lengths - 1 + self.rope_offsets[:lengths.shape[0]]
 
     def _keep_greedy(self, tokens: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> None:
         # Idle rows keep their token: a slot whose prompt completed this step holds its first token there.
@@ -220,3 +256,14 @@ def _packed(chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[tuple[int, i
             raise RuntimeError(f"engine: request {c.seq.request.request_id} has no prompt embeddings left")
         rows.append(embeds[c.start:c.start + c.length])
     return torch.cat(rows), [(c.seq.slot, c.start, c.length) for c in chunks]
+
+
+def _packed_positions(chunks: list[PrefillChunk]) -> torch.Tensor:
+    """The chunks' own rotary positions back to back, in the order of :func:`_packed`: [rows, tokens]."""
+    parts = []
+    for c in chunks:
+        own = c.seq.prompt_positions
+        if own is None:
+            raise RuntimeError(f"engine: request {c.seq.request.request_id} has no prompt positions left")
+        parts.append(own[..., c.start:c.start + c.length])
+    return torch.cat(parts, dim=-1)

@@ -83,7 +83,7 @@ class Scheduler:
         """Take ``seq`` out of the queue or the running set and give its slot back."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        seq.prompt_embeds = None
+        seq.release_prompt()
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -16,7 +16,11 @@ def device_longs(values: list[int], device: torch.device) -> torch.Tensor:
 def device_pixels(pixels: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Requests' pixel tensors, concatenated, on ``device`` as ``dtype``; on GPU through pinned memory,
     asynchronously (a pageable copy would wait for the decode step already queued)."""
-    batch = torch.cat(pixels)
+    return device_copy(torch.cat(pixels), device, dtype)
+
+
+def device_copy(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on ``device`` (as ``dtype``); on GPU through pinned memory, asynchronously."""
     if device.type == "cuda":
-        batch = batch.pin_memory()
-    return batch.to(device, dtype, non_blocking=True)
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype, non_blocking=True)

@@ -26,6 +26,22 @@ def fuse_weights(*linears: torch.nn.Linear) -> torch.Tensor:
     return _point_into(linears, torch.cat([lin.weight.data for lin in linears], dim=0))
 
 
+def fuse_biases(*linears: torch.nn.Linear) -> torch.Tensor | None:
+    """The biases of ``linears`` concatenated like :func:`fuse_weights` (the originals become views of it); None
+    where none has one. A linear without a bias among biased ones gets zeros."""
+    if all(lin.bias is None for lin in linears):
+        return None
+    fused = torch.cat([lin.bias.data if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])
+                       for lin in linears])
+    offset = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        if lin.bias is not None:
+            lin.bias.data = fused[offset:offset + rows]
+        offset += rows
+    return fused
+
+
 def _fastest_layout(weight: torch.Tensor, batches: tuple[int, ...] = (1, 64)) -> torch.Tensor:
     """``weight`` [out, in] stored either row-major or column-major, whichever cuBLAS multiplies faster at
     decode batch sizes (for some shapes the other layout picks a much better GEMV kernel). The result is a

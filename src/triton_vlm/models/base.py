@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -57,6 +57,10 @@ class ModelFamily(ABC):
     supported: ClassVar[bool] = True
     #: Tokens a user prompt may not contain because the processor gives them structural meaning.
     reserved_prompt_tokens: ClassVar[tuple[str, ...]] = ()
+    #: Whether the loaded processor's placeholders and special tokens (:func:`reserved_tokens`) are reserved too:
+    #: for families that serve whatever checkpoint's chat template, whose control tokens are known only once the
+    #: processor is loaded (checked by :meth:`render_input`).
+    reserves_processor_tokens: ClassVar[bool] = False
     #: Images one request may carry: at most (the model's own limit, or a guard on the work of decoding them) and
     #: at least (a family whose prompt always holds an image says 1). Checked before any image is decoded.
     max_images_per_request: ClassVar[int] = 8
@@ -164,9 +168,14 @@ class ModelFamily(ABC):
     def render_input(self, processor: Any, prompt: Prompt, task: str | None = None) -> Any:
         """What the batched loop and the engine feed :meth:`encode` (or the engine adapter) for one request: a
         ``prompt`` string under its task (:meth:`render_request`), or a :class:`~triton_vlm.chat.Chat`
-        (:meth:`render_chat`). The one place either path renders a request."""
+        (:meth:`render_chat`). The one place either path renders a request, so the one place that refuses texts
+        holding the processor's reserved tokens (:attr:`reserves_processor_tokens`)."""
         if isinstance(prompt, Chat):
+            if self.reserves_processor_tokens:
+                check_reserved(processor, prompt.texts(), "messages")
             return self.render_chat(processor, prompt)
+        if self.reserves_processor_tokens:
+            check_reserved(processor, [prompt], "prompt")
         return self.render_request(processor, prompt, task)
 
     def encode(self, processor: Any, images: Sequence[RowImages], texts: list[Any]) -> dict[str, torch.Tensor]:
@@ -261,6 +270,41 @@ class ModelFamily(ABC):
         """The answer text and its :attr:`extra_outputs` values (JSON strings) for one finished row (``image``: its
         first image, None for a text-only turn; ``prompt``: its prompt, or a chat's last user text)."""
         return self.decode_text(processor, token_ids), {}
+
+
+def multimodal_rope(model: Any, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A model's own multimodal RoPE positions for processor outputs ``inputs``: ``([3, batch, seq], deltas [batch,
+    1])`` from its ``get_rope_index`` (Qwen2-VL, Qwen2.5-VL: time, height and width over an image's tokens; a
+    generated token's position is its index + delta). None for models without one."""
+    rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+    if rope_index is None:
+        return None
+    # Its arguments vary between transformers releases (mm_token_type_ids since 5.2x): pass those it takes.
+    accepted = inspect.signature(rope_index).parameters
+    extra = {k: v for k, v in inputs.items() if k in accepted and k != "input_ids"}
+    positions, deltas = rope_index(inputs["input_ids"], **extra)
+    return positions, deltas
+
+
+def reserved_tokens(processor: Any) -> list[str]:
+    """Tokens a user text may not contain where the family serves the processor's own chat template: the
+    processor's image/video placeholders and the tokenizer's special tokens (chat-template control tokens such as
+    ``<end_of_utterance>``, ``<|im_end|>``)."""
+    tokenizer = processor.tokenizer
+    tokens = {getattr(processor, name, None) for name in ("image_token", "video_token")}
+    tokens.update(tokenizer.all_special_tokens)
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    tokens.update(str(t) for t in added if getattr(t, "special", False))
+    return sorted(t for t in tokens if isinstance(t, str) and t)
+
+
+def check_reserved(processor: Any, texts: Iterable[str], param: str) -> None:
+    """:class:`InvalidInputError` (naming ``param``) where a text holds one of :func:`reserved_tokens`."""
+    reserved = reserved_tokens(processor)
+    for text in texts:
+        for token in reserved:
+            if token in text:
+                raise InvalidInputError(f"{param}: may not contain the reserved token {token!r}", param=param)
 
 
 def cache_kwarg(forward: Any) -> str:

@@ -12,8 +12,12 @@ from triton_vlm.models.base import LazyClass, ModelFamily, import_class
 # name -> (module, class). Adding a family is one line here and one package, models/<family>/.
 _FAMILIES: dict[str, LazyClass] = {
     "llava": ("triton_vlm.models.llava", "LlavaFamily"),
+    "llava_next": ("triton_vlm.models.llava_next", "LlavaNextFamily"),
     "kosmos2": ("triton_vlm.models.kosmos2", "Kosmos2Family"),
     "moondream2": ("triton_vlm.models.moondream2", "Moondream2Family"),
+    # Qwen2-VL and Qwen2.5-VL (the tiny variant qwen2_5_vl stands in for a Qwen2.5-VL id).
+    "qwen2_vl": ("triton_vlm.models.qwen2_vl", "Qwen2VLFamily"),
+    "smolvlm": ("triton_vlm.models.smolvlm", "SmolVLMFamily"),
     # Any AutoModelForImageTextToText checkpoint with a chat template (triton-vlm add-model).
     "auto": ("triton_vlm.models.auto", "AutoFamily"),
 }

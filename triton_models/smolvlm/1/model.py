@@ -1,7 +1,7 @@
-"""Triton Python backend entry point for the auto family; the logic lives in triton_vlm.backend."""
+"""Triton Python backend entry point for the smolvlm family; the logic lives in triton_vlm.backend."""
 
 from triton_vlm.backend import TritonVLMModel
 
 
 class TritonPythonModel(TritonVLMModel):
-    family = "auto"
+    family = "smolvlm"

@@ -5,6 +5,11 @@ from its model's modules; what differs between such models is read from their co
 subclasses. We reuse the model's own modules (embeddings, RMSNorms, rotary embedding, lm_head) and its weights,
 fused for fewer, larger matmuls: q/k/v into one projection and gate/up into another
 (:mod:`triton_vlm.engine.weights`). Those projections may be quantized to fp8 (:meth:`LlamaDecoder.quantize`).
+
+Read from the model, not written as subclasses: q/k/v biases (Qwen2), fused like their weights and added after the
+matmul (so fp8 projections keep them); multimodal RoPE (Qwen2-VL's ``mrope_section``: 3-D positions over
+time/height/width), where the model's own rotary module turns ``[3, tokens]`` positions into cos/sin and the
+runner hands over each row's position (:attr:`LlamaDecoder.multimodal_positions`).
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from triton_vlm.engine.attention import (
     last_rows,
     mixed_attention,
     prefill_attention,
+    sliding_window,
 )
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.quantization import FP8, FP8_MAX, Fp8Rows, Fp8Weight, linear, quantize_rows, takes_fp8_rows
-from triton_vlm.engine.weights import fuse_weights, output_weight, relayout
+from triton_vlm.engine.weights import fuse_biases, fuse_weights, output_weight, relayout
 
 #: A projection's weight: dense [out, in] in the model's dtype, or fp8.
 Weight = torch.Tensor | Fp8Weight
@@ -38,6 +44,8 @@ class _Layer:
     post_norm: Any
     eps: float
     qkv: Weight
+    #: The q/k/v biases, fused like ``qkv`` (Qwen2); None where the projections have none (Llama).
+    qkv_bias: torch.Tensor | None
     o: Weight
     gate_up: Weight
     down: Weight
@@ -59,13 +67,14 @@ class LlamaDecoder:
 
     def __init__(self, language_model: Any, lm_head: torch.nn.Linear) -> None:
         config = language_model.config
-        unsupported = [n for n in ("q_proj", "o_proj") if getattr(
-            language_model.layers[0].self_attn, n).bias is not None]
-        if unsupported or getattr(config, "mlp_bias", False):
-            raise NotImplementedError("LlamaDecoder: biased projections are not supported")
+        if language_model.layers[0].self_attn.o_proj.bias is not None or getattr(config, "mlp_bias", False):
+            raise NotImplementedError("LlamaDecoder: biased output or MLP projections are not supported")
         self.embed_tokens = language_model.embed_tokens
         self.norm = language_model.norm
         self.rotary = language_model.rotary_emb
+        #: Multimodal RoPE (Qwen2-VL): rows are rotated by positions the runner passes (a prompt's own 3-D ones; a
+        #: decode row's length - 1 + its request's offset), not by their cache positions.
+        self.multimodal_positions = "mrope_section" in (getattr(config, "rope_parameters", None) or {})
         self.lm_head = lm_head
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -82,11 +91,14 @@ class LlamaDecoder:
                 eps=layer.input_layernorm.variance_epsilon,
                 qkv=relayout((attn.q_proj, attn.k_proj, attn.v_proj),
                              fuse_weights(attn.q_proj, attn.k_proj, attn.v_proj)),
+                qkv_bias=fuse_biases(attn.q_proj, attn.k_proj, attn.v_proj),
                 o=relayout((attn.o_proj,), attn.o_proj.weight.data),
                 gate_up=relayout((mlp.gate_proj, mlp.up_proj), fuse_weights(mlp.gate_proj, mlp.up_proj)),
                 down=relayout((mlp.down_proj,), mlp.down_proj.weight.data),
             ))
         self._gqa = self.num_kv_heads != self.num_heads
+        #: Mistral's sliding window (None: every position sees the whole prefix).
+        self.window = sliding_window(config)
         self.fused = kernels.fused_available(lm_head.weight.device)
 
     def quantize(self, method: str) -> None:
@@ -106,8 +118,9 @@ class LlamaDecoder:
 
     # -- shared pieces ------------------------------------------------------------------------------------
     def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [tokens, 1, head_dim] for ``positions``; computed once per forward, shared by all layers."""
-        cos, sin = self.rotary(h, positions[None, :])
+        """cos/sin [tokens, 1, head_dim] for ``positions`` ([tokens], or [3, tokens] for multimodal RoPE, whose
+        rotary module also takes [tokens] as three equal rows); computed once per forward, shared by all layers."""
+        cos, sin = self.rotary(h, positions[..., None, :])
         return cos[0][:, None, :], sin[0][:, None, :]
 
     def _fp8_for(self, weight: Weight, rows: int) -> bool:
@@ -138,6 +151,8 @@ class LlamaDecoder:
              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` is the normalized layer input; returns rotated q, k and v per head."""
         qkv = linear(x, layer.qkv)
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
         q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
              self.num_kv_heads * self.head_dim], dim=-1)
@@ -167,32 +182,38 @@ class LlamaDecoder:
         return F.linear(self.norm(hidden), self.lm_weight)
 
     # -- prefill ------------------------------------------------------------------------------------------
-    def prefill(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Run packed prompt chunks. ``embeds`` [tokens, hidden] holds the chunks back to back;
-        ``chunks`` are ``(slot, start, length)``. Returns each chunk's last hidden state [chunks, hidden]."""
-        positions = chunk_positions(chunks, embeds.device)
+        ``chunks`` are ``(slot, start, length)``; ``positions`` their rotary positions ([tokens] or [3, tokens];
+        default: their places in the prompt). Returns each chunk's last hidden state [chunks, hidden]."""
+        if positions is None:
+            positions = chunk_positions(chunks, embeds.device)
         cos, sin = self._rope(embeds, positions)
-        attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, embeds.device), self._gqa, self.fused,
-                                   causal=True)
+        attend = prefill_attention(cache, chunks, causal_chunk_masks(chunks, embeds.device, self.window), self._gqa,
+                                   self.fused, causal=True, window=self.window)
         return last_rows(self._layers(embeds, cos, sin, attend), chunks)
 
     # -- decode -------------------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
-               cache: SlotKVCache, context: int | None = None) -> torch.Tensor:
+               cache: SlotKVCache, context: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """One token for each of the first ``batch`` slots (row i is slot i).
 
         Per row: ``tokens`` the input token, ``write_positions`` where its K/V goes (the scratch column for idle
-        rows) and ``lengths`` how many positions it attends to. ``context`` bounds every length; the fused
-        attention needs none (it reads the lengths on the device). Returns logits [batch, vocab]."""
+        rows) and ``lengths`` how many positions it attends to; ``positions`` its rotary position (default
+        ``lengths - 1``). ``context`` bounds every length; the fused attention needs none (it reads the lengths on
+        the device). Returns logits [batch, vocab]."""
         h = self.embed_tokens(tokens)
-        cos, sin = self._rope(h, lengths - 1)
-        h = self._layers(h, cos, sin, decode_attention(cache, write_positions, lengths, context, self.fused))
+        cos, sin = self._rope(h, lengths - 1 if positions is None else positions)
+        h = self._layers(h, cos, sin, decode_attention(cache, write_positions, lengths, context, self.fused,
+                                                       self.window))
         return self.logits(h)
 
     # -- both in one forward ------------------------------------------------------------------------------
     def prefill_and_decode(self, embeds: torch.Tensor, chunks: list[tuple[int, int, int]], cache: SlotKVCache,
                            tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
-                           context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           context: int | None = None, prompt_positions: torch.Tensor | None = None,
+                           decode_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`prefill` and :meth:`decode` (same arguments) as one forward. Each projection multiplies the
         prompt rows and the decode rows together, so a step that carries prompt chunks reads the weights once
         instead of twice: a decode step alone is bound by those reads, a prefill by its FLOPs, which a few
@@ -200,11 +221,13 @@ class LlamaDecoder:
         [batch, vocab])."""
         count = embeds.shape[0]
         h = torch.cat([embeds, self.embed_tokens(tokens)])
-        cos, sin = self._rope(h, torch.cat([chunk_positions(chunks, h.device), lengths - 1]))
+        prompt = chunk_positions(chunks, h.device) if prompt_positions is None else prompt_positions
+        rows = lengths - 1 if decode_positions is None else decode_positions
+        cos, sin = self._rope(h, torch.cat([prompt, rows.expand(*prompt.shape[:-1], -1)], dim=-1))
         attend = mixed_attention(
-            prefill_attention(cache, chunks, causal_chunk_masks(chunks, h.device), self._gqa, self.fused,
-                              causal=True),
-            decode_attention(cache, write_positions, lengths, context, self.fused), count)
+            prefill_attention(cache, chunks, causal_chunk_masks(chunks, h.device, self.window), self._gqa,
+                              self.fused, causal=True, window=self.window),
+            decode_attention(cache, write_positions, lengths, context, self.fused, self.window), count)
         hidden = self._layers(h, cos, sin, attend)
         logits = self.logits(torch.cat([last_rows(hidden[:count], chunks), hidden[count:]]))
         return logits[:len(chunks)], logits[len(chunks):]

@@ -13,21 +13,19 @@ generates, with left padding and explicit positions:
 
 Refused at load with a clear message: checkpoints without a chat template, and the model types in
 :data:`UNSUPPORTED`. ``--tiny`` serves a tiny random checkpoint of one of :data:`TINY_BUILDERS`' architectures,
-picked from the hub id (:meth:`AutoFamily.tiny_variant`).
+picked from the hub id (:meth:`AutoFamily.tiny_variant`) and built by the family that has that architecture on
+the engine (SmolVLM/Idefics3: ``smolvlm``), so the two routes can be compared on the same weights.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from triton_vlm.chat import Chat
-from triton_vlm.errors import InvalidInputError, ModelLoadError
-from triton_vlm.models.base import ModelFamily
+from triton_vlm.errors import ModelLoadError
+from triton_vlm.models.base import ModelFamily, multimodal_rope
 
 #: Position of the first real token where it is not 0 (by ``config.model_type``).
 FIRST_POSITION: dict[str, int] = {"paligemma": 1}
@@ -44,6 +42,8 @@ class AutoFamily(ModelFamily):
     default_hf_model_id = "HuggingFaceTB/SmolVLM-256M-Instruct"
     # Most current VLMs are released in bfloat16.
     auto_cuda_dtype = "bfloat16"
+    # Whatever checkpoint it serves, its chat template's control tokens are the processor's special tokens.
+    reserves_processor_tokens = True
 
     def model_class(self) -> type[Any]:
         from transformers import AutoModelForImageTextToText
@@ -63,28 +63,14 @@ class AutoFamily(ModelFamily):
                                  "to build the prompt; use a chat/instruct checkpoint or a dedicated family")
         return model, processor
 
-    # -- prompting ---------------------------------------------------------------------------------------
-    def render_prompt(self, processor: Any, prompt: str) -> str:
-        check_reserved(processor, [prompt], "prompt")
-        return str(super().render_prompt(processor, prompt))
-
-    def render_chat(self, processor: Any, chat: Chat) -> str:
-        check_reserved(processor, chat.texts(), "messages")
-        return str(super().render_chat(processor, chat))
-
     # -- stepping ----------------------------------------------------------------------------------------
     def first_position(self, model: Any) -> int:
         return FIRST_POSITION.get(getattr(model.config, "model_type", ""), 0)
 
     def position_ids(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
-        if rope_index is None:
-            return super().position_ids(model, inputs)
+        rope = multimodal_rope(model, inputs)
         # Multimodal RoPE: [3, batch, seq] (time, height, width); padding is masked out by the attention mask.
-        accepted = inspect.signature(rope_index).parameters
-        extra = {k: v for k, v in inputs.items() if k in accepted and k != "input_ids"}
-        positions, _deltas = rope_index(inputs["input_ids"], **extra)
-        return positions
+        return super().position_ids(model, inputs) if rope is None else rope[0]
 
     # -- tiny checkpoints --------------------------------------------------------------------------------
     def tiny_variant(self, hf_model_id: str) -> str:
@@ -97,84 +83,19 @@ class AutoFamily(ModelFamily):
     def build_tiny(self, path: Path, variant: str | None = None) -> None:
         variant = variant or DEFAULT_TINY
         try:
-            builder = TINY_BUILDERS[variant]
+            family = TINY_BUILDERS[variant]
         except KeyError:
             raise ValueError(f"no tiny build for model type {variant!r}; known: {', '.join(TINY_BUILDERS)}") from None
-        builder(path)
+        from triton_vlm.models.registry import get_family
+
+        get_family(family).build_tiny(path)
 
 
-def check_reserved(processor: Any, texts: Iterable[str], param: str) -> None:
-    """:class:`InvalidInputError` (naming ``param``) where a text holds one of :func:`reserved_tokens`."""
-    reserved = reserved_tokens(processor)
-    for text in texts:
-        for token in reserved:
-            if token in text:
-                raise InvalidInputError(f"{param}: may not contain the reserved token {token!r}", param=param)
-
-
-def reserved_tokens(processor: Any) -> list[str]:
-    """Tokens a user prompt may not contain: the processor's image/video placeholders and the tokenizer's
-    special tokens (chat-template control tokens such as ``<end_of_utterance>``, ``<|im_end|>``)."""
-    tokenizer = processor.tokenizer
-    tokens = {getattr(processor, name, None) for name in ("image_token", "video_token")}
-    tokens.update(tokenizer.all_special_tokens)
-    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
-    tokens.update(str(t) for t in added if getattr(t, "special", False))
-    return sorted(t for t in tokens if isinstance(t, str) and t)
-
-
-# -- tiny builders (random weights, locally trained tokenizer, the real processor classes) -----------------------
-#: SmolVLM's chat template (user turn with the image first; "Assistant:" as the generation prompt).
-SMOLVLM_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-
-
-def _tiny_idefics3(path: Path) -> None:
-    """Idefics3 (SmolVLM): SigLIP-style vision, pixel-shuffle connector, Llama text; image splitting on."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaTokenizer
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    from triton_vlm.tiny import seeded, train_llama_style_vocab
-
-    vocab, merges = train_llama_style_vocab(vocab_size=600)
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.add_tokens(["<|im_start|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>",
-                          "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))],
-                         special_tokens=True)
-    tokenizer.add_special_tokens({"eos_token": "<end_of_utterance>"})  # as SmolVLM-Instruct: a turn ends it
-    # 32 px tiles of 8 px patches, pixel shuffle by 2: 4 image tokens per tile; images up to 64 px: 2x2 tiles + 1.
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
-                                                do_image_splitting=True)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                  chat_template=SMOLVLM_CHAT_TEMPLATE)
-    tokenizer = processor.tokenizer
-    config = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    seeded()
-    model = Idefics3ForConditionalGeneration(config).eval()
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-
-
-#: model type -> tiny builder.
-TINY_BUILDERS: dict[str, Callable[[Path], None]] = {
-    "idefics3": _tiny_idefics3,
+# -- tiny checkpoints --------------------------------------------------------------------------------------------
+#: model type -> the family whose tiny checkpoint (its ``build_tiny``, found through the registry: a family imports
+#: no other) stands in for it: the same architecture, served here through transformers' generate.
+TINY_BUILDERS: dict[str, str] = {
+    "idefics3": "smolvlm",
 }
 DEFAULT_TINY = "idefics3"
 #: Hub id fragment (lower case) -> the tiny model type that stands in for it under --tiny.

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from triton_vlm.models.base import ModelFamily
-
-IMAGE_TOKEN = "<image>"
+from triton_vlm.models.llava_common import IMAGE_TOKEN, RESERVED_PROMPT_TOKENS
 
 # LLaVA-1.5's conversation format, as llava-hf's checkpoints ship it: "USER: <image>\n{prompt} ASSISTANT:", earlier
 # turns before it ("USER: ... ASSISTANT: ... "), system text in front without a role. Within a message its images
@@ -26,9 +25,7 @@ class LlavaFamily(ModelFamily):
     name = "llava"
     default_hf_model_id = "llava-hf/llava-1.5-7b-hf"
     architectures = ("LlavaForConditionalGeneration",)
-    # The tokenizer turns these into control tokens wherever they appear in the text: a user's "</s>" would
-    # end the prompt early, a "<image>" would ask for a second image.
-    reserved_prompt_tokens = (IMAGE_TOKEN, "<s>", "</s>", "<unk>", "<pad>")
+    reserved_prompt_tokens = RESERVED_PROMPT_TOKENS
     engine_adapter_class = ("triton_vlm.models.llava.engine_adapter", "LlavaEngineAdapter")
     # A checkpoint saved without a chat template (older llava-hf revisions) still gets LLaVA-1.5's format.
     fallback_chat_template = CHAT_TEMPLATE
