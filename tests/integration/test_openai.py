@@ -217,6 +217,30 @@ def test_two_images_in_one_message_on_llava(front: Front, triton: RunningServer,
     assert answer.usage is not None and answer.usage.prompt_tokens == expected.prompt_tokens
 
 
+@pytest.mark.parametrize("model", ["qwen2_vl", "llava_next", "smolvlm"])
+def test_text_only_and_two_images_on_the_other_engine_families(front: Front, triton: RunningServer, png: bytes,
+                                                               model: str) -> None:
+    """A text-only chat and two images in one message: the front (the engine, <model>_stream) answers what the
+    public model's batched loop answers, streamed or not, with both images' rows in the prompt."""
+    other = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(other, format="PNG")
+    text_only = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something nice."}]
+    two = [{"role": "user", "content": [
+        {"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": data_uri(png)}},
+        {"type": "text", "text": "with"}, {"type": "image_url", "image_url": {"url": data_uri(other.getvalue())}}]}]
+    answers = []
+    with TritonVLMClient(triton.http_url) as kserve:
+        for messages in (text_only, two):
+            turns, images = _hf(messages)
+            expected = kserve.chat_result(model, turns, images, max_tokens=MAX_TOKENS)
+            assert expected.generated_tokens > 0
+            assert _both_ways(front, model, messages) == (expected.text, expected.text)
+            answers.append(expected)
+        first_only = [{"role": "user", "content": two[0]["content"][:3]}]
+        one = kserve.chat_result(model, *_hf(first_only), max_tokens=MAX_TOKENS)
+    assert answers[1].prompt_tokens > one.prompt_tokens > answers[0].prompt_tokens  # the second image's rows too
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_two_images_on_moondream2_is_a_400_naming_its_limit(front: Front, triton: RunningServer, png: bytes,
                                                              stream: bool) -> None:

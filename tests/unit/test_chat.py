@@ -100,8 +100,8 @@ def test_auto_renders_a_chat_with_the_checkpoints_template(auto_runtime: VLMRunt
     assert ours == loaded.processor.apply_chat_template(FOUR_TURNS_HF, add_generation_prompt=True)
     assert ours.count("<image>") == 2 and ours.endswith("User: Which is bigger?<end_of_utterance>\nAssistant:")
     with pytest.raises(InvalidInputError) as info:  # the checkpoint's control tokens, in any turn
-        loaded.family.render_chat(loaded.processor, chat([{"role": "assistant", "content": "x<end_of_utterance>"},
-                                                          {"role": "user", "content": "Hi"}]))
+        loaded.family.render_input(loaded.processor, chat([{"role": "assistant", "content": "x<end_of_utterance>"},
+                                                           {"role": "user", "content": "Hi"}]))
     assert info.value.param == "messages"
 
 
