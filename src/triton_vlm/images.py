@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,72 +29,99 @@ def image_bytes_from_tensor(array: npt.NDArray[Any]) -> bytes:
     return array.tobytes()
 
 
+def images_from_tensor(array: npt.NDArray[Any]) -> list[bytes]:
+    """The file bytes of each image in one request's ``images`` tensor (BYTES, shape [n] or [1, n])."""
+    if array.dtype != np.object_:
+        raise InvalidInputError(f"images: expected a BYTES tensor with one encoded file per element, got {array.dtype}",
+                                param="images")
+    if array.ndim > 2 or (array.ndim == 2 and array.shape[0] != 1):
+        raise InvalidInputError(f"images: expected shape [n] or [1, n] (one element per image), got "
+                                f"{list(array.shape)}", param="images")
+    found = []
+    for index, value in enumerate(array.reshape(-1)):
+        if not isinstance(value, bytes):
+            raise InvalidInputError(f"images[{index}]: expected the bytes of an image file", param="images")
+        found.append(value)
+    return found
+
+
+def image_list(images: Image.Image | Sequence[Image.Image] | None) -> list[Image.Image]:
+    """A request's images as a list: one image (the ``prompt`` form), a chat's list (maybe empty), or none."""
+    if images is None:
+        return []
+    return [images] if isinstance(images, Image.Image) else list(images)
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
-                 max_aspect_ratio: float | None = None) -> Image.Image:
+                 max_aspect_ratio: float | None = None, field: str = "image") -> Image.Image:
     """Open PNG/JPEG/... bytes as an upright RGB image.
 
     Raises :class:`InvalidInputError` for empty, oversized, truncated or unknown data, for images above
     ``max_pixels`` or more elongated than ``max_aspect_ratio`` (both checked from the header, before any pixel is
-    decoded) and for multi-frame files. Every failure while decoding is an :class:`InvalidInputError`: PIL's own
+    decoded) and for multi-frame files. ``field`` names the image in messages (``images[1]``); ``param`` is its
+    input (``images``). Every failure while decoding is an :class:`InvalidInputError`: PIL's own
     exceptions never escape.
 
     The aspect ratio matters because processors that resize the shortest edge (CLIP's, for llava) keep it: a
     40 KB PNG of 1 x 40000 pixels would become 336 x 13 million pixels, many GB.
     """
+    param = field.split("[")[0]
     if not data:
-        raise InvalidInputError("image: empty; send the bytes of a PNG or JPEG file", param="image")
+        raise InvalidInputError(f"{field}: empty; send the bytes of a PNG or JPEG file", param=param)
     if len(data) > max_bytes:
-        raise InvalidInputError(f"image: {len(data)} bytes is over the limit of {max_bytes} bytes", param="image")
+        raise InvalidInputError(f"{field}: {len(data)} bytes is over the limit of {max_bytes} bytes", param=param)
     try:
-        return _decode(data, max_pixels, max_aspect_ratio)
+        return _decode(data, max_pixels, max_aspect_ratio, field)
     except InvalidInputError:
         raise
     except Exception as exc:  # a last net: PIL raises a zoo of types (IndexError, struct.error, ...) on bad data
         raise InvalidInputError(
-            f"image: cannot decode {len(data)} bytes ({type(exc).__name__}: {exc}); send an intact PNG or JPEG",
-            param="image") from None
+            f"{field}: cannot decode {len(data)} bytes ({type(exc).__name__}: {exc}); send an intact PNG or JPEG",
+            param=param) from None
 
 
-def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float | None = None) -> Image.Image:
+def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float | None = None,
+            field: str = "image") -> Image.Image:
+    param = field.split("[")[0]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidInputError(
-            f"image: not a recognised image file ({len(data)} bytes starting {data[:8]!r}); send PNG or JPEG bytes",
-            param="image") from None
+            f"{field}: not a recognised image file ({len(data)} bytes starting {data[:8]!r}); send PNG or JPEG bytes",
+            param=param) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(f"image: too many pixels ({exc})", param="image") from None
+        raise InvalidInputError(f"{field}: too many pixels ({exc})", param=param) from None
     except Exception as exc:  # PIL raises a zoo of types for corrupt headers
-        raise InvalidInputError(f"image: cannot open ({type(exc).__name__}: {exc})", param="image") from None
+        raise InvalidInputError(f"{field}: cannot open ({type(exc).__name__}: {exc})", param=param) from None
     if image.format not in ACCEPTED_FORMATS:
-        raise InvalidInputError(f"image: format {image.format} is not accepted; send PNG or JPEG", param="image")
+        raise InvalidInputError(f"{field}: format {image.format} is not accepted; send PNG or JPEG", param=param)
     width, height = image.size
     if width * height > max_pixels:
-        raise InvalidInputError(f"image: {width}x{height} pixels is over the limit of {max_pixels} pixels",
-                                param="image")
+        raise InvalidInputError(f"{field}: {width}x{height} pixels is over the limit of {max_pixels} pixels",
+                                param=param)
     if width < 1 or height < 1:
-        raise InvalidInputError(f"image: invalid size {width}x{height}", param="image")
+        raise InvalidInputError(f"{field}: invalid size {width}x{height}", param=param)
     if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
         raise InvalidInputError(
-            f"image: {width}x{height} is more elongated than the limit of {max_aspect_ratio:g}:1; crop or pad it",
-            param="image")
+            f"{field}: {width}x{height} is more elongated than the limit of {max_aspect_ratio:g}:1; crop or pad it",
+            param=param)
     try:
         # Counting frames reads every frame header: a truncated animation fails here (IndexError, struct.error).
         frames = getattr(image, "n_frames", 1)
     except Exception as exc:
         raise InvalidInputError(
-            f"image: corrupt or truncated {image.format} data (cannot count its frames: {type(exc).__name__}: {exc})",
-            param="image") from None
+            f"{field}: corrupt or truncated {image.format} data (cannot count its frames: {type(exc).__name__}: {exc})",
+            param=param) from None
     if frames > 1:
-        raise InvalidInputError(f"image: {frames} frames (animated or multi-page); send a single image", param="image")
+        raise InvalidInputError(f"{field}: {frames} frames (animated or multi-page); send a single image", param=param)
     try:
         bits = _sample_bits(image)  # before load(): PIL forgets the raw sample layout once pixels are decoded
         image.load()
         return _to_rgb(ImageOps.exif_transpose(image), bits)
     except Exception as exc:
-        raise InvalidInputError(f"image: corrupt or truncated {image.format} data ({exc})", param="image") from None
+        raise InvalidInputError(f"{field}: corrupt or truncated {image.format} data ({exc})", param=param) from None
 
 
 def _sample_bits(image: Image.Image) -> tuple[int, bool] | None:

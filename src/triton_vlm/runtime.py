@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
+from triton_vlm.chat import parse_messages
 from triton_vlm.config import ModelSettings
 from triton_vlm.errors import GenerationError, InvalidInputError, ModelLoadError, RequestCancelledError, TritonVLMError
 from triton_vlm.images import decode_image
 from triton_vlm.loading import LoadedModel, load_model
 from triton_vlm.models import get_family
-from triton_vlm.models.generation import CANCELLED, GenerationOutput
+from triton_vlm.models.generation import CANCELLED, GenerationOutput, Prompt, prompt_text
 from triton_vlm.sampling import SamplingParams
 
 log = logging.getLogger("triton_vlm")
@@ -27,13 +28,25 @@ log = logging.getLogger("triton_vlm")
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    image: Image.Image
-    prompt: str
+    #: Its images in order: the ``image`` of a prompt request, a chat's ``images`` (none: a text-only turn).
+    images: tuple[Image.Image, ...]
+    #: A user prompt (the ``prompt`` input), or a conversation (the ``messages`` input).
+    prompt: Prompt
     params: SamplingParams
     #: The family's canonical task name (e.g. moondream2's "detect"); None: its default behaviour.
     task: str | None = None
     #: Tells whether the client cancelled the request (Triton's ``request.is_cancelled``); polled while it runs.
     is_cancelled: Callable[[], bool] | None = field(default=None, compare=False)
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The first image (the only one of a prompt request); None for a text-only turn."""
+        return self.images[0] if self.images else None
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt, or a chat's last user text (for logs, fault injection and answers that quote it)."""
+        return prompt_text(self.prompt)
 
 
 class VLMRuntime:
@@ -82,27 +95,73 @@ class VLMRuntime:
         task = self.family.normalize_task(None if task is None else _text("task", task))
         if not prompt.strip() and self.family.prompt_required(task):
             raise InvalidInputError("prompt: empty; ask the model something", param="prompt")
+        self._check_text([prompt], "prompt")
+        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos)
         limits = self.settings.limits
-        if len(prompt) > limits.max_prompt_chars:
-            raise InvalidInputError(f"prompt: {len(prompt)} characters is over the limit of {limits.max_prompt_chars}",
-                                    param="prompt")
-        if "\x00" in prompt:
-            raise InvalidInputError("prompt: contains a NUL character", param="prompt")
-        self.family.validate_prompt(prompt)
+        image = decode_image(image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                             max_aspect_ratio=limits.max_image_aspect_ratio)
+        return GenerationRequest(images=(image,), prompt=prompt, params=params, task=task)
+
+    def make_chat_request(self, messages: str | bytes, images: Sequence[bytes] = (), *,
+                          max_tokens: int | None = None, temperature: float | None = None,
+                          top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
+                          task: str | bytes | None = None) -> GenerationRequest:
+        """Validate a chat request: ``messages`` (JSON, :mod:`triton_vlm.chat`) and the file bytes of its images;
+        raises :class:`InvalidInputError` naming the bad field (``messages``, ``images``...). Image counts are
+        checked against the family's limits before any image is decoded. ``task`` as for :meth:`make_request` (a
+        family's skill other than answering takes the last user message's text: ``ModelFamily.render_input``)."""
+        family = self.family
+        task = family.normalize_task(None if task is None else _text("task", task))
+        count = len(images)
+        if count > family.max_images_per_request:
+            raise InvalidInputError(
+                f"images: {count} images in one request; model family {family.name!r} takes at most "
+                f"{family.max_images_per_request} per request", param="images")
+        if count < family.min_images_per_request:
+            raise InvalidInputError(
+                f"images: {count} images in this request; model family {family.name!r} needs "
+                f"{family.min_images_per_request} per request (it answers about an image, never text alone)",
+                param="images")
+        chat = parse_messages(_text("messages", messages), count)
+        texts = list(chat.texts())
+        if not any(text.strip() for text in texts) and not count:
+            raise InvalidInputError("messages: no text and no image; ask the model something", param="messages")
+        if task is not None and not chat.question.strip() and family.prompt_required(task):
+            raise InvalidInputError(f"messages: task {task!r} needs a question in the last user message",
+                                    param="messages")
+        self._check_text(texts, "messages")
+        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos)
+        limits = self.settings.limits
+        decoded = tuple(decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                                     max_aspect_ratio=limits.max_image_aspect_ratio, field=f"images[{i}]")
+                        for i, data in enumerate(images))
+        return GenerationRequest(images=decoded, prompt=chat, params=params, task=task)
+
+    def _check_text(self, texts: list[str], param: str) -> None:
+        """The request's texts against the limits: total length, NUL, the family's reserved tokens."""
+        limit = self.settings.limits.max_prompt_chars
+        length = sum(len(text) for text in texts)
+        if length > limit:
+            raise InvalidInputError(f"{param}: {length} characters is over the limit of {limit}", param=param)
+        for text in texts:
+            if "\x00" in text:
+                raise InvalidInputError(f"{param}: contains a NUL character", param=param)
+            self.family.validate_prompt(text, param)
+
+    def _sampling(self, max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,
+                  ignore_eos: bool) -> SamplingParams:
+        limits = self.settings.limits
         limit = limits.max_tokens_limit
         max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= limit:
             raise InvalidInputError(f"max_tokens must be in [1, {limit}], got {max_tokens}", param="max_tokens")
-        params = SamplingParams(
+        return SamplingParams(
             max_tokens=max_tokens,
             temperature=0.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
             seed=seed,
             ignore_eos=ignore_eos,
         )
-        image = decode_image(image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
-                             max_aspect_ratio=limits.max_image_aspect_ratio)
-        return GenerationRequest(image=image, prompt=prompt, params=params, task=task)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
         """Generate for all ``requests`` in one batch; each slot holds an output or that request's error.
@@ -135,7 +194,7 @@ class VLMRuntime:
 
     def _run(self, loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
         outputs = loaded.family.generate(
-            loaded.model, loaded.processor, [r.image for r in requests], [r.prompt for r in requests],
+            loaded.model, loaded.processor, [r.images for r in requests], [r.prompt for r in requests],
             [r.params for r in requests], [r.task for r in requests],
             cancelled=[r.is_cancelled for r in requests] if any(r.is_cancelled for r in requests) else None,
         )

@@ -22,7 +22,9 @@ from typing import Any
 #: Bump when a tiny builder changes, so stale checkpoints in caches are rebuilt.
 #: 2: the kosmos2 unigram vocabulary is canonical (rounded scores, sorted), so its tokenizer.json is reproducible.
 #: 3: the tiny Idefics3 (smolvlm; auto's stand-in) has tied embeddings, SmolVLM's rope_theta and std-0.2 weights.
-TINY_FORMAT_VERSION = 3
+#: 4: llava's chat template is llava-hf's (system text without a role, a message's images before its text);
+#:    llava_next's is llava-v1.6-mistral's (system block, earlier answers closed by "</s>").
+TINY_FORMAT_VERSION = 4
 #: Decimal places kept of a trained unigram log-probability (the trainer's last bits vary from run to run).
 UNIGRAM_SCORE_DECIMALS = 6
 SEED = 1234

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from triton_vlm._protocol.model_config import load_model_config
+from triton_vlm.chat import Chat, Message
 from triton_vlm.cli.main import main
 from triton_vlm.config import read_config_file, read_settings
 from triton_vlm.errors import InvalidInputError, ModelLoadError, UnknownModelError
@@ -22,7 +23,7 @@ from triton_vlm.launcher.repository import public_config
 from triton_vlm.launcher.scaffold import add_model, render_config, render_model_py
 from triton_vlm.models import get_family
 from triton_vlm.models.auto.family import AutoFamily
-from triton_vlm.models.chat import reserved_tokens
+from triton_vlm.models.base import reserved_tokens
 from triton_vlm.models.generation import generate_batch
 from triton_vlm.runtime import VLMRuntime
 from triton_vlm.sampling import SamplingParams
@@ -103,8 +104,14 @@ def test_auto_refuses_reserved_tokens_in_prompts(auto_runtime: VLMRuntime) -> No
     reserved = reserved_tokens(loaded.processor)
     assert {"<image>", "<end_of_utterance>", "<fake_token_around_image>", "<s>"} <= set(reserved)
     for token in ("<image>", "<end_of_utterance>"):
-        with pytest.raises(InvalidInputError, match="reserved token"):
-            loaded.family.render_prompt(loaded.processor, f"hi {token}")
+        with pytest.raises(InvalidInputError, match="prompt: may not contain the reserved token") as refused:
+            loaded.family.render_input(loaded.processor, f"hi {token}")
+        assert refused.value.param == "prompt"
+        # A chat's texts, earlier turns included, are refused naming messages.
+        chat = Chat((Message("user", (f"hi {token}",)), Message("assistant", ("ok",)), Message("user", ("and?",))))
+        with pytest.raises(InvalidInputError, match="reserved token") as refused:
+            loaded.family.render_input(loaded.processor, chat)
+        assert refused.value.param == "messages"
     # Through the runtime, a bad prompt fails alone in its batch.
     good = auto_runtime.make_request(SAMPLE_IMAGE.read_bytes(), "What?", max_tokens=2)
     bad = auto_runtime.make_request(SAMPLE_IMAGE.read_bytes(), "x <image> y", max_tokens=2)

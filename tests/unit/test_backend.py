@@ -219,3 +219,52 @@ def test_corrupt_gif_fails_only_its_own_request(backend: Any, llava_runtime: VLM
     responses = model.execute([request(image_bytes(8, 8), b"hi", max_tokens=1),
                                request(truncated_animated_gif(), b"hi")])
     assert responses[0].error is None and responses[1].error.code == "INVALID_ARG"
+
+
+def chat_request(messages: str | None, images: list[bytes] | None = None, **extra: np.ndarray) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = dict(extra)
+    if messages is not None:
+        tensors["messages"] = np.array([[messages.encode()]], dtype=np.object_)
+    if images is not None:
+        array = np.empty((1, len(images)), dtype=np.object_)
+        array[0, :] = images
+        tensors["images"] = array
+    return tensors
+
+
+def test_chat_requests_and_the_two_forms(backend: Any, llava_runtime: VLMRuntime) -> None:
+    """``messages`` (+ ``images``) beside the seed's ``prompt`` + ``image``: each answered, and a request that mixes
+    the forms, or sends neither, refused naming the field."""
+    model = initialize(backend, "llava", {"tiny": "true"})
+    model.runtime._loaded = llava_runtime.ensure_loaded()
+    image = image_bytes(30, 20, seed=4)
+    text_only = '[{"role": "user", "content": "Hi there"}]'
+    two = '[{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}]'
+    plain = request(image, b"What is this?", max_tokens=3)
+    requests = [
+        chat_request(text_only, max_tokens=np.array([[3]], dtype=np.int32)),
+        chat_request(two, [image, image_bytes(20, 30, seed=5)], max_tokens=np.array([[3]], dtype=np.int32)),
+        plain,
+        chat_request(text_only, prompt=plain["prompt"]),
+        chat_request(text_only, image=plain["image"]),
+        chat_request(None, [image], prompt=plain["prompt"], image=plain["image"]),
+        chat_request(None),
+        chat_request(None, image=plain["image"]),
+        chat_request(two, [image]),
+        chat_request(two, [image, b"junk"]),
+    ]
+    responses = model.execute(requests)
+    answered, refused = responses[:3], responses[3:]
+    assert [r.error for r in answered] == [None, None, None]
+    expected = llava_runtime.generate([llava_runtime.make_chat_request(text_only, max_tokens=3)])[0]
+    assert isinstance(expected, GenerationOutput)
+    assert answered[0].tensors["generated_text"][0, 0].decode() == expected.text
+    assert [int(r.tensors["generated_tokens"][0, 0]) for r in answered] == [3, 3, 3]
+    wires = [wire for r in refused if (wire := decode_error(r.error.message)) is not None]
+    assert [(w.code, w.param) for w in wires] == [
+        ("INVALID_ARG", "prompt"), ("INVALID_ARG", "image"), ("INVALID_ARG", "images"), ("INVALID_ARG", "prompt"),
+        ("INVALID_ARG", "prompt"), ("INVALID_ARG", "images"), ("INVALID_ARG", "images")]
+    assert "either 'prompt' (with 'image') or 'messages'" in wires[0].message
+    assert "goes with 'messages'" in wires[2].message
+    assert "'image' and 'prompt' are required (or 'messages' for a chat)" in wires[3].message
+    assert "images[1]: not a recognised image" in wires[6].message

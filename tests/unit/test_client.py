@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,20 @@ def test_wait_until_ready_times_out(closed_url: str, protocol: str) -> None:
 def test_bad_image_fails_before_any_network(closed_url: str) -> None:
     with pytest.raises(InvalidInputError, match="no such file"):
         TritonVLMClient(closed_url).infer("llava", "/no/such/image.png", "hi")
+
+
+def test_chat_fields_carry_the_messages_as_json_and_each_image_encoded() -> None:
+    from triton_vlm.client.client import chat_fields
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Chat? 🐱"}]}]
+    pil = Image.new("RGB", (3, 2), (9, 8, 7))
+    fields = chat_fields(messages, [SAMPLE_IMAGE, pil], max_tokens=4, ignore_eos=False)
+    assert json.loads(fields.messages or "") == messages and "🐱" in (fields.messages or "")
+    assert fields.images == (SAMPLE_IMAGE.read_bytes(), encode_image(pil))
+    assert (fields.image, fields.prompt, fields.max_tokens, fields.ignore_eos) == (None, None, 4, None)
+    assert chat_fields('[{"role": "user", "content": "Hi"}]').messages == '[{"role": "user", "content": "Hi"}]'
+    with pytest.raises(InvalidInputError, match="no such file"):  # before any network, as infer
+        TritonVLMClient("127.0.0.1:1").chat("llava", messages, images=["/no/such/image.png"])
 
 
 # -- server error translation ---------------------------------------------------------------------------------------

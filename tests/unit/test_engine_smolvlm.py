@@ -152,4 +152,4 @@ def test_padded_tiles_are_refused(loaded: tuple[Any, Any, Any], monkeypatch: pyt
 
     monkeypatch.setattr(type(processor), "__call__", padded)
     with pytest.raises(GenerationError, match="padded an image's tiles"):
-        smol.adapter.prepare(family, processor, IMAGES[0], PROMPTS[0])
+        smol.adapter.prepare(family, processor, [IMAGES[0]], family.render_input(processor, PROMPTS[0]))

@@ -252,9 +252,9 @@ def test_a_cancelled_row_stops_and_the_rest_of_the_batch_goes_on(runtime: VLMRun
 def test_runtime_answers_a_cancelled_request_with_its_error(runtime: VLMRuntime,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(generation, "CANCEL_CHECK_S", 0.0)
-    request = GenerationRequest(image=images()[0], prompt="What is this?",
+    request = GenerationRequest(images=(images()[0],), prompt="What is this?",
                                 params=SamplingParams(max_tokens=50, ignore_eos=True), is_cancelled=lambda: True)
-    kept = GenerationRequest(image=images()[1], prompt="hi", params=SamplingParams(max_tokens=3))
+    kept = GenerationRequest(images=(images()[1],), prompt="hi", params=SamplingParams(max_tokens=3))
     cancelled, answered = runtime.generate([request, kept])
     assert isinstance(cancelled, RequestCancelledError) and "cancelled by its client after 1 tokens" in str(cancelled)
     assert cancelled.triton_code == "CANCELLED"

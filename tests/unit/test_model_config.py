@@ -67,11 +67,17 @@ def test_backend_is_python(config: pb.ModelConfig) -> None:
 
 
 def assert_common_inputs(inputs: dict[str, pb.ModelInput]) -> None:
+    # The seed's image + prompt, unchanged but for being optional: a chat sends messages + images instead.
     image = inputs["image"]
     assert image.data_type == pb.TYPE_UINT8 and list(image.dims) == [-1] and image.allow_ragged_batch
-    assert not image.optional
+    assert image.optional
     prompt = inputs["prompt"]
-    assert prompt.data_type == pb.TYPE_STRING and list(prompt.dims) == [1] and not prompt.optional
+    assert prompt.data_type == pb.TYPE_STRING and list(prompt.dims) == [1] and prompt.optional
+    messages = inputs["messages"]
+    assert messages.data_type == pb.TYPE_STRING and list(messages.dims) == [1] and messages.optional
+    images = inputs["images"]  # BYTES, one element per image, sizes differ: ragged
+    assert images.data_type == pb.TYPE_STRING and list(images.dims) == [-1] and images.optional
+    assert images.allow_ragged_batch
     for name, dtype in OPTIONAL.items():
         assert inputs[name].optional, name
         assert inputs[name].data_type == dtype and list(inputs[name].dims) == [1], name
@@ -80,7 +86,7 @@ def assert_common_inputs(inputs: dict[str, pb.ModelInput]) -> None:
 def test_input_contract(public: pb.ModelConfig) -> None:
     inputs = {i.name: i for i in public.input}
     extra = EXTRA_OPTIONAL.get(public.name, {})
-    assert set(inputs) == {"image", "prompt", *OPTIONAL, *extra}
+    assert set(inputs) == {"image", "prompt", "messages", "images", *OPTIONAL, *extra}
     assert_common_inputs(inputs)
     for name, dtype in extra.items():
         assert inputs[name].optional and inputs[name].data_type == dtype and list(inputs[name].dims) == [1]
@@ -169,6 +175,14 @@ def test_derived_engine_configs_say_what_the_old_stream_files_said(companion: st
     assert derived.parameters["base_model"].string_value == base
     derived.ClearField("parameters")
     legacy.ClearField("parameters")
+    # Since then the contract grew the chat inputs (issue 24) and image + prompt became optional; the rest stands.
+    chat = [spec for spec in derived.input if spec.name in ("messages", "images")]
+    assert [spec.name for spec in chat] == ["messages", "images"]
+    for spec in chat:
+        derived.input.remove(spec)
+    for spec in derived.input:
+        if spec.name in ("image", "prompt"):
+            spec.optional = False
     assert derived == legacy
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from triton_vlm.errors import (
@@ -51,11 +53,11 @@ def test_moondream2_is_native() -> None:
         family.validate_prompt("hi <|endoftext|>")
 
 
-def test_llava_prompt_without_chat_template() -> None:
-    class Bare:
-        chat_template = None
-
-    assert LlavaFamily().render_prompt(Bare(), "What?") == f"USER: {IMAGE_TOKEN}\nWhat? ASSISTANT:"
+def test_llava_prompt_without_chat_template(llava_runtime) -> None:  # type: ignore[no-untyped-def]
+    """A checkpoint saved without a chat template still gets LLaVA-1.5's format (the family's fallback)."""
+    processor = copy.copy(llava_runtime.ensure_loaded().processor)
+    processor.chat_template = None
+    assert LlavaFamily().render_prompt(processor, "What?") == f"USER: {IMAGE_TOKEN}\nWhat? ASSISTANT:"
 
 
 def test_kosmos2_prompt_is_the_user_text(kosmos2_runtime) -> None:  # type: ignore[no-untyped-def]

@@ -33,9 +33,9 @@ from triton_vlm.openai.app import create_app
 from triton_vlm.openai.config import OpenAIConfigError
 from triton_vlm.openai.errors import APIError, from_triton
 from triton_vlm.openai.images import decode_data_uri, fetch_image, image_bytes, is_public_address
-from triton_vlm.openai.messages import conversation
+from triton_vlm.openai.messages import ImageRef, conversation
 from triton_vlm.openai.schemas import ChatCompletionRequest
-from triton_vlm.openai.triton import Piece, Sampling, ServedModel
+from triton_vlm.openai.triton import ChatInput, Piece, Sampling, ServedModel
 
 KEY = "sk-unit-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -58,7 +58,9 @@ class FakeGateway:
     """Answers like Triton would; records every call."""
 
     def __init__(self) -> None:
+        #: (kind, model, the first image or b"", the last user message's text, sampling); ``inputs``: each call's.
         self.calls: list[tuple[str, str, bytes, str, Sampling]] = []
+        self.inputs: list[ChatInput] = []
         self.fail: Exception | None = None
         self.fail_after_pieces: Exception | None = None
         self.hold: threading.Event | None = None
@@ -77,9 +79,14 @@ class FakeGateway:
         while self.hold is not None and not self.hold.is_set():
             await asyncio.sleep(0.01)
 
-    async def infer(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
-                    entities: bool = False) -> Piece:
-        self.calls.append(("infer", model, image, prompt, sampling))
+    def _record(self, kind: str, model: str, chat: ChatInput, sampling: Sampling) -> None:
+        last = json.loads(chat.messages)[-1]["content"]
+        text = last if isinstance(last, str) else "\n".join(p["text"] for p in last if p["type"] == "text")
+        self.calls.append((kind, model, chat.images[0] if chat.images else b"", text, sampling))
+        self.inputs.append(chat)
+
+    async def infer(self, model: str, chat: ChatInput, sampling: Sampling, *, entities: bool = False) -> Piece:
+        self._record("infer", model, chat, sampling)
         self.asked_entities.append(entities)
         try:
             await self._maybe_wait()
@@ -90,9 +97,9 @@ class FakeGateway:
             raise self.fail
         return Piece("The answer.", 40, 3, "stop", entities=ENTITIES if entities else None)
 
-    async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
+    async def stream(self, model: str, chat: ChatInput, sampling: Sampling, *,
                      entities: bool = False) -> AsyncIterator[Piece]:
-        self.calls.append(("stream", model, image, prompt, sampling))
+        self._record("stream", model, chat, sampling)
         self.asked_entities.append(entities)
         try:
             if self.fail:
@@ -144,31 +151,42 @@ def _messages(*messages: dict[str, Any]) -> Any:
     return ChatCompletionRequest.model_validate({"model": "m", "messages": list(messages)}).messages
 
 
-def test_a_single_user_message_is_the_prompt_as_is() -> None:
+def test_the_conversation_goes_as_messages_with_image_parts_where_the_images_stood() -> None:
     parsed = conversation(_messages({"role": "user", "content": [
         {"type": "text", "text": "What is"}, {"type": "image_url", "image_url": {"url": DATA_URI}},
         {"type": "text", "text": "in it?"}]}))
-    assert parsed.prompt == "What is\nin it?"
-    assert parsed.image_url == DATA_URI and parsed.image_param == "messages[0].content[1].image_url.url"
+    assert json.loads(parsed.messages) == [{"role": "user", "content": [
+        {"type": "text", "text": "What is"}, {"type": "image"}, {"type": "text", "text": "in it?"}]}]
+    assert parsed.images == (ImageRef(DATA_URI, "messages[0].content[1].image_url.url"),)
 
 
-def test_system_text_and_earlier_turns_are_folded() -> None:
+def test_system_turns_earlier_turns_and_images_in_order() -> None:
+    other = DATA_URI + "AA"
     parsed = conversation(_messages(
         {"role": "system", "content": "Be brief."}, {"role": "developer", "content": [{"type": "text", "text": "No"
                                                                                        " lists."}]},
-        user("What is this?", DATA_URI), {"role": "assistant", "content": "A house."},
+        user("What is this?", DATA_URI), {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+        {"role": "assistant", "content": None}, user("And these?", other, DATA_URI),
         {"role": "user", "content": "What colour?"}))
-    assert parsed.prompt == ("Be brief.\nNo lists.\n\nUser: What is this?\nAssistant: A house.\n"
-                             "User: What colour?")
-    assert parsed.image_param == "messages[2].content[1].image_url.url"  # the image may come in an earlier turn
+    assert json.loads(parsed.messages) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": [{"type": "text", "text": "No lists."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": [{"type": "text", "text": "And these?"}, {"type": "image"}, {"type": "image"}]},
+        {"role": "user", "content": "What colour?"}]
+    assert [(ref.url, ref.param) for ref in parsed.images] == [
+        (DATA_URI, "messages[2].content[1].image_url.url"), (other, "messages[5].content[1].image_url.url"),
+        (DATA_URI, "messages[5].content[2].image_url.url")]
+
+
+def test_text_only_chats_have_no_images() -> None:
+    parsed = conversation(_messages({"role": "user", "content": "Hi"}))
+    assert json.loads(parsed.messages) == [{"role": "user", "content": "Hi"}] and parsed.images == ()
 
 
 @pytest.mark.parametrize("messages, code, param", [
-    ([user("Hi")], "image_required", "messages"),
-    ([{"role": "user", "content": "Hi"}], "image_required", "messages"),
-    ([user("Hi", DATA_URI, DATA_URI)], "too_many_images", "messages[0].content[2].image_url.url"),
-    ([user("Hi", DATA_URI), {"role": "assistant", "content": "Yes"}, user("And?", DATA_URI)], "too_many_images",
-     "messages[2].content[1].image_url.url"),
     ([user("Hi", DATA_URI), {"role": "assistant", "content": "Yes"}], None, "messages[1].role"),
     ([{"role": "tool", "content": "42", "tool_call_id": "c1"}, user("Hi", DATA_URI)], "unsupported_value",
      "messages[0].role"),
@@ -455,6 +473,7 @@ def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
             self.models = [type("M", (), {"name": n, "state": "READY"})() for n in names]
 
     asked: list[list[str]] = []
+    sent: list[dict[str, list[int]]] = []  # each call's input names and shapes
     streamed: list[tuple[str, bytes]] = []  # (model, the stream input's raw value)
     raw = json.dumps(ENTITIES).encode()
 
@@ -470,6 +489,7 @@ def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
         async def infer(self, model: str, inputs: Any, outputs: Any, client_timeout: float) -> Result:
             names = [o.name() for o in outputs]
             asked.append(names)
+            sent.append({t.name(): t.shape() for t in inputs})
             arrays = {"generated_text": np.array([b"An image of a snowman"], dtype=object),
                       "generated_tokens": np.array([5]), "prompt_tokens": np.array([70]),
                       "finish_reason": np.array([b"stop"], dtype=object)}
@@ -494,10 +514,15 @@ def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
         assert models["kosmos2"].entities and not models["kosmos2"].tasks
         assert models["moondream2"].tasks and not models["moondream2"].entities
         assert models["llava"].streams and "llava_stream" not in models
-        piece = await gateway.infer("kosmos2", PNG, "<grounding>An image of", Sampling(), entities=True)
+        grounding = ChatInput('[{"role": "user", "content": "<grounding>An image of"}]', (PNG,))
+        piece = await gateway.infer("kosmos2", grounding, Sampling(), entities=True)
         assert piece.entities == ENTITIES and piece.text == "An image of a snowman"
-        assert (await gateway.infer("llava", PNG, "Hi", Sampling())).entities is None
+        two = ChatInput('[{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}]', (PNG, PNG))
+        assert (await gateway.infer("llava", two, Sampling())).entities is None
         assert "entities" in asked[0] and "entities" not in asked[1]
+        # The chat form: messages and one images element per image; never the prompt form's inputs.
+        assert sent[0] == {"messages": [1, 1], "images": [1, 1]} and sent[1] == {"messages": [1, 1], "images": [1, 2],
+                                                                                 "stream": [1, 1]}
         assert streamed == [("llava_stream", b"\x00")]  # llava: from llava_stream, the whole answer (stream=False)
 
     asyncio.run(scenario())
@@ -689,8 +714,9 @@ def test_well_formed_requests_never_fail_with_5xx(question: str, system: str | N
     if response.status_code == 400:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     else:
-        prompt = gateway.calls[-1][3]
-        assert prompt == (f"{system}\n\n{question}" if system is not None else question)
+        sent = json.loads(gateway.inputs[-1].messages)  # the conversation as it came, the image in its place
+        assert sent[-1] == {"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}
+        assert sent[:-1] == ([{"role": "system", "content": system}] if system is not None else [])
 
 
 def test_a_client_that_leaves_cancels_its_whole_answer_request(gateway: FakeGateway,

@@ -115,6 +115,23 @@ def test_optional_fields_left_at_none_are_not_sent() -> None:
 
 
 @pytest.mark.parametrize("api", ["http", "grpc", "http.aio", "grpc.aio"])
+def test_chat_fields_send_messages_and_one_bytes_element_per_image(api: Any) -> None:
+    """The chat form: ``messages`` (BYTES [1, 1]) and ``images`` (BYTES [1, n], each a whole file, even ones that
+    end in NUL bytes, which numpy's fixed-width bytes would strip); never ``image`` or ``prompt``."""
+    files = (b"\x89PNG\x00\x00", b"GIF89a", b"\xff\xd8" * 3)
+    fields = RequestFields(messages='[{"role": "user", "content": "🐱"}]', images=files, max_tokens=3)
+    arrays = dict(fields.arrays())
+    assert list(arrays) == ["messages", "images", "max_tokens"]
+    assert arrays["images"].dtype == np.object_ and arrays["images"].shape == (1, 3)
+    assert tuple(arrays["images"][0]) == files
+    assert arrays["messages"][0, 0].decode("utf-8") == fields.messages
+    inputs = {t.name(): t for t in request_inputs(api, fields)}
+    assert {name: (t.datatype(), t.shape()) for name, t in inputs.items()} == {
+        "messages": ("BYTES", [1, 1]), "images": ("BYTES", [1, 3]), "max_tokens": ("INT32", [1, 1])}
+    assert [n for n, _ in RequestFields(messages="[]").arrays()] == ["messages"]  # no images: a text-only chat
+
+
+@pytest.mark.parametrize("api", ["http", "grpc", "http.aio", "grpc.aio"])
 def test_request_inputs_for_each_client_module(api: Any) -> None:
     inputs = request_inputs(api, ALL_FIELDS)
     assert {t.name(): t.datatype() for t in inputs} == TRITON_TYPES

@@ -73,7 +73,7 @@ def recording_state(module: Any, token_ids: list[int]) -> tuple[Any, list[tuple[
     """A streamed request's state whose sender records (response, flags)."""
     sender, sent = recording_sender()
     request = module.stream_requests.OpenRequest(None, sender, 0.0, release=lambda: None, request_id="r1")
-    generation = GenerationRequest(image=Image.new("RGB", (64, 48)), prompt=PROMPT, params=SamplingParams())
+    generation = GenerationRequest(images=(Image.new("RGB", (64, 48)),), prompt=PROMPT, params=SamplingParams())
     return module.responses._Stream(request, stream=True, token_ids=token_ids, generation=generation), sent
 
 

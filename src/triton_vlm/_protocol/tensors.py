@@ -21,10 +21,14 @@ OPTIONAL_INPUTS: tuple[tuple[str, type[np.generic]], ...] = (
 
 @dataclass(frozen=True)
 class RequestFields:
-    """One request's inputs; an optional field left at None is not sent (the model's default applies)."""
+    """One request's inputs; an optional field left at None is not sent (the model's default applies).
 
-    image: bytes  #: encoded file bytes (PNG, JPEG...)
-    prompt: str
+    Either ``image`` + ``prompt`` (a prompt about one image) or ``messages`` + ``images`` (a chat: the messages
+    as JSON, :mod:`triton_vlm.chat`, and the file bytes of each image part in order; none for a text-only chat).
+    """
+
+    image: bytes | None = None  #: encoded file bytes (PNG, JPEG...)
+    prompt: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -33,11 +37,22 @@ class RequestFields:
     task: str | None = None
     #: True: token by token (``<model>_stream`` only); False: the whole answer in one response.
     stream: bool | None = None
+    messages: str | None = None
+    images: tuple[bytes, ...] = ()
 
     def arrays(self) -> list[tuple[str, npt.NDArray[Any]]]:
         """``(name, array)`` of every input to send, each ``[1, n]`` (a batch of one)."""
-        arrays = [("image", np.frombuffer(self.image, dtype=np.uint8)[None, :]),
-                  ("prompt", np.array([[self.prompt.encode("utf-8")]], dtype=np.object_))]
+        arrays: list[tuple[str, npt.NDArray[Any]]] = []
+        if self.image is not None:
+            arrays.append(("image", np.frombuffer(self.image, dtype=np.uint8)[None, :]))
+        if self.prompt is not None:
+            arrays.append(("prompt", np.array([[self.prompt.encode("utf-8")]], dtype=np.object_)))
+        if self.messages is not None:
+            arrays.append(("messages", np.array([[self.messages.encode("utf-8")]], dtype=np.object_)))
+        if self.images:
+            images = np.empty((1, len(self.images)), dtype=np.object_)  # bytes elements, never numpy's bytes_
+            images[0, :] = list(self.images)
+            arrays.append(("images", images))
         for name, dtype in OPTIONAL_INPUTS:
             value = getattr(self, name)
             if value is not None:

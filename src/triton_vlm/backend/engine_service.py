@@ -54,7 +54,7 @@ class Engine(Protocol):
 
     def accepts(self, task: str | None) -> bool: ...
 
-    def prepare(self, image: Any, prompt: str, params: SamplingParams, on_output: Any, *,
+    def prepare(self, images: Any, prompt: Any, params: SamplingParams, on_output: Any, *,
                 request_id: str | None = None) -> EngineRequest: ...
 
     def submit(self, request: EngineRequest) -> None: ...
@@ -165,14 +165,14 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
         triton_request = request.triton_request
         parsed = parse_request(triton_request, self.runtime)
         stream = input_scalar(triton_request, "stream", bool)
-        self.faults.check("parse", parsed.prompt)
+        self.faults.check("parse", parsed.prompt_text)
         engine = self._ensure_engine()
         if not engine.accepts(parsed.task):
             self.tasks.submit(request, replace(parsed, is_cancelled=request.is_cancelled))
             return
         request.request_id = f"{triton_request.request_id() or 'req'}-{next(self._ids)}"
-        self.faults.check("prepare", parsed.prompt)
-        prepared = engine.prepare(parsed.image, parsed.prompt, parsed.params, self.responses.put,
+        self.faults.check("prepare", parsed.prompt_text)
+        prepared = engine.prepare(list(parsed.images), parsed.prompt, parsed.params, self.responses.put,
                                   request_id=request.request_id)
         self.responses.open(request, engine, True if stream is None else stream, parsed)
         # The response loop owns the request from here: a failure reaches it as the request's last output.

@@ -27,8 +27,9 @@ from triton_vlm.backend.requests import (
     runtime_from_args,
 )
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown, startup_failed
+from triton_vlm.chat import Chat
 from triton_vlm.errors import ModelLoadError, RequestCancelledError, TritonVLMError
-from triton_vlm.models.generation import GenerationOutput
+from triton_vlm.models.generation import GenerationOutput, Prompt
 from triton_vlm.runtime import GenerationRequest, as_request_error
 
 log = logging.getLogger("triton_vlm")
@@ -96,7 +97,7 @@ class TritonVLMModel:
             raise RequestCancelledError(f"model {self.model_name!r}: request cancelled by its client "
                                         f"before it ran")
         parsed = parse_request(request, self.runtime)
-        self.faults.check("parse", parsed.prompt)
+        self.faults.check("parse", parsed.prompt_text)
         return replace(parsed, is_cancelled=is_cancelled)
 
     def _generate(self, batch: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
@@ -163,11 +164,18 @@ def failure_response(metrics: BackendMetrics, exc: BaseException) -> Any:
     return error_response(exc)
 
 
+def _prompt_size(prompt: Prompt) -> str:
+    if isinstance(prompt, Chat):
+        return f"chat of {len(prompt.messages)} messages, {sum(len(t) for t in prompt.texts())} chars"
+    return f"prompt {len(prompt)} chars"
+
+
 def request_log_line(model: str, request: GenerationRequest, result: GenerationOutput | TritonVLMError,
                      received: float, batch: int) -> str:
     """One debug line per answered request: what was asked (sizes, not content) and how it went."""
-    asked = (f"model {model}: request image {request.image.width}x{request.image.height}, prompt "
-             f"{len(request.prompt)} chars, max_tokens {request.params.max_tokens}"
+    images = ", ".join(f"{image.width}x{image.height}" for image in request.images) or "none"
+    asked = (f"model {model}: request image {images}, {_prompt_size(request.prompt)}, max_tokens "
+             f"{request.params.max_tokens}"
              f"{f', task {request.task}' if request.task else ''}, batch of {batch}")
     seconds = time.perf_counter() - received
     if isinstance(result, TritonVLMError):

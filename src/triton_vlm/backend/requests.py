@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 from triton_vlm._protocol.wire import encode_error
 from triton_vlm.config import settings_from_triton_args
 from triton_vlm.errors import InvalidInputError, TritonVLMError
-from triton_vlm.images import image_bytes_from_tensor
+from triton_vlm.images import image_bytes_from_tensor, images_from_tensor
 from triton_vlm.loading import resolve_device
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 
@@ -43,19 +43,11 @@ def input_scalar(request: Any, name: str, kind: Callable[[Any], T]) -> T | None:
 
 
 def parse_request(request: Any, runtime: VLMRuntime) -> GenerationRequest:
-    """Validate one Triton request into a :class:`GenerationRequest`; :class:`InvalidInputError` if bad."""
-    image = input_array(request, "image")
-    prompt = input_array(request, "prompt")
-    if image is None or prompt is None:
-        raise InvalidInputError("inputs 'image' and 'prompt' are required",
-                                param="image" if image is None else "prompt")
-    prompts = prompt.reshape(-1)
-    if prompts.size != 1:
-        raise InvalidInputError(f"prompt: expected one string, got {prompts.size}", param="prompt")
-    value = prompts[0]
-    return runtime.make_request(
-        image_bytes_from_tensor(image),
-        value if isinstance(value, (bytes, str)) else str(value),
+    """Validate one Triton request into a :class:`GenerationRequest`; :class:`InvalidInputError` if bad.
+
+    A request is either a prompt about one image (``prompt`` and ``image``) or a chat (``messages`` and, where the
+    conversation has images, ``images``); both, or neither, is refused naming the field at fault."""
+    options: dict[str, Any] = dict(  # the same sampling fields in either form
         max_tokens=input_scalar(request, "max_tokens", int),
         temperature=input_scalar(request, "temperature", float),
         top_p=input_scalar(request, "top_p", float),
@@ -63,6 +55,26 @@ def parse_request(request: Any, runtime: VLMRuntime) -> GenerationRequest:
         ignore_eos=bool(input_scalar(request, "ignore_eos", bool) or False),
         task=input_scalar(request, "task", _as_text),
     )
+    messages = input_scalar(request, "messages", _as_text)
+    images = input_array(request, "images")
+    image = input_array(request, "image")
+    prompt = input_array(request, "prompt")
+    if messages is not None:
+        for name, value in (("prompt", prompt), ("image", image)):
+            if value is not None:
+                raise InvalidInputError(f"{name}: a request sends either 'prompt' (with 'image') or 'messages' (with "
+                                        f"'images'), not both; leave '{name}' out of a chat", param=name)
+        return runtime.make_chat_request(messages, [] if images is None else images_from_tensor(images), **options)
+    if images is not None:
+        raise InvalidInputError("images: goes with 'messages' (a chat); a prompt request sends its one image as "
+                                "'image'", param="images")
+    if image is None or prompt is None:
+        raise InvalidInputError("inputs 'image' and 'prompt' are required (or 'messages' for a chat)",
+                                param="image" if image is None and prompt is not None else "prompt")
+    prompts = prompt.reshape(-1)
+    if prompts.size != 1:
+        raise InvalidInputError(f"prompt: expected one string, got {prompts.size}", param="prompt")
+    return runtime.make_request(image_bytes_from_tensor(image), _as_text(prompts[0]), **options)
 
 
 def _as_text(value: Any) -> bytes | str:

@@ -179,7 +179,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         if out.finished and self.extra_outputs and state.generation is not None:
             # The whole answer: its text and the extra outputs worked out from it (kosmos2's entities).
             text, found = family.decode_output(processor, state.token_ids, state.generation.image,
-                                               state.generation.prompt)
+                                               state.generation.prompt_text)
             extras = extra_values(self.extra_outputs, found)
         elif not out.finished and family.incremental_text:
             if state.detokenizer is None:

@@ -26,10 +26,12 @@ from triton_vlm.client.client import (
     BatchResults,
     ImageLike,
     InferenceResult,
+    Messages,
     Protocol,
     ServerEndpoint,
     StreamPiece,
     batch_item,
+    chat_fields,
     inference_result,
     request_fields,
     stream_piece,
@@ -64,6 +66,21 @@ class AsyncTritonVLMClient(ServerEndpoint):
             ignore_eos=ignore_eos))
         started = time.perf_counter()
         # As the sync client: no output list, so optional outputs (kosmos2's entities) come back too.
+        result = await self._call(lambda c: c.infer(model_name, inputs), model_name)
+        return inference_result(parse_output(result), time.perf_counter() - started)
+
+    async def chat(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), **options: Any) -> str:
+        """The answer to the conversation ``messages`` (see :meth:`TritonVLMClient.chat
+        <triton_vlm.client.TritonVLMClient.chat>`); options as :meth:`chat_result`."""
+        return (await self.chat_result(model_name, messages, images, **options)).text
+
+    async def chat_result(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), *,
+                          max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                          seed: int | None = None, ignore_eos: bool = False) -> InferenceResult:
+        inputs = request_inputs(self._api(), chat_fields(messages, images, max_tokens=max_tokens,
+                                                         temperature=temperature, top_p=top_p, seed=seed,
+                                                         ignore_eos=ignore_eos))
+        started = time.perf_counter()
         result = await self._call(lambda c: c.infer(model_name, inputs), model_name)
         return inference_result(parse_output(result), time.perf_counter() - started)
 

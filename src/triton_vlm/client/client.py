@@ -12,9 +12,10 @@ asyncio client (:mod:`triton_vlm.client.aio`), the OpenAI front and the forwarde
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ from triton_vlm.errors import InvalidInputError, ServerUnreachableError, TritonV
 
 ImageLike = str | Path | bytes | bytearray | Image.Image | npt.NDArray[Any]
 Protocol = Literal["http", "grpc"]
+#: A chat's messages: OpenAI's chat shape (``{"role", "content"}``; content a string, or text parts and
+#: ``{"type": "image"}`` parts that take the call's ``images`` in order), or the same already as JSON.
+Messages = Sequence[Mapping[str, Any]] | str
 #: One item of :meth:`TritonVLMClient.infer_many`: ``(image, prompt)`` or a dict of :meth:`infer_result`'s
 #: keyword arguments (``image`` and ``prompt`` required; ``model_name`` overrides the call's model).
 BatchItem = tuple[ImageLike, str] | Mapping[str, Any]
@@ -101,6 +105,16 @@ def request_fields(image: ImageLike, prompt: str, *, max_tokens: int | None = No
     """One request's fields; ``ignore_eos=False`` is not sent (the model's default)."""
     return RequestFields(image=encode_image(image), prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, seed=seed, ignore_eos=True if ignore_eos else None, task=task, stream=stream)
+
+
+def chat_fields(messages: Messages, images: Iterable[ImageLike] = (), *, max_tokens: int | None = None,
+                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                ignore_eos: bool = False, stream: bool | None = None) -> RequestFields:
+    """A chat request's fields: ``messages`` as JSON and each image's file bytes, in order."""
+    text = messages if isinstance(messages, str) else json.dumps(list(messages), ensure_ascii=False)
+    return RequestFields(messages=text, images=tuple(encode_image(image) for image in images), max_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, seed=seed, ignore_eos=True if ignore_eos else None,
+                         stream=stream)
 
 
 def inference_result(output: Output, latency_s: float) -> InferenceResult:
@@ -228,6 +242,28 @@ class TritonVLMClient(ServerEndpoint):
             ignore_eos=ignore_eos))
         started = time.perf_counter()
         # No output list: the model returns all it declares, optional ones such as kosmos2's entities included.
+        result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
+        return inference_result(parse_output(result), time.perf_counter() - started)
+
+    def chat(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), **options: Any) -> str:
+        """The model's answer to the conversation ``messages``, rendered with the model's own chat template; its
+        ``{"type": "image"}`` parts take ``images`` in order (none: a text-only chat). Options as
+        :meth:`chat_result`.
+
+        >>> client.chat("llava", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        ...                       {"role": "assistant", "content": "A cat."},
+        ...                       {"role": "user", "content": "What colour is it?"}], images=["cat.jpg"])  # doctest: +SKIP
+        """
+        return self.chat_result(model_name, messages, images, **options).text
+
+    def chat_result(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), *,
+                    max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                    seed: int | None = None, ignore_eos: bool = False) -> InferenceResult:
+        """Like :meth:`chat`, with token counts, finish reason and latency (the :meth:`infer_result` of a chat)."""
+        inputs = request_inputs(self.protocol, chat_fields(messages, images, max_tokens=max_tokens,
+                                                           temperature=temperature, top_p=top_p, seed=seed,
+                                                           ignore_eos=ignore_eos))
+        started = time.perf_counter()
         result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
         return inference_result(parse_output(result), time.perf_counter() - started)
 

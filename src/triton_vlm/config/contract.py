@@ -17,17 +17,24 @@ from google.protobuf import text_format
 from triton_vlm._protocol.model_config import model_config_pb2 as pb
 
 #: Everything but the family's extras: the inputs every model takes, the four outputs every model returns.
+#:
+#: A request is one of two forms (the backend refuses both or neither, naming the field): a prompt about one image,
+#: ``image`` (file bytes) + ``prompt``; or a chat, ``messages`` (OpenAI's chat shape as JSON, image parts
+#: ``{"type": "image"}`` standing where the images are; :mod:`triton_vlm.chat`) + ``images`` (BYTES, one file per
+#: element, in the order of the image parts; left out for a text-only chat). So all four are optional to Triton.
 TEMPLATE = """
 backend: "python"
 max_batch_size: 8
 input [
-  { name: "image" data_type: TYPE_UINT8 dims: [ -1 ] allow_ragged_batch: true },
-  { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "image" data_type: TYPE_UINT8 dims: [ -1 ] allow_ragged_batch: true optional: true },
+  { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] optional: true },
   { name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
   { name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
   { name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
   { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true },
-  { name: "ignore_eos" data_type: TYPE_BOOL dims: [ 1 ] optional: true }
+  { name: "ignore_eos" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "images" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true optional: true }
 ]
 output [
   { name: "generated_text" data_type: TYPE_STRING dims: [ 1 ] },

@@ -110,15 +110,23 @@ class EngineFamily(Protocol):
         """The token ids that end an answer."""
         ...
 
+    def render_input(self, processor: Any, prompt: Any, task: str | None = None) -> Any:
+        """A request's prompt string or conversation (``triton_vlm.chat.Chat``) as the text (or token ids) that
+        :meth:`EngineAdapter.prepare` takes."""
+        ...
+
 
 class EngineAdapter(ABC):
     """One per model family the engine runs (``EngineFamily.engine_adapter()``)."""
 
     @abstractmethod
-    def prepare(self, family: Any, processor: Any, image: Any, prompt: str) -> tuple[list[int], dict[str, Any]]:
-        """Prompt token ids (image placeholders expanded) and the multimodal inputs for one request: at least
-        ``pixel_values`` and ``image_rows``, the prompt positions that take the image's features, in order; for a
-        ``family`` is the :class:`EngineFamily` this adapter came from (the family's own class)."""
+    def prepare(self, family: Any, processor: Any, images: list[Any], text: Any) -> tuple[list[int], dict[str, Any]]:
+        """Prompt token ids (image placeholders expanded) and the multimodal inputs for one request: ``images``
+        (PIL images, in the order the prompt places them; none for a text-only turn) and ``text``, the prompt as
+        the family rendered it (``EngineFamily.render_input``: chat template applied, image placeholders in).
+        ``image_rows`` lists the prompt positions that take the images' features, in order, and ``pixel_values``
+        holds the pixels where there are images (a text-only request has neither: no rows, no pixels, and the
+        engine's vision step leaves it out). ``family`` is the :class:`EngineFamily` this adapter came from."""
 
     def rope_positions(self, model: Any, prompt_ids: list[int],
                        mm_inputs: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
@@ -144,7 +152,8 @@ class EngineAdapter(ABC):
     def image_features(self, model: Any, requests: list[EngineRequest],
                        encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The requests' images through ``encode`` (this adapter's :meth:`encode_images` for ``model``, graphed
-        where it can be) in one batch: a row per image row of the prompts, in order."""
+        where it can be) in one batch: a row per image row of the prompts, in order. Only requests with images
+        come here (:meth:`prompt_embeds` leaves the others out)."""
         return encode(device_pixels([r.mm_inputs["pixel_values"] for r in requests], model.device, model.dtype))
 
     def prompt_embeds(self, model: Any, decoder: Decoder, requests: list[EngineRequest],
@@ -153,14 +162,16 @@ class EngineAdapter(ABC):
 
         One embedding lookup and one scatter for the whole batch, and nothing that waits for the device (no
         pageable copies, no boolean-mask indexing): per-request launches would leave the device idle while the
-        host, sharing its GIL with the thread that tokenizes new requests, works through them."""
-        features = self.image_features(model, requests, encode)
+        host, sharing its GIL with the thread that tokenizes new requests, works through them. Text-only requests
+        (no ``image_rows``) take no part in the vision step."""
         lengths = [len(r.prompt_ids) for r in requests]
         embeds = decoder.embed_tokens(device_longs([t for r in requests for t in r.prompt_ids], model.device))
         # Each request's first row; the running total has one entry more (the end), which zip leaves out.
         rows = [start + row for start, r in zip(itertools.accumulate([0, *lengths]), requests, strict=False)
-                for row in r.mm_inputs["image_rows"]]
-        embeds[device_longs(rows, model.device)] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+                for row in r.mm_inputs.get("image_rows", ())]
+        if rows:
+            features = self.image_features(model, [r for r in requests if r.mm_inputs.get("image_rows")], encode)
+            embeds[device_longs(rows, model.device)] = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return list(embeds.split(lengths))
 
     @abstractmethod

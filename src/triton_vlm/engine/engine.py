@@ -31,6 +31,7 @@ from triton_vlm.engine.runner import ModelRunner
 from triton_vlm.engine.scheduler import Scheduler, SchedulerOutput
 from triton_vlm.engine.transfer import device_longs
 from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
+from triton_vlm.images import image_list
 from triton_vlm.sampling import SamplingParams, choose_tokens, make_generator
 
 log = logging.getLogger("triton_vlm")
@@ -111,10 +112,13 @@ class LLMEngine:
         (moondream2's captions and region skills) belong to the batched loop."""
         return self.adapter.accepts(task)
 
-    def prepare(self, image: Any, prompt: str, params: SamplingParams, on_output: Any, *,
+    def prepare(self, images: Any, prompt: Any, params: SamplingParams, on_output: Any, *,
                 request_id: str | None = None, ignore_eos: bool | None = None) -> EngineRequest:
-        """Tokenize a request (on the caller's thread) and check that it fits the context."""
-        prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, image, prompt)
+        """Tokenize a request (on the caller's thread) and check that it fits the context. ``images``: one image,
+        or a list (none: a text-only turn); ``prompt``: a prompt string or a ``triton_vlm.chat.Chat``, rendered by
+        the family (``render_input``)."""
+        text = self.family.render_input(self.processor, prompt)
+        prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, image_list(images), text)
         rope = self.adapter.rope_positions(self.model, prompt_ids, mm_inputs) if positioned(self.decoder) else None
         positions, rope_delta = rope if rope is not None else (None, 0)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -302,9 +306,10 @@ class LLMEngine:
                                             len(seq.output_ids), error))
 
     # -- synchronous helper -------------------------------------------------------------------------------
-    def generate(self, items: list[tuple[Any, str, SamplingParams]], *, ignore_eos: bool | None = None,
+    def generate(self, items: list[tuple[Any, Any, SamplingParams]], *, ignore_eos: bool | None = None,
                  timeout: float = 600.0) -> list[list[int]]:
-        """Submit ``(image, prompt, params)`` items and wait for all; returns each one's token ids.
+        """Submit ``(images, prompt, params)`` items (as :meth:`prepare` takes them) and wait for all; returns each
+        one's token ids.
 
         Works with or without the background thread (without it, this thread drives the steps). On timeout
         the unfinished requests are aborted (their KV slots freed) and :class:`GenerationError` is raised."""

@@ -10,15 +10,24 @@ from __future__ import annotations
 import importlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from PIL import Image
 
+from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
-from triton_vlm.models.generation import CancelProbes, GenerationOutput, generate_batch, position_ids_for
+from triton_vlm.images import image_list
+from triton_vlm.models.generation import (
+    CancelProbes,
+    GenerationOutput,
+    Prompt,
+    RowImages,
+    generate_batch,
+    position_ids_for,
+)
 
 if TYPE_CHECKING:
     from triton_vlm.engine.adapter import EngineAdapter
@@ -48,6 +57,20 @@ class ModelFamily(ABC):
     supported: ClassVar[bool] = True
     #: Tokens a user prompt may not contain because the processor gives them structural meaning.
     reserved_prompt_tokens: ClassVar[tuple[str, ...]] = ()
+    #: Whether the loaded processor's placeholders and special tokens (:func:`reserved_tokens`) are reserved too:
+    #: for families that serve whatever checkpoint's chat template, whose control tokens are known only once the
+    #: processor is loaded (checked by :meth:`render_input`).
+    reserves_processor_tokens: ClassVar[bool] = False
+    #: Images one request may carry: at most (the model's own limit, or a guard on the work of decoding them) and
+    #: at least (a family whose prompt always holds an image says 1). Checked before any image is decoded.
+    max_images_per_request: ClassVar[int] = 8
+    min_images_per_request: ClassVar[int] = 0
+    #: Whether one batched forward may hold rows with images and rows without (text-only turns); where not, the
+    #: batched loop runs the two kinds as separate batches.
+    mixes_text_only_rows: ClassVar[bool] = True
+    #: The chat template used where the checkpoint's processor has none (Jinja, as transformers renders it). None:
+    #: :meth:`render_chat` writes :func:`transcript` instead.
+    fallback_chat_template: ClassVar[str | None] = None
     #: Precision of ``dtype=auto`` on a GPU: the one the weights were trained and released in.
     auto_cuda_dtype: ClassVar[str] = "float16"
     #: Task names a request may give in its optional ``task`` input; empty: the family has one behaviour.
@@ -105,10 +128,10 @@ class ModelFamily(ABC):
         return None
 
     # -- prompting ---------------------------------------------------------------------------------------
-    def validate_prompt(self, prompt: str) -> None:
+    def validate_prompt(self, prompt: str, param: str = "prompt") -> None:
         for token in self.reserved_prompt_tokens:
             if token in prompt:
-                raise InvalidInputError(f"prompt: may not contain the reserved token {token!r}", param="prompt")
+                raise InvalidInputError(f"{param}: may not contain the reserved token {token!r}", param=param)
 
     def normalize_task(self, task: str | None) -> str | None:
         """The canonical name of a request's ``task`` (None: the default behaviour); raises
@@ -122,27 +145,72 @@ class ModelFamily(ABC):
         """Whether a request with this (normalized) task needs a non-empty prompt."""
         return True
 
-    @abstractmethod
     def render_prompt(self, processor: Any, prompt: str) -> Any:
-        """The full model input for a user prompt: text with chat template and image placeholder for
-        processor-based families, or whatever this family's :meth:`encode` takes."""
+        """The full model input for a user prompt about one image: text with chat template and image placeholder
+        for processor-based families, or whatever this family's :meth:`encode` takes. By default the one-turn
+        chat ``[image, prompt]`` through :meth:`render_chat`, so a prompt and the same question as ``messages``
+        get the same input."""
+        return self.render_chat(processor, Chat.single(prompt))
 
     def render_request(self, processor: Any, prompt: str, task: str | None) -> Any:
         """:meth:`render_prompt` under a (normalized) task; families with tasks override this."""
         return self.render_prompt(processor, prompt)
 
-    def encode(self, processor: Any, images: list[Image.Image], texts: list[Any]) -> dict[str, torch.Tensor]:
-        """Left-padded batch tensors for the first forward pass."""
-        return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+    def render_chat(self, processor: Any, chat: Chat) -> Any:
+        """The model input for a conversation, in the model's own format: the processor's chat template (or
+        :attr:`fallback_chat_template`) with the generation prompt, each image where it stood; a family with
+        neither gets :func:`transcript`. Families whose format is not a template override this."""
+        template = getattr(processor, "chat_template", None) or self.fallback_chat_template
+        if template is None:
+            return transcript(chat)
+        return processor.apply_chat_template(chat.hf_messages(), chat_template=template, add_generation_prompt=True)
+
+    def render_input(self, processor: Any, prompt: Prompt, task: str | None = None) -> Any:
+        """What the batched loop and the engine feed :meth:`encode` (or the engine adapter) for one request: a
+        ``prompt`` string under its task (:meth:`render_request`), or a :class:`~triton_vlm.chat.Chat`
+        (:meth:`render_chat`). The one place either path renders a request, so the one place that refuses texts
+        holding the processor's reserved tokens (:attr:`reserves_processor_tokens`)."""
+        if isinstance(prompt, Chat):
+            if self.reserves_processor_tokens:
+                check_reserved(processor, prompt.texts(), "messages")
+            return self.render_chat(processor, prompt)
+        if self.reserves_processor_tokens:
+            check_reserved(processor, [prompt], "prompt")
+        return self.render_request(processor, prompt, task)
+
+    def encode(self, processor: Any, images: Sequence[RowImages], texts: list[Any]) -> dict[str, torch.Tensor]:
+        """Left-padded batch tensors for the first forward pass; ``images``: each row's image or list of images,
+        in order. One image per row goes to the processor as the flat list processors have always taken; other
+        batches as a list per row (which transformers' processors take too), and a batch without images as text
+        alone."""
+        rows = [image_list(row) for row in images]
+        if not any(rows):
+            return dict(processor(text=texts, padding=True, return_tensors="pt"))
+        batch: list[Any] = [row[0] for row in rows] if all(len(row) == 1 for row in rows) else rows
+        return dict(processor(images=batch, text=texts, padding=True, return_tensors="pt"))
 
     # -- generating --------------------------------------------------------------------------------------
-    def generate(self, model: Any, processor: Any, images: list[Image.Image], prompts: list[str],
+    def generate(self, model: Any, processor: Any, images: Sequence[RowImages], prompts: Sequence[Prompt],
                  params: list[SamplingParams], tasks: list[str | None],
                  cancelled: CancelProbes | None = None) -> list[GenerationOutput]:
-        """Outputs for a batch of requests. The shared decode loop, unless a family has tasks it answers
-        another way (it then splits the batch and still runs its text tasks through the loop). ``cancelled``:
-        per request, a probe telling whether its client cancelled it (see :func:`generate_batch`)."""
-        return generate_batch(self, model, processor, images, prompts, params, tasks, cancelled)
+        """Outputs for a batch of requests (``images``: each row's image, or its list of images; ``prompts``: a
+        prompt string or a :class:`~triton_vlm.chat.Chat`). The shared decode loop, unless a family has tasks it
+        answers another way (it then splits the batch and still runs its text tasks through the loop), and in
+        two batches where rows with and without images do not mix (:attr:`mixes_text_only_rows`).
+        ``cancelled``: per request, a probe telling whether its client cancelled it (see :func:`generate_batch`)."""
+        if self.mixes_text_only_rows:
+            return generate_batch(self, model, processor, images, prompts, params, tasks, cancelled)
+        with_images = [bool(image_list(i)) for i in images]
+        results: list[GenerationOutput | None] = [None] * len(prompts)
+        for kind in (True, False):
+            rows = [i for i, has in enumerate(with_images) if has is kind]
+            if rows:
+                outputs = generate_batch(self, model, processor, [images[i] for i in rows], [prompts[i] for i in rows],
+                                         [params[i] for i in rows], [tasks[i] for i in rows],
+                                         None if cancelled is None else [cancelled[i] for i in rows])
+                for row, output in zip(rows, outputs, strict=True):
+                    results[row] = output
+        return [r for r in results if r is not None]
 
     # -- stepping ----------------------------------------------------------------------------------------
     #: Position id of the first real token. RoPE models count from 0; fairseq-style models from pad+1.
@@ -197,9 +265,10 @@ class ModelFamily(ABC):
     def decode_text(self, processor: Any, token_ids: list[int]) -> str:
         return self.detokenize(processor, token_ids).strip()
 
-    def decode_output(self, processor: Any, token_ids: list[int], image: Image.Image,
+    def decode_output(self, processor: Any, token_ids: list[int], image: Image.Image | None,
                       prompt: str) -> tuple[str, dict[str, str]]:
-        """The answer text and its :attr:`extra_outputs` values (JSON strings) for one finished row."""
+        """The answer text and its :attr:`extra_outputs` values (JSON strings) for one finished row (``image``: its
+        first image, None for a text-only turn; ``prompt``: its prompt, or a chat's last user text)."""
         return self.decode_text(processor, token_ids), {}
 
 
@@ -217,7 +286,42 @@ def multimodal_rope(model: Any, inputs: Mapping[str, Any]) -> tuple[torch.Tensor
     return positions, deltas
 
 
+def reserved_tokens(processor: Any) -> list[str]:
+    """Tokens a user text may not contain where the family serves the processor's own chat template: the
+    processor's image/video placeholders and the tokenizer's special tokens (chat-template control tokens such as
+    ``<end_of_utterance>``, ``<|im_end|>``)."""
+    tokenizer = processor.tokenizer
+    tokens = {getattr(processor, name, None) for name in ("image_token", "video_token")}
+    tokens.update(tokenizer.all_special_tokens)
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    tokens.update(str(t) for t in added if getattr(t, "special", False))
+    return sorted(t for t in tokens if isinstance(t, str) and t)
+
+
+def check_reserved(processor: Any, texts: Iterable[str], param: str) -> None:
+    """:class:`InvalidInputError` (naming ``param``) where a text holds one of :func:`reserved_tokens`."""
+    reserved = reserved_tokens(processor)
+    for text in texts:
+        for token in reserved:
+            if token in text:
+                raise InvalidInputError(f"{param}: may not contain the reserved token {token!r}", param=param)
+
+
 def cache_kwarg(forward: Any) -> str:
     """The name a model's forward uses for its KV cache: ``cache`` (transformers >= 5.2x) or the older one."""
     parameters = inspect.signature(forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def transcript(chat: Chat) -> str:
+    """A conversation for a model that has no chat format of its own: a single user turn is its text as it is
+    (what the ``prompt`` form sends); earlier turns become ``User: ...`` / ``Assistant: ...`` lines before
+    ``User: <question>``, and system text goes in front, followed by a blank line. Image places are left to the
+    processor (such models take one image, in front of the text)."""
+    system = [m.text for m in chat.messages if m.role == "system"]
+    turns = [m for m in chat.messages if m.role != "system"]
+    if len(turns) == 1:
+        text = turns[0].text
+    else:
+        text = "\n".join(f"{'User' if m.role == 'user' else 'Assistant'}: {m.text}" for m in turns)
+    return "\n".join(system) + "\n\n" + text if system else text

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
+from triton_vlm.images import image_list
 from triton_vlm.sampling import RowSampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -34,6 +36,15 @@ CANCEL_CHECK_S = 0.1
 
 #: Per row: a callable telling whether its request was cancelled, or None (never asked).
 CancelProbes = Sequence[Callable[[], bool] | None]
+#: A row's images: one image (the ``prompt`` form) or a list of them (a chat's: several, or none at all).
+RowImages = Image.Image | Sequence[Image.Image]
+#: A row's request: a user prompt (rendered under its task) or a whole conversation.
+Prompt = str | Chat
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The text a row's answer refers to: its prompt, or a chat's last user text."""
+    return prompt.question if isinstance(prompt, Chat) else prompt
 
 
 @dataclass(frozen=True)
@@ -72,18 +83,20 @@ def check_context(family: ModelFamily, model: Any, prompt_tokens: list[int], par
 
 
 @torch.inference_mode()
-def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list[Image.Image],
-                   prompts: list[str], params: list[SamplingParams],
+def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequence[RowImages],
+                   prompts: Sequence[Prompt], params: list[SamplingParams],
                    tasks: list[str | None] | None = None, cancelled: CancelProbes | None = None) -> list[GenerationOutput]:
-    """Generate for ``len(prompts)`` requests in one batched loop; ``prompts`` are user prompts and ``tasks``
-    their (normalized) task names, None for the family's default. Rows whose ``cancelled`` probe says so stop
-    early with finish reason :data:`CANCELLED`."""
+    """Generate for ``len(prompts)`` requests in one batched loop; ``prompts`` are user prompts (``tasks`` their
+    (normalized) task names, None for the family's default) or conversations, ``images`` each row's image or
+    images (none: a text-only turn). Rows whose ``cancelled`` probe says so stop early with finish reason
+    :data:`CANCELLED`."""
     from transformers import DynamicCache
 
     device = model.device
     tasks = tasks or [None] * len(prompts)
-    texts = [family.render_request(processor, p, t) for p, t in zip(prompts, tasks, strict=True)]
-    inputs = family.encode(processor, images, texts)
+    texts = [family.render_input(processor, p, t) for p, t in zip(prompts, tasks, strict=True)]
+    row_images = [image_list(i) for i in images]
+    inputs = family.encode(processor, row_images, texts)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -143,9 +156,9 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: list
         logits = family.decode(model, tokens[:, None], attention_mask, positions, cache)
 
     outputs = []
-    per_request = zip(generated, prompt_tokens, finish, finished_at, images, prompts, strict=True)
-    for ids, n, reason, done, image, prompt in per_request:
-        text, extras = family.decode_output(processor, ids, image, prompt)
+    per_request = zip(generated, prompt_tokens, finish, finished_at, row_images, prompts, strict=True)
+    for ids, n, reason, done, own_images, prompt in per_request:
+        text, extras = family.decode_output(processor, ids, own_images[0] if own_images else None, prompt_text(prompt))
         outputs.append(GenerationOutput(text=text, token_ids=tuple(ids), prompt_tokens=int(n), finish_reason=reason,
                                         extras=extras, first_token_at=first_token_at, finished_at=done))
     return outputs

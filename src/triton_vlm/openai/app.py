@@ -41,7 +41,7 @@ from triton_vlm.openai.schemas import (
     ModelCard,
     ModelList,
 )
-from triton_vlm.openai.triton import Piece, Sampling, ServedModel, TritonGateway
+from triton_vlm.openai.triton import ChatInput, Piece, Sampling, ServedModel, TritonGateway
 
 log = logging.getLogger("triton_vlm.openai")
 T = TypeVar("T")
@@ -133,7 +133,8 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
         title="triton-vlm OpenAI-compatible API",
         version="1",
         description="OpenAI chat completions with images, in front of Triton (llava, kosmos2, moondream2). "
-                    "Exactly one image per request, as a data URI. See docs/openai.md.",
+                    "Conversations are rendered with each model's own chat template; images as data URIs, as many "
+                    "as the model takes (none for a text-only chat). See docs/openai.md.",
         docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
     )
 
@@ -242,7 +243,7 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                                "content": {"text/event-stream": {"schema": {"type": "string",
                                                                             "description": STREAM_DESCRIPTION}}}},
                          **ERROR_RESPONSES},
-              summary="Answer a question about one image")
+              summary="Answer a conversation about images (or text alone)")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         if in_flight.total() >= options.max_concurrent_requests:
             raise APIError(429, f"too many requests in flight (limit {options.max_concurrent_requests}); retry "
@@ -262,13 +263,14 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
             refuse_unsupported(body)
             model = await find_model(body.model)
             chat = conversation(body.messages)
-            _check_text(chat.prompt, "messages")
+            _check_text(chat.messages, "messages")
             if body.task is not None:
                 _check_text(body.task, "task")
-            image = await image_bytes(chat.image_url, param=chat.image_param, max_bytes=options.max_image_bytes,
-                                      allow_remote=options.allow_remote_images,
-                                      allow_private=options.allow_private_image_hosts,
-                                      timeout_s=options.remote_image_timeout_s)
+            images = [await image_bytes(ref.url, param=ref.param, max_bytes=options.max_image_bytes,
+                                        allow_remote=options.allow_remote_images,
+                                        allow_private=options.allow_private_image_hosts,
+                                        timeout_s=options.remote_image_timeout_s) for ref in chat.images]
+            inputs = ChatInput(chat.messages, tuple(images))
             sampling = sampling_of(body)
             limit_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
             completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -276,7 +278,7 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
             if not body.stream:
                 try:
                     answer = await unless_disconnected(
-                        request, gateway.infer(model.name, image, chat.prompt, sampling, entities=model.entities))
+                        request, gateway.infer(model.name, inputs, sampling, entities=model.entities))
                 except ClientDisconnected:
                     # Nobody is left to read an answer; the gRPC call was cancelled, so Triton stops the work.
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -288,9 +290,9 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                 return JSONResponse(answer_body.model_dump(mode="json", exclude=hidden))
 
             if model.streams:
-                pieces = gateway.stream(model.name, image, chat.prompt, sampling, entities=model.entities)
+                pieces = gateway.stream(model.name, inputs, sampling, entities=model.entities)
             else:
-                pieces = _one(gateway.infer(model.name, image, chat.prompt, sampling, entities=model.entities))
+                pieces = _one(gateway.infer(model.name, inputs, sampling, entities=model.entities))
             try:  # the first piece before the 200: an error up to here still gets its own status
                 first = await pieces.__anext__()
             except TritonVLMError as exc:

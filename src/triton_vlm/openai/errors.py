@@ -47,7 +47,7 @@ class APIError(Exception):
 
 
 #: The OpenAI field for each request field the backend names (``exc.param``); the others keep their names.
-OPENAI_PARAMS = {"image": "messages", "prompt": "messages"}
+OPENAI_PARAMS = {"image": "messages", "prompt": "messages", "images": "messages"}
 
 
 def from_triton(exc: TritonVLMError, model: str, *, max_tokens_param: str = "max_completion_tokens") -> APIError:
@@ -70,7 +70,7 @@ def from_triton(exc: TritonVLMError, model: str, *, max_tokens_param: str = "max
 
 def openai_param(param: str | None, max_tokens_param: str) -> str | None:
     """The request field of the chat completion that holds the backend's ``param`` (image and prompt: the
-    messages; ``max_tokens``: whichever of ``max_tokens`` / ``max_completion_tokens`` the request used)."""
+    messages, and so are a chat's images, e.g. a model's limit on them; ``max_tokens``: whichever of ``max_tokens`` / ``max_completion_tokens`` the request used)."""
     if param == "max_tokens":
         return max_tokens_param
     return OPENAI_PARAMS.get(param, param) if param else None

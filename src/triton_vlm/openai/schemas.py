@@ -47,7 +47,7 @@ AssistantContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="ty
 
 
 class SystemMessage(_Request):
-    """Instructions; their text goes in front of the prompt."""
+    """Instructions: a system turn of the model's chat template (developer is its newer name)."""
 
     role: Literal["system", "developer"]
     content: str | list[TextPart]
@@ -97,7 +97,8 @@ EXAMPLE_REQUEST: JsonDict = {
 
 
 class ChatCompletionRequest(_Request):
-    """``POST /v1/chat/completions``. The last message must be the user's; exactly one image per request."""
+    """``POST /v1/chat/completions``. The last message must be the user's; images as many as the model takes (none:
+    a text-only chat)."""
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [EXAMPLE_REQUEST]})
 

@@ -32,6 +32,14 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class ChatInput:
+    """A chat request's inputs: the ``messages`` JSON (:mod:`triton_vlm.chat`) and each image's file bytes."""
+
+    messages: str
+    images: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
 class Piece:
     """A whole answer, or one piece of a stream (``text`` is then the new text; counts are totals so far)."""
 
@@ -134,18 +142,17 @@ class TritonGateway:
         return self._tensors[model]
 
     # -- inference ----------------------------------------------------------------------------------------
-    async def infer(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
-                    entities: bool = False) -> Piece:
+    async def infer(self, model: str, chat: ChatInput, sampling: Sampling, *, entities: bool = False) -> Piece:
         """The whole answer; ``entities``: also ask for the ``entities`` output (only models that have it).
 
         From ``<model>_stream`` where the index says the model has one (a stream with one response), else from
         ``model`` itself."""
         served = (self._index or {}).get(model)
         if served is not None and served.streams:
-            call = self._call(f"{model}{STREAM_SUFFIX}", image, prompt, sampling, stream=False, entities=entities)
+            call = self._call(f"{model}{STREAM_SUFFIX}", chat, sampling, stream=False, entities=entities)
             outputs = [output async for output in self._stream(call)]  # one; a request without is an error
             return _piece(outputs[-1], entities=entities)
-        call = self._call(model, image, prompt, sampling, stream=None, entities=entities)
+        call = self._call(model, chat, sampling, stream=None, entities=entities)
         try:
             result = await self._grpc().infer(call.model, call.inputs, outputs=call.outputs,
                                               client_timeout=self.timeout_s)
@@ -153,12 +160,12 @@ class TritonGateway:
             raise self._error(exc, model) from None
         return _piece(parse_output(result), entities=entities)
 
-    async def stream(self, model: str, image: bytes, prompt: str, sampling: Sampling, *,
+    async def stream(self, model: str, chat: ChatInput, sampling: Sampling, *,
                      entities: bool = False) -> AsyncGenerator[Piece, None]:
         """Pieces of the answer as ``<model>_stream`` generates them; the last has a finish reason (and, with
         ``entities``, the model's ``entities`` output). Closing the iterator early cancels the request in
         Triton."""
-        call = self._call(f"{model}{STREAM_SUFFIX}", image, prompt, sampling, stream=True, entities=entities)
+        call = self._call(f"{model}{STREAM_SUFFIX}", chat, sampling, stream=True, entities=entities)
         outputs = self._stream(call)
         try:
             async for output in outputs:
@@ -167,9 +174,9 @@ class TritonGateway:
         finally:
             await outputs.aclose()  # now, where the caller left early: that cancels the request
 
-    def _call(self, model: str, image: bytes, prompt: str, sampling: Sampling, *, stream: bool | None,
+    def _call(self, model: str, chat: ChatInput, sampling: Sampling, *, stream: bool | None,
               entities: bool) -> StreamCall:
-        fields = RequestFields(image=image, prompt=prompt, max_tokens=sampling.max_tokens,
+        fields = RequestFields(messages=chat.messages, images=chat.images, max_tokens=sampling.max_tokens,
                                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
                                task=sampling.task, stream=stream)
         # Asked for by name: ``entities`` only where the model's metadata lists it (Triton refuses a request for

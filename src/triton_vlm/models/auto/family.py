@@ -1,8 +1,10 @@
 """Any image-text-to-text model with a chat template (``AutoModelForImageTextToText``): the ``auto`` family.
 
 A new model is a directory with ``model_family: "auto"`` and its ``hf_model_id`` (``triton-vlm add-model``).
-The prompt is the processor's chat template over one user turn, ``[image, text]``, with the generation prompt;
-the shared batched loop (:mod:`triton_vlm.models.generation`) generates, with left padding and explicit positions:
+The prompt is the processor's chat template over the conversation (a ``prompt`` request: one user turn,
+``[image, text]``) with the generation prompt, with as many images per request as the checkpoint's processor
+takes (up to ``max_images_per_request``) or none; the shared batched loop (:mod:`triton_vlm.models.generation`)
+generates, with left padding and explicit positions:
 
 * RoPE models count positions from 0 over real tokens (Llama, Mistral, Gemma, Idefics3/SmolVLM, LLaVA-NeXT...);
   PaliGemma counts from 1 (:data:`FIRST_POSITION`).
@@ -24,7 +26,6 @@ import torch
 
 from triton_vlm.errors import ModelLoadError
 from triton_vlm.models.base import ModelFamily, multimodal_rope
-from triton_vlm.models.chat import render_chat
 
 #: Position of the first real token where it is not 0 (by ``config.model_type``).
 FIRST_POSITION: dict[str, int] = {"paligemma": 1}
@@ -41,6 +42,8 @@ class AutoFamily(ModelFamily):
     default_hf_model_id = "HuggingFaceTB/SmolVLM-256M-Instruct"
     # Most current VLMs are released in bfloat16.
     auto_cuda_dtype = "bfloat16"
+    # Whatever checkpoint it serves, its chat template's control tokens are the processor's special tokens.
+    reserves_processor_tokens = True
 
     def model_class(self) -> type[Any]:
         from transformers import AutoModelForImageTextToText
@@ -59,10 +62,6 @@ class AutoFamily(ModelFamily):
             raise ModelLoadError(f"{source}: its processor has no chat template, which model_family auto needs "
                                  "to build the prompt; use a chat/instruct checkpoint or a dedicated family")
         return model, processor
-
-    # -- prompting ---------------------------------------------------------------------------------------
-    def render_prompt(self, processor: Any, prompt: str) -> str:
-        return render_chat(processor, prompt)
 
     # -- stepping ----------------------------------------------------------------------------------------
     def first_position(self, model: Any) -> int:

@@ -12,8 +12,10 @@ from triton_vlm.models.kosmos2.engine_decoder import Kosmos2Decoder
 
 
 class Kosmos2EngineAdapter(EngineAdapter):
-    def prepare(self, family: Any, processor: Any, image: Any, prompt: str) -> tuple[list[int], dict[str, Any]]:
-        encoded = family.encode(processor, [image], [family.render_prompt(processor, prompt)])
+    def prepare(self, family: Any, processor: Any, images: list[Any], text: Any) -> tuple[list[int], dict[str, Any]]:
+        encoded = family.encode(processor, [images], [text])
+        if not images:  # a text-only turn: the language model alone
+            return encoded["input_ids"][0].tolist(), {"image_rows": []}
         image_rows = encoded["image_embeds_position_mask"][0].nonzero().flatten().tolist()
         return encoded["input_ids"][0].tolist(), {"pixel_values": encoded["pixel_values"], "image_rows": image_rows}
 

@@ -31,6 +31,10 @@ class Kosmos2Family(ModelFamily):
     extra_outputs = {"entities": "[]"}
     incremental_text = False  # post_process_generation rewrites the whole text
     engine_adapter_class = ("triton_vlm.models.kosmos2.engine_adapter", "Kosmos2EngineAdapter")
+    # One image, in front of the text (its processor's <image>...</image> block); a chat is a transcript
+    # (base.transcript: it has no chat format). A forward has image embeddings for every row or for none.
+    max_images_per_request = 1
+    mixes_text_only_rows = False
 
     def model_class(self) -> type[Any]:
         from transformers import Kosmos2ForConditionalGeneration
@@ -49,6 +53,17 @@ class Kosmos2Family(ModelFamily):
     def pad_position(self, model: Any) -> int:
         return model.config.text_config.pad_token_id
 
+    def prefill(self, model: Any, inputs: dict[str, torch.Tensor], position_ids: torch.Tensor,
+                cache: Any) -> torch.Tensor:
+        if "pixel_values" in inputs:
+            return super().prefill(model, inputs, position_ids, cache)
+        # A text-only batch: the language model alone (the whole model's forward insists on an image).
+        text_model = model.text_model
+        out = text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                         **{cache_kwarg(text_model.forward): cache})
+        return out.logits[:, -1, :]
+
     def decode(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
         # The image lives in the cache after prefill; the text model alone continues.
@@ -62,10 +77,10 @@ class Kosmos2Family(ModelFamily):
         text, _entities = processor.post_process_generation(raw, cleanup_and_extract=True)
         return text.strip()
 
-    def decode_output(self, processor: Any, token_ids: list[int], image: Image.Image,
+    def decode_output(self, processor: Any, token_ids: list[int], image: Image.Image | None,
                       prompt: str) -> tuple[str, dict[str, str]]:
         raw = processor.tokenizer.decode(token_ids, skip_special_tokens=True)
-        text, entities = grounded_entities(processor, raw, image.size, prompt)
+        text, entities = grounded_entities(processor, raw, None if image is None else image.size, prompt)
         return text.strip(), {"entities": json.dumps(entities)}
 
     def build_tiny(self, path: Path, variant: str | None = None) -> None:
@@ -114,7 +129,7 @@ def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any =
     processor.save_pretrained(path)
 
 
-def grounded_entities(processor: Any, raw: str, image_size: tuple[int, int],
+def grounded_entities(processor: Any, raw: str, image_size: tuple[int, int] | None,
                       prompt: str = "") -> tuple[str, list[dict[str, Any]]]:
     """The cleaned answer and its entities, from the decoded answer ``raw`` (location tags still in it).
 
@@ -122,12 +137,12 @@ def grounded_entities(processor: Any, raw: str, image_size: tuple[int, int],
     cleanup_and_extract=True)`` gives: ``span`` is ``[start, end)`` in the cleaned text, ``boxes`` are
     ``{"x_min", "y_min", "x_max", "y_max"}`` in 0..1 of the image the model saw. ``boxes_px`` are the same
     boxes in pixels of the original ``image_size`` (width, height), through the processor's centre crop if it
-    crops. An ``<object>`` without its own phrase (the prompt ended with ``<phrase>...</phrase>``) takes the
+    crops; none without an image (a text-only turn). An ``<object>`` without its own phrase (the prompt ended with ``<phrase>...</phrase>``) takes the
     prompt's phrase and a zero-width span where it stands; the processor would name it by its patch tokens.
     """
     text, found = processor.post_process_generation(raw, cleanup_and_extract=True)
     trailing = _TRAILING_PHRASE.search(prompt)
-    region = visible_region(processor.image_processor, *image_size)
+    region = None if image_size is None else visible_region(processor.image_processor, *image_size)
     entities = []
     for phrase, (start, end), boxes in found:
         if phrase.startswith("<patch_index_"):
@@ -138,7 +153,7 @@ def grounded_entities(processor: Any, raw: str, image_size: tuple[int, int],
             "phrase": phrase,
             "span": [start, end],
             "boxes": [_box(*box) for box in boxes],
-            "boxes_px": [_box_px(box, region) for box in boxes],
+            "boxes_px": [] if region is None else [_box_px(box, region) for box in boxes],
         })
     return text, entities
 

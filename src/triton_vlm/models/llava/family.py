@@ -6,15 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from triton_vlm.models.base import ModelFamily
-from triton_vlm.models.llava_common import IMAGE_TOKEN, RESERVED_PROMPT_TOKENS, image_prompt
+from triton_vlm.models.llava_common import IMAGE_TOKEN, RESERVED_PROMPT_TOKENS
 
-# LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT:".
+# LLaVA-1.5's conversation format, as llava-hf's checkpoints ship it: "USER: <image>\n{prompt} ASSISTANT:", earlier
+# turns before it ("USER: ... ASSISTANT: ... "), system text in front without a role. Within a message its images
+# come first, one "<image>\n" each (several images: several placeholders in one prompt), then its text parts.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | upper ~ ': ' }}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] ~ ' ' }}{% endif %}"
-    "{% endfor %}{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
@@ -25,14 +27,13 @@ class LlavaFamily(ModelFamily):
     architectures = ("LlavaForConditionalGeneration",)
     reserved_prompt_tokens = RESERVED_PROMPT_TOKENS
     engine_adapter_class = ("triton_vlm.models.llava.engine_adapter", "LlavaEngineAdapter")
+    # A checkpoint saved without a chat template (older llava-hf revisions) still gets LLaVA-1.5's format.
+    fallback_chat_template = CHAT_TEMPLATE
 
     def model_class(self) -> type[Any]:
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration
-
-    def render_prompt(self, processor: Any, prompt: str) -> str:
-        return image_prompt(processor, prompt, "USER: {image}\n{prompt} ASSISTANT:")
 
     def build_tiny(self, path: Path, variant: str | None = None) -> None:
         from transformers import (

@@ -1,9 +1,9 @@
 """What the LLaVA-style families (``llava``, ``llava_next``) share: the ``<image>`` placeholder and the tokens a
-prompt may not hold, the one-image user turn, llava-hf's tokenizer layout, and the engine adapter base for a
+prompt may not hold, llava-hf's tokenizer layout, and the engine adapter base for a
 transformers model whose processor expands ``<image>`` into one token per feature and whose language model is
 Llama-shaped (``model.model.language_model`` + ``model.lm_head``; in :mod:`.engine_adapter`, which only engine
-hosts import). Each family adds what differs: its prompt fallback, its checkpoints, how its images become
-features."""
+hosts import). Each family adds what differs: its chat template (the fallback where a checkpoint has none), its
+checkpoints, how its images become features."""
 
 from __future__ import annotations
 
@@ -13,15 +13,6 @@ IMAGE_TOKEN = "<image>"
 # The tokenizer turns these into control tokens wherever they appear in the text: a user's "</s>" would end the
 # prompt early, a "<image>" would ask for a second image.
 RESERVED_PROMPT_TOKENS = (IMAGE_TOKEN, "<s>", "</s>", "<unk>", "<pad>")
-
-
-def image_prompt(processor: Any, prompt: str, fallback: str) -> str:
-    """One user turn of an image then ``prompt``, through the processor's chat template where it has one, else
-    ``fallback`` (a format string over ``{image}`` and ``{prompt}``)."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    if getattr(processor, "chat_template", None):
-        return str(processor.apply_chat_template(conversation, add_generation_prompt=True))
-    return fallback.format(image=IMAGE_TOKEN, prompt=prompt)
 
 
 def llava_hf_tokenizer(pad_to: int | None = None) -> Any:

@@ -15,11 +15,14 @@ class ImageTokenEngineAdapter(EngineAdapter):
     those rows, and the engine's :class:`~triton_vlm.engine.decoders.llama.LlamaDecoder` runs the language model
     (Llama or Mistral: its sliding window is read from the config)."""
 
-    def prepare(self, family: Any, processor: Any, image: Any, prompt: str) -> tuple[list[int], dict[str, Any]]:
-        """The processor's outputs for one request: ``pixel_values`` and whatever else it gives for the image
-        (``image_sizes``), and ``image_rows``, the expanded ``<image>`` rows."""
-        encoded = processor(images=[image], text=[family.render_prompt(processor, prompt)], return_tensors="pt")
+    def prepare(self, family: Any, processor: Any, images: list[Any], text: Any) -> tuple[list[int], dict[str, Any]]:
+        """The processor's outputs for one request (one ``<image>`` placeholder per image in ``text``, each expanded
+        to its feature rows): ``pixel_values`` and whatever else it gives for the images (``image_sizes``), and
+        ``image_rows``, the expanded ``<image>`` rows. A text-only request: its token ids alone."""
+        encoded = family.encode(processor, [images], [text])
         ids = encoded["input_ids"][0].tolist()
+        if not images:
+            return ids, {"image_rows": []}
         image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         inputs = {key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask")}
         return ids, {**inputs, "image_rows": [row for row, token in enumerate(ids) if token == image_token]}

@@ -7,15 +7,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from triton_vlm.models.base import ModelFamily
-from triton_vlm.models.llava_common import RESERVED_PROMPT_TOKENS, image_prompt, llava_hf_tokenizer
+from triton_vlm.models.llava_common import RESERVED_PROMPT_TOKENS, llava_hf_tokenizer
 
-# llava-v1.6-mistral's conversation format: "[INST] <image>\n{prompt} [/INST]".
+# llava-v1.6-mistral's chat template, as llava-hf ships it (chat_template.json, with its "</s>" fixed): "[INST]
+# <image>\n{prompt} [/INST]"; earlier answers close with "</s>", system text goes in Llama 2's <<SYS>> block, and
+# within a message its images come first, one "<image>\n" each, then its text parts.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{{ ' [/INST]' }}{% endif %}{% endfor %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\\n' + message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
 
 #: The tiny checkpoint: CLIP tiles of 30 px (5 x 5 patches of 6 px), and llava-v1.6's five grid shapes scaled
@@ -35,14 +39,13 @@ class LlavaNextFamily(ModelFamily):
     architectures: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration",)
     reserved_prompt_tokens = RESERVED_PROMPT_TOKENS
     engine_adapter_class = ("triton_vlm.models.llava_next.engine_adapter", "LlavaNextEngineAdapter")
+    # A checkpoint saved without a chat template still gets llava-v1.6-mistral's format.
+    fallback_chat_template = CHAT_TEMPLATE
 
     def model_class(self) -> type[Any]:
         from transformers import LlavaNextForConditionalGeneration
 
         return LlavaNextForConditionalGeneration
-
-    def render_prompt(self, processor: Any, prompt: str) -> str:
-        return image_prompt(processor, prompt, "[INST] {image}\n{prompt} [/INST]")
 
     def build_tiny(self, path: Path, variant: str | None = None) -> None:
         from transformers import (

@@ -22,12 +22,14 @@ class Moondream2EngineAdapter(EngineAdapter):
     def accepts(self, task: str | None) -> bool:
         return task in (None, "query")
 
-    def prepare(self, family: Any, processor: Any, image: Image.Image, prompt: str) -> tuple[list[int], dict[str, Any]]:
-        """``[BOS, image slots..., query template around prompt...]``; the slots' ids are never embedded."""
+    def prepare(self, family: Any, processor: Any, images: list[Image.Image],
+                text: Any) -> tuple[list[int], dict[str, Any]]:
+        """``[BOS, image slots..., query template around the prompt...]`` (``text``: the rendered token ids); the
+        slots' ids are never embedded. One image, always (the family's ``min/max_images_per_request``)."""
         config = processor.config
         slots = config.vision.num_patches
-        prompt_ids = [processor.tokens.bos_id, *[processor.tokenizer.pad_token_id] * slots,
-                      *family.render_prompt(processor, prompt)]
+        prompt_ids = [processor.tokens.bos_id, *[processor.tokenizer.pad_token_id] * slots, *text]
+        (image,) = images
         crop_set = overlap_crops(image, config.vision)
         return prompt_ids, {"pixel_values": normalize_crops(crop_set.crops), "tiling": crop_set.tiling,
                             "image_rows": list(range(1, 1 + slots))}

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
+from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
+from triton_vlm.images import image_list
 from triton_vlm.models.base import ModelFamily
-from triton_vlm.models.generation import CancelProbes, GenerationOutput, generate_batch
+from triton_vlm.models.generation import (
+    CancelProbes,
+    GenerationOutput,
+    Prompt,
+    RowImages,
+    generate_batch,
+    prompt_text,
+)
 from triton_vlm.models.moondream2.config import MoondreamConfig, tiny_config
 from triton_vlm.models.moondream2.locate import locate
 from triton_vlm.models.moondream2.model import Moondream2Model
@@ -51,6 +60,9 @@ class Moondream2Family(ModelFamily):
     auto_cuda_dtype = "bfloat16"
     # The query task (the default) runs on the engine; captions and region tasks on the batched loop.
     engine_adapter_class = ("triton_vlm.models.moondream2.engine_adapter", "Moondream2EngineAdapter")
+    # Every prompt is [BOS, the image's slots, text]: one image, always (its prefix attends both ways).
+    max_images_per_request = 1
+    min_images_per_request = 1
 
     def model_class(self) -> type[Any]:
         return Moondream2Model
@@ -93,18 +105,27 @@ class Moondream2Family(ModelFamily):
     def render_request(self, processor: Moondream2Processor, prompt: str, task: str | None) -> list[int]:
         return processor.prompt_tokens(parse_task(task), prompt)
 
-    def encode(self, processor: Moondream2Processor, images: list[Image.Image],
-               texts: list[Any]) -> dict[str, torch.Tensor]:
-        return processor(images, texts)
+    def render_chat(self, processor: Moondream2Processor, chat: Chat) -> list[int]:
+        return processor.chat_tokens(chat)
 
-    def generate(self, model: Moondream2Model, processor: Moondream2Processor, images: list[Image.Image],
-                 prompts: list[str], params: list[SamplingParams],
+    def render_input(self, processor: Moondream2Processor, prompt: Prompt, task: str | None = None) -> Any:
+        if isinstance(prompt, Chat) and parse_task(task).kind != "query":
+            # Captions, detect and point are no conversation: they take the last question (an object's name).
+            return self.render_request(processor, prompt.question, task)
+        return super().render_input(processor, prompt, task)
+
+    def encode(self, processor: Moondream2Processor, images: Sequence[RowImages],
+               texts: list[Any]) -> dict[str, torch.Tensor]:
+        return processor([image_list(row)[0] for row in images], texts)
+
+    def generate(self, model: Moondream2Model, processor: Moondream2Processor, images: Sequence[RowImages],
+                 prompts: Sequence[Prompt], params: list[SamplingParams],
                  tasks: list[str | None], cancelled: CancelProbes | None = None) -> list[GenerationOutput]:
         """Text tasks (query, caption) share one batched decode; detect and point run the region loop."""
         parsed = [parse_task(t) for t in tasks]
         limit = model.config.text.max_context
         for task, prompt, p in zip(parsed, prompts, params, strict=True):
-            used = model.prefix_length + len(processor.prompt_tokens(task, prompt))
+            used = model.prefix_length + len(self.render_input(processor, prompt, task.name))
             if not task.is_region and used + p.max_tokens > limit:
                 raise InvalidInputError(f"max_tokens: {p.max_tokens} new tokens after {used} prompt tokens exceed "
                                         f"the context of {limit} tokens; ask for at most {limit - used}",
@@ -120,7 +141,7 @@ class Moondream2Family(ModelFamily):
                 results[row] = output
         for row, task in enumerate(parsed):
             if task.is_region:
-                results[row] = locate(model, processor, images[row], task, prompts[row])
+                results[row] = locate(model, processor, image_list(images[row])[0], task, prompt_text(prompts[row]))
         return [r for r in results if r is not None]
 
     # -- stepping ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.models.moondream2.config import MoondreamConfig, TokenizerConfig
 from triton_vlm.models.moondream2.image import normalize_crops, overlap_crops
@@ -41,6 +42,23 @@ class Moondream2Processor:
         tokens = [*template["prefix"], *self.tokenizer.encode(text), *template["suffix"]]
         if task.kind == "query" and self.generation.query_suffix_twice:
             tokens += template["suffix"]
+        return tokens
+
+    def chat_tokens(self, chat: Chat) -> list[int]:
+        """Token ids that follow BOS and the image for a conversation, in the reference's chat-history format
+        (moondream2's 2024 code: ``Question: q1 Answer: a1 Question: q2 Answer:``): each user turn in the query
+        template, each earlier answer after its own. System text goes in front of the first question, followed by
+        a blank line. A single user turn is exactly :meth:`prompt_tokens` of its text."""
+        query = Task("query")
+        system = "\n".join(m.text for m in chat.messages if m.role == "system")
+        tokens: list[int] = []
+        for message in chat.messages:
+            if message.role == "user":
+                text = f"{system}\n\n{message.text}" if system else message.text
+                system = ""
+                tokens += self.prompt_tokens(query, text)
+            elif message.role == "assistant":
+                tokens += self.tokenizer.encode(self.generation.question_prefix + message.text)
         return tokens
 
     def __call__(self, images: list[Image.Image], prompts: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -18,12 +18,16 @@ from triton_vlm.models.base import multimodal_rope
 
 
 class Qwen2VLEngineAdapter(EngineAdapter):
-    def prepare(self, family: Any, processor: Any, image: Any, prompt: str) -> tuple[list[int], dict[str, Any]]:
-        encoded = family.encode(processor, [image], [family.render_prompt(processor, prompt)])
+    def prepare(self, family: Any, processor: Any, images: list[Any], text: Any) -> tuple[list[int], dict[str, Any]]:
+        """Token ids with each image's ``<|image_pad|>`` run expanded; ``pixel_values`` (every image's patches, in
+        prompt order) and ``image_grid_thw`` ([images, 3]) where there are images. The processor's other outputs
+        (``mm_token_type_ids`` in recent transformers) go to ``get_rope_index``, a text-only request's too."""
+        encoded = family.encode(processor, [images], [text])
         ids = encoded["input_ids"][0].tolist()
-        image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-        # The processor's other outputs (mm_token_type_ids in recent transformers) go to get_rope_index.
         extra = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+        if not images:
+            return ids, {**extra, "image_rows": []}
+        image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         return ids, {"pixel_values": encoded["pixel_values"], **extra,
                      "image_rows": [row for row, token in enumerate(ids) if token == image_token]}
 

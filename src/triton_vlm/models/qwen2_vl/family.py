@@ -44,10 +44,6 @@ class Qwen2VLFamily(ModelFamily):
         processor.tokenizer.padding_side = "left"
         return model, processor
 
-    def render_prompt(self, processor: Any, prompt: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return str(processor.apply_chat_template(conversation, add_generation_prompt=True))
-
     def position_ids(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's own 3-D positions ([3, batch, seq]); decode steps continue from the last (text) one + 1."""
         rope = multimodal_rope(model, inputs)

@@ -24,15 +24,18 @@ from triton_vlm.errors import GenerationError
 
 
 class SmolVLMEngineAdapter(EngineAdapter):
-    def prepare(self, family: Any, processor: Any, image: Image.Image, prompt: str) -> tuple[list[int], dict[str, Any]]:
-        """Token ids with each tile's ``<image>`` run expanded; ``pixel_values`` [tiles, 3, S, S] in prompt order."""
-        encoded = processor(images=[image], text=[family.render_prompt(processor, prompt)], return_tensors="pt")
+    def prepare(self, family: Any, processor: Any, images: list[Image.Image], text: Any) -> tuple[list[int], dict[str, Any]]:
+        """Token ids with each tile's ``<image>`` run expanded; ``pixel_values`` [tiles, 3, S, S], every image's tiles
+        in prompt order. A text-only request: its token ids alone."""
+        encoded = family.encode(processor, [images], [text])
+        ids = encoded["input_ids"][0].tolist()
+        if not images:
+            return ids, {"image_rows": []}
         if not bool(encoded["pixel_attention_mask"].all()):
             # Idefics3's processors resize every tile (and the unsplit image) to max_image_size square; padding
-            # only appears between images of different sizes in one processor call, which prepare never makes.
+            # only appears between rows of different tile counts in one processor call, which prepare never makes.
             raise GenerationError("smolvlm engine: the processor padded an image's tiles; the engine runs whole "
                                   "tiles only (serve this checkpoint with model_family auto)")
-        ids = encoded["input_ids"][0].tolist()
         image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         return ids, {"pixel_values": encoded["pixel_values"][0],
                      "image_rows": [row for row, token in enumerate(ids) if token == image_token]}

@@ -3,8 +3,9 @@ vision tower, a pixel-shuffle connector and a Llama language model (SmolLM2, Lla
 
 The processor splits an image into tiles of ``max_image_size`` plus one downscaled global view, each tile
 ``image_seq_len`` ``<image>`` tokens in the prompt between ``<fake_token_around_image>`` and a
-``<row_i_col_j>``/``<global-img>`` tag. The prompt is the checkpoint's chat template over one user turn
-``[image, text]`` (:mod:`triton_vlm.models.chat`).
+``<row_i_col_j>``/``<global-img>`` tag. The prompt is the checkpoint's chat template over the conversation
+(``ModelFamily.render_chat``; a ``prompt`` request is one user turn ``[image, text]``), with several images per
+request (each split into its own tiles) or none.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 
 from triton_vlm.errors import ModelLoadError
 from triton_vlm.models.base import ModelFamily
-from triton_vlm.models.chat import render_chat
 
 #: ``config.model_type`` of the checkpoints this family runs.
 MODEL_TYPES = ("idefics3", "smolvlm")
@@ -38,6 +38,8 @@ class SmolVLMFamily(ModelFamily):
     architectures: ClassVar[tuple[str, ...]] = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     auto_cuda_dtype = "bfloat16"  # SmolVLM and Idefics3 are released in bfloat16
     engine_adapter_class = ("triton_vlm.models.smolvlm.engine_adapter", "SmolVLMEngineAdapter")
+    # The chat template's control tokens (<end_of_utterance>, <fake_token_around_image>...) are the tokenizer's.
+    reserves_processor_tokens = True
 
     def model_class(self) -> type[Any]:
         # Idefics3ForConditionalGeneration or SmolVLMForConditionalGeneration, by the checkpoint's model type.
@@ -56,9 +58,6 @@ class SmolVLMFamily(ModelFamily):
         if not getattr(processor, "chat_template", None):
             raise ModelLoadError(f"{source}: its processor has no chat template; use an instruct checkpoint")
         return model, processor
-
-    def render_prompt(self, processor: Any, prompt: str) -> str:
-        return render_chat(processor, prompt)
 
     def build_tiny(self, path: Path, variant: str | None = None) -> None:
         write_random_checkpoint(path)
