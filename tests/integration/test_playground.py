@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import SAMPLE_IMAGE
-from tests.integration.conftest import API_KEY, Front, RunningServer
+from tests.integration.conftest import API_KEY, WORKING_MODELS, Front, RunningServer
 
 from triton_client import TritonVLMClient
 
@@ -165,7 +165,7 @@ def test_the_key_is_asked_for_on_a_401_and_kept_for_the_tab(browser: Any, front:
     _wait(browser, lambda d: "refused" in _by_id(d, "key-message").text)
     _enter_key(browser, API_KEY)
     _wait(browser, lambda d: _models(d))
-    assert sorted(_models(browser)) == ["kosmos2", "llava", "moondream2", "smolvlm"]
+    assert sorted(_models(browser)) == sorted(WORKING_MODELS)
     assert browser.execute_script("return sessionStorage.getItem('triton-vlm-api-key')") == API_KEY
     assert API_KEY not in browser.current_url
     browser.refresh()  # same tab: no second prompt
