@@ -396,7 +396,7 @@ def test_a_conversation_about_one_image_a_text_only_turn_and_its_code(browser: A
     _wait(browser, lambda d: _by_id(d, "stage").is_displayed())
     choose(browser, "model", "llava")
     fill(browser, "max-tokens", "8")
-    _by_id(browser, "more").click()  # the sampling options
+    browser.find_element("css selector", "#more summary").click()  # the sampling options
     fill(browser, "temperature", "0")
     fill(browser, "seed", "7")
     answers = []

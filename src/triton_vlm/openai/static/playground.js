@@ -358,7 +358,7 @@
       li.className = `turn ${role}`;
       const who = document.createElement("p");
       who.className = "who";
-      who.textContent = role === "user" ? (turn.image ? "You, about the image" : "You (text only)") : $("model").value;
+      who.textContent = role === "user" ? (turn.image ? "You, with the image" : "You") : $("model").value;
       li.appendChild(who);
       return li;
     };
