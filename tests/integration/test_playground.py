@@ -427,17 +427,17 @@ def test_a_conversation_about_one_image_a_text_only_turn_and_its_code(browser: A
     _by_id(browser, "code").click()
     python = _by_id(browser, "code-openai").get_attribute("textContent")
     assert "max_tokens=8, temperature=0, seed=7" in python and API_KEY not in python
-    assert f'"content": {json.dumps(answers[0])}' in python and '"content": "And its colour?"' in python
-    environment = {**os.environ, "TRITON_VLM_API_KEY": API_KEY}
+    assert f'"content": {json.dumps(answers[0], ensure_ascii=False)}' in python and '"content": "And its colour?"' in python
+    environment = {**os.environ, "TRITON_VLM_API_KEY": API_KEY, "PYTHONIOENCODING": "utf-8"}
     ran = subprocess.run([sys.executable, "-c", python], cwd=jpeg.parent, env=environment, capture_output=True,
-                         text=True, timeout=WAIT_S)
+                         encoding="utf-8", timeout=WAIT_S)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout == expected.text + "\n"
     curl = _by_id(browser, "code-curl").get_attribute("textContent")
     assert "base64 -w0 sample_image.jpg" in curl and '"seed":7' in curl
     if shutil.which("curl"):
         ran = subprocess.run(["bash", "-c", curl], cwd=jpeg.parent, env=environment, capture_output=True,
-                             text=True, timeout=WAIT_S)
+                             encoding="utf-8", timeout=WAIT_S)
         assert json.loads(ran.stdout)["choices"][0]["message"]["content"] == expected.text, ran.stderr
 
     # A new conversation, and a turn without the image: a text-only chat.
