@@ -20,7 +20,6 @@ from PIL import Image
 from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.images import image_list
-from triton_vlm.structured import Grammars, grammars_for
 from triton_vlm.models.generation import (
     CancelProbes,
     GenerationOutput,
@@ -29,6 +28,7 @@ from triton_vlm.models.generation import (
     generate_batch,
     position_ids_for,
 )
+from triton_vlm.structured import Grammars, grammars_for
 
 if TYPE_CHECKING:
     from triton_vlm.engine.adapter import EngineAdapter
