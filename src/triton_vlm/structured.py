@@ -18,12 +18,14 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import xgrammar as xgr
 
 from triton_vlm.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 PARAM = "response_format"
 #: Compiled grammars kept per tokenizer (least recently used dropped first).
@@ -73,6 +75,9 @@ class Grammars:
     """Compiles formats for one tokenizer (thread-safe); ``stop_token_ids`` end an answer the grammar accepts."""
 
     def __init__(self, tokenizer: Any, stop_token_ids: Iterable[int]) -> None:
+        # Imported on first use: parsing a format (the OpenAI front, validation) needs no grammar library.
+        import xgrammar as xgr
+
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, stop_token_ids=sorted(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self._compiled: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
@@ -121,6 +126,8 @@ class GrammarState:
     """Where one sequence stands in its grammar; advanced with every token it keeps."""
 
     def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        import xgrammar as xgr
+
         self._matcher = xgr.GrammarMatcher(compiled)
         self.vocab_size: int = compiled.tokenizer_info.vocab_size
 
@@ -144,6 +151,8 @@ def mask_logits(logits: torch.Tensor, states: Sequence[GrammarState | None]) -> 
     rows = [i for i, state in enumerate(states) if state is not None]
     if not rows:
         return
+    import xgrammar as xgr
+
     vocab = max(state.vocab_size for state in states if state is not None)
     bitmask = xgr.allocate_token_bitmask(len(states), vocab)
     for row in rows:
