@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from triton_vlm.errors import InvalidInputError
+from triton_vlm.structured import ResponseFormat
 
 MAX_SEED = 2**63 - 1
 #: Temperatures below this are greedy. Dividing logits by a tiny positive temperature (1e-40) overflows
@@ -27,6 +28,8 @@ class SamplingParams:
     seed: int | None = None
     #: Generate exactly ``max_tokens`` tokens whatever the model says (benchmarks).
     ignore_eos: bool = False
+    #: Structured output (``response_format``): the answer follows this grammar (:mod:`triton_vlm.structured`).
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -16,7 +16,7 @@ Api = Literal["http", "grpc", "http.aio", "grpc.aio"]
 #: The optional scalar inputs, each with the numpy type it is sent as (Triton's type follows from it).
 OPTIONAL_INPUTS: tuple[tuple[str, type[np.generic]], ...] = (
     ("max_tokens", np.int32), ("temperature", np.float32), ("top_p", np.float32), ("seed", np.int64),
-    ("ignore_eos", np.bool_), ("task", np.object_), ("stream", np.bool_))
+    ("ignore_eos", np.bool_), ("task", np.object_), ("stream", np.bool_), ("response_format", np.object_))
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class RequestFields:
     stream: bool | None = None
     messages: str | None = None
     images: tuple[bytes, ...] = ()
+    #: OpenAI's ``response_format`` object as JSON (structured output).
+    response_format: str | None = None
 
     def arrays(self) -> list[tuple[str, npt.NDArray[Any]]]:
         """``(name, array)`` of every input to send, each ``[1, n]`` (a batch of one)."""

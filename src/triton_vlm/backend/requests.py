@@ -54,6 +54,7 @@ def parse_request(request: Any, runtime: VLMRuntime) -> GenerationRequest:
         seed=input_scalar(request, "seed", int),
         ignore_eos=bool(input_scalar(request, "ignore_eos", bool) or False),
         task=input_scalar(request, "task", _as_text),
+        response_format=input_scalar(request, "response_format", _as_text),
     )
     messages = input_scalar(request, "messages", _as_text)
     images = input_array(request, "images")

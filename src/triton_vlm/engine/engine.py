@@ -33,6 +33,7 @@ from triton_vlm.engine.transfer import device_longs
 from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
 from triton_vlm.images import image_list
 from triton_vlm.sampling import SamplingParams, choose_tokens, make_generator
+from triton_vlm.structured import GrammarState, mask_logits
 
 log = logging.getLogger("triton_vlm")
 
@@ -103,6 +104,8 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._generators: dict[Sequence, torch.Generator | None] = {}
+        #: Sequences with a ``response_format``: where each stands in its grammar (tokens read back so far).
+        self._grammars: dict[Sequence, GrammarState] = {}
         self._in_flight: _InFlight | None = None
         self.stats = EngineStats()
 
@@ -121,6 +124,11 @@ class LLMEngine:
         prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, image_list(images), text)
         rope = self.adapter.rope_positions(self.model, prompt_ids, mm_inputs) if positioned(self.decoder) else None
         positions, rope_delta = rope if rope is not None else (None, 0)
+        fmt = params.response_format
+        # Compiled here, on the caller's thread (a bad schema is this request's INVALID_ARG); cached by schema.
+        grammar = None if fmt is None else self.family.grammars(self.processor, self.stop_token_ids).compile(fmt)
+        if grammar is not None:
+            ignore_eos = False  # a grammar ends on EOS, where it accepts
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidInputError(
                 f"prompt of {len(prompt_ids)} tokens (image included) + max_tokens {params.max_tokens} exceeds "
@@ -129,7 +137,7 @@ class LLMEngine:
                              params=params, on_output=on_output, mm_inputs=mm_inputs,
                              stop_token_ids=frozenset() if (params.ignore_eos if ignore_eos is None else ignore_eos)
                              else self.stop_token_ids, min_first_chunk=self.min_first_chunk,
-                             prompt_positions=positions, rope_delta=rope_delta)
+                             prompt_positions=positions, rope_delta=rope_delta, grammar=grammar)
 
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put(request)
@@ -188,11 +196,18 @@ class LLMEngine:
                 seq = Sequence(message, max_generated=min(message.params.max_tokens,
                                                           self.max_model_len - len(message.prompt_ids)))
                 self._generators[seq] = make_generator(message.params, self.runner.device)
+                if message.grammar is not None:
+                    self._grammars[seq] = GrammarState(message.grammar)
                 self.scheduler.add(seq)
 
     def step(self) -> bool:
         """One scheduling round: launch the planned work, then hand out the previous step's tokens.
         Returns False when there was nothing to do."""
+        if self._in_flight is not None and self._grammars:
+            # A grammar's next mask needs the previous token: read the step back before launching the next one
+            # (this gives up the overlap of read-back and launch only while constrained sequences run).
+            read_now, self._in_flight = self._in_flight, None
+            self._complete(read_now)
         plan = self.scheduler.schedule()
         if plan.empty and self._in_flight is None:
             return False
@@ -218,7 +233,7 @@ class LLMEngine:
 
         lap("schedule")
         finished_prefill = [c.seq for c in plan.prefill if c.completes_prompt]
-        sampled = [s for s in plan.decode if self._generators.get(s) is not None]
+        sampled = [s for s in plan.decode if self._generators.get(s) is not None or s in self._grammars]
         prefill_logits = decode_logits = None
         try:
             if plan.admitted:
@@ -238,7 +253,7 @@ class LLMEngine:
                 assert prefill_logits is not None
                 keep = [i for i, c in enumerate(plan.prefill) if c.completes_prompt]
                 self._choose(finished_prefill, prefill_logits[device_longs(keep, prefill_logits.device)])
-            if sampled:  # greedy rows already have their token from the step; sampled ones overwrite theirs
+            if sampled:  # greedy rows already have their token from the step; sampled (or masked) ones overwrite
                 assert decode_logits is not None
                 self._choose(sampled, decode_logits[device_longs([s.slot for s in sampled], decode_logits.device)])
             self.stats.prefill_tokens += sum(c.length for c in plan.prefill)
@@ -259,7 +274,9 @@ class LLMEngine:
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Tokens for ``seqs`` from their logits rows (greedy or their own generator), left on the device."""
-        chosen = choose_tokens(logits.float(), [s.request.params for s in seqs],
+        logits = logits.float()
+        mask_logits(logits, [self._grammars.get(s) for s in seqs])
+        chosen = choose_tokens(logits, [s.request.params for s in seqs],
                                [self._generators.get(s) for s in seqs])
         self.runner.set_tokens([s.slot for s in seqs], chosen)
 
@@ -291,17 +308,21 @@ class LLMEngine:
         if token in request.stop_token_ids:
             self._finish(seq, "stop")
             return
+        if (state := self._grammars.get(seq)) is not None:
+            state.accept(token)
         seq.output_ids.append(token)
         done = len(seq.output_ids) >= (seq.max_generated or 0)
         if done:
             self.scheduler.finish(seq, "length")
             self._generators.pop(seq, None)
+            self._grammars.pop(seq, None)
         request.on_output(RequestOutput(request.request_id, (token,), done, "length" if done else None,
                                         seq.prompt_len, len(seq.output_ids)))
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
         self.scheduler.finish(seq, reason)
         self._generators.pop(seq, None)
+        self._grammars.pop(seq, None)
         seq.request.on_output(RequestOutput(seq.request.request_id, (), True, reason, seq.prompt_len,
                                             len(seq.output_ids), error))
 

@@ -23,6 +23,7 @@ from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.images import image_list
 from triton_vlm.sampling import RowSampler, SamplingParams
+from triton_vlm.structured import GrammarState, mask_logits
 
 if TYPE_CHECKING:
     # Only for annotations: ModelFamily's default generate() is this loop, so base imports this module.
@@ -67,6 +68,16 @@ def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torc
     return torch.where(attention_mask.bool(), counted, torch.full_like(counted, pad))
 
 
+def grammar_states(family: ModelFamily, processor: Any, params: Sequence[SamplingParams],
+                   stop_token_ids: Sequence[int]) -> list[GrammarState | None]:
+    """Each row's grammar state (None for a row without ``response_format``)."""
+    formats = [p.response_format for p in params]
+    if not any(formats):
+        return [None] * len(params)
+    grammars = family.grammars(processor, stop_token_ids)
+    return [None if f is None else GrammarState(grammars.compile(f)) for f in formats]
+
+
 def check_context(family: ModelFamily, model: Any, prompt_tokens: list[int], params: list[SamplingParams]) -> None:
     """Refuse a batch in which a request's prompt (image tokens included) plus ``max_tokens`` exceeds the model's
     context. The runtime then retries the batch one by one, so only the request at fault fails."""
@@ -107,11 +118,12 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
 
     batch = len(prompts)
     stop_ids = torch.tensor(sorted(family.stop_token_ids(model, processor)), device=device, dtype=torch.long)
-    # Rows that ignore EOS must never match: -1 is no token id.
-    row_stop = torch.tensor([p.ignore_eos for p in params], device=device)
+    # Rows that ignore EOS never stop on it, except under a grammar (whose accepting end is EOS).
+    row_stop = torch.tensor([p.ignore_eos and p.response_format is None for p in params], device=device)
     pad_id = processor.tokenizer.pad_token_id or 0
     limits = torch.tensor([p.max_tokens for p in params], device=device)
     sampler = RowSampler(params, device)
+    grammars = grammar_states(family, processor, params, stop_ids.tolist())
     cache = DynamicCache()
 
     logits = family.prefill(model, inputs, positions, cache)
@@ -123,7 +135,9 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
     step = 0
     next_cancel_check = time.perf_counter() + CANCEL_CHECK_S
     while True:
-        tokens = sampler(logits.float())
+        logits = logits.float()
+        mask_logits(logits, grammars)
+        tokens = sampler(logits)
         is_stop = torch.isin(tokens, stop_ids) & ~row_stop
         step += 1
         rows = running.nonzero().flatten().tolist()
@@ -132,6 +146,8 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
                 finish[row] = "stop"
             else:
                 generated[row].append(int(tokens[row]))
+                if (state := grammars[row]) is not None:
+                    state.accept(int(tokens[row]))
         running &= ~is_stop & (limits > step)
         now = time.perf_counter()
         if cancelled is not None and now >= next_cancel_check:
@@ -147,6 +163,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
         for row in rows:
             if not still[row]:
                 finished_at[row] = now
+                grammars[row] = None  # a finished row steps on with pad tokens, outside its grammar
         if not running.any():
             break
         # Finished rows keep stepping with a pad token (masked out) until the whole batch is done.

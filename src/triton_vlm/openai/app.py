@@ -360,8 +360,6 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
         ("top_logprobs", body.top_logprobs is not None, "top_logprobs is not supported"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
         ("tools", bool(body.tools), "tools are not supported: these models call no tools"),
-        ("response_format", bool(body.response_format) and (body.response_format or {}).get("type") != "text",
-         'only response_format {"type": "text"} is supported'),
     ]
     for param, bad, message in checks:
         if bad:
@@ -373,7 +371,11 @@ def sampling_of(body: ChatCompletionRequest) -> Sampling:
     temperature, top_p = body.temperature, body.top_p
     if top_p is not None and top_p == 0:  # OpenAI's top_p=0 keeps only the top token: greedy
         temperature, top_p = 0.0, None
-    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=body.seed, task=body.task)
+    # response_format goes to the model as JSON; the model validates it (a bad one is a 400 naming it).
+    fmt = body.response_format
+    response_format = None if not fmt or fmt.get("type") == "text" else json.dumps(fmt)
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=body.seed, task=body.task,
+                    response_format=response_format)
 
 
 def _check_text(text: str, param: str) -> None:

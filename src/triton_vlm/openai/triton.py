@@ -29,6 +29,8 @@ class Sampling:
     top_p: float | None = None
     seed: int | None = None
     task: str | None = None
+    #: OpenAI's ``response_format`` as JSON (structured output), or None for plain text.
+    response_format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ class TritonGateway:
               entities: bool) -> StreamCall:
         fields = RequestFields(messages=chat.messages, images=chat.images, max_tokens=sampling.max_tokens,
                                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                               task=sampling.task, stream=stream)
+                               task=sampling.task, stream=stream, response_format=sampling.response_format)
         # Asked for by name: ``entities`` only where the model's metadata lists it (Triton refuses a request for
         # an output the model does not have).
         outputs = requested_outputs("grpc.aio", (*OUTPUTS, *([ENTITIES] if entities else [])))
