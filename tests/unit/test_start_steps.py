@@ -174,7 +174,8 @@ def test_start_openai_front_hands_it_the_options_and_the_log(tmp_path: Path,
         def stop(self) -> None:
             pass
 
-    monkeypatch.setattr(server_module, "OpenAIFront", Front)
+    # launcher.server imports it where it starts the front (openai.process imports the launcher package).
+    monkeypatch.setattr("triton_vlm.openai.process.OpenAIFront", Front)
     options = OpenAIOptions(port=free_port())
     with open(tmp_path / "log", "w") as log_file:
         server = TritonServer(ServerOptions(work_dir=tmp_path, openai=options), log_file=log_file)
