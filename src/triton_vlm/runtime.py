@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
+from typing import Any
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -86,17 +88,19 @@ class VLMRuntime:
     def make_request(self, image_bytes: bytes, prompt: str | bytes, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
                      seed: int | None = None, ignore_eos: bool = False,
-                     task: str | bytes | None = None) -> GenerationRequest:
+                     task: str | bytes | None = None, **options: Any) -> GenerationRequest:
         """Validate raw request values; raises :class:`InvalidInputError` naming the bad field.
 
         ``task`` names one of the family's skills (see ``ModelFamily.tasks``); families without any refuse it.
+        ``options``: further :class:`~triton_vlm.sampling.SamplingParams` fields (``stop``, ``n``, ``logprobs``,
+        penalties...), validated there.
         """
         prompt = _text("prompt", prompt)
         task = self.family.normalize_task(None if task is None else _text("task", task))
         if not prompt.strip() and self.family.prompt_required(task):
             raise InvalidInputError("prompt: empty; ask the model something", param="prompt")
         self._check_text([prompt], "prompt")
-        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos)
+        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, options)
         limits = self.settings.limits
         image = decode_image(image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
                              max_aspect_ratio=limits.max_image_aspect_ratio)
@@ -105,11 +109,12 @@ class VLMRuntime:
     def make_chat_request(self, messages: str | bytes, images: Sequence[bytes] = (), *,
                           max_tokens: int | None = None, temperature: float | None = None,
                           top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
-                          task: str | bytes | None = None) -> GenerationRequest:
+                          task: str | bytes | None = None, **options: Any) -> GenerationRequest:
         """Validate a chat request: ``messages`` (JSON, :mod:`triton_vlm.chat`) and the file bytes of its images;
         raises :class:`InvalidInputError` naming the bad field (``messages``, ``images``...). Image counts are
         checked against the family's limits before any image is decoded. ``task`` as for :meth:`make_request` (a
-        family's skill other than answering takes the last user message's text: ``ModelFamily.render_input``)."""
+        family's skill other than answering takes the last user message's text: ``ModelFamily.render_input``);
+        ``options`` as for :meth:`make_request`."""
         family = self.family
         task = family.normalize_task(None if task is None else _text("task", task))
         count = len(images)
@@ -130,7 +135,7 @@ class VLMRuntime:
             raise InvalidInputError(f"messages: task {task!r} needs a question in the last user message",
                                     param="messages")
         self._check_text(texts, "messages")
-        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos)
+        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, options)
         limits = self.settings.limits
         decoded = tuple(decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
                                      max_aspect_ratio=limits.max_image_aspect_ratio, field=f"images[{i}]")
@@ -149,7 +154,7 @@ class VLMRuntime:
             self.family.validate_prompt(text, param)
 
     def _sampling(self, max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,
-                  ignore_eos: bool) -> SamplingParams:
+                  ignore_eos: bool, options: dict[str, Any]) -> SamplingParams:
         limits = self.settings.limits
         limit = limits.max_tokens_limit
         max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
@@ -161,7 +166,13 @@ class VLMRuntime:
             top_p=1.0 if top_p is None else top_p,
             seed=seed,
             ignore_eos=ignore_eos,
+            **{name: value for name, value in options.items() if value is not None},
         )
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (logprobs name their tokens so); the model is loaded."""
+        processor = self.ensure_loaded().processor
+        return str(getattr(processor, "tokenizer", processor).decode([token_id]))
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
         """Generate for all ``requests`` in one batch; each slot holds an output or that request's error.
@@ -193,14 +204,22 @@ class VLMRuntime:
             return results
 
     def _run(self, loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
+        # A request for n choices is n rows of the batch (choice i seeded seed + i), grouped back below.
+        rows = [(r, r.params.choice(i) if r.params.n > 1 else r.params) for r in requests for i in range(r.params.n)]
         outputs = loaded.family.generate(
-            loaded.model, loaded.processor, [r.images for r in requests], [r.prompt for r in requests],
-            [r.params for r in requests], [r.task for r in requests],
-            cancelled=[r.is_cancelled for r in requests] if any(r.is_cancelled for r in requests) else None,
+            loaded.model, loaded.processor, [r.images for r, _ in rows], [r.prompt for r, _ in rows],
+            [p for _, p in rows], [r.task for r, _ in rows],
+            cancelled=[r.is_cancelled for r, _ in rows] if any(r.is_cancelled for r in requests) else None,
         )
-        if len(outputs) != len(requests):  # checked here, so that every caller may pair results with requests
+        if len(outputs) != len(rows):  # checked here, so that every caller may pair results with requests
             raise GenerationError(f"model {self.settings.model_name!r}: family {loaded.family.name!r} answered "
-                                  f"{len(outputs)} of {len(requests)} requests")
+                                  f"{len(outputs)} of {len(rows)} requests")
+        grouped, at = [], 0
+        for r in requests:
+            first, *others = outputs[at:at + r.params.n]
+            at += r.params.n
+            grouped.append(replace(first, choices=tuple(others)) if others else first)
+        outputs = grouped
         return [RequestCancelledError(f"model {self.settings.model_name!r}: request cancelled by its client after "
                                       f"{len(o.token_ids)} tokens") if o.finish_reason == CANCELLED else o
                 for o in outputs]

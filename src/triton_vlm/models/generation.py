@@ -22,7 +22,7 @@ from PIL import Image
 from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.images import image_list
-from triton_vlm.sampling import RowSampler, SamplingParams
+from triton_vlm.sampling import RowSampler, SamplingParams, TokenLogprob, find_stop
 
 if TYPE_CHECKING:
     # Only for annotations: ModelFamily's default generate() is this loop, so base imports this module.
@@ -52,13 +52,23 @@ class GenerationOutput:
     text: str
     token_ids: tuple[int, ...]
     prompt_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
     #: Structured extras by output name (e.g. kosmos2's ``entities`` JSON); see ``ModelFamily.extra_outputs``.
     extras: Mapping[str, str] = field(default_factory=dict)
+    #: Each generated token's logprob and alternatives, where the request asked (``SamplingParams.logprobs``).
+    logprobs: tuple[TokenLogprob, ...] = ()
+    #: A request for ``n`` choices: choices 1 to n-1 (this output is choice 0).
+    choices: tuple[GenerationOutput, ...] = ()
     #: ``time.perf_counter()`` when the first token was chosen and when this row finished (metrics only; None
     #: where the answer is not a token stream). Not part of equality: two runs give the same output.
     first_token_at: float | None = field(default=None, compare=False)
     finished_at: float | None = field(default=None, compare=False)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) its first stop string."""
+    at = find_stop(text, stop)
+    return text if at is None else text[:at]
 
 
 def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torch.Tensor:
@@ -111,10 +121,11 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
     row_stop = torch.tensor([p.ignore_eos for p in params], device=device)
     pad_id = processor.tokenizer.pad_token_id or 0
     limits = torch.tensor([p.max_tokens for p in params], device=device)
-    sampler = RowSampler(params, device)
     cache = DynamicCache()
 
     logits = family.prefill(model, inputs, positions, cache)
+    sampler = RowSampler(params, device, logits.shape[-1], inputs["input_ids"], inputs["attention_mask"])
+    stopping = [row for row, p in enumerate(params) if p.stop]  # rows that end on a stop string
     generated: list[list[int]] = [[] for _ in range(batch)]
     finish = ["length"] * batch
     running = torch.ones(batch, dtype=torch.bool, device=device)
@@ -133,6 +144,10 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
             else:
                 generated[row].append(int(tokens[row]))
         running &= ~is_stop & (limits > step)
+        for row in stopping:  # the row ends once a stop string shows in its text (it may span tokens)
+            if running[row] and find_stop(family.decode_text(processor, generated[row]), params[row].stop) is not None:
+                finish[row] = "stop"
+                running[row] = False
         now = time.perf_counter()
         if cancelled is not None and now >= next_cancel_check:
             next_cancel_check = now + CANCEL_CHECK_S
@@ -156,9 +171,11 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
         logits = family.decode(model, tokens[:, None], attention_mask, positions, cache)
 
     outputs = []
-    per_request = zip(generated, prompt_tokens, finish, finished_at, row_images, prompts, strict=True)
-    for ids, n, reason, done, own_images, prompt in per_request:
+    per_request = zip(generated, prompt_tokens, finish, finished_at, row_images, prompts, params, sampler.logprobs,
+                      strict=True)
+    for ids, n, reason, done, own_images, prompt, p, logprobs in per_request:
         text, extras = family.decode_output(processor, ids, own_images[0] if own_images else None, prompt_text(prompt))
-        outputs.append(GenerationOutput(text=text, token_ids=tuple(ids), prompt_tokens=int(n), finish_reason=reason,
-                                        extras=extras, first_token_at=first_token_at, finished_at=done))
+        outputs.append(GenerationOutput(text=cut_at_stop(text, p.stop), token_ids=tuple(ids), prompt_tokens=int(n),
+                                        finish_reason=reason, extras=extras, logprobs=tuple(logprobs[:len(ids)]),
+                                        first_token_at=first_token_at, finished_at=done))
     return outputs
