@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import replace
-from typing import Any
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from PIL import Image

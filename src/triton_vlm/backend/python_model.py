@@ -21,10 +21,10 @@ from triton_vlm.backend.metrics import BackendMetrics
 from triton_vlm.backend.requests import (
     Choice,
     choices_json,
-    logprobs_json,
     declared_extra_outputs,
     error_response,
     extra_values,
+    logprobs_json,
     output_response,
     parse_request,
     runtime_from_args,
