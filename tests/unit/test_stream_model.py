@@ -102,7 +102,8 @@ def test_the_final_response_carries_the_entities_of_the_whole_answer(stream_mode
 def test_a_model_that_declares_no_extra_outputs_sends_none(stream_model: Any, kosmos2_runtime: VLMRuntime) -> None:
     processor = kosmos2_runtime.ensure_loaded().processor
     response = finish(stream_model, kosmos2_runtime, {}, grounded_answer(processor))
-    assert set(response.tensors) == {"generated_text", "generated_tokens", "prompt_tokens", "finish_reason"}
+    assert set(response.tensors) == {"generated_text", "generated_tokens", "prompt_tokens", "finish_reason",
+                                     "token_logprobs", "choices", "index"}  # the contract's: no entities
 
 
 def stream_through(module: Any, runtime: VLMRuntime, ids: list[int], interval: int) -> list[tuple[str, int, int]]:
