@@ -169,8 +169,7 @@ class TritonGateway:
         From ``<model>_stream`` where the index says the model has one (a stream with one response), else from
         ``model`` itself."""
         served = (self._index or {}).get(model)
-        # n > 1 goes to the public model: the engine runs one choice per request (docs/openai.md).
-        if served is not None and served.streams and (sampling.n or 1) == 1:
+        if served is not None and served.streams:
             call = self._call(f"{model}{STREAM_SUFFIX}", chat, sampling, stream=False, entities=entities)
             outputs = [output async for output in self._stream(call)]  # one; a request without is an error
             return _piece(outputs[-1], entities=entities)
