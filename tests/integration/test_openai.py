@@ -402,10 +402,11 @@ def test_request_errors_have_openai_status_codes(front: Front, png: bytes, strea
             "url": "https://example.com/cat.png"}}]}])
     assert _status_error(error)["code"] == "remote_images_disabled"
     with pytest.raises(openai.BadRequestError) as error:
-        ask(n=2)
+        ask(n=9)
     assert _status_error(error)["param"] == "n"
-    with pytest.raises(openai.BadRequestError):
-        ask(stop=["\n"])
+    with pytest.raises(openai.BadRequestError) as error:  # the model's limit: INVALID_ARG naming the field
+        ask(stop=["a", "b", "c", "d", "e"])
+    assert _status_error(error)["param"] == "stop" and "at most 4" in _status_error(error)["message"]
     with pytest.raises(openai.BadRequestError):
         ask(messages=[{"role": "assistant", "content": "Hello"}])
     assert ask()  # and the server keeps serving
