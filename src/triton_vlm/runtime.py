@@ -23,6 +23,7 @@ from triton_vlm.loading import LoadedModel, load_model
 from triton_vlm.models import get_family
 from triton_vlm.models.generation import CANCELLED, GenerationOutput, Prompt, prompt_text
 from triton_vlm.sampling import SamplingParams
+from triton_vlm.structured import ResponseFormat
 
 log = logging.getLogger("triton_vlm")
 
@@ -87,7 +88,8 @@ class VLMRuntime:
     def make_request(self, image_bytes: bytes, prompt: str | bytes, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
                      seed: int | None = None, ignore_eos: bool = False,
-                     task: str | bytes | None = None, **options: Any) -> GenerationRequest:
+                     task: str | bytes | None = None, response_format: str | bytes | None = None,
+                     **options: Any) -> GenerationRequest:
         """Validate raw request values; raises :class:`InvalidInputError` naming the bad field.
 
         ``task`` names one of the family's skills (see ``ModelFamily.tasks``); families without any refuse it.
@@ -99,7 +101,7 @@ class VLMRuntime:
         if not prompt.strip() and self.family.prompt_required(task):
             raise InvalidInputError("prompt: empty; ask the model something", param="prompt")
         self._check_text([prompt], "prompt")
-        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, options)
+        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format, options)
         limits = self.settings.limits
         image = decode_image(image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
                              max_aspect_ratio=limits.max_image_aspect_ratio)
@@ -108,7 +110,8 @@ class VLMRuntime:
     def make_chat_request(self, messages: str | bytes, images: Sequence[bytes] = (), *,
                           max_tokens: int | None = None, temperature: float | None = None,
                           top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
-                          task: str | bytes | None = None, **options: Any) -> GenerationRequest:
+                          task: str | bytes | None = None, response_format: str | bytes | None = None,
+                          **options: Any) -> GenerationRequest:
         """Validate a chat request: ``messages`` (JSON, :mod:`triton_vlm.chat`) and the file bytes of its images;
         raises :class:`InvalidInputError` naming the bad field (``messages``, ``images``...). Image counts are
         checked against the family's limits before any image is decoded. ``task`` as for :meth:`make_request` (a
@@ -134,7 +137,7 @@ class VLMRuntime:
             raise InvalidInputError(f"messages: task {task!r} needs a question in the last user message",
                                     param="messages")
         self._check_text(texts, "messages")
-        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, options)
+        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format, options)
         limits = self.settings.limits
         decoded = tuple(decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
                                      max_aspect_ratio=limits.max_image_aspect_ratio, field=f"images[{i}]")
@@ -153,8 +156,12 @@ class VLMRuntime:
             self.family.validate_prompt(text, param)
 
     def _sampling(self, max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,
-                  ignore_eos: bool, options: dict[str, Any]) -> SamplingParams:
+                  ignore_eos: bool, response_format: str | bytes | None, options: dict[str, Any]) -> SamplingParams:
         limits = self.settings.limits
+        fmt = ResponseFormat.parse(response_format)
+        if fmt is not None and not self.family.supports_response_format:
+            raise InvalidInputError(f"response_format: model family {self.family.name!r} does not support "
+                                    "structured output", param="response_format")
         limit = limits.max_tokens_limit
         max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= limit:
@@ -165,6 +172,7 @@ class VLMRuntime:
             top_p=1.0 if top_p is None else top_p,
             seed=seed,
             ignore_eos=ignore_eos,
+            response_format=fmt,
             **{name: value for name, value in options.items() if value is not None},
         )
 

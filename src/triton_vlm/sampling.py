@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from triton_vlm.errors import InvalidInputError
+from triton_vlm.structured import ResponseFormat
 
 MAX_SEED = 2**63 - 1
 #: Temperatures below this are greedy. Dividing logits by a tiny positive temperature (1e-40) overflows
@@ -48,6 +49,8 @@ class SamplingParams:
     #: HF's (CTRL's) penalty over prompt and generated tokens: a seen token's logit divided by it when positive,
     #: multiplied when negative; 1 is off.
     repetition_penalty: float = 1.0
+    #: Structured output (``response_format``): the answer follows this grammar (:mod:`triton_vlm.structured`).
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -193,12 +196,19 @@ class RowSampler:
             self.prompt_seen = token_mask(prompt_ids, prompt_mask, vocab)
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in params]
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` [batch, vocab] -> next token ids [batch]; counted, their logprobs kept where asked."""
+    def __call__(self, logits: torch.Tensor,
+                 constrain: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """``logits`` [batch, vocab] -> next token ids [batch]; counted, their logprobs (of ``logits`` as they
+        come) kept where asked. ``constrain`` masks, in place, the penalized copy the tokens are drawn from (a
+        ``response_format`` grammar)."""
         processed = logits.float()
+        if constrain is not None and self.counts is None:  # penalize() makes its own copy
+            processed = processed.clone()
         if self.counts is not None and self.prompt_seen is not None:
             processed = penalize(processed, self.params, self.counts[:, :logits.shape[-1]],
                                  self.prompt_seen[:, :logits.shape[-1]])
+        if constrain is not None:
+            constrain(processed)
         tokens = choose_tokens(processed, self.params, self.generators)
         if self.counts is not None:
             self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(self.counts[:, :1]))

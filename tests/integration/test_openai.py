@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 from PIL import Image
@@ -627,3 +628,33 @@ def test_openapi_fuzzing(openapi_schema: object, front: Front, method: str, path
     if path == "/v1/chat/completions":
         assert 400 in statuses
         assert mode == "negative" or 200 in statuses, statuses
+
+
+# -- structured output (issue 24): response_format through a grammar mask ---------------------------------------------
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                                  "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+                 "required": ["answer", "count"], "additionalProperties": False}
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "reply", "schema": ANSWER_SCHEMA, "strict": True}}
+
+
+@pytest.mark.parametrize("model", ["llava", "qwen2_vl"])
+def test_json_schema_answers_parse_and_validate(front: Front, triton: RunningServer, png: bytes, model: str) -> None:
+    """Random tiny weights answer JSON that matches the schema: through the front (the engine, <model>_stream) and
+    through the public batched model (TritonVLMClient), the same greedy answer."""
+    messages = [user("Is there a cat? How many?", png)]
+    answer = front.client().chat.completions.create(model=model, messages=messages, max_tokens=60,
+                                                    response_format=JSON_SCHEMA_FORMAT)  # type: ignore[arg-type]
+    content = answer.choices[0].message.content or ""
+    jsonschema.validate(json.loads(content), ANSWER_SCHEMA)
+    assert answer.choices[0].finish_reason == "stop"
+    with TritonVLMClient(triton.http_url) as kserve:
+        chat = kserve.chat_result(model, [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": "Is there a cat? How many?"}]}], [png], max_tokens=60,
+            response_format=JSON_SCHEMA_FORMAT)
+        infer = kserve.infer(model, png, "Is there a cat? How many?", max_tokens=60,
+                             response_format=json.dumps(JSON_SCHEMA_FORMAT))
+    assert chat.text == infer == content and chat.finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as error:
+        front.client().chat.completions.create(model=model, messages=messages, response_format={  # type: ignore[arg-type]
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}})
+    assert _status_error(error)["param"] == "response_format"

@@ -8,9 +8,12 @@ where it runs as root). Without them these tests skip on a dev machine, and fail
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,11 +123,22 @@ def upload(driver: Any, path: Path) -> None:
     _by_id(driver, "file").send_keys(str(path))
 
 
+#: The last answer of the conversation and the error shown in its turn.
+LAST_TURN = """
+    const turns = document.querySelectorAll('#conversation .turn.assistant');
+    const last = turns[turns.length - 1];
+    return last ? [last.querySelector('.answer').textContent, last.querySelector('.turn-error').textContent]
+                : ['', ''];"""
+
+
 def wait_for_answer(driver: Any) -> dict[str, str]:
-    """Waits for the end of the answer (or an error); the answer and the figures shown."""
+    """Waits for the end of the answer (or an error); the last turn's answer, the figures shown, and the error (the
+    failed turn's, or the page's)."""
     _wait(driver, lambda d: not _by_id(d, "send").get_attribute("disabled") and (
-        _by_id(d, "total").text != "–" or _by_id(d, "error").is_displayed()))
-    return {name: _by_id(driver, name).text for name in ("answer", "ttft", "total", "tokens", "tps", "error")}
+        _by_id(d, "total").text != "–" or d.execute_script(LAST_TURN)[1] or _by_id(d, "error").is_displayed()))
+    answer, turn_error = driver.execute_script(LAST_TURN)
+    shown = {name: _by_id(driver, name).text for name in ("ttft", "total", "tokens", "tps", "error")}
+    return {**shown, "answer": answer, "error": turn_error or shown["error"]}
 
 
 def overlay(driver: Any) -> list[dict[str, Any]]:
@@ -258,8 +272,9 @@ def test_llava_streams_token_by_token_with_latency(browser: Any, front: Front, t
     # Every text the answer box shows on the way: several, as the pieces come in.
     browser.execute_script("""
         window.__seen = [];
-        new MutationObserver(() => window.__seen.push(document.getElementById('answer').textContent))
-            .observe(document.getElementById('answer'), {childList: true, characterData: true, subtree: true});""")
+        const conversation = document.getElementById('conversation');
+        new MutationObserver(() => window.__seen.push([...conversation.querySelectorAll('.answer')].pop().textContent))
+            .observe(conversation, {childList: true, characterData: true, subtree: true});""")
     _by_id(browser, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)  # Ctrl+Enter sends too
     shown = wait_for_answer(browser)
     assert not shown["error"], shown["error"]
@@ -322,7 +337,7 @@ def test_kosmos2_grounded_phrases_are_drawn_and_marked(browser: Any, front: Fron
         {"label": "a snowman", "boxes": 1, "points": 0, "texts": ["a snowman"]},
         {"label": "the fire", "boxes": 2, "points": 0, "texts": ["the fire"]},
     ]
-    marks = browser.execute_script("return [...document.querySelectorAll('#answer mark')].map(m => m.textContent)")
+    marks = browser.execute_script("return [...document.querySelectorAll('#conversation .turn:last-child .answer mark')].map(m => m.textContent)")
     assert marks == ["a snowman", "the fire"]
     assert "the fire — 2 boxes" in _by_id(browser, "legend").text
     _by_id(browser, "code").click()  # the "Copy as code" panel
@@ -361,3 +376,81 @@ def test_errors_are_shown_in_plain_words(browser: Any, front: Front, jpeg: Path,
     shown = wait_for_answer(browser)
     assert shown["error"].startswith("The server refused the request:") and "max_tokens" in shown["error"]
     assert _by_id(browser, "send").is_enabled()
+
+
+def test_a_conversation_about_one_image_a_text_only_turn_and_its_code(browser: Any, front: Front,
+                                                                      triton: RunningServer, jpeg: Path) -> None:
+    """Two questions about one image: the second request holds the first question with the image and the first
+    answer, and is answered as TritonVLMClient.chat answers the same conversation. "Copy as code" then gives that
+    request with its options, and the Python and curl snippets answer the same against the front. After "New
+    conversation", a turn without the image is a text-only chat."""
+    open_page(browser, front)
+    browser.execute_script("""
+        const realFetch = window.fetch.bind(window);
+        window.__sent = [];
+        window.fetch = (url, options) => {
+            if (String(url).includes('chat/completions')) window.__sent.push(JSON.parse(options.body));
+            return realFetch(url, options);
+        };""")
+    upload(browser, jpeg)
+    _wait(browser, lambda d: _by_id(d, "stage").is_displayed())
+    choose(browser, "model", "llava")
+    fill(browser, "max-tokens", "8")
+    browser.find_element("css selector", "#more summary").click()  # the sampling options
+    fill(browser, "temperature", "0")
+    fill(browser, "seed", "7")
+    answers = []
+    for question in ("What is this?", "And its colour?"):
+        fill(browser, "prompt", question)
+        _by_id(browser, "send").click()
+        shown = wait_for_answer(browser)
+        assert not shown["error"], shown["error"]
+        answers.append(shown["answer"])
+    first, second = browser.execute_script("return window.__sent")
+    image_url = first["messages"][0]["content"][1]["image_url"]["url"]
+    assert base64.b64decode(image_url.split(",", 1)[1]) == jpeg.read_bytes()
+    asked = {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}
+    assert first["messages"] == [asked]
+    assert second["messages"] == [asked, {"role": "assistant", "content": answers[0]},
+                                  {"role": "user", "content": "And its colour?"}]
+    assert {k: second[k] for k in ("model", "max_tokens", "temperature", "seed")} == {
+        "model": "llava", "max_tokens": 8, "temperature": 0, "seed": 7}
+    turns = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"}]},
+             *second["messages"][1:]]
+    with TritonVLMClient(triton.http_url) as kserve:
+        expected = kserve.chat_result("llava", turns, [jpeg.read_bytes()], max_tokens=8, temperature=0, seed=7)
+    assert answers[1] == expected.text
+    assert len(browser.find_elements("css selector", "#conversation .turn")) == 4
+
+    # Copy as code, prompt empty: the last request, whole conversation and options, runnable as it is.
+    _by_id(browser, "code").click()
+    python = _by_id(browser, "code-openai").get_attribute("textContent")
+    assert "max_tokens=8, temperature=0, seed=7" in python and API_KEY not in python
+    assert f'"content": {json.dumps(answers[0], ensure_ascii=False)}' in python and '"content": "And its colour?"' in python
+    environment = {**os.environ, "TRITON_VLM_API_KEY": API_KEY, "PYTHONIOENCODING": "utf-8"}
+    ran = subprocess.run([sys.executable, "-c", python], cwd=jpeg.parent, env=environment, capture_output=True,
+                         encoding="utf-8", timeout=WAIT_S)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == expected.text + "\n"
+    curl = _by_id(browser, "code-curl").get_attribute("textContent")
+    assert "base64 -w0 sample_image.jpg" in curl and '"seed":7' in curl
+    if shutil.which("curl"):
+        ran = subprocess.run(["bash", "-c", curl], cwd=jpeg.parent, env=environment, capture_output=True,
+                             encoding="utf-8", timeout=WAIT_S)
+        assert json.loads(ran.stdout)["choices"][0]["message"]["content"] == expected.text, ran.stderr
+
+    # A new conversation, and a turn without the image: a text-only chat.
+    _by_id(browser, "clear").click()
+    assert not browser.find_elements("css selector", "#conversation .turn")
+    _by_id(browser, "with-image").click()
+    fill(browser, "prompt", "Say something nice.")
+    _by_id(browser, "send").click()
+    shown = wait_for_answer(browser)
+    assert not shown["error"], shown["error"]
+    text_only = browser.execute_script("return window.__sent")[-1]
+    assert text_only["messages"] == [{"role": "user", "content": "Say something nice."}]
+    with TritonVLMClient(triton.http_url) as kserve:
+        expected = kserve.chat_result("llava", text_only["messages"], max_tokens=8, temperature=0, seed=7)
+    assert shown["answer"] == expected.text
+    screenshot(browser, "conversation")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -207,3 +209,11 @@ def test_only_the_protocol_package_imports_tritonclient() -> None:
     importers = sorted(module for module, path in _modules().items()
                        if "tritonclient" in _third_party_imports(path))
     assert importers and all(_inside(m, "triton_vlm._protocol") for m in importers), importers
+
+
+@pytest.mark.parametrize("module", ["triton_vlm.openai.process", "triton_vlm.launcher", "triton_vlm.cli.main"])
+def test_an_entry_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """The graph above sees modules, not the package ``__init__`` each import runs first: importing
+    ``openai.process`` first once met a half-initialized module through ``launcher/__init__``."""
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -28,8 +28,9 @@ FAMILY_OF: dict[str, str] = {}
 COMPANIONS = {"kosmos2_stream": "kosmos2", "llava_stream": "llava", "moondream2_stream": "moondream2",
               "qwen2_vl_stream": "qwen2_vl", "smolvlm_stream": "smolvlm", "llava_next_stream": "llava_next"}
 OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64,
-            "ignore_eos": pb.TYPE_BOOL, "n": pb.TYPE_INT32, "logprobs": pb.TYPE_BOOL, "top_logprobs": pb.TYPE_INT32,
-            "presence_penalty": pb.TYPE_FP32, "frequency_penalty": pb.TYPE_FP32, "repetition_penalty": pb.TYPE_FP32}
+            "ignore_eos": pb.TYPE_BOOL, "response_format": pb.TYPE_STRING, "n": pb.TYPE_INT32, "logprobs": pb.TYPE_BOOL,
+            "top_logprobs": pb.TYPE_INT32, "presence_penalty": pb.TYPE_FP32, "frequency_penalty": pb.TYPE_FP32,
+            "repetition_penalty": pb.TYPE_FP32}
 #: Inputs only some public models take.
 EXTRA_OPTIONAL = {"moondream2": {"task": pb.TYPE_STRING}}
 OUTPUTS = {"generated_text": pb.TYPE_STRING, "generated_tokens": pb.TYPE_INT32, "prompt_tokens": pb.TYPE_INT32,
@@ -180,9 +181,10 @@ def test_derived_engine_configs_say_what_the_old_stream_files_said(companion: st
     derived.ClearField("parameters")
     legacy.ClearField("parameters")
     legacy_inputs = {spec.name for spec in legacy.input}
-    # Since then the contract grew the chat inputs (issue 24) and image + prompt became optional; the rest stands.
-    chat = [spec for spec in derived.input if spec.name in ("messages", "images")]
-    assert [spec.name for spec in chat] == ["messages", "images"]
+    # Since then the contract grew the chat inputs and response_format (issue 24) and image + prompt became
+    # optional; the rest stands.
+    chat = [spec for spec in derived.input if spec.name in ("messages", "images", "response_format")]
+    assert [spec.name for spec in chat] == ["messages", "images", "response_format"]
     for spec in chat:
         derived.input.remove(spec)
     # ... and the sampling and output options (issue 24, second part).

@@ -578,7 +578,7 @@ def test_an_error_mid_stream_is_an_error_event(client: TestClient, gateway: Fake
 def test_unsupported_parameters_are_400(client: TestClient) -> None:
     for field, value in (("n", 9), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("top_logprobs", 21),
                          ("top_logprobs", 2), ("repetition_penalty", 0), ("logit_bias", {"1": 2}),
-                         ("tools", [{"type": "function"}]), ("response_format", {"type": "json_object"}),
+                         ("tools", [{"type": "function"}]),
                          ("temperature", 2.5), ("top_p", 1.5), ("seed", -1), ("max_tokens", 0),
                          ("max_completion_tokens", 2**31)):
         response = chat(client, **{field: value})
@@ -590,6 +590,15 @@ def test_unsupported_parameters_are_400(client: TestClient) -> None:
         assert chat(client, **{field: value}).status_code == 200, (field, value)
     streamed = chat(client, n=2, stream=True)  # n choices come as one whole answer (the batched model's)
     assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "n"
+
+
+def test_response_format_goes_to_the_model_as_json(client: TestClient, gateway: FakeGateway) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}, "strict": True}}
+    assert chat(client, response_format=fmt).status_code == 200
+    sent = gateway.calls[-1][4].response_format
+    assert sent is not None and json.loads(sent) == fmt
+    assert chat(client, response_format={"type": "text"}).status_code == 200
+    assert gateway.calls[-1][4].response_format is None  # plain text: nothing sent
 
 
 def test_unknown_model_urls_and_methods(client: TestClient) -> None:

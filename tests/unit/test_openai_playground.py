@@ -12,11 +12,12 @@ from tests.conftest import ROOT
 from tests.unit.test_openai_front import AUTH, KEY, FakeGateway
 
 from triton_vlm.openai import OpenAIOptions
-from triton_vlm.openai.app import create_app
+from triton_vlm.openai.app import create_app, refuse_unsupported
 from triton_vlm.openai.cli import add_arguments, options_from_args
 from triton_vlm.openai.config import MiB
 from triton_vlm.openai.playground import ASSETS
 from triton_vlm.openai.process import front_command
+from triton_vlm.openai.schemas import ChatCompletionRequest
 
 STATIC = ROOT / "src" / "triton_vlm" / "openai" / "static"
 
@@ -110,3 +111,25 @@ def test_the_wheel_ships_the_page() -> None:
     patterns = pyproject["tool"]["setuptools"]["package-data"]["triton_vlm.openai"]
     shipped = {p.name for pattern in patterns for p in STATIC.glob(pattern.removeprefix("static/"))}
     assert {name for name, _ in ASSETS.values()} <= shipped
+
+
+def test_every_option_of_the_page_has_its_field_and_is_taken_by_the_api() -> None:
+    """The page's option list (``OPTIONS`` in playground.js, which both the request and "Copy as code" are built
+    from): each entry has its labelled field in the page and names a request field the API accepts (not refused as
+    unsupported) with a value of its kind."""
+    script, html = (STATIC / "playground.js").read_text(), (STATIC / "playground.html").read_text()
+    block = re.search(r"const OPTIONS = \[(.*?)\];", script, flags=re.S)
+    assert block is not None
+    options = re.findall(r'\{ id: "([^"]+)", key: "([^"]+)", read: "(\w+)"', block.group(1))
+    assert {key for _, key, _ in options} >= {"max_tokens", "temperature", "top_p", "seed", "task"}
+    samples = {"int": 3, "float": 0.5, "text": "query"}
+    for element_id, key, read in options:
+        assert f'id="{element_id}"' in html and f'<label for="{element_id}"' in html, element_id
+        assert f"  {read}: (text)" in script, read  # a reader of that kind
+        body = ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], key: samples[read]})
+        assert getattr(body, key) == samples[read]
+        refuse_unsupported(body)  # raises for what the API refuses
+    # The conversation's controls.
+    for element_id in ("conversation", "clear", "with-image"):
+        assert f'id="{element_id}"' in html

@@ -16,9 +16,9 @@ Api = Literal["http", "grpc", "http.aio", "grpc.aio"]
 #: The optional scalar inputs, each with the numpy type it is sent as (Triton's type follows from it).
 OPTIONAL_INPUTS: tuple[tuple[str, type[np.generic]], ...] = (
     ("max_tokens", np.int32), ("temperature", np.float32), ("top_p", np.float32), ("seed", np.int64),
-    ("ignore_eos", np.bool_), ("task", np.object_), ("stream", np.bool_), ("n", np.int32), ("logprobs", np.bool_),
-    ("top_logprobs", np.int32), ("presence_penalty", np.float32), ("frequency_penalty", np.float32),
-    ("repetition_penalty", np.float32))
+    ("ignore_eos", np.bool_), ("task", np.object_), ("stream", np.bool_), ("response_format", np.object_),
+    ("n", np.int32), ("logprobs", np.bool_), ("top_logprobs", np.int32), ("presence_penalty", np.float32),
+    ("frequency_penalty", np.float32), ("repetition_penalty", np.float32))
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class RequestFields:
     stream: bool | None = None
     messages: str | None = None
     images: tuple[bytes, ...] = ()
+    #: OpenAI's ``response_format`` object as JSON (structured output).
+    response_format: str | None = None
     #: Sampling and output options (docs/contract.md): the answer ends before the first ``stop`` string (up to 4);
     #: ``n`` choices; per-token ``logprobs`` with ``top_logprobs`` alternatives; OpenAI's and HF's penalties.
     stop: tuple[str, ...] = ()

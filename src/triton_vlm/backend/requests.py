@@ -63,6 +63,7 @@ def parse_request(request: Any, runtime: VLMRuntime) -> GenerationRequest:
         presence_penalty=input_scalar(request, "presence_penalty", float),
         frequency_penalty=input_scalar(request, "frequency_penalty", float),
         repetition_penalty=input_scalar(request, "repetition_penalty", float),
+        response_format=input_scalar(request, "response_format", _as_text),
     )
     messages = input_scalar(request, "messages", _as_text)
     images = input_array(request, "images")

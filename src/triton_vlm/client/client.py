@@ -39,6 +39,8 @@ Protocol = Literal["http", "grpc"]
 #: A chat's messages: OpenAI's chat shape (``{"role", "content"}``; content a string, or text parts and
 #: ``{"type": "image"}`` parts that take the call's ``images`` in order), or the same already as JSON.
 Messages = Sequence[Mapping[str, Any]] | str
+#: OpenAI's ``response_format`` object (structured output), or the same already as JSON.
+ResponseFormatLike = Mapping[str, Any] | str
 #: One item of :meth:`TritonVLMClient.infer_many`: ``(image, prompt)`` or a dict of :meth:`infer_result`'s
 #: keyword arguments (``image`` and ``prompt`` required; ``model_name`` overrides the call's model).
 BatchItem = tuple[ImageLike, str] | Mapping[str, Any]
@@ -106,23 +108,29 @@ def encode_image(image: ImageLike) -> bytes:
 def request_fields(image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                    temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                    task: str | None = None, ignore_eos: bool = False, stream: bool | None = None,
-                   **sampling: Any) -> RequestFields:
+                   response_format: ResponseFormatLike | None = None, **sampling: Any) -> RequestFields:
     """One request's fields; ``ignore_eos=False`` is not sent (the model's default). ``sampling``: the further
     options of :class:`~triton_vlm._protocol.tensors.RequestFields` (``stop``, ``n``, ``logprobs``, penalties)."""
     return RequestFields(image=encode_image(image), prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, seed=seed, ignore_eos=True if ignore_eos else None, task=task, stream=stream,
-                         **_sampling(sampling))
+                         response_format=response_format_json(response_format), **_sampling(sampling))
 
 
 def chat_fields(messages: Messages, images: Iterable[ImageLike] = (), *, max_tokens: int | None = None,
                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                ignore_eos: bool = False, stream: bool | None = None, **sampling: Any) -> RequestFields:
+                ignore_eos: bool = False, stream: bool | None = None,
+                response_format: ResponseFormatLike | None = None, **sampling: Any) -> RequestFields:
     """A chat request's fields: ``messages`` as JSON and each image's file bytes, in order; ``sampling`` as for
     :func:`request_fields`."""
     text = messages if isinstance(messages, str) else json.dumps(list(messages), ensure_ascii=False)
     return RequestFields(messages=text, images=tuple(encode_image(image) for image in images), max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, seed=seed, ignore_eos=True if ignore_eos else None,
-                         stream=stream, **_sampling(sampling))
+                         stream=stream, response_format=response_format_json(response_format), **_sampling(sampling))
+
+
+def response_format_json(value: ResponseFormatLike | None) -> str | None:
+    """``response_format`` as the JSON text the model takes (a dict is serialized, a string sent as it is)."""
+    return value if value is None or isinstance(value, str) else json.dumps(dict(value))
 
 
 def _sampling(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,24 +245,29 @@ class TritonVLMClient(ServerEndpoint):
     # -- inference ----------------------------------------------------------------------------------------
     def infer(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
               temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-              task: str | None = None, ignore_eos: bool = False) -> str:
+              task: str | None = None, ignore_eos: bool = False,
+              response_format: ResponseFormatLike | None = None) -> str:
         """The generated text for ``prompt`` about ``image``.
 
         ``task`` picks a skill of models that have several (moondream2: ``caption[:short|normal|long]``,
-        ``query``, ``detect``, ``point``); leave it out for the others.
+        ``query``, ``detect``, ``point``); leave it out for the others. ``response_format`` is OpenAI's
+        (``{"type": "json_schema", "json_schema": {"schema": {...}}}`` or ``{"type": "json_object"}``): the
+        answer is JSON that follows it.
         """
         return self.infer_result(model_name, image, prompt, max_tokens=max_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed, task=task, ignore_eos=ignore_eos).text
+                                 top_p=top_p, seed=seed, task=task, ignore_eos=ignore_eos,
+                                 response_format=response_format).text
 
     def infer_result(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
                      seed: int | None = None, task: str | None = None,
-                     ignore_eos: bool = False, **sampling: Any) -> InferenceResult:
+                     ignore_eos: bool = False, response_format: ResponseFormatLike | None = None,
+                     **sampling: Any) -> InferenceResult:
         """Like :meth:`infer`, with token counts, finish reason, latency and the model's optional outputs
         (``entities``). ``ignore_eos`` generates exactly ``max_tokens`` tokens (benchmarks)."""
         inputs = request_inputs(self.protocol, request_fields(
             image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, task=task,
-            ignore_eos=ignore_eos, **sampling))
+            ignore_eos=ignore_eos, response_format=response_format, **sampling))
         started = time.perf_counter()
         # No output list: the model returns all it declares, optional ones such as kosmos2's entities included.
         result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
@@ -273,11 +286,14 @@ class TritonVLMClient(ServerEndpoint):
 
     def chat_result(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), *,
                     max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                    seed: int | None = None, ignore_eos: bool = False, **sampling: Any) -> InferenceResult:
-        """Like :meth:`chat`, with token counts, finish reason and latency (the :meth:`infer_result` of a chat)."""
+                    seed: int | None = None, ignore_eos: bool = False,
+                    response_format: ResponseFormatLike | None = None, **sampling: Any) -> InferenceResult:
+        """Like :meth:`chat`, with token counts, finish reason and latency (the :meth:`infer_result` of a chat);
+        ``response_format`` as for :meth:`infer`."""
         inputs = request_inputs(self.protocol, chat_fields(messages, images, max_tokens=max_tokens,
                                                            temperature=temperature, top_p=top_p, seed=seed,
-                                                           ignore_eos=ignore_eos, **sampling))
+                                                           ignore_eos=ignore_eos, response_format=response_format,
+                                                           **sampling))
         started = time.perf_counter()
         result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
         return inference_result(parse_output(result), time.perf_counter() - started)

@@ -22,6 +22,8 @@ from triton_vlm._protocol.model_config import model_config_pb2 as pb
 #: ``image`` (file bytes) + ``prompt``; or a chat, ``messages`` (OpenAI's chat shape as JSON, image parts
 #: ``{"type": "image"}`` standing where the images are; :mod:`triton_vlm.chat`) + ``images`` (BYTES, one file per
 #: element, in the order of the image parts; left out for a text-only chat). So all four are optional to Triton.
+#: ``response_format`` (either form) is OpenAI's object as JSON: the answer follows its JSON schema
+#: (:mod:`triton_vlm.structured`).
 #:
 #: Sampling and output options (either form): ``stop`` (up to 4 strings, one per element: the answer ends right
 #: before the first), ``n`` (up to 8 choices from one prompt), ``logprobs`` / ``top_logprobs`` (up to 20), OpenAI's
@@ -43,6 +45,7 @@ input [
   { name: "ignore_eos" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true },
   { name: "images" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true optional: true },
+  { name: "response_format" data_type: TYPE_STRING dims: [ 1 ] optional: true },
   { name: "stop" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true optional: true },
   { name: "n" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
   { name: "logprobs" data_type: TYPE_BOOL dims: [ 1 ] optional: true },

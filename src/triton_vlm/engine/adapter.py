@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, Protocol, TypeGuard
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 import torch
 
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.request import EngineRequest
 from triton_vlm.engine.transfer import device_longs, device_pixels
+
+if TYPE_CHECKING:
+    from triton_vlm.structured import Grammars
 
 
 class Decoder(Protocol):
@@ -108,6 +111,10 @@ class EngineFamily(Protocol):
 
     def stop_token_ids(self, model: Any, processor: Any) -> set[int]:
         """The token ids that end an answer."""
+        ...
+
+    def grammars(self, processor: Any, stop_token_ids: Iterable[int]) -> Grammars:
+        """The ``response_format`` grammar compiler for this family's tokenizer."""
         ...
 
     def render_input(self, processor: Any, prompt: Any, task: str | None = None) -> Any:

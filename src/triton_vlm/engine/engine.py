@@ -42,6 +42,7 @@ from triton_vlm.sampling import (
     step_logprobs,
     token_mask,
 )
+from triton_vlm.structured import GrammarState, mask_logits
 
 log = logging.getLogger("triton_vlm")
 
@@ -118,6 +119,8 @@ class LLMEngine:
         #: the device (counted when a token is chosen, so they hold the tokens not yet read back too).
         self._counts: dict[Sequence, tuple[torch.Tensor, torch.Tensor]] = {}
         self._step_logprobs: list[tuple[list[Sequence], StepLogprobs]] = []
+        #: Sequences with a ``response_format``: where each stands in its grammar (tokens read back so far).
+        self._grammars: dict[Sequence, GrammarState] = {}
         self._in_flight: _InFlight | None = None
         self.stats = EngineStats()
 
@@ -139,6 +142,11 @@ class LLMEngine:
         prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, image_list(images), text)
         rope = self.adapter.rope_positions(self.model, prompt_ids, mm_inputs) if positioned(self.decoder) else None
         positions, rope_delta = rope if rope is not None else (None, 0)
+        fmt = params.response_format
+        # Compiled here, on the caller's thread (a bad schema is this request's INVALID_ARG); cached by schema.
+        grammar = None if fmt is None else self.family.grammars(self.processor, self.stop_token_ids).compile(fmt)
+        if grammar is not None:
+            ignore_eos = False  # a grammar ends on EOS, where it accepts
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidInputError(
                 f"prompt of {len(prompt_ids)} tokens (image included) + max_tokens {params.max_tokens} exceeds "
@@ -147,7 +155,7 @@ class LLMEngine:
                              params=params, on_output=on_output, mm_inputs=mm_inputs,
                              stop_token_ids=frozenset() if (params.ignore_eos if ignore_eos is None else ignore_eos)
                              else self.stop_token_ids, min_first_chunk=self.min_first_chunk,
-                             prompt_positions=positions, rope_delta=rope_delta)
+                             prompt_positions=positions, rope_delta=rope_delta, grammar=grammar)
 
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put(request)
@@ -206,11 +214,18 @@ class LLMEngine:
                 seq = Sequence(message, max_generated=min(message.params.max_tokens,
                                                           self.max_model_len - len(message.prompt_ids)))
                 self._generators[seq] = make_generator(message.params, self.runner.device)
+                if message.grammar is not None:
+                    self._grammars[seq] = GrammarState(message.grammar)
                 self.scheduler.add(seq)
 
     def step(self) -> bool:
         """One scheduling round: launch the planned work, then hand out the previous step's tokens.
         Returns False when there was nothing to do."""
+        if self._in_flight is not None and self._grammars:
+            # A grammar's next mask needs the previous token: read the step back before launching the next one
+            # (this gives up the overlap of read-back and launch only while constrained sequences run).
+            read_now, self._in_flight = self._in_flight, None
+            self._complete(read_now)
         plan = self.scheduler.schedule()
         if plan.empty and self._in_flight is None:
             return False
@@ -236,8 +251,9 @@ class LLMEngine:
 
         lap("schedule")
         finished_prefill = [c.seq for c in plan.prefill if c.completes_prompt]
-        # Rows whose token is more than the graph's argmax (sampled, penalized, or asking for logprobs).
-        sampled = [s for s in plan.decode if s.request.params.needs_logits]
+        # Rows whose token is more than the graph's argmax (sampled, penalized, asking for logprobs, or masked by a
+        # response_format grammar).
+        sampled = [s for s in plan.decode if s.request.params.needs_logits or s in self._grammars]
         prefill_logits = decode_logits = None
         try:
             if plan.admitted:
@@ -257,7 +273,7 @@ class LLMEngine:
                 assert prefill_logits is not None
                 keep = [i for i, c in enumerate(plan.prefill) if c.completes_prompt]
                 self._choose(finished_prefill, prefill_logits[device_longs(keep, prefill_logits.device)])
-            if sampled:  # greedy rows already have their token from the step; sampled ones overwrite theirs
+            if sampled:  # greedy rows already have their token from the step; sampled (or masked) ones overwrite
                 assert decode_logits is not None
                 self._choose(sampled, decode_logits[device_longs([s.slot for s in sampled], decode_logits.device)])
             self.stats.prefill_tokens += sum(c.length for c in plan.prefill)
@@ -279,19 +295,22 @@ class LLMEngine:
         return _InFlight(rows, [s.slot for s in rows], tokens, logprobs)
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Tokens for ``seqs`` from their logits rows (penalties, then greedy or their own generator), left on the
+        """Tokens for ``seqs`` from their logits rows (penalties, the grammar mask, then greedy or their own
+        generator), left on the
         device; their logprobs (of the raw logits) kept for when the step is read back. Runs after the (graphed)
         forward, on its logits: the graph itself stays as it is."""
         params = [s.request.params for s in seqs]
         raw = logits.float()
-        processed = raw
+        grammars = [self._grammars.get(s) for s in seqs]
         penalized = [i for i, p in enumerate(params) if p.penalized]
+        # The raw logits stay as they are (logprobs are theirs): penalties and the grammar mask work on a copy.
+        processed = raw.clone() if penalized or any(grammars) else raw
         if penalized:
             counts, seen = zip(*(self._penalty_state(seqs[i], raw.shape[-1]) for i in penalized), strict=True)
             rows = device_longs(penalized, raw.device)
-            processed = raw.clone()
             processed[rows] = penalize(raw[rows], [params[i] for i in penalized], torch.stack(counts),
                                        torch.stack(seen))
+        mask_logits(processed, grammars)
         chosen = choose_tokens(processed, params, [self._generators.get(s) for s in seqs])
         for i in penalized:
             self._counts[seqs[i]][0].index_add_(0, chosen[i:i + 1], torch.ones(1, device=raw.device))
@@ -342,6 +361,8 @@ class LLMEngine:
         if token in request.stop_token_ids:
             self._finish(seq, "stop")
             return
+        if (state := self._grammars.get(seq)) is not None:
+            state.accept(token)
         seq.output_ids.append(token)
         done = len(seq.output_ids) >= (seq.max_generated or 0)
         if done:
@@ -359,6 +380,7 @@ class LLMEngine:
 
     def _forget(self, seq: Sequence) -> None:
         self._generators.pop(seq, None)
+        self._grammars.pop(seq, None)
         self._counts.pop(seq, None)
 
     # -- synchronous helper -------------------------------------------------------------------------------

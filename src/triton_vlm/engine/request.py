@@ -31,6 +31,8 @@ class EngineRequest:
     #: and how far a generated token's rotary position lies from its cache position.
     prompt_positions: torch.Tensor | None = None
     rope_delta: int = 0
+    #: The compiled ``response_format`` grammar (``xgrammar.CompiledGrammar``) that masks this request's logits.
+    grammar: Any = None
 
 
 @dataclass(frozen=True)

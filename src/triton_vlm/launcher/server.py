@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from triton_vlm.config import env_prefix
 from triton_vlm.launcher.checkpoint import CheckpointRequest, resolve_checkpoint, write_entry
@@ -58,7 +58,11 @@ from triton_vlm.launcher.stub_env import stub_python_bin
 from triton_vlm.launcher.supervisor import StubSupervisor
 from triton_vlm.launcher.watchdog import hang_timeout
 from triton_vlm.openai import OpenAIOptions
-from triton_vlm.openai.process import OpenAIFront
+
+if TYPE_CHECKING:
+    # Imported where the front starts: openai.process imports launcher.children, and importing that package first
+    # (launcher/__init__ -> this module) would otherwise meet a half-initialized openai.process.
+    from triton_vlm.openai.process import OpenAIFront
 
 log = logging.getLogger("triton_vlm")
 
@@ -308,6 +312,8 @@ class TritonServer:
 
     def _start_openai_front(self, options: OpenAIOptions) -> None:
         """Start the OpenAI-compatible front as a child process of its own (stopped with the server)."""
+        from triton_vlm.openai.process import OpenAIFront
+
         self.openai_front = OpenAIFront(options, log_file=self.log_file).start()
 
     # -- the server process -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from triton_vlm.models.generation import (
     generate_batch,
     position_ids_for,
 )
+from triton_vlm.structured import Grammars, grammars_for
 
 if TYPE_CHECKING:
     from triton_vlm.engine.adapter import EngineAdapter
@@ -71,6 +72,9 @@ class ModelFamily(ABC):
     #: The chat template used where the checkpoint's processor has none (Jinja, as transformers renders it). None:
     #: :meth:`render_chat` writes :func:`transcript` instead.
     fallback_chat_template: ClassVar[str | None] = None
+    #: Whether requests may carry ``response_format`` (structured output: an HF tokenizer for the grammar and the
+    #: shared batched loop, which masks logits with it).
+    supports_response_format: ClassVar[bool] = True
     #: Precision of ``dtype=auto`` on a GPU: the one the weights were trained and released in.
     auto_cuda_dtype: ClassVar[str] = "float16"
     #: Task names a request may give in its optional ``task`` input; empty: the family has one behaviour.
@@ -250,6 +254,11 @@ class ModelFamily(ABC):
             if isinstance(value, int) and value > 0:
                 return value
         return None
+
+    def grammars(self, processor: Any, stop_token_ids: Iterable[int]) -> Grammars:
+        """The compiler of ``response_format`` grammars for this family's tokenizer (the processor's HF
+        tokenizer). Only for families with :attr:`supports_response_format`."""
+        return grammars_for(processor.tokenizer, stop_token_ids)
 
     def stop_token_ids(self, model: Any, processor: Any) -> set[int]:
         eos = model.generation_config.eos_token_id

@@ -11,6 +11,7 @@ round trip to Triton per request), so its work ends with it and the rest of the 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.images import image_list
 from triton_vlm.sampling import RowSampler, SamplingParams, TokenLogprob, find_stop
+from triton_vlm.structured import GrammarState, mask_logits
 
 if TYPE_CHECKING:
     # Only for annotations: ModelFamily's default generate() is this loop, so base imports this module.
@@ -77,6 +79,16 @@ def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torc
     return torch.where(attention_mask.bool(), counted, torch.full_like(counted, pad))
 
 
+def grammar_states(family: ModelFamily, processor: Any, params: Sequence[SamplingParams],
+                   stop_token_ids: Sequence[int]) -> list[GrammarState | None]:
+    """Each row's grammar state (None for a row without ``response_format``)."""
+    formats = [p.response_format for p in params]
+    if not any(formats):
+        return [None] * len(params)
+    grammars = family.grammars(processor, stop_token_ids)
+    return [None if f is None else GrammarState(grammars.compile(f)) for f in formats]
+
+
 def check_context(family: ModelFamily, model: Any, prompt_tokens: list[int], params: list[SamplingParams]) -> None:
     """Refuse a batch in which a request's prompt (image tokens included) plus ``max_tokens`` exceeds the model's
     context. The runtime then retries the batch one by one, so only the request at fault fails."""
@@ -117,10 +129,11 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
 
     batch = len(prompts)
     stop_ids = torch.tensor(sorted(family.stop_token_ids(model, processor)), device=device, dtype=torch.long)
-    # Rows that ignore EOS must never match: -1 is no token id.
-    row_stop = torch.tensor([p.ignore_eos for p in params], device=device)
+    # Rows that ignore EOS never stop on it, except under a grammar (whose accepting end is EOS).
+    row_stop = torch.tensor([p.ignore_eos and p.response_format is None for p in params], device=device)
     pad_id = processor.tokenizer.pad_token_id or 0
     limits = torch.tensor([p.max_tokens for p in params], device=device)
+    grammars = grammar_states(family, processor, params, stop_ids.tolist())
     cache = DynamicCache()
 
     logits = family.prefill(model, inputs, positions, cache)
@@ -134,7 +147,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
     step = 0
     next_cancel_check = time.perf_counter() + CANCEL_CHECK_S
     while True:
-        tokens = sampler(logits.float())
+        tokens = sampler(logits, functools.partial(mask_logits, states=grammars) if any(grammars) else None)
         is_stop = torch.isin(tokens, stop_ids) & ~row_stop
         step += 1
         rows = running.nonzero().flatten().tolist()
@@ -143,6 +156,8 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
                 finish[row] = "stop"
             else:
                 generated[row].append(int(tokens[row]))
+                if (state := grammars[row]) is not None:
+                    state.accept(int(tokens[row]))
         running &= ~is_stop & (limits > step)
         for row in stopping:  # the row ends once a stop string shows in its text (it may span tokens)
             if running[row] and find_stop(family.decode_text(processor, generated[row]), params[row].stop) is not None:
@@ -162,6 +177,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
         for row in rows:
             if not still[row]:
                 finished_at[row] = now
+                grammars[row] = None  # a finished row steps on with pad tokens, outside its grammar
         if not running.any():
             break
         # Finished rows keep stepping with a pad token (masked out) until the whole batch is done.

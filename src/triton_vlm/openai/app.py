@@ -359,8 +359,6 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
         ("top_logprobs", bool(body.top_logprobs) and not body.logprobs, "top_logprobs needs logprobs: true"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
         ("tools", bool(body.tools), "tools are not supported: these models call no tools"),
-        ("response_format", bool(body.response_format) and (body.response_format or {}).get("type") != "text",
-         'only response_format {"type": "text"} is supported'),
     ]
     for param, bad, message in checks:
         if bad:
@@ -372,9 +370,12 @@ def sampling_of(body: ChatCompletionRequest) -> Sampling:
     temperature, top_p = body.temperature, body.top_p
     if top_p is not None and top_p == 0:  # OpenAI's top_p=0 keeps only the top token: greedy
         temperature, top_p = 0.0, None
+    # response_format goes to the model as JSON; the model validates it (a bad one is a 400 naming it).
+    fmt = body.response_format
+    response_format = None if not fmt or fmt.get("type") == "text" else json.dumps(fmt)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=body.seed, task=body.task,
-                    stop=stop, n=body.n, logprobs=body.logprobs or None,
+                    response_format=response_format, stop=stop, n=body.n, logprobs=body.logprobs or None,
                     top_logprobs=body.top_logprobs if body.logprobs else None,
                     presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                     repetition_penalty=body.repetition_penalty)

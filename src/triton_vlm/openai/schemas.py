@@ -134,8 +134,10 @@ class ChatCompletionRequest(_Request):
                                      description="The most likely alternatives per token (needs logprobs).")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported: must be null or empty.")
     tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported: must be null or empty.")
-    response_format: dict[str, Any] | None = Field(default=None,
-                                                   description='Only {"type": "text"} is supported.')
+    response_format: dict[str, Any] | None = Field(
+        default=None, description='{"type": "text"}, {"type": "json_object"}, or {"type": "json_schema", '
+                                  '"json_schema": {"name": ..., "schema": {...}, "strict": true}}: the answer is JSON '
+                                  "that follows the schema (a grammar masks every token). moondream2 refuses it.")
     user: str | None = Field(default=None, description="Accepted and ignored.")
     task: str | None = Field(default=None, description="triton-vlm extension: a skill of models that have several "
                                                        "(moondream2: query, caption[:short|normal|long], detect, "

@@ -39,6 +39,8 @@ class Sampling:
     top_p: float | None = None
     seed: int | None = None
     task: str | None = None
+    #: OpenAI's ``response_format`` as JSON (structured output), or None for plain text.
+    response_format: str | None = None
     stop: tuple[str, ...] = ()
     n: int | None = None
     logprobs: bool | None = None
@@ -199,9 +201,9 @@ class TritonGateway:
               entities: bool) -> StreamCall:
         fields = RequestFields(messages=chat.messages, images=chat.images, max_tokens=sampling.max_tokens,
                                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                               task=sampling.task, stream=stream, stop=sampling.stop, n=sampling.n,
-                               logprobs=sampling.logprobs, top_logprobs=sampling.top_logprobs,
-                               presence_penalty=sampling.presence_penalty,
+                               task=sampling.task, stream=stream, response_format=sampling.response_format,
+                               stop=sampling.stop, n=sampling.n, logprobs=sampling.logprobs,
+                               top_logprobs=sampling.top_logprobs, presence_penalty=sampling.presence_penalty,
                                frequency_penalty=sampling.frequency_penalty,
                                repetition_penalty=sampling.repetition_penalty)
         # Asked for by name: ``entities`` only where the model's metadata lists it (Triton refuses a request for

@@ -63,6 +63,8 @@ class Moondream2Family(ModelFamily):
     # Every prompt is [BOS, the image's slots, text]: one image, always (its prefix attends both ways).
     max_images_per_request = 1
     min_images_per_request = 1
+    # Its own tokenizers.Tokenizer and its own batched loop: no grammar mask there (yet).
+    supports_response_format = False
 
     def model_class(self) -> type[Any]:
         return Moondream2Model

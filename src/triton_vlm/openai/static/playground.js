@@ -17,6 +17,7 @@
     image: null,            // { name, type, size, dataUrl, width, height }
     groups: [],             // what the overlay shows: [{ label, boxes: [{x_min, y_min, x_max, y_max}] in px }]
     controller: null,       // AbortController of the request in flight
+    turns: [],              // the conversation: see request()
   };
 
   // -- errors in plain words ------------------------------------------------------------------------------
@@ -270,8 +271,7 @@
   }
 
   // The answer with kosmos2's phrases marked in their box colours.
-  function showAnswer(text, groups) {
-    const out = $("answer");
+  function showAnswer(out, text, groups) {
     const marked = groups.map((g, i) => ({ span: g.span, colour: PALETTE[i % PALETTE.length] }))
       .filter((m) => Array.isArray(m.span) && m.span[1] > m.span[0]).sort((a, b) => a.span[0] - b.span[0]);
     if (!marked.length) { out.textContent = text; return; }
@@ -290,29 +290,128 @@
     out.replaceChildren(...parts);
   }
 
-  // -- asking ------------------------------------------------------------------------------------------------
-  function request() {
-    const body = {
-      model: $("model").value,
-      max_tokens: Number($("max-tokens").value) || undefined,
-      messages: [{ role: "user", content: [
-        { type: "text", text: $("prompt").value.trim() || $("prompt").placeholder },
-        { type: "image_url", image_url: { url: state.image ? state.image.dataUrl : "data:image/png;base64,..." } },
-      ] }],
+  // -- the conversation ----------------------------------------------------------------------------------------
+  // One line per request option the UI offers: its field, its key in the request, how its text is read, and
+  // where it goes in the Python snippets (`extension`: not an `openai` argument, so in extra_body; `client`:
+  // TritonVLMClient takes it too). A new option of the API is one more line here and one field in the page.
+  const OPTIONS = [
+    { id: "max-tokens", key: "max_tokens", read: "int", client: true },
+    { id: "temperature", key: "temperature", read: "float", client: true },
+    { id: "top-p", key: "top_p", read: "float", client: true },
+    { id: "seed", key: "seed", read: "int", client: true },
+    { id: "task", key: "task", read: "text", extension: true },
+  ];
+  const READ = {
+    int: (text) => (/^\s*-?\d+\s*$/.test(text) ? Number(text) : undefined),
+    float: (text) => (text.trim() !== "" && Number.isFinite(Number(text)) ? Number(text) : undefined),
+    text: (text) => text.trim() || undefined,
+    json: (text) => (text.trim() ? JSON.parse(text) : undefined),  // e.g. response_format
+  };
+
+  function options() {
+    const set = {};
+    for (const option of OPTIONS) {
+      const field = $(option.id);
+      if (!field || field.disabled) continue;
+      const value = READ[option.read](field.value);
+      if (value !== undefined) set[option.key] = value;
+    }
+    return set;
+  }
+
+  // state.turns: [{ question, image (state.image's shape, or null: a text-only turn), answer, ok, element }].
+  // Only answered turns (ok) are history; a failed one stays on screen with its error but is not sent again.
+  function userMessage(turn, imageUrl) {
+    if (!turn.image) return { role: "user", content: turn.question };
+    return { role: "user", content: [{ type: "text", text: turn.question },
+                                     { type: "image_url", image_url: { url: imageUrl(turn.image) } }] };
+  }
+
+  function history(imageUrl) {
+    return state.turns.filter((t) => t.ok).flatMap((t) => [userMessage(t, imageUrl),
+                                                           { role: "assistant", content: t.answer }]);
+  }
+
+  // The image the next question carries: the current one, unless an answered turn already holds it (a follow-up
+  // about the same image refers back to it) or the user asks a text-only turn.
+  function imageForNext() {
+    if (!$("with-image").checked || !state.image) return null;
+    return state.turns.some((t) => t.ok && t.image && t.image.dataUrl === state.image.dataUrl) ? null : state.image;
+  }
+
+  // The request body for `question` (or, with none, the last question sent again), images through `imageUrl`.
+  function request(question, imageUrl) {
+    const messages = history(imageUrl);
+    if (question !== null || !messages.length) {
+      const image = $("with-image").checked && !state.image && !messages.length ? PLACEHOLDER_IMAGE : imageForNext();
+      messages.push(userMessage({ question: question || $("prompt").placeholder, image }, imageUrl));
+    } else {
+      messages.pop();  // ends with the last question
+    }
+    return { model: $("model").value, messages, ...options() };
+  }
+  const PLACEHOLDER_IMAGE = { name: "image.png", type: "image/png", dataUrl: "data:image/png;base64,..." };
+
+  function turnElement(turn) {
+    const item = (role) => {
+      const li = document.createElement("li");
+      li.className = `turn ${role}`;
+      const who = document.createElement("p");
+      who.className = "who";
+      who.textContent = role === "user" ? (turn.image ? "You, with the image" : "You") : $("model").value;
+      li.appendChild(who);
+      return li;
     };
-    if ($("task").value) body.task = $("task").value;
-    return body;
+    const asked = item("user");
+    if (turn.image) {
+      const thumb = document.createElement("img");
+      thumb.className = "thumb";
+      thumb.src = turn.image.dataUrl;
+      thumb.alt = turn.image.name;
+      asked.appendChild(thumb);
+    }
+    const text = document.createElement("p");
+    text.className = "question";
+    text.textContent = turn.question;
+    asked.appendChild(text);
+    const answered = item("assistant");
+    const out = document.createElement("output");
+    out.className = "answer";
+    const error = document.createElement("p");
+    error.className = "turn-error error";
+    error.setAttribute("role", "alert");
+    error.hidden = true;
+    answered.append(out, error);
+    $("conversation").append(asked, answered);
+    return { out, error, answered };
+  }
+
+  function clearConversation() {
+    if (state.controller) state.controller.abort();
+    state.turns = [];
+    $("conversation").replaceChildren();
+    drawOverlay([]);
+    for (const id of ["ttft", "total", "tokens", "tps"]) $(id).textContent = "–";
+    showError("");
+    renderCode();
   }
 
   async function send() {
     if (state.controller) return;
     showError("");
     if (!$("model").value) { showError("No model to ask: the server lists none (or could not be reached)."); return; }
-    if (!state.image) { showError("Add an image first: drop, paste or choose one."); $("file").focus(); return; }
-    const body = { ...request(), stream: true, stream_options: { include_usage: true } };
-    const prompt = body.messages[0].content[0].text;
-    const out = $("answer");
-    out.textContent = "";
+    if ($("with-image").checked && !state.image) {
+      showError("Add an image first: drop, paste or choose one (or untick “About the image” for a text-only turn).");
+      $("file").focus();
+      return;
+    }
+    const question = $("prompt").value.trim() || $("prompt").placeholder;
+    const body = { ...request(question, (image) => image.dataUrl), stream: true,
+                   stream_options: { include_usage: true } };
+    const turn = { question, image: imageForNext(), answer: "", ok: false };
+    state.turns.push(turn);
+    const { out, error: errorBox, answered } = turnElement(turn);
+    $("prompt").value = "";
     out.classList.add("streaming");
     drawOverlay([]);
     for (const id of ["ttft", "total", "tokens", "tps"]) $(id).textContent = "–";
@@ -348,21 +447,27 @@
         // detect/point answers count no tokens: no rate to show then.
         $("tps").textContent = usage.completion_tokens ? (usage.completion_tokens / (total / 1000)).toFixed(1) : "–";
       }
+      Object.assign(turn, { answer: text, ok: true });
       if (!text) out.textContent = "(the model answered nothing)";
-      const groups = groupsOf(text, entities, prompt);
-      if (text) showAnswer(text, groups);
+      const groups = groupsOf(text, entities, question);
+      if (text) showAnswer(out, text, groups);
       drawOverlay(groups);
     } catch (error) {
-      if (error.name === "AbortError") {
+      if (error.name === "AbortError") {  // what came so far is the answer (as in chat apps); nothing: no turn
+        Object.assign(turn, { answer: text, ok: Boolean(text) });
         $("total").textContent = `${ms(performance.now() - started)} (stopped)`;
       } else {
-        showError(explain(error));
+        answered.classList.add("failed");
+        errorBox.textContent = explain(error);
+        errorBox.hidden = false;
+        if (!$("prompt").value) $("prompt").value = question;  // to retry or edit
         if (error instanceof ApiError && error.code === "model_not_found") loadModels().catch(() => {});
       }
     } finally {
       out.classList.remove("streaming");
       state.controller = null;
       busy(false);
+      renderCode();
     }
   }
 
@@ -395,50 +500,89 @@
   }
 
   // -- copy as code --------------------------------------------------------------------------------------------
+  // A JSON value as a Python literal (the request holds strings, numbers, booleans, lists and objects; a JSON
+  // string literal is a valid Python one).
+  function py(value) {
+    if (value === null || value === undefined) return "None";
+    if (typeof value === "boolean") return value ? "True" : "False";
+    if (Array.isArray(value)) return `[${value.map(py).join(", ")}]`;
+    if (typeof value === "object") return `{${Object.entries(value).map(([k, v]) => `${py(k)}: ${py(v)}`).join(", ")}}`;
+    return JSON.stringify(value);
+  }
+
   function renderCode() {
-    const body = request();
-    const file = state.image ? state.image.name : "image.png";
-    const type = state.image && state.image.type.startsWith("image/") ? state.image.type : "image/png";
+    // The images stand as markers in the body; each snippet reads the files in its own way.
+    const files = [];
+    const imageUrl = (image) => {
+      let index = files.indexOf(image);
+      if (index < 0) index = files.push(image) - 1;
+      return `__IMAGE_${index}__`;
+    };
+    const question = $("prompt").value.trim() || (state.turns.some((t) => t.ok) ? null : "");
+    const body = request(question, imageUrl);
+    const fileOf = (image) => (image === PLACEHOLDER_IMAGE ? "image.png" : image.name);
+    const typeOf = (image) => (image.type.startsWith("image/") ? image.type : "image/png");
     const base = `${location.origin}/v1`;
-    const prompt = body.messages[0].content[0].text;
-    // curl: the JSON in single quotes, the image spliced in by the shell, as in the README.
-    const marker = "__IMAGE__";
-    const curlBody = JSON.stringify({ ...body, messages: [{ role: "user", content: [
-      { type: "text", text: prompt }, { type: "image_url", image_url: { url: `data:${type};base64,${marker}` } },
-    ] }] }).replace(/'/g, "'\\''").replace(marker, `'"$(base64 -w0 ${shellQuote(file)})"'`);
+    const { model, messages, ...chosen } = body;
+
+    // curl: the JSON in single quotes, each image spliced in by the shell, as in the README.
+    let curlBody = JSON.stringify(body).replace(/'/g, "'\\''");
+    files.forEach((image, i) => {
+      curlBody = curlBody.replace(`"__IMAGE_${i}__"`,
+        `"data:${typeOf(image)};base64,'"$(base64 -w0 ${shellQuote(fileOf(image))})"'"`);
+    });
     $("code-curl").textContent = [
       `curl -s ${base}/chat/completions \\`,
       '  -H "Authorization: Bearer $TRITON_VLM_API_KEY" \\',
       '  -H "Content-Type: application/json" \\',
       `  -d '${curlBody}'`,
     ].join("\n");
-    const py = (value) => JSON.stringify(value);
-    const extra = body.task ? `, extra_body={"task": ${py(body.task)}}` : "";
-    const tokens = body.max_tokens ? `, max_tokens=${body.max_tokens}` : "";
+
+    // Python (openai): one message a line, the images read from their files.
+    const withImages = (text) => files.reduce((out, image, i) => out.replace(`"__IMAGE_${i}__"`,
+      `f"data:${typeOf(image)};base64,{image${i}}"`), text);
+    const readImages = files.map((image, i) => `image${i} = base64.b64encode(open(${py(fileOf(image))}, "rb")`
+      + ".read()).decode()");
+    const standard = OPTIONS.filter((o) => !o.extension && o.key in chosen).map((o) => `, ${o.key}=${py(chosen[o.key])}`);
+    const extension = Object.fromEntries(OPTIONS.filter((o) => o.extension && o.key in chosen)
+      .map((o) => [o.key, chosen[o.key]]));
+    const extra = Object.keys(extension).length ? `, extra_body=${py(extension)}` : "";
     $("code-openai").textContent = [
-      "import base64",
+      ...(files.length ? ["import base64"] : []),
       "import os",
       "",
       "from openai import OpenAI",
       "",
       `client = OpenAI(base_url=${py(base)}, api_key=os.environ.get("TRITON_VLM_API_KEY", "none"))`,
-      `image = base64.b64encode(open(${py(file)}, "rb").read()).decode()`,
-      "messages = [{\"role\": \"user\", \"content\": [",
-      `    {"type": "text", "text": ${py(prompt)}},`,
-      `    {"type": "image_url", "image_url": {"url": f"data:${type};base64,{image}"}},`,
-      "]}]",
-      `answer = client.chat.completions.create(model=${py(body.model)}, messages=messages${tokens}${extra})`,
+      ...readImages,
+      "messages = [",
+      ...messages.map((m) => `    ${withImages(py(m))},`),
+      "]",
+      `answer = client.chat.completions.create(model=${py(model)}, messages=messages${standard.join("")}${extra})`,
       "print(answer.choices[0].message.content)",
-      ...(state.models.get(body.model) || []).includes("entities")
+      ...(state.models.get(model) || []).includes("entities")
         ? ["print(answer.choices[0].message.entities)  # triton-vlm extension: phrases with boxes"] : [],
     ].join("\n");
-    const task = body.task ? `, task=${py(body.task)}` : "";
+
+    // TritonVLMClient: one question with its image is infer (tasks too); a conversation is chat, images apart.
+    const clientOptions = OPTIONS.filter((o) => o.client && o.key in chosen).map((o) => `, ${o.key}=${py(chosen[o.key])}`)
+      .join("");
+    const [only] = messages;
+    const single = messages.length === 1 && files.length === 1 && Array.isArray(only.content);
+    const call = single
+      ? `client.infer_result(${py(model)}, ${py(fileOf(files[0]))}, ${py(only.content[0].text)}${clientOptions}`
+        + `${chosen.task ? `, task=${py(chosen.task)}` : ""})`
+      : `client.chat_result(${py(model)}, messages, [${files.map((f) => py(fileOf(f))).join(", ")}]${clientOptions})`;
+    const contract = (m) => (Array.isArray(m.content)
+      ? { ...m, content: m.content.map((p) => (p.type === "image_url" ? { type: "image" } : p)) } : m);
     $("code-client").textContent = [
       "from triton_client import TritonVLMClient",
       "",
+      ...(single ? [] : ["# the conversation, each image a {\"type\": \"image\"} part where it stands (in order)",
+                         "messages = [", ...messages.map((m) => `    ${py(contract(m))},`), "]"]),
       "# Triton's own HTTP port (8000 by default), not the OpenAI front's",
       `with TritonVLMClient(url="${location.hostname}:8000") as client:`,
-      `    result = client.infer_result(${py(body.model)}, ${py(file)}, ${py(prompt)}${tokens}${task})`,
+      `    result = ${call}`,
       "    print(result.text, result.entities)",
     ].join("\n");
   }
@@ -472,7 +616,10 @@
     });
     $("stop").addEventListener("click", () => state.controller && state.controller.abort());
     $("model").addEventListener("change", modelChanged);
-    for (const id of ["task", "prompt", "max-tokens"]) $(id).addEventListener("input", renderCode);
+    $("clear").addEventListener("click", clearConversation);
+    for (const id of ["task", "prompt", "with-image", ...OPTIONS.map((o) => o.id)]) {
+      $(id).addEventListener("input", renderCode);
+    }
     $("file").addEventListener("change", () => { takeFile($("file").files[0]); $("file").value = ""; });
     const drop = $("drop");
     drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("dragging"); });
