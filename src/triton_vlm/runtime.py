@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -211,22 +211,14 @@ class VLMRuntime:
             return results
 
     def _run(self, loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
-        # A request for n choices is n rows of the batch (choice i seeded seed + i), grouped back below.
-        rows = [(r, r.params.choice(i) if r.params.n > 1 else r.params) for r in requests for i in range(r.params.n)]
         outputs = loaded.family.generate(
-            loaded.model, loaded.processor, [r.images for r, _ in rows], [r.prompt for r, _ in rows],
-            [p for _, p in rows], [r.task for r, _ in rows],
-            cancelled=[r.is_cancelled for r, _ in rows] if any(r.is_cancelled for r in requests) else None,
+            loaded.model, loaded.processor, [r.images for r in requests], [r.prompt for r in requests],
+            [r.params for r in requests], [r.task for r in requests],
+            cancelled=[r.is_cancelled for r in requests] if any(r.is_cancelled for r in requests) else None,
         )
-        if len(outputs) != len(rows):  # checked here, so that every caller may pair results with requests
+        if len(outputs) != len(requests):  # checked here, so that every caller may pair results with requests
             raise GenerationError(f"model {self.settings.model_name!r}: family {loaded.family.name!r} answered "
-                                  f"{len(outputs)} of {len(rows)} requests")
-        grouped, at = [], 0
-        for r in requests:
-            first, *others = outputs[at:at + r.params.n]
-            at += r.params.n
-            grouped.append(replace(first, choices=tuple(others)) if others else first)
-        outputs = grouped
+                                  f"{len(outputs)} of {len(requests)} requests")
         return [RequestCancelledError(f"model {self.settings.model_name!r}: request cancelled by its client after "
                                       f"{len(o.token_ids)} tokens") if o.finish_reason == CANCELLED else o
                 for o in outputs]

@@ -37,7 +37,7 @@ class SamplingParams:
     ignore_eos: bool = False
     #: The answer ends right before the first of these strings (finish reason "stop"); at most MAX_STOP.
     stop: tuple[str, ...] = ()
-    #: Choices for this prompt: one prefill, ``n`` decodes (seeded: choice ``i`` draws with ``seed + i``).
+    #: Choices for this prompt: one prefill, ``n`` decoding rows (seeded: choice ``i`` draws with ``seed + i``).
     n: int = 1
     #: Return each generated token's logprob (log_softmax of the model's logits), and its ``top_logprobs``
     #: most likely alternatives.

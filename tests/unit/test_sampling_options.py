@@ -163,15 +163,50 @@ def test_a_stop_string_spanning_tokens_cuts_the_answer_exactly_before_it(loaded:
     assert full.text.startswith(cut.text + stop)
 
 
-def test_n_choices_are_seeded_reproducible_and_differ(llava_runtime: VLMRuntime) -> None:
-    request = llava_runtime.make_request(_png(), "What is this?", max_tokens=8, temperature=1.0, seed=5, n=3)
-    (first,) = llava_runtime.generate([request])
-    (again,) = llava_runtime.generate([request])
-    assert isinstance(first, GenerationOutput) and len(first.choices) == 2
-    texts = [first.token_ids, *(c.token_ids for c in first.choices)]
-    assert isinstance(again, GenerationOutput)
-    assert texts == [again.token_ids, *(c.token_ids for c in again.choices)]
-    assert len(set(texts)) == 3
+@pytest.fixture(scope="module")
+def qwen2_vl_runtime() -> VLMRuntime:
+    from .conftest import _runtime
+
+    runtime: VLMRuntime = _runtime("qwen2_vl")
+    return runtime
+
+
+@pytest.fixture(scope="module")
+def moondream2_runtime() -> VLMRuntime:
+    from .conftest import _runtime
+
+    runtime: VLMRuntime = _runtime("moondream2")
+    return runtime
+
+
+# qwen2_vl: multimodal RoPE positions [3, rows, len]; smolvlm: Idefics3 with image splitting; moondream2: its own
+# model code and KV cache.
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "smolvlm", "moondream2"])
+def test_n_choices_prefill_once_are_seeded_reproducible_and_differ(family: str, request: pytest.FixtureRequest,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime: VLMRuntime = request.getfixturevalue(f"{family}_runtime")
+    loaded = runtime.ensure_loaded()
+    prefills: list[int] = []
+    prefill = loaded.family.prefill
+
+    def counting(model: Any, inputs: Any, positions: Any, cache: Any) -> Any:
+        prefills.append(int(inputs["input_ids"].shape[0]))
+        return prefill(model, inputs, positions, cache)
+
+    monkeypatch.setattr(loaded.family, "prefill", counting)
+    asked = runtime.make_request(_png(), "What is this?", max_tokens=8, temperature=1.0, seed=5, n=3)
+    other = runtime.make_request(_png(), "Describe it.", max_tokens=4)
+    first, plain = runtime.generate([asked, other])
+    assert prefills == [2]  # one prefill for both requests' prompts: the three choices share it
+    (again,) = runtime.generate([asked])
+    assert isinstance(first, GenerationOutput) and isinstance(again, GenerationOutput)
+    assert isinstance(plain, GenerationOutput) and not plain.choices
+    choices = [first.token_ids, *(c.token_ids for c in first.choices)]
+    assert choices == [again.token_ids, *(c.token_ids for c in again.choices)] and len(set(choices)) == 3
+    # Choice i is what the request seeded seed + i gives alone (the copied KV is the prompt's own).
+    alone = runtime.generate([runtime.make_request(_png(), "What is this?", max_tokens=8, temperature=1.0, seed=s)
+                              for s in (5, 6, 7)])
+    assert [o.token_ids for o in alone if isinstance(o, GenerationOutput)] == choices
 
 
 def _png() -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -111,7 +111,8 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
     """Generate for ``len(prompts)`` requests in one batched loop; ``prompts`` are user prompts (``tasks`` their
     (normalized) task names, None for the family's default) or conversations, ``images`` each row's image or
     images (none: a text-only turn). Rows whose ``cancelled`` probe says so stop early with finish reason
-    :data:`CANCELLED`."""
+    :data:`CANCELLED`. A request for ``n`` choices is prefilled once and decoded as ``n`` rows (its KV copied), its
+    output holding the other choices."""
     from transformers import DynamicCache
 
     device = model.device
@@ -127,17 +128,29 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
     prompt_tokens = attention_mask.sum(-1).tolist()
     check_context(family, model, prompt_tokens, params)
 
-    batch = len(prompts)
+    cache = DynamicCache()
+    logits = family.prefill(model, inputs, positions, cache)
+    prompt_ids = inputs["input_ids"]
+    owners = [row for row, p in enumerate(params) for _ in range(p.n)]
+    if len(owners) > len(params):  # n choices: the prompt was prefilled once; its KV is copied into n rows
+        index = torch.tensor(owners, device=device)
+        cache.batch_select_indices(index)
+        logits, attention_mask, prompt_ids = logits[index], attention_mask[index], prompt_ids[index]
+        positions = positions.index_select(-2, index)
+        params = [p.choice(i) if p.n > 1 else p for p in params for i in range(p.n)]
+        prompt_tokens = [prompt_tokens[row] for row in owners]
+        row_images = [row_images[row] for row in owners]
+        prompts = [prompts[row] for row in owners]
+        cancelled = None if cancelled is None else [cancelled[row] for row in owners]
+
+    batch = len(params)
     stop_ids = torch.tensor(sorted(family.stop_token_ids(model, processor)), device=device, dtype=torch.long)
     # Rows that ignore EOS never stop on it, except under a grammar (whose accepting end is EOS).
     row_stop = torch.tensor([p.ignore_eos and p.response_format is None for p in params], device=device)
     pad_id = processor.tokenizer.pad_token_id or 0
     limits = torch.tensor([p.max_tokens for p in params], device=device)
     grammars = grammar_states(family, processor, params, stop_ids.tolist())
-    cache = DynamicCache()
-
-    logits = family.prefill(model, inputs, positions, cache)
-    sampler = RowSampler(params, device, logits.shape[-1], inputs["input_ids"], inputs["attention_mask"])
+    sampler = RowSampler(params, device, logits.shape[-1], prompt_ids, attention_mask)
     stopping = [row for row, p in enumerate(params) if p.stop]  # rows that end on a stop string
     generated: list[list[int]] = [[] for _ in range(batch)]
     finish = ["length"] * batch
@@ -194,4 +207,14 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
         outputs.append(GenerationOutput(text=cut_at_stop(text, p.stop), token_ids=tuple(ids), prompt_tokens=int(n),
                                         finish_reason=reason, extras=extras, logprobs=tuple(logprobs[:len(ids)]),
                                         first_token_at=first_token_at, finished_at=done))
-    return outputs
+    return group_choices(outputs, owners)
+
+
+def group_choices(rows: Sequence[GenerationOutput], owners: Sequence[int]) -> list[GenerationOutput]:
+    """One output per request from its rows (``owners[i]``: the request of row ``i``): the first choice, the others
+    in its ``choices``."""
+    grouped: dict[int, list[GenerationOutput]] = {}
+    for owner, row in zip(owners, rows, strict=True):
+        grouped.setdefault(owner, []).append(row)
+    return [replace(first, choices=tuple(others)) if others else first
+            for first, *others in (grouped[owner] for owner in sorted(grouped))]
