@@ -172,6 +172,11 @@ def test_n_choices_with_a_seed(front: Front, triton: RunningServer, png: bytes) 
     texts = [c.message.content for c in answer.choices]
     assert [c.index for c in answer.choices] == [0, 1, 2] and len(set(texts)) == 3
     assert [c.message.content for c in client.chat.completions.create(**sampled).choices] == texts
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**sampled, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
     with TritonVLMClient(triton.http_url) as kserve:
         batched = kserve.infer_result("llava", png, "Describe it.", max_tokens=8, temperature=1.0, seed=7, n=3)
     assert [batched.text, *(c.text for c in batched.choices)] == texts

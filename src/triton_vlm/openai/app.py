@@ -290,9 +290,9 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                 hidden = None if answer.entities is not None else {"choices": {"__all__": {"message": {"entities"}}}}
                 return JSONResponse(answer_body.model_dump(mode="json", exclude=hidden))
 
-            if model.streams:
+            if model.streams and (body.n or 1) == 1:
                 pieces = gateway.stream(model.name, inputs, sampling, entities=model.entities)
-            else:
+            else:  # no stream model, or n choices (one whole answer: the choices run in the batched loop)
                 pieces = _one(gateway.infer(model.name, inputs, sampling, entities=model.entities))
             try:  # the first piece before the 200: an error up to here still gets its own status
                 first = await pieces.__anext__()
@@ -355,7 +355,6 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     """400 for known OpenAI parameters whose effect this server cannot give (rather than silently ignore)."""
     checks: list[tuple[str, bool, str]] = [
-        ("n", bool(body.stream) and (body.n or 1) > 1, "n > 1 is not supported with stream: true yet"),
         ("top_logprobs", bool(body.top_logprobs) and not body.logprobs, "top_logprobs needs logprobs: true"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
         ("tools", bool(body.tools), "tools are not supported: these models call no tools"),
@@ -438,9 +437,9 @@ async def sse_events(completion_id: str, created: int, model: str, first: Piece,
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     def delta(content: dict[str, Any], finish: str | None = None,
-              entries: Sequence[TokenLogprob] = ()) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": content, "logprobs": openai_logprobs(entries) if logprobs and entries else None,
-                 "finish_reason": finish}]
+              entries: Sequence[TokenLogprob] = (), index: int = 0) -> list[dict[str, Any]]:
+        return [{"index": index, "delta": content,
+                 "logprobs": openai_logprobs(entries) if logprobs and entries else None, "finish_reason": finish}]
 
     try:
         yield event(delta({"role": "assistant", "content": ""}))
@@ -459,6 +458,9 @@ async def sse_events(completion_id: str, created: int, model: str, first: Piece,
                 return
         # The entities extension rides on the last chunk: only the whole answer has them.
         yield event(delta({} if piece.entities is None else {"entities": piece.entities}, _finish(piece.finish_reason)))
+        for choice in piece.choices:  # n > 1: the other choices of the whole answer, each in one chunk
+            yield event(delta({"role": "assistant", "content": choice.text}, _finish(choice.finish_reason),
+                              choice.logprobs, choice.index))
         if include_usage:
             yield event([], _usage(piece))
         yield "data: [DONE]\n\n"
