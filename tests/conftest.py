@@ -37,3 +37,17 @@ def free_ports(count: int = 3) -> tuple[int, ...]:
 @pytest.fixture(scope="session")
 def sample_image_bytes() -> bytes:
     return SAMPLE_IMAGE.read_bytes()
+
+
+def server_exit_report(log_path: Path, code: int) -> str:
+    """Why a test tritonserver did not exit 0: the models Triton loaded whose ``finalize`` never said "model X
+    unloaded" (our backends' line), and the log's last lines without Triton's once-a-second shutdown countdown
+    (which alone would fill the tail)."""
+    import re
+
+    text = log_path.read_text(errors="replace")
+    loaded = set(re.findall(r"successfully loaded '([^']+)'", text))
+    unloaded = set(re.findall(r"model (\S+) unloaded", text))
+    lines = [line for line in text.splitlines() if "in-flight non-inference requests" not in line]
+    return (f"tritonserver exited with {code}; loaded, never finalized: {sorted(loaded - unloaded) or 'none'};"
+            f" log (countdown left out):\n" + "\n".join(lines[-60:]))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from tests.conftest import free_ports
+from tests.conftest import free_ports, server_exit_report
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,5 +79,5 @@ def serve(triton_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Callab
                 yield Served(server, log_path)
             finally:
                 code = server.stop()
-        assert code == 0, f"tritonserver exited with {code}; log:\n{log_path.read_text()[-3000:]}"
+        assert code == 0, server_exit_report(log_path, code)
     return start

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import free_port, free_ports
+from tests.conftest import free_port, free_ports, server_exit_report
 
 from triton_vlm.launcher import ServerOptions, TritonServer
 from triton_vlm.openai import OpenAIOptions
@@ -73,7 +73,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
             yield RunningServer(server, log_path, startup)
         finally:
             code = server.stop()
-    assert code == 0, f"tritonserver exited with {code}; log:\n{log_path.read_text()[-3000:]}"
+    assert code == 0, server_exit_report(log_path, code)
 
 
 # -- the OpenAI front (test_openai.py, test_playground.py) ---------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.conftest import free_ports
+from tests.conftest import free_ports, server_exit_report
 from tests.integration.conftest import ServerHandle
 from tests.unit.helpers import image_bytes
 
@@ -123,7 +123,7 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServer]:
             yield FaultServer(server, log_path, moondream_dir)
         finally:
             code = server.stop()
-    assert code == 0, f"tritonserver exited with {code}; log:\n{log_path.read_text()[-3000:]}"
+    assert code == 0, server_exit_report(log_path, code)
 
 
 # -- limits from the environment, overload ----------------------------------------------------------------------

@@ -343,10 +343,14 @@ class TritonServer:
     def wait(self, poll_s: float = 0.5) -> int:
         """Block while the server runs (across restarts after a crash); its exit code once it stays down, or 1
         when the OpenAI front dies (a server whose advertised API died should not go on half-working)."""
+        last: subprocess.Popen[bytes] | None = None
         while True:
-            process = self.process
+            # A stop() from another thread releases the process before it has exited: follow it to its exit code
+            # rather than answer 0 for a server that is still going down.
+            process = self.process or last
             if process is None:
                 return 0
+            last = process
             try:
                 code = process.wait(timeout=poll_s)
             except subprocess.TimeoutExpired:
@@ -355,7 +359,7 @@ class TritonServer:
                     log.error("the OpenAI front exited (code %s); stopping", front.process.returncode)
                     return 1
                 continue
-            if self._restarts.stays_down(process):
+            if self.process is None or self._restarts.stays_down(process):
                 return code
 
     def model_control(self) -> ModelControl:
