@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -87,18 +88,20 @@ class VLMRuntime:
     def make_request(self, image_bytes: bytes, prompt: str | bytes, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
                      seed: int | None = None, ignore_eos: bool = False,
-                     task: str | bytes | None = None,
-                     response_format: str | bytes | None = None) -> GenerationRequest:
+                     task: str | bytes | None = None, response_format: str | bytes | None = None,
+                     **options: Any) -> GenerationRequest:
         """Validate raw request values; raises :class:`InvalidInputError` naming the bad field.
 
         ``task`` names one of the family's skills (see ``ModelFamily.tasks``); families without any refuse it.
+        ``options``: further :class:`~triton_vlm.sampling.SamplingParams` fields (``stop``, ``n``, ``logprobs``,
+        penalties...), validated there.
         """
         prompt = _text("prompt", prompt)
         task = self.family.normalize_task(None if task is None else _text("task", task))
         if not prompt.strip() and self.family.prompt_required(task):
             raise InvalidInputError("prompt: empty; ask the model something", param="prompt")
         self._check_text([prompt], "prompt")
-        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format)
+        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format, options)
         limits = self.settings.limits
         image = decode_image(image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
                              max_aspect_ratio=limits.max_image_aspect_ratio)
@@ -107,12 +110,13 @@ class VLMRuntime:
     def make_chat_request(self, messages: str | bytes, images: Sequence[bytes] = (), *,
                           max_tokens: int | None = None, temperature: float | None = None,
                           top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
-                          task: str | bytes | None = None,
-                          response_format: str | bytes | None = None) -> GenerationRequest:
+                          task: str | bytes | None = None, response_format: str | bytes | None = None,
+                          **options: Any) -> GenerationRequest:
         """Validate a chat request: ``messages`` (JSON, :mod:`triton_vlm.chat`) and the file bytes of its images;
         raises :class:`InvalidInputError` naming the bad field (``messages``, ``images``...). Image counts are
         checked against the family's limits before any image is decoded. ``task`` as for :meth:`make_request` (a
-        family's skill other than answering takes the last user message's text: ``ModelFamily.render_input``)."""
+        family's skill other than answering takes the last user message's text: ``ModelFamily.render_input``);
+        ``options`` as for :meth:`make_request`."""
         family = self.family
         task = family.normalize_task(None if task is None else _text("task", task))
         count = len(images)
@@ -133,7 +137,7 @@ class VLMRuntime:
             raise InvalidInputError(f"messages: task {task!r} needs a question in the last user message",
                                     param="messages")
         self._check_text(texts, "messages")
-        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format)
+        params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format, options)
         limits = self.settings.limits
         decoded = tuple(decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
                                      max_aspect_ratio=limits.max_image_aspect_ratio, field=f"images[{i}]")
@@ -152,7 +156,7 @@ class VLMRuntime:
             self.family.validate_prompt(text, param)
 
     def _sampling(self, max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,
-                  ignore_eos: bool, response_format: str | bytes | None = None) -> SamplingParams:
+                  ignore_eos: bool, response_format: str | bytes | None, options: dict[str, Any]) -> SamplingParams:
         limits = self.settings.limits
         fmt = ResponseFormat.parse(response_format)
         if fmt is not None and not self.family.supports_response_format:
@@ -169,7 +173,13 @@ class VLMRuntime:
             seed=seed,
             ignore_eos=ignore_eos,
             response_format=fmt,
+            **{name: value for name, value in options.items() if value is not None},
         )
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (logprobs name their tokens so); the model is loaded."""
+        processor = self.ensure_loaded().processor
+        return str(getattr(processor, "tokenizer", processor).decode([token_id]))
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput | TritonVLMError]:
         """Generate for all ``requests`` in one batch; each slot holds an output or that request's error.

@@ -145,6 +145,86 @@ def test_sampling_parameters_reach_the_model(front: Front, triton: RunningServer
         assert greedy.choices[0].message.content == kserve.infer("llava", png, "Describe it.", max_tokens=MAX_TOKENS)
 
 
+# -- sampling and output options (issue 24): stop, n, logprobs, penalties; the engine route and the batched one -------
+def test_stop_cuts_a_greedy_answer_exactly_before_it_streamed_or_not(front: Front, triton: RunningServer,
+                                                                      png: bytes) -> None:
+    client = front.client()
+    messages = [user("Describe it.", png)]
+    full = client.chat.completions.create(model="llava", messages=messages, max_tokens=16).choices[0].message.content
+    assert full and len(full) > 8
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # from the middle of the answer: it may span tokens
+    expected = full[:full.find(stop)]
+    answer = client.chat.completions.create(model="llava", messages=messages, max_tokens=16, stop=[stop, "\x01"])
+    assert answer.choices[0].message.content == expected and answer.choices[0].finish_reason == "stop"
+    chunks = [c for c in client.chat.completions.create(model="llava", messages=messages, max_tokens=16, stop=stop,
+                                                        stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    with TritonVLMClient(triton.http_url) as kserve:  # the batched public model
+        batched = kserve.infer_result("llava", png, "Describe it.", max_tokens=16, stop=stop)
+    assert (batched.text, batched.finish_reason) == (expected, "stop")
+
+
+def test_n_choices_with_a_seed(front: Front, triton: RunningServer, png: bytes) -> None:
+    client = front.client()
+    sampled = dict(model="llava", messages=[user("Describe it.", png)], max_tokens=8, temperature=1.0, seed=7, n=3)
+    answer = client.chat.completions.create(**sampled)
+    texts = [c.message.content for c in answer.choices]
+    assert [c.index for c in answer.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert [c.message.content for c in client.chat.completions.create(**sampled).choices] == texts
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**sampled, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+    with TritonVLMClient(triton.http_url) as kserve:
+        batched = kserve.infer_result("llava", png, "Describe it.", max_tokens=8, temperature=1.0, seed=7, n=3)
+    assert [batched.text, *(c.text for c in batched.choices)] == texts
+
+
+def test_logprobs_one_entry_per_generated_token(front: Front, triton: RunningServer, png: bytes) -> None:
+    from triton_vlm.direct import direct_runtime
+
+    tokenizer = direct_runtime("llava", tiny=True, device="cpu").ensure_loaded().processor.tokenizer
+    client = front.client()
+    messages = [user("Describe it.", png)]
+    answer = client.chat.completions.create(model="llava", messages=messages, max_tokens=8, logprobs=True,
+                                            top_logprobs=2)
+    choice = answer.choices[0]
+    entries = choice.logprobs.content if choice.logprobs else None
+    assert entries and answer.usage and len(entries) == answer.usage.completion_tokens
+    ids = [e.model_extra["token_id"] for e in entries]  # type: ignore[index]
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == choice.message.content
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-4 for e in entries)
+    streamed = [e for c in client.chat.completions.create(model="llava", messages=messages, max_tokens=8,
+                                                          logprobs=True, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+    assert [e.model_extra["token_id"] for e in streamed] == ids  # type: ignore[index]
+    with TritonVLMClient(triton.http_url) as kserve:
+        batched = kserve.infer_result("llava", png, "Describe it.", max_tokens=8, logprobs=True, top_logprobs=2)
+    assert [e.token_id for e in batched.logprobs] == ids
+    assert [e.logprob for e in batched.logprobs] == pytest.approx([e.logprob for e in entries], abs=1e-3)
+
+
+def test_penalties_change_greedy_output(front: Front, triton: RunningServer, png: bytes) -> None:
+    client = front.client()
+    messages = [user("Describe it.", png)]
+    plain = client.chat.completions.create(model="llava", messages=messages, max_tokens=12)
+    # Random weights rarely repeat a token: penalties that reward repeats show (negative, as OpenAI allows).
+    rewarded = client.chat.completions.create(model="llava", messages=messages, max_tokens=12,
+                                              frequency_penalty=-2, presence_penalty=-1)
+    assert rewarded.choices[0].message.content != plain.choices[0].message.content
+    with TritonVLMClient(triton.http_url) as kserve:
+        batched = kserve.infer_result("llava", png, "Describe it.", max_tokens=12, frequency_penalty=-2.0,
+                                      presence_penalty=-1.0)
+        repeated = kserve.infer_result("llava", png, "Describe it.", max_tokens=12, repetition_penalty=0.05)
+    assert batched.text == rewarded.choices[0].message.content
+    assert repeated.text != plain.choices[0].message.content
+    extension = client.chat.completions.create(model="llava", messages=messages, max_tokens=12,
+                                               extra_body={"repetition_penalty": 0.05})
+    assert extension.choices[0].message.content == repeated.text
+
+
 # -- chats (issue 24): the conversation as messages + images, rendered by the model's own template ------------------
 def _hf(messages: list[dict]) -> tuple[list[dict], list[bytes]]:
     """OpenAI messages as the Triton contract's ``messages`` (``{"type": "image"}`` parts) and their images."""
@@ -328,10 +408,11 @@ def test_request_errors_have_openai_status_codes(front: Front, png: bytes, strea
             "url": "https://example.com/cat.png"}}]}])
     assert _status_error(error)["code"] == "remote_images_disabled"
     with pytest.raises(openai.BadRequestError) as error:
-        ask(n=2)
+        ask(n=9)
     assert _status_error(error)["param"] == "n"
-    with pytest.raises(openai.BadRequestError):
-        ask(stop=["\n"])
+    with pytest.raises(openai.BadRequestError) as error:  # the model's limit: INVALID_ARG naming the field
+        ask(stop=["a", "b", "c", "d", "e"])
+    assert _status_error(error)["param"] == "stop" and "at most 4" in _status_error(error)["message"]
     with pytest.raises(openai.BadRequestError):
         ask(messages=[{"role": "assistant", "content": "Hello"}])
     assert ask()  # and the server keeps serving

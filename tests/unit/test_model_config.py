@@ -28,11 +28,14 @@ FAMILY_OF: dict[str, str] = {}
 COMPANIONS = {"kosmos2_stream": "kosmos2", "llava_stream": "llava", "moondream2_stream": "moondream2",
               "qwen2_vl_stream": "qwen2_vl", "smolvlm_stream": "smolvlm", "llava_next_stream": "llava_next"}
 OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64,
-            "ignore_eos": pb.TYPE_BOOL, "response_format": pb.TYPE_STRING}
+            "ignore_eos": pb.TYPE_BOOL, "response_format": pb.TYPE_STRING, "n": pb.TYPE_INT32, "logprobs": pb.TYPE_BOOL,
+            "top_logprobs": pb.TYPE_INT32, "presence_penalty": pb.TYPE_FP32, "frequency_penalty": pb.TYPE_FP32,
+            "repetition_penalty": pb.TYPE_FP32}
 #: Inputs only some public models take.
 EXTRA_OPTIONAL = {"moondream2": {"task": pb.TYPE_STRING}}
 OUTPUTS = {"generated_text": pb.TYPE_STRING, "generated_tokens": pb.TYPE_INT32, "prompt_tokens": pb.TYPE_INT32,
-           "finish_reason": pb.TYPE_STRING}
+           "finish_reason": pb.TYPE_STRING, "token_logprobs": pb.TYPE_STRING, "choices": pb.TYPE_STRING,
+           "index": pb.TYPE_INT32}
 #: Outputs only some models have (the family's optional outputs; clients ask for them or not).
 EXTRA_OUTPUTS = {"kosmos2": {"entities": pb.TYPE_STRING}, "kosmos2_stream": {"entities": pb.TYPE_STRING}}
 
@@ -78,6 +81,8 @@ def assert_common_inputs(inputs: dict[str, pb.ModelInput]) -> None:
     images = inputs["images"]  # BYTES, one element per image, sizes differ: ragged
     assert images.data_type == pb.TYPE_STRING and list(images.dims) == [-1] and images.optional
     assert images.allow_ragged_batch
+    stop = inputs["stop"]  # up to 4 strings, one per element
+    assert stop.data_type == pb.TYPE_STRING and list(stop.dims) == [-1] and stop.optional and stop.allow_ragged_batch
     for name, dtype in OPTIONAL.items():
         assert inputs[name].optional, name
         assert inputs[name].data_type == dtype and list(inputs[name].dims) == [1], name
@@ -86,7 +91,7 @@ def assert_common_inputs(inputs: dict[str, pb.ModelInput]) -> None:
 def test_input_contract(public: pb.ModelConfig) -> None:
     inputs = {i.name: i for i in public.input}
     extra = EXTRA_OPTIONAL.get(public.name, {})
-    assert set(inputs) == {"image", "prompt", "messages", "images", *OPTIONAL, *extra}
+    assert set(inputs) == {"image", "prompt", "messages", "images", "stop", *OPTIONAL, *extra}
     assert_common_inputs(inputs)
     for name, dtype in extra.items():
         assert inputs[name].optional and inputs[name].data_type == dtype and list(inputs[name].dims) == [1]
@@ -100,7 +105,7 @@ def test_ignore_eos_is_an_optional_bool_everywhere(config: pb.ModelConfig) -> No
 def test_output_contract(config: pb.ModelConfig) -> None:
     outputs = {o.name: o for o in config.output}
     assert {name: o.data_type for name, o in outputs.items()} == {**OUTPUTS, **EXTRA_OUTPUTS.get(config.name, {})}
-    assert [o.name for o in config.output][:4] == list(OUTPUTS)  # the common outputs first, in this order
+    assert [o.name for o in config.output][:7] == list(OUTPUTS)  # the common outputs first, in this order
     assert all(list(o.dims) == [1] for o in outputs.values())
 
 
@@ -175,12 +180,21 @@ def test_derived_engine_configs_say_what_the_old_stream_files_said(companion: st
     assert derived.parameters["base_model"].string_value == base
     derived.ClearField("parameters")
     legacy.ClearField("parameters")
+    legacy_inputs = {spec.name for spec in legacy.input}
     # Since then the contract grew the chat inputs and response_format (issue 24) and image + prompt became
     # optional; the rest stands.
     chat = [spec for spec in derived.input if spec.name in ("messages", "images", "response_format")]
     assert [spec.name for spec in chat] == ["messages", "images", "response_format"]
     for spec in chat:
         derived.input.remove(spec)
+    # ... and the sampling and output options (issue 24, second part).
+    sampling = [spec for spec in derived.input if spec.name in ("stop", *OPTIONAL) and spec.name not in legacy_inputs]
+    assert [spec.name for spec in sampling] == ["stop", "n", "logprobs", "top_logprobs", "presence_penalty",
+                                                "frequency_penalty", "repetition_penalty"]
+    for spec in sampling:
+        derived.input.remove(spec)
+    for spec in [o for o in derived.output if o.name in ("token_logprobs", "choices", "index")]:
+        derived.output.remove(spec)
     for spec in derived.input:
         if spec.name in ("image", "prompt"):
             spec.optional = False

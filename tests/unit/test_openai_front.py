@@ -576,15 +576,16 @@ def test_an_error_mid_stream_is_an_error_event(client: TestClient, gateway: Fake
 
 
 def test_unsupported_parameters_are_400(client: TestClient) -> None:
-    for field, value in (("n", 2), ("stop", "\n"), ("stop", ["x"]), ("presence_penalty", 0.5),
-                         ("frequency_penalty", -1), ("logprobs", True), ("top_logprobs", 2), ("logit_bias", {"1": 2}),
+    for field, value in (("n", 9), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("top_logprobs", 21),
+                         ("top_logprobs", 2), ("repetition_penalty", 0), ("logit_bias", {"1": 2}),
                          ("tools", [{"type": "function"}]),
                          ("temperature", 2.5), ("top_p", 1.5), ("seed", -1), ("max_tokens", 0),
                          ("max_completion_tokens", 2**31)):
         response = chat(client, **{field: value})
         assert response.status_code == 400, (field, value)
         assert response.json()["error"]["param"] == field, (field, value, response.json())
-    for field, value in (("n", 1), ("stop", []), ("presence_penalty", 0), ("logprobs", False),
+    for field, value in (("n", 1), ("n", 3), ("stop", []), ("stop", "\n"), ("stop", ["x"]), ("presence_penalty", 0.5),
+                         ("frequency_penalty", -1), ("logprobs", True), ("logprobs", False),
                          ("response_format", {"type": "text"}), ("stream", None)):
         assert chat(client, **{field: value}).status_code == 200, (field, value)
 

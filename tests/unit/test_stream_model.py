@@ -102,7 +102,8 @@ def test_the_final_response_carries_the_entities_of_the_whole_answer(stream_mode
 def test_a_model_that_declares_no_extra_outputs_sends_none(stream_model: Any, kosmos2_runtime: VLMRuntime) -> None:
     processor = kosmos2_runtime.ensure_loaded().processor
     response = finish(stream_model, kosmos2_runtime, {}, grounded_answer(processor))
-    assert set(response.tensors) == {"generated_text", "generated_tokens", "prompt_tokens", "finish_reason"}
+    assert set(response.tensors) == {"generated_text", "generated_tokens", "prompt_tokens", "finish_reason",
+                                     "token_logprobs", "choices", "index"}  # the contract's: no entities
 
 
 def stream_through(module: Any, runtime: VLMRuntime, ids: list[int], interval: int) -> list[tuple[str, int, int]]:
@@ -237,3 +238,29 @@ def test_engine_shutdown_reports_whether_its_thread_stopped() -> None:
     engine = LLMEngine(family, model, processor, EngineConfig(max_model_len=256, max_num_seqs=2)).start()
     assert engine.shutdown(timeout=10) is True
     assert engine.shutdown(timeout=10) is True  # nothing left to stop
+
+
+def test_a_stop_string_spanning_tokens_is_never_streamed_and_aborts_the_engine_request(
+        stream_model: Any, llava_runtime: VLMRuntime) -> None:
+    tokenizer = llava_runtime.ensure_loaded().processor.tokenizer
+    ids = tokenizer(" one two three four five six seven", add_special_tokens=False).input_ids
+    answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    stop = "ree fou"  # starts inside "three", ends inside "four": spans tokens
+    model = delivering_model(stream_model, llava_runtime, {}, 1)
+    aborted: list[str] = []
+    model._engine = SimpleNamespace(abort=aborted.append)
+    state, sent = recording_state(stream_model, [])
+    state.stop = (stop,)
+    for count, token in enumerate(ids, start=1):
+        state.token_ids.append(token)
+        out = model._deliver(state, RequestOutput("r1", (token,), False, None, prompt_tokens=5,
+                                                  generated_tokens=count))
+        pieces = "".join(r.tensors["generated_text"][0][0].decode() for r, _ in sent)
+        # Never a character of the stop string, not even the start of it while it could still be one.
+        assert answer.startswith(pieces) and len(pieces) <= answer.index(stop)
+        if out.finished:
+            break
+    assert out.finished and out.finish_reason == "stop" and aborted == ["r1"]
+    assert "".join(r.tensors["generated_text"][0][0].decode() for r, _ in sent) == answer[:answer.index(stop)]
+    last, flags = sent[-1]
+    assert flags == stream_model.stream_requests.FINAL and last.tensors["finish_reason"][0][0].decode() == "stop"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 #: The outputs every served model declares.
@@ -17,6 +18,52 @@ STREAM_SUFFIX = "_stream"
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """An alternative to a generated token: its id, its own text and its logprob."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token (the ``token_logprobs`` output, asked for with ``logprobs``) and its ``top_logprobs``
+    most likely alternatives, best first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a whole answer's further choices (``n`` > 1; the response itself is choice 0)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    generated_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+def parse_logprobs(text: str | None) -> tuple[TokenLogprob, ...]:
+    """The ``token_logprobs`` output ("" or JSON, see ``config/contract.py``) as typed entries."""
+    entries = json.loads(text) if text else []
+    return tuple(TokenLogprob(e["id"], e["token"], e["logprob"],
+                              tuple(TopLogprob(t["id"], t["token"], t["logprob"]) for t in e["top"]))
+                 for e in entries or [])
+
+
+def parse_choices(text: str | None) -> tuple[Choice, ...]:
+    """The ``choices`` output ("" or JSON) as typed choices."""
+    return tuple(Choice(c["index"], c["text"], c["finish_reason"], c["generated_tokens"],
+                        parse_logprobs(json.dumps(c["logprobs"]) if c["logprobs"] else None))
+                 for c in (json.loads(text) if text else []))
+
+
+@dataclass(frozen=True)
 class Output:
     """One response: a whole answer, or one piece of a stream (then ``text`` is the new text and the counts are
     totals so far)."""
@@ -27,6 +74,12 @@ class Output:
     finish_reason: str  #: "" until the last piece of a stream
     #: The ``entities`` output (JSON) where the response has one (kosmos2's; a stream's last piece), else None.
     entities: str | None = None
+    #: The generated tokens' logprobs where asked (of this piece's tokens, in a stream).
+    logprobs: tuple[TokenLogprob, ...] = ()
+    #: A whole answer's choices 1 to n-1 (``n`` > 1).
+    choices: tuple[Choice, ...] = field(default_factory=tuple)
+    #: Which choice a streamed piece belongs to.
+    index: int = 0
 
 
 def stream_model(model: str) -> str:
@@ -46,11 +99,15 @@ def _first(result: Any, name: str) -> Any:
 def parse_output(result: Any) -> Output:
     """An :class:`Output` from a tritonclient ``InferResult`` (HTTP or gRPC)."""
     entities = _first(result, ENTITIES)
+    logprobs, choices, index = (_first(result, name) for name in ("token_logprobs", "choices", "index"))
     return Output(text=_text(_first(result, "generated_text")),
                   generated_tokens=int(_first(result, "generated_tokens")),
                   prompt_tokens=int(_first(result, "prompt_tokens")),
                   finish_reason=_text(_first(result, "finish_reason")),
-                  entities=None if entities is None else _text(entities))
+                  entities=None if entities is None else _text(entities),
+                  logprobs=parse_logprobs(None if logprobs is None else _text(logprobs)),
+                  choices=parse_choices(None if choices is None else _text(choices)),
+                  index=0 if index is None else int(index))
 
 
 def statistics_models(stats: Any) -> list[tuple[str, str]]:

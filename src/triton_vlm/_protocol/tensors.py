@@ -16,7 +16,9 @@ Api = Literal["http", "grpc", "http.aio", "grpc.aio"]
 #: The optional scalar inputs, each with the numpy type it is sent as (Triton's type follows from it).
 OPTIONAL_INPUTS: tuple[tuple[str, type[np.generic]], ...] = (
     ("max_tokens", np.int32), ("temperature", np.float32), ("top_p", np.float32), ("seed", np.int64),
-    ("ignore_eos", np.bool_), ("task", np.object_), ("stream", np.bool_), ("response_format", np.object_))
+    ("ignore_eos", np.bool_), ("task", np.object_), ("stream", np.bool_), ("response_format", np.object_),
+    ("n", np.int32), ("logprobs", np.bool_), ("top_logprobs", np.int32), ("presence_penalty", np.float32),
+    ("frequency_penalty", np.float32), ("repetition_penalty", np.float32))
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,15 @@ class RequestFields:
     images: tuple[bytes, ...] = ()
     #: OpenAI's ``response_format`` object as JSON (structured output).
     response_format: str | None = None
+    #: Sampling and output options (docs/contract.md): the answer ends before the first ``stop`` string (up to 4);
+    #: ``n`` choices; per-token ``logprobs`` with ``top_logprobs`` alternatives; OpenAI's and HF's penalties.
+    stop: tuple[str, ...] = ()
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
 
     def arrays(self) -> list[tuple[str, npt.NDArray[Any]]]:
         """``(name, array)`` of every input to send, each ``[1, n]`` (a batch of one)."""
@@ -55,6 +66,8 @@ class RequestFields:
             images = np.empty((1, len(self.images)), dtype=np.object_)  # bytes elements, never numpy's bytes_
             images[0, :] = list(self.images)
             arrays.append(("images", images))
+        if self.stop:
+            arrays.append(("stop", np.array([[s.encode("utf-8") for s in self.stop]], dtype=np.object_)))
         for name, dtype in OPTIONAL_INPUTS:
             value = getattr(self, name)
             if value is not None:

@@ -76,7 +76,8 @@ class BatchedTasks(InboxWorker[_Task]):
             task.request.fail(result, self.metrics)
             return
         try:
-            response = answer_response(self.metrics, self.extra_outputs, result, task.request.received)
+            response = answer_response(self.metrics, self.extra_outputs, result, task.request.received,
+                                       self.runtime.token_text)
         except Exception as exc:  # a bug in building the answer fails this request only
             task.request.fail(exc, self.metrics)
             return

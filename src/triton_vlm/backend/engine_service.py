@@ -167,7 +167,8 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
         stream = input_scalar(triton_request, "stream", bool)
         self.faults.check("parse", parsed.prompt_text)
         engine = self._ensure_engine()
-        if not engine.accepts(parsed.task):
+        # The engine runs one choice per request: n > 1 goes to the batched loop, as tasks the engine lacks do.
+        if not engine.accepts(parsed.task) or parsed.params.n > 1:
             self.tasks.submit(request, replace(parsed, is_cancelled=request.is_cancelled))
             return
         request.request_id = f"{triton_request.request_id() or 'req'}-{next(self._ids)}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -19,9 +19,12 @@ from typing import Any, ClassVar
 from triton_vlm.backend.faults import FaultInjection
 from triton_vlm.backend.metrics import BackendMetrics
 from triton_vlm.backend.requests import (
+    Choice,
+    choices_json,
     declared_extra_outputs,
     error_response,
     extra_values,
+    logprobs_json,
     output_response,
     parse_request,
     runtime_from_args,
@@ -132,19 +135,24 @@ class TritonVLMModel:
         self.metrics.load_seconds.set(loaded.load_seconds)
 
     def _response(self, output: GenerationOutput, received: float) -> Any:
-        return answer_response(self.metrics, self.extra_outputs, output, received)
+        return answer_response(self.metrics, self.extra_outputs, output, received, self.runtime.token_text)
 
     def _error_response(self, exc: BaseException) -> Any:
         return failure_response(self.metrics, exc)
 
 
 def answer_response(metrics: BackendMetrics, extra_outputs: dict[str, str], output: GenerationOutput,
-                    received: float) -> Any:
-    """A finished generation's response, its request observed in ``metrics`` (``received``: perf_counter)."""
+                    received: float, token_text: Callable[[int], str]) -> Any:
+    """A finished generation's response, its request observed in ``metrics`` (``received``: perf_counter);
+    ``token_text`` names the tokens of its logprobs."""
+    generated = len(output.token_ids) + sum(len(c.token_ids) for c in output.choices)
     metrics.observe_request(received, output.first_token_at, output.finished_at or time.perf_counter(),
-                            len(output.token_ids), output.prompt_tokens)
+                            generated, output.prompt_tokens)
+    choices = [Choice(i, c.text, c.finish_reason, len(c.token_ids), logprobs_json(c.logprobs, token_text))
+               for i, c in enumerate(output.choices, start=1)]
     return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason,
-                           extra_values(extra_outputs, output.extras))
+                           extra_values(extra_outputs, output.extras),
+                           logprobs=logprobs_json(output.logprobs, token_text), choices=choices_json(choices))
 
 
 def failure_response(metrics: BackendMetrics, exc: BaseException) -> Any:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -16,6 +17,7 @@ from triton_vlm.errors import InvalidInputError, TritonVLMError
 from triton_vlm.images import image_bytes_from_tensor, images_from_tensor
 from triton_vlm.loading import resolve_device
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
+from triton_vlm.sampling import TokenLogprob
 
 T = TypeVar("T")
 
@@ -54,6 +56,13 @@ def parse_request(request: Any, runtime: VLMRuntime) -> GenerationRequest:
         seed=input_scalar(request, "seed", int),
         ignore_eos=bool(input_scalar(request, "ignore_eos", bool) or False),
         task=input_scalar(request, "task", _as_text),
+        stop=input_stop(request),
+        n=input_scalar(request, "n", int),
+        logprobs=input_scalar(request, "logprobs", bool),
+        top_logprobs=input_scalar(request, "top_logprobs", int),
+        presence_penalty=input_scalar(request, "presence_penalty", float),
+        frequency_penalty=input_scalar(request, "frequency_penalty", float),
+        repetition_penalty=input_scalar(request, "repetition_penalty", float),
         response_format=input_scalar(request, "response_format", _as_text),
     )
     messages = input_scalar(request, "messages", _as_text)
@@ -78,6 +87,22 @@ def parse_request(request: Any, runtime: VLMRuntime) -> GenerationRequest:
     return runtime.make_request(image_bytes_from_tensor(image), _as_text(prompts[0]), **options)
 
 
+def input_stop(request: Any) -> tuple[str, ...] | None:
+    """The ``stop`` strings (one per element), checked as UTF-8; the count is checked with the other sampling
+    values (``SamplingParams``)."""
+    array = input_array(request, "stop")
+    if array is None:
+        return None
+    strings = []
+    for value in array.reshape(-1):
+        raw = _as_text(value)
+        try:
+            strings.append(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        except UnicodeDecodeError:
+            raise InvalidInputError("stop: a string is not valid UTF-8", param="stop") from None
+    return tuple(strings)
+
+
 def _as_text(value: Any) -> bytes | str:
     # STRING tensors arrive as bytes objects; the runtime decodes (and validates) the UTF-8.
     return value if isinstance(value, (bytes, str)) else str(value)
@@ -95,14 +120,50 @@ def extra_values(declared: Mapping[str, str], found: Mapping[str, str]) -> dict[
     return {name: found.get(name, default) for name, default in declared.items()}
 
 
+def logprobs_json(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> str:
+    """The ``token_logprobs`` output: a JSON list, per generated token, of ``{"id", "token", "logprob", "top":
+    [{"id", "token", "logprob"}...]}`` (``token``: the token's own text); "" when the request asked for none."""
+    if not entries:
+        return ""
+    return json.dumps([{"id": e.token_id, "token": token_text(e.token_id), "logprob": e.logprob,
+                        "top": [{"id": i, "token": token_text(i), "logprob": v} for i, v in e.top]}
+                       for e in entries])
+
+
+def choices_json(choices: Sequence[Choice]) -> str:
+    """The ``choices`` output of a whole answer for ``n`` > 1: choices 1 to n-1 (the common outputs carry choice 0)
+    as a JSON list of ``{"index", "text", "finish_reason", "generated_tokens", "logprobs"}`` (``logprobs``: as the
+    ``token_logprobs`` output, parsed); "" for one choice."""
+    return json.dumps([{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                        "generated_tokens": c.generated_tokens,
+                        "logprobs": json.loads(c.logprobs) if c.logprobs else None} for c in choices]) if choices else ""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a whole answer's further choices (``n`` > 1), its logprobs already as :func:`logprobs_json`."""
+
+    index: int
+    text: str
+    finish_reason: str
+    generated_tokens: int
+    logprobs: str = ""
+
+
 def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish_reason: str | None,
-                    extras: Mapping[str, str] | None = None) -> Any:
-    """The response tensors; ``extras`` are further STRING outputs (e.g. kosmos2's ``entities`` JSON)."""
+                    extras: Mapping[str, str] | None = None, *, logprobs: str = "", choices: str = "",
+                    index: int = 0) -> Any:
+    """The response tensors; ``extras`` are further STRING outputs (e.g. kosmos2's ``entities`` JSON);
+    ``logprobs`` the ``token_logprobs`` JSON (:func:`logprobs_json`), ``choices`` the further choices of a whole
+    answer (:func:`choices_json`), ``index`` which choice a streamed piece belongs to."""
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("generated_text", np.array([[text.encode("utf-8")]], dtype=np.object_)),
         pb_utils.Tensor("generated_tokens", np.array([[generated_tokens]], dtype=np.int32)),
         pb_utils.Tensor("prompt_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
         pb_utils.Tensor("finish_reason", np.array([[(finish_reason or "").encode()]], dtype=np.object_)),
+        pb_utils.Tensor("token_logprobs", np.array([[logprobs.encode("utf-8")]], dtype=np.object_)),
+        pb_utils.Tensor("choices", np.array([[choices.encode("utf-8")]], dtype=np.object_)),
+        pb_utils.Tensor("index", np.array([[index]], dtype=np.int32)),
         *(pb_utils.Tensor(name, np.array([[value.encode("utf-8")]], dtype=np.object_))
           for name, value in (extras or {}).items()),
     ])

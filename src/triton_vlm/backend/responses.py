@@ -16,17 +16,18 @@ import functools
 import logging
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
-from triton_vlm.backend.requests import extra_values, output_response
+from triton_vlm.backend.requests import extra_values, logprobs_json, output_response
 from triton_vlm.backend.stream_requests import OpenRequest
 from triton_vlm.backend.worker import InboxWorker
 from triton_vlm.detokenizer import IncrementalDetokenizer, held_token_ids
 from triton_vlm.engine import RequestOutput
 from triton_vlm.models.generation import CANCEL_CHECK_S
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
+from triton_vlm.sampling import TokenLogprob, find_stop, safe_length
 
 if TYPE_CHECKING:
     from triton_vlm.engine.engine import EngineStats
@@ -56,6 +57,8 @@ class _Opened:
     #: Kept where the model declares extra outputs (kosmos2's entities): they are worked out from the image and
     #: the prompt when the answer is complete.
     generation: GenerationRequest | None
+    #: The request's stop strings (the answer ends right before the first).
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -72,6 +75,10 @@ class _Stream:
     generation: GenerationRequest | None = None
     #: The streamed text so far, a few tokens decoded per delta (families with ``incremental_text``).
     detokenizer: IncrementalDetokenizer | None = None
+    stop: tuple[str, ...] = ()
+    #: Each generated token's logprob where asked, and how many went out with earlier deltas.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    sent_logprobs: int = 0
 
 
 class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
@@ -94,7 +101,8 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
     def open(self, request: OpenRequest, engine: EngineHandle, stream: bool,
              generation: GenerationRequest | None) -> None:
         """Announce ``request`` (before it is submitted to ``engine``); the loop answers it from now on."""
-        self._inbox.put(_Opened(request, engine, stream, generation if self.extra_outputs else None))
+        self._inbox.put(_Opened(request, engine, stream, generation if self.extra_outputs else None,
+                                () if generation is None else generation.params.stop))
 
     def put(self, output: RequestOutput) -> None:
         """An engine output (the engine requests' ``on_output``; quick, from the engine thread)."""
@@ -131,12 +139,13 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
                 if isinstance(message, _Opened):
                     self._engine = message.engine
                     streams[message.request.request_id] = _Stream(message.request, message.stream,
-                                                                  generation=message.generation)
+                                                                  generation=message.generation, stop=message.stop)
                 elif message.request_id in streams:
                     state = streams[message.request_id]
                     if message.new_token_ids and state.first_token_at is None:
                         state.first_token_at = time.perf_counter()
                     state.token_ids.extend(message.new_token_ids)
+                    state.logprobs.extend(message.logprobs)
                     pending[message.request_id] = message  # the latest carries counts and finish state
             busy = busy or bool(streams) or bool(pending)
             self._flush(streams, pending)
@@ -152,7 +161,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         for request_id, out in pending.items():
             state = streams[request_id]
             try:
-                self._deliver(state, out)
+                out = self._deliver(state, out)
             except Exception as exc:  # a client that went away, or a failure building the answer: this request
                 state.request.fail(exc, self.metrics)  # ends with its error, the loop goes on with the others
                 if not out.finished and self._engine is not None:
@@ -161,22 +170,29 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
             if out.finished:
                 del streams[request_id]
 
-    def _deliver(self, state: _Stream, out: RequestOutput) -> None:
-        """Send what ``out`` (the latest output, tokens already merged into ``state``) calls for."""
+    def _deliver(self, state: _Stream, out: RequestOutput) -> RequestOutput:
+        """Send what ``out`` (the latest output, tokens already merged into ``state``) calls for; returns it, as the
+        request's end where a stop string ended it."""
         if out.finished and out.error is not None:
             state.request.fail(out.error, self.metrics)
-            return
+            return out
         if out.finish_reason == "abort":
             state.request.finish()
-            return
+            return out
+        if state.stop and not out.finished:
+            out = self._check_stop(state, out)
         if not (out.finished or state.stream):
-            return  # a whole-answer request: nothing to send until the end
+            return out  # a whole-answer request: nothing to send until the end
         if not out.finished and state.sent_chars and out.generated_tokens - state.sent_tokens < self.stream_interval:
-            return  # the next delta waits for stream_interval tokens (the first went out at once)
+            return out  # the next delta waits for stream_interval tokens (the first went out at once)
         family = self.runtime.family
         processor = self.runtime.ensure_loaded().processor  # loaded before the engine was built: no lock taken
         extras: dict[str, str] = {}
-        if out.finished and self.extra_outputs and state.generation is not None:
+        if state.stop:  # the whole text each time: a stop string may span tokens, and its text is never sent
+            text = family.decode_text(processor, state.token_ids)
+            at = find_stop(text, state.stop)
+            text = text[:at] if at is not None else text if out.finished else text[:safe_length(text, state.stop)]
+        elif out.finished and self.extra_outputs and state.generation is not None:
             # The whole answer: its text and the extra outputs worked out from it (kosmos2's entities).
             text, found = family.decode_output(processor, state.token_ids, state.generation.image,
                                                state.generation.prompt_text)
@@ -194,11 +210,28 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
             self._observe(state, out)
             piece = text[state.sent_chars:] if state.stream else text
             state.request.finish(output_response(piece, out.generated_tokens, out.prompt_tokens, out.finish_reason,
-                                                 extras))
+                                                 extras, logprobs=self._new_logprobs(state)))
         elif not text.endswith("\ufffd") and len(text) > state.sent_chars:
             # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
             piece, state.sent_chars, state.sent_tokens = text[state.sent_chars:], len(text), out.generated_tokens
-            state.request.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None))
+            state.request.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None,
+                                               logprobs=self._new_logprobs(state)))
+        return out
+
+    def _check_stop(self, state: _Stream, out: RequestOutput) -> RequestOutput:
+        """``out`` as the request's end (finish reason "stop", its decoding aborted in the engine) once its text
+        holds a stop string; else as it is."""
+        processor = self.runtime.ensure_loaded().processor
+        if find_stop(self.runtime.family.decode_text(processor, state.token_ids), state.stop) is None:
+            return out
+        if self._engine is not None:
+            self._engine.abort(out.request_id)  # its "abort" output finds the request answered, and is dropped
+        return replace(out, finished=True, finish_reason="stop")
+
+    def _new_logprobs(self, state: _Stream) -> str:
+        """The ``token_logprobs`` JSON of the tokens since the last delta."""
+        entries, state.sent_logprobs = state.logprobs[state.sent_logprobs:], len(state.logprobs)
+        return logprobs_json(entries, self.runtime.token_text)
 
     def _observe(self, state: _Stream, out: RequestOutput) -> None:
         """A finished request's metrics, and its debug line."""

@@ -62,10 +62,10 @@ class AsyncTritonVLMClient(ServerEndpoint):
     async def infer_result(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                            temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                            task: str | None = None, ignore_eos: bool = False,
-                           response_format: ResponseFormatLike | None = None) -> InferenceResult:
+                           response_format: ResponseFormatLike | None = None, **sampling: Any) -> InferenceResult:
         inputs = request_inputs(self._api(), request_fields(
             image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, task=task,
-            ignore_eos=ignore_eos, response_format=response_format))
+            ignore_eos=ignore_eos, response_format=response_format, **sampling))
         started = time.perf_counter()
         # As the sync client: no output list, so optional outputs (kosmos2's entities) come back too.
         result = await self._call(lambda c: c.infer(model_name, inputs), model_name)
@@ -79,10 +79,10 @@ class AsyncTritonVLMClient(ServerEndpoint):
     async def chat_result(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), *,
                           max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                           seed: int | None = None, ignore_eos: bool = False,
-                          response_format: ResponseFormatLike | None = None) -> InferenceResult:
+                          response_format: ResponseFormatLike | None = None, **sampling: Any) -> InferenceResult:
         inputs = request_inputs(self._api(), chat_fields(messages, images, max_tokens=max_tokens,
                                                          temperature=temperature, top_p=top_p, seed=seed,
-                                                         ignore_eos=ignore_eos, response_format=response_format))
+                                                         ignore_eos=ignore_eos, response_format=response_format, **sampling))
         started = time.perf_counter()
         result = await self._call(lambda c: c.infer(model_name, inputs), model_name)
         return inference_result(parse_output(result), time.perf_counter() - started)

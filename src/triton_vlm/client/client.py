@@ -27,7 +27,7 @@ from PIL import Image
 
 from triton_vlm._protocol.connect import make_client
 from triton_vlm._protocol.errors import is_restricted, translate
-from triton_vlm._protocol.results import Output, parse_output, statistics_models, stream_model
+from triton_vlm._protocol.results import Choice, Output, TokenLogprob, parse_output, statistics_models, stream_model
 from triton_vlm._protocol.stream import StreamCall, outputs_sync
 from triton_vlm._protocol.tensors import RequestFields, request_inputs
 from triton_vlm.client.entities import Entity, parse_entities
@@ -70,6 +70,10 @@ class InferenceResult:
     #: Grounded phrases with their boxes (kosmos2 with a ``<grounding>`` prompt); empty for models without an
     #: ``entities`` output.
     entities: list[Entity] = field(default_factory=list)
+    #: Each generated token's logprob and alternatives (asked for with ``logprobs=True``, ``top_logprobs=k``).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: Choices 1 to n-1 of a request with ``n`` > 1 (this result is choice 0).
+    choices: list[Choice] = field(default_factory=list)
 
 
 def encode_image(image: ImageLike) -> bytes:
@@ -104,22 +108,24 @@ def encode_image(image: ImageLike) -> bytes:
 def request_fields(image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                    temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                    task: str | None = None, ignore_eos: bool = False, stream: bool | None = None,
-                   response_format: ResponseFormatLike | None = None) -> RequestFields:
-    """One request's fields; ``ignore_eos=False`` is not sent (the model's default)."""
+                   response_format: ResponseFormatLike | None = None, **sampling: Any) -> RequestFields:
+    """One request's fields; ``ignore_eos=False`` is not sent (the model's default). ``sampling``: the further
+    options of :class:`~triton_vlm._protocol.tensors.RequestFields` (``stop``, ``n``, ``logprobs``, penalties)."""
     return RequestFields(image=encode_image(image), prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, seed=seed, ignore_eos=True if ignore_eos else None, task=task, stream=stream,
-                         response_format=response_format_json(response_format))
+                         response_format=response_format_json(response_format), **_sampling(sampling))
 
 
 def chat_fields(messages: Messages, images: Iterable[ImageLike] = (), *, max_tokens: int | None = None,
                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                 ignore_eos: bool = False, stream: bool | None = None,
-                response_format: ResponseFormatLike | None = None) -> RequestFields:
-    """A chat request's fields: ``messages`` as JSON and each image's file bytes, in order."""
+                response_format: ResponseFormatLike | None = None, **sampling: Any) -> RequestFields:
+    """A chat request's fields: ``messages`` as JSON and each image's file bytes, in order; ``sampling`` as for
+    :func:`request_fields`."""
     text = messages if isinstance(messages, str) else json.dumps(list(messages), ensure_ascii=False)
     return RequestFields(messages=text, images=tuple(encode_image(image) for image in images), max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, seed=seed, ignore_eos=True if ignore_eos else None,
-                         stream=stream, response_format=response_format_json(response_format))
+                         stream=stream, response_format=response_format_json(response_format), **_sampling(sampling))
 
 
 def response_format_json(value: ResponseFormatLike | None) -> str | None:
@@ -127,10 +133,17 @@ def response_format_json(value: ResponseFormatLike | None) -> str | None:
     return value if value is None or isinstance(value, str) else json.dumps(dict(value))
 
 
+def _sampling(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling options as RequestFields takes them (``stop`` a tuple; a single string is one stop string)."""
+    stop = options.get("stop")
+    return {**options, "stop": (stop,) if isinstance(stop, str) else tuple(stop or ())}
+
+
 def inference_result(output: Output, latency_s: float) -> InferenceResult:
     return InferenceResult(text=output.text, generated_tokens=output.generated_tokens,
                            prompt_tokens=output.prompt_tokens, finish_reason=output.finish_reason,
-                           latency_s=latency_s, entities=_entities(output))
+                           latency_s=latency_s, entities=_entities(output), logprobs=list(output.logprobs),
+                           choices=list(output.choices))
 
 
 def stream_piece(output: Output) -> StreamPiece:
@@ -248,12 +261,13 @@ class TritonVLMClient(ServerEndpoint):
     def infer_result(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None,
                      seed: int | None = None, task: str | None = None,
-                     ignore_eos: bool = False, response_format: ResponseFormatLike | None = None) -> InferenceResult:
+                     ignore_eos: bool = False, response_format: ResponseFormatLike | None = None,
+                     **sampling: Any) -> InferenceResult:
         """Like :meth:`infer`, with token counts, finish reason, latency and the model's optional outputs
         (``entities``). ``ignore_eos`` generates exactly ``max_tokens`` tokens (benchmarks)."""
         inputs = request_inputs(self.protocol, request_fields(
             image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, task=task,
-            ignore_eos=ignore_eos, response_format=response_format))
+            ignore_eos=ignore_eos, response_format=response_format, **sampling))
         started = time.perf_counter()
         # No output list: the model returns all it declares, optional ones such as kosmos2's entities included.
         result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
@@ -273,12 +287,13 @@ class TritonVLMClient(ServerEndpoint):
     def chat_result(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), *,
                     max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                     seed: int | None = None, ignore_eos: bool = False,
-                    response_format: ResponseFormatLike | None = None) -> InferenceResult:
+                    response_format: ResponseFormatLike | None = None, **sampling: Any) -> InferenceResult:
         """Like :meth:`chat`, with token counts, finish reason and latency (the :meth:`infer_result` of a chat);
         ``response_format`` as for :meth:`infer`."""
         inputs = request_inputs(self.protocol, chat_fields(messages, images, max_tokens=max_tokens,
                                                            temperature=temperature, top_p=top_p, seed=seed,
-                                                           ignore_eos=ignore_eos, response_format=response_format))
+                                                           ignore_eos=ignore_eos, response_format=response_format,
+                                                           **sampling))
         started = time.perf_counter()
         result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
         return inference_result(parse_output(result), time.perf_counter() - started)

@@ -24,6 +24,14 @@ from triton_vlm._protocol.model_config import model_config_pb2 as pb
 #: element, in the order of the image parts; left out for a text-only chat). So all four are optional to Triton.
 #: ``response_format`` (either form) is OpenAI's object as JSON: the answer follows its JSON schema
 #: (:mod:`triton_vlm.structured`).
+#:
+#: Sampling and output options (either form): ``stop`` (up to 4 strings, one per element: the answer ends right
+#: before the first), ``n`` (up to 8 choices from one prompt), ``logprobs`` / ``top_logprobs`` (up to 20), OpenAI's
+#: ``presence_penalty`` / ``frequency_penalty`` and HF's ``repetition_penalty``. Every response also carries
+#: ``token_logprobs`` (JSON, per generated token ``{"id", "token", "logprob", "top"}``; "" unless asked), ``choices``
+#: (a whole answer with ``n`` > 1: JSON of choices 1 to n-1, the common outputs being choice 0; else "") and
+#: ``index`` (which choice a streamed piece belongs to: a stream of n choices interleaves their pieces, each
+#: choice's last piece carries its finish_reason, and the stream's FINAL response ends the last one).
 TEMPLATE = """
 backend: "python"
 max_batch_size: 8
@@ -37,13 +45,23 @@ input [
   { name: "ignore_eos" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true },
   { name: "images" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true optional: true },
-  { name: "response_format" data_type: TYPE_STRING dims: [ 1 ] optional: true }
+  { name: "response_format" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "stop" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true optional: true },
+  { name: "n" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "logprobs" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "top_logprobs" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "presence_penalty" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
+  { name: "frequency_penalty" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
+  { name: "repetition_penalty" data_type: TYPE_FP32 dims: [ 1 ] optional: true }
 ]
 output [
   { name: "generated_text" data_type: TYPE_STRING dims: [ 1 ] },
   { name: "generated_tokens" data_type: TYPE_INT32 dims: [ 1 ] },
   { name: "prompt_tokens" data_type: TYPE_INT32 dims: [ 1 ] },
-  { name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }
+  { name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "token_logprobs" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "choices" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "index" data_type: TYPE_INT32 dims: [ 1 ] }
 ]
 dynamic_batching { max_queue_delay_microseconds: 0 }
 instance_group [ { kind: KIND_GPU count: 1 } ]

@@ -32,7 +32,16 @@ from triton_vlm.engine.scheduler import Scheduler, SchedulerOutput
 from triton_vlm.engine.transfer import device_longs
 from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
 from triton_vlm.images import image_list
-from triton_vlm.sampling import SamplingParams, choose_tokens, make_generator
+from triton_vlm.sampling import (
+    SamplingParams,
+    StepLogprobs,
+    TokenLogprob,
+    choose_tokens,
+    make_generator,
+    penalize,
+    step_logprobs,
+    token_mask,
+)
 from triton_vlm.structured import GrammarState, mask_logits
 
 log = logging.getLogger("triton_vlm")
@@ -66,6 +75,8 @@ class _InFlight:
     rows: list[Sequence]
     slots: list[int]
     tokens: Callable[[], list[int]]
+    #: The logprobs of the rows that asked, on the device: ``(their sequences, the step's logprobs)``.
+    logprobs: list[tuple[list[Sequence], StepLogprobs]] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -104,6 +115,10 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._generators: dict[Sequence, torch.Generator | None] = {}
+        #: Sequences with penalties: how often each token was generated [vocab] and the prompt's tokens [vocab], on
+        #: the device (counted when a token is chosen, so they hold the tokens not yet read back too).
+        self._counts: dict[Sequence, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step_logprobs: list[tuple[list[Sequence], StepLogprobs]] = []
         #: Sequences with a ``response_format``: where each stands in its grammar (tokens read back so far).
         self._grammars: dict[Sequence, GrammarState] = {}
         self._in_flight: _InFlight | None = None
@@ -120,6 +135,9 @@ class LLMEngine:
         """Tokenize a request (on the caller's thread) and check that it fits the context. ``images``: one image,
         or a list (none: a text-only turn); ``prompt``: a prompt string or a ``triton_vlm.chat.Chat``, rendered by
         the family (``render_input``)."""
+        if params.n > 1:
+            raise InvalidInputError(f"n: the engine runs one choice per request (got n={params.n}); the batched "
+                                    "model serves n > 1", param="n")
         text = self.family.render_input(self.processor, prompt)
         prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, image_list(images), text)
         rope = self.adapter.rope_positions(self.model, prompt_ids, mm_inputs) if positioned(self.decoder) else None
@@ -233,7 +251,9 @@ class LLMEngine:
 
         lap("schedule")
         finished_prefill = [c.seq for c in plan.prefill if c.completes_prompt]
-        sampled = [s for s in plan.decode if self._generators.get(s) is not None or s in self._grammars]
+        # Rows whose token is more than the graph's argmax (sampled, penalized, asking for logprobs, or masked by a
+        # response_format grammar).
+        sampled = [s for s in plan.decode if s.request.params.needs_logits or s in self._grammars]
         prefill_logits = decode_logits = None
         try:
             if plan.admitted:
@@ -260,8 +280,10 @@ class LLMEngine:
             self.stats.decode_tokens += len(plan.decode)
             tokens = self.runner.read_back()
         except Exception as exc:  # a failed step fails the requests in it, never the engine
+            self._step_logprobs = []
             self._fail({*plan.admitted, *(c.seq for c in plan.prefill), *plan.decode}, exc)
             return None
+        logprobs, self._step_logprobs = self._step_logprobs, []
         for chunk in plan.prefill:
             chunk.seq.num_prefilled += chunk.length
         for seq in finished_prefill:
@@ -270,15 +292,43 @@ class LLMEngine:
         rows = [*finished_prefill, *plan.decode]
         for seq in rows:
             seq.num_generated += 1
-        return _InFlight(rows, [s.slot for s in rows], tokens)
+        return _InFlight(rows, [s.slot for s in rows], tokens, logprobs)
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Tokens for ``seqs`` from their logits rows (greedy or their own generator), left on the device."""
-        logits = logits.float()
-        mask_logits(logits, [self._grammars.get(s) for s in seqs])
-        chosen = choose_tokens(logits, [s.request.params for s in seqs],
-                               [self._generators.get(s) for s in seqs])
+        """Tokens for ``seqs`` from their logits rows (penalties, the grammar mask, then greedy or their own
+        generator), left on the
+        device; their logprobs (of the raw logits) kept for when the step is read back. Runs after the (graphed)
+        forward, on its logits: the graph itself stays as it is."""
+        params = [s.request.params for s in seqs]
+        raw = logits.float()
+        grammars = [self._grammars.get(s) for s in seqs]
+        penalized = [i for i, p in enumerate(params) if p.penalized]
+        # The raw logits stay as they are (logprobs are theirs): penalties and the grammar mask work on a copy.
+        processed = raw.clone() if penalized or any(grammars) else raw
+        if penalized:
+            counts, seen = zip(*(self._penalty_state(seqs[i], raw.shape[-1]) for i in penalized), strict=True)
+            rows = device_longs(penalized, raw.device)
+            processed[rows] = penalize(raw[rows], [params[i] for i in penalized], torch.stack(counts),
+                                       torch.stack(seen))
+        mask_logits(processed, grammars)
+        chosen = choose_tokens(processed, params, [self._generators.get(s) for s in seqs])
+        for i in penalized:
+            self._counts[seqs[i]][0].index_add_(0, chosen[i:i + 1], torch.ones(1, device=raw.device))
+        asked = [i for i, p in enumerate(params) if p.logprobs]
+        if asked:
+            rows = device_longs(asked, raw.device)
+            self._step_logprobs.append(([seqs[i] for i in asked],
+                                        step_logprobs(raw[rows], chosen[rows], [params[i] for i in asked])))
         self.runner.set_tokens([s.slot for s in seqs], chosen)
+
+    def _penalty_state(self, seq: Sequence, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._counts.get(seq)
+        if state is None:
+            device = self.runner.device
+            prompt = torch.tensor([seq.request.prompt_ids], device=device)
+            state = torch.zeros(vocab, device=device), token_mask(prompt, None, vocab)[0]
+            self._counts[seq] = state
+        return state
 
     def _complete(self, step: _InFlight) -> None:
         """Wait for ``step``'s tokens and hand them out (to sequences still running: one may have stopped or
@@ -290,9 +340,12 @@ class LLMEngine:
             self._fail(step.rows, exc)
             return
         waited = time.perf_counter()
+        logprobs: dict[Sequence, TokenLogprob | None] = {}
+        for seqs, values in step.logprobs:
+            logprobs.update(zip(seqs, values.rows([s.request.params for s in seqs]), strict=True))
         for seq, slot in zip(step.rows, step.slots, strict=True):
             if seq.status is not SequenceStatus.FINISHED:
-                self._append(seq, tokens[slot])
+                self._append(seq, tokens[slot], logprobs.get(seq))
         self.stats.seconds["wait"] += waited - clock
         self.stats.seconds["update"] += time.perf_counter() - waited
 
@@ -303,7 +356,7 @@ class LLMEngine:
             if seq.status is not SequenceStatus.FINISHED:
                 self._finish(seq, "error", error)
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         request = seq.request
         if token in request.stop_token_ids:
             self._finish(seq, "stop")
@@ -314,17 +367,21 @@ class LLMEngine:
         done = len(seq.output_ids) >= (seq.max_generated or 0)
         if done:
             self.scheduler.finish(seq, "length")
-            self._generators.pop(seq, None)
-            self._grammars.pop(seq, None)
+            self._forget(seq)
         request.on_output(RequestOutput(request.request_id, (token,), done, "length" if done else None,
-                                        seq.prompt_len, len(seq.output_ids)))
+                                        seq.prompt_len, len(seq.output_ids),
+                                        logprobs=() if logprob is None else (logprob,)))
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
         self.scheduler.finish(seq, reason)
-        self._generators.pop(seq, None)
-        self._grammars.pop(seq, None)
+        self._forget(seq)
         seq.request.on_output(RequestOutput(seq.request.request_id, (), True, reason, seq.prompt_len,
                                             len(seq.output_ids), error))
+
+    def _forget(self, seq: Sequence) -> None:
+        self._generators.pop(seq, None)
+        self._grammars.pop(seq, None)
+        self._counts.pop(seq, None)
 
     # -- synchronous helper -------------------------------------------------------------------------------
     def generate(self, items: list[tuple[Any, Any, SamplingParams]], *, ignore_eos: bool | None = None,

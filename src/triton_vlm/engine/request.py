@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from triton_vlm.sampling import SamplingParams
+from triton_vlm.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -44,6 +44,8 @@ class RequestOutput:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     error: Exception | None = None
+    #: The logprobs of ``new_token_ids`` where the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class SequenceStatus(enum.Enum):

@@ -11,9 +11,10 @@ round trip to Triton per request), so its work ends with it and the rest of the 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,7 +23,7 @@ from PIL import Image
 from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.images import image_list
-from triton_vlm.sampling import RowSampler, SamplingParams
+from triton_vlm.sampling import RowSampler, SamplingParams, TokenLogprob, find_stop
 from triton_vlm.structured import GrammarState, mask_logits
 
 if TYPE_CHECKING:
@@ -53,13 +54,23 @@ class GenerationOutput:
     text: str
     token_ids: tuple[int, ...]
     prompt_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
     #: Structured extras by output name (e.g. kosmos2's ``entities`` JSON); see ``ModelFamily.extra_outputs``.
     extras: Mapping[str, str] = field(default_factory=dict)
+    #: Each generated token's logprob and alternatives, where the request asked (``SamplingParams.logprobs``).
+    logprobs: tuple[TokenLogprob, ...] = ()
+    #: A request for ``n`` choices: choices 1 to n-1 (this output is choice 0).
+    choices: tuple[GenerationOutput, ...] = ()
     #: ``time.perf_counter()`` when the first token was chosen and when this row finished (metrics only; None
     #: where the answer is not a token stream). Not part of equality: two runs give the same output.
     first_token_at: float | None = field(default=None, compare=False)
     finished_at: float | None = field(default=None, compare=False)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) its first stop string."""
+    at = find_stop(text, stop)
+    return text if at is None else text[:at]
 
 
 def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torch.Tensor:
@@ -100,7 +111,8 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
     """Generate for ``len(prompts)`` requests in one batched loop; ``prompts`` are user prompts (``tasks`` their
     (normalized) task names, None for the family's default) or conversations, ``images`` each row's image or
     images (none: a text-only turn). Rows whose ``cancelled`` probe says so stop early with finish reason
-    :data:`CANCELLED`."""
+    :data:`CANCELLED`. A request for ``n`` choices is prefilled once and decoded as ``n`` rows (its KV copied), its
+    output holding the other choices."""
     from transformers import DynamicCache
 
     device = model.device
@@ -116,17 +128,30 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
     prompt_tokens = attention_mask.sum(-1).tolist()
     check_context(family, model, prompt_tokens, params)
 
-    batch = len(prompts)
+    cache = DynamicCache()
+    logits = family.prefill(model, inputs, positions, cache)
+    prompt_ids = inputs["input_ids"]
+    owners = [row for row, p in enumerate(params) for _ in range(p.n)]
+    if len(owners) > len(params):  # n choices: the prompt was prefilled once; its KV is copied into n rows
+        index = torch.tensor(owners, device=device)
+        cache.batch_select_indices(index)
+        logits, attention_mask, prompt_ids = logits[index], attention_mask[index], prompt_ids[index]
+        positions = positions.index_select(-2, index)
+        params = [p.choice(i) if p.n > 1 else p for p in params for i in range(p.n)]
+        prompt_tokens = [prompt_tokens[row] for row in owners]
+        row_images = [row_images[row] for row in owners]
+        prompts = [prompts[row] for row in owners]
+        cancelled = None if cancelled is None else [cancelled[row] for row in owners]
+
+    batch = len(params)
     stop_ids = torch.tensor(sorted(family.stop_token_ids(model, processor)), device=device, dtype=torch.long)
     # Rows that ignore EOS never stop on it, except under a grammar (whose accepting end is EOS).
     row_stop = torch.tensor([p.ignore_eos and p.response_format is None for p in params], device=device)
     pad_id = processor.tokenizer.pad_token_id or 0
     limits = torch.tensor([p.max_tokens for p in params], device=device)
-    sampler = RowSampler(params, device)
     grammars = grammar_states(family, processor, params, stop_ids.tolist())
-    cache = DynamicCache()
-
-    logits = family.prefill(model, inputs, positions, cache)
+    sampler = RowSampler(params, device, logits.shape[-1], prompt_ids, attention_mask)
+    stopping = [row for row, p in enumerate(params) if p.stop]  # rows that end on a stop string
     generated: list[list[int]] = [[] for _ in range(batch)]
     finish = ["length"] * batch
     running = torch.ones(batch, dtype=torch.bool, device=device)
@@ -135,9 +160,7 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
     step = 0
     next_cancel_check = time.perf_counter() + CANCEL_CHECK_S
     while True:
-        logits = logits.float()
-        mask_logits(logits, grammars)
-        tokens = sampler(logits)
+        tokens = sampler(logits, functools.partial(mask_logits, states=grammars) if any(grammars) else None)
         is_stop = torch.isin(tokens, stop_ids) & ~row_stop
         step += 1
         rows = running.nonzero().flatten().tolist()
@@ -149,6 +172,10 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
                 if (state := grammars[row]) is not None:
                     state.accept(int(tokens[row]))
         running &= ~is_stop & (limits > step)
+        for row in stopping:  # the row ends once a stop string shows in its text (it may span tokens)
+            if running[row] and find_stop(family.decode_text(processor, generated[row]), params[row].stop) is not None:
+                finish[row] = "stop"
+                running[row] = False
         now = time.perf_counter()
         if cancelled is not None and now >= next_cancel_check:
             next_cancel_check = now + CANCEL_CHECK_S
@@ -173,9 +200,21 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
         logits = family.decode(model, tokens[:, None], attention_mask, positions, cache)
 
     outputs = []
-    per_request = zip(generated, prompt_tokens, finish, finished_at, row_images, prompts, strict=True)
-    for ids, n, reason, done, own_images, prompt in per_request:
+    per_request = zip(generated, prompt_tokens, finish, finished_at, row_images, prompts, params, sampler.logprobs,
+                      strict=True)
+    for ids, n, reason, done, own_images, prompt, p, logprobs in per_request:
         text, extras = family.decode_output(processor, ids, own_images[0] if own_images else None, prompt_text(prompt))
-        outputs.append(GenerationOutput(text=text, token_ids=tuple(ids), prompt_tokens=int(n), finish_reason=reason,
-                                        extras=extras, first_token_at=first_token_at, finished_at=done))
-    return outputs
+        outputs.append(GenerationOutput(text=cut_at_stop(text, p.stop), token_ids=tuple(ids), prompt_tokens=int(n),
+                                        finish_reason=reason, extras=extras, logprobs=tuple(logprobs[:len(ids)]),
+                                        first_token_at=first_token_at, finished_at=done))
+    return group_choices(outputs, owners)
+
+
+def group_choices(rows: Sequence[GenerationOutput], owners: Sequence[int]) -> list[GenerationOutput]:
+    """One output per request from its rows (``owners[i]``: the request of row ``i``): the first choice, the others
+    in its ``choices``."""
+    grouped: dict[int, list[GenerationOutput]] = {}
+    for owner, row in zip(owners, rows, strict=True):
+        grouped.setdefault(owner, []).append(row)
+    return [replace(first, choices=tuple(others)) if others else first
+            for first, *others in (grouped[owner] for owner in sorted(grouped))]

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from triton_vlm._protocol.results import TokenLogprob
 from triton_vlm.errors import TritonVLMError
 from triton_vlm.openai.config import OpenAIOptions
 from triton_vlm.openai.errors import APIError, from_triton
@@ -284,14 +285,14 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
                 except TritonVLMError as exc:
                     raise from_triton(exc, model.name, max_tokens_param=limit_field) from None
-                answer_body = completion(completion_id, created, model.name, answer)
+                answer_body = completion(completion_id, created, model.name, answer, bool(body.logprobs))
                 # The entities extension only where the model has it: other answers stay plain OpenAI.
                 hidden = None if answer.entities is not None else {"choices": {"__all__": {"message": {"entities"}}}}
                 return JSONResponse(answer_body.model_dump(mode="json", exclude=hidden))
 
-            if model.streams:
+            if model.streams and (body.n or 1) == 1:
                 pieces = gateway.stream(model.name, inputs, sampling, entities=model.entities)
-            else:
+            else:  # no stream model, or n choices (one whole answer: the choices run in the batched loop)
                 pieces = _one(gateway.infer(model.name, inputs, sampling, entities=model.entities))
             try:  # the first piece before the 200: an error up to here still gets its own status
                 first = await pieces.__anext__()
@@ -299,7 +300,8 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                 await pieces.aclose()
                 raise from_triton(exc, model.name, max_tokens_param=limit_field) from None
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = sse_events(completion_id, created, model.name, first, pieces, include_usage, release)
+            events = sse_events(completion_id, created, model.name, first, pieces, include_usage, release,
+                                bool(body.logprobs))
             handed_over = True
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -353,11 +355,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     """400 for known OpenAI parameters whose effect this server cannot give (rather than silently ignore)."""
     checks: list[tuple[str, bool, str]] = [
-        ("stop", bool(body.stop), "stop sequences are not supported"),
-        ("presence_penalty", bool(body.presence_penalty), "presence_penalty is not supported (must be 0)"),
-        ("frequency_penalty", bool(body.frequency_penalty), "frequency_penalty is not supported (must be 0)"),
-        ("logprobs", bool(body.logprobs), "logprobs are not supported"),
-        ("top_logprobs", body.top_logprobs is not None, "top_logprobs is not supported"),
+        ("top_logprobs", bool(body.top_logprobs) and not body.logprobs, "top_logprobs needs logprobs: true"),
         ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
         ("tools", bool(body.tools), "tools are not supported: these models call no tools"),
     ]
@@ -374,8 +372,12 @@ def sampling_of(body: ChatCompletionRequest) -> Sampling:
     # response_format goes to the model as JSON; the model validates it (a bad one is a 400 naming it).
     fmt = body.response_format
     response_format = None if not fmt or fmt.get("type") == "text" else json.dumps(fmt)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=body.seed, task=body.task,
-                    response_format=response_format)
+                    response_format=response_format, stop=stop, n=body.n, logprobs=body.logprobs or None,
+                    top_logprobs=body.top_logprobs if body.logprobs else None,
+                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                    repetition_penalty=body.repetition_penalty)
 
 
 def _check_text(text: str, param: str) -> None:
@@ -390,18 +392,32 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def completion(completion_id: str, created: int, model: str, answer: Piece) -> ChatCompletion:
+def completion(completion_id: str, created: int, model: str, answer: Piece, logprobs: bool = False) -> ChatCompletion:
+    first = {"index": 0, "message": {"role": "assistant", "content": answer.text, "entities": answer.entities},
+             "finish_reason": _finish(answer.finish_reason),
+             "logprobs": openai_logprobs(answer.logprobs) if logprobs else None}
+    others = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+               "finish_reason": _finish(c.finish_reason), "logprobs": openai_logprobs(c.logprobs) if logprobs else None}
+              for c in answer.choices]
     return ChatCompletion.model_validate({
-        "id": completion_id, "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "entities": answer.entities},
-                     "finish_reason": _finish(answer.finish_reason)}],
-        "usage": _usage(answer),
+        "id": completion_id, "created": created, "model": model, "choices": [first, *others], "usage": _usage(answer),
     })
 
 
+def openai_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """Triton's ``token_logprobs`` as OpenAI's ``choices[].logprobs`` (``token_id``: our extension)."""
+    def entry(token_id: int, token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8")), "token_id": token_id}
+
+    return {"content": [{**entry(e.token_id, e.token, e.logprob),
+                         "top_logprobs": [entry(t.token_id, t.token, t.logprob) for t in e.top]} for e in entries],
+            "refusal": None}
+
+
 def _usage(piece: Piece) -> dict[str, int]:
-    return {"prompt_tokens": piece.prompt_tokens, "completion_tokens": piece.completion_tokens,
-            "total_tokens": piece.prompt_tokens + piece.completion_tokens}
+    completion_tokens = piece.completion_tokens + sum(c.generated_tokens for c in piece.choices)
+    return {"prompt_tokens": piece.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": piece.prompt_tokens + completion_tokens}
 
 
 async def _one(answer: Any) -> AsyncGenerator[Piece, None]:
@@ -410,7 +426,7 @@ async def _one(answer: Any) -> AsyncGenerator[Piece, None]:
 
 
 async def sse_events(completion_id: str, created: int, model: str, first: Piece, rest: AsyncGenerator[Piece, None],
-                     include_usage: bool, release: Callable[[], None]) -> AsyncIterator[str]:
+                     include_usage: bool, release: Callable[[], None], logprobs: bool = False) -> AsyncIterator[str]:
     """``data: {chunk}`` events: the role, the text as it comes, the finish reason, the usage, ``[DONE]``."""
 
     def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
@@ -420,15 +436,17 @@ async def sse_events(completion_id: str, created: int, model: str, first: Piece,
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    def delta(content: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]
+    def delta(content: dict[str, Any], finish: str | None = None,
+              entries: Sequence[TokenLogprob] = (), index: int = 0) -> list[dict[str, Any]]:
+        return [{"index": index, "delta": content,
+                 "logprobs": openai_logprobs(entries) if logprobs and entries else None, "finish_reason": finish}]
 
     try:
         yield event(delta({"role": "assistant", "content": ""}))
         piece = first
         while True:
-            if piece.text:
-                yield event(delta({"content": piece.text}))
+            if piece.text or (logprobs and piece.logprobs):
+                yield event(delta({"content": piece.text}, entries=piece.logprobs))
             if piece.finish_reason:
                 break
             try:
@@ -440,6 +458,9 @@ async def sse_events(completion_id: str, created: int, model: str, first: Piece,
                 return
         # The entities extension rides on the last chunk: only the whole answer has them.
         yield event(delta({} if piece.entities is None else {"entities": piece.entities}, _finish(piece.finish_reason)))
+        for choice in piece.choices:  # n > 1: the other choices of the whole answer, each in one chunk
+            yield event(delta({"role": "assistant", "content": choice.text}, _finish(choice.finish_reason),
+                              choice.logprobs, choice.index))
         if include_usage:
             yield event([], _usage(piece))
         yield "data: [DONE]\n\n"

@@ -118,12 +118,20 @@ class ChatCompletionRequest(_Request):
     stream: bool | None = Field(default=False, description="Answer with server-sent events "
                                                            "(chat.completion.chunk objects, then `data: [DONE]`).")
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=1, description="Only 1 is supported.")
-    stop: str | list[str] | None = Field(default=None, description="Not supported: must be null or empty.")
-    presence_penalty: float | None = Field(default=None, description="Not supported: must be null or 0.")
-    frequency_penalty: float | None = Field(default=None, description="Not supported: must be null or 0.")
-    logprobs: bool | None = Field(default=None, description="Not supported: must be null or false.")
-    top_logprobs: int | None = Field(default=None, description="Not supported: must be null.")
+    n: int | None = Field(default=None, ge=1, le=8, description="Choices from one prompt (one prefill); with a seed, "
+                                                                "choice i draws with seed + i. Not with stream.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings: the answer ends right before "
+                                                                   "the first (finish_reason stop).")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False,
+                                           description="Lowers the logits of tokens already generated.")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False,
+                                            description="Lowers the logits of tokens by how often they were generated.")
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10, allow_inf_nan=False,
+                                             description="triton-vlm extension (HF's, as vLLM's): divides the "
+                                                         "positive logits of prompt and generated tokens by it.")
+    logprobs: bool | None = Field(default=None, description="Each generated token's logprob (choices[].logprobs).")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20,
+                                     description="The most likely alternatives per token (needs logprobs).")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported: must be null or empty.")
     tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported: must be null or empty.")
     response_format: dict[str, Any] | None = Field(
@@ -174,11 +182,27 @@ class AssistantAnswer(BaseModel):
     entities: list[GroundedEntity] | None = Field(default=None, description=ENTITIES_DESCRIPTION)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    token_id: int = Field(description="triton-vlm extension: the token's id in the model's tokenizer.")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantAnswer
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -202,7 +226,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

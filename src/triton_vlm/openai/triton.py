@@ -16,7 +16,17 @@ from typing import Any
 
 from triton_vlm._protocol.connect import make_client
 from triton_vlm._protocol.errors import is_restricted, translate
-from triton_vlm._protocol.results import ENTITIES, OUTPUTS, STREAM_SUFFIX, TASK, Output, parse_output, statistics_models
+from triton_vlm._protocol.results import (
+    ENTITIES,
+    OUTPUTS,
+    STREAM_SUFFIX,
+    TASK,
+    Choice,
+    Output,
+    TokenLogprob,
+    parse_output,
+    statistics_models,
+)
 from triton_vlm._protocol.stream import StreamCall, outputs_async
 from triton_vlm._protocol.tensors import RequestFields, request_inputs, requested_outputs
 from triton_vlm.errors import GenerationError, TritonVLMError
@@ -31,6 +41,13 @@ class Sampling:
     task: str | None = None
     #: OpenAI's ``response_format`` as JSON (structured output), or None for plain text.
     response_format: str | None = None
+    stop: tuple[str, ...] = ()
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,10 @@ class Piece:
     finish_reason: str  # "" until the last piece of a stream
     #: kosmos2's ``entities`` output, decoded (a list of phrase/span/boxes dicts); None where not asked for.
     entities: list[dict[str, Any]] | None = None
+    #: This piece's tokens' logprobs (where asked for).
+    logprobs: tuple[TokenLogprob, ...] = ()
+    #: A whole answer's choices 1 to n-1 (``n`` > 1).
+    choices: tuple[Choice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,10 +201,16 @@ class TritonGateway:
               entities: bool) -> StreamCall:
         fields = RequestFields(messages=chat.messages, images=chat.images, max_tokens=sampling.max_tokens,
                                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                               task=sampling.task, stream=stream, response_format=sampling.response_format)
+                               task=sampling.task, stream=stream, response_format=sampling.response_format,
+                               stop=sampling.stop, n=sampling.n, logprobs=sampling.logprobs,
+                               top_logprobs=sampling.top_logprobs, presence_penalty=sampling.presence_penalty,
+                               frequency_penalty=sampling.frequency_penalty,
+                               repetition_penalty=sampling.repetition_penalty)
         # Asked for by name: ``entities`` only where the model's metadata lists it (Triton refuses a request for
-        # an output the model does not have).
-        outputs = requested_outputs("grpc.aio", (*OUTPUTS, *([ENTITIES] if entities else [])))
+        # an output the model does not have), the sampling outputs only where the request needs them.
+        outputs = requested_outputs("grpc.aio", (*OUTPUTS, *([ENTITIES] if entities else []),
+                                                 *(["token_logprobs"] if sampling.logprobs else []),
+                                                 *(["choices"] if (sampling.n or 1) > 1 else [])))
         return StreamCall(model, request_inputs("grpc.aio", fields), outputs)
 
     async def _stream(self, call: StreamCall) -> AsyncGenerator[Output, None]:
@@ -205,7 +232,8 @@ class TritonGateway:
 
 def _piece(output: Output, *, entities: bool = False) -> Piece:
     return Piece(text=output.text, prompt_tokens=output.prompt_tokens, completion_tokens=output.generated_tokens,
-                 finish_reason=output.finish_reason, entities=_entities(output) if entities else None)
+                 finish_reason=output.finish_reason, entities=_entities(output) if entities else None,
+                 logprobs=output.logprobs, choices=output.choices)
 
 
 def _entities(output: Output) -> list[dict[str, Any]]:
