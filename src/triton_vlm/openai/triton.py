@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from triton_vlm._protocol.connect import make_client
@@ -31,23 +31,10 @@ from triton_vlm._protocol.stream import StreamCall, outputs_async
 from triton_vlm._protocol.tensors import RequestFields, request_inputs, requested_outputs
 from triton_vlm.errors import GenerationError, TritonVLMError
 
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    task: str | None = None
-    #: OpenAI's ``response_format`` as JSON (structured output), or None for plain text.
-    response_format: str | None = None
-    stop: tuple[str, ...] = ()
-    n: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+#: A request's sampling and output options: the :class:`RequestFields` the front reads from the body
+#: (``max_tokens`` ... ``repetition_penalty``, ``task``, ``response_format``); each call adds the chat's ``messages``
+#: and ``images`` and ``stream``. One list of fields for both, in ``_protocol``.
+Sampling = RequestFields
 
 
 @dataclass(frozen=True)
@@ -199,13 +186,7 @@ class TritonGateway:
 
     def _call(self, model: str, chat: ChatInput, sampling: Sampling, *, stream: bool | None,
               entities: bool) -> StreamCall:
-        fields = RequestFields(messages=chat.messages, images=chat.images, max_tokens=sampling.max_tokens,
-                               temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                               task=sampling.task, stream=stream, response_format=sampling.response_format,
-                               stop=sampling.stop, n=sampling.n, logprobs=sampling.logprobs,
-                               top_logprobs=sampling.top_logprobs, presence_penalty=sampling.presence_penalty,
-                               frequency_penalty=sampling.frequency_penalty,
-                               repetition_penalty=sampling.repetition_penalty)
+        fields = replace(sampling, messages=chat.messages, images=chat.images, stream=stream)
         # Asked for by name: ``entities`` only where the model's metadata lists it (Triton refuses a request for
         # an output the model does not have), the sampling outputs only where the request needs them.
         outputs = requested_outputs("grpc.aio", (*OUTPUTS, *([ENTITIES] if entities else []),
