@@ -390,8 +390,12 @@ def test_chat_answer_and_what_reaches_triton(client: TestClient, gateway: FakeGa
     assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 3, "total_tokens": 43}
     assert gateway.calls[-1] == ("infer", "llava", PNG, "Hi", Sampling(max_tokens=7, temperature=0.5, top_p=0.8,
                                                                        seed=3))
-    chat(client, max_tokens=7, max_completion_tokens=9, top_p=0, temperature=1.0, extra={"task": "x"}, task="detect")
+    chat(client, model="moondream2", max_tokens=7, max_completion_tokens=9, top_p=0, temperature=1.0,
+         extra={"task": "x"}, task="detect")
     assert gateway.calls[-1][4] == Sampling(max_tokens=9, temperature=0.0, top_p=None, task="detect")
+    # A model without tasks: a 400 naming the field (Triton would refuse the unknown input as a server error).
+    refused = chat(client, task="detect")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "task"
 
 
 def test_streaming_events(client: TestClient, gateway: FakeGateway) -> None:

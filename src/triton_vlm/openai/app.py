@@ -267,6 +267,10 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
             _check_text(chat.messages, "messages")
             if body.task is not None:
                 _check_text(body.task, "task")
+                if not model.tasks:  # else Triton itself refuses the unknown input, and the caller sees a 500
+                    raise APIError(400, f"model {model.name!r} takes no task (the task extension is for models "
+                                        f"with several skills, such as moondream2)", param="task",
+                                   code="unsupported_parameter")
             images = [await image_bytes(ref.url, param=ref.param, max_bytes=options.max_image_bytes,
                                         allow_remote=options.allow_remote_images,
                                         allow_private=options.allow_private_image_hosts,
