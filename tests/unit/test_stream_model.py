@@ -264,3 +264,33 @@ def test_a_stop_string_spanning_tokens_is_never_streamed_and_aborts_the_engine_r
     assert "".join(r.tensors["generated_text"][0][0].decode() for r, _ in sent) == answer[:answer.index(stop)]
     last, flags = sent[-1]
     assert flags == stream_model.stream_requests.FINAL and last.tensors["finish_reason"][0][0].decode() == "stop"
+
+
+def test_batched_tasks_end_every_request_even_when_the_runtime_answers_too_few(stream_model: Any) -> None:
+    """A batch whose results do not line up with its requests still ends each request FINAL with an error, and the
+    thread goes on serving: a request left open keeps Triton from unloading the model at shutdown."""
+    import time
+
+    calls: list[int] = []
+
+    def generate(requests: list[Any]) -> list[Any]:
+        calls.append(len(requests))
+        return [] if len(calls) == 1 else [GenerationError("second batch")] * len(requests)
+
+    runtime = SimpleNamespace(generate=generate)
+    metrics = SimpleNamespace(request_errors=FakeMetric())
+    tasks = stream_model.batched_tasks.BatchedTasks(runtime, metrics, {})
+    senders = [recording_sender() for _ in range(3)]
+    requests = [stream_model.stream_requests.OpenRequest(None, sender, 0.0, release=lambda: None)
+                for sender, _ in senders]
+    for request in requests[:2]:
+        tasks.submit(request, None)
+    tasks.start()
+    deadline = time.monotonic() + 10
+    while not all(request.ended for request in requests[:2]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tasks.submit(requests[2], None)  # the thread is still there for the next batch
+    assert tasks.stop(10)
+    final = stream_model.stream_requests.FINAL
+    for request, (_, sent) in zip(requests, senders, strict=True):
+        assert request.ended and len(sent) == 1 and sent[0][1] == final and sent[0][0] is not None

@@ -63,10 +63,14 @@ class BatchedTasks(InboxWorker[_Task]):
                     break
                 batch.append(item)
             try:
-                results = self.runtime.generate([task.generation for task in batch])
+                results = list(self.runtime.generate([task.generation for task in batch]))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(results)} results for a batch of {len(batch)} requests")
             except Exception as exc:  # the runtime answers per request; this is for whatever escapes it
                 log.exception("batched generation failed")
                 results = [as_request_error(exc)] * len(batch)
+            # Every request of the batch ends here, whatever happens: one left open keeps Triton from ever unloading
+            # the model (its shutdown then times out).
             for task, result in zip(batch, results, strict=True):
                 self._answer(task, result)
 
