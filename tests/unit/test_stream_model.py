@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from triton_vlm.engine import RequestOutput
+from triton_vlm.errors import GenerationError
 from triton_vlm.models.kosmos2 import grounded_entities
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
