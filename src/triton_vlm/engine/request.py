@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from triton_vlm.engine.prefix_cache import PrefixKeys
 from triton_vlm.sampling import SamplingParams, TokenLogprob
 
 
@@ -33,6 +34,8 @@ class EngineRequest:
     rope_delta: int = 0
     #: The compiled ``response_format`` grammar (``xgrammar.CompiledGrammar``) that masks this request's logits.
     grammar: Any = None
+    #: The prompt's block keys for the prefix cache (None: the cache is off, or the prompt is shorter than a block).
+    prefix_keys: PrefixKeys | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class RequestOutput:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     error: Exception | None = None
+    #: Prompt positions whose K/V came from the prefix cache (not prefilled for this request).
+    cached_tokens: int = 0
     #: The logprobs of ``new_token_ids`` where the request asked for them.
     logprobs: tuple[TokenLogprob, ...] = ()
 
@@ -64,6 +69,8 @@ class Sequence:
     slot: int = -1
     #: Prompt positions already in the KV cache.
     num_prefilled: int = 0
+    #: Of those, the ones the prefix cache held at admission.
+    cached_positions: int = 0
     #: Tokens generated on the device so far, the latest step's included: the engine reads a step's tokens back
     #: while the next step runs, so this can be one ahead of ``output_ids``.
     num_generated: int = 0
