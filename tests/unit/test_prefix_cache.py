@@ -255,8 +255,8 @@ def test_a_request_copies_the_prefix_a_running_one_has_prefilled(llava: tuple[An
     steps = Steps(engine(llava, max_prefill_tokens=16))
     first = steps.submit(A, QUESTION, 8)
     steps.step(3)  # three chunks of 16 positions in its slot, the prompt not done
-    seq = steps.engine.scheduler.find(first)
-    assert seq is not None and seq.status is SequenceStatus.PREFILLING and seq.num_prefilled == 48
+    [seq] = steps.engine.scheduler.find(first)
+    assert seq.status is SequenceStatus.PREFILLING and seq.num_prefilled == 48
     second = steps.submit(A, QUESTION, 8)
     steps.run()
     assert steps.copies == [(0, 1, 48)]
@@ -313,3 +313,40 @@ def test_with_few_slots_the_least_recently_used_prefix_is_evicted(llava: tuple[A
     assert answers == expected
     assert (cached.stats.prefix_hits, cached.stats.prefix_misses) == (1, 5)
     assert cached.cache.free_slots == 2
+
+
+# -- n choices: one prefill --------------------------------------------------------------------------------------
+def test_n_greedy_choices_share_one_prefill_and_one_vision_pass(llava: tuple[Any, Any, Any]) -> None:
+    single = engine(llava).generate([(A, QUESTION, SamplingParams(max_tokens=8))])
+    three = engine(llava)
+    images = count_images(three)
+    prompt_len = len(three.prepare(A, QUESTION, SamplingParams(), lambda out: None).prompt_ids)
+    assert three.generate([(A, QUESTION, SamplingParams(max_tokens=8, n=3))]) == single * 3
+    assert len(images) == 1
+    # The first choice prefilled the prompt; the others only what lies past its last whole block.
+    cached = (prompt_len - 1) // 16 * 16
+    assert three.stats.prefix_cached_tokens == 2 * cached
+    assert three.stats.prefill_tokens == prompt_len + 2 * (prompt_len - cached)
+    assert three.cache.free_slots == three.cache.num_slots
+
+
+def test_seeded_choices_each_draw_with_their_own_seed(llava: tuple[Any, Any, Any]) -> None:
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=7, n=3)
+    together = engine(llava).generate([(A, QUESTION, params)])
+    apart = engine(llava, prefix_caching=False).generate([(A, QUESTION, params.choice(i)) for i in range(3)])
+    assert together == apart
+    assert len({tuple(tokens) for tokens in together}) == 3
+
+
+def test_n_choices_stream_with_their_index_and_abort_together(llava: tuple[Any, Any, Any]) -> None:
+    steps = Steps(engine(llava))
+    finals: list[RequestOutput] = []
+    request = steps.engine.prepare(A, QUESTION, SamplingParams(max_tokens=50, n=4, ignore_eos=True),
+                                   lambda out: finals.append(out) if out.finished else None)
+    steps.engine.submit(request)
+    steps.step(4)
+    steps.engine.abort(request.request_id)
+    steps.step()
+    assert sorted(out.index for out in finals) == [0, 1, 2, 3]
+    assert {out.finish_reason for out in finals} == {"abort"}
+    assert steps.engine.cache.free_slots == steps.engine.cache.num_slots

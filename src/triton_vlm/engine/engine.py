@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -143,9 +143,6 @@ class LLMEngine:
         """Tokenize a request (on the caller's thread) and check that it fits the context. ``images``: one image,
         or a list (none: a text-only turn); ``prompt``: a prompt string or a ``triton_vlm.chat.Chat``, rendered by
         the family (``render_input``)."""
-        if params.n > 1:
-            raise InvalidInputError(f"n: the engine runs one choice per request (got n={params.n}); the batched "
-                                    "model serves n > 1", param="n")
         text = self.family.render_input(self.processor, prompt)
         pictures = image_list(images)
         prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, pictures, text)
@@ -218,18 +215,30 @@ class LLMEngine:
                 return False
             if isinstance(message, _Abort):
                 aborted = self.scheduler.find(message.request_id)
-                if aborted is not None:
-                    self._finish(aborted, "abort")
-                    log.info("engine: request %s aborted after %d tokens; its KV slot is free again "
-                             "(%d of %d slots free, %d waiting)", message.request_id, len(aborted.output_ids),
-                             self.cache.free_slots, self.cache.num_slots, len(self.scheduler.waiting))
+                for seq in aborted:
+                    self._finish(seq, "abort")
+                if aborted:
+                    log.info("engine: request %s aborted after %d tokens; its KV slots are free again "
+                             "(%d of %d slots free, %d waiting)", message.request_id,
+                             sum(len(seq.output_ids) for seq in aborted), self.cache.free_slots,
+                             self.cache.num_slots, len(self.scheduler.waiting))
             else:
-                seq = Sequence(message, max_generated=min(message.params.max_tokens,
-                                                          self.max_model_len - len(message.prompt_ids)))
-                self._generators[seq] = make_generator(message.params, self.runner.device)
-                if message.grammar is not None:
-                    self._grammars[seq] = GrammarState(message.grammar)
-                self.scheduler.add(seq)
+                self._add(message)
+
+    def _add(self, request: EngineRequest) -> None:
+        """Queue ``request``'s sequences: one per choice, the later ones after the first's prefill."""
+        n = request.params.n
+        choices = [request] if n == 1 else [replace(request, params=request.params.choice(i), index=i)
+                                            for i in range(n)]
+        first: Sequence | None = None
+        for choice in choices:
+            seq = Sequence(choice, max_generated=min(choice.params.max_tokens,
+                                                     self.max_model_len - len(choice.prompt_ids)), after=first)
+            first = first or seq
+            self._generators[seq] = make_generator(choice.params, self.runner.device)
+            if choice.grammar is not None:
+                self._grammars[seq] = GrammarState(choice.grammar)
+            self.scheduler.add(seq)
 
     def step(self) -> bool:
         """One scheduling round: launch the planned work, then hand out the previous step's tokens.
@@ -397,13 +406,14 @@ class LLMEngine:
             self._forget(seq)
         request.on_output(RequestOutput(request.request_id, (token,), done, "length" if done else None,
                                         seq.prompt_len, len(seq.output_ids), cached_tokens=seq.cached_positions,
-                                        logprobs=() if logprob is None else (logprob,)))
+                                        logprobs=() if logprob is None else (logprob,), index=request.index))
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
         self.scheduler.finish(seq, reason)
         self._forget(seq)
         seq.request.on_output(RequestOutput(seq.request.request_id, (), True, reason, seq.prompt_len,
-                                            len(seq.output_ids), error, cached_tokens=seq.cached_positions))
+                                            len(seq.output_ids), error, cached_tokens=seq.cached_positions,
+                                            index=seq.request.index))
 
     def _forget(self, seq: Sequence) -> None:
         self._generators.pop(seq, None)
@@ -413,22 +423,23 @@ class LLMEngine:
     # -- synchronous helper -------------------------------------------------------------------------------
     def generate(self, items: list[tuple[Any, Any, SamplingParams]], *, ignore_eos: bool | None = None,
                  timeout: float = 600.0) -> list[list[int]]:
-        """Submit ``(images, prompt, params)`` items (as :meth:`prepare` takes them) and wait for all; returns each
-        one's token ids.
+        """Submit ``(images, prompt, params)`` items (as :meth:`prepare` takes them) and wait for all; returns the
+        token ids of each one's choices in order (one list per item, or ``n`` consecutive lists for an item whose
+        params ask for ``n`` choices).
 
         Works with or without the background thread (without it, this thread drives the steps). On timeout
         the unfinished requests are aborted (their KV slots freed) and :class:`GenerationError` is raised."""
         if not items:
             return []
-        results: dict[str, list[int]] = {}
+        results: dict[tuple[str, int], list[int]] = {}
         done = threading.Event()
-        remaining = [len(items)]
+        remaining = [sum(params.n for _images, _prompt, params in items)]
         errors: dict[str, Exception] = {}
         lock = threading.Lock()
 
         def collect(out: RequestOutput) -> None:
             with lock:
-                results.setdefault(out.request_id, []).extend(out.new_token_ids)
+                results.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
                 if out.error is not None:
                     errors[out.request_id] = out.error
                 if out.finished:
@@ -439,7 +450,8 @@ class LLMEngine:
         requests = [self.prepare(image, prompt, params, collect, ignore_eos=ignore_eos)
                     for image, prompt, params in items]
         for request in requests:
-            results[request.request_id] = []
+            for index in range(request.params.n):
+                results[request.request_id, index] = []
             self.submit(request)
         if self._thread is None:
             deadline = time.monotonic() + timeout
@@ -456,4 +468,4 @@ class LLMEngine:
             raise GenerationError(f"engine did not finish {len(items)} requests in {timeout:.0f}s")
         if errors:
             raise next(iter(errors.values()))
-        return [results[r.request_id] for r in requests]
+        return [results[r.request_id, index] for r in requests for index in range(r.params.n)]

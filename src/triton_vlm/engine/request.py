@@ -36,6 +36,8 @@ class EngineRequest:
     grammar: Any = None
     #: The prompt's block keys for the prefix cache (None: the cache is off, or the prompt is shorter than a block).
     prefix_keys: PrefixKeys | None = None
+    #: Which of its request's ``n`` choices this is (the engine makes one per choice; outputs carry it).
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class RequestOutput:
     cached_tokens: int = 0
     #: The logprobs of ``new_token_ids`` where the request asked for them.
     logprobs: tuple[TokenLogprob, ...] = ()
+    #: The choice these tokens belong to (0 to n-1; each choice ends with its own ``finished`` output).
+    index: int = 0
 
 
 class SequenceStatus(enum.Enum):
@@ -84,6 +88,9 @@ class Sequence:
     #: and freed with ``prompt_embeds``.
     prompt_positions: torch.Tensor | None = None
     finish_reason: str | None = None
+    #: A choice after a request's first waits until the first's prompt is in its slot, and starts from there (the
+    #: prefix cache copies it): n choices cost one prefill.
+    after: Sequence | None = None
 
     def __post_init__(self) -> None:
         if self.max_generated is None:

@@ -65,8 +65,12 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         limit = min(self.config.max_num_seqs, self.cache.num_slots)
+        held: list[Sequence] = []
         while self.waiting and len(self.running) < limit and self.cache.free_slots:
             seq = self.waiting.popleft()
+            if seq.after is not None and seq.after.status in (SequenceStatus.WAITING, SequenceStatus.PREFILLING):
+                held.append(seq)  # its first choice's prompt is not in the cache yet
+                continue
             self._place(seq, out)
             seq.status = SequenceStatus.PREFILLING
             self.running.append(seq)
@@ -85,6 +89,7 @@ class Scheduler:
                     length = first  # alone in its step: over the budget rather than never
                 out.prefill.append(PrefillChunk(seq, seq.num_prefilled, length))
                 budget -= length
+        self.waiting.extendleft(reversed(held))
         return out
 
     def _place(self, seq: Sequence, out: SchedulerOutput) -> None:
@@ -132,8 +137,6 @@ class Scheduler:
             self.prefix.extend(seq.slot, keys.over([*seq.request.prompt_ids, *seq.output_ids[:-1]]))
         self.prefix.release(seq.slot)
 
-    def find(self, request_id: str) -> Sequence | None:
-        for seq in (*self.running, *self.waiting):
-            if seq.request.request_id == request_id:
-                return seq
-        return None
+    def find(self, request_id: str) -> list[Sequence]:
+        """The sequences of ``request_id`` still queued or running (one per choice)."""
+        return [seq for seq in (*self.running, *self.waiting) if seq.request.request_id == request_id]
