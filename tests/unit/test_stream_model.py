@@ -14,13 +14,18 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from triton_vlm._protocol.results import Output, parse_output
+from triton_vlm._protocol.wire import Choice, TokenLogprob, TopLogprob
 from triton_vlm.engine import RequestOutput
 from triton_vlm.errors import GenerationError
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.models.kosmos2 import grounded_entities
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
+from triton_vlm.sampling import TokenLogprob as SampledLogprob
 
 from .test_backend import FakeMetric, fake_pb_utils
+from .test_protocol import FakeResult
 
 #: Every module that imports Triton's utils, imported again over the fake.
 MODULES = ("triton_vlm.backend", "triton_vlm.backend.python_model", "triton_vlm.backend.metrics",
@@ -105,6 +110,24 @@ def test_a_model_that_declares_no_extra_outputs_sends_none(stream_model: Any, ko
     response = finish(stream_model, kosmos2_runtime, {}, grounded_answer(processor))
     assert set(response.tensors) == {"generated_text", "generated_tokens", "prompt_tokens", "finish_reason",
                                      "token_logprobs", "choices", "index"}  # the contract's: no entities
+
+
+def test_the_clients_read_an_answer_s_logprobs_and_choices_as_the_backend_wrote_them(stream_model: Any) -> None:
+    """A whole answer of n=2 with logprobs, from the backend's response tensors to the clients' typed
+    :class:`Output`: both sides go through ``_protocol.wire``, tokens named by ``token_text``."""
+    token_text = {3: "A", 4: " cat", 5: "B"}.__getitem__
+    second = GenerationOutput(text="B", token_ids=(5,), prompt_tokens=9, finish_reason="length",
+                              logprobs=(SampledLogprob(5, -0.5, ((5, -0.5), (3, -1.0))),))
+    output = GenerationOutput(text="A cat", token_ids=(3, 4), prompt_tokens=9, finish_reason="stop",
+                              logprobs=(SampledLogprob(3, -0.25), SampledLogprob(4, -0.75, ((4, -0.75),))),
+                              choices=(second,))
+    metrics = SimpleNamespace(observe_request=lambda *args: None)
+    response = stream_model.python_model.answer_response(metrics, {}, output, 0.0, token_text)
+    assert parse_output(FakeResult(response.tensors)) == Output(
+        "A cat", 2, 9, "stop",
+        logprobs=(TokenLogprob(3, "A", -0.25), TokenLogprob(4, " cat", -0.75, (TopLogprob(4, " cat", -0.75),))),
+        choices=(Choice(1, "B", "length", 1,
+                        (TokenLogprob(5, "B", -0.5, (TopLogprob(5, "B", -0.5), TopLogprob(3, "A", -1.0))),)),))
 
 
 def stream_through(module: Any, runtime: VLMRuntime, ids: list[int], interval: int) -> list[tuple[str, int, int]]:

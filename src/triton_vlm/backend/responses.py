@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
+from triton_vlm._protocol.wire import TokenLogprob as WireLogprob
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
-from triton_vlm.backend.requests import extra_values, logprobs_json, output_response
+from triton_vlm.backend.requests import extra_values, output_response, wire_logprobs
 from triton_vlm.backend.stream_requests import OpenRequest
 from triton_vlm.backend.worker import InboxWorker
 from triton_vlm.detokenizer import IncrementalDetokenizer, held_token_ids
@@ -228,10 +229,10 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
             self._engine.abort(out.request_id)  # its "abort" output finds the request answered, and is dropped
         return replace(out, finished=True, finish_reason="stop")
 
-    def _new_logprobs(self, state: _Stream) -> str:
-        """The ``token_logprobs`` JSON of the tokens since the last delta."""
+    def _new_logprobs(self, state: _Stream) -> tuple[WireLogprob, ...]:
+        """The ``token_logprobs`` entries of the tokens since the last delta."""
         entries, state.sent_logprobs = state.logprobs[state.sent_logprobs:], len(state.logprobs)
-        return logprobs_json(entries, self.runtime.token_text)
+        return wire_logprobs(entries, self.runtime.token_text)
 
     def _observe(self, state: _Stream, out: RequestOutput) -> None:
         """A finished request's metrics, and its debug line."""
