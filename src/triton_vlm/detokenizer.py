@@ -21,7 +21,10 @@ whatever follows, but for a trailing incomplete character.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,10 +35,29 @@ REPLACEMENT = "\ufffd"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
+#: held_token_ids' answers by tokenizer object (reading a vocabulary of 150k tokens takes ~0.2 s: once per tokenizer,
+#: not per batch).
+_held_by_tokenizer: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+_held_lock = threading.Lock()
+
+
 def held_token_ids(tokenizer: Any) -> frozenset[int]:
     """The ids whose text may change with the tokens after them: a transformers tokenizer's byte-fallback tokens
     and its special tokens (those a decode skips). Empty for a tokenizer without ``get_vocab`` (a plain
-    byte-level one, moondream2's), and holding a token that needs no holding only delays its text."""
+    byte-level one, moondream2's), and holding a token that needs no holding only delays its text. Read once per
+    tokenizer object."""
+    with _held_lock:
+        try:
+            return _held_by_tokenizer[tokenizer]
+        except (KeyError, TypeError):  # not yet, or an object that takes no weak reference (then never kept)
+            pass
+    held = _read_held_token_ids(tokenizer)
+    with _held_lock, contextlib.suppress(TypeError):
+        _held_by_tokenizer[tokenizer] = held
+    return held
+
+
+def _read_held_token_ids(tokenizer: Any) -> frozenset[int]:
     if not hasattr(tokenizer, "get_vocab"):
         return frozenset()
     held = {token_id for token, token_id in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)}
@@ -82,3 +104,15 @@ class IncrementalDetokenizer:
             self.text = self._decode(ids[:end])
         self._prefix, self._read = self._read, end
         return self.text
+
+    def pending(self, ids: list[int]) -> str:
+        """What the tokens of ``ids`` (as last given to :meth:`update`) add after :attr:`text` for now: the text of
+        trailing held tokens and of an incomplete character (U+FFFD), which later tokens may change. ``text +
+        pending(ids)`` is ``decode(ids)``; "" where ``text`` is all of it (no decoding then)."""
+        if len(ids) <= self._read:
+            return ""
+        before = self._decode(ids[self._prefix:self._read])
+        after = self._decode(ids[self._prefix:])
+        if after.startswith(before):
+            return after[len(before):]
+        return self._decode(ids)[len(self.text):]  # a window that changed its context (as in update)

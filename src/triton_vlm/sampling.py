@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from triton_vlm.detokenizer import IncrementalDetokenizer
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.structured import ResponseFormat
 
@@ -226,10 +227,16 @@ def token_mask(ids: torch.Tensor, mask: torch.Tensor | None, vocab: int) -> torc
     return torch.zeros(ids.shape[0], vocab, dtype=torch.long, device=ids.device).scatter_add_(1, ids, present) > 0
 
 
-def find_stop(text: str, stop: Sequence[str]) -> int | None:
-    """Where the answer ends: the index of the earliest stop string in ``text``, or None."""
-    found = [at for s in stop if (at := text.find(s)) >= 0]
+def find_stop(text: str, stop: Sequence[str], start: int = 0, end: int | None = None) -> int | None:
+    """Where the answer ends: the index of the earliest stop string in ``text`` (in ``text[start:end]``), or None."""
+    found = [at for s in stop if (at := text.find(s, start, end)) >= 0]
     return min(found) if found else None
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) its first stop string."""
+    at = find_stop(text, stop)
+    return text if at is None else text[:at]
 
 
 def safe_length(text: str, stop: Sequence[str]) -> int:
@@ -242,6 +249,69 @@ def safe_length(text: str, stop: Sequence[str]) -> int:
                 held = size
                 break
     return len(text) - held
+
+
+class StopMatcher:
+    """Whether the answer text of a growing list of generated tokens holds a stop string yet, for both decode routes
+    (the batched loop and the engine's response loop), at a few tokens' work per step instead of a decode and a
+    search of the whole answer.
+
+    ``source`` gives the text. An :class:`~triton_vlm.detokenizer.IncrementalDetokenizer` builds the tokenizer's text
+    a few tokens at a time, and the answer text is that text stripped (a family's ``decode_text``), its held tokens'
+    text included as it reads now; a text that only grows needs searching only where a match may have appeared: the
+    new text and the ``max(len(stop)) - 1`` characters before it. A callable gives the whole answer text (a family
+    whose text is no plain decode, kosmos2's), decoded and searched whole at every step."""
+
+    def __init__(self, stop: Sequence[str], source: IncrementalDetokenizer | Callable[[list[int]], str]) -> None:
+        self.stop = tuple(stop)
+        self._source = source
+        self._overlap = max((len(s) for s in self.stop), default=1) - 1
+        self._searched = 0  # the text before this is final and was searched (a match there would have been found)
+        self._whole = ""  # the latest answer text from a callable source
+        #: Where the answer text ends (its first stop string's index), once found.
+        self.at: int | None = None
+
+    def update(self, ids: list[int]) -> int | None:
+        """The index in the answer text of ``ids`` (the whole list so far, a token or more longer than the last) of its
+        earliest stop string, or None while it holds none. Once found, it stays found (later tokens are no part of
+        the answer)."""
+        if self.at is not None:
+            return self.at
+        if not isinstance(self._source, IncrementalDetokenizer):
+            text = self._whole = self._source(ids)
+            begin, end, final = 0, len(text), 0
+        else:
+            final_text = self._source.update(ids)
+            text = final_text + self._source.pending(ids)
+            # The stripped text's bounds in ``text`` (no copy); its final part ends where ``final_text``'s does,
+            # since a space at its end may be trailing (stripped) now and inside the text after the next token.
+            begin, end, final = _space_before(text), _end_of_text(text), _end_of_text(final_text)
+        at = find_stop(text, self.stop, max(begin, self._searched - self._overlap), end)
+        self._searched = max(self._searched, final)
+        self.at = None if at is None else at - begin
+        return self.at
+
+    @property
+    def text(self) -> str:
+        """The answer text as of the latest :meth:`update` that a stream may send, but for the end that could be the
+        start of a stop string (:func:`safe_length`): what no later token changes (a callable source: its text)."""
+        return self._source.text.strip() if isinstance(self._source, IncrementalDetokenizer) else self._whole
+
+
+def _space_before(text: str) -> int:
+    """How many whitespace characters ``text`` starts with (as ``str.strip`` counts them)."""
+    at = 0
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
+
+
+def _end_of_text(text: str) -> int:
+    """Where ``text`` ends without its trailing whitespace (as ``str.strip`` counts it)."""
+    end = len(text)
+    while end and text[end - 1].isspace():
+        end -= 1
+    return end
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

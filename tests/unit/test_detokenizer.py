@@ -144,7 +144,8 @@ def test_the_smolvlm_answer_streams_what_the_whole_decode_gives() -> None:
 @given(data=st.data())
 def test_random_ids_stream_what_the_whole_list_decodes_to(family_tokenizer: Any, data: st.DataObject) -> None:
     """Any ids (byte tokens, special ones, ...): the text never takes back what it gave, it is the whole list's
-    text at every step where that text is final, and the stream joins to the whole decode."""
+    text at every step where that text is final (and with what is pending, at every step), and the stream joins
+    to the whole decode."""
     decode, tokenizer, waiting = family_tokenizer
     one_id = st.integers(0, len(tokenizer) - 1)
     if waiting:  # runs of bytes and specials are where the tokenizers differ from a plain concatenation
@@ -158,6 +159,7 @@ def test_random_ids_stream_what_the_whole_list_decodes_to(family_tokenizer: Any,
         assert got.startswith(sent) and whole.startswith(got)
         if not (ids[end - 1] in waiting or whole.endswith(REPLACEMENT)):
             assert got == whole
+        assert got + detokenizer.pending(ids[:end]) == whole  # what stop strings are looked for in
         sent = got
     whole = decode(ids)
     assert streamed(IncrementalDetokenizer(decode, held_token_ids(tokenizer)), ids, whole) == whole

@@ -22,7 +22,19 @@ from triton_vlm._protocol.errors import translate
 from triton_vlm._protocol.results import Output, parse_output, statistics_models, stream_model
 from triton_vlm._protocol.stream import StreamCall, outputs_async, outputs_sync, stream_async, stream_sync
 from triton_vlm._protocol.tensors import RequestFields, request_inputs, requested_outputs
-from triton_vlm._protocol.wire import CODES, WireError, decode_error, encode_error
+from triton_vlm._protocol.wire import (
+    CODES,
+    Choice,
+    TokenLogprob,
+    TopLogprob,
+    WireError,
+    decode_choices,
+    decode_error,
+    decode_logprobs,
+    encode_choices,
+    encode_error,
+    encode_logprobs,
+)
 from triton_vlm.errors import (
     ConnectionLostError,
     GenerationError,
@@ -87,6 +99,43 @@ def test_only_the_first_encoding_is_read_and_multiline_messages_survive() -> Non
        st.none() | st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True))
 def test_round_trip_property(code: str, message: str, param: str | None) -> None:
     assert decode_error(encode_error(code, message, param)) == WireError(code, message, param)
+
+
+# -- the logprobs and choices wire format ------------------------------------------------------------------------
+_texts = st.text(max_size=8)  # any text: a token's own text may be a lone space, a broken byte (U+FFFD), "\"", ...
+_floats = st.floats(allow_nan=False, allow_infinity=False)
+_tops = st.builds(TopLogprob, st.integers(0, 2**31 - 1), _texts, _floats)
+_entries = st.lists(st.builds(TokenLogprob, st.integers(0, 2**31 - 1), _texts, _floats,
+                              st.lists(_tops, max_size=3).map(tuple)), max_size=4).map(tuple)
+_choices = st.lists(st.builds(Choice, st.integers(1, 7), st.text(max_size=20),
+                              st.sampled_from(["stop", "length"]), st.integers(0, 4096), _entries), max_size=3)
+
+
+@given(_entries)
+def test_logprobs_round_trip(entries: tuple[TokenLogprob, ...]) -> None:
+    encoded = encode_logprobs(entries)
+    assert (encoded == "") == (not entries)  # "" unless asked (and a piece without tokens carries none)
+    assert decode_logprobs(encoded) == entries
+
+
+@given(_choices)
+def test_choices_round_trip(choices: list[Choice]) -> None:
+    encoded = encode_choices(choices)
+    assert (encoded == "") == (not choices)
+    assert decode_choices(encoded) == tuple(choices)
+
+
+def test_the_logprobs_and_choices_json_is_the_contract_s() -> None:
+    """The shapes docs/contract.md documents for ``token_logprobs`` and ``choices``, key for key."""
+    entry = TokenLogprob(7, "cat", -0.25, (TopLogprob(7, "cat", -0.25), TopLogprob(9, " dog", -1.5)))
+    as_json = {"id": 7, "token": "cat", "logprob": -0.25,
+               "top": [{"id": 7, "token": "cat", "logprob": -0.25}, {"id": 9, "token": " dog", "logprob": -1.5}]}
+    assert json.loads(encode_logprobs([entry])) == [as_json]
+    choices = [Choice(1, "A cat.", "stop", 3, (entry,)), Choice(2, "A", "length", 1)]
+    assert json.loads(encode_choices(choices)) == [
+        {"index": 1, "text": "A cat.", "finish_reason": "stop", "generated_tokens": 3, "logprobs": [as_json]},
+        {"index": 2, "text": "A", "finish_reason": "length", "generated_tokens": 1, "logprobs": None}]
+    assert decode_logprobs("") == decode_logprobs(None) == decode_choices("") == decode_choices(None) == ()
 
 
 # -- request tensors ---------------------------------------------------------------------------------------------
@@ -175,6 +224,16 @@ def test_parse_output_binary_and_json_answers() -> None:
     as_json = FakeResult({"generated_text": np.array(["A dog."], dtype=object), "generated_tokens": np.array([2]),
                           "prompt_tokens": np.array([5]), "finish_reason": np.array(["stop"], dtype=object)})
     assert parse_output(as_json) == Output("A dog.", 2, 5, "stop")  # HTTP JSON answers hold str, not bytes
+
+
+def test_parse_output_reads_logprobs_choices_and_index() -> None:
+    entries = (TokenLogprob(3, "A", -0.5, (TopLogprob(3, "A", -0.5),)),)
+    choices = (Choice(1, "B.", "stop", 2, entries), Choice(2, "C", "length", 1))
+    result = answer("A.", 2, "stop")
+    result.arrays.update(token_logprobs=np.array([[encode_logprobs(entries).encode()]], dtype=object),
+                         choices=np.array([[encode_choices(choices).encode()]], dtype=object),
+                         index=np.array([[0]], dtype=np.int32))
+    assert parse_output(result) == Output("A.", 2, 12, "stop", logprobs=entries, choices=choices)
 
 
 def test_stream_model_names_and_statistics() -> None:

@@ -4,20 +4,32 @@ stop strings (also spanning tokens), n, and the engine giving the batched loop's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from triton_vlm.config import EngineConfig
+from triton_vlm.detokenizer import IncrementalDetokenizer, held_token_ids
 from triton_vlm.engine import LLMEngine, RequestOutput
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.models.generation import GenerationOutput, generate_batch
 from triton_vlm.runtime import VLMRuntime
-from triton_vlm.sampling import RowSampler, SamplingParams, find_stop, penalize, safe_length, step_logprobs
+from triton_vlm.sampling import (
+    RowSampler,
+    SamplingParams,
+    StopMatcher,
+    find_stop,
+    penalize,
+    safe_length,
+    step_logprobs,
+)
 
-from .helpers import rgb_array
+from .helpers import load_tiny, rgb_array
 
 IMAGES = [Image.fromarray(rgb_array(40, 30, seed=0)), Image.fromarray(rgb_array(64, 64, seed=1))]
 PROMPTS = ["What is this?", "describe the picture in detail please"]
@@ -78,6 +90,122 @@ def test_stop_strings_find_the_first_and_hold_back_a_possible_start() -> None:
     assert safe_length("the end of the st", ("the stop", "x")) == len("the end of ")
     assert safe_length("nothing to hold", ("zz",)) == len("nothing to hold")
     assert safe_length("ab", ("abc", "b")) == 0  # the longest possible start wins
+
+
+# -- StopMatcher: a stop string in a growing token list's text, a few tokens decoded per step -------------------
+#: (answer, stop strings): spanning tokens, several (the earliest wins), at the very start, multi-byte characters
+#: (over byte tokens where the tiny tokenizers have no merge for them), with spaces at their ends, and none found.
+STOP_CASES = [
+    (" one two three four five six seven", ("ree fou",)),
+    (" one two three four five six seven", ("five", "two", "three")),
+    (" one two three four five six seven", ("one",)),
+    (" one two three four five six seven", ("o t", "e f")),
+    (" one two three four five six seven", ("four ", " six")),
+    (" one two three four five six seven", ("eight", "nine")),
+    ("café naïve — 日本語の文 🙂 done", ("日本",)),
+    ("café naïve — 日本語の文 🙂 done", ("🙂", "é n")),
+    ("café naïve — 日本語の文 🙂 done", ("\u6587 \U0001f642 d", "xyz")),
+    ("First line.\nSecond line.\n\nThird", ("\n",)),
+    ("First line.\nSecond line.\n\nThird", ("\n\n", "ond")),
+]
+
+
+@pytest.fixture(scope="module", params=["llava", "moondream2"])
+def answer_text(request: pytest.FixtureRequest) -> tuple[Callable[[str], list[int]], Any, Any]:
+    """(encode, the family, its processor) of a tiny checkpoint: llava's tokenizer has byte-fallback tokens,
+    moondream2's is byte-level."""
+    family, _model, processor = load_tiny(request.param)
+    tokenizer: Any = processor.tokenizer
+    if request.param == "llava":
+        return (lambda text: tokenizer.encode(text, add_special_tokens=False)), family, processor
+    return tokenizer.encode, family, processor
+
+
+def counting(decode: Callable[[list[int]], str]) -> tuple[Callable[[list[int]], str], list[int]]:
+    """``decode`` that records how many tokens each call decoded."""
+    sizes: list[int] = []
+
+    def wrapped(ids: list[int]) -> str:
+        sizes.append(len(ids))
+        return decode(ids)
+    return wrapped, sizes
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(STOP_CASES), steps=st.lists(st.integers(1, 3), min_size=1, max_size=60))
+def test_the_stop_matcher_finds_what_a_search_of_the_whole_text_finds_at_every_step(
+        answer_text: Any, case: tuple[str, tuple[str, ...]], steps: list[int]) -> None:
+    """What both decode routes did before it, a whole decode and a search of ``decode_text`` at every step, finds the
+    same stop string at the same step, at the same index of the answer text, however many tokens each step adds."""
+    encode, family, processor = answer_text
+    text, stop = case
+    ids = list(encode(text))
+    matcher = family.stop_matcher(processor, stop)
+    end = 0
+    for step in [*steps, len(ids)]:
+        end = min(len(ids), end + step)
+        expected = find_stop(family.decode_text(processor, ids[:end]), stop)
+        assert matcher.update(ids[:end]) == expected, (end, family.decode_text(processor, ids[:end]))
+        if expected is not None:  # a found stop string stays found, whatever comes after
+            assert matcher.update(ids) == expected
+            return
+    assert find_stop(family.decode_text(processor, ids), stop) is None
+
+
+@pytest.mark.parametrize(("text", "stop", "before"), [
+    (" one two three four five", ("ree fou",), "one two th"),  # spans "three" and "four"
+    (" one two three four five", ("four", "two"), "one "),  # the earliest wins, not the first given
+    (" one two three four five", ("one",), ""),  # at the very start: an empty answer
+    ("café naïve — 日本語の文 🙂 done", ("本語の",), "café naïve — 日"),  # characters of 3 UTF-8 bytes
+    ("café naïve — 日本語の文 🙂 done", ("🙂 d", "é"), "caf"),
+])
+def test_the_answer_ends_right_before_the_earliest_stop_string(answer_text: Any, text: str, stop: tuple[str, ...],
+                                                               before: str) -> None:
+    encode, family, processor = answer_text
+    ids = list(encode(text))
+    matcher = family.stop_matcher(processor, stop)
+    found = [at for end in range(1, len(ids) + 1) if (at := matcher.update(ids[:end])) is not None]
+    assert found and family.decode_text(processor, ids)[:found[0]] == before
+    # Found as soon as the tokens so far hold it, and for good.
+    first = next(end for end in range(1, len(ids) + 1)
+                 if find_stop(family.decode_text(processor, ids[:end]), stop) is not None)
+    assert found == [len(before)] * (len(ids) - first + 1)
+
+
+def test_of_several_stop_strings_in_the_text_the_earliest_wins(answer_text: Any) -> None:
+    """All the tokens in one step (a merged delta): the earliest in the text, wherever it is in ``stop``."""
+    encode, family, processor = answer_text
+    ids = list(encode(" one two three four five"))
+    assert family.stop_matcher(processor, ("five", "two", "three")).update(ids) == len("one ")
+    assert family.stop_matcher(processor, ("five", "two", "one two th")).update(ids) == 0
+    assert family.stop_matcher(processor, ("wo t", "o three")).update(ids) == len("one t")
+
+
+def test_the_stop_matcher_decodes_a_few_tokens_a_step(answer_text: Any) -> None:
+    """Not a whole decode (or search) of the answer at each step: O(n) tokenizer work per answer, not O(n^2)."""
+    encode, family, processor = answer_text
+    ids = list(encode(" ".join(f"word{i % 37} café, 日本" for i in range(60)) + " done"))
+    spy, sizes = counting(lambda token_ids: family.detokenize(processor, token_ids))
+    matcher = StopMatcher(("never there",), IncrementalDetokenizer(spy, held_token_ids(processor.tokenizer)))
+    for end in range(1, len(ids) + 1):
+        assert matcher.update(ids[:end]) is None
+    assert matcher.text == family.decode_text(processor, ids)
+    assert len(ids) > 300 and sum(sizes) < 12 * len(ids)  # a whole decode per token would be ~len(ids)^2 / 2
+
+
+def test_a_family_that_rewrites_its_text_is_matched_on_its_whole_text(kosmos2_runtime: VLMRuntime) -> None:
+    """kosmos2's ``decode_text`` drops its grounding tags: no plain decode, so each step decodes it all."""
+    loaded = kosmos2_runtime.ensure_loaded()
+    family, processor = kosmos2_runtime.family, loaded.processor
+    tokenizer = processor.tokenizer
+    tags = tokenizer.convert_tokens_to_ids
+    ids = [tags("<phrase>"), *tokenizer(" a dog", add_special_tokens=False).input_ids, tags("</phrase>"),
+           *tokenizer(" runs on the grass", add_special_tokens=False).input_ids]
+    matcher = family.stop_matcher(processor, ("dog runs",))
+    found = [matcher.update(ids[:end]) for end in range(1, len(ids) + 1)]
+    answer = family.decode_text(processor, ids)
+    assert "<phrase>" not in answer and "dog runs" in answer
+    assert found[-1] == answer.index("dog runs") and found[0] is None
 
 
 @pytest.mark.parametrize("field, value, param", [
@@ -161,6 +289,24 @@ def test_a_stop_string_spanning_tokens_cuts_the_answer_exactly_before_it(loaded:
     (cut,) = batched(loaded, [SamplingParams(max_tokens=16, ignore_eos=True, stop=(stop,))])
     assert cut.text == expected and cut.finish_reason == "stop" and len(cut.token_ids) < 16
     assert full.text.startswith(cut.text + stop)
+    # The row ends at the very token that completes the stop string in its text.
+    assert len(cut.token_ids) == next(k for k in range(17) if stop in pieces[k])
+
+
+def test_the_batched_loop_looks_for_stop_strings_a_few_tokens_a_step(loaded: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    family = type(loaded.family)
+    detokenize = family.detokenize
+    sizes: list[int] = []
+
+    def spying(self: Any, processor: Any, token_ids: list[int]) -> str:
+        sizes.append(len(token_ids))
+        return detokenize(self, processor, token_ids)
+    monkeypatch.setattr(family, "detokenize", spying)
+    (out,) = batched(loaded, [SamplingParams(max_tokens=160, ignore_eos=True, stop=("never in it",))])
+    assert out.finish_reason == "length" and len(out.token_ids) == 160
+    assert sizes[-1] == 160  # the answer: one decode of it all
+    assert sum(sizes[:-1]) < 12 * 160  # a whole decode a step: ~160^2 / 2
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,18 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from triton_vlm._protocol.results import Output, parse_output
+from triton_vlm._protocol.wire import Choice, TokenLogprob, TopLogprob
 from triton_vlm.engine import RequestOutput
 from triton_vlm.errors import GenerationError
+from triton_vlm.models.generation import GenerationOutput
 from triton_vlm.models.kosmos2 import grounded_entities
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
+from triton_vlm.sampling import TokenLogprob as SampledLogprob
 
 from .test_backend import FakeMetric, fake_pb_utils
+from .test_protocol import FakeResult
 
 #: Every module that imports Triton's utils, imported again over the fake.
 MODULES = ("triton_vlm.backend", "triton_vlm.backend.python_model", "triton_vlm.backend.metrics",
@@ -107,10 +112,30 @@ def test_a_model_that_declares_no_extra_outputs_sends_none(stream_model: Any, ko
                                      "token_logprobs", "choices", "index"}  # the contract's: no entities
 
 
-def stream_through(module: Any, runtime: VLMRuntime, ids: list[int], interval: int) -> list[tuple[str, int, int]]:
+def test_the_clients_read_an_answer_s_logprobs_and_choices_as_the_backend_wrote_them(stream_model: Any) -> None:
+    """A whole answer of n=2 with logprobs, from the backend's response tensors to the clients' typed
+    :class:`Output`: both sides go through ``_protocol.wire``, tokens named by ``token_text``."""
+    token_text = {3: "A", 4: " cat", 5: "B"}.__getitem__
+    second = GenerationOutput(text="B", token_ids=(5,), prompt_tokens=9, finish_reason="length",
+                              logprobs=(SampledLogprob(5, -0.5, ((5, -0.5), (3, -1.0))),))
+    output = GenerationOutput(text="A cat", token_ids=(3, 4), prompt_tokens=9, finish_reason="stop",
+                              logprobs=(SampledLogprob(3, -0.25), SampledLogprob(4, -0.75, ((4, -0.75),))),
+                              choices=(second,))
+    metrics = SimpleNamespace(observe_request=lambda *args: None)
+    response = stream_model.python_model.answer_response(metrics, {}, output, 0.0, token_text)
+    assert parse_output(FakeResult(response.tensors)) == Output(
+        "A cat", 2, 9, "stop",
+        logprobs=(TokenLogprob(3, "A", -0.25), TokenLogprob(4, " cat", -0.75, (TopLogprob(4, " cat", -0.75),))),
+        choices=(Choice(1, "B", "length", 1,
+                        (TokenLogprob(5, "B", -0.5, (TopLogprob(5, "B", -0.5), TopLogprob(3, "A", -1.0))),)),))
+
+
+def stream_through(module: Any, runtime: VLMRuntime, ids: list[int], interval: int,
+                   stop: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
     """Deliver ``ids`` one token a step, as the engine's outputs come; the (text, generated_tokens, flags) sent."""
     model = delivering_model(module, runtime, {}, interval)
     state, sent = recording_state(module, [])
+    state.stop = stop
     for count, token in enumerate(ids, start=1):
         state.token_ids.append(token)
         last = count == len(ids)
@@ -154,10 +179,12 @@ def test_a_stream_sends_no_text_that_a_later_byte_token_changes(stream_model: An
     assert len(pieces) >= 4  # still a stream: the words before the run went out as they came
 
 
+@pytest.mark.parametrize("stop", [(), ("never in it", "x")])
 def test_a_long_stream_decodes_a_few_tokens_a_delta(stream_model: Any, llava_runtime: VLMRuntime,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, stop: tuple[str, ...]) -> None:
     """Each delta decodes a short window (triton_vlm.detokenizer), not the whole answer so far: O(n) tokenizer
-    work per answer instead of O(n^2). The pieces still make exactly the whole answer's text."""
+    work per answer instead of O(n^2), also where stop strings are looked for at every output. The pieces still
+    make exactly the whole answer's text."""
     tokenizer = llava_runtime.ensure_loaded().processor.tokenizer
     words = " ".join(f"word{i % 37} café, 日本" for i in range(120))
     ids = tokenizer(words, add_special_tokens=False).input_ids
@@ -169,7 +196,7 @@ def test_a_long_stream_decodes_a_few_tokens_a_delta(stream_model: Any, llava_run
         sizes.append(len(token_ids))
         return detokenize(self, processor, token_ids)
     monkeypatch.setattr(family, "detokenize", spying)
-    pieces = stream_through(stream_model, llava_runtime, ids, 1)
+    pieces = stream_through(stream_model, llava_runtime, ids, 1, stop)
     assert "".join(text for text, _, _ in pieces) == tokenizer.decode(ids, skip_special_tokens=True).strip()
     assert len(ids) > 500 and len(pieces) > len(ids) / 4
     assert sizes[-1] == len(ids)  # the final answer: one decode of it all
@@ -241,12 +268,15 @@ def test_engine_shutdown_reports_whether_its_thread_stopped() -> None:
     assert engine.shutdown(timeout=10) is True  # nothing left to stop
 
 
+@pytest.mark.parametrize(("text", "stop"), [
+    (" one two three four five six seven", "ree fou"),  # starts inside "three", ends inside "four": spans tokens
+    (" café naïve — 日本語の文 🙂 done", "語の文 🙂"),  # over byte tokens (the tiny tokenizer has no merges for them)
+])
 def test_a_stop_string_spanning_tokens_is_never_streamed_and_aborts_the_engine_request(
-        stream_model: Any, llava_runtime: VLMRuntime) -> None:
+        stream_model: Any, llava_runtime: VLMRuntime, text: str, stop: str) -> None:
     tokenizer = llava_runtime.ensure_loaded().processor.tokenizer
-    ids = tokenizer(" one two three four five six seven", add_special_tokens=False).input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    stop = "ree fou"  # starts inside "three", ends inside "four": spans tokens
     model = delivering_model(stream_model, llava_runtime, {}, 1)
     aborted: list[str] = []
     model._engine = SimpleNamespace(abort=aborted.append)

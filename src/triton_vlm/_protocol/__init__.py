@@ -1,7 +1,8 @@
 """Triton's protocol, in one private place: everything that talks to Triton goes through it.
 
-- :mod:`.wire`: the encoding of an error's (code, param, message) inside the one message Triton carries; the
-  backend encodes with it, and only this package decodes. Dependency-free.
+- :mod:`.wire`: the encoding of an error's (code, param, message) inside the one message Triton carries, and of
+  the ``token_logprobs`` and ``choices`` outputs (JSON); the backend encodes with it, and only this package
+  decodes. Dependency-free.
 - :mod:`.tensors`: request input tensors from typed request fields, for ``tritonclient.http``/``.grpc`` (and
   their ``.aio`` twins).
 - :mod:`.results`: a response's outputs as a typed :class:`~.results.Output`.

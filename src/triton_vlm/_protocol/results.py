@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from triton_vlm._protocol.wire import Choice, TokenLogprob, decode_choices, decode_logprobs
 
 #: The outputs every served model declares.
 OUTPUTS = ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")
@@ -15,52 +16,6 @@ ENTITIES = "entities"
 TASK = "task"
 #: The decoupled companion that streams a public model's answers: ``<model>_stream``.
 STREAM_SUFFIX = "_stream"
-
-
-@dataclass(frozen=True)
-class TopLogprob:
-    """An alternative to a generated token: its id, its own text and its logprob."""
-
-    token_id: int
-    token: str
-    logprob: float
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token (the ``token_logprobs`` output, asked for with ``logprobs``) and its ``top_logprobs``
-    most likely alternatives, best first."""
-
-    token_id: int
-    token: str
-    logprob: float
-    top: tuple[TopLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One of a whole answer's further choices (``n`` > 1; the response itself is choice 0)."""
-
-    index: int
-    text: str
-    finish_reason: str
-    generated_tokens: int
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-def parse_logprobs(text: str | None) -> tuple[TokenLogprob, ...]:
-    """The ``token_logprobs`` output ("" or JSON, see ``config/contract.py``) as typed entries."""
-    entries = json.loads(text) if text else []
-    return tuple(TokenLogprob(e["id"], e["token"], e["logprob"],
-                              tuple(TopLogprob(t["id"], t["token"], t["logprob"]) for t in e["top"]))
-                 for e in entries or [])
-
-
-def parse_choices(text: str | None) -> tuple[Choice, ...]:
-    """The ``choices`` output ("" or JSON) as typed choices."""
-    return tuple(Choice(c["index"], c["text"], c["finish_reason"], c["generated_tokens"],
-                        parse_logprobs(json.dumps(c["logprobs"]) if c["logprobs"] else None))
-                 for c in (json.loads(text) if text else []))
 
 
 @dataclass(frozen=True)
@@ -105,8 +60,8 @@ def parse_output(result: Any) -> Output:
                   prompt_tokens=int(_first(result, "prompt_tokens")),
                   finish_reason=_text(_first(result, "finish_reason")),
                   entities=None if entities is None else _text(entities),
-                  logprobs=parse_logprobs(None if logprobs is None else _text(logprobs)),
-                  choices=parse_choices(None if choices is None else _text(choices)),
+                  logprobs=decode_logprobs(None if logprobs is None else _text(logprobs)),
+                  choices=decode_choices(None if choices is None else _text(choices)),
                   index=0 if index is None else int(index))
 
 

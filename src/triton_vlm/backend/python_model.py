@@ -16,18 +16,17 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, ClassVar
 
+from triton_vlm._protocol.wire import Choice
 from triton_vlm.backend.faults import FaultInjection
 from triton_vlm.backend.metrics import BackendMetrics
 from triton_vlm.backend.requests import (
-    Choice,
-    choices_json,
     declared_extra_outputs,
     error_response,
     extra_values,
-    logprobs_json,
     output_response,
     parse_request,
     runtime_from_args,
+    wire_logprobs,
 )
 from triton_vlm.backend.stub_logging import configure_logging, quiet_teardown, startup_failed
 from triton_vlm.chat import Chat
@@ -148,11 +147,11 @@ def answer_response(metrics: BackendMetrics, extra_outputs: dict[str, str], outp
     generated = len(output.token_ids) + sum(len(c.token_ids) for c in output.choices)
     metrics.observe_request(received, output.first_token_at, output.finished_at or time.perf_counter(),
                             generated, output.prompt_tokens)
-    choices = [Choice(i, c.text, c.finish_reason, len(c.token_ids), logprobs_json(c.logprobs, token_text))
+    choices = [Choice(i, c.text, c.finish_reason, len(c.token_ids), wire_logprobs(c.logprobs, token_text))
                for i, c in enumerate(output.choices, start=1)]
     return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason,
                            extra_values(extra_outputs, output.extras),
-                           logprobs=logprobs_json(output.logprobs, token_text), choices=choices_json(choices))
+                           logprobs=wire_logprobs(output.logprobs, token_text), choices=choices)
 
 
 def failure_response(metrics: BackendMetrics, exc: BaseException) -> Any:

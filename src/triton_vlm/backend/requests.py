@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
-from triton_vlm._protocol.wire import encode_error
+from triton_vlm._protocol import wire
 from triton_vlm.config import settings_from_triton_args
 from triton_vlm.errors import InvalidInputError, TritonVLMError
 from triton_vlm.images import image_bytes_from_tensor, images_from_tensor
@@ -120,49 +119,27 @@ def extra_values(declared: Mapping[str, str], found: Mapping[str, str]) -> dict[
     return {name: found.get(name, default) for name, default in declared.items()}
 
 
-def logprobs_json(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> str:
-    """The ``token_logprobs`` output: a JSON list, per generated token, of ``{"id", "token", "logprob", "top":
-    [{"id", "token", "logprob"}...]}`` (``token``: the token's own text); "" when the request asked for none."""
-    if not entries:
-        return ""
-    return json.dumps([{"id": e.token_id, "token": token_text(e.token_id), "logprob": e.logprob,
-                        "top": [{"id": i, "token": token_text(i), "logprob": v} for i, v in e.top]}
-                       for e in entries])
-
-
-def choices_json(choices: Sequence[Choice]) -> str:
-    """The ``choices`` output of a whole answer for ``n`` > 1: choices 1 to n-1 (the common outputs carry choice 0)
-    as a JSON list of ``{"index", "text", "finish_reason", "generated_tokens", "logprobs"}`` (``logprobs``: as the
-    ``token_logprobs`` output, parsed); "" for one choice."""
-    return json.dumps([{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                        "generated_tokens": c.generated_tokens,
-                        "logprobs": json.loads(c.logprobs) if c.logprobs else None} for c in choices]) if choices else ""
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One of a whole answer's further choices (``n`` > 1), its logprobs already as :func:`logprobs_json`."""
-
-    index: int
-    text: str
-    finish_reason: str
-    generated_tokens: int
-    logprobs: str = ""
+def wire_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> tuple[wire.TokenLogprob, ...]:
+    """``entries`` as the ``token_logprobs`` output carries them: each token (and alternative) with its own text."""
+    return tuple(wire.TokenLogprob(e.token_id, token_text(e.token_id), e.logprob,
+                                   tuple(wire.TopLogprob(i, token_text(i), v) for i, v in e.top)) for e in entries)
 
 
 def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish_reason: str | None,
-                    extras: Mapping[str, str] | None = None, *, logprobs: str = "", choices: str = "",
-                    index: int = 0) -> Any:
+                    extras: Mapping[str, str] | None = None, *, logprobs: Sequence[wire.TokenLogprob] = (),
+                    choices: Sequence[wire.Choice] = (), index: int = 0) -> Any:
     """The response tensors; ``extras`` are further STRING outputs (e.g. kosmos2's ``entities`` JSON);
-    ``logprobs`` the ``token_logprobs`` JSON (:func:`logprobs_json`), ``choices`` the further choices of a whole
-    answer (:func:`choices_json`), ``index`` which choice a streamed piece belongs to."""
+    ``logprobs`` the ``token_logprobs`` output's entries (:func:`wire_logprobs`), ``choices`` the further choices of a
+    whole answer, both encoded by :mod:`triton_vlm._protocol.wire`; ``index`` which choice a streamed piece belongs
+    to."""
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("generated_text", np.array([[text.encode("utf-8")]], dtype=np.object_)),
         pb_utils.Tensor("generated_tokens", np.array([[generated_tokens]], dtype=np.int32)),
         pb_utils.Tensor("prompt_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
         pb_utils.Tensor("finish_reason", np.array([[(finish_reason or "").encode()]], dtype=np.object_)),
-        pb_utils.Tensor("token_logprobs", np.array([[logprobs.encode("utf-8")]], dtype=np.object_)),
-        pb_utils.Tensor("choices", np.array([[choices.encode("utf-8")]], dtype=np.object_)),
+        pb_utils.Tensor("token_logprobs", np.array([[wire.encode_logprobs(logprobs).encode("utf-8")]],
+                                                   dtype=np.object_)),
+        pb_utils.Tensor("choices", np.array([[wire.encode_choices(choices).encode("utf-8")]], dtype=np.object_)),
         pb_utils.Tensor("index", np.array([[index]], dtype=np.int32)),
         *(pb_utils.Tensor(name, np.array([[value.encode("utf-8")]], dtype=np.object_))
           for name, value in (extras or {}).items()),
@@ -174,5 +151,5 @@ def error_response(exc: TritonVLMError) -> Any:
     field encoded in the message too (:mod:`triton_vlm._protocol.wire`), for the paths that lose the code
     (decoupled streams) and for the field, which Triton never carries."""
     code = getattr(pb_utils.TritonError, exc.code, pb_utils.TritonError.INTERNAL)
-    message = encode_error(exc.code, str(exc), exc.param)
+    message = wire.encode_error(exc.code, str(exc), exc.param)
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))

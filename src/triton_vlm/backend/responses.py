@@ -12,22 +12,22 @@ thread.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
+from triton_vlm._protocol.wire import TokenLogprob as WireLogprob
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
-from triton_vlm.backend.requests import extra_values, logprobs_json, output_response
+from triton_vlm.backend.requests import extra_values, output_response, wire_logprobs
 from triton_vlm.backend.stream_requests import OpenRequest
 from triton_vlm.backend.worker import InboxWorker
-from triton_vlm.detokenizer import IncrementalDetokenizer, held_token_ids
+from triton_vlm.detokenizer import IncrementalDetokenizer
 from triton_vlm.engine import RequestOutput
 from triton_vlm.models.generation import CANCEL_CHECK_S
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
-from triton_vlm.sampling import TokenLogprob, find_stop, safe_length
+from triton_vlm.sampling import StopMatcher, TokenLogprob, cut_at_stop, safe_length
 
 if TYPE_CHECKING:
     from triton_vlm.engine.engine import EngineStats
@@ -76,6 +76,8 @@ class _Stream:
     #: The streamed text so far, a few tokens decoded per delta (families with ``incremental_text``).
     detokenizer: IncrementalDetokenizer | None = None
     stop: tuple[str, ...] = ()
+    #: Where the text reaches a stop string, a few tokens decoded per output (made at the first, where ``stop``).
+    stops: StopMatcher | None = None
     #: Each generated token's logprob where asked, and how many went out with earlier deltas.
     logprobs: list[TokenLogprob] = field(default_factory=list)
     sent_logprobs: int = 0
@@ -95,8 +97,6 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         self.stream_interval = runtime.settings.engine.stream_interval
         # Owned by the response thread: the engine of the requests it serves (from their _Opened message).
         self._engine: EngineHandle | None = None
-        # Owned by the response thread: the tokens whose text waits for the next (the tokenizer's, read once).
-        self._held: frozenset[int] | None = None
 
     def open(self, request: OpenRequest, engine: EngineHandle, stream: bool,
              generation: GenerationRequest | None) -> None:
@@ -188,10 +188,13 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         family = self.runtime.family
         processor = self.runtime.ensure_loaded().processor  # loaded before the engine was built: no lock taken
         extras: dict[str, str] = {}
-        if state.stop:  # the whole text each time: a stop string may span tokens, and its text is never sent
-            text = family.decode_text(processor, state.token_ids)
-            at = find_stop(text, state.stop)
-            text = text[:at] if at is not None else text if out.finished else text[:safe_length(text, state.stop)]
+        if state.stop:  # a stop string may span tokens, and its text is never sent
+            if out.finished:  # the whole answer once, up to its first stop string
+                text = cut_at_stop(family.decode_text(processor, state.token_ids), state.stop)
+            else:  # what _check_stop's matcher read, less the end that could start a stop string
+                assert state.stops is not None  # made by _check_stop for this very output
+                text = state.stops.text
+                text = text[:safe_length(text, state.stop)]
         elif out.finished and self.extra_outputs and state.generation is not None:
             # The whole answer: its text and the extra outputs worked out from it (kosmos2's entities).
             text, found = family.decode_output(processor, state.token_ids, state.generation.image,
@@ -199,10 +202,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
             extras = extra_values(self.extra_outputs, found)
         elif not out.finished and family.incremental_text:
             if state.detokenizer is None:
-                if self._held is None:
-                    self._held = held_token_ids(getattr(processor, "tokenizer", processor))
-                state.detokenizer = IncrementalDetokenizer(functools.partial(family.detokenize, processor),
-                                                           self._held)
+                state.detokenizer = family.detokenizer(processor)
             text = state.detokenizer.update(state.token_ids).strip()
         else:  # the whole answer once, at the end (or a family whose text is no plain decode)
             text = family.decode_text(processor, state.token_ids)
@@ -221,17 +221,18 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
     def _check_stop(self, state: _Stream, out: RequestOutput) -> RequestOutput:
         """``out`` as the request's end (finish reason "stop", its decoding aborted in the engine) once its text
         holds a stop string; else as it is."""
-        processor = self.runtime.ensure_loaded().processor
-        if find_stop(self.runtime.family.decode_text(processor, state.token_ids), state.stop) is None:
+        if state.stops is None:
+            state.stops = self.runtime.family.stop_matcher(self.runtime.ensure_loaded().processor, state.stop)
+        if state.stops.update(state.token_ids) is None:
             return out
         if self._engine is not None:
             self._engine.abort(out.request_id)  # its "abort" output finds the request answered, and is dropped
         return replace(out, finished=True, finish_reason="stop")
 
-    def _new_logprobs(self, state: _Stream) -> str:
-        """The ``token_logprobs`` JSON of the tokens since the last delta."""
+    def _new_logprobs(self, state: _Stream) -> tuple[WireLogprob, ...]:
+        """The ``token_logprobs`` entries of the tokens since the last delta."""
         entries, state.sent_logprobs = state.logprobs[state.sent_logprobs:], len(state.logprobs)
-        return logprobs_json(entries, self.runtime.token_text)
+        return wire_logprobs(entries, self.runtime.token_text)
 
     def _observe(self, state: _Stream, out: RequestOutput) -> None:
         """A finished request's metrics, and its debug line."""

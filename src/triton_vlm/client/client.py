@@ -27,9 +27,10 @@ from PIL import Image
 
 from triton_vlm._protocol.connect import make_client
 from triton_vlm._protocol.errors import is_restricted, translate
-from triton_vlm._protocol.results import Choice, Output, TokenLogprob, parse_output, statistics_models, stream_model
+from triton_vlm._protocol.results import Output, parse_output, statistics_models, stream_model
 from triton_vlm._protocol.stream import StreamCall, outputs_sync
 from triton_vlm._protocol.tensors import RequestFields, request_inputs
+from triton_vlm._protocol.wire import Choice, TokenLogprob
 from triton_vlm.client.entities import Entity, parse_entities
 from triton_vlm.client.retry import RetryPolicy
 from triton_vlm.errors import InvalidInputError, ServerUnreachableError, TritonVLMError

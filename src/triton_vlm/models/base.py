@@ -7,6 +7,7 @@ as small overrides, never as copies of the loop.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from abc import ABC, abstractmethod
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from triton_vlm.chat import Chat
+from triton_vlm.detokenizer import IncrementalDetokenizer, held_token_ids
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.images import image_list
 from triton_vlm.models.generation import (
@@ -28,6 +30,7 @@ from triton_vlm.models.generation import (
     generate_batch,
     position_ids_for,
 )
+from triton_vlm.sampling import StopMatcher
 from triton_vlm.structured import Grammars, grammars_for
 
 if TYPE_CHECKING:
@@ -279,6 +282,18 @@ class ModelFamily(ABC):
         """The answer text and its :attr:`extra_outputs` values (JSON strings) for one finished row (``image``: its
         first image, None for a text-only turn; ``prompt``: its prompt, or a chat's last user text)."""
         return self.decode_text(processor, token_ids), {}
+
+    def detokenizer(self, processor: Any) -> IncrementalDetokenizer:
+        """The text of a growing list of this family's tokens, a few decoded at a time: :meth:`detokenize`'s (where
+        :attr:`incremental_text`, it is :meth:`decode_text` but for the stripping)."""
+        return IncrementalDetokenizer(functools.partial(self.detokenize, processor),
+                                      held_token_ids(getattr(processor, "tokenizer", processor)))
+
+    def stop_matcher(self, processor: Any, stop: Sequence[str]) -> StopMatcher:
+        """What tells when a row's :meth:`decode_text` reaches one of ``stop`` as its tokens come: a few tokens decoded
+        a step where that text is :meth:`detokenize`'s, stripped (:attr:`incremental_text`), else the whole text."""
+        return StopMatcher(stop, self.detokenizer(processor) if self.incremental_text
+                           else functools.partial(self.decode_text, processor))
 
 
 def multimodal_rope(model: Any, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -23,7 +23,7 @@ from PIL import Image
 from triton_vlm.chat import Chat
 from triton_vlm.errors import InvalidInputError
 from triton_vlm.images import image_list
-from triton_vlm.sampling import RowSampler, SamplingParams, TokenLogprob, find_stop
+from triton_vlm.sampling import RowSampler, SamplingParams, TokenLogprob, cut_at_stop
 from triton_vlm.structured import GrammarState, mask_logits
 
 if TYPE_CHECKING:
@@ -65,12 +65,6 @@ class GenerationOutput:
     #: where the answer is not a token stream). Not part of equality: two runs give the same output.
     first_token_at: float | None = field(default=None, compare=False)
     finished_at: float | None = field(default=None, compare=False)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to (not including) its first stop string."""
-    at = find_stop(text, stop)
-    return text if at is None else text[:at]
 
 
 def position_ids_for(attention_mask: torch.Tensor, first: int, pad: int) -> torch.Tensor:
@@ -151,7 +145,8 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
     limits = torch.tensor([p.max_tokens for p in params], device=device)
     grammars = grammar_states(family, processor, params, stop_ids.tolist())
     sampler = RowSampler(params, device, logits.shape[-1], prompt_ids, attention_mask)
-    stopping = [row for row, p in enumerate(params) if p.stop]  # rows that end on a stop string
+    # Rows that end on a stop string (it may span tokens): each with its own matcher.
+    stopping = {row: family.stop_matcher(processor, p.stop) for row, p in enumerate(params) if p.stop}
     generated: list[list[int]] = [[] for _ in range(batch)]
     finish = ["length"] * batch
     running = torch.ones(batch, dtype=torch.bool, device=device)
@@ -172,8 +167,8 @@ def generate_batch(family: ModelFamily, model: Any, processor: Any, images: Sequ
                 if (state := grammars[row]) is not None:
                     state.accept(int(tokens[row]))
         running &= ~is_stop & (limits > step)
-        for row in stopping:  # the row ends once a stop string shows in its text (it may span tokens)
-            if running[row] and find_stop(family.decode_text(processor, generated[row]), params[row].stop) is not None:
+        for row, matcher in stopping.items():  # the row ends once a stop string shows in its text
+            if running[row] and matcher.update(generated[row]) is not None:
                 finish[row] = "stop"
                 running[row] = False
         now = time.perf_counter()

@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from triton_vlm._protocol.results import TokenLogprob
+from triton_vlm._protocol.wire import TokenLogprob
 from triton_vlm.errors import TritonVLMError
 from triton_vlm.openai.config import OpenAIOptions
 from triton_vlm.openai.errors import APIError, from_triton

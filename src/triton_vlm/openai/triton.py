@@ -21,14 +21,13 @@ from triton_vlm._protocol.results import (
     OUTPUTS,
     STREAM_SUFFIX,
     TASK,
-    Choice,
     Output,
-    TokenLogprob,
     parse_output,
     statistics_models,
 )
 from triton_vlm._protocol.stream import StreamCall, outputs_async
 from triton_vlm._protocol.tensors import RequestFields, request_inputs, requested_outputs
+from triton_vlm._protocol.wire import Choice, TokenLogprob
 from triton_vlm.errors import GenerationError, TritonVLMError
 
 #: A request's sampling and output options: the :class:`RequestFields` the front reads from the body
