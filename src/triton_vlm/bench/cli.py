@@ -46,9 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-trip", type=int, default=0, metavar="N",
                         help="also time N one-token requests in-process and through the server, alternating, and "
                              "report what Triton adds (p50); keeps the in-process model loaded beside the server")
+    parser.add_argument("--chat-turns", type=int, default=0, metavar="N",
+                        help="instead: the chat benchmark, TTFT of each of N turns (up to 4) of conversations about "
+                             "one image each, streamed one at a time; --max-tokens a turn, no baseline")
+    parser.add_argument("--conversations", type=int, default=8, help="with --chat-turns: conversations timed")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.chat_turns:
+        return run_chat_mode(args)
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     counts = [int(n) for n in str(args.requests).split(",") if n.strip()]
     counts = counts * len(levels) if len(counts) == 1 else counts
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         print("served / baseline throughput: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items())
               + "; / the baseline's repeat: " + ", ".join(f"{k} {v:.1f}x" for k, v in repeated.items()))
     report: dict[str, Any] = {
-        "command": "triton-vlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "command": _command(),
         "workload": {"model": args.model, "image_size": args.image_size, "max_tokens": args.max_tokens,
                      "requests": counts, "prompt": workload.prompt, "ignore_eos": True},
         "runs": [r.as_json() for r in served],
@@ -124,6 +130,42 @@ def run(args: argparse.Namespace) -> int:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     failed = sum(r.errors for r in served)
     return 1 if failed else 0
+
+
+def run_chat_mode(args: argparse.Namespace) -> int:
+    """``--chat-turns``: the chat benchmark (:mod:`triton_vlm.bench.chat`) against ``--url`` or a started server."""
+    from triton_vlm.bench.chat import IMAGE_SEED, QUESTIONS, format_chat_table, run_chat, warm_up_chat
+
+    if not 1 <= args.chat_turns <= len(QUESTIONS):
+        raise SystemExit(f"--chat-turns: 1 to {len(QUESTIONS)}")
+    workload = Workload(model=args.model, image_size=args.image_size, max_tokens=args.max_tokens,
+                        requests=args.conversations, image_seed=IMAGE_SEED)
+    server = None
+    url = args.url
+    if url is None:
+        server = start_server(args.model, tiny=args.tiny, engine=args.engine, batch_delay_us=args.batch_delay_us)
+        url = server.grpc_url
+    try:
+        warm_up_chat(url, workload, args.chat_turns)
+        result = run_chat(url, workload, args.chat_turns)
+    finally:
+        if server is not None:
+            server.stop()
+            server.log_file.close()
+    print(format_chat_table(f"triton-vlm chat ({args.model}: {args.conversations} conversations of "
+                            f"{args.chat_turns} turns, {args.max_tokens} tokens a turn, one at a time)", result),
+          flush=True)
+    report: dict[str, Any] = {
+        "command": _command(),
+        "workload": {"model": args.model, "image_size": args.image_size, "max_tokens": args.max_tokens,
+                     "conversations": args.conversations, "turns": args.chat_turns,
+                     "questions": list(QUESTIONS[:args.chat_turns]), "ignore_eos": True, "concurrency": 1},
+        **result.as_json(),
+    }
+    report.update(_environment())
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 1 if result.errors else 0
 
 
 def start_server(model: str, *, tiny: bool = False, engine: str = "auto", batch_delay_us: int | None = None) -> Any:
@@ -155,6 +197,10 @@ def start_server(model: str, *, tiny: bool = False, engine: str = "auto", batch_
         log_file.close()
         raise
     return server
+
+
+def _command() -> str:
+    return "triton-vlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
 
 
 def _free_memory() -> None:
