@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 
 import triton_vlm.client
-from triton_vlm.bench.chat import IMAGE_SEED, QUESTIONS, ChatResult, ChatSample, format_chat_table, run_chat
+from triton_vlm.bench.chat import (
+    CANNED_ANSWER,
+    IMAGE_SEED,
+    QUESTIONS,
+    ChatResult,
+    ChatSample,
+    format_chat_table,
+    run_chat,
+)
 from triton_vlm.bench.workload import Workload
 from triton_vlm.client import StreamPiece
 
@@ -70,6 +78,17 @@ def test_each_turn_resends_the_image_with_the_earlier_questions_and_answers(fake
     assert [(s.conversation, s.turn, s.prompt_tokens, s.generated_tokens) for s in result.samples] == [
         (c, t, 100 * t, 5) for c in (0, 1) for t in (1, 2, 3)]
     assert all(0 < s.ttft_s <= s.seconds for s in result.samples)
+
+
+def test_canned_answers_replace_the_models_in_later_turns(fake_client: type[FakeClient]) -> None:
+    """Random weights answer with pieces that come back as text many times longer; canned answers keep turn 2's
+    prompt as long as a real chat's."""
+    result = run_chat("host:8001", Workload(model="llava", image_size=8, max_tokens=3, requests=1), turns=3,
+                      answers="canned")
+    assert result.errors == 0 and len(result.samples) == 3
+    assert [m["content"] for m in fake_client.calls[-1]["messages"] if m["role"] == "assistant"] == [CANNED_ANSWER] * 2
+    with pytest.raises(ValueError, match="answers must be one of model, canned"):
+        run_chat("host:8001", Workload(model="llava"), turns=2, answers="echo")
 
 
 def test_a_failed_turn_ends_its_conversation_and_is_counted(fake_client: type[FakeClient]) -> None:

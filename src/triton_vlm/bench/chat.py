@@ -6,6 +6,10 @@ questions with the model's answers, then question k (``TritonVLMClient.chat_stre
 idle server; EOS is ignored, so every answer is ``max_tokens`` tokens and turn k's prompt is about as long in every
 conversation. With a prefix cache, a later turn prefills only what the earlier one did not have: its answer and the
 new question.
+
+The answers a later turn sends back are the model's own (``answers="model"``), or :data:`CANNED_ANSWER`
+(``"canned"``): a random-weight checkpoint answers with pieces its small tokenizer spells out many times longer when
+they come back as text (llava's 7B stand-in: 64 tokens come back as about 560), which no real model's answer does.
 """
 
 from __future__ import annotations
@@ -19,10 +23,16 @@ from triton_vlm.bench.workload import DEFAULT_PROMPT, Workload, median, ms_colum
 #: Turn k asks ``QUESTIONS[k - 1]``.
 QUESTIONS = (
     DEFAULT_PROMPT,
-    "What is in the top left corner, and how does it differ from the rest?",
-    "Which colour covers the largest area?",
-    "Sum the image up in one sentence.",
+    "What is in the top left of the picture?",
+    "How many objects are there? Answer with one word.",
+    "What color is the fruit on the table?",
 )
+#: What a later turn sends as each earlier answer with ``answers="canned"``: plain English of 45 words, 63 tokens in
+#: the random checkpoints' tokenizer (about 55 in Llama's), as long as a short real answer.
+CANNED_ANSWER = ("The picture is a photo of a busy city street at night. On the left a cat is sitting on a red mat by "
+                 "a window, and at the bottom there is a bowl of fruit with apples, bananas and oranges on a wooden "
+                 "table.")
+ANSWERS = ("model", "canned")
 #: The conversations' images: seeds far from the standard benchmark's (0, 1, ...) and its warm-up's, so that a
 #: server that ran it has none of them in a prefix cache. The chat warm-up takes the seed just below.
 IMAGE_SEED = 2_000_000
@@ -71,13 +81,17 @@ class ChatResult:
                 "errors": self.errors, "first_error": self.first_error}
 
 
-def run_chat(grpc_url: str, workload: Workload, turns: int, timeout: float = 600.0) -> ChatResult:
+def run_chat(grpc_url: str, workload: Workload, turns: int, answers: str = "model",
+             timeout: float = 600.0) -> ChatResult:
     """``workload.requests`` conversations of ``turns`` turns, one after another, each about its own image
-    (``workload.image(i)``), ``workload.max_tokens`` tokens a turn."""
+    (``workload.image(i)``), ``workload.max_tokens`` tokens a turn; later turns send back ``answers`` (``model``:
+    the model's, ``canned``: :data:`CANNED_ANSWER`)."""
     from triton_vlm.client import TritonVLMClient
 
     if not 1 <= turns <= len(QUESTIONS):
         raise ValueError(f"turns must be 1 to {len(QUESTIONS)}, got {turns}")
+    if answers not in ANSWERS:
+        raise ValueError(f"answers must be one of {', '.join(ANSWERS)}, got {answers!r}")
     result = ChatResult(turns=turns, conversations=workload.requests)
     with TritonVLMClient(grpc_url, protocol="grpc", timeout=timeout) as client:
         for conversation in range(workload.requests):
@@ -95,7 +109,7 @@ def run_chat(grpc_url: str, workload: Workload, turns: int, timeout: float = 600
                     result.first_error = result.first_error or f"turn {turn}: {type(exc).__name__}: {exc}"[:500]
                     break
                 result.samples.append(sample)
-                messages.append({"role": "assistant", "content": answer})
+                messages.append({"role": "assistant", "content": CANNED_ANSWER if answers == "canned" else answer})
     return result
 
 
@@ -119,10 +133,10 @@ def _turn(client: Any, workload: Workload, messages: list[dict[str, Any]], image
                       prompt_tokens=prompt_tokens, generated_tokens=generated), "".join(pieces)
 
 
-def warm_up_chat(grpc_url: str, workload: Workload, turns: int) -> ChatResult:
+def warm_up_chat(grpc_url: str, workload: Workload, turns: int, answers: str = "model") -> ChatResult:
     """One unmeasured conversation about an image of its own (the first turns after a start pay for compilation
     and first-call allocations)."""
-    return run_chat(grpc_url, replace(workload, requests=1, image_seed=workload.image_seed - 1), turns)
+    return run_chat(grpc_url, replace(workload, requests=1, image_seed=workload.image_seed - 1), turns, answers)
 
 
 def format_chat_table(title: str, result: ChatResult) -> str:

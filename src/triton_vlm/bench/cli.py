@@ -10,6 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from triton_vlm.bench.chat import (
+    ANSWERS,
+    CANNED_ANSWER,
+    IMAGE_SEED,
+    QUESTIONS,
+    format_chat_table,
+    run_chat,
+    warm_up_chat,
+)
 from triton_vlm.bench.workload import (
     RoundTrip,
     RunResult,
@@ -50,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: the chat benchmark, TTFT of each of N turns (up to 4) of conversations about "
                              "one image each, streamed one at a time; --max-tokens a turn, no baseline")
     parser.add_argument("--conversations", type=int, default=8, help="with --chat-turns: conversations timed")
+    parser.add_argument("--chat-answers", choices=ANSWERS, default="model",
+                        help="with --chat-turns: the earlier answers later turns send back: the model's, or a fixed "
+                             "one of about 60 tokens (random weights answer with pieces that come back much longer)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,8 +146,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_chat_mode(args: argparse.Namespace) -> int:
     """``--chat-turns``: the chat benchmark (:mod:`triton_vlm.bench.chat`) against ``--url`` or a started server."""
-    from triton_vlm.bench.chat import IMAGE_SEED, QUESTIONS, format_chat_table, run_chat, warm_up_chat
-
     if not 1 <= args.chat_turns <= len(QUESTIONS):
         raise SystemExit(f"--chat-turns: 1 to {len(QUESTIONS)}")
     workload = Workload(model=args.model, image_size=args.image_size, max_tokens=args.max_tokens,
@@ -146,8 +156,8 @@ def run_chat_mode(args: argparse.Namespace) -> int:
         server = start_server(args.model, tiny=args.tiny, engine=args.engine, batch_delay_us=args.batch_delay_us)
         url = server.grpc_url
     try:
-        warm_up_chat(url, workload, args.chat_turns)
-        result = run_chat(url, workload, args.chat_turns)
+        warm_up_chat(url, workload, args.chat_turns, args.chat_answers)
+        result = run_chat(url, workload, args.chat_turns, args.chat_answers)
     finally:
         if server is not None:
             server.stop()
@@ -159,7 +169,9 @@ def run_chat_mode(args: argparse.Namespace) -> int:
         "command": _command(),
         "workload": {"model": args.model, "image_size": args.image_size, "max_tokens": args.max_tokens,
                      "conversations": args.conversations, "turns": args.chat_turns,
-                     "questions": list(QUESTIONS[:args.chat_turns]), "ignore_eos": True, "concurrency": 1},
+                     "questions": list(QUESTIONS[:args.chat_turns]), "answers": args.chat_answers,
+                     **({"canned_answer": CANNED_ANSWER} if args.chat_answers == "canned" else {}),
+                     "ignore_eos": True, "concurrency": 1},
         **result.as_json(),
     }
     report.update(_environment())
