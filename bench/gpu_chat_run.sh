@@ -48,7 +48,8 @@ for cache in on off; do
     || { grep -v "^I1\|^+\|^|" "$OUT/server-$cache.log" | tail -30; exit 1; }
   echo "== cache $cache: chat at ${SECONDS}s"
   $PY -m triton_vlm.cli.main bench --model llava --url 127.0.0.1:$((PORT_BASE + 1)) --chat-turns 2 \
-    --conversations "$CONVERSATIONS" --max-tokens "$TURN_TOKENS" --chat-answers "$ANSWERS" --json "$OUT/chat-$cache.json"
+    --conversations "$CONVERSATIONS" --max-tokens "$TURN_TOKENS" --chat-answers "$ANSWERS" \
+    --metrics-url 127.0.0.1:$((PORT_BASE + 2)) --json "$OUT/chat-$cache.json"
   echo "== cache $cache: c64 x$REPEATS at ${SECONDS}s"
   $PY -m triton_vlm.cli.main bench --model llava --url 127.0.0.1:$((PORT_BASE + 1)) --no-baseline \
     --concurrency "${levels%,}" --requests "$REQUESTS" --max-tokens 128 --api stream --json "$OUT/c64-$cache.json"

@@ -96,7 +96,7 @@ def test_bench_chat_times_each_turn_of_conversations_against_a_running_server(tr
     out = tmp_path / "chat.json"
     result = subprocess.run(
         [str(CLI), "bench", "--model", "llava", "--url", triton.grpc_url, "--chat-turns", "2", "--conversations", "1",
-         "--max-tokens", "4", "--image-size", "64", "--json", str(out)],
+         "--max-tokens", "4", "--image-size", "64", "--metrics-url", triton.server.metrics_url, "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -107,3 +107,5 @@ def test_bench_chat_times_each_turn_of_conversations_against_a_running_server(tr
     assert [t["prompt_tokens_p50"] for t in report["turns"]] == [turn1["prompt_tokens"], turn2["prompt_tokens"]]
     assert report["workload"]["turns"] == 2 and report["workload"]["conversations"] == 1
     assert "triton-vlm chat (llava: 1 conversations of 2 turns" in result.stdout
+    # The engine's own count of what it prefilled during the timed turns (the warm-up's not among them).
+    assert 0 < report["engine_counters"]["prefill_tokens"] <= turn1["prompt_tokens"] + turn2["prompt_tokens"]

@@ -114,3 +114,21 @@ def test_the_report_has_each_turns_median_ttft_and_every_sample() -> None:
     assert len(report["samples"]) == 6 and report["samples"][1]["ttft_s"] == 0.010 and report["errors"] == 0
     table = format_chat_table("chat", result)
     assert "   2           800    12.0ms" in table and "turn 2 0.27" in table
+
+
+def test_engine_counters_are_the_stream_models_from_its_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    import triton_vlm.observability.scrape as scrape
+    from triton_vlm.bench.chat import engine_counters
+
+    text = "\n".join([
+        '# TYPE triton_vlm_engine_tokens_total counter',
+        'triton_vlm_engine_tokens_total{model="llava_stream",phase="prefill"} 1200',
+        'triton_vlm_engine_tokens_total{model="llava_stream",phase="decode"} 64',
+        'triton_vlm_engine_tokens_total{model="llava_next_stream",phase="prefill"} 99',
+        'triton_vlm_prefix_cache_requests_total{model="llava_stream",result="hit"} 3',
+        'triton_vlm_prefix_cache_requests_total{model="llava_stream",result="miss"} 5',
+        'triton_vlm_prefix_cache_tokens_total{model="llava_stream"} 1872'])
+    monkeypatch.setattr(scrape, "fetch_metrics", lambda url: text if url == "host:8002" else "")
+    assert engine_counters("host:8002", "llava") == {"prefill_tokens": 1200.0, "prefix_cache_hits": 3.0,
+                                                     "prefix_cache_misses": 5.0, "prefix_cached_tokens": 1872.0}
+    assert engine_counters("host:8002", "llava_next") == {"prefill_tokens": 99.0}  # no prefix cache exported

@@ -56,8 +56,8 @@ def test_committed_results_have_the_issue_keys(name: str) -> None:
 
 
 # -- the prefix cache's summary (``summarize chat``) ---------------------------------------------------------------
-def chat_report(turn1: float, turn2: float, max_tokens: int = 64) -> dict:
-    return {"command": "triton-vlm bench --chat-turns 2", "gpu": "H100",
+def chat_report(turn1: float, turn2: float, max_tokens: int = 64, counters: dict | None = None) -> dict:
+    return {"command": "triton-vlm bench --chat-turns 2", "gpu": "H100", "engine_counters": counters or {},
             "workload": {"model": "llava", "max_tokens": max_tokens, "conversations": 8, "turns": 2},
             "turn1_ttft_s": turn1, "turn2_ttft_s": turn2,
             "turns": [{"turn": 1, "prompt_tokens_p50": 600.0}, {"turn": 2, "prompt_tokens_p50": 700.0}]}
@@ -71,8 +71,13 @@ def c64_report(*rates: float) -> dict:
 def test_chat_summary_has_the_issue_keys_from_the_runs_with_the_cache_on_and_off() -> None:
     from triton_vlm.bench.summarize import chat_line, summarize_chat
 
-    summary = summarize_chat(chat_report(0.040, 0.010), chat_report(0.041, 0.045), "bash bench/gpu_chat_run.sh",
+    on_counters = {"prefill_tokens": 5800.0, "prefix_cache_hits": 8.0, "prefix_cache_misses": 8.0,
+                   "prefix_cached_tokens": 4992.0}
+    off_counters = {"prefill_tokens": 10800.0}  # a server without the cache exports no prefix-cache counters
+    summary = summarize_chat(chat_report(0.040, 0.010, counters=on_counters),
+                             chat_report(0.041, 0.045, counters=off_counters), "bash bench/gpu_chat_run.sh",
                              c64_report(2900.0, 2800.0, 3000.0), c64_report(2950.0, 2850.0, 2700.0), ["n"])
+    assert (summary["engine_counters"], summary["engine_counters_nocache"]) == (on_counters, off_counters)
     assert (summary["turn1_ttft_s"], summary["turn2_ttft_s"], summary["turn2_ttft_nocache_s"]) == (0.040, 0.010, 0.045)
     assert summary["turn1_ttft_nocache_s"] == 0.041
     assert summary["turn2_over_turn1"] == pytest.approx(0.25)
@@ -88,6 +93,7 @@ def test_chat_summary_has_the_issue_keys_from_the_runs_with_the_cache_on_and_off
     assert summary["gpu"] == "H100" and summary["notes"] == ["n"] and summary["command"] == "bash bench/gpu_chat_run.sh"
     line = chat_line(summary)
     assert "turn 2 10.0 ms (0.25 of turn 1)" in line and "c64 cache off 2850 tok/s (2950, 2850, 2700)" in line
+    assert "cache on: 8 hits, 4992 positions held, 5800 prefilled" in line and "cache off:" in line
 
 
 def test_chat_summary_without_c64_runs_and_with_mismatched_workloads() -> None:
@@ -95,6 +101,7 @@ def test_chat_summary_without_c64_runs_and_with_mismatched_workloads() -> None:
 
     summary = summarize_chat(chat_report(0.040, 0.010), chat_report(0.040, 0.040), "c")
     assert "served_c64_tok_s" not in summary and "served_c64_cache_on_over_off" not in summary
+    assert "engine_counters" not in summary and "hits" not in chat_line(summary)
     assert "c64" not in chat_line(summary)
     with pytest.raises(ValueError, match="workloads differ"):
         summarize_chat(chat_report(0.040, 0.010), chat_report(0.040, 0.040, max_tokens=32), "c")

@@ -133,6 +133,26 @@ def _turn(client: Any, workload: Workload, messages: list[dict[str, Any]], image
                       prompt_tokens=prompt_tokens, generated_tokens=generated), "".join(pieces)
 
 
+#: What the engine says it did, from ``<model>_stream``'s metrics: ``(metric, labels)`` by report key.
+ENGINE_COUNTERS = {
+    "prefill_tokens": ("triton_vlm_engine_tokens_total", {"phase": "prefill"}),
+    "prefix_cache_hits": ("triton_vlm_prefix_cache_requests_total", {"result": "hit"}),
+    "prefix_cache_misses": ("triton_vlm_prefix_cache_requests_total", {"result": "miss"}),
+    "prefix_cached_tokens": ("triton_vlm_prefix_cache_tokens_total", {}),
+}
+
+
+def engine_counters(metrics_url: str, model: str) -> dict[str, float]:
+    """:data:`ENGINE_COUNTERS` of ``<model>_stream`` now (those its server exports: the prefix cache's came with
+    it). The engine publishes them every 0.25 s: read them half a second after the last request."""
+    from triton_vlm.observability.scrape import fetch_metrics, parse_metrics, value_of
+
+    samples = parse_metrics(fetch_metrics(metrics_url))
+    found = {key: value_of(samples, name, model=f"{model}_stream", **labels)
+             for key, (name, labels) in ENGINE_COUNTERS.items()}
+    return {key: value for key, value in found.items() if value is not None}
+
+
 def warm_up_chat(grpc_url: str, workload: Workload, turns: int, answers: str = "model") -> ChatResult:
     """One unmeasured conversation about an image of its own (the first turns after a start pay for compilation
     and first-call allocations)."""

@@ -7,6 +7,7 @@ import gc
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from triton_vlm.bench.chat import (
     CANNED_ANSWER,
     IMAGE_SEED,
     QUESTIONS,
+    engine_counters,
     format_chat_table,
     run_chat,
     warm_up_chat,
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: the chat benchmark, TTFT of each of N turns (up to 4) of conversations about "
                              "one image each, streamed one at a time; --max-tokens a turn, no baseline")
     parser.add_argument("--conversations", type=int, default=8, help="with --chat-turns: conversations timed")
+    parser.add_argument("--metrics-url", default=None,
+                        help="with --chat-turns and --url: the server's metrics (host:8002), to record what its "
+                             "engine prefilled and its prefix cache held during the run")
     parser.add_argument("--chat-answers", choices=ANSWERS, default="model",
                         help="with --chat-turns: the earlier answers later turns send back: the model's, or a fixed "
                              "one of about 60 tokens (random weights answer with pieces that come back much longer)")
@@ -151,13 +156,21 @@ def run_chat_mode(args: argparse.Namespace) -> int:
     workload = Workload(model=args.model, image_size=args.image_size, max_tokens=args.max_tokens,
                         requests=args.conversations, image_seed=IMAGE_SEED)
     server = None
-    url = args.url
+    url, metrics_url = args.url, args.metrics_url
     if url is None:
         server = start_server(args.model, tiny=args.tiny, engine=args.engine, batch_delay_us=args.batch_delay_us)
-        url = server.grpc_url
+        url, metrics_url = server.grpc_url, server.metrics_url
+    counters: dict[str, float] = {}
     try:
         warm_up_chat(url, workload, args.chat_turns, args.chat_answers)
+        if metrics_url:
+            time.sleep(0.5)  # the engine's counters are published every 0.25 s
+            before = engine_counters(metrics_url, args.model)
         result = run_chat(url, workload, args.chat_turns, args.chat_answers)
+        if metrics_url:
+            time.sleep(0.5)
+            after = engine_counters(metrics_url, args.model)
+            counters = {key: after[key] - before.get(key, 0.0) for key in after}
     finally:
         if server is not None:
             server.stop()
@@ -165,6 +178,8 @@ def run_chat_mode(args: argparse.Namespace) -> int:
     print(format_chat_table(f"triton-vlm chat ({args.model}: {args.conversations} conversations of "
                             f"{args.chat_turns} turns, {args.max_tokens} tokens a turn, one at a time)", result),
           flush=True)
+    if counters:
+        print("engine during the timed conversations: " + ", ".join(f"{k} {v:.0f}" for k, v in counters.items()))
     report: dict[str, Any] = {
         "command": _command(),
         "workload": {"model": args.model, "image_size": args.image_size, "max_tokens": args.max_tokens,
@@ -173,6 +188,8 @@ def run_chat_mode(args: argparse.Namespace) -> int:
                      **({"canned_answer": CANNED_ANSWER} if args.chat_answers == "canned" else {}),
                      "ignore_eos": True, "concurrency": 1},
         **result.as_json(),
+        # What the server's engine did during the timed conversations (with --metrics-url or a started server).
+        "engine_counters": counters,
     }
     report.update(_environment())
     if args.json:

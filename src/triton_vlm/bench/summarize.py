@@ -87,6 +87,11 @@ def summarize_chat(on: dict[str, Any], off: dict[str, Any], command: str, c64_on
         # Each turn's prompt (image positions included): what turn 2 would prefill without the cache.
         "prompt_tokens": {f"turn{t['turn']}": t["prompt_tokens_p50"] for t in on["turns"]},
     }
+    # What each server's engine prefilled and its prefix cache held during the timed conversations, where recorded:
+    # the evidence that the cache was on, and off.
+    for chat, suffix in ((on, ""), (off, "_nocache")):
+        if chat.get("engine_counters"):
+            summary[f"engine_counters{suffix}"] = chat["engine_counters"]
     raw: dict[str, Any] = {"chat_on": on, "chat_off": off}
     c64: dict[str, float] = {}
     for key, report, suffix in (("c64_on", c64_on, ""), ("c64_off", c64_off, "_nocache")):
@@ -117,6 +122,11 @@ def chat_line(summary: dict[str, Any]) -> str:
             f"({summary['turn2_over_turn1']:.2f} of turn 1); cache off: turn 1 "
             f"{summary['turn1_ttft_nocache_s'] * 1e3:.1f} ms, turn 2 {summary['turn2_ttft_nocache_s'] * 1e3:.1f} ms "
             f"({summary['turn2_over_turn1_nocache']:.2f})")
+    for suffix, label in (("", "on"), ("_nocache", "off")):
+        counters = summary.get(f"engine_counters{suffix}", {})
+        if "prefix_cached_tokens" in counters:
+            line += (f"; cache {label}: {counters['prefix_cache_hits']:.0f} hits, "
+                     f"{counters['prefix_cached_tokens']:.0f} positions held, {counters['prefill_tokens']:.0f} prefilled")
     for suffix, label in (("", "on"), ("_nocache", "off")):
         if f"served_c64_tok_s{suffix}" in summary:
             runs = ", ".join(f"{r:.0f}" for r in summary[f"served_c64_tok_s{suffix}_runs"])
