@@ -128,7 +128,7 @@ def test_engine_counters_are_the_stream_models_from_its_metrics(monkeypatch: pyt
         'triton_vlm_prefix_cache_requests_total{model="llava_stream",result="hit"} 3',
         'triton_vlm_prefix_cache_requests_total{model="llava_stream",result="miss"} 5',
         'triton_vlm_prefix_cache_tokens_total{model="llava_stream"} 1872'])
-    monkeypatch.setattr(scrape, "fetch_metrics", lambda url: text if url == "host:8002" else "")
+    monkeypatch.setattr(scrape, "fetch_metrics", lambda url: text if url == "host:8002/metrics" else "")
     assert engine_counters("host:8002", "llava") == {"prefill_tokens": 1200.0, "prefix_cache_hits": 3.0,
                                                      "prefix_cache_misses": 5.0, "prefix_cached_tokens": 1872.0}
-    assert engine_counters("host:8002", "llava_next") == {"prefill_tokens": 99.0}  # no prefix cache exported
+    assert engine_counters("host:8002/metrics", "llava_next") == {"prefill_tokens": 99.0}  # no prefix cache exported

@@ -147,7 +147,8 @@ def engine_counters(metrics_url: str, model: str) -> dict[str, float]:
     it). The engine publishes them every 0.25 s: read them half a second after the last request."""
     from triton_vlm.observability.scrape import fetch_metrics, parse_metrics, value_of
 
-    samples = parse_metrics(fetch_metrics(metrics_url))
+    url = metrics_url if metrics_url.rstrip("/").endswith("/metrics") else metrics_url.rstrip("/") + "/metrics"
+    samples = parse_metrics(fetch_metrics(url))
     found = {key: value_of(samples, name, model=f"{model}_stream", **labels)
              for key, (name, labels) in ENGINE_COUNTERS.items()}
     return {key: value for key, value in found.items() if value is not None}
