@@ -34,7 +34,7 @@ class FakeHistogramFamily:
         FakeHistogramFamily.created[name] = kind
 
     def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> Any:  # noqa: N802
-        assert set(labels) <= {"model", "phase"} and "model" in labels
+        assert set(labels) <= {"model", "phase", "result"} and "model" in labels
         if self.kind == self.HISTOGRAM:
             assert buckets and buckets == sorted(buckets)
             return FakeHistogram(buckets)
@@ -199,8 +199,12 @@ def test_engine_metrics_add_what_the_stats_gained(hist_backend: Any) -> None:
     stats.seconds["decode"] = 0.5
     stats.seconds["prefill"] = 0.125
     engine.update(stats)
+    stats.prefix_hits, stats.prefix_misses, stats.prefix_cached_tokens = 2, 3, 160
+    engine.update(stats)
     engine.update(stats)  # nothing new: nothing added
     assert engine.steps.value == 15
+    assert engine.prefix_cache["hit"].value == 2 and engine.prefix_cache["miss"].value == 3
+    assert engine.cached_tokens.value == 160
     assert engine.tokens["prefill"].value == 600 and engine.tokens["decode"].value == 60
     assert engine.seconds["decode"].value == 0.5 and engine.seconds["prefill"].value == 0.125
     assert engine.seconds["vision"].value == 0

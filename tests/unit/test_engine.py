@@ -384,7 +384,7 @@ def test_abort_ends_a_running_request_and_frees_its_slot(loaded: Any, threaded: 
     # The slot is back and the engine serves the next request.
     assert engine.generate([(IMAGES[0], PROMPTS[0], SamplingParams(max_tokens=3))])[0]
     assert engine.cache.free_slots == engine.cache.num_slots
-    assert engine.scheduler.find(request.request_id) is None
+    assert engine.scheduler.find(request.request_id) == []
 
 
 def test_abort_a_waiting_request_and_an_unknown_id(loaded: Any, threaded: list,

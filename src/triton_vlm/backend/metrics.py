@@ -33,7 +33,8 @@ METRIC_NAMES = (
 )
 #: The engine's counters (``<model>_stream`` models only).
 ENGINE_METRIC_NAMES = ("triton_vlm_engine_steps_total", "triton_vlm_engine_tokens_total",
-                       "triton_vlm_engine_seconds_total")
+                       "triton_vlm_engine_seconds_total", "triton_vlm_prefix_cache_requests_total",
+                       "triton_vlm_prefix_cache_tokens_total")
 
 
 #: The engine's phases, as in :class:`triton_vlm.engine.engine.EngineStats`.
@@ -53,30 +54,36 @@ class EngineMetrics:
                                   kind=counter),
             pb_utils.MetricFamily(name="triton_vlm_engine_seconds_total",
                                   description="Seconds the engine thread spent, by phase", kind=counter),
+            pb_utils.MetricFamily(name="triton_vlm_prefix_cache_requests_total",
+                                  description="Requests whose prompt the prefix cache looked up, by result (hit: "
+                                              "it held a prefix; miss: none)", kind=counter),
+            pb_utils.MetricFamily(name="triton_vlm_prefix_cache_tokens_total",
+                                  description="Prompt positions the prefix cache held (not prefilled again)",
+                                  kind=counter),
         ]
-        steps, tokens, seconds = self._families
-        self.steps = steps.Metric(labels={"model": model_name})
-        self.tokens = {kind: tokens.Metric(labels={"model": model_name, "phase": kind})
-                       for kind in ("prefill", "decode")}
-        self.seconds = {phase: seconds.Metric(labels={"model": model_name, "phase": phase})
-                        for phase in ENGINE_PHASES}
+        steps, tokens, seconds, lookups, cached = self._families
+        model = {"model": model_name}
+        self.steps = steps.Metric(labels=model)
+        self.tokens = {kind: tokens.Metric(labels={**model, "phase": kind}) for kind in ("prefill", "decode")}
+        self.seconds = {phase: seconds.Metric(labels={**model, "phase": phase}) for phase in ENGINE_PHASES}
+        self.prefix_cache = {result: lookups.Metric(labels={**model, "result": result}) for result in ("hit", "miss")}
+        self.cached_tokens = cached.Metric(labels=model)
         self._last: dict[str, float] = {}
 
     def update(self, stats: Any) -> None:
         """Add what ``stats`` gained since the last update."""
-        now = {"steps": stats.steps, "prefill": stats.prefill_tokens, "decode": stats.decode_tokens,
-               **{f"seconds.{phase}": stats.seconds.get(phase, 0.0) for phase in ENGINE_PHASES}}
-        for key, value in now.items():
+        counters = {"steps": (stats.steps, self.steps), "prefill": (stats.prefill_tokens, self.tokens["prefill"]),
+                    "decode": (stats.decode_tokens, self.tokens["decode"]),
+                    "hit": (stats.prefix_hits, self.prefix_cache["hit"]),
+                    "miss": (stats.prefix_misses, self.prefix_cache["miss"]),
+                    "cached": (stats.prefix_cached_tokens, self.cached_tokens),
+                    **{f"seconds.{phase}": (stats.seconds.get(phase, 0.0), self.seconds[phase])
+                       for phase in ENGINE_PHASES}}
+        for key, (value, metric) in counters.items():
             delta = value - self._last.get(key, 0.0)
-            if delta <= 0:
-                continue
-            if key == "steps":
-                self.steps.increment(delta)
-            elif key in self.tokens:
-                self.tokens[key].increment(delta)
-            else:
-                self.seconds[key.split(".", 1)[1]].increment(delta)
-        self._last = now
+            if delta > 0:
+                metric.increment(delta)
+            self._last[key] = value
 
 
 class _SumCount:

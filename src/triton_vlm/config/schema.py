@@ -161,10 +161,15 @@ class EngineConfig:
     #: Streamed deltas: the first token at once, then one response per this many new tokens (and the last). Each
     #: response is an IPC hop to Triton and a message to the client: under load a few tokens a delta buy throughput.
     stream_interval: int = 1
+    #: Reuse the K/V (and skip the vision tower) of a prompt's leading part where an earlier request left them: a
+    #: follow-up turn about the same image prefills only what is new. Cached blocks live in idle KV slots.
+    prefix_caching: bool = True
+    #: Positions per prefix-cache block: prefixes are matched in whole blocks.
+    prefix_block_size: int = 16
 
     def __post_init__(self) -> None:
         for key, low in (("max_model_len", 16), ("max_num_seqs", 1), ("max_prefill_tokens", 16),
-                         ("graph_len_step", 16), ("stream_interval", 1)):
+                         ("graph_len_step", 16), ("stream_interval", 1), ("prefix_block_size", 1)):
             _at_least(self, key, low)
         _at_least(self, "max_queue_size", 0, " (0: no bound)")
         fraction = self.kv_cache_memory_fraction

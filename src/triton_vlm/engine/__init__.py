@@ -12,6 +12,7 @@ interfaces of adapter.py, implemented in the family's own package (``models/<fam
     │   │   (fused Triton kernels, torch twins) and weights.py (fused projections in their fastest layout)
     │   └── GraphedVision (vision.py)  the vision tower as CUDA graphs at small batches (CLIP's quick_gelu fused)
     ├── SlotKVCache (kv_cache.py) one slot of max_model_len positions per running request
+    ├── PrefixCache (prefix_cache.py)  which prompt blocks each slot holds: a repeated prefix is not prefilled again
     ├── quantization.py           opt-in fp8: Llama projections (per-channel weights, per-token inputs), KV cache
     └── EngineFamily, EngineAdapter (adapter.py)  what a model family provides (models/<family>/engine_adapter.py)
 """

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ import torch
 from triton_vlm.config import EngineConfig
 from triton_vlm.engine.adapter import EngineFamily, positioned
 from triton_vlm.engine.kv_cache import SlotKVCache
+from triton_vlm.engine.prefix_cache import PrefixCache, prompt_keys
 from triton_vlm.engine.quantization import check_fp8_support, kv_cache_dtype
 from triton_vlm.engine.request import EngineRequest, RequestOutput, Sequence, SequenceStatus
 from triton_vlm.engine.runner import ModelRunner
@@ -57,6 +58,11 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    #: Admitted requests whose prompt started with a cached prefix (hits) or that had one to look up and found
+    #: none (misses; prompts shorter than a block are neither), and the prompt positions the cache spared.
+    prefix_hits: int = 0
+    prefix_misses: int = 0
+    prefix_cached_tokens: int = 0
     #: Host time by phase; "mixed" is steps that prefill and decode in one forward; "wait" is time spent waiting
     #: for the device to finish a step.
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
@@ -107,7 +113,9 @@ class LLMEngine:
             self.decoder.num_layers, self.decoder.num_kv_heads, self.decoder.head_dim, max_len,
             self.config.max_num_seqs, kv_cache_dtype(self.config.kv_cache_dtype, model.dtype), device,
             self.config.kv_cache_memory_fraction)
-        self.scheduler = Scheduler(self.config, self.cache)
+        self.prefix_cache = (PrefixCache(self.cache.num_slots, self.config.prefix_block_size)
+                             if self.config.prefix_caching else None)
+        self.scheduler = Scheduler(self.config, self.cache, self.prefix_cache)
         self.runner = ModelRunner(adapter, model, self.decoder, self.cache, self.config)
         self.stop_token_ids = frozenset(family.stop_token_ids(model, processor))
         self.min_first_chunk = adapter.min_first_chunk(model)
@@ -135,11 +143,9 @@ class LLMEngine:
         """Tokenize a request (on the caller's thread) and check that it fits the context. ``images``: one image,
         or a list (none: a text-only turn); ``prompt``: a prompt string or a ``triton_vlm.chat.Chat``, rendered by
         the family (``render_input``)."""
-        if params.n > 1:
-            raise InvalidInputError(f"n: the engine runs one choice per request (got n={params.n}); the batched "
-                                    "model serves n > 1", param="n")
         text = self.family.render_input(self.processor, prompt)
-        prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, image_list(images), text)
+        pictures = image_list(images)
+        prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, pictures, text)
         rope = self.adapter.rope_positions(self.model, prompt_ids, mm_inputs) if positioned(self.decoder) else None
         positions, rope_delta = rope if rope is not None else (None, 0)
         fmt = params.response_format
@@ -151,11 +157,15 @@ class LLMEngine:
             raise InvalidInputError(
                 f"prompt of {len(prompt_ids)} tokens (image included) + max_tokens {params.max_tokens} exceeds "
                 f"the engine's context of {self.max_model_len} tokens", param="prompt")
+        block = self.config.prefix_block_size
+        keys = (prompt_keys(prompt_ids, mm_inputs.get("image_rows", ()), pictures, block)
+                if self.prefix_cache is not None and len(prompt_ids) > block else None)
         return EngineRequest(request_id=request_id or f"req-{next(self._ids)}", prompt_ids=prompt_ids,
                              params=params, on_output=on_output, mm_inputs=mm_inputs,
                              stop_token_ids=frozenset() if (params.ignore_eos if ignore_eos is None else ignore_eos)
                              else self.stop_token_ids, min_first_chunk=self.min_first_chunk,
-                             prompt_positions=positions, rope_delta=rope_delta, grammar=grammar)
+                             prompt_positions=positions, rope_delta=rope_delta, grammar=grammar,
+                             prefix_keys=keys)
 
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put(request)
@@ -205,18 +215,30 @@ class LLMEngine:
                 return False
             if isinstance(message, _Abort):
                 aborted = self.scheduler.find(message.request_id)
-                if aborted is not None:
-                    self._finish(aborted, "abort")
-                    log.info("engine: request %s aborted after %d tokens; its KV slot is free again "
-                             "(%d of %d slots free, %d waiting)", message.request_id, len(aborted.output_ids),
-                             self.cache.free_slots, self.cache.num_slots, len(self.scheduler.waiting))
+                for seq in aborted:
+                    self._finish(seq, "abort")
+                if aborted:
+                    log.info("engine: request %s aborted after %d tokens; its KV slots are free again "
+                             "(%d of %d slots free, %d waiting)", message.request_id,
+                             sum(len(seq.output_ids) for seq in aborted), self.cache.free_slots,
+                             self.cache.num_slots, len(self.scheduler.waiting))
             else:
-                seq = Sequence(message, max_generated=min(message.params.max_tokens,
-                                                          self.max_model_len - len(message.prompt_ids)))
-                self._generators[seq] = make_generator(message.params, self.runner.device)
-                if message.grammar is not None:
-                    self._grammars[seq] = GrammarState(message.grammar)
-                self.scheduler.add(seq)
+                self._add(message)
+
+    def _add(self, request: EngineRequest) -> None:
+        """Queue ``request``'s sequences: one per choice, the later ones after the first's prefill."""
+        n = request.params.n
+        choices = [request] if n == 1 else [replace(request, params=request.params.choice(i), index=i)
+                                            for i in range(n)]
+        first: Sequence | None = None
+        for choice in choices:
+            seq = Sequence(choice, max_generated=min(choice.params.max_tokens,
+                                                     self.max_model_len - len(choice.prompt_ids)), after=first)
+            first = first or seq
+            self._generators[seq] = make_generator(choice.params, self.runner.device)
+            if choice.grammar is not None:
+                self._grammars[seq] = GrammarState(choice.grammar)
+            self.scheduler.add(seq)
 
     def step(self) -> bool:
         """One scheduling round: launch the planned work, then hand out the previous step's tokens.
@@ -256,7 +278,10 @@ class LLMEngine:
         sampled = [s for s in plan.decode if s.request.params.needs_logits or s in self._grammars]
         prefill_logits = decode_logits = None
         try:
+            for source, target, length in plan.copies:  # before this step's kernels may write to either slot
+                self.cache.copy_prefix(source, target, length)
             if plan.admitted:
+                self._count_cached(plan.admitted)
                 self.runner.build_prompt_embeds(plan.admitted)
                 lap("vision")
             if plan.prefill and plan.decode and self.runner.mixes:
@@ -286,6 +311,7 @@ class LLMEngine:
         logprobs, self._step_logprobs = self._step_logprobs, []
         for chunk in plan.prefill:
             chunk.seq.num_prefilled += chunk.length
+            self.scheduler.prefilled(chunk.seq)
         for seq in finished_prefill:
             seq.status = SequenceStatus.DECODING
             seq.release_prompt()
@@ -293,6 +319,16 @@ class LLMEngine:
         for seq in rows:
             seq.num_generated += 1
         return _InFlight(rows, [s.slot for s in rows], tokens, logprobs)
+
+    def _count_cached(self, admitted: list[Sequence]) -> None:
+        for seq in admitted:
+            if seq.request.prefix_keys is None:
+                continue
+            if seq.cached_positions:
+                self.stats.prefix_hits += 1
+                self.stats.prefix_cached_tokens += seq.cached_positions
+            else:
+                self.stats.prefix_misses += 1
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Tokens for ``seqs`` from their logits rows (penalties, the grammar mask, then greedy or their own
@@ -369,14 +405,15 @@ class LLMEngine:
             self.scheduler.finish(seq, "length")
             self._forget(seq)
         request.on_output(RequestOutput(request.request_id, (token,), done, "length" if done else None,
-                                        seq.prompt_len, len(seq.output_ids),
-                                        logprobs=() if logprob is None else (logprob,)))
+                                        seq.prompt_len, len(seq.output_ids), cached_tokens=seq.cached_positions,
+                                        logprobs=() if logprob is None else (logprob,), index=request.index))
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
         self.scheduler.finish(seq, reason)
         self._forget(seq)
         seq.request.on_output(RequestOutput(seq.request.request_id, (), True, reason, seq.prompt_len,
-                                            len(seq.output_ids), error))
+                                            len(seq.output_ids), error, cached_tokens=seq.cached_positions,
+                                            index=seq.request.index))
 
     def _forget(self, seq: Sequence) -> None:
         self._generators.pop(seq, None)
@@ -386,22 +423,23 @@ class LLMEngine:
     # -- synchronous helper -------------------------------------------------------------------------------
     def generate(self, items: list[tuple[Any, Any, SamplingParams]], *, ignore_eos: bool | None = None,
                  timeout: float = 600.0) -> list[list[int]]:
-        """Submit ``(images, prompt, params)`` items (as :meth:`prepare` takes them) and wait for all; returns each
-        one's token ids.
+        """Submit ``(images, prompt, params)`` items (as :meth:`prepare` takes them) and wait for all; returns the
+        token ids of each one's choices in order (one list per item, or ``n`` consecutive lists for an item whose
+        params ask for ``n`` choices).
 
         Works with or without the background thread (without it, this thread drives the steps). On timeout
         the unfinished requests are aborted (their KV slots freed) and :class:`GenerationError` is raised."""
         if not items:
             return []
-        results: dict[str, list[int]] = {}
+        results: dict[tuple[str, int], list[int]] = {}
         done = threading.Event()
-        remaining = [len(items)]
+        remaining = [sum(params.n for _images, _prompt, params in items)]
         errors: dict[str, Exception] = {}
         lock = threading.Lock()
 
         def collect(out: RequestOutput) -> None:
             with lock:
-                results.setdefault(out.request_id, []).extend(out.new_token_ids)
+                results.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
                 if out.error is not None:
                     errors[out.request_id] = out.error
                 if out.finished:
@@ -412,7 +450,8 @@ class LLMEngine:
         requests = [self.prepare(image, prompt, params, collect, ignore_eos=ignore_eos)
                     for image, prompt, params in items]
         for request in requests:
-            results[request.request_id] = []
+            for index in range(request.params.n):
+                results[request.request_id, index] = []
             self.submit(request)
         if self._thread is None:
             deadline = time.monotonic() + timeout
@@ -429,4 +468,4 @@ class LLMEngine:
             raise GenerationError(f"engine did not finish {len(items)} requests in {timeout:.0f}s")
         if errors:
             raise next(iter(errors.values()))
-        return [results[r.request_id] for r in requests]
+        return [results[r.request_id, index] for r in requests for index in range(r.params.n)]

@@ -51,10 +51,22 @@ class SlotKVCache:
     def free_slots(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> int:
-        # Lowest free slot first keeps running slots packed at the front: decode batches stay small.
-        self._free.sort()
-        return self._free.pop(0)
+    @property
+    def free_ids(self) -> list[int]:
+        return sorted(self._free)
+
+    def allocate(self, slot: int | None = None) -> int:
+        """Take ``slot`` (a free one), or the lowest free slot: that keeps running slots packed at the front, so
+        decode batches stay small."""
+        if slot is None:
+            slot = min(self._free)
+        self._free.remove(slot)
+        return slot
 
     def release(self, slot: int) -> None:
         self._free.append(slot)
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Enqueue a copy of ``source``'s first ``length`` positions of K/V into ``target`` (every layer)."""
+        for layer in (*self.keys, *self.values):
+            layer[target, :, :length].copy_(layer[source, :, :length])

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from triton_vlm.engine.prefix_cache import PrefixKeys
 from triton_vlm.sampling import SamplingParams, TokenLogprob
 
 
@@ -33,6 +34,10 @@ class EngineRequest:
     rope_delta: int = 0
     #: The compiled ``response_format`` grammar (``xgrammar.CompiledGrammar``) that masks this request's logits.
     grammar: Any = None
+    #: The prompt's block keys for the prefix cache (None: the cache is off, or the prompt is shorter than a block).
+    prefix_keys: PrefixKeys | None = None
+    #: Which of its request's ``n`` choices this is (the engine makes one per choice; outputs carry it).
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,12 @@ class RequestOutput:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     error: Exception | None = None
+    #: Prompt positions whose K/V came from the prefix cache (not prefilled for this request).
+    cached_tokens: int = 0
     #: The logprobs of ``new_token_ids`` where the request asked for them.
     logprobs: tuple[TokenLogprob, ...] = ()
+    #: The choice these tokens belong to (0 to n-1; each choice ends with its own ``finished`` output).
+    index: int = 0
 
 
 class SequenceStatus(enum.Enum):
@@ -64,6 +73,8 @@ class Sequence:
     slot: int = -1
     #: Prompt positions already in the KV cache.
     num_prefilled: int = 0
+    #: Of those, the ones the prefix cache held at admission.
+    cached_positions: int = 0
     #: Tokens generated on the device so far, the latest step's included: the engine reads a step's tokens back
     #: while the next step runs, so this can be one ahead of ``output_ids``.
     num_generated: int = 0
@@ -77,6 +88,9 @@ class Sequence:
     #: and freed with ``prompt_embeds``.
     prompt_positions: torch.Tensor | None = None
     finish_reason: str | None = None
+    #: A choice after a request's first waits until the first's prompt is in its slot, and starts from there (the
+    #: prefix cache copies it): n choices cost one prefill.
+    after: Sequence | None = None
 
     def __post_init__(self) -> None:
         if self.max_generated is None:

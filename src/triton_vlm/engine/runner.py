@@ -16,6 +16,7 @@ a device tensor written at admission and read inside the graphs. Other decoders 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from triton_vlm.engine.adapter import Decoder, EngineAdapter, MixingDecoder, Pos
 from triton_vlm.engine.attention import avoid_per_shape_attention_plans
 from triton_vlm.engine.kernels import fused_available
 from triton_vlm.engine.kv_cache import SlotKVCache
-from triton_vlm.engine.request import Sequence
+from triton_vlm.engine.request import EngineRequest, Sequence
 from triton_vlm.engine.scheduler import PrefillChunk
 from triton_vlm.engine.transfer import device_copy, device_longs
 from triton_vlm.engine.vision import GraphedVision, fuse_quick_gelu
@@ -88,8 +89,10 @@ class ModelRunner:
     # -- prompts ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def build_prompt_embeds(self, seqs: list[Sequence]) -> None:
-        """Prompt embeddings (image features in place) for newly admitted sequences, vision batched."""
-        embeds = self.adapter.prompt_embeds(self.model, self.decoder, [s.request for s in seqs], self.encode_images)
+        """Prompt embeddings (image features in place) for newly admitted sequences, vision batched. A sequence whose
+        images all lie in its cached prefix skips the vision tower: prefill never reads those rows."""
+        embeds = self.adapter.prompt_embeds(self.model, self.decoder, [_uncached_request(s) for s in seqs],
+                                            self.encode_images)
         for seq, embed in zip(seqs, embeds, strict=True):
             seq.prompt_embeds = embed
         if self.rope_offsets is not None:
@@ -245,6 +248,15 @@ class ModelRunner:
             key = (batch, None if self.decoder.fused else min(self.cache.max_len, self.config.graph_len_step))
             if key not in self._graphs:
                 self._graphs[key] = self._capture(*key)
+
+
+def _uncached_request(seq: Sequence) -> EngineRequest:
+    """``seq``'s request as its prompt embeddings need it: without image rows where the prefix cache holds them all."""
+    request = seq.request
+    rows = request.mm_inputs.get("image_rows")
+    if not rows or max(rows) >= seq.cached_positions:
+        return request
+    return dataclasses.replace(request, mm_inputs={**request.mm_inputs, "image_rows": []})
 
 
 def _packed(chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
