@@ -107,5 +107,10 @@ def test_bench_chat_times_each_turn_of_conversations_against_a_running_server(tr
     assert [t["prompt_tokens_p50"] for t in report["turns"]] == [turn1["prompt_tokens"], turn2["prompt_tokens"]]
     assert report["workload"]["turns"] == 2 and report["workload"]["conversations"] == 1
     assert "triton-vlm chat (llava: 1 conversations of 2 turns" in result.stdout
-    # The engine's own count of what it prefilled during the timed turns (the warm-up's not among them).
-    assert 0 < report["engine_counters"]["prefill_tokens"] <= turn1["prompt_tokens"] + turn2["prompt_tokens"]
+    # The engine's own count of what it prefilled during the timed turns (the warm-up's not among them): with the
+    # prefix cache (on by default), turn 2 found turn 1's whole blocks (its prompt and answer) and prefilled the rest.
+    counters = report["engine_counters"]
+    assert (counters["prefix_cache_hits"], counters["prefix_cache_misses"]) == (1, 1)
+    held = counters["prefix_cached_tokens"]
+    assert turn1["prompt_tokens"] // 16 * 16 <= held <= turn1["prompt_tokens"] + 4 and held % 16 == 0
+    assert counters["prefill_tokens"] == turn1["prompt_tokens"] + turn2["prompt_tokens"] - held

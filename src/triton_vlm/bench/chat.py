@@ -4,8 +4,8 @@ A conversation sends its image with every turn, as a chat client does: turn k's 
 questions with the model's answers, then question k (``TritonVLMClient.chat_stream_pieces``, streamed from
 ``<model>_stream``). One request is in flight at a time, so a turn's TTFT is that turn's own prefill on an otherwise
 idle server; EOS is ignored, so every answer is ``max_tokens`` tokens and turn k's prompt is about as long in every
-conversation. With a prefix cache, a later turn prefills only what the earlier one did not have: its answer and the
-new question.
+conversation. With a prefix cache, a later turn prefills only what the cache does not hold: the new question, and the
+earlier answer where its text comes back as other tokens than those generated (a canned answer always does).
 
 The answers a later turn sends back are the model's own (``answers="model"``), or :data:`CANNED_ANSWER`
 (``"canned"``): a random-weight checkpoint answers with pieces its small tokenizer spells out many times longer when
