@@ -18,14 +18,11 @@
 # Needs, built here once: .peer/ (bash ../shared/peer/fetch_bundle.sh .peer) and .device/ (bench/gpu_prepare.sh).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
-STASH=/tmp/device                      # what earlier calls carried, kept while the machine is held
 CHECKPOINT=/tmp/llava-random
-mkdir -p "$OUT" "$STASH"
+mkdir -p "$OUT"
 phase=${1:?usage: vllm_compare.sh stash|install|checkpoint|vllm MODES [fp8]|served [fp8]}
 shift
-# Keep what this call carried for the calls after it.
-[ -d .device/wheels ] && mkdir -p $STASH/wheels && cp -n .device/wheels/*.whl $STASH/wheels/
-[ -f .device/triton-server.tar.xz ] && cp -n .device/triton-server.tar.xz $STASH/
+source bench/gpu_lib.sh   # keeps what this call carried in $STASH (/tmp/device); start_server, stop_server
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 # FlashInfer is not in the carried set (shared/peer/README.md); it is only vLLM's top-k/top-p sampler, unused by
 # greedy requests, whose import vLLM 0.26 otherwise does unguarded.
@@ -64,15 +61,8 @@ served)
   here=$PWD
   cd "${PROJECT:-.}"
   DEVICE_DIR=$STASH SITE=/tmp/tvlm-site source "$here/bench/gpu_env.sh"
-  python3 -m triton_vlm.cli.main serve --models llava --preload --http-port 18000 --grpc-port 18001 \
-    --metrics-port 18002 > "$OUT/server$suffix.log" 2>&1 &
-  server=$!
-  trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; grep -v "^I1\|^+\|^|" "$OUT/server$suffix.log" | tail -30' EXIT
-  for _ in $(seq 600); do
-    curl -sf -o /dev/null localhost:18000/v2/health/ready && break
-    kill -0 $server 2>/dev/null || { echo "server exited"; exit 1; }
-    sleep 1
-  done
+  trap 'stop_server; grep -v "^I1\|^+\|^|" "$OUT/server$suffix.log" | tail -30' EXIT
+  start_server "$OUT/server$suffix.log"
   python3 -m triton_vlm.cli.main bench --model llava --url 127.0.0.1:18001 --no-baseline --concurrency 1,64 \
     --requests ${REQUESTS:-6,192} --max-tokens 128 --api ${API:-both} --json "$OUT/served$suffix${TAG:-}.json"
   if [ "${PERF_ANALYZER:-1}" = 1 ]; then

@@ -88,3 +88,29 @@ def test_perf_analyzer_drives_the_served_model_with_the_bench_workload(triton: R
     # perf_analyzer sends a few warm-up requests of its own beside the 6 it measures: every one made 5 tokens.
     made = generated() - before
     assert made >= 6 * 5 and made % 5 == 0
+
+
+def test_bench_chat_times_each_turn_of_conversations_against_a_running_server(triton: RunningServer,
+                                                                            tmp_path: Path) -> None:
+    """``--chat-turns 2``: turn 2 resends the image with turn 1's question and answer, so its prompt is longer."""
+    out = tmp_path / "chat.json"
+    result = subprocess.run(
+        [str(CLI), "bench", "--model", "llava", "--url", triton.grpc_url, "--chat-turns", "2", "--conversations", "1",
+         "--max-tokens", "4", "--image-size", "64", "--metrics-url", triton.server.metrics_url, "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == 0 and report["turn1_ttft_s"] > 0 and report["turn2_ttft_s"] > 0
+    turn1, turn2 = report["samples"]
+    assert (turn1["turn"], turn2["turn"]) == (1, 2) and turn1["generated_tokens"] == turn2["generated_tokens"] == 4
+    assert turn2["prompt_tokens"] > turn1["prompt_tokens"] + 4  # the answer and the second question
+    assert [t["prompt_tokens_p50"] for t in report["turns"]] == [turn1["prompt_tokens"], turn2["prompt_tokens"]]
+    assert report["workload"]["turns"] == 2 and report["workload"]["conversations"] == 1
+    assert "triton-vlm chat (llava: 1 conversations of 2 turns" in result.stdout
+    # The engine's own count of what it prefilled during the timed turns (the warm-up's not among them): with the
+    # prefix cache (on by default), turn 2 found turn 1's whole blocks (its prompt and answer) and prefilled the rest.
+    counters = report["engine_counters"]
+    assert (counters["prefix_cache_hits"], counters["prefix_cache_misses"]) == (1, 1)
+    held = counters["prefix_cached_tokens"]
+    assert turn1["prompt_tokens"] // 16 * 16 <= held <= turn1["prompt_tokens"] + 4 and held % 16 == 0
+    assert counters["prefill_tokens"] == turn1["prompt_tokens"] + turn2["prompt_tokens"] - held

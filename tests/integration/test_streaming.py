@@ -64,6 +64,18 @@ def test_stream_pieces_join_to_the_direct_answer(triton: RunningServer, llava: V
     assert "".join(p.text for p in pieces) == _expected(llava, sample_image_bytes, max_tokens=12)
 
 
+def test_chat_stream_pieces_join_to_the_chat_answer(triton: RunningServer, sample_image_bytes: bytes) -> None:
+    """A chat streamed from llava_stream (``chat_stream_pieces``) answers as the public model's ``chat_result``."""
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
+             {"role": "assistant", "content": "A house."}, {"role": "user", "content": "What colour is it?"}]
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
+        pieces = list(client.chat_stream_pieces("llava", turns, [sample_image_bytes], max_tokens=8))
+        whole = client.chat_result("llava", turns, images=[sample_image_bytes], max_tokens=8)
+    assert len(pieces) >= 2 and pieces[-1].finish_reason == whole.finish_reason
+    assert "".join(p.text for p in pieces) == whole.text
+    assert (pieces[-1].prompt_tokens, pieces[-1].generated_tokens) == (whole.prompt_tokens, whole.generated_tokens)
+
+
 def test_concurrent_streams_equal_direct(triton: RunningServer, llava: VLMRuntime, sample_image_bytes: bytes) -> None:
     prompts = [f"{PROMPT} {'please ' * i}" for i in range(6)]
     client = TritonVLMClient(triton.grpc_url, protocol="grpc")

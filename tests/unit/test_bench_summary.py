@@ -53,3 +53,72 @@ def test_committed_results_have_the_issue_keys(name: str) -> None:
     assert summary["bench_command"] == summary["raw"]["command"] and "(runs:" not in summary["command"]
     assert summary["raw"]["workload"]["model"] == name.split("-")[0]
     assert ("FP8=1" in summary["command"]) == name.endswith("fp8")
+
+
+# -- the prefix cache's summary (``summarize chat``) ---------------------------------------------------------------
+def chat_report(turn1: float, turn2: float, max_tokens: int = 64, counters: dict | None = None) -> dict:
+    return {"command": "triton-vlm bench --chat-turns 2", "gpu": "H100", "engine_counters": counters or {},
+            "workload": {"model": "llava", "max_tokens": max_tokens, "conversations": 8, "turns": 2},
+            "turn1_ttft_s": turn1, "turn2_ttft_s": turn2,
+            "turns": [{"turn": 1, "prompt_tokens_p50": 600.0}, {"turn": 2, "prompt_tokens_p50": 700.0}]}
+
+
+def c64_report(*rates: float) -> dict:
+    return {"command": "triton-vlm bench --concurrency 64,64,64",
+            "runs": [run("stream", 64, rate, rate / 1e5) for rate in rates] + [run("infer", 64, 1.0, 1.0)]}
+
+
+def test_chat_summary_has_the_issue_keys_from_the_runs_with_the_cache_on_and_off() -> None:
+    from triton_vlm.bench.summarize import chat_line, summarize_chat
+
+    on_counters = {"prefill_tokens": 5800.0, "prefix_cache_hits": 8.0, "prefix_cache_misses": 8.0,
+                   "prefix_cached_tokens": 4992.0}
+    off_counters = {"prefill_tokens": 10800.0}  # a server without the cache exports no prefix-cache counters
+    summary = summarize_chat(chat_report(0.040, 0.010, counters=on_counters),
+                             chat_report(0.041, 0.045, counters=off_counters), "bash bench/gpu_chat_run.sh",
+                             c64_report(2900.0, 2800.0, 3000.0), c64_report(2950.0, 2850.0, 2700.0), ["n"])
+    assert (summary["engine_counters"], summary["engine_counters_nocache"]) == (on_counters, off_counters)
+    assert (summary["turn1_ttft_s"], summary["turn2_ttft_s"], summary["turn2_ttft_nocache_s"]) == (0.040, 0.010, 0.045)
+    assert summary["turn1_ttft_nocache_s"] == 0.041
+    assert summary["turn2_over_turn1"] == pytest.approx(0.25)
+    assert summary["turn2_over_turn1_nocache"] == pytest.approx(0.045 / 0.041)
+    assert summary["prompt_tokens"] == {"turn1": 600.0, "turn2": 700.0}
+    # Medians over the repeated c64 runs (streamed ones only), each run kept for the spread.
+    assert (summary["served_c64_tok_s"], summary["served_c64_tok_s_nocache"]) == (2900.0, 2850.0)
+    assert summary["served_c64_tok_s_runs"] == [2900.0, 2800.0, 3000.0]
+    assert summary["ttft_c64_p50_s_nocache"] == pytest.approx(0.0285)
+    assert summary["served_c64_cache_on_over_off"] == pytest.approx(2900.0 / 2850.0)
+    assert set(summary["raw"]) == {"chat_on", "chat_off", "c64_on", "c64_off"}
+    assert summary["bench_commands"]["c64_off"] == "triton-vlm bench --concurrency 64,64,64"
+    assert summary["gpu"] == "H100" and summary["notes"] == ["n"] and summary["command"] == "bash bench/gpu_chat_run.sh"
+    line = chat_line(summary)
+    assert "turn 2 10.0 ms (0.25 of turn 1)" in line and "c64 cache off 2850 tok/s (2950, 2850, 2700)" in line
+    assert "cache on: 8 hits, 4992 positions held, 5800 prefilled" in line and "cache off:" in line
+
+
+def test_chat_summary_without_c64_runs_and_with_mismatched_workloads() -> None:
+    from triton_vlm.bench.summarize import chat_line, summarize_chat
+
+    summary = summarize_chat(chat_report(0.040, 0.010), chat_report(0.040, 0.040), "c")
+    assert "served_c64_tok_s" not in summary and "served_c64_cache_on_over_off" not in summary
+    assert "engine_counters" not in summary and "hits" not in chat_line(summary)
+    assert "c64" not in chat_line(summary)
+    with pytest.raises(ValueError, match="workloads differ"):
+        summarize_chat(chat_report(0.040, 0.010), chat_report(0.040, 0.040, max_tokens=32), "c")
+    with pytest.raises(ValueError, match="c64_on: no streamed run"):
+        summarize_chat(chat_report(0.040, 0.010), chat_report(0.040, 0.040), "c", c64_on={"runs": []})
+
+
+def test_summarize_chat_command_line_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from triton_vlm.bench.summarize import main
+
+    for name, report in (("on", chat_report(0.04, 0.01)), ("off", chat_report(0.04, 0.04)),
+                         ("c64-on", c64_report(2900.0)), ("c64-off", c64_report(2800.0))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    out = tmp_path / "h100-llava-chat.json"
+    main(["chat", str(tmp_path / "on.json"), str(tmp_path / "off.json"), "--c64-on", str(tmp_path / "c64-on.json"),
+          "--c64-off", str(tmp_path / "c64-off.json"), "--command", "bash bench/gpu_chat_run.sh", "--out", str(out)])
+    summary = json.loads(out.read_text())
+    assert (summary["turn2_ttft_s"], summary["turn2_ttft_nocache_s"], summary["served_c64_tok_s_nocache"]) == (
+        0.01, 0.04, 2800.0)
+    assert "turn 2 10.0 ms (0.25 of turn 1)" in capsys.readouterr().out

@@ -7,9 +7,20 @@ import gc
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from triton_vlm.bench.chat import (
+    ANSWERS,
+    CANNED_ANSWER,
+    IMAGE_SEED,
+    QUESTIONS,
+    engine_counters,
+    format_chat_table,
+    run_chat,
+    warm_up_chat,
+)
 from triton_vlm.bench.workload import (
     RoundTrip,
     RunResult,
@@ -46,9 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-trip", type=int, default=0, metavar="N",
                         help="also time N one-token requests in-process and through the server, alternating, and "
                              "report what Triton adds (p50); keeps the in-process model loaded beside the server")
+    parser.add_argument("--chat-turns", type=int, default=0, metavar="N",
+                        help="instead: the chat benchmark, TTFT of each of N turns (up to 4) of conversations about "
+                             "one image each, streamed one at a time; --max-tokens a turn, no baseline")
+    parser.add_argument("--conversations", type=int, default=8, help="with --chat-turns: conversations timed")
+    parser.add_argument("--metrics-url", default=None,
+                        help="with --chat-turns and --url: the server's metrics (host:8002), to record what its "
+                             "engine prefilled and its prefix cache held during the run")
+    parser.add_argument("--chat-answers", choices=ANSWERS, default="model",
+                        help="with --chat-turns: the earlier answers later turns send back: the model's, or a fixed "
+                             "one of about 60 tokens (random weights answer with pieces that come back much longer)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.chat_turns:
+        return run_chat_mode(args)
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     counts = [int(n) for n in str(args.requests).split(",") if n.strip()]
     counts = counts * len(levels) if len(counts) == 1 else counts
@@ -101,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         print("served / baseline throughput: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items())
               + "; / the baseline's repeat: " + ", ".join(f"{k} {v:.1f}x" for k, v in repeated.items()))
     report: dict[str, Any] = {
-        "command": "triton-vlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "command": _command(),
         "workload": {"model": args.model, "image_size": args.image_size, "max_tokens": args.max_tokens,
                      "requests": counts, "prompt": workload.prompt, "ignore_eos": True},
         "runs": [r.as_json() for r in served],
@@ -124,6 +147,54 @@ def run(args: argparse.Namespace) -> int:
         print("matplotlib is not installed: no plot", file=sys.stderr)
     failed = sum(r.errors for r in served)
     return 1 if failed else 0
+
+
+def run_chat_mode(args: argparse.Namespace) -> int:
+    """``--chat-turns``: the chat benchmark (:mod:`triton_vlm.bench.chat`) against ``--url`` or a started server."""
+    if not 1 <= args.chat_turns <= len(QUESTIONS):
+        raise SystemExit(f"--chat-turns: 1 to {len(QUESTIONS)}")
+    workload = Workload(model=args.model, image_size=args.image_size, max_tokens=args.max_tokens,
+                        requests=args.conversations, image_seed=IMAGE_SEED)
+    server = None
+    url, metrics_url = args.url, args.metrics_url
+    if url is None:
+        server = start_server(args.model, tiny=args.tiny, engine=args.engine, batch_delay_us=args.batch_delay_us)
+        url, metrics_url = server.grpc_url, server.metrics_url
+    counters: dict[str, float] = {}
+    try:
+        warm_up_chat(url, workload, args.chat_turns, args.chat_answers)
+        if metrics_url:
+            time.sleep(0.5)  # the engine's counters are published every 0.25 s
+            before = engine_counters(metrics_url, args.model)
+        result = run_chat(url, workload, args.chat_turns, args.chat_answers)
+        if metrics_url:
+            time.sleep(0.5)
+            after = engine_counters(metrics_url, args.model)
+            counters = {key: after[key] - before.get(key, 0.0) for key in after}
+    finally:
+        if server is not None:
+            server.stop()
+            server.log_file.close()
+    print(format_chat_table(f"triton-vlm chat ({args.model}: {args.conversations} conversations of "
+                            f"{args.chat_turns} turns, {args.max_tokens} tokens a turn, one at a time)", result),
+          flush=True)
+    if counters:
+        print("engine during the timed conversations: " + ", ".join(f"{k} {v:.0f}" for k, v in counters.items()))
+    report: dict[str, Any] = {
+        "command": _command(),
+        "workload": {"model": args.model, "image_size": args.image_size, "max_tokens": args.max_tokens,
+                     "conversations": args.conversations, "turns": args.chat_turns,
+                     "questions": list(QUESTIONS[:args.chat_turns]), "answers": args.chat_answers,
+                     **({"canned_answer": CANNED_ANSWER} if args.chat_answers == "canned" else {}),
+                     "ignore_eos": True, "concurrency": 1},
+        **result.as_json(),
+        # What the server's engine did during the timed conversations (with --metrics-url or a started server).
+        "engine_counters": counters,
+    }
+    report.update(_environment())
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 1 if result.errors else 0
 
 
 def start_server(model: str, *, tiny: bool = False, engine: str = "auto", batch_delay_us: int | None = None) -> Any:
@@ -155,6 +226,10 @@ def start_server(model: str, *, tiny: bool = False, engine: str = "auto", batch_
         log_file.close()
         raise
     return server
+
+
+def _command() -> str:
+    return "triton-vlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
 
 
 def _free_memory() -> None:

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_PROMPT = "Describe this image in detail, including the colors, objects and their positions."
+#: The warm-up's images: seeds of their own, so that no measured request finds its image in a prefix cache.
+WARM_UP_IMAGE_SEED = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,11 @@ class Workload:
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 128
     requests: int = 64
+    #: Request ``i``'s image is random noise seeded with ``image_seed + i``: distinct per request.
+    image_seed: int = 0
 
     def image(self, index: int) -> bytes:
-        pixels = np.random.default_rng(index).integers(0, 255, (self.image_size, self.image_size, 3), dtype=np.uint8)
+        pixels = np.random.default_rng(self.image_seed + index).integers(0, 255, (self.image_size, self.image_size, 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
         return buffer.getvalue()
@@ -133,9 +137,10 @@ def run_served(grpc_url: str, workload: Workload, concurrency: int, timeout: flo
 
 def warm_up(grpc_url: str, workload: Workload, apis: list[str]) -> None:
     """Two unmeasured requests per API, as the baseline gets its warm-up: the first requests after a start pay
-    for kernel compilation and first-call allocations, which a running server has behind it."""
+    for kernel compilation and first-call allocations, which a running server has behind it. Their images are not
+    the measured ones (a prefix cache would serve those)."""
     for api in apis:
-        run_served(grpc_url, replace(workload, requests=2), 2, api=api)
+        run_served(grpc_url, replace(workload, requests=2, image_seed=WARM_UP_IMAGE_SEED), 2, api=api)
 
 
 def run_hf_baseline(runtime: Any, workload: Workload, batch: int) -> RunResult:
@@ -257,12 +262,12 @@ def format_table(title: str, rows: list[RunResult]) -> str:
     header = f"{'concurrency':>11} {'tok/s':>10} {'req/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9} {'errors':>6}"
     lines = [title, header]
     for r in rows:
-        lines.append(f"{r.concurrency:>11} {r.output_tok_s:>10.1f} {r.requests_s:>8.2f} {_ms(r.ttft_p50_s, 1)} "
-                     f"{_ms(r.ttft_p99_s, 1)} {_ms(r.itl_p50_s, 2)} {_ms(r.itl_p99_s, 2)} {r.errors:>6}")
+        lines.append(f"{r.concurrency:>11} {r.output_tok_s:>10.1f} {r.requests_s:>8.2f} {ms_column(r.ttft_p50_s, 1)} "
+                     f"{ms_column(r.ttft_p99_s, 1)} {ms_column(r.itl_p50_s, 2)} {ms_column(r.itl_p99_s, 2)} {r.errors:>6}")
     return "\n".join(lines)
 
 
-def _ms(seconds: float, decimals: int) -> str:
+def ms_column(seconds: float, decimals: int) -> str:
     """A latency column: milliseconds, or ``-`` where the run did not measure it (NaN, e.g. the baseline's
     TTFT: one ``generate`` call has no first-token time)."""
     if math.isnan(seconds):

@@ -351,9 +351,22 @@ class TritonVLMClient(ServerEndpoint):
 
         With a retry policy, a stream that fails before its first piece because the server is not up yet is
         started again."""
-        call = StreamCall(stream_model(model_name), request_inputs("grpc", request_fields(
+        yield from self._stream(StreamCall(stream_model(model_name), request_inputs("grpc", request_fields(
             image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            ignore_eos=ignore_eos, task=task, stream=True)))
+            ignore_eos=ignore_eos, task=task, stream=True))))
+
+    def chat_stream_pieces(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), *,
+                           max_tokens: int | None = None, temperature: float | None = None,
+                           top_p: float | None = None, seed: int | None = None,
+                           ignore_eos: bool = False) -> Iterator[StreamPiece]:
+        """:meth:`stream_pieces` for a chat (``messages`` and ``images`` as :meth:`chat` takes them): the answer
+        to the conversation piece by piece, with token counts; the last piece has the finish reason."""
+        yield from self._stream(StreamCall(stream_model(model_name), request_inputs("grpc", chat_fields(
+            messages, images, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            ignore_eos=ignore_eos, stream=True))))
+
+    def _stream(self, call: StreamCall) -> Iterator[StreamPiece]:
+        """``call``'s pieces; with a retry policy, started again where it fails before its first piece."""
         started = time.monotonic()
         delays = self.retry.delays()
         while True:
