@@ -107,7 +107,7 @@ class SteppingEngine:
             last = count == len(tokens)
             request.on_output(RequestOutput(request.request_id, (token,), last, "length" if last else None, 7, count))
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
         pass
 
     def shutdown(self, timeout: float = 30.0) -> bool:
