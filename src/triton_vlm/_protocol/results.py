@@ -12,6 +12,8 @@ from triton_vlm._protocol.wire import Choice, TokenLogprob, decode_choices, deco
 OUTPUTS = ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")
 #: Optional output of grounding models (kosmos2): a JSON list of phrases with their boxes.
 ENTITIES = "entities"
+#: Output of the prompt positions the engine's prefix cache held (in the contract since it had a prefix cache).
+CACHED_TOKENS = "cached_tokens"
 #: Optional input of models with several skills (moondream2).
 TASK = "task"
 #: The decoupled companion that streams a public model's answers: ``<model>_stream``.
@@ -59,7 +61,7 @@ def parse_output(result: Any) -> Output:
     entities = _first(result, ENTITIES)
     logprobs, choices, index = (_first(result, name) for name in ("token_logprobs", "choices", "index"))
     finish_reason = _text(_first(result, "finish_reason"))
-    cached = _first(result, "cached_tokens") if finish_reason else None  # a piece that ends nothing has none
+    cached = _first(result, CACHED_TOKENS) if finish_reason else None  # a piece that ends nothing has none
     return Output(text=_text(_first(result, "generated_text")),
                   generated_tokens=int(_first(result, "generated_tokens")),
                   prompt_tokens=int(_first(result, "prompt_tokens")),
