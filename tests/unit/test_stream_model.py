@@ -88,8 +88,8 @@ def recording_state(module: Any, token_ids: list[int]) -> tuple[Any, list[tuple[
 def finish(module: Any, runtime: VLMRuntime, extra_outputs: dict[str, str], token_ids: list[int]) -> Any:
     """Run the response thread's delivery of a finished request; returns the one response it sent."""
     model = delivering_model(module, runtime, extra_outputs)
-    state, sent = recording_state(module, token_ids)
-    model._deliver(state, RequestOutput("r1", (), True, "stop", prompt_tokens=70, generated_tokens=len(token_ids)))
+    choice, sent = recording_state(module, token_ids)
+    model._deliver(choice, RequestOutput("r1", (), True, "stop", prompt_tokens=70, generated_tokens=len(token_ids)))
     (response, flags), = sent
     assert flags == module.stream_requests.FINAL
     return response
@@ -136,12 +136,12 @@ def stream_through(module: Any, runtime: VLMRuntime, ids: list[int], interval: i
                    stop: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
     """Deliver ``ids`` one token a step, as the engine's outputs come; the (text, generated_tokens, flags) sent."""
     model = delivering_model(module, runtime, {}, interval)
-    state, sent = recording_state(module, [])
-    state.stream.stop = stop
+    choice, sent = recording_state(module, [])
+    choice.state.stop = stop
     for count, token in enumerate(ids, start=1):
-        state.token_ids.append(token)
+        choice.token_ids.append(token)
         last = count == len(ids)
-        model._deliver(state, RequestOutput("r1", (token,), last, "length" if last else None, prompt_tokens=5,
+        model._deliver(choice, RequestOutput("r1", (token,), last, "length" if last else None, prompt_tokens=5,
                                             generated_tokens=count))
     return [(r.tensors["generated_text"][0][0].decode(), int(r.tensors["generated_tokens"][0][0]), flags)
             for r, flags in sent]
@@ -282,11 +282,11 @@ def test_a_stop_string_spanning_tokens_is_never_streamed_and_aborts_the_engine_r
     model = delivering_model(stream_model, llava_runtime, {}, 1)
     aborted: list[tuple[Any, ...]] = []
     model._engine = SimpleNamespace(abort=lambda *args: aborted.append(args))
-    state, sent = recording_state(stream_model, [])
-    state.stream.stop = (stop,)
+    choice, sent = recording_state(stream_model, [])
+    choice.state.stop = (stop,)
     for count, token in enumerate(ids, start=1):
-        state.token_ids.append(token)
-        out = model._deliver(state, RequestOutput("r1", (token,), False, None, prompt_tokens=5,
+        choice.token_ids.append(token)
+        out = model._deliver(choice, RequestOutput("r1", (token,), False, None, prompt_tokens=5,
                                                   generated_tokens=count))
         pieces = "".join(r.tensors["generated_text"][0][0].decode() for r, _ in sent)
         # Never a character of the stop string, not even the start of it while it could still be one.

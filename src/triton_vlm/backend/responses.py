@@ -72,7 +72,7 @@ class _Choice:
     """One choice of an open request (a request for ``n`` choices has n), as the response thread tracks it."""
 
     #: The request it belongs to.
-    stream: _Stream
+    state: _Stream
     index: int = 0
     token_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
@@ -190,7 +190,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
 
     def _flush(self, streams: dict[str, _Stream], pending: dict[_Choice, RequestOutput]) -> None:
         for choice, out in pending.items():
-            state = choice.stream
+            state = choice.state
             request_ended = state.request.ended  # a local: the check after _deliver reads the attribute again
             if request_ended or choice.ended is not None:
                 continue  # the request ended (another choice failed), or this choice did (a stop string)
@@ -207,7 +207,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         """Send what ``out`` (the choice's latest output, tokens already merged into ``choice``) calls for; returns
         it, as the choice's end where a stop string ended it. The request ends (FINAL) with its last choice, with
         an error in any, or with an abort (its client cancelled it, or the engine shut down)."""
-        state = choice.stream
+        state = choice.state
         if out.finished and (out.error is not None or out.finish_reason == "abort"):
             choice.ended = out
             state.running -= 1
@@ -282,7 +282,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         once its text holds a stop string; else as it is."""
         if choice.stops is None:
             choice.stops = self.runtime.family.stop_matcher(self.runtime.ensure_loaded().processor,
-                                                            choice.stream.stop)
+                                                            choice.state.stop)
         if choice.stops.update(choice.token_ids) is None:
             return out
         if self._engine is not None:
