@@ -107,7 +107,9 @@ def test_chat_equals_the_kserve_client_streamed_or_not(front: Front, triton: Run
     assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
     usage_chunk = chunks[-1]
     assert usage_chunk.choices == [] and usage_chunk.usage is not None
-    assert usage_chunk.usage.model_dump() == answer.usage.model_dump()
+    # The same counts (the streamed request may find the first one's prompt in the engine's prefix cache).
+    assert usage_chunk.usage.model_dump(exclude={"prompt_tokens_details"}) == answer.usage.model_dump(
+        exclude={"prompt_tokens_details"})
     assert all(c.usage is None for c in chunks[:-1])
     if f"{model}_stream" in ENGINE_MODELS and model != "kosmos2":  # the engine's token stream, several pieces
         assert len(pieces) >= 2
@@ -166,20 +168,71 @@ def test_stop_cuts_a_greedy_answer_exactly_before_it_streamed_or_not(front: Fron
 
 
 def test_n_choices_with_a_seed(front: Front, triton: RunningServer, png: bytes) -> None:
+    """n=3 through the front runs on llava_stream's engine (one sequence per choice), streamed or not, and answers
+    what the public model's batched loop answers for the same seeded request."""
+    with TritonVLMClient(triton.http_url) as kserve:  # on this CPU host the public llava is the batched loop
+        batched = kserve.infer_result("llava", png, "Describe it.", max_tokens=8, temperature=1.0, seed=7, n=3)
+    texts = [batched.text, *(c.text for c in batched.choices)]
+    reasons = [batched.finish_reason, *(c.finish_reason for c in batched.choices)]
+    completion_tokens = batched.generated_tokens + sum(c.generated_tokens for c in batched.choices)
+    assert len(set(texts)) == 3 and batched.cached_tokens == 0  # the batched loop keeps no prefix cache
     client = front.client()
     sampled = dict(model="llava", messages=[user("Describe it.", png)], max_tokens=8, temperature=1.0, seed=7, n=3)
     answer = client.chat.completions.create(**sampled)
-    texts = [c.message.content for c in answer.choices]
-    assert [c.index for c in answer.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert [c.message.content for c in answer.choices] == texts
+    assert [c.finish_reason for c in answer.choices] == reasons
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (batched.prompt_tokens, completion_tokens)
     assert [c.message.content for c in client.chat.completions.create(**sampled).choices] == texts
-    streamed: dict[int, str] = {}
-    for chunk in client.chat.completions.create(**sampled, stream=True):
+
+    chunks = list(client.chat.completions.create(**sampled, stream=True, stream_options={"include_usage": True}))
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    finishes: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    for chunk in chunks:
         for c in chunk.choices:
-            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
-    assert [streamed[i] for i in range(3)] == texts
-    with TritonVLMClient(triton.http_url) as kserve:
-        batched = kserve.infer_result("llava", png, "Describe it.", max_tokens=8, temperature=1.0, seed=7, n=3)
-    assert [batched.text, *(c.text for c in batched.choices)] == texts
+            if c.delta.content:
+                pieces[c.index].append(c.delta.content)
+            if c.finish_reason:
+                finishes[c.index].append(c.finish_reason)
+    assert ["".join(pieces[i]) for i in range(3)] == texts
+    assert [finishes[i] for i in range(3)] == [[reason] for reason in reasons]  # each choice's own, once
+    assert max(len(p) for p in pieces.values()) >= 2  # token by token from the engine, not each choice whole
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (batched.prompt_tokens, completion_tokens)
+
+    # The KServe client's stream of the same request: the same choices, interleaved, each with its index.
+    with TritonVLMClient(triton.http_url, grpc_url=triton.grpc_url) as kserve:
+        streamed = list(kserve.stream_pieces("llava", png, "Describe it.", max_tokens=8, temperature=1.0, seed=7, n=3))
+    assert ["".join(p.text for p in streamed if p.index == i) for i in range(3)] == texts
+    assert sorted(p.index for p in streamed if p.finish_reason) == [0, 1, 2]
+
+
+def test_a_repeated_chat_takes_its_prompt_from_the_prefix_cache(front: Front, triton: RunningServer,
+                                                               png: bytes) -> None:
+    """The engine keeps a finished prompt's blocks: the same conversation again prefills only what lies past them,
+    and says so in usage.prompt_tokens_details.cached_tokens (and the cached_tokens output)."""
+    client = front.client()
+    messages = [user("What colours are in this picture, and where?", png)]
+    first = client.chat.completions.create(model="llava", messages=messages, max_tokens=4)
+    again = client.chat.completions.create(model="llava", messages=messages, max_tokens=4)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and 0 < cached < again.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model="llava", messages=messages, max_tokens=4, stream=True,
+                                                 stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == cached
+    turns = [{"role": "user", "content": [{"type": "text", "text": "What colours are in this picture, and where?"},
+                                          {"type": "image"}]}]
+    with TritonVLMClient(triton.http_url, grpc_url=triton.grpc_url) as kserve:
+        engine = kserve.chat_result("llava_stream", turns, images=[png], max_tokens=4)  # over its gRPC stream
+        batched = kserve.chat_result("llava", turns, images=[png], max_tokens=4)
+    assert engine.text == batched.text == first.choices[0].message.content
+    assert engine.cached_tokens == cached and batched.cached_tokens == 0
 
 
 def test_logprobs_one_entry_per_generated_token(front: Front, triton: RunningServer, png: bytes) -> None:

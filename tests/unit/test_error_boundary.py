@@ -105,9 +105,11 @@ class SteppingEngine:
             if count == 2 and "oom" in request.mm_inputs["prompt"]:
                 raise RuntimeError(OOM)
             last = count == len(tokens)
-            request.on_output(RequestOutput(request.request_id, (token,), last, "length" if last else None, 7, count))
+            for index in range(request.params.n):  # each choice its token of the step, as the engine runs them
+                request.on_output(RequestOutput(request.request_id, (token,), last, "length" if last else None, 7,
+                                                count, index=index))
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
         pass
 
     def shutdown(self, timeout: float = 30.0) -> bool:
@@ -173,6 +175,24 @@ def test_a_step_out_of_gpu_memory_fails_its_request_and_the_rest_of_the_batch_is
     assert later.sender.final().error is None and later.sender.text() == expected_text(llava_runtime, 2)
     assert wait_until(lambda: model.admission.open == 0)  # every place in the bound given back
     assert model.metrics.request_errors.value == 1
+    model.finalize()
+
+
+def test_a_request_for_n_choices_runs_on_the_engine(backend: SimpleNamespace, llava_runtime: VLMRuntime,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine runs n choices itself: the stream model hands such a request to it (not to its batched loop), and
+    the choices' pieces stream with their index, each ending with its finish reason, the last one FINAL."""
+    monkeypatch.setattr(backend.engine_service, "LLMEngine", SteppingEngine)
+    model = stream_model(backend, llava_runtime)
+    monkeypatch.setattr(model.tasks, "submit", lambda *args: pytest.fail("sent to the batched loop"))
+    asked = Request("What is this?")
+    asked["n"] = np.array([[3]], dtype=np.int32)
+    model.execute([asked])
+    asked.sender.final()
+    assert model.service.engine.submitted == ["What is this?"]
+    pieces = [(int(r.tensors["index"][0][0]), r.tensors["finish_reason"][0][0].decode()) for r, _ in asked.sender.sent]
+    assert sorted(index for index, finish in pieces if finish) == [0, 1, 2]
+    assert asked.sender.sent[-1][1] and sum(1 for _, flags in asked.sender.sent if flags) == 1
     model.finalize()
 
 

@@ -201,7 +201,8 @@ def initialize_with_outputs(backend: Any, family: str, outputs: list[str]) -> An
     return model
 
 
-COMMON = ["generated_text", "generated_tokens", "prompt_tokens", "finish_reason", "token_logprobs", "choices", "index"]
+COMMON = ["generated_text", "generated_tokens", "prompt_tokens", "finish_reason", "token_logprobs", "choices", "index",
+          "cached_tokens"]
 
 
 def test_backend_sends_entities_in_every_response_of_a_model_that_declares_it(

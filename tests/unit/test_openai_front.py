@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from triton_vlm._protocol.wire import Choice, encode_choices
 from triton_vlm.errors import (
     GenerationError,
     InvalidInputError,
@@ -52,6 +53,14 @@ PNG = _png()
 ENTITIES = [{"phrase": "a snowman", "span": [11, 20], "boxes": [{"x_min": 0.1, "y_min": 0.2, "x_max": 0.5, "y_max": 0.9}],
              "boxes_px": [{"x_min": 0.8, "y_min": 1.6, "x_max": 4.0, "y_max": 7.2}]}]
 DATA_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+
+#: What ``<model>_stream`` streams for n=3: the choices' pieces interleaved, each choice's last with its finish
+#: reason (choice 1 ends first, with "stop"); counts are each choice's own; cached_tokens on each choice's last piece.
+N_PIECES = [Piece("A", 40, 1, "", index=0), Piece("B", 40, 1, "", index=1), Piece("C", 40, 1, "", index=2),
+            Piece(" b.", 40, 2, "stop", index=1, cached_tokens=32), Piece(" a", 40, 2, "", index=0),
+            Piece(" c", 40, 2, "", index=2), Piece(".", 40, 3, "length", index=0, cached_tokens=16),
+            Piece(" c.", 40, 4, "length", index=2, cached_tokens=32)]
 
 
 class FakeGateway:
@@ -95,7 +104,10 @@ class FakeGateway:
             raise
         if self.fail:
             raise self.fail
-        return Piece("The answer.", 40, 3, "stop", entities=ENTITIES if entities else None)
+        # n > 1: the whole answer's further choices, as the batched loop answers them.
+        choices = tuple(Choice(i, f"Answer {i}.", "stop", i + 1) for i in range(1, sampling.n or 1))
+        return Piece("The answer.", 40, 3, "stop", entities=ENTITIES if entities else None, cached_tokens=32,
+                     choices=choices)
 
     async def stream(self, model: str, chat: ChatInput, sampling: Sampling, *,
                      entities: bool = False) -> AsyncIterator[Piece]:
@@ -104,11 +116,16 @@ class FakeGateway:
         try:
             if self.fail:
                 raise self.fail
+            if (sampling.n or 1) > 1:
+                for piece in N_PIECES:
+                    yield piece
+                return
             for i, word in enumerate(["The", " answer", "."]):
                 if i == 2 and self.fail_after_pieces:
                     raise self.fail_after_pieces
                 last = i == 2
-                yield Piece(word, 40, i + 1, "length" if last else "", entities=ENTITIES if entities and last else None)
+                yield Piece(word, 40, i + 1, "length" if last else "", entities=ENTITIES if entities and last else None,
+                            cached_tokens=16 if last else 0)
         finally:
             self.closed_streams += 1
 
@@ -387,7 +404,8 @@ def test_chat_answer_and_what_reaches_triton(client: TestClient, gateway: FakeGa
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "The answer.",
                                                         "refusal": None}, "finish_reason": "stop",
                                 "logprobs": None}]
-    assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 3, "total_tokens": 43}
+    assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 3, "total_tokens": 43,
+                             "prompt_tokens_details": {"cached_tokens": 32}}
     assert gateway.calls[-1] == ("infer", "llava", PNG, "Hi", Sampling(max_tokens=7, temperature=0.5, top_p=0.8,
                                                                        seed=3))
     chat(client, model="moondream2", max_tokens=7, max_completion_tokens=9, top_p=0, temperature=1.0,
@@ -409,7 +427,8 @@ def test_streaming_events(client: TestClient, gateway: FakeGateway) -> None:
                                                                {"content": "."}, {}]
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 40, "completion_tokens": 3,
-                                                                   "total_tokens": 43}
+                                                                   "total_tokens": 43,
+                                                                   "prompt_tokens_details": {"cached_tokens": 16}}
     assert all(c["usage"] is None for c in chunks[:-1]) and len({c["id"] for c in chunks}) == 1
     assert gateway.calls[-1][0] == "stream" and gateway.closed_streams == 1
     plain = events(chat(client, stream=True).text)
@@ -419,6 +438,37 @@ def test_streaming_events(client: TestClient, gateway: FakeGateway) -> None:
     assert [c["choices"][0]["delta"] for c in whole[:-1]] == [{"role": "assistant", "content": ""},
                                                               {"content": "The answer."}, {"entities": ENTITIES}]
     assert gateway.calls[-1][0] == "infer"
+
+
+def test_n_choices_stream_interleaved_each_with_its_index_and_finish_reason(client: TestClient,
+                                                                          gateway: FakeGateway) -> None:
+    """n > 1 streams from the engine model too: every chunk as it comes with its choice's index, each choice's own
+    finish_reason on its last chunk, and the usage once all ended (the prompt once, every choice's tokens)."""
+    got = events(chat(client, stream=True, n=3, stream_options={"include_usage": True}).text)
+    assert gateway.calls[-1][0] == "stream" and gateway.calls[-1][4].n == 3
+    assert got[-1] == "[DONE]"
+    chunks, usage = got[:-2], got[-2]
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    choices = [c["choices"][0] for c in chunks]
+    assert choices[:3] == [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None} for i in range(3)]
+    # In the order they came: choice 1's end before choice 0's second piece.
+    assert [(c["index"], c["delta"].get("content"), c["finish_reason"]) for c in choices[3:]] == [
+        (0, "A", None), (1, "B", None), (2, "C", None), (1, " b.", None), (1, None, "stop"), (0, " a", None),
+        (2, " c", None), (0, ".", None), (0, None, "length"), (2, " c.", None), (2, None, "length")]
+    assert usage["choices"] == [] and usage["usage"] == {
+        "prompt_tokens": 40, "completion_tokens": 3 + 2 + 4, "total_tokens": 49,
+        "prompt_tokens_details": {"cached_tokens": 16}}  # choice 0's: the others copied its prefill
+    # A model without a <model>_stream: the whole answer, its further choices one chunk each.
+    whole = [c["choices"][0] for c in events(chat(client, model="kosmos2", stream=True, n=3,
+                                                  stream_options={"include_usage": True}).text)[:-2]]
+    assert [(c["index"], c["delta"], c["finish_reason"]) for c in whole] == [
+        (0, {"role": "assistant", "content": ""}, None), (1, {"role": "assistant", "content": ""}, None),
+        (2, {"role": "assistant", "content": ""}, None), (0, {"content": "The answer."}, None),
+        (0, {"entities": ENTITIES}, "stop"), (1, {"content": "Answer 1."}, "stop"), (2, {"content": "Answer 2."}, "stop")]
+    answer = chat(client, model="kosmos2", n=3).json()
+    assert [c["message"]["content"] for c in answer["choices"]] == ["The answer.", "Answer 1.", "Answer 2."]
+    assert answer["usage"]["completion_tokens"] == 3 + 2 + 3
 
 
 def test_entities_extension_only_from_models_that_have_it(client: TestClient, gateway: FakeGateway) -> None:
@@ -488,7 +538,8 @@ def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
         async def get_model_metadata(self, name: str, client_timeout: float) -> Metadata:
             base = ["generated_text", "generated_tokens", "prompt_tokens", "finish_reason"]
             return {"kosmos2": Metadata(["image", "prompt"], [*base, "entities"]),
-                    "moondream2": Metadata(["image", "prompt", "task"], base)}.get(name, Metadata(["image"], base))
+                    "moondream2": Metadata(["image", "prompt", "task"], base)}.get(
+                name, Metadata(["image"], [*base, "cached_tokens"]))
 
         async def infer(self, model: str, inputs: Any, outputs: Any, client_timeout: float) -> Result:
             names = [o.name() for o in outputs]
@@ -499,6 +550,11 @@ def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
                       "finish_reason": np.array([b"stop"], dtype=object)}
             if "entities" in names:
                 arrays["entities"] = np.array([raw], dtype=object)
+            if "cached_tokens" in names:
+                arrays["cached_tokens"] = np.array([48])
+            if "choices" in names:
+                arrays["choices"] = np.array([encode_choices([Choice(1, "A snowman.", "stop", 3)]).encode()],
+                                             dtype=object)
             return Result(arrays)
 
         def stream_infer(self, requests: Any, stream_timeout: float) -> Any:
@@ -522,11 +578,15 @@ def test_gateway_reads_entities_and_capabilities_from_triton() -> None:
         piece = await gateway.infer("kosmos2", grounding, Sampling(), entities=True)
         assert piece.entities == ENTITIES and piece.text == "An image of a snowman"
         two = ChatInput('[{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}]', (PNG, PNG))
-        assert (await gateway.infer("llava", two, Sampling())).entities is None
+        answer = await gateway.infer("llava", two, Sampling(n=2))
+        assert answer.entities is None and answer.cached_tokens == 48 and piece.cached_tokens == 0
+        assert answer.choices == (Choice(1, "A snowman.", "stop", 3),)
         assert "entities" in asked[0] and "entities" not in asked[1]
+        # cached_tokens only where the model declares it; the choices and their index where n > 1.
+        assert "cached_tokens" not in asked[0] and {"cached_tokens", "choices", "index"} <= set(asked[1])
         # The chat form: messages and one images element per image; never the prompt form's inputs.
         assert sent[0] == {"messages": [1, 1], "images": [1, 1]} and sent[1] == {"messages": [1, 1], "images": [1, 2],
-                                                                                 "stream": [1, 1]}
+                                                                                 "stream": [1, 1], "n": [1, 1]}
         assert streamed == [("llava_stream", b"\x00")]  # llava: from llava_stream, the whole answer (stream=False)
 
     asyncio.run(scenario())

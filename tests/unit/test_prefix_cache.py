@@ -350,3 +350,33 @@ def test_n_choices_stream_with_their_index_and_abort_together(llava: tuple[Any, 
     assert sorted(out.index for out in finals) == [0, 1, 2, 3]
     assert {out.finish_reason for out in finals} == {"abort"}
     assert steps.engine.cache.free_slots == steps.engine.cache.num_slots
+
+
+def test_one_choice_aborts_alone_and_the_others_go_on(llava: tuple[Any, Any, Any]) -> None:
+    """``abort(request_id, index)`` ends that choice only (a stop string in one choice's text): its slot is free at
+    once, the other choices run to their end with the tokens they would have had anyway."""
+    params = SamplingParams(max_tokens=12, n=3, ignore_eos=True, temperature=1.0, seed=3)
+    expected = engine(llava).generate([(A, QUESTION, params)])
+    steps = Steps(engine(llava))
+    tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    finals: dict[int, RequestOutput] = {}
+
+    def collect(out: RequestOutput) -> None:
+        tokens[out.index].extend(out.new_token_ids)
+        if out.finished:
+            finals[out.index] = out
+
+    request = steps.engine.prepare(A, QUESTION, params, collect)
+    steps.engine.submit(request)
+    steps.step(5)
+    assert not finals and len(steps.engine.scheduler.find(request.request_id)) == 3
+    steps.engine.abort(request.request_id, index=1)
+    steps.step()
+    assert list(finals) == [1] and finals[1].finish_reason == "abort"
+    assert [seq.request.index for seq in steps.engine.scheduler.find(request.request_id)] == [0, 2]
+    assert steps.engine.cache.free_slots == steps.engine.cache.num_slots - 2
+    steps.engine.abort(request.request_id, index=1)  # already ended: nothing happens
+    steps.run()
+    assert {i: out.finish_reason for i, out in sorted(finals.items())} == {0: "length", 1: "abort", 2: "length"}
+    assert [tokens[0], tokens[2]] == [expected[0], expected[2]]
+    assert tokens[1] == expected[1][:len(tokens[1])] and 0 < len(tokens[1]) < 12

@@ -205,12 +205,16 @@ class FakeResult:
 
 
 def answer(text: str, tokens: int, finish: str = "", *, final: bool | None = None,
-           entities: str | None = None) -> FakeResult:
+           entities: str | None = None, index: int | None = None, cached: int | None = None) -> FakeResult:
     arrays = {"generated_text": np.array([[text.encode()]], dtype=object), "generated_tokens": np.array([[tokens]]),
               "prompt_tokens": np.array([[12]], dtype=np.int32), "finish_reason": np.array([[finish.encode()]],
                                                                                             dtype=object)}
     if entities is not None:
         arrays["entities"] = np.array([[entities.encode()]], dtype=object)
+    if index is not None:
+        arrays["index"] = np.array([[index]], dtype=np.int32)
+    if cached is not None:
+        arrays["cached_tokens"] = np.array([[cached]], dtype=np.int32)
     return FakeResult(arrays, final=bool(finish) if final is None else final)
 
 
@@ -370,6 +374,32 @@ def test_sync_stream_that_ends_without_an_answer_is_cancelled_error() -> None:
     with pytest.raises(RequestCancelledError, match="without an answer"):
         list(outputs_sync(client, CALL, url="h:1", timeout=5))
     assert client.stopped == [False]
+
+
+#: A stream of n=2: the choices' pieces interleaved; choice 1 ends first (not FINAL), choice 0 last (FINAL).
+N_PIECES = [answer("A", 1, index=0), answer("B", 1, index=1), answer(" b.", 2, "stop", final=False, index=1, cached=0),
+            answer(" a", 2, "length", index=0, cached=32)]
+N_CALL = StreamCall("llava_stream", inputs=[], choices=2)
+
+
+def test_a_stream_of_n_choices_ends_once_every_choice_had_its_finish_reason() -> None:
+    outputs = list(outputs_sync(SyncClient([(r, None) for r in N_PIECES]), N_CALL, url="h:1", timeout=5))
+    assert [(o.index, o.text, o.finish_reason) for o in outputs] == [(0, "A", ""), (1, "B", ""), (1, " b.", "stop"),
+                                                                     (0, " a", "length")]
+    assert [o.cached_tokens for o in outputs] == [0, 0, 0, 32]
+    # Aborted after choice 1 ended: only the final flag follows, and choice 0 never had its finish reason.
+    aborted = SyncClient([*((r, None) for r in N_PIECES[:3]), (EMPTY_FINAL, None)])
+    with pytest.raises(RequestCancelledError, match="without an answer"):
+        list(outputs_sync(aborted, N_CALL, url="h:1", timeout=5))
+
+    async def stream(script: list[Any]) -> list[Output]:
+        return [o async for o in outputs_async(AsyncClient(script), N_CALL, url="h:1", timeout=5)]
+
+    assert [o.text for o in run(stream([(r, None) for r in N_PIECES]))] == ["A", "B", " b.", " a"]
+    # A whole answer of n=2 ends both choices in its one response (the further one in ``choices``).
+    whole = answer("A a", 2, "length", index=0)
+    whole.arrays["choices"] = np.array([[encode_choices([Choice(1, "B b.", "stop", 2)]).encode()]], dtype=object)
+    assert len(list(outputs_sync(SyncClient([(whole, None)]), N_CALL, url="h:1", timeout=5))) == 1
 
 
 def test_sync_stream_silent_past_the_timeout_is_a_timeout_and_is_cancelled() -> None:

@@ -76,18 +76,20 @@ def recording_sender() -> tuple[Any, list[tuple[Any, int]]]:
 
 
 def recording_state(module: Any, token_ids: list[int]) -> tuple[Any, list[tuple[Any, int]]]:
-    """A streamed request's state whose sender records (response, flags)."""
+    """The one choice of a streamed request's state, whose sender records (response, flags)."""
     sender, sent = recording_sender()
     request = module.stream_requests.OpenRequest(None, sender, 0.0, release=lambda: None, request_id="r1")
     generation = GenerationRequest(images=(Image.new("RGB", (64, 48)),), prompt=PROMPT, params=SamplingParams())
-    return module.responses._Stream(request, stream=True, token_ids=token_ids, generation=generation), sent
+    (choice,) = module.responses._Stream(request, stream=True, generation=generation).choices
+    choice.token_ids.extend(token_ids)
+    return choice, sent
 
 
 def finish(module: Any, runtime: VLMRuntime, extra_outputs: dict[str, str], token_ids: list[int]) -> Any:
     """Run the response thread's delivery of a finished request; returns the one response it sent."""
     model = delivering_model(module, runtime, extra_outputs)
-    state, sent = recording_state(module, token_ids)
-    model._deliver(state, RequestOutput("r1", (), True, "stop", prompt_tokens=70, generated_tokens=len(token_ids)))
+    choice, sent = recording_state(module, token_ids)
+    model._deliver(choice, RequestOutput("r1", (), True, "stop", prompt_tokens=70, generated_tokens=len(token_ids)))
     (response, flags), = sent
     assert flags == module.stream_requests.FINAL
     return response
@@ -109,7 +111,7 @@ def test_a_model_that_declares_no_extra_outputs_sends_none(stream_model: Any, ko
     processor = kosmos2_runtime.ensure_loaded().processor
     response = finish(stream_model, kosmos2_runtime, {}, grounded_answer(processor))
     assert set(response.tensors) == {"generated_text", "generated_tokens", "prompt_tokens", "finish_reason",
-                                     "token_logprobs", "choices", "index"}  # the contract's: no entities
+                                     "token_logprobs", "choices", "index", "cached_tokens"}  # no entities
 
 
 def test_the_clients_read_an_answer_s_logprobs_and_choices_as_the_backend_wrote_them(stream_model: Any) -> None:
@@ -134,12 +136,12 @@ def stream_through(module: Any, runtime: VLMRuntime, ids: list[int], interval: i
                    stop: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
     """Deliver ``ids`` one token a step, as the engine's outputs come; the (text, generated_tokens, flags) sent."""
     model = delivering_model(module, runtime, {}, interval)
-    state, sent = recording_state(module, [])
-    state.stop = stop
+    choice, sent = recording_state(module, [])
+    choice.state.stop = stop
     for count, token in enumerate(ids, start=1):
-        state.token_ids.append(token)
+        choice.token_ids.append(token)
         last = count == len(ids)
-        model._deliver(state, RequestOutput("r1", (token,), last, "length" if last else None, prompt_tokens=5,
+        model._deliver(choice, RequestOutput("r1", (token,), last, "length" if last else None, prompt_tokens=5,
                                             generated_tokens=count))
     return [(r.tensors["generated_text"][0][0].decode(), int(r.tensors["generated_tokens"][0][0]), flags)
             for r, flags in sent]
@@ -278,20 +280,20 @@ def test_a_stop_string_spanning_tokens_is_never_streamed_and_aborts_the_engine_r
     ids = tokenizer(text, add_special_tokens=False).input_ids
     answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
     model = delivering_model(stream_model, llava_runtime, {}, 1)
-    aborted: list[str] = []
-    model._engine = SimpleNamespace(abort=aborted.append)
-    state, sent = recording_state(stream_model, [])
-    state.stop = (stop,)
+    aborted: list[tuple[Any, ...]] = []
+    model._engine = SimpleNamespace(abort=lambda *args: aborted.append(args))
+    choice, sent = recording_state(stream_model, [])
+    choice.state.stop = (stop,)
     for count, token in enumerate(ids, start=1):
-        state.token_ids.append(token)
-        out = model._deliver(state, RequestOutput("r1", (token,), False, None, prompt_tokens=5,
+        choice.token_ids.append(token)
+        out = model._deliver(choice, RequestOutput("r1", (token,), False, None, prompt_tokens=5,
                                                   generated_tokens=count))
         pieces = "".join(r.tensors["generated_text"][0][0].decode() for r, _ in sent)
         # Never a character of the stop string, not even the start of it while it could still be one.
         assert answer.startswith(pieces) and len(pieces) <= answer.index(stop)
         if out.finished:
             break
-    assert out.finished and out.finish_reason == "stop" and aborted == ["r1"]
+    assert out.finished and out.finish_reason == "stop" and aborted == [("r1", 0)]  # the choice that stopped
     assert "".join(r.tensors["generated_text"][0][0].decode() for r, _ in sent) == answer[:answer.index(stop)]
     last, flags = sent[-1]
     assert flags == stream_model.stream_requests.FINAL and last.tensors["finish_reason"][0][0].decode() == "stop"

@@ -12,6 +12,8 @@ from triton_vlm._protocol.wire import Choice, TokenLogprob, decode_choices, deco
 OUTPUTS = ("generated_text", "generated_tokens", "prompt_tokens", "finish_reason")
 #: Optional output of grounding models (kosmos2): a JSON list of phrases with their boxes.
 ENTITIES = "entities"
+#: Output of the prompt positions the engine's prefix cache held (in the contract since it had a prefix cache).
+CACHED_TOKENS = "cached_tokens"
 #: Optional input of models with several skills (moondream2).
 TASK = "task"
 #: The decoupled companion that streams a public model's answers: ``<model>_stream``.
@@ -33,8 +35,11 @@ class Output:
     logprobs: tuple[TokenLogprob, ...] = ()
     #: A whole answer's choices 1 to n-1 (``n`` > 1).
     choices: tuple[Choice, ...] = field(default_factory=tuple)
-    #: Which choice a streamed piece belongs to.
+    #: Which choice a streamed piece belongs to (a stream of ``n`` choices interleaves their pieces).
     index: int = 0
+    #: Prompt positions the engine's prefix cache held (choice 0's; 0 on the batched loop). Read from a response with
+    #: a finish reason (a whole answer, a choice's last piece): streamed pieces before it do not carry it.
+    cached_tokens: int = 0
 
 
 def stream_model(model: str) -> str:
@@ -55,14 +60,17 @@ def parse_output(result: Any) -> Output:
     """An :class:`Output` from a tritonclient ``InferResult`` (HTTP or gRPC)."""
     entities = _first(result, ENTITIES)
     logprobs, choices, index = (_first(result, name) for name in ("token_logprobs", "choices", "index"))
+    finish_reason = _text(_first(result, "finish_reason"))
+    cached = _first(result, CACHED_TOKENS) if finish_reason else None  # a piece that ends nothing has none
     return Output(text=_text(_first(result, "generated_text")),
                   generated_tokens=int(_first(result, "generated_tokens")),
                   prompt_tokens=int(_first(result, "prompt_tokens")),
-                  finish_reason=_text(_first(result, "finish_reason")),
+                  finish_reason=finish_reason,
                   entities=None if entities is None else _text(entities),
                   logprobs=decode_logprobs(None if logprobs is None else _text(logprobs)),
                   choices=decode_choices(None if choices is None else _text(choices)),
-                  index=0 if index is None else int(index))
+                  index=0 if index is None else int(index),
+                  cached_tokens=0 if cached is None else int(cached))
 
 
 def statistics_models(stats: Any) -> list[tuple[str, str]]:

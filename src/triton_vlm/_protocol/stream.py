@@ -34,6 +34,8 @@ class StreamCall:
     model: str
     inputs: list[Any]
     outputs: list[Any] | None = None
+    #: The choices the request asks for (its ``n``): it is answered once each has had its finish reason.
+    choices: int = 1
 
 
 def is_final(result: Any) -> bool:
@@ -131,35 +133,46 @@ async def _read_to_end(responses: AsyncIterator[Any]) -> None:
 
 def outputs_sync(client: Any, call: StreamCall, *, url: str,
                  timeout: float | None = None) -> Generator[Output, None, None]:
-    """:func:`stream_sync`'s responses as :class:`Output`; a request that ends without a finish reason (its
-    model aborted it) is a :class:`RequestCancelledError`."""
-    last: Output | None = None
+    """:func:`stream_sync`'s responses as :class:`Output` (a request for ``n`` choices: their pieces interleaved,
+    each with its ``index``); a request that ends before every choice had its finish reason (its model aborted
+    it) is a :class:`RequestCancelledError`."""
+    ended: set[int] = set()
     responses = stream_sync(client, call, url=url, timeout=timeout)
     try:
         for result in responses:
-            last = parse_output(result)
-            yield last
+            output = parse_output(result)
+            if output.finish_reason:
+                _ended(output, ended)
+            yield output
     finally:
         responses.close()  # now, not when it is collected: that is what cancels an unfinished request
-    _check_answered(last, call)
+    _check_answered(ended, call)
 
 
 async def outputs_async(client: Any, call: StreamCall, *, url: str,
                         timeout: float | None = None) -> AsyncGenerator[Output, None]:
     """:func:`stream_async`'s responses as :class:`Output` (see :func:`outputs_sync`)."""
-    last: Output | None = None
+    ended: set[int] = set()
     responses = stream_async(client, call, url=url, timeout=timeout)
     try:
         async for result in responses:
-            last = parse_output(result)
-            yield last
+            output = parse_output(result)
+            if output.finish_reason:
+                _ended(output, ended)
+            yield output
     finally:
         await responses.aclose()  # now, not when the event loop collects it: that is what cancels the request
-    _check_answered(last, call)
+    _check_answered(ended, call)
 
 
-def _check_answered(last: Output | None, call: StreamCall) -> None:
-    if last is None or not last.finish_reason:
+def _ended(output: Output, ended: set[int]) -> None:
+    """Note the choices ``output`` (one with a finish reason) ends: its own, and a whole answer's further ones."""
+    ended.add(output.index)
+    ended.update(choice.index for choice in output.choices)
+
+
+def _check_answered(ended: set[int], call: StreamCall) -> None:
+    if len(ended) < call.choices:
         raise RequestCancelledError(f"{call.model} ended the request without an answer (cancelled?)",
                                     model=call.model)
 

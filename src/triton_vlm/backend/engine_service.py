@@ -3,7 +3,8 @@
 Triton's ``execute`` only admits requests and queues them here. This thread takes them in order and does each one's
 own work: read and validate its inputs, build the engine if it is not built yet (weights, engine, CUDA graphs:
 never on Triton's execute thread), tokenize the request (``engine.prepare``, where the processor runs) and submit
-it, or pass it to the batched tasks when the engine does not run its task.
+it (a request for ``n`` choices too: the engine runs one sequence per choice), or pass it to the batched tasks when the
+engine does not run its task.
 
 Requests that arrive while the engine builds wait in the queue and are served, in order, once it is ready. If the
 build fails, the request that asked for it and every one waiting then get the build's error
@@ -59,7 +60,7 @@ class Engine(Protocol):
 
     def submit(self, request: EngineRequest) -> None: ...
 
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, index: int | None = None) -> None: ...
 
     def shutdown(self, timeout: float = 30.0) -> bool: ...
 
@@ -167,8 +168,8 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
         stream = input_scalar(triton_request, "stream", bool)
         self.faults.check("parse", parsed.prompt_text)
         engine = self._ensure_engine()
-        # The engine runs one choice per request: n > 1 goes to the batched loop, as tasks the engine lacks do.
-        if not engine.accepts(parsed.task) or parsed.params.n > 1:
+        # The engine runs n choices itself (one prefill); only tasks it does not run go to the batched loop.
+        if not engine.accepts(parsed.task):
             self.tasks.submit(request, replace(parsed, is_cancelled=request.is_cancelled))
             return
         request.request_id = f"{triton_request.request_id() or 'req'}-{next(self._ids)}"

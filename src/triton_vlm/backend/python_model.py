@@ -151,7 +151,8 @@ def answer_response(metrics: BackendMetrics, extra_outputs: dict[str, str], outp
                for i, c in enumerate(output.choices, start=1)]
     return output_response(output.text, len(output.token_ids), output.prompt_tokens, output.finish_reason,
                            extra_values(extra_outputs, output.extras),
-                           logprobs=wire_logprobs(output.logprobs, token_text), choices=choices)
+                           logprobs=wire_logprobs(output.logprobs, token_text), choices=choices,
+                           cached_tokens=0)  # the batched loop keeps no prefix cache
 
 
 def failure_response(metrics: BackendMetrics, exc: BaseException) -> Any:

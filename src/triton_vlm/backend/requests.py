@@ -127,11 +127,14 @@ def wire_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], s
 
 def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish_reason: str | None,
                     extras: Mapping[str, str] | None = None, *, logprobs: Sequence[wire.TokenLogprob] = (),
-                    choices: Sequence[wire.Choice] = (), index: int = 0) -> Any:
+                    choices: Sequence[wire.Choice] = (), index: int = 0, cached_tokens: int | None = None) -> Any:
     """The response tensors; ``extras`` are further STRING outputs (e.g. kosmos2's ``entities`` JSON);
     ``logprobs`` the ``token_logprobs`` output's entries (:func:`wire_logprobs`), ``choices`` the further choices of a
     whole answer, both encoded by :mod:`triton_vlm._protocol.wire`; ``index`` which choice a streamed piece belongs
-    to."""
+    to; ``cached_tokens`` the prompt positions the prefix cache held, sent where given (a choice's last response:
+    streamed pieces before it go without, as they do without ``extras``)."""
+    cached = () if cached_tokens is None else (
+        pb_utils.Tensor("cached_tokens", np.array([[cached_tokens]], dtype=np.int32)),)
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("generated_text", np.array([[text.encode("utf-8")]], dtype=np.object_)),
         pb_utils.Tensor("generated_tokens", np.array([[generated_tokens]], dtype=np.int32)),
@@ -141,6 +144,7 @@ def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish
                                                    dtype=np.object_)),
         pb_utils.Tensor("choices", np.array([[wire.encode_choices(choices).encode("utf-8")]], dtype=np.object_)),
         pb_utils.Tensor("index", np.array([[index]], dtype=np.int32)),
+        *cached,
         *(pb_utils.Tensor(name, np.array([[value.encode("utf-8")]], dtype=np.object_))
           for name, value in (extras or {}).items()),
     ])

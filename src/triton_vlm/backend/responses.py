@@ -3,9 +3,12 @@ the requests the engine runs.
 
 The engine thread hands it raw token ids (:meth:`ResponseLoop.put`, the engine requests' ``on_output``); the engine
 service announces each request before submitting it (:meth:`ResponseLoop.open`), so the loop knows a request before
-its first output. The loop owns all per-request streaming state (:class:`_Stream`): it detokenizes, sends deltas (or
-one final answer when the request says ``stream: false``), notices cancelled requests and aborts them in the
-engine, and ends every request with exactly one FINAL response. Engine metrics come from the engine's published
+its first output. The loop owns all per-request streaming state (:class:`_Stream`, with a :class:`_Choice` per choice
+of a request for ``n``: outputs carry their choice's index): it detokenizes, sends deltas (each with its choice's
+``index``; or one whole answer when the request says ``stream: false``, its choices 1 to n-1 in ``choices``), ends a
+choice at its stop string (aborting that choice alone in the engine), notices cancelled requests and aborts them
+in the engine, and ends every request with exactly one FINAL response: with its last choice's end, or with the
+first error or abort of any choice. Engine metrics come from the engine's published
 :class:`~triton_vlm.engine.engine.EngineStats`; the loop never reads the scheduler, which belongs to the engine
 thread.
 """
@@ -16,8 +19,9 @@ import logging
 import queue
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from triton_vlm._protocol.wire import Choice
 from triton_vlm._protocol.wire import TokenLogprob as WireLogprob
 from triton_vlm.backend.metrics import BackendMetrics, EngineMetrics
 from triton_vlm.backend.requests import extra_values, output_response, wire_logprobs
@@ -44,7 +48,7 @@ class EngineHandle(Protocol):
     #: Counters and the running batch size, written by the engine thread (read for metrics only).
     stats: EngineStats
 
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, index: int | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -59,28 +63,52 @@ class _Opened:
     generation: GenerationRequest | None
     #: The request's stop strings (the answer ends right before the first).
     stop: tuple[str, ...] = ()
+    #: Its choices (the engine runs one sequence per choice; their outputs carry the index).
+    n: int = 1
 
 
-@dataclass
-class _Stream:
-    """One open engine request, as the response thread (its only user) tracks it."""
+@dataclass(eq=False)
+class _Choice:
+    """One choice of an open request (a request for ``n`` choices has n), as the response thread tracks it."""
 
-    request: OpenRequest
-    stream: bool
+    #: The request it belongs to.
+    state: _Stream
+    index: int = 0
     token_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
     sent_tokens: int = 0  # generated tokens when the last delta went out
-    first_token_at: float | None = None
-    aborted: bool = False
-    generation: GenerationRequest | None = None
     #: The streamed text so far, a few tokens decoded per delta (families with ``incremental_text``).
     detokenizer: IncrementalDetokenizer | None = None
-    stop: tuple[str, ...] = ()
     #: Where the text reaches a stop string, a few tokens decoded per output (made at the first, where ``stop``).
     stops: StopMatcher | None = None
     #: Each generated token's logprob where asked, and how many went out with earlier deltas.
     logprobs: list[TokenLogprob] = field(default_factory=list)
     sent_logprobs: int = 0
+    #: Once the choice ended: its last output; with a whole answer (``stream`` false) also what it answers.
+    ended: RequestOutput | None = None
+    answer: Choice | None = None
+    extras: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One open engine request, as the response thread (its only user) tracks it."""
+
+    request: OpenRequest
+    stream: bool
+    first_token_at: float | None = None
+    aborted: bool = False
+    generation: GenerationRequest | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    #: One per choice, by index; made with the request.
+    choices: list[_Choice] = field(default_factory=list)
+    #: Choices that have not ended yet: the request ends (FINAL) with the last.
+    running: int = 0
+
+    def __post_init__(self) -> None:
+        self.choices = [_Choice(self, i) for i in range(self.n)]
+        self.running = self.n
 
 
 class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
@@ -102,7 +130,8 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
              generation: GenerationRequest | None) -> None:
         """Announce ``request`` (before it is submitted to ``engine``); the loop answers it from now on."""
         self._inbox.put(_Opened(request, engine, stream, generation if self.extra_outputs else None,
-                                () if generation is None else generation.params.stop))
+                                () if generation is None else generation.params.stop,
+                                1 if generation is None else generation.params.n))
 
     def put(self, output: RequestOutput) -> None:
         """An engine output (the engine requests' ``on_output``; quick, from the engine thread)."""
@@ -118,7 +147,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         next_sample = next_cancel_check = 0.0
         busy = False  # requests were open since the last sample
         while True:
-            # Take everything pending, then send at most one response per request: when the engine outpaces
+            # Take everything pending, then send at most one response per choice: when the engine outpaces
             # the IPC to Triton, deltas merge instead of queueing up (and the GIL stays with the engine).
             try:
                 batch = [self._inbox.get(timeout=0.05)]
@@ -129,7 +158,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            pending: dict[str, RequestOutput] = {}
+            pending: dict[_Choice, RequestOutput] = {}
             for message in batch:
                 if message is None:
                     self._flush(streams, pending)
@@ -139,14 +168,16 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
                 if isinstance(message, _Opened):
                     self._engine = message.engine
                     streams[message.request.request_id] = _Stream(message.request, message.stream,
-                                                                  generation=message.generation, stop=message.stop)
+                                                                  generation=message.generation, stop=message.stop,
+                                                                  n=message.n)
                 elif message.request_id in streams:
                     state = streams[message.request_id]
                     if message.new_token_ids and state.first_token_at is None:
                         state.first_token_at = time.perf_counter()
-                    state.token_ids.extend(message.new_token_ids)
-                    state.logprobs.extend(message.logprobs)
-                    pending[message.request_id] = message  # the latest carries counts and finish state
+                    choice = state.choices[message.index]
+                    choice.token_ids.extend(message.new_token_ids)
+                    choice.logprobs.extend(message.logprobs)
+                    pending[choice] = message  # the latest carries counts and finish state
             busy = busy or bool(streams) or bool(pending)
             self._flush(streams, pending)
             if time.monotonic() >= next_cancel_check:
@@ -157,94 +188,126 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
                 next_sample, busy = time.monotonic() + SAMPLE_S, False
                 self._sample_engine()
 
-    def _flush(self, streams: dict[str, _Stream], pending: dict[str, RequestOutput]) -> None:
-        for request_id, out in pending.items():
-            state = streams[request_id]
+    def _flush(self, streams: dict[str, _Stream], pending: dict[_Choice, RequestOutput]) -> None:
+        for choice, out in pending.items():
+            state = choice.state
+            request_ended = state.request.ended  # a local: the check after _deliver reads the attribute again
+            if request_ended or choice.ended is not None:
+                continue  # the request ended (another choice failed), or this choice did (a stop string)
             try:
-                out = self._deliver(state, out)
+                self._deliver(choice, out)
             except Exception as exc:  # a client that went away, or a failure building the answer: this request
                 state.request.fail(exc, self.metrics)  # ends with its error, the loop goes on with the others
-                if not out.finished and self._engine is not None:
-                    self._engine.abort(request_id)
-                out = RequestOutput(request_id, (), True, "abort")
-            if out.finished:
-                del streams[request_id]
+            if state.request.ended:
+                del streams[state.request.request_id]
+                if state.running and not state.aborted and self._engine is not None:
+                    self._engine.abort(state.request.request_id)  # its choices still running end too
 
-    def _deliver(self, state: _Stream, out: RequestOutput) -> RequestOutput:
-        """Send what ``out`` (the latest output, tokens already merged into ``state``) calls for; returns it, as the
-        request's end where a stop string ended it."""
-        if out.finished and out.error is not None:
-            state.request.fail(out.error, self.metrics)
-            return out
-        if out.finish_reason == "abort":
-            state.request.finish()
+    def _deliver(self, choice: _Choice, out: RequestOutput) -> RequestOutput:
+        """Send what ``out`` (the choice's latest output, tokens already merged into ``choice``) calls for; returns
+        it, as the choice's end where a stop string ended it. The request ends (FINAL) with its last choice, with
+        an error in any, or with an abort (its client cancelled it, or the engine shut down)."""
+        state = choice.state
+        if out.finished and (out.error is not None or out.finish_reason == "abort"):
+            choice.ended = out
+            state.running -= 1
+            if out.error is not None:
+                state.request.fail(out.error, self.metrics)
+            else:
+                state.request.finish()
             return out
         if state.stop and not out.finished:
-            out = self._check_stop(state, out)
+            out = self._check_stop(choice, out)
         if not (out.finished or state.stream):
             return out  # a whole-answer request: nothing to send until the end
-        if not out.finished and state.sent_chars and out.generated_tokens - state.sent_tokens < self.stream_interval:
+        if not out.finished and choice.sent_chars and out.generated_tokens - choice.sent_tokens < self.stream_interval:
             return out  # the next delta waits for stream_interval tokens (the first went out at once)
         family = self.runtime.family
         processor = self.runtime.ensure_loaded().processor  # loaded before the engine was built: no lock taken
         extras: dict[str, str] = {}
         if state.stop:  # a stop string may span tokens, and its text is never sent
             if out.finished:  # the whole answer once, up to its first stop string
-                text = cut_at_stop(family.decode_text(processor, state.token_ids), state.stop)
+                text = cut_at_stop(family.decode_text(processor, choice.token_ids), state.stop)
             else:  # what _check_stop's matcher read, less the end that could start a stop string
-                assert state.stops is not None  # made by _check_stop for this very output
-                text = state.stops.text
+                assert choice.stops is not None  # made by _check_stop for this very output
+                text = choice.stops.text
                 text = text[:safe_length(text, state.stop)]
         elif out.finished and self.extra_outputs and state.generation is not None:
             # The whole answer: its text and the extra outputs worked out from it (kosmos2's entities).
-            text, found = family.decode_output(processor, state.token_ids, state.generation.image,
+            text, found = family.decode_output(processor, choice.token_ids, state.generation.image,
                                                state.generation.prompt_text)
             extras = extra_values(self.extra_outputs, found)
         elif not out.finished and family.incremental_text:
-            if state.detokenizer is None:
-                state.detokenizer = family.detokenizer(processor)
-            text = state.detokenizer.update(state.token_ids).strip()
+            if choice.detokenizer is None:
+                choice.detokenizer = family.detokenizer(processor)
+            text = choice.detokenizer.update(choice.token_ids).strip()
         else:  # the whole answer once, at the end (or a family whose text is no plain decode)
-            text = family.decode_text(processor, state.token_ids)
+            text = family.decode_text(processor, choice.token_ids)
         if out.finished:
-            self._observe(state, out)
-            piece = text[state.sent_chars:] if state.stream else text
-            state.request.finish(output_response(piece, out.generated_tokens, out.prompt_tokens, out.finish_reason,
-                                                 extras, logprobs=self._new_logprobs(state)))
-        elif not text.endswith("\ufffd") and len(text) > state.sent_chars:
+            choice.ended = out
+            state.running -= 1
+            if state.stream:
+                response = output_response(text[choice.sent_chars:], out.generated_tokens, out.prompt_tokens,
+                                           out.finish_reason, extras, logprobs=self._new_logprobs(choice),
+                                           index=choice.index, cached_tokens=out.cached_tokens)
+            else:
+                choice.answer = Choice(choice.index, text, out.finish_reason or "", out.generated_tokens,
+                                       self._new_logprobs(choice))
+                choice.extras = extras
+                response = self._whole_answer(state) if not state.running else None
+            if not state.running:
+                self._observe(state)
+                state.request.finish(response)
+            elif response is not None:
+                state.request.send(response)  # a streamed choice's last piece; the others go on
+        elif not text.endswith("\ufffd") and len(text) > choice.sent_chars:
             # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
-            piece, state.sent_chars, state.sent_tokens = text[state.sent_chars:], len(text), out.generated_tokens
+            piece, choice.sent_chars, choice.sent_tokens = text[choice.sent_chars:], len(text), out.generated_tokens
             state.request.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None,
-                                               logprobs=self._new_logprobs(state)))
+                                               logprobs=self._new_logprobs(choice), index=choice.index))
         return out
 
-    def _check_stop(self, state: _Stream, out: RequestOutput) -> RequestOutput:
-        """``out`` as the request's end (finish reason "stop", its decoding aborted in the engine) once its text
-        holds a stop string; else as it is."""
-        if state.stops is None:
-            state.stops = self.runtime.family.stop_matcher(self.runtime.ensure_loaded().processor, state.stop)
-        if state.stops.update(state.token_ids) is None:
+    @staticmethod
+    def _whole_answer(state: _Stream) -> Any:
+        """A whole-answer request's one response: choice 0 in the common outputs, the others in ``choices``."""
+        first = state.choices[0]
+        assert first.answer is not None and first.ended is not None  # every choice has ended
+        others = [choice.answer for choice in state.choices[1:] if choice.answer is not None]
+        return output_response(first.answer.text, first.answer.generated_tokens, first.ended.prompt_tokens,
+                               first.answer.finish_reason, first.extras, logprobs=first.answer.logprobs,
+                               choices=others, cached_tokens=first.ended.cached_tokens)
+
+    def _check_stop(self, choice: _Choice, out: RequestOutput) -> RequestOutput:
+        """``out`` as the choice's end (finish reason "stop", its decoding aborted in the engine: that choice only)
+        once its text holds a stop string; else as it is."""
+        if choice.stops is None:
+            choice.stops = self.runtime.family.stop_matcher(self.runtime.ensure_loaded().processor,
+                                                            choice.state.stop)
+        if choice.stops.update(choice.token_ids) is None:
             return out
         if self._engine is not None:
-            self._engine.abort(out.request_id)  # its "abort" output finds the request answered, and is dropped
+            # Its "abort" output finds the choice (or the whole request) answered, and is dropped.
+            self._engine.abort(out.request_id, out.index)
         return replace(out, finished=True, finish_reason="stop")
 
-    def _new_logprobs(self, state: _Stream) -> tuple[WireLogprob, ...]:
-        """The ``token_logprobs`` entries of the tokens since the last delta."""
-        entries, state.sent_logprobs = state.logprobs[state.sent_logprobs:], len(state.logprobs)
+    def _new_logprobs(self, choice: _Choice) -> tuple[WireLogprob, ...]:
+        """The ``token_logprobs`` entries of the choice's tokens since its last delta."""
+        entries, choice.sent_logprobs = choice.logprobs[choice.sent_logprobs:], len(choice.logprobs)
         return wire_logprobs(entries, self.runtime.token_text)
 
-    def _observe(self, state: _Stream, out: RequestOutput) -> None:
-        """A finished request's metrics, and its debug line."""
+    def _observe(self, state: _Stream) -> None:
+        """A finished request's metrics (its choices' generated tokens together), and its debug line."""
         finished = time.perf_counter()
         received = state.request.received
-        self.metrics.observe_request(received, state.first_token_at, finished, out.generated_tokens,
-                                     out.prompt_tokens)
+        ends = [choice.ended for choice in state.choices if choice.ended is not None]
+        generated = sum(out.generated_tokens for out in ends)
+        prompt_tokens = ends[0].prompt_tokens if ends else 0
+        self.metrics.observe_request(received, state.first_token_at, finished, generated, prompt_tokens)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("model %s: request %s: %d prompt + %d generated tokens, %s, first token after %.3fs, "
-                      "%.3fs in all", self.runtime.settings.model_name, out.request_id, out.prompt_tokens,
-                      out.generated_tokens, out.finish_reason, (state.first_token_at or finished) - received,
-                      finished - received)
+                      "%.3fs in all", self.runtime.settings.model_name, state.request.request_id, prompt_tokens,
+                      generated, "/".join(out.finish_reason or "" for out in ends),
+                      (state.first_token_at or finished) - received, finished - received)
 
     def _sample_engine(self) -> None:
         """Engine metrics, sampled at most every SAMPLE_S while requests are open and once after (one update per

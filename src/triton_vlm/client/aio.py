@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from triton_vlm._protocol.connect import make_client
 from triton_vlm._protocol.errors import is_restricted, translate
-from triton_vlm._protocol.results import parse_output, statistics_models, stream_model
+from triton_vlm._protocol.results import Output, parse_output, statistics_models
 from triton_vlm._protocol.stream import StreamCall, outputs_async
-from triton_vlm._protocol.tensors import Api, request_inputs
+from triton_vlm._protocol.tensors import Api, RequestFields, request_inputs
 from triton_vlm.client.client import (
     BatchItem,
     BatchResults,
@@ -34,7 +35,9 @@ from triton_vlm.client.client import (
     batch_item,
     chat_fields,
     inference_result,
+    is_stream_model,
     request_fields,
+    stream_call,
     stream_piece,
 )
 from triton_vlm.client.retry import RetryPolicy
@@ -63,13 +66,9 @@ class AsyncTritonVLMClient(ServerEndpoint):
                            temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                            task: str | None = None, ignore_eos: bool = False,
                            response_format: ResponseFormatLike | None = None, **sampling: Any) -> InferenceResult:
-        inputs = request_inputs(self._api(), request_fields(
+        return await self._whole(model_name, request_fields(
             image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, task=task,
             ignore_eos=ignore_eos, response_format=response_format, **sampling))
-        started = time.perf_counter()
-        # As the sync client: no output list, so optional outputs (kosmos2's entities) come back too.
-        result = await self._call(lambda c: c.infer(model_name, inputs), model_name)
-        return inference_result(parse_output(result), time.perf_counter() - started)
 
     async def chat(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), **options: Any) -> str:
         """The answer to the conversation ``messages`` (see :meth:`TritonVLMClient.chat
@@ -80,10 +79,20 @@ class AsyncTritonVLMClient(ServerEndpoint):
                           max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                           seed: int | None = None, ignore_eos: bool = False,
                           response_format: ResponseFormatLike | None = None, **sampling: Any) -> InferenceResult:
-        inputs = request_inputs(self._api(), chat_fields(messages, images, max_tokens=max_tokens,
+        return await self._whole(model_name, chat_fields(messages, images, max_tokens=max_tokens,
                                                          temperature=temperature, top_p=top_p, seed=seed,
-                                                         ignore_eos=ignore_eos, response_format=response_format, **sampling))
+                                                         ignore_eos=ignore_eos, response_format=response_format,
+                                                         **sampling))
+
+    async def _whole(self, model_name: str, fields: RequestFields) -> InferenceResult:
+        """The whole answer to ``fields``: a plain infer call, or the one response of a ``<model>_stream`` model."""
         started = time.perf_counter()
+        if is_stream_model(model_name):
+            outputs = [output async for output in self._outputs(
+                stream_call(model_name, "grpc.aio", replace(fields, stream=False)))]
+            return inference_result(outputs[-1], time.perf_counter() - started)
+        inputs = request_inputs(self._api(), fields)
+        # As the sync client: no output list, so optional outputs (kosmos2's entities) come back too.
         result = await self._call(lambda c: c.infer(model_name, inputs), model_name)
         return inference_result(parse_output(result), time.perf_counter() - started)
 
@@ -129,38 +138,40 @@ class AsyncTritonVLMClient(ServerEndpoint):
     async def stream_pieces(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                             temperature: float | None = None, top_p: float | None = None,
                             seed: int | None = None, ignore_eos: bool = False,
-                            task: str | None = None) -> AsyncIterator[StreamPiece]:
-        """Streamed pieces with token counts; the last one has the finish reason. Leaving early cancels."""
-        call = StreamCall(stream_model(model_name), request_inputs("grpc.aio", request_fields(
+                            task: str | None = None, **sampling: Any) -> AsyncIterator[StreamPiece]:
+        """Streamed pieces with token counts; the last one has the finish reason. Leaving early cancels.
+        ``sampling`` as :meth:`TritonVLMClient.stream_pieces <triton_vlm.client.TritonVLMClient.stream_pieces>`
+        takes it (``n`` > 1: the choices' pieces interleaved, each with its ``index``)."""
+        outputs = self._outputs(stream_call(model_name, "grpc.aio", request_fields(
             image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            ignore_eos=ignore_eos, task=task, stream=True)))
-        started = time.monotonic()
-        delays = self.retry.delays()
-        while True:
-            pieces = self._stream_once(call)
-            try:
-                first = await pieces.__anext__()
-            except StopAsyncIteration:
-                return
-            except self.retry.retry_on as exc:
-                await pieces.aclose()
-                await asyncio.sleep(self.retry._next(delays, started, time.monotonic, exc))
-                continue
-            try:
-                yield first
-                async for piece in pieces:
-                    yield piece
-            finally:
-                await pieces.aclose()
-            return
-
-    async def _stream_once(self, call: StreamCall) -> AsyncGenerator[StreamPiece, None]:
-        outputs = outputs_async(self._grpc_stream_client(), call, url=self.grpc_url, timeout=self.timeout)
+            ignore_eos=ignore_eos, task=task, stream=True, **sampling)))
         try:
             async for output in outputs:
                 yield stream_piece(output)
         finally:
             await outputs.aclose()
+
+    async def _outputs(self, call: StreamCall) -> AsyncGenerator[Output, None]:
+        """``call``'s responses; with a retry policy, started again where it fails before its first one."""
+        started = time.monotonic()
+        delays = self.retry.delays()
+        while True:
+            outputs = outputs_async(self._grpc_stream_client(), call, url=self.grpc_url, timeout=self.timeout)
+            try:
+                first = await outputs.__anext__()
+            except StopAsyncIteration:
+                return
+            except self.retry.retry_on as exc:
+                await outputs.aclose()
+                await asyncio.sleep(self.retry._next(delays, started, time.monotonic, exc))
+                continue
+            try:
+                yield first
+                async for output in outputs:
+                    yield output
+            finally:
+                await outputs.aclose()  # now, where the caller left early: that cancels the request
+            return
 
     # -- server state -------------------------------------------------------------------------------------
     async def is_ready(self, model_name: str | None = None) -> bool:

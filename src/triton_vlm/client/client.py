@@ -15,9 +15,9 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +27,9 @@ from PIL import Image
 
 from triton_vlm._protocol.connect import make_client
 from triton_vlm._protocol.errors import is_restricted, translate
-from triton_vlm._protocol.results import Output, parse_output, statistics_models, stream_model
+from triton_vlm._protocol.results import STREAM_SUFFIX, Output, parse_output, statistics_models, stream_model
 from triton_vlm._protocol.stream import StreamCall, outputs_sync
-from triton_vlm._protocol.tensors import RequestFields, request_inputs
+from triton_vlm._protocol.tensors import Api, RequestFields, request_inputs
 from triton_vlm._protocol.wire import Choice, TokenLogprob
 from triton_vlm.client.entities import Entity, parse_entities
 from triton_vlm.client.retry import RetryPolicy
@@ -49,7 +49,8 @@ BatchItem = tuple[ImageLike, str] | Mapping[str, Any]
 
 @dataclass(frozen=True)
 class StreamPiece:
-    """One streamed response: new text, tokens generated so far, and the finish reason on the last one."""
+    """One streamed response: new text, tokens generated so far, and the finish reason on the last one (of its
+    choice: a request for ``n`` choices streams their pieces interleaved, each with its ``index``)."""
 
     text: str
     generated_tokens: int
@@ -57,6 +58,10 @@ class StreamPiece:
     finish_reason: str
     #: On the last piece: grounded phrases with their boxes (kosmos2 with a ``<grounding>`` prompt).
     entities: list[Entity] = field(default_factory=list)
+    #: The choice this piece belongs to (0 to n-1).
+    index: int = 0
+    #: On a choice's last piece: prompt positions the engine's prefix cache held.
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class InferenceResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     #: Choices 1 to n-1 of a request with ``n`` > 1 (this result is choice 0).
     choices: list[Choice] = field(default_factory=list)
+    #: Prompt positions the engine's prefix cache held (not prefilled again); 0 from the batched loop.
+    cached_tokens: int = 0
 
 
 def encode_image(image: ImageLike) -> bytes:
@@ -144,13 +151,24 @@ def inference_result(output: Output, latency_s: float) -> InferenceResult:
     return InferenceResult(text=output.text, generated_tokens=output.generated_tokens,
                            prompt_tokens=output.prompt_tokens, finish_reason=output.finish_reason,
                            latency_s=latency_s, entities=_entities(output), logprobs=list(output.logprobs),
-                           choices=list(output.choices))
+                           choices=list(output.choices), cached_tokens=output.cached_tokens)
 
 
 def stream_piece(output: Output) -> StreamPiece:
     return StreamPiece(text=output.text, generated_tokens=output.generated_tokens,
                        prompt_tokens=output.prompt_tokens, finish_reason=output.finish_reason,
-                       entities=_entities(output))
+                       entities=_entities(output), index=output.index, cached_tokens=output.cached_tokens)
+
+
+def stream_call(model_name: str, api: Api, fields: RequestFields) -> StreamCall:
+    """The gRPC stream call of ``fields`` to ``model_name``'s ``<model>_stream`` (as many choices as it asks for)."""
+    return StreamCall(stream_model(model_name), request_inputs(api, fields), choices=fields.n or 1)
+
+
+def is_stream_model(model_name: str) -> bool:
+    """Whether ``model_name`` names an engine model (decoupled: Triton refuses it plain infer calls, so its whole
+    answers come as the one response of a gRPC stream with ``stream: false``)."""
+    return model_name.endswith(STREAM_SUFFIX)
 
 
 def _entities(output: Output) -> list[Entity]:
@@ -266,13 +284,9 @@ class TritonVLMClient(ServerEndpoint):
                      **sampling: Any) -> InferenceResult:
         """Like :meth:`infer`, with token counts, finish reason, latency and the model's optional outputs
         (``entities``). ``ignore_eos`` generates exactly ``max_tokens`` tokens (benchmarks)."""
-        inputs = request_inputs(self.protocol, request_fields(
+        return self._whole(model_name, request_fields(
             image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, task=task,
             ignore_eos=ignore_eos, response_format=response_format, **sampling))
-        started = time.perf_counter()
-        # No output list: the model returns all it declares, optional ones such as kosmos2's entities included.
-        result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
-        return inference_result(parse_output(result), time.perf_counter() - started)
 
     def chat(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), **options: Any) -> str:
         """The model's answer to the conversation ``messages``, rendered with the model's own chat template; its
@@ -291,11 +305,18 @@ class TritonVLMClient(ServerEndpoint):
                     response_format: ResponseFormatLike | None = None, **sampling: Any) -> InferenceResult:
         """Like :meth:`chat`, with token counts, finish reason and latency (the :meth:`infer_result` of a chat);
         ``response_format`` as for :meth:`infer`."""
-        inputs = request_inputs(self.protocol, chat_fields(messages, images, max_tokens=max_tokens,
-                                                           temperature=temperature, top_p=top_p, seed=seed,
-                                                           ignore_eos=ignore_eos, response_format=response_format,
-                                                           **sampling))
+        return self._whole(model_name, chat_fields(messages, images, max_tokens=max_tokens, temperature=temperature,
+                                                   top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                                                   response_format=response_format, **sampling))
+
+    def _whole(self, model_name: str, fields: RequestFields) -> InferenceResult:
+        """The whole answer to ``fields``: a plain infer call, or the one response of a ``<model>_stream`` model."""
         started = time.perf_counter()
+        if is_stream_model(model_name):
+            *_, output = self._outputs(stream_call(model_name, "grpc", replace(fields, stream=False)))
+            return inference_result(output, time.perf_counter() - started)
+        inputs = request_inputs(self.protocol, fields)
+        # No output list: the model returns all it declares, optional ones such as kosmos2's entities included.
         result = self._call(lambda c: c.infer(model_name, inputs, **self._timeout_kwargs()), model_name)
         return inference_result(parse_output(result), time.perf_counter() - started)
 
@@ -346,49 +367,56 @@ class TritonVLMClient(ServerEndpoint):
 
     def stream_pieces(self, model_name: str, image: ImageLike, prompt: str, *, max_tokens: int | None = None,
                       temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                      ignore_eos: bool = False, task: str | None = None) -> Iterator[StreamPiece]:
-        """Like :meth:`stream`, with token counts and the finish reason (the last piece has one).
+                      ignore_eos: bool = False, task: str | None = None, **sampling: Any) -> Iterator[StreamPiece]:
+        """Like :meth:`stream`, with token counts and the finish reason (the last piece has one). ``sampling``: the
+        further options :meth:`infer_result` takes (``stop``, ``n``, ``logprobs``, penalties); with ``n`` > 1 the
+        choices' pieces come interleaved, each with its ``index`` and each choice's last with its finish reason.
 
         With a retry policy, a stream that fails before its first piece because the server is not up yet is
         started again."""
-        yield from self._stream(StreamCall(stream_model(model_name), request_inputs("grpc", request_fields(
+        yield from self._stream(stream_call(model_name, "grpc", request_fields(
             image, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            ignore_eos=ignore_eos, task=task, stream=True))))
+            ignore_eos=ignore_eos, task=task, stream=True, **sampling)))
 
     def chat_stream_pieces(self, model_name: str, messages: Messages, images: Iterable[ImageLike] = (), *,
                            max_tokens: int | None = None, temperature: float | None = None,
                            top_p: float | None = None, seed: int | None = None,
-                           ignore_eos: bool = False) -> Iterator[StreamPiece]:
+                           ignore_eos: bool = False, **sampling: Any) -> Iterator[StreamPiece]:
         """:meth:`stream_pieces` for a chat (``messages`` and ``images`` as :meth:`chat` takes them): the answer
         to the conversation piece by piece, with token counts; the last piece has the finish reason."""
-        yield from self._stream(StreamCall(stream_model(model_name), request_inputs("grpc", chat_fields(
+        yield from self._stream(stream_call(model_name, "grpc", chat_fields(
             messages, images, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            ignore_eos=ignore_eos, stream=True))))
+            ignore_eos=ignore_eos, stream=True, **sampling)))
 
     def _stream(self, call: StreamCall) -> Iterator[StreamPiece]:
-        """``call``'s pieces; with a retry policy, started again where it fails before its first piece."""
-        started = time.monotonic()
-        delays = self.retry.delays()
-        while True:
-            pieces = self._stream_once(call)
-            try:
-                first = next(pieces)
-            except StopIteration:
-                return
-            except self.retry.retry_on as exc:
-                time.sleep(self.retry._next(delays, started, time.monotonic, exc))
-                continue
-            yield first
-            yield from pieces
-            return
-
-    def _stream_once(self, call: StreamCall) -> Iterator[StreamPiece]:
-        outputs = outputs_sync(self._stream_client(), call, url=self.grpc_url, timeout=self.timeout)
+        """``call``'s pieces (see :meth:`_outputs`)."""
+        outputs = self._outputs(call)
         try:
             for output in outputs:
                 yield stream_piece(output)
         finally:
             outputs.close()  # now, where the caller left early: that cancels the request
+
+    def _outputs(self, call: StreamCall) -> Generator[Output, None, None]:
+        """``call``'s responses; with a retry policy, started again where it fails before its first one."""
+        started = time.monotonic()
+        delays = self.retry.delays()
+        while True:
+            outputs = outputs_sync(self._stream_client(), call, url=self.grpc_url, timeout=self.timeout)
+            try:
+                first = next(outputs)
+            except StopIteration:
+                return
+            except self.retry.retry_on as exc:
+                outputs.close()
+                time.sleep(self.retry._next(delays, started, time.monotonic, exc))
+                continue
+            try:
+                yield first
+                yield from outputs
+            finally:
+                outputs.close()  # now, where the caller left early: that cancels the request
+            return
 
     # -- server state -------------------------------------------------------------------------------------
     def is_ready(self, model_name: str | None = None) -> bool:

@@ -31,7 +31,9 @@ from triton_vlm._protocol.model_config import model_config_pb2 as pb
 #: ``token_logprobs`` (JSON, per generated token ``{"id", "token", "logprob", "top"}``; "" unless asked), ``choices``
 #: (a whole answer with ``n`` > 1: JSON of choices 1 to n-1, the common outputs being choice 0; else "") and
 #: ``index`` (which choice a streamed piece belongs to: a stream of n choices interleaves their pieces, each
-#: choice's last piece carries its finish_reason, and the stream's FINAL response ends the last one).
+#: choice's last piece carries its finish_reason, and the stream's FINAL response ends the last one) and
+#: ``cached_tokens`` (prompt positions the engine's prefix cache held, choice 0's; 0 on the batched loop; on a
+#: choice's last response and on a whole answer).
 TEMPLATE = """
 backend: "python"
 max_batch_size: 8
@@ -61,7 +63,8 @@ output [
   { name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] },
   { name: "token_logprobs" data_type: TYPE_STRING dims: [ 1 ] },
   { name: "choices" data_type: TYPE_STRING dims: [ 1 ] },
-  { name: "index" data_type: TYPE_INT32 dims: [ 1 ] }
+  { name: "index" data_type: TYPE_INT32 dims: [ 1 ] },
+  { name: "cached_tokens" data_type: TYPE_INT32 dims: [ 1 ] }
 ]
 dynamic_batching { max_queue_delay_microseconds: 0 }
 instance_group [ { kind: KIND_GPU count: 1 } ]

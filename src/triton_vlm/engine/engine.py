@@ -72,6 +72,8 @@ class EngineStats:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+    #: One choice of the request (None: all of them).
+    index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,10 @@ class LLMEngine:
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put(request)
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(_Abort(request_id))
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """End ``request_id``'s choice ``index`` (None: every choice), each with an "abort" output; a request or
+        choice that already ended is left as it is."""
+        self._inbox.put(_Abort(request_id, index))
 
     def start(self) -> LLMEngine:
         if self._thread is None:
@@ -214,12 +218,14 @@ class LLMEngine:
                     self._finish(seq, "abort")
                 return False
             if isinstance(message, _Abort):
-                aborted = self.scheduler.find(message.request_id)
+                aborted = [seq for seq in self.scheduler.find(message.request_id)
+                           if message.index is None or seq.request.index == message.index]
                 for seq in aborted:
                     self._finish(seq, "abort")
                 if aborted:
-                    log.info("engine: request %s aborted after %d tokens; its KV slots are free again "
+                    log.info("engine: request %s%s aborted after %d tokens; its KV slots are free again "
                              "(%d of %d slots free, %d waiting)", message.request_id,
+                             "" if message.index is None else f" (choice {message.index})",
                              sum(len(seq.output_ids) for seq in aborted), self.cache.free_slots,
                              self.cache.num_slots, len(self.scheduler.waiting))
             else:

@@ -57,9 +57,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "Triton or the model is unavailable; retry later"},
     504: {"model": ErrorResponse, "description": "Triton did not answer in time"},
 }
-STREAM_DESCRIPTION = ("With `stream: true`: server-sent events, each `data: <ChatCompletionChunk JSON>`, the "
-                      "last chunk with a finish_reason, then (with stream_options.include_usage) a chunk with "
-                      "the usage and no choices, then `data: [DONE]`.")
+STREAM_DESCRIPTION = ("With `stream: true`: server-sent events, each `data: <ChatCompletionChunk JSON>`, each "
+                      "choice's last chunk with its finish_reason (n > 1: the choices' chunks interleaved, each "
+                      "with its index), then (with stream_options.include_usage) a chunk with the usage and no "
+                      "choices, then `data: [DONE]`.")
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -294,9 +295,9 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                 hidden = None if answer.entities is not None else {"choices": {"__all__": {"message": {"entities"}}}}
                 return JSONResponse(answer_body.model_dump(mode="json", exclude=hidden))
 
-            if model.streams and (body.n or 1) == 1:
+            if model.streams:
                 pieces = gateway.stream(model.name, inputs, sampling, entities=model.entities)
-            else:  # no stream model, or n choices (one whole answer: the choices run in the batched loop)
+            else:  # no stream model: one whole answer
                 pieces = _one(gateway.infer(model.name, inputs, sampling, entities=model.entities))
             try:  # the first piece before the 200: an error up to here still gets its own status
                 first = await pieces.__anext__()
@@ -305,7 +306,7 @@ def create_app(options: OpenAIOptions, gateway: Any = None) -> FastAPI:
                 raise from_triton(exc, model.name, max_tokens_param=limit_field) from None
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse_events(completion_id, created, model.name, first, pieces, include_usage, release,
-                                bool(body.logprobs))
+                                bool(body.logprobs), body.n or 1)
             handed_over = True
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -403,8 +404,10 @@ def completion(completion_id: str, created: int, model: str, answer: Piece, logp
     others = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                "finish_reason": _finish(c.finish_reason), "logprobs": openai_logprobs(c.logprobs) if logprobs else None}
               for c in answer.choices]
+    completion_tokens = answer.completion_tokens + sum(c.generated_tokens for c in answer.choices)
     return ChatCompletion.model_validate({
-        "id": completion_id, "created": created, "model": model, "choices": [first, *others], "usage": _usage(answer),
+        "id": completion_id, "created": created, "model": model, "choices": [first, *others],
+        "usage": _usage(answer.prompt_tokens, completion_tokens, answer.cached_tokens),
     })
 
 
@@ -418,10 +421,12 @@ def openai_logprobs(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
             "refusal": None}
 
 
-def _usage(piece: Piece) -> dict[str, int]:
-    completion_tokens = piece.completion_tokens + sum(c.generated_tokens for c in piece.choices)
-    return {"prompt_tokens": piece.prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": piece.prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage: the prompt counted once, the completion tokens of every choice, and the prompt tokens the
+    prefix cache held (``prompt_tokens_details.cached_tokens``, as OpenAI and vLLM report them)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 async def _one(answer: Any) -> AsyncGenerator[Piece, None]:
@@ -430,10 +435,13 @@ async def _one(answer: Any) -> AsyncGenerator[Piece, None]:
 
 
 async def sse_events(completion_id: str, created: int, model: str, first: Piece, rest: AsyncGenerator[Piece, None],
-                     include_usage: bool, release: Callable[[], None], logprobs: bool = False) -> AsyncIterator[str]:
-    """``data: {chunk}`` events: the role, the text as it comes, the finish reason, the usage, ``[DONE]``."""
+                     include_usage: bool, release: Callable[[], None], logprobs: bool = False,
+                     n: int = 1) -> AsyncIterator[str]:
+    """``data: {chunk}`` events: the role (of each of the ``n`` choices), the text as it comes, each choice's finish
+    reason, the usage, ``[DONE]``. The pieces of ``n`` choices come interleaved, each with its index; the stream is
+    done once every choice had its finish reason."""
 
-    def event(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+    def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                  "model": model, "system_fingerprint": None, "choices": choices}
         if include_usage:
@@ -446,27 +454,35 @@ async def sse_events(completion_id: str, created: int, model: str, first: Piece,
                  "logprobs": openai_logprobs(entries) if logprobs and entries else None, "finish_reason": finish}]
 
     try:
-        yield event(delta({"role": "assistant", "content": ""}))
+        for index in range(n):
+            yield event(delta({"role": "assistant", "content": ""}, index=index))
         piece = first
+        ended = completion_tokens = cached_tokens = 0  # over the choices that ended
         while True:
             if piece.text or (logprobs and piece.logprobs):
-                yield event(delta({"content": piece.text}, entries=piece.logprobs))
+                yield event(delta({"content": piece.text}, entries=piece.logprobs, index=piece.index))
             if piece.finish_reason:
-                break
+                # The entities extension rides on a choice's last chunk: only its whole answer has them.
+                yield event(delta({} if piece.entities is None else {"entities": piece.entities},
+                                  _finish(piece.finish_reason), index=piece.index))
+                for choice in piece.choices:  # a whole answer of n choices: each further one in one chunk
+                    yield event(delta({"content": choice.text}, _finish(choice.finish_reason), choice.logprobs,
+                                      choice.index))
+                ended += 1 + len(piece.choices)
+                completion_tokens += piece.completion_tokens + sum(c.generated_tokens for c in piece.choices)
+                if piece.index == 0:
+                    cached_tokens = piece.cached_tokens
+                if ended >= n:
+                    break
             try:
                 piece = await rest.__anext__()
-            except StopAsyncIteration:  # a whole answer (one piece) always has its finish reason
+            except StopAsyncIteration:  # a whole answer (one piece) always has its finish reasons
                 break
             except TritonVLMError as exc:
                 yield f"data: {json.dumps(from_triton(exc, model).body())}\n\n"
                 return
-        # The entities extension rides on the last chunk: only the whole answer has them.
-        yield event(delta({} if piece.entities is None else {"entities": piece.entities}, _finish(piece.finish_reason)))
-        for choice in piece.choices:  # n > 1: the other choices of the whole answer, each in one chunk
-            yield event(delta({"role": "assistant", "content": choice.text}, _finish(choice.finish_reason),
-                              choice.logprobs, choice.index))
         if include_usage:
-            yield event([], _usage(piece))
+            yield event([], _usage(piece.prompt_tokens, completion_tokens, cached_tokens))
         yield "data: [DONE]\n\n"
     finally:
         release()

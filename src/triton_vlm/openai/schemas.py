@@ -119,7 +119,9 @@ class ChatCompletionRequest(_Request):
                                                            "(chat.completion.chunk objects, then `data: [DONE]`).")
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=8, description="Choices from one prompt (one prefill); with a seed, "
-                                                                "choice i draws with seed + i. Not with stream.")
+                                                                "choice i draws with seed + i. Streamed, the "
+                                                                "choices' chunks come interleaved, each with its "
+                                                                "index.")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 strings: the answer ends right before "
                                                                    "the first (finish_reason stop).")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False,
@@ -148,10 +150,16 @@ class ChatCompletionRequest(_Request):
 FinishReason = Literal["stop", "length"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens taken from the engine's prefix cache (not prefilled "
+                                           "again); 0 where the model has no engine.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="Tokens of the prompt as the model saw it (image tokens included).")
-    completion_tokens: int
+    completion_tokens: int = Field(description="Generated tokens, of all the choices together.")
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Box(BaseModel):

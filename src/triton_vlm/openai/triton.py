@@ -17,6 +17,7 @@ from typing import Any
 from triton_vlm._protocol.connect import make_client
 from triton_vlm._protocol.errors import is_restricted, translate
 from triton_vlm._protocol.results import (
+    CACHED_TOKENS,
     ENTITIES,
     OUTPUTS,
     STREAM_SUFFIX,
@@ -58,6 +59,10 @@ class Piece:
     logprobs: tuple[TokenLogprob, ...] = ()
     #: A whole answer's choices 1 to n-1 (``n`` > 1).
     choices: tuple[Choice, ...] = ()
+    #: The choice a streamed piece belongs to (``n`` > 1: the choices' pieces come interleaved).
+    index: int = 0
+    #: Prompt positions the engine's prefix cache held (on a choice's last piece, and a whole answer).
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class ServedModel:
     streams: bool  # has a ready <name>_stream companion
     entities: bool = False  # has the optional ``entities`` output (grounding)
     tasks: bool = False  # takes the optional ``task`` input (several skills)
+    cached_tokens: bool = False  # has the ``cached_tokens`` output (prefix cache hits)
 
 
 class TritonGateway:
@@ -116,7 +122,7 @@ class TritonGateway:
                 for name in public:
                     inputs, outputs = await self._tensor_names(name)
                     index[name] = ServedModel(name, f"{name}{STREAM_SUFFIX}" in ready, entities=ENTITIES in outputs,
-                                              tasks=TASK in inputs)
+                                              tasks=TASK in inputs, cached_tokens=CACHED_TOKENS in outputs)
                 self._index = index
                 self._index_at = now
             return self._index
@@ -172,8 +178,9 @@ class TritonGateway:
     async def stream(self, model: str, chat: ChatInput, sampling: Sampling, *,
                      entities: bool = False) -> AsyncGenerator[Piece, None]:
         """Pieces of the answer as ``<model>_stream`` generates them; the last has a finish reason (and, with
-        ``entities``, the model's ``entities`` output). Closing the iterator early cancels the request in
-        Triton."""
+        ``entities``, the model's ``entities`` output). With ``n`` > 1 the choices' pieces come interleaved, each
+        with its ``index``, each choice's last with its finish reason. Closing the iterator early cancels the
+        request in Triton."""
         call = self._call(f"{model}{STREAM_SUFFIX}", chat, sampling, stream=True, entities=entities)
         outputs = self._stream(call)
         try:
@@ -186,12 +193,17 @@ class TritonGateway:
     def _call(self, model: str, chat: ChatInput, sampling: Sampling, *, stream: bool | None,
               entities: bool) -> StreamCall:
         fields = replace(sampling, messages=chat.messages, images=chat.images, stream=stream)
-        # Asked for by name: ``entities`` only where the model's metadata lists it (Triton refuses a request for
-        # an output the model does not have), the sampling outputs only where the request needs them.
+        n = sampling.n or 1
+        served = (self._index or {}).get(model.removesuffix(STREAM_SUFFIX))
+        # Asked for by name: ``entities`` and ``cached_tokens`` only where the model's metadata lists them (Triton
+        # refuses a request for an output the model does not have), the sampling outputs only where the request
+        # needs them.
         outputs = requested_outputs("grpc.aio", (*OUTPUTS, *([ENTITIES] if entities else []),
+                                                 *([CACHED_TOKENS] if served is not None and served.cached_tokens
+                                                   else []),
                                                  *(["token_logprobs"] if sampling.logprobs else []),
-                                                 *(["choices"] if (sampling.n or 1) > 1 else [])))
-        return StreamCall(model, request_inputs("grpc.aio", fields), outputs)
+                                                 *(["choices", "index"] if n > 1 else [])))
+        return StreamCall(model, request_inputs("grpc.aio", fields), outputs, choices=n)
 
     async def _stream(self, call: StreamCall) -> AsyncGenerator[Output, None]:
         outputs = outputs_async(self._grpc(), call, url=self.url, timeout=self.timeout_s)
@@ -213,7 +225,8 @@ class TritonGateway:
 def _piece(output: Output, *, entities: bool = False) -> Piece:
     return Piece(text=output.text, prompt_tokens=output.prompt_tokens, completion_tokens=output.generated_tokens,
                  finish_reason=output.finish_reason, entities=_entities(output) if entities else None,
-                 logprobs=output.logprobs, choices=output.choices)
+                 logprobs=output.logprobs, choices=output.choices, index=output.index,
+                 cached_tokens=output.cached_tokens)
 
 
 def _entities(output: Output) -> list[dict[str, Any]]:
