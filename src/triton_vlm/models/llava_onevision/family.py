@@ -105,34 +105,44 @@ class LlavaOnevisionFamily(ModelFamily):
         write_random_checkpoint(path)
 
 
-def write_random_checkpoint(path: Path, sizes: Sizes = TINY, *, vocab_size: int | None = None, dtype: Any = None,
-                            device: Any = None) -> None:
-    """A random-weight LLaVA-OneVision at ``path`` with the real processor classes (PIL image processor, OneVision's
-    processor settings and chat template) and a Qwen2 tokenizer trained on the tiny corpus: :data:`TINY` sizes, or
-    full-size ``sizes`` with the real ``vocab_size`` (the tokenizer's ids all lie inside it)."""
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionProcessor,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
+def processor_settings(sizes: Sizes) -> dict[str, Any]:
+    """The processor's own settings (``processor_config.json``): features per tile (SigLIP has no CLS: the "full"
+    strategy keeps them all) and the ``anyres_max`` limit, the model's."""
+    patches = sizes.vision["image_size"] // sizes.vision["patch_size"]
+    return {"num_image_tokens": patches * patches, "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": sizes.vision_aspect_ratio}
+
+
+def random_processor(sizes: Sizes = TINY) -> Any:
+    """A LLaVA-OneVision processor for ``sizes`` (tiles, grids, limit) with the PIL image processor, OneVision's chat
+    template and a Qwen2 tokenizer trained on the tiny corpus (built without a video processor, torchvision or not:
+    :func:`~triton_vlm.models.processors.images_only`)."""
+    from transformers import LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
 
-    from triton_vlm.models.processors import save_processor
-    from triton_vlm.tiny import built_as, seeded, train_qwen2_tokenizer
+    from triton_vlm.models.processors import images_only
+    from triton_vlm.tiny import train_qwen2_tokenizer
 
     tokenizer = train_qwen2_tokenizer(SPECIAL_TOKENS, ["system user assistant"])
     tokenizer.chat_template = CHAT_TEMPLATE
-    ids = tokenizer.convert_tokens_to_ids
     tile = sizes.vision["image_size"]
     # SigLIP's normalization (mean and std 0.5), as OneVision's preprocessor_config.json has it.
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
                                                       image_grid_pinpoints=sizes.grid_pinpoints,
                                                       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    config = LlavaOnevisionConfig(
+    return images_only(LlavaOnevisionProcessor, image_processor, tokenizer, CHAT_TEMPLATE,
+                       **processor_settings(sizes))
+
+
+def random_config(sizes: Sizes, tokenizer: Any, vocab_size: int | None = None) -> Any:
+    """The ``LlavaOnevisionConfig`` of ``sizes`` with ``tokenizer``'s ids; ``vocab_size`` (default: the tokenizer's)
+    must hold them."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    return LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**sizes.vision),
         text_config=Qwen2Config(**sizes.text, vocab_size=vocab_size or len(tokenizer),
                                 bos_token_id=ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
@@ -141,6 +151,20 @@ def write_random_checkpoint(path: Path, sizes: Sizes = TINY, *, vocab_size: int 
         image_grid_pinpoints=sizes.grid_pinpoints, vision_aspect_ratio=sizes.vision_aspect_ratio,
         vision_feature_select_strategy="full", vision_feature_layer=-1,
         tie_word_embeddings=sizes.text["tie_word_embeddings"])
+
+
+def write_random_checkpoint(path: Path, sizes: Sizes = TINY, *, vocab_size: int | None = None, dtype: Any = None,
+                            device: Any = None) -> None:
+    """A random-weight LLaVA-OneVision at ``path`` (:func:`random_processor`'s processor): :data:`TINY` sizes, or
+    full-size ``sizes`` with the real ``vocab_size`` (the tokenizer's ids all lie inside it) for benchmarks, built
+    in ``dtype`` on ``device``."""
+    from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+
+    from triton_vlm.models.processors import save_processor
+    from triton_vlm.tiny import built_as, seeded
+
+    processor = random_processor(sizes)
+    config = random_config(sizes, processor.tokenizer, vocab_size)
     seeded()
     with built_as(dtype, device):
         model = LlavaOnevisionForConditionalGeneration(config).eval()
@@ -148,9 +172,8 @@ def write_random_checkpoint(path: Path, sizes: Sizes = TINY, *, vocab_size: int 
         for layer in model.model.language_model.layers:
             for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(projection.bias, std=BIAS_STD)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(path)
-    patches = tile // sizes.vision["patch_size"]
-    save_processor(path, LlavaOnevisionProcessor, image_processor, tokenizer, num_image_tokens=patches * patches,
-                   vision_feature_select_strategy="full", vision_aspect_ratio=sizes.vision_aspect_ratio)
+    save_processor(path, LlavaOnevisionProcessor, processor.image_processor, processor.tokenizer,
+                   **processor_settings(sizes))
