@@ -157,6 +157,20 @@ def train_byte_level_bpe(vocab_size: int, specials: list[str], extra_corpus: lis
     return tokenizer
 
 
+def train_qwen2_tokenizer(specials: list[str], extra_corpus: list[str]) -> Any:
+    """A Qwen2 tokenizer (byte-level BPE) trained on :data:`CORPUS` plus ``extra_corpus``, ``specials`` first (ids
+    0..): the first is the padding (``<|endoftext|>``), the others special tokens; ``<|im_end|>`` ends a turn."""
+    from transformers import Qwen2Tokenizer
+
+    trained = json.loads(train_byte_level_bpe(500, specials, extra_corpus).to_str())
+    # Pairs, as tokenizers' BPE takes them ("a b" in older tokenizers' JSON, ["a", "b"] in newer).
+    merges: Any = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=trained["model"]["vocab"], merges=merges, eos_token="<|im_end|>",
+                               pad_token=specials[0])
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return tokenizer
+
+
 def train_unigram_vocab(vocab_size: int, specials: list[str]) -> list[tuple[str, float]]:
     """A SentencePiece-like unigram vocabulary (token, log-prob) with ``specials`` first, as XLM-R has.
 

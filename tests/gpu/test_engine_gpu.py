@@ -10,6 +10,7 @@ import pytest
 from tests.unit import test_engine as llava_cpu
 from tests.unit import test_engine_kosmos2 as kosmos2_cpu
 from tests.unit import test_engine_llava_next as llava_next_cpu
+from tests.unit import test_engine_llava_onevision as llava_onevision_cpu
 from tests.unit import test_engine_moondream2 as moondream2_cpu
 from tests.unit.helpers import ParityCase
 
@@ -18,7 +19,8 @@ from triton_vlm.engine.vision import GraphedVision
 
 #: The CPU parity tests' requests: prompt lengths, image sizes and max_tokens all differ.
 CASES = {"llava": ParityCase("llava", llava_cpu.PROMPTS, llava_cpu.SIZES, llava_cpu.MAX_TOKENS),
-         "kosmos2": kosmos2_cpu.CASE, "moondream2": moondream2_cpu.CASE, "llava_next": llava_next_cpu.CASE}
+         "kosmos2": kosmos2_cpu.CASE, "moondream2": moondream2_cpu.CASE, "llava_next": llava_next_cpu.CASE,
+         "llava_onevision": llava_onevision_cpu.CASE}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -47,7 +49,7 @@ def test_engine_on_cuda_matches_the_batched_loop(case: tuple[ParityCase, Any, li
 NEAR_TIE = 5e-3
 
 
-@pytest.mark.parametrize("name", ["llava", "kosmos2", "llava_next"])  # moondream2 is native: no HF generate to compare with
+@pytest.mark.parametrize("name", ["llava", "kosmos2", "llava_next", "llava_onevision"])  # moondream2 is native: no HF generate to compare with
 def test_float16_engine_follows_hf_generate_up_to_near_ties(name: str) -> None:
     import torch
 

@@ -17,15 +17,16 @@ from triton_vlm.openai import OpenAIOptions
 from triton_vlm.openai.config import MiB
 
 # smolvlm: Idefics3 / SmolVLM (a tiny Idefics3 with image splitting under --tiny).
-SERVED_MODELS = ("llava", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "llava_next")
-WORKING_MODELS = ("llava", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "llava_next")
+SERVED_MODELS = ("llava", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "llava_next", "llava_onevision")
+WORKING_MODELS = ("llava", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "llava_next", "llava_onevision")
 #: The engine models the launcher derives from them and serves beside them (decoupled, streaming).
 ENGINE_MODELS = ("kosmos2_stream", "llava_stream", "moondream2_stream", "qwen2_vl_stream", "smolvlm_stream",
-                 "llava_next_stream")
+                 "llava_next_stream", "llava_onevision_stream")
 #: A typical prompt for each working model.
 PROMPTS = {"llava": "What is in this image?", "kosmos2": "<grounding>An image of",
            "moondream2": "What is in this image?", "qwen2_vl": "What is in this image?",
-           "smolvlm": "What is in this image?", "llava_next": "What is in this image?"}
+           "smolvlm": "What is in this image?", "llava_next": "What is in this image?",
+           "llava_onevision": "What is in this image?"}
 
 
 @dataclass

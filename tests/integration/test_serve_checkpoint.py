@@ -1,5 +1,5 @@
 """One command for one checkpoint, for real: ``triton-vlm serve DIR`` serves the tiny checkpoint directory of each
-engine architecture (llava, LLaVA-NeXT, Qwen2-VL, Idefics3) under a name, and ``./triton_start.sh
+engine architecture (llava, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Idefics3) under a name, and ``./triton_start.sh
 --model-id DIR`` a tiny llava under its derived name, with ``<name>_stream`` beside it, on a real tritonserver (free
 loopback ports); the answers are what the same checkpoint answers in process."""
 
@@ -28,6 +28,7 @@ PROMPT = "What is this?"
 CHECKPOINTS = {
     "llava": ("llava", "LlavaForConditionalGeneration"),
     "llava_next": ("llava_next", "LlavaNextForConditionalGeneration"),
+    "llava_onevision": ("llava_onevision", "LlavaOnevisionForConditionalGeneration"),
     "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "smolvlm": ("smolvlm", "Idefics3ForConditionalGeneration"),
 }

@@ -40,7 +40,8 @@ def _stats(triton: RunningServer, model: str) -> dict:
 
 #: The blocker's length: most of each tiny model's context (moondream2's is 512 positions). On this machine they
 #: make 1800-3300 tok/s, so 300 tokens were over in ~0.1-0.17 s: sometimes before the burst arrived.
-BLOCKER_TOKENS = {"llava": 900, "kosmos2": 900, "smolvlm": 1000, "moondream2": 480, "qwen2_vl": 900, "llava_next": 800}
+BLOCKER_TOKENS = {"llava": 900, "kosmos2": 900, "smolvlm": 1000, "moondream2": 480, "qwen2_vl": 900, "llava_next": 800,
+                  "llava_onevision": 800}
 
 
 def batched_burst(triton: RunningServer, model: str, image: bytes, send: Callable[[], T],

@@ -171,7 +171,7 @@ def test_the_engine_imports_nothing_from_the_model_families() -> None:
     assert offending == []
 
 
-FAMILY_PACKAGES = ("llava", "llava_next", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "auto")
+FAMILY_PACKAGES = ("llava", "llava_next", "llava_onevision", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "auto")
 
 
 @pytest.mark.parametrize("name", FAMILY_PACKAGES)

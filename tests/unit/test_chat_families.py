@@ -1,4 +1,4 @@
-"""Chats on the families merged with issue 23 (qwen2_vl, llava_next, smolvlm): each renders a conversation exactly as
+"""Chats on the families merged with issue 23 (qwen2_vl, llava_next, smolvlm) and on llava_onevision: each renders a conversation exactly as
 its processor's ``apply_chat_template`` does, and answers text-only turns and two images in one request with the
 same tokens through transformers' ``generate``, the batched loop (alone and batched with other kinds of rows) and
 the engine."""
@@ -19,7 +19,7 @@ from triton_vlm.sampling import SamplingParams
 
 from .helpers import load_tiny, noise
 
-FAMILIES = ["qwen2_vl", "llava_next", "smolvlm"]
+FAMILIES = ["qwen2_vl", "llava_next", "smolvlm", "llava_onevision"]
 #: Two turns: a question about an image, its answer, then a follow-up showing a second image after the text.
 TWO_TURNS = [
     {"role": "system", "content": "Answer in one word."},
@@ -81,6 +81,19 @@ def test_llava_next_falls_back_to_its_checkpoints_template() -> None:
                     "[INST] <image>\nAnd this one? [/INST]")
 
 
+def test_llava_onevision_renders_llava_hfs_template_without_one_of_its_own() -> None:
+    """llava-hf's OneVision template: the role and a space, a message's images first, each text part after a newline,
+    "<|im_end|>" with no newline after it; a checkpoint without a template gets the same."""
+    family, _model, processor = load_tiny("llava_onevision")
+    bare = type(processor).__new__(type(processor))
+    bare.__dict__.update(processor.__dict__, chat_template=None)
+    ours = family.render_chat(bare, chat(TWO_TURNS, 2))
+    assert ours == family.render_chat(processor, chat(TWO_TURNS, 2))
+    assert ours == ("<|im_start|>system \nAnswer in one word.<|im_end|><|im_start|>user <image>\nWhat is this?<|im_end|>"
+                    "<|im_start|>assistant \nA cat.<|im_end|><|im_start|>user <image>\nAnd this one?<|im_end|>"
+                    "<|im_start|>assistant\n")
+
+
 def test_reserved_tokens_are_refused_in_any_turn(loaded: tuple[Any, Any, Any]) -> None:
     family, _model, processor = loaded
     token = processor.image_token
@@ -121,7 +134,11 @@ def test_engine_prepares_no_pixels_for_a_text_only_turn_and_both_images_for_two(
     assert bare.mm_inputs["image_rows"] == [] and "pixel_values" not in bare.mm_inputs
     two = engine.prepare(IMAGES, chat(TWO_TURNS, 2), SamplingParams(max_tokens=1), lambda out: None)
     one = [engine.prepare([image], "What?", SamplingParams(max_tokens=1), lambda out: None) for image in IMAGES]
-    assert len(two.mm_inputs["image_rows"]) == sum(len(r.mm_inputs["image_rows"]) for r in one) > 0
+    if family.name == "llava_onevision":  # of several images, each is its whole view: one tile and a newline
+        assert len(two.mm_inputs["image_rows"]) == 2 * (processor.num_image_tokens + 1)
+        assert all(len(r.mm_inputs["image_rows"]) > processor.num_image_tokens + 1 for r in one)  # anyres alone
+    else:
+        assert len(two.mm_inputs["image_rows"]) == sum(len(r.mm_inputs["image_rows"]) for r in one) > 0
 
 
 def test_qwen2_vl_positions_of_a_text_only_turn_are_plain_and_two_images_are_the_models_own() -> None:

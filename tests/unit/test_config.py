@@ -363,7 +363,7 @@ def test_env_prefix(name: str, prefix: str) -> None:
 
 
 # -- the repository's configs, read through the schema -------------------------------------------------------------
-PUBLIC = ["kosmos2", "llava", "llava_next", "moondream2", "qwen2_vl", "smolvlm"]
+PUBLIC = ["kosmos2", "llava", "llava_next", "llava_onevision", "moondream2", "qwen2_vl", "smolvlm"]
 #: Those that were served before the schema (tests/data/legacy_stream_configs/public_parameters.json).
 LEGACY_PUBLIC = ["kosmos2", "llava", "moondream2", "smolvlm"]
 #: Public models whose family is not their name (made by `triton-vlm add-model`); none ship today.

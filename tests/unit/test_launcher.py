@@ -32,10 +32,12 @@ from .helpers import REPOSITORY, free_port
 
 # -- repository ------------------------------------------------------------------------------------------------------
 def test_list_and_servable_models() -> None:
-    assert list_models(REPOSITORY) == ["kosmos2", "llava", "llava_next", "moondream2", "qwen2_vl", "smolvlm"]
+    assert list_models(REPOSITORY) == ["kosmos2", "llava", "llava_next", "llava_onevision", "moondream2", "qwen2_vl",
+                                       "smolvlm"]
     # Every family is served, each on the engine too: the <model>_stream engine models are no directories, they come
     # with their public model (test_engine_models_follow_the_family: a model of the auto family gets none).
-    assert servable_models(REPOSITORY) == ["kosmos2", "llava", "llava_next", "moondream2", "qwen2_vl", "smolvlm"]
+    assert servable_models(REPOSITORY) == ["kosmos2", "llava", "llava_next", "llava_onevision", "moondream2", "qwen2_vl",
+                                          "smolvlm"]
     assert model_family(REPOSITORY, "kosmos2") == "kosmos2"
     assert model_family(REPOSITORY, "smolvlm") == "smolvlm"
     assert model_family(REPOSITORY, "llava_stream") == "llava"
@@ -44,6 +46,7 @@ def test_list_and_servable_models() -> None:
     assert companions(REPOSITORY, "moondream2") == ["moondream2_stream"]
     assert companions(REPOSITORY, "qwen2_vl") == ["qwen2_vl_stream"]
     assert companions(REPOSITORY, "llava_next") == ["llava_next_stream"]
+    assert companions(REPOSITORY, "llava_onevision") == ["llava_onevision_stream"]
     assert companions(REPOSITORY, "llava_stream") == []
     assert base_model(REPOSITORY, "llava_stream") == "llava" and base_model(REPOSITORY, "llava") is None
     assert base_model(REPOSITORY, "gpt5_stream") is None
@@ -78,7 +81,7 @@ def test_a_family_has_an_engine_where_it_names_an_adapter_the_engine_can_import(
     from triton_vlm.models import available_families, get_family
 
     engines = {name for name in available_families() if get_family(name).has_engine}
-    assert engines == {"llava", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "llava_next"}
+    assert engines == {"llava", "kosmos2", "moondream2", "qwen2_vl", "smolvlm", "llava_next", "llava_onevision"}
     for name in engines:
         assert isinstance(get_family(name).engine_adapter(), EngineAdapter), name
     assert get_family("auto").engine_adapter() is None
@@ -233,8 +236,8 @@ def test_render_repository_unknown_model_lists_known_ones(tmp_path: Path) -> Non
         render_repository(REPOSITORY, tmp_path / "models", ["llava", "gpt5", "blip"], "KIND_CPU")
     message = str(info.value)
     assert "unknown model(s) gpt5, blip" in message
-    assert message.endswith("has: kosmos2, llava, llava_next, moondream2, qwen2_vl, smolvlm (and <model>_stream for those whose family "
-                            "has an engine)")
+    assert message.endswith("has: kosmos2, llava, llava_next, llava_onevision, moondream2, qwen2_vl, smolvlm (and "
+                            "<model>_stream for those whose family has an engine)")
     with pytest.raises(LauncherError, match="unknown model.s. llava_stream_stream;"):
         render_repository(REPOSITORY, tmp_path / "models", ["llava_stream_stream"], None)
     assert not (tmp_path / "models").exists()

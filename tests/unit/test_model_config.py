@@ -21,12 +21,13 @@ from .helpers import REPOSITORY, ROOT
 CONFIGS = sorted(REPOSITORY.glob("*/config.pbtxt"))
 LEGACY = ROOT / "tests" / "data" / "legacy_stream_configs"
 #: Public models: one per family, served by the shared backend (and by the engine through a forwarder), plus
-PUBLIC = ("kosmos2", "llava", "llava_next", "moondream2", "qwen2_vl", "smolvlm")
+PUBLIC = ("kosmos2", "llava", "llava_next", "llava_onevision", "moondream2", "qwen2_vl", "smolvlm")
 #: Public models whose family is not their name (made by `triton-vlm add-model`); none ship today.
 FAMILY_OF: dict[str, str] = {}
 #: Engine models: decoupled, serving a public model's weights; derived from its config at launch.
 COMPANIONS = {"kosmos2_stream": "kosmos2", "llava_stream": "llava", "moondream2_stream": "moondream2",
-              "qwen2_vl_stream": "qwen2_vl", "smolvlm_stream": "smolvlm", "llava_next_stream": "llava_next"}
+              "qwen2_vl_stream": "qwen2_vl", "smolvlm_stream": "smolvlm", "llava_next_stream": "llava_next",
+              "llava_onevision_stream": "llava_onevision"}
 OPTIONAL = {"max_tokens": pb.TYPE_INT32, "temperature": pb.TYPE_FP32, "top_p": pb.TYPE_FP32, "seed": pb.TYPE_INT64,
             "ignore_eos": pb.TYPE_BOOL, "response_format": pb.TYPE_STRING, "n": pb.TYPE_INT32, "logprobs": pb.TYPE_BOOL,
             "top_logprobs": pb.TYPE_INT32, "presence_penalty": pb.TYPE_FP32, "frequency_penalty": pb.TYPE_FP32,

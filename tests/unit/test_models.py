@@ -21,7 +21,8 @@ from triton_vlm.models.llava import IMAGE_TOKEN, LlavaFamily
 
 
 def test_registry() -> None:
-    assert available_families() == ["auto", "kosmos2", "llava", "llava_next", "moondream2", "qwen2_vl", "smolvlm"]
+    assert available_families() == ["auto", "kosmos2", "llava", "llava_next", "llava_onevision", "moondream2",
+                                   "qwen2_vl", "smolvlm"]
     for name in available_families():
         family = get_family(name)
         assert isinstance(family, ModelFamily) and family.name == name
@@ -33,7 +34,8 @@ def test_registry() -> None:
 def test_unknown_family_lists_known_ones() -> None:
     with pytest.raises(UnknownModelError) as info:
         get_family("blip2")
-    assert str(info.value) == "unknown model family 'blip2'; known families: auto, kosmos2, llava, llava_next, moondream2, qwen2_vl, smolvlm"
+    assert str(info.value) == ("unknown model family 'blip2'; known families: auto, kosmos2, llava, llava_next, "
+                               "llava_onevision, moondream2, qwen2_vl, smolvlm")
     assert isinstance(info.value, KeyError)
 
 

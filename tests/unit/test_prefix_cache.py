@@ -173,7 +173,7 @@ def two_turns(loaded: tuple[Any, Any, Any], image: Image.Image, **config: Any) -
     return chat, [first, second]
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "smolvlm", "kosmos2", "moondream2"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "smolvlm", "kosmos2", "moondream2"])
 def test_a_follow_up_turn_reuses_the_first_turns_prefix_and_skips_vision(family: str) -> None:
     loaded = load_tiny(family)
     image = noise(64, 48, 5)

@@ -59,8 +59,9 @@ def test_select_models_adds_the_companions_after_the_public_models(tmp_path: Pat
     assert server.models == ["kosmos2", "llava", "kosmos2_stream", "llava_stream"]
     everything = make_server(tmp_path / "all")
     everything._select_models(REPOSITORY)
-    assert everything.models[:6] == ["kosmos2", "llava", "llava_next", "moondream2", "qwen2_vl", "smolvlm"]
-    assert everything.models[6:] == [f"{m}_stream" for m in everything.models[:6]]  # every family has an engine
+    assert everything.models[:7] == ["kosmos2", "llava", "llava_next", "llava_onevision", "moondream2", "qwen2_vl",
+                                     "smolvlm"]
+    assert everything.models[7:] == [f"{m}_stream" for m in everything.models[:7]]  # every family has an engine
 
 
 def test_select_models_refuses_an_empty_repository(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from triton_vlm.tiny import (
     train_unigram_vocab,
 )
 
-FAMILIES = ("llava", "kosmos2", "smolvlm")
+FAMILIES = ("llava", "kosmos2", "smolvlm", "llava_onevision")
 
 
 class CountingBuild:
@@ -272,3 +272,28 @@ def test_the_full_size_llava_next_is_llava_v1_6_mistral_7b() -> None:
     assert tuple(encoded["pixel_values"].shape) == (1, 5, 3, 336, 336)
     assert int((encoded["input_ids"] == config.image_token_id).sum()) == 2340
     assert processor.tokenizer.pad_token_id == 32001
+
+
+def test_the_full_size_llava_onevision_is_llava_onevision_qwen2_7b_ov() -> None:
+    """Built on the meta device (no memory): 8.03 B parameters as published (SigLIP so400m less its last layer,
+    Qwen2-7B with q/k/v biases, no sliding window), and a processor that gives a 336 px image (the benchmark's) the
+    1 x 1 grid (base + 1 tile of 729 features, 27 newlines) and a 640 x 480 one the 2 x 2 grid, unpadded."""
+    from PIL import Image
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from triton_vlm.bench.checkpoints import LLAVA_ONEVISION_VOCAB, llava_onevision_7b_sizes
+    from triton_vlm.models.llava_onevision.family import random_config, random_processor
+
+    sizes = llava_onevision_7b_sizes()
+    processor = random_processor(sizes)
+    config = random_config(sizes, processor.tokenizer, LLAVA_ONEVISION_VOCAB)
+    with torch.device("meta"):
+        model = LlavaOnevisionForConditionalGeneration(config)
+    assert sum(p.numel() for p in model.parameters()) == 8_030_807_584
+    assert model.model.language_model.layers[0].self_attn.q_proj.bias is not None
+    assert set(config.text_config.layer_types) == {"full_attention"} and len(processor.tokenizer) < 152128
+    prompt = ["<|im_start|>user <image>\nhi<|im_end|><|im_start|>assistant\n"]
+    for size, tiles, rows in (((336, 336), 2, 729 + 27 * 28), ((640, 480), 5, 2929)):
+        encoded = processor(images=[Image.new("RGB", size)], text=prompt, return_tensors="pt")
+        assert tuple(encoded["pixel_values"].shape) == (1, tiles, 3, 384, 384)
+        assert int((encoded["input_ids"] == config.image_token_id).sum()) == rows

@@ -6,7 +6,9 @@ the same 32000-piece id space, ``<image>`` = 32000, ``<pad>`` = 32001); so is ll
 anyres tiles of 336 px, a Mistral decoder). kosmos-2, moondream2 and SmolVLM-Instruct (smolvlm: Idefics3 with SigLIP
 so400m and SmolLM2-1.7B, ``models/smolvlm/family.py:smolvlm_instruct_config``) come at their real sizes with the tiny
 checkpoints' tokenizers (ids inside the real vocabularies); so do Qwen2-VL-7B-Instruct (``qwen2_vl``) and
-Qwen2.5-VL-7B-Instruct (``qwen2_5_vl``), with their real image processors' pixel bounds.
+Qwen2.5-VL-7B-Instruct (``qwen2_5_vl``), with their real image processors' pixel bounds, and
+llava-onevision-qwen2-7b-ov (``llava_onevision``: SigLIP so400m at 384 px over anyres grids up to 6 x 6, Qwen2-7B),
+with its real grids and ``anyres_max_9``.
 
 ``python -m triton_vlm.bench.checkpoints MODEL PATH`` writes one (on the GPU when there is one).
 """
@@ -143,9 +145,33 @@ QWEN_VL_VOCAB = 152064
 QWEN_VL_MODELS = ("qwen2_vl", "qwen2_5_vl")
 
 
+def llava_onevision_7b_sizes() -> Any:
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf's sizes, from its ``config.json`` and ``preprocessor_config.json`` on
+    the Hub (written from those files, not downloaded here): SigLIP so400m less its last layer (1152 hidden, 4304
+    MLP, 26 layers, 16 heads, 14 px patches at 384 px: 729 features a tile, no pooling head), grids of 1 to 6 tiles
+    of 384 px a side, ``anyres_max_9``, and Qwen2-7B-Instruct (hidden 3584, 28 layers, 28 heads, 4 KV heads,
+    intermediate 18944, RMSNorm 1e-6, rope_theta 1e6, 32768 positions, untied lm_head; no sliding window)."""
+    from triton_vlm.models.llava_onevision.family import Sizes, grids
+
+    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6}, use_sliding_window=False,
+                tie_word_embeddings=False)
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                  image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                  vision_use_head=False)
+    return Sizes(text, vision, grids(384, 6), "anyres_max_9")
+
+
+#: llava-onevision-qwen2-7b-ov's vocabulary (Qwen2's 151643 pieces, its control tokens, ``<image>``, ``<video>``,
+#: padded to a multiple of 64).
+LLAVA_ONEVISION_VOCAB = 152128
+
+
 def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
-    """Write ``model``'s full-size random fp16 checkpoint (llava, llava_next, kosmos2, moondream2, smolvlm, qwen2_vl
-    or qwen2_5_vl) to ``path``, so a server loads it the real way (llava's: 13.5 GB in fp16; llava_next's: 15 GB)."""
+    """Write ``model``'s full-size random fp16 checkpoint (llava, llava_next, llava_onevision, kosmos2, moondream2,
+    smolvlm, qwen2_vl or qwen2_5_vl) to ``path``, so a server loads it the real way (llava's: 13.5 GB in fp16;
+    llava_next's: 15 GB; llava_onevision's: 16 GB)."""
     path.mkdir(parents=True, exist_ok=True)
     if model in IN_MEMORY:
         loaded, processor = IN_MEMORY[model](device)
@@ -158,9 +184,15 @@ def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
         write_random_checkpoint(path, model, qwen_vl_7b_sizes(model), vocab_size=QWEN_VL_VOCAB,
                                 dtype=torch.float16, device=device)
         return path
+    if model == "llava_onevision":
+        from triton_vlm.models.llava_onevision.family import write_random_checkpoint as write_onevision
+
+        write_onevision(path, llava_onevision_7b_sizes(), vocab_size=LLAVA_ONEVISION_VOCAB, dtype=torch.float16,
+                        device=device)
+        return path
     if model not in ("kosmos2", "moondream2", "smolvlm"):
-        raise ValueError(f"no full-size random checkpoint for {model!r} (llava, llava_next, kosmos2, moondream2, "
-                         f"smolvlm, {', '.join(QWEN_VL_MODELS)})")
+        raise ValueError(f"no full-size random checkpoint for {model!r} (llava, llava_next, llava_onevision, "
+                         f"kosmos2, moondream2, smolvlm, {', '.join(QWEN_VL_MODELS)})")
     family = importlib.import_module(f"triton_vlm.models.{model}.family")
     family.write_random_checkpoint(path, full_size=True, dtype=torch.float16, device=device)
     return path

@@ -13,6 +13,7 @@ from triton_vlm.models.base import LazyClass, ModelFamily, import_class
 _FAMILIES: dict[str, LazyClass] = {
     "llava": ("triton_vlm.models.llava", "LlavaFamily"),
     "llava_next": ("triton_vlm.models.llava_next", "LlavaNextFamily"),
+    "llava_onevision": ("triton_vlm.models.llava_onevision", "LlavaOnevisionFamily"),
     "kosmos2": ("triton_vlm.models.kosmos2", "Kosmos2Family"),
     "moondream2": ("triton_vlm.models.moondream2", "Moondream2Family"),
     # Qwen2-VL and Qwen2.5-VL (the tiny variant qwen2_5_vl stands in for a Qwen2.5-VL id).

@@ -1,5 +1,6 @@
-"""What the LLaVA-style families (``llava``, ``llava_next``) share: the ``<image>`` placeholder and the tokens a
-prompt may not hold, llava-hf's tokenizer layout, and the engine adapter base for a
+"""What the LLaVA-style families (``llava``, ``llava_next``, ``llava_onevision``) share: the ``<image>`` placeholder
+and the tokens a prompt may not hold (Llama tokenizers'; OneVision's Qwen2 has its own), llava-hf's tokenizer layout,
+and the engine adapter bases (anyres tiles for llava_next and llava_onevision) for a
 transformers model whose processor expands ``<image>`` into one token per feature and whose language model is
 Llama-shaped (``model.model.language_model`` + ``model.lm_head``; in :mod:`.engine_adapter`, which only engine
 hosts import). Each family adds what differs: its chat template (the fallback where a checkpoint has none), its

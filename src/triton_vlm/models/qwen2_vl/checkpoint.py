@@ -4,7 +4,6 @@ classes: tiny ones for tests (``--tiny``), full-size ones for benchmarks (sizes 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,17 +65,9 @@ TINY: dict[str, Sizes] = {
 
 def train_tokenizer() -> Any:
     """A Qwen2 tokenizer (byte-level BPE, Qwen's special tokens) trained on the tiny corpus."""
-    from transformers import Qwen2Tokenizer
+    from triton_vlm.tiny import train_qwen2_tokenizer
 
-    from triton_vlm.tiny import train_byte_level_bpe
-
-    trained = json.loads(train_byte_level_bpe(500, SPECIAL_TOKENS, ["system user assistant",
-                                                                     "You are a helpful assistant."]).to_str())
-    # Pairs, as tokenizers' BPE takes them ("a b" in older tokenizers' JSON, ["a", "b"] in newer).
-    merges: Any = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["model"]["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=trained["model"]["vocab"], merges=merges, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer = train_qwen2_tokenizer(SPECIAL_TOKENS, ["system user assistant", "You are a helpful assistant."])
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
