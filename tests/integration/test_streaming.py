@@ -233,7 +233,7 @@ def test_a_forwarded_request_its_client_cancels_stops_in_the_engine(forwarding_s
                  mark)
     finally:
         os.kill(engine, signal.SIGCONT)
-    aborted = re.compile(r"engine: request \S+ aborted after (\d+) tokens; its KV slot is free again \((\d+) of (\d+)")
+    aborted = re.compile(r"engine: request \S+ aborted after (\d+) tokens; its KV slots are free again \((\d+) of (\d+)")
     (tokens, free, total), = wait_for(aborted, mark)
     assert int(tokens) < 900 and free == total
     assert client.infer("llava", short).as_numpy("generated_text") is not None  # and it serves on
