@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 REQUESTS = 16
 MAX_TOKENS = 1000  # within the public model's max_tokens_limit (1024) and kosmos2's 2048 positions
-ABORTED = re.compile(r"engine: request \S+ aborted after (\d+) tokens; its KV slot is free again \((\d+) of (\d+)")
+ABORTED = re.compile(r"engine: request \S+ aborted after (\d+) tokens; its KV slots are free again \((\d+) of (\d+)")
 
 
 @pytest.fixture(scope="module")
