@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import math
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,7 +251,7 @@ def test_the_default_repository_without_weights_is_reported(monkeypatch: pytest.
     models = public + [c for m in public for c in companions(repository, m) if c not in public]
     probes: list[int] = []
     found = repository_availability(repository, models, hub_answers=lambda: probes.append(1) or False)
-    assert len(found) == len(models) == 12 and not any(f.available for f in found) and probes == []  # offline: no probe
+    assert len(found) == len(models) == 14 and not any(f.available for f in found) and probes == []  # offline: no probe
     note = missing_weights_note(found)
     assert note.startswith("no weights here for ") and all(m in note.splitlines()[0] for m in models)
     assert "hf download" in note and "TRITON_VLM_" in note and "_LOCAL_PATH=" in note and "--tiny" in note
@@ -370,18 +371,22 @@ def test_grpc_at_the_http_port_names_the_port_to_use(fake: FakeTriton, capsys: p
     assert "is Triton's HTTP port, not its gRPC port" in err and "8001" in err and "leave out --grpc" in err
 
 
-def test_http_to_a_stream_model_names_the_model_to_ask(capsys: pytest.CaptureFixture[str]) -> None:
-    def script(path: str, attempt: int) -> tuple[int, dict[str, Any]]:  # Triton 2.51's answer, verbatim
-        return 400, {"error": "HTTP end point doesn't support models with decoupled transaction policy"}
-
-    server = FakeTriton(free_port(), script=script, routes=_routes()).start()
+def test_a_stream_model_answers_over_grpc_and_names_the_address_it_cannot_reach(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A whole answer from ``llava_stream`` (a decoupled model, which plain HTTP infer cannot ask) is one gRPC stream
+    to the same host's port 8001: where nothing listens there, the error says which address it tried."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8001)) == 0:
+            pytest.skip("something listens on 127.0.0.1:8001")
+    server = FakeTriton(free_port(), routes=_routes()).start()
     try:
         assert main(["infer", "--url", f"127.0.0.1:{server.port}", "--model", "llava_stream", "--image",
                      str(SAMPLE_IMAGE), "--prompt", "hi"]) == 1
     finally:
         server.stop()
     err = capsys.readouterr().err
-    assert "llava_stream streams its answer" in err and "--model llava" in err and ".stream('llava'" in err
+    assert "cannot reach" in err and "127.0.0.1:8001" in err and "Traceback" not in err
+    assert [r for r in server.requests if r[0] == "POST"] == []  # not a plain HTTP infer: Triton refuses those for decoupled models
 
 
 # -- docs: the 404 of /v2/models; the admin key in `ps` ----------------------------------------------------------------

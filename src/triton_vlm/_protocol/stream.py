@@ -62,7 +62,15 @@ def stream_sync(client: Any, call: StreamCall, *, url: str,
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)), stream_timeout=timeout)
         # The empty final response ends a request that its model ended without an answer (aborted) as well.
-        client.async_stream_infer(call.model, call.inputs, outputs=call.outputs, enable_empty_final_response=True)
+        try:
+            client.async_stream_infer(call.model, call.inputs, outputs=call.outputs, enable_empty_final_response=True)
+        except Exception as exc:  # the stream broke before the request went out: its callback has the reason
+            finished = True
+            try:
+                _result, reason = responses.get_nowait()
+            except queue.Empty:
+                reason = None
+            raise _error(reason or exc, call, url, timeout) from None
         while not finished:
             try:
                 result, error = responses.get(timeout=timeout)

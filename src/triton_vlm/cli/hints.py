@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from triton_vlm.errors import ServerUnreachableError, TritonVLMError
 
@@ -39,19 +39,3 @@ def explain_unreachable(error: ServerUnreachableError, url: str, protocol: str) 
         hint = (f"{url} is Triton's gRPC port, not its HTTP port: add --grpc to use gRPC there, or point --url at "
                 f"the HTTP port (8000 by default; `triton-vlm serve --http-port`)")
     return ServerUnreachableError(f"{hint}. ({protocol} said: {error})")
-
-
-def explain_decoupled(error: TritonVLMError, client: Any, model: str) -> TritonVLMError:
-    """``error`` with the model to ask instead, where ``model`` is a streaming (decoupled) model."""
-    try:
-        config = client.model_config(model)
-    except Exception:  # the config cannot be read: the original error stands
-        return error
-    if not (config.get("model_transaction_policy") or {}).get("decoupled"):
-        return error
-    public = model.removesuffix("_stream")
-    return type(error)(
-        f"{model} streams its answer token by token (a decoupled model), which plain infer cannot receive over "
-        f"HTTP or gRPC: ask {public!r} instead (`--model {public}`; same weights), or stream from Python with "
-        f"TritonVLMClient(...).stream({public!r}, image, prompt) (gRPC streaming) or HTTP generate_stream. "
-        f"(server said: {error})")

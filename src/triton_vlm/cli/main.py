@@ -464,7 +464,7 @@ def _infer(args: argparse.Namespace) -> int:
                                  entities=parse_entities(output.extras.get("entities", "[]")))
     else:
         from triton_vlm.cli.addresses import metrics_address
-        from triton_vlm.cli.hints import explain_decoupled, explain_unreachable
+        from triton_vlm.cli.hints import explain_unreachable
         from triton_vlm.client import TritonVLMClient
         from triton_vlm.errors import ServerUnreachableError
 
@@ -477,8 +477,6 @@ def _infer(args: argparse.Namespace) -> int:
                     result = client.infer_result(args.model, args.image, args.prompt, task=args.task, **sampling)
                 except ServerUnreachableError as exc:
                     raise explain_unreachable(exc, client.url, client.protocol) from None
-                except TritonVLMError as exc:
-                    raise explain_decoupled(exc, client, args.model) from None
     print_result(result, model=args.model, as_json=args.json)
     if args.draw:
         _draw(args.image, args.draw, result.text, result.entities, label=args.prompt)
