@@ -119,6 +119,21 @@ def built_as(dtype: Any = None, device: Any = None) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+#: Spread of the random q/k/v biases of Qwen2 decoders (transformers starts them at zero; trained ones are far from
+#: it, and a zero bias would let a decoder that drops them pass every parity test).
+QKV_BIAS_STD = 0.1
+
+
+def randomize_qkv_biases(layers: Any) -> None:
+    """Draw the q/k/v projection biases of decoder ``layers`` (Qwen2's) from N(0, :data:`QKV_BIAS_STD`)."""
+    import torch
+
+    for layer in layers:
+        attention = layer.self_attn
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+            torch.nn.init.normal_(projection.bias, std=QKV_BIAS_STD)
+
+
 def train_llama_style_vocab(vocab_size: int, pad_to: int | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A SentencePiece-like BPE (metaspace, byte fallback) vocabulary and merges, trained on :data:`CORPUS`.
 

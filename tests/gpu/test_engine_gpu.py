@@ -43,6 +43,22 @@ def test_engine_on_cuda_matches_the_batched_loop(case: tuple[ParityCase, Any, li
     assert engine.cache.free_slots == engine.cache.num_slots and not engine.scheduler.has_work()
 
 
+def test_prefix_cache_and_n_choices_on_cuda_keep_the_tokens(case: tuple[ParityCase, Any, list[list[int]]]) -> None:
+    """The same requests again on one engine start from their cached prefixes (idle slots taken over, K/V copied
+    on the device, vision skipped), and three greedy choices of one request share its prefill: the same tokens."""
+    from triton_vlm.sampling import SamplingParams
+
+    parity, loaded, reference = case
+    engine = parity.engine(loaded, max_num_seqs=4, max_prefill_tokens=16)
+    assert engine.generate(parity.items()) == reference
+    assert engine.generate(parity.items()) == reference
+    assert engine.stats.prefix_hits >= 1 and engine.stats.prefix_cached_tokens > 0
+    image, prompt, params = parity.items()[1]
+    three = SamplingParams(max_tokens=params.max_tokens, n=3)
+    assert engine.generate([(image, prompt, three)]) == [reference[1]] * 3
+    assert engine.cache.free_slots == engine.cache.num_slots and not engine.scheduler.has_work()
+
+
 #: The tiny models' logits are ~0.5 in size, where float16 steps are 2.4e-4 (and their top two can be 1e-3 apart):
 #: the engine's kernels and HF's may order two nearly equal logits differently. A real fault (a wrong position, head
 #: or cache slot) moves logits by ~0.1 or more.

@@ -36,8 +36,6 @@ CHAT_TEMPLATE = (
 )
 #: Qwen2's control tokens and llava-hf's placeholders, in the order of their ids (151643.. in the real vocabulary).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, "<video>"]
-#: Spread of the random q/k/v biases (transformers starts them at zero; Qwen2's trained ones are far from it).
-BIAS_STD = 0.1
 
 
 @dataclass(frozen=True)
@@ -161,17 +159,14 @@ def write_random_checkpoint(path: Path, sizes: Sizes = TINY, *, vocab_size: int 
     from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
     from triton_vlm.models.processors import save_processor
-    from triton_vlm.tiny import built_as, seeded
+    from triton_vlm.tiny import built_as, randomize_qkv_biases, seeded
 
     processor = random_processor(sizes)
     config = random_config(sizes, processor.tokenizer, vocab_size)
     seeded()
     with built_as(dtype, device):
         model = LlavaOnevisionForConditionalGeneration(config).eval()
-        # A decoder that dropped the biases would pass every parity test with transformers' zero ones.
-        for layer in model.model.language_model.layers:
-            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(projection.bias, std=BIAS_STD)
+        randomize_qkv_biases(model.model.language_model.layers)
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(path)

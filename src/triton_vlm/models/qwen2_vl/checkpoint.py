@@ -14,8 +14,6 @@ from triton_vlm.models.qwen2_vl.processor import save_processor
 QWEN2_VL = "qwen2_vl"
 QWEN2_5_VL = "qwen2_5_vl"
 VARIANTS = (QWEN2_VL, QWEN2_5_VL)
-#: Spread of the random q/k/v biases.
-BIAS_STD = 0.1
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -76,7 +74,6 @@ def write_random_checkpoint(path: Path, variant: str = QWEN2_VL, sizes: Sizes | 
                             vocab_size: int | None = None, dtype: Any = None, device: Any = None) -> None:
     """A random-weight ``variant`` checkpoint at ``path``: :data:`TINY` sizes unless ``sizes`` are given (then a
     ``vocab_size`` too: the tokenizer's ids all lie inside it)."""
-    import torch
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -85,7 +82,7 @@ def write_random_checkpoint(path: Path, variant: str = QWEN2_VL, sizes: Sizes | 
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from triton_vlm.tiny import built_as, seeded
+    from triton_vlm.tiny import built_as, randomize_qkv_biases, seeded
 
     if variant not in VARIANTS:
         raise ValueError(f"no random build for {variant!r}; known: {', '.join(VARIANTS)}")
@@ -105,11 +102,7 @@ def write_random_checkpoint(path: Path, variant: str = QWEN2_VL, sizes: Sizes | 
     seeded()
     with built_as(dtype, device):
         model = model_class(config).eval()
-        # transformers initializes biases to zero; Qwen2's trained q/k/v biases are far from it, and a zero bias
-        # would let a decoder that drops them pass every parity test.
-        for layer in model.model.language_model.layers:
-            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(projection.bias, std=BIAS_STD)
+        randomize_qkv_biases(model.model.language_model.layers)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
