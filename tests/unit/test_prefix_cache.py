@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from triton_vlm.chat import Chat, ImagePart, Message
@@ -380,3 +382,46 @@ def test_one_choice_aborts_alone_and_the_others_go_on(llava: tuple[Any, Any, Any
     assert {i: out.finish_reason for i, out in sorted(finals.items())} == {0: "length", 1: "abort", 2: "length"}
     assert [tokens[0], tokens[2]] == [expected[0], expected[2]]
     assert tokens[1] == expected[1][:len(tokens[1])] and 0 < len(tokens[1]) < 12
+
+
+# -- under load: random arrivals, aborts and few slots ------------------------------------------------------------
+CHAT_TURNS = [Chat.single(QUESTION), Chat.single(QUESTION + " Twice."), Chat.single("Short.")]
+
+
+@pytest.fixture(scope="module")
+def answers(llava: tuple[Any, Any, Any]) -> dict[tuple[int, int], list[int]]:
+    """What an engine without the cache answers each (image, prompt) pair, 6 tokens."""
+    plain = engine(llava, prefix_caching=False)
+    pairs = [(i, j) for i in range(2) for j in range(len(CHAT_TURNS))]
+    tokens = plain.generate([((A, B)[i], CHAT_TURNS[j], SamplingParams(max_tokens=6)) for i, j in pairs])
+    return dict(zip(pairs, tokens, strict=True))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=st.lists(st.tuples(st.integers(0, 1), st.integers(0, len(CHAT_TURNS) - 1), st.integers(0, 3),
+                               st.booleans()), min_size=3, max_size=8),
+       slots=st.integers(1, 3), budget=st.sampled_from([16, 32, 4096]))
+def test_random_arrivals_and_aborts_never_change_an_answer(llava: tuple[Any, Any, Any],
+                                                            answers: dict[tuple[int, int], list[int]],
+                                                            plan: list[tuple[int, int, int, bool]], slots: int,
+                                                            budget: int) -> None:
+    """Requests (one of two images, one of three prompts that share leading text) arrive a few steps apart, some are
+    aborted a step later, on an engine with 1 to 3 slots: every request that finishes has the uncached answer, and
+    every slot is free at the end."""
+    steps = Steps(engine(llava, max_num_seqs=slots, max_prefill_tokens=budget))
+    aborted: set[str] = set()
+    for image, prompt, wait, abort in plan:
+        request = steps.submit((A, B)[image], CHAT_TURNS[prompt], 6)
+        steps.step(wait)
+        if abort:
+            steps.engine.abort(request)
+            aborted.add(request)
+            steps.step()
+    steps.run()
+    for (image, prompt, _wait, _abort), request in zip(plan, steps.tokens, strict=True):
+        final = steps.finals[request]
+        if final.finish_reason != "abort":
+            assert steps.tokens[request] == answers[image, prompt]
+        else:
+            assert request in aborted
+    assert steps.engine.cache.free_slots == steps.engine.cache.num_slots
