@@ -268,3 +268,18 @@ def test_chat_requests_and_the_two_forms(backend: Any, llava_runtime: VLMRuntime
     assert "goes with 'messages'" in wires[2].message
     assert "'image' and 'prompt' are required (or 'messages' for a chat)" in wires[3].message
     assert "images[1]: not a recognised image" in wires[6].message
+
+
+def test_a_streamed_piece_carries_only_what_it_has_and_an_end_declares_everything(backend: Any) -> None:
+    """Each tensor of a response costs the stub an IPC allocation once per token: a piece that ends nothing leaves
+    out empty logprobs, choices and choice 0's index (clients read them as empty); an answer's end has them all."""
+    from triton_vlm._protocol import wire
+    from triton_vlm.backend.requests import output_response
+
+    common = {"generated_text", "generated_tokens", "prompt_tokens", "finish_reason"}
+    assert set(output_response("a", 1, 9, None).tensors) == common
+    entry = wire.TokenLogprob(5, "a", -0.5, ())
+    assert set(output_response("a", 1, 9, None, logprobs=[entry]).tensors) == common | {"token_logprobs"}
+    assert set(output_response("a", 1, 9, None, index=2).tensors) == common | {"index"}
+    assert set(output_response("ab", 2, 9, "length", cached_tokens=0).tensors) == common | {
+        "token_logprobs", "choices", "index", "cached_tokens"}

@@ -132,22 +132,32 @@ def output_response(text: str, generated_tokens: int, prompt_tokens: int, finish
     ``logprobs`` the ``token_logprobs`` output's entries (:func:`wire_logprobs`), ``choices`` the further choices of a
     whole answer, both encoded by :mod:`triton_vlm._protocol.wire`; ``index`` which choice a streamed piece belongs
     to; ``cached_tokens`` the prompt positions the prefix cache held, sent where given (a choice's last response:
-    streamed pieces before it go without, as they do without ``extras``)."""
-    cached = () if cached_tokens is None else (
-        pb_utils.Tensor("cached_tokens", np.array([[cached_tokens]], dtype=np.int32)),)
-    return pb_utils.InferenceResponse(output_tensors=[
+    streamed pieces before it go without, as they do without ``extras``).
+
+    A streamed piece that ends nothing (``finish_reason`` None) carries only what it has: ``token_logprobs`` where
+    it has entries, ``index`` where it is not choice 0, never ``choices``. Each tensor of a response is an IPC
+    allocation in the stub and an output Triton and the client handle, once per token; clients read a missing
+    output as empty (``_protocol.results``). A response that ends something declares every output."""
+    whole = finish_reason is not None
+    tensors = [
         pb_utils.Tensor("generated_text", np.array([[text.encode("utf-8")]], dtype=np.object_)),
         pb_utils.Tensor("generated_tokens", np.array([[generated_tokens]], dtype=np.int32)),
         pb_utils.Tensor("prompt_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
         pb_utils.Tensor("finish_reason", np.array([[(finish_reason or "").encode()]], dtype=np.object_)),
-        pb_utils.Tensor("token_logprobs", np.array([[wire.encode_logprobs(logprobs).encode("utf-8")]],
-                                                   dtype=np.object_)),
-        pb_utils.Tensor("choices", np.array([[wire.encode_choices(choices).encode("utf-8")]], dtype=np.object_)),
-        pb_utils.Tensor("index", np.array([[index]], dtype=np.int32)),
-        *cached,
-        *(pb_utils.Tensor(name, np.array([[value.encode("utf-8")]], dtype=np.object_))
-          for name, value in (extras or {}).items()),
-    ])
+    ]
+    if whole or logprobs:
+        tensors.append(pb_utils.Tensor("token_logprobs", np.array([[wire.encode_logprobs(logprobs).encode("utf-8")]],
+                                                                  dtype=np.object_)))
+    if whole or choices:
+        tensors.append(pb_utils.Tensor("choices", np.array([[wire.encode_choices(choices).encode("utf-8")]],
+                                                           dtype=np.object_)))
+    if whole or index:
+        tensors.append(pb_utils.Tensor("index", np.array([[index]], dtype=np.int32)))
+    if cached_tokens is not None:
+        tensors.append(pb_utils.Tensor("cached_tokens", np.array([[cached_tokens]], dtype=np.int32)))
+    tensors += [pb_utils.Tensor(name, np.array([[value.encode("utf-8")]], dtype=np.object_))
+                for name, value in (extras or {}).items()]
+    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def error_response(exc: TritonVLMError) -> Any:
