@@ -6,6 +6,7 @@ import io
 import socket
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,26 @@ def parity_fixtures(case: ParityCase) -> tuple[Any, Any]:
         return case.reference(loaded)
 
     return loaded, reference
+
+
+def counting(decode: Callable[[list[int]], str]) -> tuple[Callable[[list[int]], str], list[int]]:
+    """``decode`` that records how many tokens each call decoded."""
+    sizes: list[int] = []
+
+    def wrapped(ids: list[int]) -> str:
+        sizes.append(len(ids))
+        return decode(ids)
+    return wrapped, sizes
+
+
+def spy_detokenize(monkeypatch: Any, family: Any) -> list[int]:
+    """Record how many tokens each ``detokenize`` call of ``family``'s class decodes (the list grows per call)."""
+    cls = type(family)
+    detokenize = cls.detokenize
+    sizes: list[int] = []
+
+    def spying(self: Any, processor: Any, token_ids: list[int]) -> str:
+        sizes.append(len(token_ids))
+        return detokenize(self, processor, token_ids)
+    monkeypatch.setattr(cls, "detokenize", spying)
+    return sizes

@@ -12,22 +12,12 @@ from hypothesis import strategies as st
 
 from triton_vlm.detokenizer import REPLACEMENT, IncrementalDetokenizer, held_token_ids
 
-from .helpers import load_tiny
+from .helpers import counting, load_tiny
 
 #: Text with spaces, punctuation and characters of two to four UTF-8 bytes (split over byte tokens where the
 #: tiny tokenizers have no merge for them).
 TEXTS = ["The quick brown fox jumps over the lazy dog, twice.", "café naïve — 日本語の文 🙂 done",
          " leading space and  double spaces ", "a" * 40]
-
-
-def counting(decode: Callable[[list[int]], str]) -> tuple[Callable[[list[int]], str], list[int]]:
-    """``decode`` that records how many tokens each call decoded."""
-    sizes: list[int] = []
-
-    def wrapped(ids: list[int]) -> str:
-        sizes.append(len(ids))
-        return decode(ids)
-    return wrapped, sizes
 
 
 def streamed(detokenizer: IncrementalDetokenizer, ids: list[int], whole: str) -> str:

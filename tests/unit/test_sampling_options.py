@@ -29,7 +29,7 @@ from triton_vlm.sampling import (
     step_logprobs,
 )
 
-from .helpers import load_tiny, rgb_array
+from .helpers import counting, load_tiny, rgb_array, spy_detokenize
 
 IMAGES = [Image.fromarray(rgb_array(40, 30, seed=0)), Image.fromarray(rgb_array(64, 64, seed=1))]
 PROMPTS = ["What is this?", "describe the picture in detail please"]
@@ -119,16 +119,6 @@ def answer_text(request: pytest.FixtureRequest) -> tuple[Callable[[str], list[in
     if request.param == "llava":
         return (lambda text: tokenizer.encode(text, add_special_tokens=False)), family, processor
     return tokenizer.encode, family, processor
-
-
-def counting(decode: Callable[[list[int]], str]) -> tuple[Callable[[list[int]], str], list[int]]:
-    """``decode`` that records how many tokens each call decoded."""
-    sizes: list[int] = []
-
-    def wrapped(ids: list[int]) -> str:
-        sizes.append(len(ids))
-        return decode(ids)
-    return wrapped, sizes
 
 
 @settings(max_examples=60, deadline=None)
@@ -295,14 +285,7 @@ def test_a_stop_string_spanning_tokens_cuts_the_answer_exactly_before_it(loaded:
 
 def test_the_batched_loop_looks_for_stop_strings_a_few_tokens_a_step(loaded: Any,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    family = type(loaded.family)
-    detokenize = family.detokenize
-    sizes: list[int] = []
-
-    def spying(self: Any, processor: Any, token_ids: list[int]) -> str:
-        sizes.append(len(token_ids))
-        return detokenize(self, processor, token_ids)
-    monkeypatch.setattr(family, "detokenize", spying)
+    sizes = spy_detokenize(monkeypatch, loaded.family)
     (out,) = batched(loaded, [SamplingParams(max_tokens=160, ignore_eos=True, stop=("never in it",))])
     assert out.finish_reason == "length" and len(out.token_ids) == 160
     assert sizes[-1] == 160  # the answer: one decode of it all

@@ -24,6 +24,7 @@ from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
 from triton_vlm.sampling import TokenLogprob as SampledLogprob
 
+from .helpers import spy_detokenize
 from .test_backend import FakeMetric, fake_pb_utils
 from .test_protocol import FakeResult
 
@@ -190,14 +191,7 @@ def test_a_long_stream_decodes_a_few_tokens_a_delta(stream_model: Any, llava_run
     tokenizer = llava_runtime.ensure_loaded().processor.tokenizer
     words = " ".join(f"word{i % 37} café, 日本" for i in range(120))
     ids = tokenizer(words, add_special_tokens=False).input_ids
-    family = type(llava_runtime.family)
-    detokenize = family.detokenize
-    sizes: list[int] = []
-
-    def spying(self: Any, processor: Any, token_ids: list[int]) -> str:
-        sizes.append(len(token_ids))
-        return detokenize(self, processor, token_ids)
-    monkeypatch.setattr(family, "detokenize", spying)
+    sizes = spy_detokenize(monkeypatch, llava_runtime.family)
     pieces = stream_through(stream_model, llava_runtime, ids, 1, stop)
     assert "".join(text for text, _, _ in pieces) == tokenizer.decode(ids, skip_special_tokens=True).strip()
     assert len(ids) > 500 and len(pieces) > len(ids) / 4
