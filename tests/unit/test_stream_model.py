@@ -321,3 +321,39 @@ def test_batched_tasks_end_every_request_even_when_the_runtime_answers_too_few(s
     final = stream_model.stream_requests.FINAL
     for request, (_, sent) in zip(requests, senders, strict=True):
         assert request.ended and len(sent) == 1 and sent[0][1] == final and sent[0][0] is not None
+
+
+def test_an_ended_request_lets_go_of_its_response_sender(stream_model: Any) -> None:
+    """Triton's response sender holds the model (through its response factory): a request that keeps it after its
+    FINAL keeps the model from unloading, and the server from stopping. Ending it drops the sender at once, whatever
+    else (a reference cycle, a task) still holds the request; the request then reads as cancelled."""
+    import gc
+    import weakref
+
+    OpenRequest, final = stream_model.stream_requests.OpenRequest, stream_model.stream_requests.FINAL
+
+    class Sender:
+        def __init__(self) -> None:
+            self.sent: list[Any] = []
+
+        def send(self, response: Any = None, flags: int = 0) -> None:
+            self.sent.append((response, flags))
+
+        def is_cancelled(self) -> bool:
+            return False
+
+    for response in (None, "an answer"):
+        sender = Sender()
+        alive = weakref.ref(sender)
+        request = OpenRequest("triton request", sender, 0.0, release=lambda: None)
+        held = [request]  # whatever still holds the request after it ended
+        request.finish(response)
+        assert sender.sent == [(response, final)]
+        del sender
+        gc.disable()  # not left to the cycle collector
+        try:
+            assert alive() is None and held[0].triton_request is None
+        finally:
+            gc.enable()
+        assert request.is_cancelled is not None and request.is_cancelled()
+        request.finish("again")  # ends once; nothing is sent to a sender it no longer has

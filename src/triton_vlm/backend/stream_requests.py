@@ -99,6 +99,10 @@ class OpenRequest:
             if response is not None:
                 send_final(self.sender)
         finally:
+            # Let go of Triton's objects now, not when a reference cycle is collected: the response sender holds
+            # Triton's response factory, which holds the model, and a model whose factories live on never finishes
+            # unloading (python_backend #358; vllm_backend deletes its senders for the same reason).
+            self.sender, self.triton_request = ENDED, None
             self.release()
 
     def fail(self, exc: BaseException, metrics: BackendMetrics) -> None:
@@ -118,6 +122,20 @@ def refuse(sender: Any, exc: BaseException, metrics: BackendMetrics) -> None:
 
 def _nothing() -> None:
     """An unadmitted request holds no place in :class:`Admission`."""
+
+
+class _EndedSender:
+    """What an ended request holds instead of its response sender: it sends nothing and reads as cancelled."""
+
+    def send(self, *_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("the request has already ended: nothing more can be sent")
+
+    @staticmethod
+    def is_cancelled() -> bool:
+        return True
+
+
+ENDED = _EndedSender()
 
 
 def send_final(sender: Any) -> None:
