@@ -169,3 +169,20 @@ def spy_detokenize(monkeypatch: Any, family: Any) -> list[int]:
         return detokenize(self, processor, token_ids)
     monkeypatch.setattr(cls, "detokenize", spying)
     return sizes
+
+
+def chunk_starts_inside_images(engine: Any) -> list[bool]:
+    """Wrap ``engine``'s scheduler: the returned list grows by one entry per prefill chunk, whether the chunk starts
+    among its request's image rows (so one image's rows are split between chunks)."""
+    inside: list[bool] = []
+    schedule = engine.scheduler.schedule
+
+    def recording() -> Any:
+        plan = schedule()
+        for c in plan.prefill:
+            rows = c.seq.request.mm_inputs["image_rows"]
+            inside.append(rows[0] < c.start <= rows[-1])
+        return plan
+
+    engine.scheduler.schedule = recording
+    return inside

@@ -20,7 +20,7 @@ from triton_vlm.chat import parse_messages
 from triton_vlm.models.llava_onevision.family import TINY, TINY_TILE
 from triton_vlm.sampling import SamplingParams
 
-from .helpers import ParityCase, noise, parity_fixtures
+from .helpers import ParityCase, chunk_starts_inside_images, noise, parity_fixtures
 
 PROMPTS = ["What is this?", "a photo of a cat sitting on a red mat next to a window. Describe it in detail.", "hi",
            "two people riding bicycles", "count: 0 1 2 3 4 5 6 7 8 9 10 100"]
@@ -90,17 +90,7 @@ def test_engine_matches_hf_generate_and_the_batched_loop(loaded: Loaded, hf_refe
 
 def test_chunks_that_split_an_image_change_nothing(loaded: Loaded, hf_reference: list) -> None:
     chunked = engine(loaded, max_num_seqs=4, max_prefill_tokens=16)
-    inside: list[bool] = []  # per chunk: whether it starts among its image's rows
-    schedule = chunked.scheduler.schedule
-
-    def recording() -> Any:
-        plan = schedule()
-        for c in plan.prefill:
-            rows = c.seq.request.mm_inputs["image_rows"]
-            inside.append(rows[0] < c.start <= rows[-1])
-        return plan
-
-    chunked.scheduler.schedule = recording  # type: ignore[method-assign]
+    inside = chunk_starts_inside_images(chunked)
     assert chunked.generate(CASE.items()) == hf_reference
     assert any(inside)
 

@@ -15,7 +15,7 @@ from triton_vlm.models import get_family
 from triton_vlm.sampling import SamplingParams
 from triton_vlm.tiny import ensure_tiny_checkpoint
 
-from .helpers import noise
+from .helpers import chunk_starts_inside_images, noise
 
 PROMPTS = ["What is this?", "a photo of a cat sitting on a red mat. Describe it in detail.", "hi", "count 1 2 3"]
 #: Image sizes that give different grids (and so prompt lengths): 6x8, 6x2, 4x4 and 2x12 patches.
@@ -91,17 +91,7 @@ def test_batched_requests_of_different_sizes_match_transformers_generate(loaded:
 
 def test_chunks_that_split_an_image_change_nothing(loaded: Loaded, reference: list[list[int]]) -> None:
     qwen = engine(loaded, max_num_seqs=4, max_prefill_tokens=16)
-    inside: list[bool] = []  # per chunk: whether it starts among its image's rows
-    schedule = qwen.scheduler.schedule
-
-    def recording() -> Any:
-        plan = schedule()
-        for c in plan.prefill:
-            rows = c.seq.request.mm_inputs["image_rows"]
-            inside.append(rows[0] < c.start <= rows[-1])
-        return plan
-
-    qwen.scheduler.schedule = recording  # type: ignore[method-assign]
+    inside = chunk_starts_inside_images(qwen)
     assert qwen.generate(items()) == reference
     assert any(inside)
 

@@ -107,11 +107,17 @@ def test_empty_slots_go_first_then_the_least_recently_used_idle_one() -> None:
     assert cache.place(prompts[1], [0], 8).cached == 0  # slot 1 was overwritten: its blocks are gone
 
 
-def test_a_prefix_shorter_than_the_bidirectional_one_counts_as_none() -> None:
+def holding(prompt: PrefixKeys) -> PrefixCache:
+    """Two slots, slot 0 holding all of ``prompt``'s blocks (placed, prefilled, its request still running)."""
     cache = PrefixCache(2, BLOCK)
-    prompt = keys(list(range(12)))
     cache.place(prompt, [0, 1], 12)
     cache.extend(0, prompt.keys)
+    return cache
+
+
+def test_a_prefix_shorter_than_the_bidirectional_one_counts_as_none() -> None:
+    prompt = keys(list(range(12)))
+    cache = holding(prompt)
     cache.release(0)
     assert cache.place(prompt, [0, 1], 12, min_cached=9).cached == 0
     cache.release(0)
@@ -119,10 +125,8 @@ def test_a_prefix_shorter_than_the_bidirectional_one_counts_as_none() -> None:
 
 
 def test_forget_drops_a_slots_blocks() -> None:
-    cache = PrefixCache(2, BLOCK)
     prompt = keys(list(range(12)))
-    cache.place(prompt, [0, 1], 12)
-    cache.extend(0, prompt.keys)
+    cache = holding(prompt)
     cache.forget(0)
     assert cache.place(prompt, [0, 1], 12).cached == 0
 

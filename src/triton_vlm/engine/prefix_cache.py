@@ -166,7 +166,9 @@ class PrefixCache:
         return next(slot for slot in self._idle if slot in free)
 
     def _hold(self, slot: int, keys: tuple[bytes, ...]) -> None:
-        for key in self._blocks[slot][len(keys):] if self._blocks[slot][:len(keys)] == keys else self._blocks[slot]:
+        """``slot`` now holds exactly ``keys``: the blocks it held beyond them (or all, on another chain) go."""
+        held = self._blocks[slot]
+        for key in held[len(keys):] if held[:len(keys)] == keys else held:
             holders = self._holders.get(key)
             if holders is not None:
                 holders.discard(slot)
