@@ -41,13 +41,16 @@ def sample_image_bytes() -> bytes:
 
 def server_exit_report(log_path: Path, code: int) -> str:
     """Why a test tritonserver did not exit 0: the models Triton loaded whose ``finalize`` never said "model X
-    unloaded" (our backends' line), and the log's last lines without Triton's once-a-second shutdown countdown
-    (which alone would fill the tail)."""
+    unloaded" (our backends' line), those among them whose finalize began ("model X: unloading"), and the log's
+    last lines without Triton's once-a-second shutdown countdown (which alone would fill the tail). A stop that
+    hung has the live stubs' stacks there (the launcher asks for them)."""
     import re
 
     text = log_path.read_text(errors="replace")
     loaded = set(re.findall(r"successfully loaded '([^']+)'", text))
     unloaded = set(re.findall(r"model (\S+) unloaded", text))
+    began = set(re.findall(r"model (\S+): unloading", text))
     lines = [line for line in text.splitlines() if "in-flight non-inference requests" not in line]
-    return (f"tritonserver exited with {code}; loaded, never finalized: {sorted(loaded - unloaded) or 'none'};"
-            f" log (countdown left out):\n" + "\n".join(lines[-60:]))
+    return (f"tritonserver exited with {code}; loaded, never finalized: {sorted(loaded - unloaded) or 'none'}"
+            f" (finalize began: {sorted((loaded - unloaded) & began) or 'none'});"
+            f" log (countdown left out):\n" + "\n".join(lines[-150:]))

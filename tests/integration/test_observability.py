@@ -224,3 +224,25 @@ def test_readme_and_docs_describe_the_metrics() -> None:
         assert name in docs, name
     assert "docs/dashboard.png" in (ROOT / "README.md").read_text()
     assert (ROOT / "docs" / "dashboard.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_stub_asked_for_its_stacks_prints_them_and_serves_on(triton: RunningServer,
+                                                                sample_image_bytes: bytes) -> None:
+    """What the launcher's stop does to the stubs of a server that does not exit in time: every thread's Python
+    stack lands in Triton's log (the engine model's response loop among them), and the stub is unharmed."""
+    from triton_vlm.launcher.procfs import dump_stub_stacks
+
+    assert triton.server.process is not None
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
+        assert "".join(client.stream("llava", sample_image_bytes, PROMPTS["llava"], max_tokens=2))
+        loop_frame = re.compile(r'File ".*backend/responses\.py", line \d+ in _run')
+        before = len(loop_frame.findall(triton.log()))
+        asked = dump_stub_stacks(triton.server.process.pid)
+        assert {stub.model for stub in asked} >= {"llava", "llava_stream"}
+        deadline = time.monotonic() + 30
+        while len(loop_frame.findall(triton.log())) == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = triton.log()
+        assert len(loop_frame.findall(log)) > before, log[-3000:]
+        assert re.search(r"Thread 0x[0-9a-f]+ .*\(most recent call first\)", log)
+        assert "".join(client.stream("llava", sample_image_bytes, PROMPTS["llava"], max_tokens=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -343,6 +344,26 @@ def test_stop_without_start_cleans_own_work_dir() -> None:
 def test_stop_keeps_a_given_work_dir(tmp_path: Path) -> None:
     TritonServer(ServerOptions(work_dir=tmp_path)).stop()
     assert tmp_path.is_dir()
+
+
+def test_a_stop_that_takes_too_long_asks_the_stubs_for_their_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+    monkeypatch.setattr(server_module, "STACKS_AFTER_S", 0.3)
+    monkeypatch.setattr(server_module, "dump_stub_stacks", lambda pid: asked.append(pid) or [])
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    TritonServer._wait_stopping(quick, timeout=10)
+    assert asked == []  # exited in time: nobody is asked
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    TritonServer._wait_stopping(slow, timeout=10)
+    assert asked == [slow.pid] and slow.returncode == 0  # asked once, then waited for to the end
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            TritonServer._wait_stopping(stuck, timeout=0.6)
+        assert asked == [slow.pid, stuck.pid]
+    finally:
+        stuck.kill()
+        stuck.wait()
 
 
 # -- distribution and backend directory ----------------------------------------------------------------------------

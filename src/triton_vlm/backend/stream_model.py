@@ -92,6 +92,8 @@ class TritonVLMStreamModel:
         # (nothing new reaches the engine), the engine's shutdown aborts what runs, and the response loop still
         # ends every open request FINAL.
         started = time.monotonic()
+        # A line before the waits: a stop that hangs then shows whether Triton ever asked this model to unload.
+        log.info("model %s: unloading (%d requests open)", self.model_name, self.admission.open)
         stuck = self._stop()
         if stuck:
             log.warning("model %s: %s still running at unload", self.model_name, ", ".join(stuck))

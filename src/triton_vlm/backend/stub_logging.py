@@ -6,15 +6,21 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import signal
+
+#: The signal that makes a stub print every thread's Python stack to its stderr (Triton's log) and go on.
+STACKS_SIGNAL = signal.SIGUSR1
 
 
 def configure_logging() -> None:
     """Log ``triton_vlm`` records to the stub's stderr, which lands in Triton's log; one handler per process.
 
     ``TRITON_VLM_LOG_LEVEL`` (default INFO; ``triton-vlm serve --log-level debug`` sets it) picks the level:
-    DEBUG adds one line per request. A stub that dies of a fatal signal leaves every thread's Python stack there.
+    DEBUG adds one line per request. A stub that dies of a fatal signal leaves every thread's Python stack there,
+    and so does a stub sent :data:`STACKS_SIGNAL` (the launcher's stop asks a server that does not stop in time).
     """
     faulthandler.enable(all_threads=True)
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     root = logging.getLogger("triton_vlm")
     if not root.handlers:
         handler = logging.StreamHandler()
@@ -27,7 +33,7 @@ def configure_logging() -> None:
 def quiet_teardown() -> None:
     """Stop crash reports once a model is finalized: the stub's native teardown that follows can segfault
     (no Python frame, no request left), which would print a fatal-error report at every normal stop."""
-    faulthandler.disable()
+    faulthandler.disable()  # STACKS_SIGNAL still prints stacks: a registered signal is not a crash report
 
 
 #: A file the launcher names for the reasons models failed at start (one line each); it prints them last.

@@ -10,7 +10,9 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["STUB_NAME", "Stub", "child_pids", "exit_reason", "live_stubs", "process_state"]
+from triton_vlm.backend.stub_logging import STACKS_SIGNAL
+
+__all__ = ["STUB_NAME", "Stub", "child_pids", "dump_stub_stacks", "exit_reason", "live_stubs", "process_state"]
 
 STUB_NAME = "triton_python_backend_stub"
 
@@ -81,6 +83,19 @@ def live_stubs(server_pid: int) -> dict[int, Stub]:
         args = [a for a in argv if a]
         stubs[pid] = Stub(pid, model_file.parent.parent.name, args[-2] if len(args) >= 2 else "", argv[2])
     return stubs
+
+
+def dump_stub_stacks(server_pid: int) -> list[Stub]:
+    """Ask every live stub of the server to print its threads' Python stacks into Triton's log (see
+    :func:`triton_vlm.backend.stub_logging.configure_logging`); returns the stubs asked."""
+    asked = []
+    for stub in live_stubs(server_pid).values():
+        try:
+            os.kill(stub.pid, STACKS_SIGNAL)
+        except OSError:  # it ended meanwhile
+            continue
+        asked.append(stub)
+    return asked
 
 
 def exit_reason(pid: int) -> str:

@@ -43,7 +43,7 @@ from triton_vlm.launcher.policies import (
     queue_limits,
 )
 from triton_vlm.launcher.preflight import check_shm
-from triton_vlm.launcher.procfs import live_stubs
+from triton_vlm.launcher.procfs import dump_stub_stacks, live_stubs
 from triton_vlm.launcher.repository import (
     companions,
     default_model_repository,
@@ -121,6 +121,10 @@ class ServerOptions:
 #: Triton APIs only the launcher (or an operator with the admin key) may use: loading or unloading models
 #: (running code from the repository), shared-memory registration, trace and log settings (files on the host).
 RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+#: Triton's own wait for models to unload at shutdown (it exits 1 past it).
+EXIT_TIMEOUT_S = 30
+#: How long after SIGTERM a server that has not exited yet has its stubs print their stacks (within EXIT_TIMEOUT_S).
+STACKS_AFTER_S = 22.0
 
 
 def gpu_available() -> bool:
@@ -291,7 +295,7 @@ class TritonServer:
             "--model-control-mode=explicit", "--load-model=*",
             f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}",
             f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}",
-            "--exit-timeout-secs=30", f"--log-verbose={opts.log_verbose}",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}", f"--log-verbose={opts.log_verbose}",
         ]
 
     def _spawn_first(self, command: list[str], env: dict[str, str], kind: str | None) -> subprocess.Popen[bytes]:
@@ -408,7 +412,7 @@ class TritonServer:
                     else:
                         # Only the server: it ends its stubs itself after unloading the models.
                         process.send_signal(signal.SIGTERM)
-                        process.wait(timeout=timeout)
+                        self._wait_stopping(process, timeout)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not stop in %.0fs; killing it", timeout)
                     signal_group(process.pid, signal.SIGKILL)
@@ -419,6 +423,22 @@ class TritonServer:
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         return code
+
+    @staticmethod
+    def _wait_stopping(process: subprocess.Popen[bytes], timeout: float) -> None:
+        """Wait for a SIGTERMed server to exit (``subprocess.TimeoutExpired`` past ``timeout``). One still running
+        near its exit timeout has a model that does not unload: its stubs print their threads' stacks into the log
+        first, which tells a stub stuck in ``finalize`` from a model Triton never finalized."""
+        try:
+            process.wait(timeout=min(timeout, STACKS_AFTER_S))
+            return
+        except subprocess.TimeoutExpired:
+            if timeout <= STACKS_AFTER_S:
+                raise
+        stubs = dump_stub_stacks(process.pid)
+        log.warning("tritonserver has not stopped %.0fs after SIGTERM; stacks of its live stubs (%s) are in its log",
+                    STACKS_AFTER_S, ", ".join(stub.instance for stub in stubs) or "none")
+        process.wait(timeout=timeout - STACKS_AFTER_S)
 
     def _stop_after_recovery(self, process: subprocess.Popen[bytes], supervisor: StubSupervisor,
                              timeout: float) -> int:
