@@ -93,7 +93,7 @@ class TritonVLMStreamModel:
         # ends every open request FINAL.
         started = time.monotonic()
         # A line before the waits: a stop that hangs then shows whether Triton ever asked this model to unload.
-        log.info("model %s: unloading (%d requests open)", self.model_name, self.admission.open)
+        log.info("model %s: unloading", self.model_name)
         stuck = self._stop()
         if stuck:
             log.warning("model %s: %s still running at unload", self.model_name, ", ".join(stuck))
