@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import ROOT
 from tests.integration.conftest import RunningServer
 
+from triton_vlm.observability.phases import FIRST_TOKEN_PHASES
+
 pytestmark = pytest.mark.integration
 
 CLI = Path(sys.executable).parent / "triton-vlm"
@@ -114,3 +116,9 @@ def test_bench_chat_times_each_turn_of_conversations_against_a_running_server(tr
     held = counters["prefix_cached_tokens"]
     assert turn1["prompt_tokens"] // 16 * 16 <= held <= turn1["prompt_tokens"] + 4 and held % 16 == 0
     assert counters["prefill_tokens"] == turn1["prompt_tokens"] + turn2["prompt_tokens"] - held
+    # Each turn's first token, split by the server: every phase, together about the TTFT the client saw (which
+    # adds the gRPC hops and Triton's queue).
+    for sample, row in zip(report["samples"], report["turns"], strict=True):
+        assert list(sample["phases"]) == list(FIRST_TOKEN_PHASES) == list(row["phases_p50_s"])
+        assert 0 < sum(sample["phases"].values()) <= sample["ttft_s"]
+    assert "turn 2 on the server, p50 ms: wait" in result.stdout

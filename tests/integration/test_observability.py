@@ -246,3 +246,31 @@ def test_a_stub_asked_for_its_stacks_prints_them_and_serves_on(triton: RunningSe
         assert len(loop_frame.findall(log)) > before, log[-3000:]
         assert re.search(r"Thread 0x[0-9a-f]+ .*\(most recent call first\)", log)
         assert "".join(client.stream("llava", sample_image_bytes, PROMPTS["llava"], max_tokens=2))
+
+
+def test_an_engine_request_splits_its_first_token_into_phases(triton: RunningServer,
+                                                               sample_image_bytes: bytes) -> None:
+    """``triton_vlm_first_token_phase_seconds{phase}`` counts every phase of a streamed engine request, and its
+    debug line names them: together from the request's arrival to its first piece leaving."""
+    from triton_vlm.observability.phases import FIRST_TOKEN_PHASES, PHASE_METRIC
+
+    def counts() -> dict[str, float]:
+        samples = parse_metrics(triton.metrics())
+        return {phase: value_of(samples, f"{PHASE_METRIC}_count", model="llava_stream", phase=phase) or 0.0
+                for phase in FIRST_TOKEN_PHASES}
+
+    before = counts()
+    with TritonVLMClient(triton.grpc_url, protocol="grpc") as client:
+        assert "".join(client.stream("llava", sample_image_bytes, "Split this one.", max_tokens=4))
+    after = counts()
+    assert all(after[phase] - before[phase] >= 1 for phase in FIRST_TOKEN_PHASES), (before, after)
+    line = re.compile(r"model llava_stream: request \S+: \d+ prompt \+ 4 generated tokens, length, first token "
+                      r"after ([\d.]+)s \((.*?)\), ([\d.]+)s in all")
+    deadline = time.monotonic() + 10
+    while not (found := line.findall(triton.log())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first, split, total = found[-1]
+    phases = dict(part.split(" ") for part in split.split(", "))
+    assert list(phases) == list(FIRST_TOKEN_PHASES)
+    elapsed = sum(float(seconds) for seconds in phases.values())
+    assert float(first) - 0.002 <= elapsed <= float(total) + 0.002

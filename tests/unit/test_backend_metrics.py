@@ -99,6 +99,10 @@ def test_sum_and_count_counters_without_histograms(monkeypatch: pytest.MonkeyPat
         assert (ttft._total.value, ttft._count.value) == (0.5, 1)
         tpot = model.metrics.time_per_output_token
         assert (tpot._total.value, tpot._count.value) == (0.5, 1)  # 2 s over 4 gaps
+        model.metrics.observe_request(1.0, 1.5, 2.0, generated_tokens=2, prompt_tokens=3, phases={"queue": 0.25})
+        assert created["triton_vlm_first_token_phase_seconds_sum"] == "counter"
+        queue = model.metrics._phase(phase="queue")
+        assert (queue._total.value, queue._count.value) == (0.25, 1)
     finally:
         for name in MODULES:
             sys.modules.pop(name, None)
@@ -112,6 +116,16 @@ def test_observe_request_edge_cases(hist_backend: Any) -> None:
     assert metrics.time_to_first_token.observed == [2.0, 0.25, 0.0]
     assert metrics.time_per_output_token.observed == []
     assert metrics.prompt_tokens.value == 9 and metrics.generated_tokens.value == 1
+
+
+def test_phases_of_a_first_token_go_to_one_series_each(hist_backend: Any) -> None:
+    metrics = initialize(hist_backend, "llava", {"tiny": "true"}).metrics
+    metrics.observe_request(1.0, 1.5, 2.0, generated_tokens=3, prompt_tokens=4, phases={"parse": 0.1, "prefill": 0.3})
+    metrics.observe_request(1.0, 1.5, 2.0, generated_tokens=3, prompt_tokens=4, phases={"prefill": 0.2})
+    metrics.observe_request(1.0, 1.5, 2.0, generated_tokens=3, prompt_tokens=4)  # the batched path: none
+    assert metrics._phase(phase="parse").observed == [0.1]
+    assert metrics._phase(phase="prefill").observed == [0.3, 0.2]  # the same series, made once
+    assert metrics.time_to_first_token.observed == [0.5, 0.5, 0.5]
 
 
 def test_execute_records_latency_and_batch_metrics(hist_backend: Any, llava_runtime: VLMRuntime,

@@ -96,6 +96,18 @@ def test_chat_summary_has_the_issue_keys_from_the_runs_with_the_cache_on_and_off
     assert "cache on: 8 hits, 4992 positions held, 5800 prefilled" in line and "cache off:" in line
 
 
+def test_chat_summary_keeps_where_each_turns_first_token_went_on_the_server() -> None:
+    from triton_vlm.bench.summarize import summarize_chat
+
+    on, off = chat_report(0.040, 0.030), chat_report(0.041, 0.045)
+    on["turns"][0]["phases_p50_s"] = {"prepare": 0.006, "prefill": 0.020}
+    on["turns"][1]["phases_p50_s"] = {"prepare": 0.006, "prefill": 0.012}
+    summary = summarize_chat(on, off, "bash bench/gpu_chat_run.sh")
+    assert summary["phases_p50_s"] == {"turn1": {"prepare": 0.006, "prefill": 0.020},
+                                       "turn2": {"prepare": 0.006, "prefill": 0.012}}
+    assert "phases_p50_s_nocache" not in summary  # a run that could not read the server's metrics
+
+
 def test_chat_summary_without_c64_runs_and_with_mismatched_workloads() -> None:
     from triton_vlm.bench.summarize import chat_line, summarize_chat
 

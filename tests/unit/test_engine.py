@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -284,6 +285,23 @@ def run_to_completion(engine: LLMEngine, engines: list[LLMEngine],
         engine.submit(request)
     collector.wait_finished(len(requests))
     return collector, ids
+
+
+def test_a_choices_first_token_carries_when_it_was_scheduled_and_read_back(loaded: Any, threaded: list) -> None:
+    before = time.perf_counter()
+    collector, ids = run_to_completion(make_engine(loaded, max_num_seqs=2), threaded, [
+        (0, SamplingParams(max_tokens=5, ignore_eos=True), None),
+        (1, SamplingParams(max_tokens=4, ignore_eos=True, n=2, temperature=1.0, seed=3), None),
+        (2, SamplingParams(max_tokens=3, ignore_eos=True), None),  # waits for a slot
+    ])
+    after = time.perf_counter()
+    for request_id in ids:
+        outputs = [out for out in collector.outputs[request_id] if out.new_token_ids]
+        for index in {out.index for out in outputs}:
+            stamped = [out.first_token_times for out in outputs if out.index == index]
+            admitted, produced = stamped[0] or (0.0, 0.0)
+            assert before < admitted < produced < after  # its first token's output only
+            assert stamped[1:] == [None] * (len(stamped) - 1)
 
 
 def test_ignore_eos_runs_to_max_tokens(loaded: Any, greedy_reference: list, threaded: list,

@@ -5,6 +5,7 @@ faked; the tiny llava's tokenizer)."""
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +17,7 @@ from triton_vlm._protocol.wire import Choice
 from triton_vlm.engine import RequestOutput
 from triton_vlm.engine.engine import EngineStats
 from triton_vlm.errors import GenerationError
+from triton_vlm.observability.phases import FIRST_TOKEN_PHASES
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import SamplingParams
 
@@ -90,7 +92,7 @@ class Served:
         self.sent: list[tuple[Any, int]] = []
         self.observed: list[tuple[Any, ...]] = []
         self.final_flag = backend.stream_requests.FINAL
-        self.metrics = SimpleNamespace(observe_request=lambda *args: self.observed.append(args),
+        self.metrics = SimpleNamespace(observe_request=lambda *args, phases=None: self.observed.append((*args, phases)),
                                        request_errors=FakeMetric())
         self.loop = backend.responses.ResponseLoop(runtime, self.metrics, SimpleNamespace(update=lambda stats: None),
                                                    {})
@@ -164,7 +166,7 @@ def test_streamed_choices_interleave_each_with_its_index_and_the_last_one_ends_f
     # The prefix cache's count rides on a choice's last piece alone: the deltas before it leave it out (their cost).
     assert [("cached_tokens" in r.tensors) for r, _ in served.sent] == [bool(o.finish_reason) for o in outputs]
     assert served.engine.aborts == []
-    ((_, _, _, generated, prompt),) = served.observed
+    ((_, _, _, generated, prompt, _),) = served.observed
     assert (generated, prompt) == (sum(map(len, ids)), PROMPT_TOKENS)
 
 
@@ -231,3 +233,29 @@ def test_shutting_down_ends_a_request_with_choices_still_running_final_once(back
     served.run(interleaved(ids)[:2])  # then the loop is asked to stop
     assert served.assert_one_final() is None
     assert {o.index for o in served.outputs()} == {0, 1, 2}
+
+
+def test_a_streamed_request_reports_the_phases_of_its_first_token(backend: SimpleNamespace,
+                                                                   llava_runtime: VLMRuntime) -> None:
+    """The engine service's stamps, the engine's (on the first token's output) and the first response's leaving
+    split the time to first token; a whole answer, which sends nothing before its end, has no "respond" phase."""
+    ids = token_ids(llava_runtime)[0]
+    for stream in (True, False):
+        served = Served(backend, llava_runtime, 1, stream=stream)
+        base = time.perf_counter() - 20.0  # stamps as the service and the engine take them, 20 s ago
+        request = served.request
+        request.received, request.started, request.parsed, request.prepared = base, base + 0.5, base + 1.5, base + 3.5
+        first = RequestOutput("r1", (ids[0],), False, None, PROMPT_TOKENS, 1,
+                              first_token_times=(base + 7.5, base + 15.5))
+        rest = [RequestOutput("r1", (token,), i == len(ids) - 1, "length" if i == len(ids) - 1 else None,
+                              PROMPT_TOKENS, i + 1) for i, token in enumerate(ids) if i]
+        served.run([[first], rest])
+        after = time.perf_counter()
+        ((*_, phases),) = served.observed
+        assert {k: round(phases[k], 6) for k in ("wait", "parse", "prepare", "queue", "prefill")} == {
+            "wait": 0.5, "parse": 1.0, "prepare": 2.0, "queue": 4.0, "prefill": 8.0}
+        if stream:  # the first piece left when the loop ran, 4.5 s and a little after the token
+            assert list(phases) == list(FIRST_TOKEN_PHASES)
+            assert 4.5 <= phases["respond"] <= after - base - 15.5
+        else:
+            assert "respond" not in phases

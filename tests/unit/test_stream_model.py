@@ -64,7 +64,7 @@ def grounded_answer(processor: Any) -> list[int]:
 def delivering_model(module: Any, runtime: VLMRuntime, extra_outputs: dict[str, str],
                      stream_interval: int = 1) -> Any:
     """The stream model's response loop alone, its thread not started."""
-    metrics = SimpleNamespace(observe_request=lambda *args: None, request_errors=FakeMetric())
+    metrics = SimpleNamespace(observe_request=lambda *args, phases=None: None, request_errors=FakeMetric())
     loop = module.responses.ResponseLoop(runtime, metrics, None, extra_outputs)
     loop.stream_interval = stream_interval
     return loop
@@ -124,7 +124,7 @@ def test_the_clients_read_an_answer_s_logprobs_and_choices_as_the_backend_wrote_
     output = GenerationOutput(text="A cat", token_ids=(3, 4), prompt_tokens=9, finish_reason="stop",
                               logprobs=(SampledLogprob(3, -0.25), SampledLogprob(4, -0.75, ((4, -0.75),))),
                               choices=(second,))
-    metrics = SimpleNamespace(observe_request=lambda *args: None)
+    metrics = SimpleNamespace(observe_request=lambda *args, phases=None: None)
     response = stream_model.python_model.answer_response(metrics, {}, output, 0.0, token_text)
     assert parse_output(FakeResult(response.tensors)) == Output(
         "A cat", 2, 9, "stop",

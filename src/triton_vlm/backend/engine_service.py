@@ -163,9 +163,11 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
 
     def _start(self, request: OpenRequest) -> None:
         """Validate, tokenize and submit ``request`` (or pass it to the batched tasks)."""
+        request.started = time.perf_counter()
         triton_request = request.triton_request
         parsed = parse_request(triton_request, self.runtime)
         stream = input_scalar(triton_request, "stream", bool)
+        request.parsed = time.perf_counter()
         self.faults.check("parse", parsed.prompt_text)
         engine = self._ensure_engine()
         # The engine runs n choices itself (one prefill); only tasks it does not run go to the batched loop.
@@ -176,6 +178,7 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
         self.faults.check("prepare", parsed.prompt_text)
         prepared = engine.prepare(list(parsed.images), parsed.prompt, parsed.params, self.responses.put,
                                   request_id=request.request_id)
+        request.prepared = time.perf_counter()
         self.responses.open(request, engine, True if stream is None else stream, parsed)
         # The response loop owns the request from here: a failure reaches it as the request's last output.
         try:

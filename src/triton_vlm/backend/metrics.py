@@ -9,10 +9,14 @@ Python backend lacks histograms, the same ``_sum`` and ``_count`` series are exp
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
+
+from triton_vlm.observability.phases import PHASE_METRIC
 
 log = logging.getLogger("triton_vlm")
 
@@ -23,13 +27,16 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 #: Upper bounds for requests per executed batch (HF path) or sequences per engine step.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+#: Upper bounds (seconds) for one phase of a time to first token (:mod:`triton_vlm.observability.phases`): an
+#: image decode or a prefix-cache lookup takes under a millisecond, a 7B prefill tens of milliseconds.
+PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
 #: Every custom metric name (histograms by their base name), for docs and tests.
 METRIC_NAMES = (
     "triton_vlm_model_loaded", "triton_vlm_model_weights_available", "triton_vlm_model_load_seconds", "triton_vlm_model_load_failures_total",
     "triton_vlm_prompt_tokens_total", "triton_vlm_generated_tokens_total", "triton_vlm_request_errors_total",
     "triton_vlm_last_batch_size", "triton_vlm_batch_size", "triton_vlm_time_to_first_token_seconds",
-    "triton_vlm_time_per_output_token_seconds",
+    "triton_vlm_time_per_output_token_seconds", PHASE_METRIC,
 )
 #: The engine's counters (``<model>_stream`` models only).
 ENGINE_METRIC_NAMES = ("triton_vlm_engine_steps_total", "triton_vlm_engine_tokens_total",
@@ -114,14 +121,19 @@ class BackendMetrics:
             self._families.append(family)
             return family.Metric(labels=labels)
 
-        def histogram(name: str, description: str, buckets: tuple[float, ...]) -> Any:
+        def histogram(name: str, description: str, buckets: tuple[float, ...]) -> Callable[..., Any]:
+            """The family's metric for these labels (the model's and ``extra``), made on first use."""
             kind = getattr(pb_utils.MetricFamily, "HISTOGRAM", None)
             if kind is None:
-                return _SumCount(metric(f"{name}_sum", f"{description} (sum)", counter),
-                                 metric(f"{name}_count", f"{description} (count)", counter))
+                total, count = (pb_utils.MetricFamily(name=f"{name}_{part}", description=f"{description} ({part})",
+                                                      kind=counter) for part in ("sum", "count"))
+                self._families += [total, count]
+                return functools.cache(lambda **extra: _SumCount(total.Metric(labels={**labels, **extra}),
+                                                                 count.Metric(labels={**labels, **extra})))
             family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
             self._families.append(family)
-            return family.Metric(labels=labels, buckets=[float(b) for b in buckets])
+            return functools.cache(lambda **extra: family.Metric(labels={**labels, **extra},
+                                                                 buckets=[float(b) for b in buckets]))
 
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         self.loaded = metric("triton_vlm_model_loaded", "1 once the model's weights are loaded, else 0", gauge)
@@ -138,13 +150,16 @@ class BackendMetrics:
                                  "Requests in the last executed batch (engine: sequences running)", gauge)
         self.batch_sizes = histogram("triton_vlm_batch_size",
                                      "Requests per executed batch (engine: sequences per step, sampled)",
-                                     BATCH_BUCKETS)
+                                     BATCH_BUCKETS)()
         self.time_to_first_token = histogram(
             "triton_vlm_time_to_first_token_seconds",
-            "Seconds from the backend receiving a request to its first generated token", TTFT_BUCKETS)
+            "Seconds from the backend receiving a request to its first generated token", TTFT_BUCKETS)()
         self.time_per_output_token = histogram(
             "triton_vlm_time_per_output_token_seconds",
-            "Per request: mean seconds between output tokens after the first", TPOT_BUCKETS)
+            "Per request: mean seconds between output tokens after the first", TPOT_BUCKETS)()
+        # Engine models only, one series per phase as it is first observed.
+        self._phase = histogram(PHASE_METRIC, "Seconds of each phase of an engine request's time to first token "
+                                "(wait, parse, prepare, queue, prefill, respond)", PHASE_BUCKETS)
         self.loaded.set(0)
 
     def note_weights(self, runtime: Any) -> None:
@@ -159,12 +174,15 @@ class BackendMetrics:
                         "launcher's start note says how)", runtime.settings.model_name, found.detail)
 
     def observe_request(self, received: float, first_token: float | None, finished: float,
-                        generated_tokens: int, prompt_tokens: int) -> None:
-        """Token counts and latencies of one answered request; times are ``time.perf_counter()`` stamps.
+                        generated_tokens: int, prompt_tokens: int, phases: Mapping[str, float] | None = None) -> None:
+        """Token counts and latencies of one answered request; times are ``time.perf_counter()`` stamps, and
+        ``phases`` the seconds of its time to first token by phase (engine models).
 
         Without a first-token stamp (answers that are not token streams, e.g. moondream2's detect) the answer's
         end counts as its first token.
         """
+        for phase, seconds in (phases or {}).items():
+            self._phase(phase=phase).observe(seconds)
         self.prompt_tokens.increment(prompt_tokens)
         self.generated_tokens.increment(generated_tokens)
         first = finished if first_token is None else first_token

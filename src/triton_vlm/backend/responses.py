@@ -30,6 +30,7 @@ from triton_vlm.backend.worker import InboxWorker
 from triton_vlm.detokenizer import IncrementalDetokenizer
 from triton_vlm.engine import RequestOutput
 from triton_vlm.models.generation import CANCEL_CHECK_S
+from triton_vlm.observability.phases import first_token_phases
 from triton_vlm.runtime import GenerationRequest, VLMRuntime
 from triton_vlm.sampling import StopMatcher, TokenLogprob, cut_at_stop, safe_length
 
@@ -105,6 +106,10 @@ class _Stream:
     choices: list[_Choice] = field(default_factory=list)
     #: Choices that have not ended yet: the request ends (FINAL) with the last.
     running: int = 0
+    #: The engine's stamps of the first token (``RequestOutput.first_token_times``), and when the first response
+    #: with text left (streamed requests): the last phases of the time to first token.
+    engine_times: tuple[float, float] | None = None
+    first_sent_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.choices = [_Choice(self, i) for i in range(self.n)]
@@ -174,6 +179,8 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
                     state = streams[message.request_id]
                     if message.new_token_ids and state.first_token_at is None:
                         state.first_token_at = time.perf_counter()
+                    if message.first_token_times is not None and state.engine_times is None:
+                        state.engine_times = message.first_token_times
                     choice = state.choices[message.index]
                     choice.token_ids.extend(message.new_token_ids)
                     choice.logprobs.extend(message.logprobs)
@@ -255,6 +262,8 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
                                        self._new_logprobs(choice))
                 choice.extras = extras
                 response = self._whole_answer(state) if not state.running else None
+            if state.stream and not state.first_sent_at:
+                state.first_sent_at = time.perf_counter()
             if not state.running:
                 self._observe(state)
                 state.request.finish(response)
@@ -263,6 +272,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         elif not text.endswith("\ufffd") and len(text) > choice.sent_chars:
             # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
             piece, choice.sent_chars, choice.sent_tokens = text[choice.sent_chars:], len(text), out.generated_tokens
+            state.first_sent_at = state.first_sent_at or time.perf_counter()
             state.request.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None,
                                                logprobs=self._new_logprobs(choice), index=choice.index))
         return out
@@ -296,18 +306,24 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         return wire_logprobs(entries, self.runtime.token_text)
 
     def _observe(self, state: _Stream) -> None:
-        """A finished request's metrics (its choices' generated tokens together), and its debug line."""
+        """A finished request's metrics (its choices' generated tokens together, the phases of its time to first
+        token), and its debug line."""
         finished = time.perf_counter()
-        received = state.request.received
+        request = state.request
         ends = [choice.ended for choice in state.choices if choice.ended is not None]
         generated = sum(out.generated_tokens for out in ends)
         prompt_tokens = ends[0].prompt_tokens if ends else 0
-        self.metrics.observe_request(received, state.first_token_at, finished, generated, prompt_tokens)
+        admitted, produced = state.engine_times or (0.0, 0.0)
+        phases = first_token_phases(request.received, request.started, request.parsed, request.prepared, admitted,
+                                    produced, state.first_sent_at)
+        self.metrics.observe_request(request.received, state.first_token_at, finished, generated, prompt_tokens,
+                                     phases=phases)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("model %s: request %s: %d prompt + %d generated tokens, %s, first token after %.3fs, "
-                      "%.3fs in all", self.runtime.settings.model_name, state.request.request_id, prompt_tokens,
+            split = " (" + ", ".join(f"{k} {v:.4f}" for k, v in phases.items()) + ")" if phases else ""
+            log.debug("model %s: request %s: %d prompt + %d generated tokens, %s, first token after %.3fs%s, "
+                      "%.3fs in all", self.runtime.settings.model_name, request.request_id, prompt_tokens,
                       generated, "/".join(out.finish_reason or "" for out in ends),
-                      (state.first_token_at or finished) - received, finished - received)
+                      (state.first_token_at or finished) - request.received, split, finished - request.received)
 
     def _sample_engine(self) -> None:
         """Engine metrics, sampled at most every SAMPLE_S while requests are open and once after (one update per

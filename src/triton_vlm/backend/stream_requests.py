@@ -72,6 +72,11 @@ class OpenRequest:
     #: The engine's id for it, given by the engine service ("" until then).
     request_id: str = ""
     ended: bool = False
+    #: ``time.perf_counter()`` when the engine service took it up, had read its inputs (images decoded), and had
+    #: prepared it for the engine (processor, template, tokens, prefix keys); 0.0 until then.
+    started: float = 0.0
+    parsed: float = 0.0
+    prepared: float = 0.0
 
     @property
     def is_cancelled(self) -> Callable[[], bool] | None:

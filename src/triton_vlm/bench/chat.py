@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from triton_vlm.bench.workload import DEFAULT_PROMPT, Workload, median, ms_column
+from triton_vlm.observability.phases import FIRST_TOKEN_PHASES, PHASE_METRIC
 
 #: Turn k asks ``QUESTIONS[k - 1]``.
 QUESTIONS = (
@@ -48,6 +49,9 @@ class ChatSample:
     seconds: float
     prompt_tokens: int
     generated_tokens: int
+    #: The server's split of this turn's time to first token (``triton_vlm_first_token_phase_seconds``), where the
+    #: benchmark could read its metrics.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,20 +76,25 @@ class ChatResult:
         for turn in range(1, self.turns + 1):
             samples = self.of_turn(turn)
             ttfts = [s.ttft_s for s in samples]
+            phases = [phase for phase in FIRST_TOKEN_PHASES if all(phase in s.phases for s in samples)]
             per_turn.append({"turn": turn, "question": QUESTIONS[turn - 1], "samples": len(samples),
                              "ttft_p50_s": median(ttfts), "ttft_min_s": min(ttfts, default=float("nan")),
                              "ttft_max_s": max(ttfts, default=float("nan")),
-                             "prompt_tokens_p50": median([float(s.prompt_tokens) for s in samples])})
+                             "prompt_tokens_p50": median([float(s.prompt_tokens) for s in samples]),
+                             # The server's split of the TTFT, phase by phase (medians; where it was read).
+                             "phases_p50_s": {phase: median([s.phases[phase] for s in samples])
+                                              for phase in phases} if samples else {}})
         return {**{f"turn{turn}_ttft_s": self.ttft_s(turn) for turn in range(1, self.turns + 1)},
                 "turns": per_turn, "samples": [asdict(s) for s in self.samples],
                 "errors": self.errors, "first_error": self.first_error}
 
 
 def run_chat(grpc_url: str, workload: Workload, turns: int, answers: str = "model",
-             timeout: float = 600.0) -> ChatResult:
+             timeout: float = 600.0, metrics_url: str | None = None) -> ChatResult:
     """``workload.requests`` conversations of ``turns`` turns, one after another, each about its own image
     (``workload.image(i)``), ``workload.max_tokens`` tokens a turn; later turns send back ``answers`` (``model``:
-    the model's, ``canned``: :data:`CANNED_ANSWER`)."""
+    the model's, ``canned``: :data:`CANNED_ANSWER`). With ``metrics_url``, each turn also gets the server's split
+    of its time to first token (read between turns, so outside the timed part)."""
     from triton_vlm.client import TritonVLMClient
 
     if not 1 <= turns <= len(QUESTIONS):
@@ -103,7 +112,12 @@ def run_chat(grpc_url: str, workload: Workload, turns: int, answers: str = "mode
                 content: Any = [{"type": "image"}, {"type": "text", "text": question}] if turn == 1 else question
                 messages.append({"role": "user", "content": content})
                 try:
+                    before = phase_sums(metrics_url, workload.model) if metrics_url else {}
                     sample, answer = _turn(client, workload, messages, image, conversation, turn)
+                    if metrics_url:
+                        after = phase_sums(metrics_url, workload.model)
+                        sample = replace(sample, phases={phase: after[phase] - before.get(phase, 0.0)
+                                                         for phase in after})
                 except Exception as exc:  # counted, not fatal: a benchmark reports errors
                     result.errors += 1
                     result.first_error = result.first_error or f"turn {turn}: {type(exc).__name__}: {exc}"[:500]
@@ -147,11 +161,25 @@ def engine_counters(metrics_url: str, model: str) -> dict[str, float]:
     it). The engine publishes them every 0.25 s: read them half a second after the last request."""
     from triton_vlm.observability.scrape import fetch_metrics, parse_metrics, value_of
 
-    url = metrics_url if metrics_url.rstrip("/").endswith("/metrics") else metrics_url.rstrip("/") + "/metrics"
-    samples = parse_metrics(fetch_metrics(url))
+    samples = parse_metrics(fetch_metrics(_metrics_endpoint(metrics_url)))
     found = {key: value_of(samples, name, model=f"{model}_stream", **labels)
              for key, (name, labels) in ENGINE_COUNTERS.items()}
     return {key: value for key, value in found.items() if value is not None}
+
+
+def phase_sums(metrics_url: str, model: str) -> dict[str, float]:
+    """The seconds ``<model>_stream`` has counted in each phase of its requests' first tokens so far (a server
+    without the metric: none)."""
+    from triton_vlm.observability.scrape import fetch_metrics, parse_metrics, value_of
+
+    samples = parse_metrics(fetch_metrics(_metrics_endpoint(metrics_url)))
+    found = {phase: value_of(samples, f"{PHASE_METRIC}_sum", model=f"{model}_stream", phase=phase)
+             for phase in FIRST_TOKEN_PHASES}
+    return {phase: value for phase, value in found.items() if value is not None}
+
+
+def _metrics_endpoint(metrics_url: str) -> str:
+    return metrics_url if metrics_url.rstrip("/").endswith("/metrics") else metrics_url.rstrip("/") + "/metrics"
 
 
 def warm_up_chat(grpc_url: str, workload: Workload, turns: int, answers: str = "model") -> ChatResult:
@@ -165,6 +193,10 @@ def format_chat_table(title: str, result: ChatResult) -> str:
     for row in result.as_json()["turns"]:
         lines.append(f"{row['turn']:>4} {row['prompt_tokens_p50']:>13.0f} {ms_column(row['ttft_p50_s'], 1)} "
                      f"{ms_column(row['ttft_min_s'], 1)} {ms_column(row['ttft_max_s'], 1)} {row['samples']:>7}")
+    for row in result.as_json()["turns"]:
+        if row["phases_p50_s"]:
+            lines.append(f"turn {row['turn']} on the server, p50 ms: " + ", ".join(
+                f"{phase} {seconds * 1e3:.1f}" for phase, seconds in row["phases_p50_s"].items()))
     if result.turns > 1:
         lines.append("TTFT over turn 1's: " + ", ".join(
             f"turn {t} {result.ttft_s(t) / result.ttft_s(1):.2f}" for t in range(2, result.turns + 1)))

@@ -166,7 +166,7 @@ def run_chat_mode(args: argparse.Namespace) -> int:
         if metrics_url:
             time.sleep(0.5)  # the engine's counters are published every 0.25 s
             before = engine_counters(metrics_url, args.model)
-        result = run_chat(url, workload, args.chat_turns, args.chat_answers)
+        result = run_chat(url, workload, args.chat_turns, args.chat_answers, metrics_url=metrics_url)
         if metrics_url:
             time.sleep(0.5)
             after = engine_counters(metrics_url, args.model)

@@ -87,6 +87,11 @@ def summarize_chat(on: dict[str, Any], off: dict[str, Any], command: str, c64_on
         # Each turn's prompt (image positions included): what turn 2 would prefill without the cache.
         "prompt_tokens": {f"turn{t['turn']}": t["prompt_tokens_p50"] for t in on["turns"]},
     }
+    # Where each turn's first token went on the server (medians by phase), where the runs read it.
+    for chat, suffix in ((on, ""), (off, "_nocache")):
+        phases = {f"turn{t['turn']}": t["phases_p50_s"] for t in chat["turns"] if t.get("phases_p50_s")}
+        if phases:
+            summary[f"phases_p50_s{suffix}"] = phases
     # What each server's engine prefilled and its prefix cache held during the timed conversations, where recorded:
     # the evidence that the cache was on, and off.
     for chat, suffix in ((on, ""), (off, "_nocache")):

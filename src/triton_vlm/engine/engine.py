@@ -287,6 +287,8 @@ class LLMEngine:
             for source, target, length in plan.copies:  # before this step's kernels may write to either slot
                 self.cache.copy_prefix(source, target, length)
             if plan.admitted:
+                for seq in plan.admitted:
+                    seq.admitted_at = clock
                 self._count_cached(plan.admitted)
                 self.runner.build_prompt_embeds(plan.admitted)
                 lap("vision")
@@ -410,9 +412,11 @@ class LLMEngine:
         if done:
             self.scheduler.finish(seq, "length")
             self._forget(seq)
+        first = (seq.admitted_at, time.perf_counter()) if len(seq.output_ids) == 1 else None
         request.on_output(RequestOutput(request.request_id, (token,), done, "length" if done else None,
                                         seq.prompt_len, len(seq.output_ids), cached_tokens=seq.cached_positions,
-                                        logprobs=() if logprob is None else (logprob,), index=request.index))
+                                        logprobs=() if logprob is None else (logprob,), index=request.index,
+                                        first_token_times=first))
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
         self.scheduler.finish(seq, reason)

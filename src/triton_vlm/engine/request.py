@@ -55,6 +55,9 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()
     #: The choice these tokens belong to (0 to n-1; each choice ends with its own ``finished`` output).
     index: int = 0
+    #: On a choice's first token only: ``time.perf_counter()`` when the engine first scheduled its sequence, and
+    #: when the token was read back (the engine's share of the time to first token).
+    first_token_times: tuple[float, float] | None = None
 
 
 class SequenceStatus(enum.Enum):
@@ -75,6 +78,8 @@ class Sequence:
     num_prefilled: int = 0
     #: Of those, the ones the prefix cache held at admission.
     cached_positions: int = 0
+    #: ``time.perf_counter()`` when the scheduler first gave it a slot (0.0 until then).
+    admitted_at: float = 0.0
     #: Tokens generated on the device so far, the latest step's included: the engine reads a step's tokens back
     #: while the next step runs, so this can be one ahead of ``output_ids``.
     num_generated: int = 0
