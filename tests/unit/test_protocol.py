@@ -413,11 +413,13 @@ class AsyncClient:
     """``tritonclient.grpc.aio.InferenceServerClient.stream_infer``: the script's responses, then, as Triton does,
     the end of the stream once the request side has closed. Records cancels and whether the end was read."""
 
-    def __init__(self, script: list[Any]) -> None:
+    def __init__(self, script: list[Any], end_after: float = 0.0) -> None:
         self.script = script
         self.cancelled = 0
         self.read_to_end = False
         self.sent: list[dict[str, Any]] = []
+        #: How long the server takes to end the stream once the request side closed.
+        self.end_after = end_after
 
     def stream_infer(self, requests: AsyncIterator[dict[str, Any]], stream_timeout: float | None = None) -> Any:
         client = self
@@ -436,6 +438,7 @@ class AsyncClient:
                 if item is None:
                     async for _ in requests:  # the request side closes once the loop is done
                         pass
+                    await asyncio.sleep(client.end_after)
                     client.read_to_end = True
                     raise StopAsyncIteration
                 if isinstance(item, BaseException):
@@ -473,6 +476,28 @@ def test_async_stream_reads_a_finished_request_s_stream_to_its_end_without_cance
     assert "".join(o.text for o in outputs) == "A cat." and client.sent[0]["model_name"] == "llava_stream"
     # Read to the end: grpc would cancel a call that is collected before it ended, the race the rule avoids.
     assert client.cancelled == 0 and client.read_to_end
+
+
+def test_a_caller_cancelled_while_a_finished_stream_ends_leaves_it_to_end() -> None:
+    """The OpenAI front's streamed answer: its last piece out, the HTTP client leaves, and the task that closes the
+    stream is cancelled while the stream ends. That must not cancel the call as its request ends (Triton 2.51 then
+    never releases the request, and its model never unloads): the stream is still read to its end."""
+    client = AsyncClient([(r, None) for r in PIECES], end_after=0.2)
+
+    async def leave_after_the_last_piece() -> None:
+        outputs = outputs_async(client, CALL, url="h:1", timeout=5)
+        async for output in outputs:
+            if output.finish_reason:
+                break  # as the front's events do: done once every choice had its finish reason
+        closing = asyncio.ensure_future(outputs.aclose())
+        await asyncio.sleep(0.05)  # the stream is ending
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await asyncio.sleep(0.3)
+
+    run(leave_after_the_last_piece())
+    assert client.read_to_end and client.cancelled == 0
 
 
 def test_async_stream_left_early_or_cancelled_is_cancelled() -> None:

@@ -124,7 +124,9 @@ async def stream_async(client: Any, call: StreamCall, *, url: str,
         if not finished and cancel is not None:  # the cancel rule (module docstring)
             cancel()
         elif finished:
-            await _read_to_end(responses)
+            # Shielded: a caller cancelled now (an HTTP client that left once it had the last piece) must not
+            # cancel the call at the moment its request ended (the race in the module docstring).
+            await asyncio.shield(_read_to_end(responses))
 
 
 async def _read_to_end(responses: AsyncIterator[Any]) -> None:
