@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import warnings
@@ -13,6 +14,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from triton_vlm.errors import InvalidInputError
+from triton_vlm.memo import BoundedMemo
 
 #: Formats a client may send. Everything PIL opens outside this list is refused (no EPS/PDF parsers on a server).
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
@@ -50,6 +52,39 @@ def image_list(images: Image.Image | Sequence[Image.Image] | None) -> list[Image
     if images is None:
         return []
     return [images] if isinstance(images, Image.Image) else list(images)
+
+
+#: Where an image decoded by :class:`DecodedImages` keeps the digest of the file it came from (PIL's ``info``).
+DIGEST_KEY = "triton_vlm.file_digest"
+
+
+def file_digest(data: bytes) -> bytes:
+    """A digest of an image file's bytes (SHA-256, which CPUs hash fastest: ~0.25 ms for a 340 KB PNG)."""
+    return hashlib.sha256(data).digest()[:16]
+
+
+class DecodedImages:
+    """Recently decoded images by the digest of their file, up to ``capacity`` bytes of pixels: a chat resends its
+    image with every turn, and decoding it again costs milliseconds of the turn's first token. Each image it returns
+    carries that digest (:data:`DIGEST_KEY` in its ``info``), and is shared: nobody may change it in place.
+
+    A file is decoded (and checked against the limits) once; the same bytes again are the same valid image."""
+
+    def __init__(self, capacity: int) -> None:
+        self._images: BoundedMemo[bytes, Image.Image] = BoundedMemo(capacity)
+
+    def decode(self, data: bytes, *, max_bytes: int, max_pixels: int, max_aspect_ratio: float | None = None,
+               field: str = "image") -> Image.Image:
+        """:func:`decode_image`, or the image these bytes gave before."""
+        digest = file_digest(data) if data and len(data) <= max_bytes else b""
+        found = self._images.get(digest) if digest else None
+        if found is not None:
+            return found
+        image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio,
+                             field=field)
+        image.info[DIGEST_KEY] = digest
+        self._images.put(digest, image, image.width * image.height * len(image.getbands()))
+        return image
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,

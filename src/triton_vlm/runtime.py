@@ -18,7 +18,7 @@ from PIL import Image
 from triton_vlm.chat import parse_messages
 from triton_vlm.config import ModelSettings
 from triton_vlm.errors import GenerationError, InvalidInputError, ModelLoadError, RequestCancelledError, TritonVLMError
-from triton_vlm.images import decode_image
+from triton_vlm.images import DecodedImages
 from triton_vlm.loading import LoadedModel, load_model
 from triton_vlm.models import get_family
 from triton_vlm.models.generation import CANCELLED, GenerationOutput, Prompt, prompt_text
@@ -60,6 +60,7 @@ class VLMRuntime:
         self.family = get_family(settings.family)
         self._loaded: LoadedModel | None = None
         self._load_lock = threading.Lock()
+        self._images = DecodedImages(settings.engine.image_cache_mb << 20)
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -103,8 +104,8 @@ class VLMRuntime:
         self._check_text([prompt], "prompt")
         params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format, options)
         limits = self.settings.limits
-        image = decode_image(image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
-                             max_aspect_ratio=limits.max_image_aspect_ratio)
+        image = self._images.decode(image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                                    max_aspect_ratio=limits.max_image_aspect_ratio)
         return GenerationRequest(images=(image,), prompt=prompt, params=params, task=task)
 
     def make_chat_request(self, messages: str | bytes, images: Sequence[bytes] = (), *,
@@ -139,8 +140,9 @@ class VLMRuntime:
         self._check_text(texts, "messages")
         params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format, options)
         limits = self.settings.limits
-        decoded = tuple(decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
-                                     max_aspect_ratio=limits.max_image_aspect_ratio, field=f"images[{i}]")
+        decoded = tuple(self._images.decode(data, max_bytes=limits.max_image_bytes,
+                                            max_pixels=limits.max_image_pixels,
+                                            max_aspect_ratio=limits.max_image_aspect_ratio, field=f"images[{i}]")
                         for i, data in enumerate(images))
         return GenerationRequest(images=decoded, prompt=chat, params=params, task=task)
 

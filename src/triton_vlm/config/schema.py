@@ -166,12 +166,17 @@ class EngineConfig:
     prefix_caching: bool = True
     #: Positions per prefix-cache block: prefixes are matched in whole blocks.
     prefix_block_size: int = 16
+    #: MB of recently seen images kept by the digest of their file, twice: decoded (the model's requests, batched
+    #: or on the engine) and through the processor (the engine's one-image requests). A chat resends its image every
+    #: turn; a kept one skips the decode and the processor, milliseconds of the turn's first token. 0: off.
+    image_cache_mb: int = 256
 
     def __post_init__(self) -> None:
         for key, low in (("max_model_len", 16), ("max_num_seqs", 1), ("max_prefill_tokens", 16),
                          ("graph_len_step", 16), ("stream_interval", 1), ("prefix_block_size", 1)):
             _at_least(self, key, low)
         _at_least(self, "max_queue_size", 0, " (0: no bound)")
+        _at_least(self, "image_cache_mb", 0, " (0: off)")
         fraction = self.kv_cache_memory_fraction
         if not 0.05 <= fraction <= 0.98:
             raise ConfigError(f"kv_cache_memory_fraction must be in [0.05, 0.98], got {fraction!r}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 import torch
@@ -123,6 +124,18 @@ class EngineFamily(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ProcessedImage:
+    """What the processor made of one image, kept for a later request about the same image
+    (:meth:`EngineAdapter.processed_image`): the prompt positions it takes and its inputs (pixels, sizes...).
+    Shared between requests: nobody may change it."""
+
+    rows: int
+    inputs: dict[str, Any]
+    #: Bytes of its tensors.
+    size: int
+
+
 class EngineAdapter(ABC):
     """One per model family the engine runs (``EngineFamily.engine_adapter()``)."""
 
@@ -134,6 +147,17 @@ class EngineAdapter(ABC):
         ``image_rows`` lists the prompt positions that take the images' features, in order, and ``pixel_values``
         holds the pixels where there are images (a text-only request has neither: no rows, no pixels, and the
         engine's vision step leaves it out). ``family`` is the :class:`EngineFamily` this adapter came from."""
+
+    def processed_image(self, prompt_ids: list[int], mm_inputs: dict[str, Any]) -> ProcessedImage | None:
+        """The part of a one-image request's :meth:`prepare` that :meth:`reuse_image` can build a later request
+        about the same image from; None (the default): this family's requests are always prepared whole."""
+        return None
+
+    def reuse_image(self, family: Any, processor: Any, image: ProcessedImage,
+                    text: Any) -> tuple[list[int], dict[str, Any]] | None:
+        """:meth:`prepare` of a one-image request whose image was processed before (``image``), without running
+        the image processor again: only ``text`` is tokenized. None where it cannot (then :meth:`prepare` runs)."""
+        return None
 
     def rope_positions(self, model: Any, prompt_ids: list[int],
                        mm_inputs: dict[str, Any]) -> tuple[torch.Tensor, int] | None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from triton_vlm.config import EngineConfig
-from triton_vlm.engine.adapter import EngineFamily, positioned
+from triton_vlm.engine.adapter import EngineFamily, ProcessedImage, positioned
 from triton_vlm.engine.kv_cache import SlotKVCache
 from triton_vlm.engine.prefix_cache import PrefixCache, prompt_keys
 from triton_vlm.engine.quantization import check_fp8_support, kv_cache_dtype
@@ -32,7 +32,8 @@ from triton_vlm.engine.runner import ModelRunner
 from triton_vlm.engine.scheduler import Scheduler, SchedulerOutput
 from triton_vlm.engine.transfer import device_longs
 from triton_vlm.errors import GenerationError, InvalidInputError, TritonVLMError
-from triton_vlm.images import image_list
+from triton_vlm.images import DIGEST_KEY, image_list
+from triton_vlm.memo import BoundedMemo
 from triton_vlm.sampling import (
     SamplingParams,
     StepLogprobs,
@@ -133,6 +134,8 @@ class LLMEngine:
         self._grammars: dict[Sequence, GrammarState] = {}
         self._in_flight: _InFlight | None = None
         self.stats = EngineStats()
+        #: One-image requests' processed images by file digest (``_prepare_inputs``); thread-safe.
+        self._processed: BoundedMemo[bytes, ProcessedImage] = BoundedMemo(self.config.image_cache_mb << 20)
 
     # -- thread-safe API ----------------------------------------------------------------------------------
     def accepts(self, task: str | None) -> bool:
@@ -147,7 +150,7 @@ class LLMEngine:
         the family (``render_input``)."""
         text = self.family.render_input(self.processor, prompt)
         pictures = image_list(images)
-        prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, pictures, text)
+        prompt_ids, mm_inputs = self._prepare_inputs(pictures, text)
         rope = self.adapter.rope_positions(self.model, prompt_ids, mm_inputs) if positioned(self.decoder) else None
         positions, rope_delta = rope if rope is not None else (None, 0)
         fmt = params.response_format
@@ -168,6 +171,23 @@ class LLMEngine:
                              else self.stop_token_ids, min_first_chunk=self.min_first_chunk,
                              prompt_positions=positions, rope_delta=rope_delta, grammar=grammar,
                              prefix_keys=keys)
+
+    def _prepare_inputs(self, pictures: list[Any], text: Any) -> tuple[list[int], dict[str, Any]]:
+        """The adapter's :meth:`~EngineAdapter.prepare`; for a one-image request whose image (by the digest of its
+        file, :class:`~triton_vlm.images.DecodedImages`) went through the processor lately, its processed pixels
+        again, only the text tokenized (a chat's later turns)."""
+        digest = pictures[0].info.get(DIGEST_KEY) if len(pictures) == 1 else None
+        if digest:
+            seen = self._processed.get(digest)
+            reused = None if seen is None else self.adapter.reuse_image(self.family, self.processor, seen, text)
+            if reused is not None:
+                return reused
+        prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, pictures, text)
+        if digest and self._processed.capacity:
+            processed = self.adapter.processed_image(prompt_ids, mm_inputs)
+            if processed is not None:
+                self._processed.put(digest, processed, processed.size)
+        return prompt_ids, mm_inputs
 
     def submit(self, request: EngineRequest) -> None:
         self._inbox.put(request)

@@ -26,15 +26,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from triton_vlm.images import DIGEST_KEY
+
 #: The key before a prompt's first block.
 _ROOT = b""
 
 
 def image_digest(image: Any) -> bytes:
-    """The content of one PIL image (mode, size, pixels): what its vision features depend on."""
+    """The content of one PIL image: what its vision features depend on. The digest of the file it was decoded
+    from where it carries one (:data:`~triton_vlm.images.DIGEST_KEY`: the same file is the same pixels, and hashing
+    them again would cost about a millisecond a request), else of its mode, size and pixels."""
+    file_digest = image.info.get(DIGEST_KEY) if hasattr(image, "info") else None
+    if file_digest:
+        return b"file:" + file_digest
     digest = hashlib.blake2b(f"{image.mode}:{image.size}".encode(), digest_size=16)
     digest.update(image.tobytes())
-    return digest.digest()
+    return b"pixels:" + digest.digest()
 
 
 def _block_key(previous: bytes, tokens: Sequence[int], images: bytes) -> bytes:
