@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,10 +111,17 @@ def test_the_report_has_each_turns_median_ttft_and_every_sample() -> None:
     report = result.as_json()
     assert (report["turn1_ttft_s"], report["turn2_ttft_s"]) == (0.045, 0.012)
     assert report["turns"][1] == {"turn": 2, "question": QUESTIONS[1], "samples": 3, "ttft_p50_s": 0.012,
-                                  "ttft_min_s": 0.010, "ttft_max_s": 0.030, "prompt_tokens_p50": 800.0}
+                                  "ttft_min_s": 0.010, "ttft_max_s": 0.030, "prompt_tokens_p50": 800.0,
+                                  "phases_p50_s": {}}  # runs that could not read the server's metrics
     assert len(report["samples"]) == 6 and report["samples"][1]["ttft_s"] == 0.010 and report["errors"] == 0
     table = format_chat_table("chat", result)
-    assert "   2           800    12.0ms" in table and "turn 2 0.27" in table
+    assert "   2           800    12.0ms" in table and "turn 2 0.27" in table and "on the server" not in table
+    # With the server's split of each turn's first token: its medians, phase by phase, in the report and the table.
+    split = [replace(s, phases={"prepare": 0.001 * (s.conversation + 1), "prefill": 0.02 / s.turn}) for s in samples]
+    report = ChatResult(turns=2, conversations=3, samples=split).as_json()
+    assert report["turns"][1]["phases_p50_s"] == {"prepare": 0.002, "prefill": 0.01}
+    table = format_chat_table("chat", ChatResult(turns=2, conversations=3, samples=split))
+    assert "turn 1 on the server, p50 ms: prepare 2.0, prefill 20.0" in table
 
 
 def test_engine_counters_are_the_stream_models_from_its_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
