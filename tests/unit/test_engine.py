@@ -207,8 +207,11 @@ def test_engine_prompt_lengths_differ(loaded: Any) -> None:
 
 def test_a_step_is_read_back_only_after_the_next_one_was_launched(loaded: Any, greedy_reference: list,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The overlap that keeps the GPU busy: the host waits for step k's tokens after launching step k+1."""
+    """The overlap that keeps the GPU busy: the host waits for step k's tokens after launching step k+1 (the engine
+    does it on GPUs; here it is turned on to check the bookkeeping)."""
     engine = make_engine(loaded, max_num_seqs=2)
+    assert not engine.overlap_steps  # on the CPU each step is read back at once
+    engine.overlap_steps = True
     events: list[tuple[str, int]] = []
     read_back = engine.runner.read_back
 
@@ -231,24 +234,41 @@ def test_a_step_is_read_back_only_after_the_next_one_was_launched(loaded: Any, g
         assert events.index(("launched", step + 1)) < events.index(("waited", step)), events
 
 
-def test_a_stop_token_costs_one_dropped_step(loaded: Any, greedy_reference: list,
+def test_a_stop_token_costs_one_dropped_step_where_steps_overlap(loaded: Any, greedy_reference: list,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     expected = list(greedy_reference[0].token_ids)
     stop = expected[3]
     assert stop not in expected[:3]
     monkeypatch.setattr(loaded.family, "stop_token_ids", lambda model, processor: {stop})
+    for overlap, decodes in ((True, 4), (False, 3)):
+        engine = make_engine(loaded)
+        engine.overlap_steps = overlap
+        collector = Collector()
+        request = engine.prepare(IMAGES[0], PROMPTS[0], SamplingParams(max_tokens=12), collector)
+        engine.submit(request)
+        while engine.has_work() or not collector.finished.qsize():
+            engine._drain(block=False)
+            engine.step()
+        assert collector.tokens(request.request_id) == expected[:3]
+        assert collector.outputs[request.request_id][-1].finish_reason == "stop"
+        # Decodes gave tokens 1-3 (3 is the stop) and, overlapped (launched before 3 was read back), one more that
+        # was dropped; read back at once (the CPU's way), none.
+        assert engine.stats.decode_tokens == decodes
+        assert engine.cache.free_slots == engine.cache.num_slots and not engine.has_work()
+
+
+def test_on_the_cpu_a_step_hands_out_its_own_tokens(loaded: Any, greedy_reference: list) -> None:
+    """Without the overlap a request's first token leaves with the step that prefilled it, not one step later."""
     engine = make_engine(loaded)
     collector = Collector()
-    request = engine.prepare(IMAGES[0], PROMPTS[0], SamplingParams(max_tokens=12), collector)
+    request = engine.prepare(IMAGES[0], PROMPTS[0], SamplingParams(max_tokens=3), collector)
     engine.submit(request)
-    while engine.has_work() or not collector.finished.qsize():
-        engine._drain(block=False)
-        engine.step()
-    assert collector.tokens(request.request_id) == expected[:3]
-    assert collector.outputs[request.request_id][-1].finish_reason == "stop"
-    # Decodes gave tokens 1-3 (3 is the stop) and, launched before 3 was read back, one more that was dropped.
-    assert engine.stats.decode_tokens == 4
-    assert engine.cache.free_slots == engine.cache.num_slots and not engine.has_work()
+    engine._drain(block=False)
+    steps = 0
+    while not collector.outputs.get(request.request_id):
+        assert engine.step()
+        steps += 1
+    assert steps == 1 and collector.tokens(request.request_id) == list(greedy_reference[0].token_ids[:1])
 
 
 # -- (b) seeded sampling -----------------------------------------------------------------------------------------

@@ -120,6 +120,10 @@ class LLMEngine:
                              if self.config.prefix_caching else None)
         self.scheduler = Scheduler(self.config, self.cache, self.prefix_cache)
         self.runner = ModelRunner(adapter, model, self.decoder, self.cache, self.config)
+        #: Read a step's tokens back after launching the next one: on a GPU the host prepares step k+1 while the
+        #: device runs step k. On the CPU a launch is the computation itself, so waiting for the next step would
+        #: only hold every token back by one step (a first token too): there each step is read back at once.
+        self.overlap_steps = self.runner.device.type == "cuda"
         self.stop_token_ids = frozenset(family.stop_token_ids(model, processor))
         self.min_first_chunk = adapter.min_first_chunk(model)
         self._inbox: queue.SimpleQueue[EngineRequest | _Abort | None] = queue.SimpleQueue()
@@ -267,8 +271,8 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def step(self) -> bool:
-        """One scheduling round: launch the planned work, then hand out the previous step's tokens.
-        Returns False when there was nothing to do."""
+        """One scheduling round: launch the planned work, then hand out the previous step's tokens (without
+        ``overlap_steps``: this step's). Returns False when there was nothing to do."""
         if self._in_flight is not None and self._grammars:
             # A grammar's next mask needs the previous token: read the step back before launching the next one
             # (this gives up the overlap of read-back and launch only while constrained sequences run).
@@ -284,6 +288,9 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
             self._complete(previous)
+        if not self.overlap_steps and self._in_flight is not None:
+            read_now, self._in_flight = self._in_flight, None
+            self._complete(read_now)
         return True
 
     def _launch(self, plan: SchedulerOutput) -> _InFlight | None:
