@@ -97,7 +97,7 @@ def test_chat_summary_has_the_issue_keys_from_the_runs_with_the_cache_on_and_off
 
 
 def test_chat_summary_keeps_where_each_turns_first_token_went_on_the_server() -> None:
-    from triton_vlm.bench.summarize import summarize_chat
+    from triton_vlm.bench.summarize import chat_line, summarize_chat
 
     on, off = chat_report(0.040, 0.030), chat_report(0.041, 0.045)
     on["turns"][0]["phases_p50_s"] = {"prepare": 0.006, "prefill": 0.020}
@@ -106,6 +106,14 @@ def test_chat_summary_keeps_where_each_turns_first_token_went_on_the_server() ->
     assert summary["phases_p50_s"] == {"turn1": {"prepare": 0.006, "prefill": 0.020},
                                        "turn2": {"prepare": 0.006, "prefill": 0.012}}
     assert "phases_p50_s_nocache" not in summary  # a run that could not read the server's metrics
+    third = chat_report(0.042, 0.021)
+    third["turns"][1]["phases_p50_s"] = {"prepare": 0.009, "prefill": 0.012}
+    summary = summarize_chat(on, off, "bash bench/cpu_chat_run.sh", image_cache_off=third)
+    assert summary["turn2_over_turn1_noimagecache"] == pytest.approx(0.5)
+    assert summary["turn2_ttft_noimagecache_s"] == 0.021
+    assert summary["phases_p50_s_noimagecache"] == {"turn2": {"prepare": 0.009, "prefill": 0.012}}
+    assert summary["raw"]["chat_image_cache_off"] is third
+    assert "image cache off: turn 2 21.0 ms (0.50)" in chat_line(summary)
 
 
 def test_chat_summary_without_c64_runs_and_with_mismatched_workloads() -> None:

@@ -236,6 +236,26 @@ def test_full_size_random_checkpoints_exist_for_the_engine_families_only(tmp_pat
         save_random_full_size("auto", tmp_path, torch.device("cpu"))
 
 
+def test_llava_geometry_is_llava_1_5s_processor_and_prompt_over_a_tiny_model(tmp_path: Path) -> None:
+    """What ``bench/cpu_chat_run.sh`` serves: a checkpoint a server loads, whose processor gives a 640 x 480 image
+    the 576 rows (and the prompt the tokens) llava-1.5-7b's does, over a model of well under a million parameters."""
+    from PIL import Image
+
+    from triton_vlm.bench.checkpoints import llava_7b_processor, save_random_full_size
+    from triton_vlm.models import get_family
+
+    save_random_full_size("llava_geometry", tmp_path, torch.device("cpu"))
+    model, processor = get_family("llava").load(str(tmp_path), revision=None, dtype=torch.float32,
+                                                device=torch.device("cpu"), local_files_only=True,
+                                                trust_remote_code=False)
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+    text = ["USER: <image>\nWhat is in this image? ASSISTANT:"]
+    image = [Image.new("RGB", (640, 480))]
+    ours, real = (p(images=image, text=text, return_tensors="pt") for p in (processor, llava_7b_processor()))
+    assert torch.equal(ours["input_ids"], real["input_ids"]) and int((ours["input_ids"] == 32000).sum()) == 576
+    assert tuple(ours["pixel_values"].shape) == (1, 3, 336, 336)
+
+
 def test_full_size_smolvlm_is_smolvlm_instruct_on_the_meta_device() -> None:
     """SmolVLM-Instruct's shapes (2.25B parameters as published; 81 image tokens per 384 px tile), built on the meta
     device: no memory, no weights."""

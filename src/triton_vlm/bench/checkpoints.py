@@ -111,8 +111,25 @@ def _random_llava_like(model_class: Any, config: Any, processor: Any, device: to
     return model, processor
 
 
-#: The full-size random models built in memory (the others are written by their family).
-IN_MEMORY = {"llava": random_llava_7b, "llava_next": random_llava_next_7b}
+def random_llava_geometry(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(model, processor)``: llava-1.5-7b's processor and geometry (336 px images in 576 rows, the same prompt
+    lengths and tokenizer) over a tiny random model. What a first token costs on the host (decoding, the processor,
+    tokenizing, the engine's bookkeeping), measurable on a CPU, where the real model's prefill would drown it."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=336, patch_size=14, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=32064, max_position_embeddings=4096, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=32001)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    return _random_llava_like(LlavaForConditionalGeneration, config, llava_7b_processor(), device, dtype)
+
+
+#: The random models built in memory (the others are written by their family): full-size, and llava's geometry
+#: over a tiny model (``llava_geometry``, fp32, for CPUs).
+IN_MEMORY = {"llava": random_llava_7b, "llava_next": random_llava_next_7b, "llava_geometry": random_llava_geometry}
 
 
 def qwen_vl_7b_sizes(variant: str) -> Any:

@@ -70,12 +70,15 @@ def summarize(raw: dict[str, Any], decoder_params: float, command: str, notes: l
 
 
 def summarize_chat(on: dict[str, Any], off: dict[str, Any], command: str, c64_on: dict[str, Any] | None = None,
-                   c64_off: dict[str, Any] | None = None, notes: list[str] | None = None) -> dict[str, Any]:
+                   c64_off: dict[str, Any] | None = None, notes: list[str] | None = None,
+                   image_cache_off: dict[str, Any] | None = None) -> dict[str, Any]:
     """The prefix cache's summary: the chat benchmark's reports with the cache on (``on``) and off (``off``), the
     standard benchmark's with streamed runs at 64 clients (several: their median and each) where given. The cache
-    is the only difference the two chat reports may have."""
-    if on["workload"] != off["workload"]:
-        raise ValueError(f"the chat runs' workloads differ: on {on['workload']}, off {off['workload']}")
+    is the only difference the two chat reports may have. ``image_cache_off``: a third chat report, the prefix
+    cache on but images decoded and processed again every turn (``image_cache_mb: 0``), keys ``_noimagecache``."""
+    for other in (off, image_cache_off):
+        if other is not None and on["workload"] != other["workload"]:
+            raise ValueError(f"the chat runs' workloads differ: on {on['workload']}, other {other['workload']}")
     summary: dict[str, Any] = {
         "gpu": on.get("gpu"),
         "turn1_ttft_s": on["turn1_ttft_s"],
@@ -87,8 +90,14 @@ def summarize_chat(on: dict[str, Any], off: dict[str, Any], command: str, c64_on
         # Each turn's prompt (image positions included): what turn 2 would prefill without the cache.
         "prompt_tokens": {f"turn{t['turn']}": t["prompt_tokens_p50"] for t in on["turns"]},
     }
+    if image_cache_off is not None:
+        summary["turn1_ttft_noimagecache_s"] = image_cache_off["turn1_ttft_s"]
+        summary["turn2_ttft_noimagecache_s"] = image_cache_off["turn2_ttft_s"]
+        summary["turn2_over_turn1_noimagecache"] = image_cache_off["turn2_ttft_s"] / image_cache_off["turn1_ttft_s"]
     # Where each turn's first token went on the server (medians by phase), where the runs read it.
-    for chat, suffix in ((on, ""), (off, "_nocache")):
+    for chat, suffix in ((on, ""), (off, "_nocache"), (image_cache_off, "_noimagecache")):
+        if chat is None:
+            continue
         phases = {f"turn{t['turn']}": t["phases_p50_s"] for t in chat["turns"] if t.get("phases_p50_s")}
         if phases:
             summary[f"phases_p50_s{suffix}"] = phases
@@ -97,7 +106,8 @@ def summarize_chat(on: dict[str, Any], off: dict[str, Any], command: str, c64_on
     for chat, suffix in ((on, ""), (off, "_nocache")):
         if chat.get("engine_counters"):
             summary[f"engine_counters{suffix}"] = chat["engine_counters"]
-    raw: dict[str, Any] = {"chat_on": on, "chat_off": off}
+    raw: dict[str, Any] = {"chat_on": on, "chat_off": off,
+                           **({"chat_image_cache_off": image_cache_off} if image_cache_off is not None else {})}
     c64: dict[str, float] = {}
     for key, report, suffix in (("c64_on", c64_on, ""), ("c64_off", c64_off, "_nocache")):
         if report is None:
@@ -127,6 +137,9 @@ def chat_line(summary: dict[str, Any]) -> str:
             f"({summary['turn2_over_turn1']:.2f} of turn 1); cache off: turn 1 "
             f"{summary['turn1_ttft_nocache_s'] * 1e3:.1f} ms, turn 2 {summary['turn2_ttft_nocache_s'] * 1e3:.1f} ms "
             f"({summary['turn2_over_turn1_nocache']:.2f})")
+    if "turn2_over_turn1_noimagecache" in summary:
+        line += (f"; image cache off: turn 2 {summary['turn2_ttft_noimagecache_s'] * 1e3:.1f} ms "
+                 f"({summary['turn2_over_turn1_noimagecache']:.2f})")
     for suffix, label in (("", "on"), ("_nocache", "off")):
         counters = summary.get(f"engine_counters{suffix}", {})
         if "prefix_cached_tokens" in counters:
@@ -162,6 +175,8 @@ def _chat_main(argv: list[str]) -> None:
     parser.add_argument("off", type=Path, help="the same against a server with the cache off")
     parser.add_argument("--c64-on", type=Path, default=None, help="the standard stream bench at 64 clients, cache on")
     parser.add_argument("--c64-off", type=Path, default=None, help="the same, cache off")
+    parser.add_argument("--image-cache-off", type=Path, default=None,
+                        help="the chat run with the prefix cache on and the image cache off (image_cache_mb 0)")
     parser.add_argument("--command", required=True, help="the command that produced the runs")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--note", action="append", default=[], help="a remark kept in the file (repeatable)")
@@ -171,7 +186,7 @@ def _chat_main(argv: list[str]) -> None:
         return None if path is None else json.loads(path.read_text())
 
     summary = summarize_chat(load(args.on), load(args.off), args.command, load(args.c64_on), load(args.c64_off),
-                             args.note)
+                             args.note, load(args.image_cache_off))
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(chat_line(summary))
 
