@@ -1,7 +1,7 @@
 """Images seen again (a chat resends its image with every turn): decoded once, by the digest of their file
 (``triton_vlm.images.DecodedImages``), and through the processor once in the engine's one-image requests of the
-families whose processor only expands a placeholder (``EngineAdapter.reuse_image``): a later request is prepared
-exactly as it would be from scratch."""
+families whose processor only expands a placeholder (``EngineAdapter.reuse_image``: the LLaVA families and Qwen2-VL): a
+later request is prepared exactly as it would be from scratch."""
 
 from __future__ import annotations
 
@@ -123,10 +123,14 @@ def test_a_later_turn_about_the_same_image_is_prepared_as_from_scratch(tiny: tup
                     got.mm_inputs[key] == value)
                 assert same, key
             assert got.prefix_keys == expected.prefix_keys
+            assert got.rope_delta == expected.rope_delta  # Qwen2-VL's 3-D positions, from the inputs
+            assert (got.prompt_positions is None) == (expected.prompt_positions is None)
+            if expected.prompt_positions is not None:
+                assert torch.equal(got.prompt_positions, expected.prompt_positions)
     reuses = reusing.adapter.processed_image([], {"image_rows": []}) is not None
     # The processor ran for each image's first turn only, where the family's requests can be built without it.
     assert len(processed) == (len(images) if reuses else 2 * len(images))
-    assert reuses == (family.name in ("llava", "llava_next", "llava_onevision"))
+    assert reuses  # every family here: the LLaVA ones and Qwen2-VL
 
 
 def test_requests_with_several_images_or_none_are_prepared_whole(monkeypatch: pytest.MonkeyPatch) -> None:

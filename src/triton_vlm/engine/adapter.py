@@ -136,6 +136,27 @@ class ProcessedImage:
     size: int
 
 
+def processed_image(mm_inputs: dict[str, Any], per_token: tuple[str, ...] = ()) -> ProcessedImage:
+    """A one-image request's inputs as a :class:`ProcessedImage`: all but ``image_rows`` and the ``per_token``
+    ones (those that follow the prompt's tokens, which a later request has its own of)."""
+    inputs = {key: value for key, value in mm_inputs.items() if key != "image_rows" and key not in per_token}
+    return ProcessedImage(len(mm_inputs["image_rows"]), inputs,
+                          sum(value.nbytes for value in inputs.values() if isinstance(value, torch.Tensor)))
+
+
+def expand_image_placeholder(processor: Any, text: Any, rows: int) -> tuple[list[int], list[int]] | None:
+    """The token ids of ``text`` with its one image placeholder (``processor.image_token``) expanded to ``rows``
+    copies, as the LLaVA and Qwen2-VL processors expand it before their tokenizer runs (a special token: nothing
+    merges across it), and the positions of those rows. None where ``text`` does not hold exactly one."""
+    placeholder = processor.image_token
+    if not isinstance(text, str) or text.count(placeholder) != 1:
+        return None
+    ids = list(processor.tokenizer(text.replace(placeholder, placeholder * rows))["input_ids"])
+    image_token = processor.tokenizer.convert_tokens_to_ids(placeholder)
+    positions = [row for row, token in enumerate(ids) if token == image_token]
+    return (ids, positions) if len(positions) == rows else None
+
+
 class EngineAdapter(ABC):
     """One per model family the engine runs (``EngineFamily.engine_adapter()``)."""
 

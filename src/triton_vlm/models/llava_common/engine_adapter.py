@@ -10,7 +10,14 @@ from typing import Any, ClassVar
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from triton_vlm.engine.adapter import Decoder, EngineAdapter, ProcessedImage, vision_tower_shape
+from triton_vlm.engine.adapter import (
+    Decoder,
+    EngineAdapter,
+    ProcessedImage,
+    expand_image_placeholder,
+    processed_image,
+    vision_tower_shape,
+)
 from triton_vlm.engine.request import EngineRequest
 from triton_vlm.engine.transfer import device_pixels
 
@@ -33,23 +40,14 @@ class ImageTokenEngineAdapter(EngineAdapter):
         return ids, {**inputs, "image_rows": [row for row, token in enumerate(ids) if token == image_token]}
 
     def processed_image(self, prompt_ids: list[int], mm_inputs: dict[str, Any]) -> ProcessedImage | None:
-        inputs = {key: value for key, value in mm_inputs.items() if key != "image_rows"}
-        return ProcessedImage(len(mm_inputs["image_rows"]), inputs,
-                              sum(v.nbytes for v in inputs.values() if isinstance(v, torch.Tensor)))
+        return processed_image(mm_inputs)
 
     def reuse_image(self, family: Any, processor: Any, image: ProcessedImage,
                     text: Any) -> tuple[list[int], dict[str, Any]] | None:
-        """The processor expands the one ``<image>`` of ``text`` into the image's rows, then has its tokenizer
-        tokenize it: so do we, with the row count it gave the image before (placeholders are special tokens:
-        nothing merges across them)."""
-        placeholder = processor.image_token
-        if not isinstance(text, str) or text.count(placeholder) != 1:
+        expanded = expand_image_placeholder(processor, text, image.rows)
+        if expanded is None:
             return None
-        ids = list(processor.tokenizer(text.replace(placeholder, placeholder * image.rows))["input_ids"])
-        image_token = processor.tokenizer.convert_tokens_to_ids(placeholder)
-        rows = [row for row, token in enumerate(ids) if token == image_token]
-        if len(rows) != image.rows:
-            return None
+        ids, rows = expanded
         return ids, {**image.inputs, "image_rows": rows}
 
     def build_decoder(self, model: Any) -> Decoder:
