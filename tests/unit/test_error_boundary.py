@@ -62,8 +62,8 @@ class Sender:
 class Request(dict):
     """Triton's ``InferenceRequest``: input tensors by name, a response sender, an id."""
 
-    def __init__(self, prompt: str, max_tokens: int = 3) -> None:
-        super().__init__(tensors(IMAGE, prompt.encode(), max_tokens=max_tokens))
+    def __init__(self, prompt: str, max_tokens: int = 3, image: bytes = IMAGE) -> None:
+        super().__init__(tensors(image, prompt.encode(), max_tokens=max_tokens))
         self.sender = Sender()
 
     def get_response_sender(self) -> Sender:
@@ -218,7 +218,9 @@ def test_a_processor_error_in_prepare_fails_its_request_and_the_rest_of_the_batc
     model = stream_model(backend)
     loaded = llava_runtime.ensure_loaded()
     model.runtime._loaded = replace(loaded, processor=ExplodingProcessor(loaded.processor))
-    batch = [Request("What is this?", 4), Request("explode, please", 4), Request("Describe it.", 4)]
+    # Its own image: an image the engine processed lately skips the processor (only its text is tokenized).
+    batch = [Request("What is this?", 4), Request("explode, please", 4, image_bytes(30, 20, seed=5)),
+             Request("Describe it.", 4)]
     model.execute(batch)
     first, failed, last = (r.sender.final() for r in batch)
     assert failed.error.code == "INVALID_ARG" and "request rejected by the model's processor" in failed.error.message
