@@ -716,3 +716,44 @@ def test_json_schema_answers_parse_and_validate(front: Front, triton: RunningSer
         front.client().chat.completions.create(model=model, messages=messages, response_format={  # type: ignore[arg-type]
             "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}})
     assert _status_error(error)["param"] == "response_format"
+
+
+def test_streamed_answers_whose_clients_leave_at_done_let_the_models_unload(tmp_path: Path) -> None:
+    """An HTTP client that drops its connection once it has ``[DONE]`` cancels the front's task while the gRPC
+    stream of its (finished) request ends. Were that cancel to reach the call, Triton 2.51 would never release the
+    request, and its model would never unload: the server would exit 1 after its 30 s exit timeout. Before the drain
+    was shielded (``_protocol.stream``), these 200 short streamed answers with their usage left llava_stream loaded
+    in 3 runs of 3 (with the 640 x 480 sample image, 1 of 3)."""
+    from tests.conftest import free_port, server_exit_report
+
+    from triton_vlm.launcher import ServerOptions, TritonServer
+    from triton_vlm.openai import OpenAIOptions
+    from triton_vlm.openai.process import OpenAIFront
+
+    http, grpc, metrics = free_ports()
+    log_path = tmp_path / "tritonserver.log"
+    with open(log_path, "w") as log, open(tmp_path / "front.log", "w") as front_log:
+        server = TritonServer(ServerOptions(models=("llava",), tiny=True, http_port=http, grpc_port=grpc,
+                                           metrics_port=metrics), log_file=log)
+        server.start()
+        try:
+            server.wait_until_ready(timeout=180)
+            options = OpenAIOptions(port=free_port(), triton_grpc_url=server.grpc_url, api_keys=(API_KEY,))
+            front = OpenAIFront(options, log_file=front_log).start()
+            try:
+                front.wait_until_ready(timeout=60)
+                client = openai.OpenAI(base_url=options.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+                small = io.BytesIO()
+                Image.new("RGB", (64, 48), (120, 30, 60)).save(small, format="PNG")  # short requests: more ends
+                for _ in range(200):
+                    chunks = list(client.chat.completions.create(
+                        model="llava", messages=[user("Describe it.", small.getvalue())],
+                        max_completion_tokens=MAX_TOKENS,
+                        stream=True, stream_options={"include_usage": True}))
+                    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage is not None
+            finally:
+                front.stop()
+        finally:
+            code = server.stop()
+    assert code == 0, server_exit_report(log_path, code)
+    assert "model llava_stream unloaded" in log_path.read_text()
