@@ -14,7 +14,7 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeGuard
 
 import torch
 
@@ -136,14 +136,6 @@ class ProcessedImage:
     size: int
 
 
-def processed_image(mm_inputs: dict[str, Any], per_token: tuple[str, ...] = ()) -> ProcessedImage:
-    """A one-image request's inputs as a :class:`ProcessedImage`: all but ``image_rows`` and the ``per_token``
-    ones (those that follow the prompt's tokens, which a later request has its own of)."""
-    inputs = {key: value for key, value in mm_inputs.items() if key != "image_rows" and key not in per_token}
-    return ProcessedImage(len(mm_inputs["image_rows"]), inputs,
-                          sum(value.nbytes for value in inputs.values() if isinstance(value, torch.Tensor)))
-
-
 def expand_image_placeholder(processor: Any, text: Any, rows: int) -> tuple[list[int], list[int]] | None:
     """The token ids the LLaVA and Qwen2-VL processors make of ``text`` with its one image placeholder
     (``processor.image_token``) expanded to ``rows`` copies, and the positions of those rows; None where ``text``
@@ -151,7 +143,7 @@ def expand_image_placeholder(processor: Any, text: Any, rows: int) -> tuple[list
     text around it tokenizes alike either way, and splicing the run into the ids of the unexpanded text is the
     same (and five times quicker than tokenizing 576 placeholders)."""
     placeholder = processor.image_token
-    if not isinstance(text, str) or text.count(placeholder) != 1:
+    if not isinstance(text, str):
         return None
     ids = list(processor.tokenizer(text)["input_ids"])
     image_token = processor.tokenizer.convert_tokens_to_ids(placeholder)
@@ -174,16 +166,38 @@ class EngineAdapter(ABC):
         holds the pixels where there are images (a text-only request has neither: no rows, no pixels, and the
         engine's vision step leaves it out). ``family`` is the :class:`EngineFamily` this adapter came from."""
 
-    def processed_image(self, prompt_ids: list[int], mm_inputs: dict[str, Any]) -> ProcessedImage | None:
-        """The part of a one-image request's :meth:`prepare` that :meth:`reuse_image` can build a later request
-        about the same image from; None (the default): this family's requests are always prepared whole."""
-        return None
+    #: Whether a later one-image request about an image this adapter prepared before is built from what the
+    #: processor made of it (:meth:`reuse_image`): true where the processor only expands the prompt's one image
+    #: placeholder into the image's rows (the LLaVA families, Qwen2-VL).
+    reuses_images: ClassVar[bool] = False
+    #: Inputs of :meth:`prepare` that follow the prompt's tokens rather than the image: a reused request gets its
+    #: own (:meth:`token_inputs`).
+    per_token_inputs: ClassVar[tuple[str, ...]] = ()
 
-    def reuse_image(self, family: Any, processor: Any, image: ProcessedImage,
-                    text: Any) -> tuple[list[int], dict[str, Any]] | None:
+    def processed_image(self, mm_inputs: dict[str, Any]) -> ProcessedImage | None:
+        """The image's part of a one-image request's :meth:`prepare` (all but ``image_rows`` and the
+        :attr:`per_token_inputs`), kept for :meth:`reuse_image`; None where the family does not reuse images."""
+        if not self.reuses_images:
+            return None
+        inputs = {key: value for key, value in mm_inputs.items()
+                  if key != "image_rows" and key not in self.per_token_inputs}
+        return ProcessedImage(len(mm_inputs["image_rows"]), inputs,
+                              sum(value.nbytes for value in inputs.values() if isinstance(value, torch.Tensor)))
+
+    def reuse_image(self, processor: Any, image: ProcessedImage, text: Any) -> tuple[list[int], dict[str, Any]] | None:
         """:meth:`prepare` of a one-image request whose image was processed before (``image``), without running
-        the image processor again: only ``text`` is tokenized. None where it cannot (then :meth:`prepare` runs)."""
-        return None
+        the image processor again: ``text`` is tokenized and the image's rows spliced in. None where it cannot
+        (then :meth:`prepare` runs)."""
+        expanded = expand_image_placeholder(processor, text, image.rows) if self.reuses_images else None
+        if expanded is None:
+            return None
+        ids, rows = expanded
+        return ids, {**image.inputs, **self.token_inputs(ids, rows), "image_rows": rows}
+
+    def token_inputs(self, ids: list[int], rows: list[int]) -> dict[str, Any]:
+        """The :attr:`per_token_inputs` of a reused request (its token ``ids``, the image at ``rows``); none by
+        default."""
+        return {}
 
     def rope_positions(self, model: Any, prompt_ids: list[int],
                        mm_inputs: dict[str, Any]) -> tuple[torch.Tensor, int] | None:

@@ -183,12 +183,12 @@ class LLMEngine:
         digest = pictures[0].info.get(DIGEST_KEY) if len(pictures) == 1 else None
         if digest:
             seen = self._processed.get(digest)
-            reused = None if seen is None else self.adapter.reuse_image(self.family, self.processor, seen, text)
+            reused = None if seen is None else self.adapter.reuse_image(self.processor, seen, text)
             if reused is not None:
                 return reused
         prompt_ids, mm_inputs = self.adapter.prepare(self.family, self.processor, pictures, text)
         if digest and self._processed.capacity:
-            processed = self.adapter.processed_image(prompt_ids, mm_inputs)
+            processed = self.adapter.processed_image(mm_inputs)
             if processed is not None:
                 self._processed.put(digest, processed, processed.size)
         return prompt_ids, mm_inputs

@@ -10,14 +10,7 @@ from typing import Any, ClassVar
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from triton_vlm.engine.adapter import (
-    Decoder,
-    EngineAdapter,
-    ProcessedImage,
-    expand_image_placeholder,
-    processed_image,
-    vision_tower_shape,
-)
+from triton_vlm.engine.adapter import Decoder, EngineAdapter, vision_tower_shape
 from triton_vlm.engine.request import EngineRequest
 from triton_vlm.engine.transfer import device_pixels
 
@@ -26,6 +19,8 @@ class ImageTokenEngineAdapter(EngineAdapter):
     """The engine over a transformers LLaVA-style model: the processor expands ``<image>``, the features go to
     those rows, and the engine's :class:`~triton_vlm.engine.decoders.llama.LlamaDecoder` runs the language model
     (Llama or Mistral: its sliding window is read from the config)."""
+
+    reuses_images = True
 
     def prepare(self, family: Any, processor: Any, images: list[Any], text: Any) -> tuple[list[int], dict[str, Any]]:
         """The processor's outputs for one request (one ``<image>`` placeholder per image in ``text``, each expanded
@@ -38,17 +33,6 @@ class ImageTokenEngineAdapter(EngineAdapter):
         image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         inputs = {key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask")}
         return ids, {**inputs, "image_rows": [row for row, token in enumerate(ids) if token == image_token]}
-
-    def processed_image(self, prompt_ids: list[int], mm_inputs: dict[str, Any]) -> ProcessedImage | None:
-        return processed_image(mm_inputs)
-
-    def reuse_image(self, family: Any, processor: Any, image: ProcessedImage,
-                    text: Any) -> tuple[list[int], dict[str, Any]] | None:
-        expanded = expand_image_placeholder(processor, text, image.rows)
-        if expanded is None:
-            return None
-        ids, rows = expanded
-        return ids, {**image.inputs, "image_rows": rows}
 
     def build_decoder(self, model: Any) -> Decoder:
         # Here, not at the top: the families import this module, and the decoder brings in the Triton kernels.

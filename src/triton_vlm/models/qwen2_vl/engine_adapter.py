@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from triton_vlm.engine.adapter import EngineAdapter, ProcessedImage, expand_image_placeholder, processed_image
+from triton_vlm.engine.adapter import EngineAdapter
 from triton_vlm.engine.decoders.llama import LlamaDecoder
 from triton_vlm.engine.request import EngineRequest
 from triton_vlm.engine.transfer import device_copy, device_pixels
@@ -18,6 +18,9 @@ from triton_vlm.models.base import multimodal_rope
 
 
 class Qwen2VLEngineAdapter(EngineAdapter):
+    reuses_images = True
+    per_token_inputs = ("mm_token_type_ids",)
+
     def prepare(self, family: Any, processor: Any, images: list[Any], text: Any) -> tuple[list[int], dict[str, Any]]:
         """Token ids with each image's ``<|image_pad|>`` run expanded; ``pixel_values`` (every image's patches, in
         prompt order) and ``image_grid_thw`` ([images, 3]) where there are images. The processor's other outputs
@@ -31,20 +34,11 @@ class Qwen2VLEngineAdapter(EngineAdapter):
         return ids, {"pixel_values": encoded["pixel_values"], **extra,
                      "image_rows": [row for row, token in enumerate(ids) if token == image_token]}
 
-    def processed_image(self, prompt_ids: list[int], mm_inputs: dict[str, Any]) -> ProcessedImage | None:
-        return processed_image(mm_inputs, per_token=("mm_token_type_ids",))
-
-    def reuse_image(self, family: Any, processor: Any, image: ProcessedImage,
-                    text: Any) -> tuple[list[int], dict[str, Any]] | None:
-        """The ``<|image_pad|>`` run expanded as the processor does; its ``mm_token_type_ids`` (1 on the image's
-        rows, 0 elsewhere: no video here), from the ids, as it makes them."""
-        expanded = expand_image_placeholder(processor, text, image.rows)
-        if expanded is None:
-            return None
-        ids, rows = expanded
+    def token_inputs(self, ids: list[int], rows: list[int]) -> dict[str, Any]:
+        """``mm_token_type_ids`` as the processor makes them: 1 on the image's rows, 0 elsewhere (no video here)."""
         types = torch.zeros((1, len(ids)), dtype=torch.int64)
         types[0, rows] = 1
-        return ids, {**image.inputs, "mm_token_type_ids": types, "image_rows": rows}
+        return {"mm_token_type_ids": types}
 
     def rope_positions(self, model: Any, prompt_ids: list[int],
                        mm_inputs: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
