@@ -159,27 +159,26 @@ ENGINE_COUNTERS = {
 def engine_counters(metrics_url: str, model: str) -> dict[str, float]:
     """:data:`ENGINE_COUNTERS` of ``<model>_stream`` now (those its server exports: the prefix cache's came with
     it). The engine publishes them every 0.25 s: read them half a second after the last request."""
-    from triton_vlm.observability.scrape import fetch_metrics, parse_metrics, value_of
-
-    samples = parse_metrics(fetch_metrics(_metrics_endpoint(metrics_url)))
-    found = {key: value_of(samples, name, model=f"{model}_stream", **labels)
-             for key, (name, labels) in ENGINE_COUNTERS.items()}
-    return {key: value for key, value in found.items() if value is not None}
+    return _stream_model_values(metrics_url, model, ENGINE_COUNTERS)
 
 
 def phase_sums(metrics_url: str, model: str) -> dict[str, float]:
     """The seconds ``<model>_stream`` has counted in each phase of its requests' first tokens so far (a server
     without the metric: none)."""
+    return _stream_model_values(metrics_url, model, {phase: (f"{PHASE_METRIC}_sum", {"phase": phase})
+                                                     for phase in FIRST_TOKEN_PHASES})
+
+
+def _stream_model_values(metrics_url: str, model: str,
+                         wanted: dict[str, tuple[str, dict[str, str]]]) -> dict[str, float]:
+    """``wanted`` (``key: (metric, labels)``) of ``<model>_stream``, scraped once from ``metrics_url``: the keys
+    its server exports."""
     from triton_vlm.observability.scrape import fetch_metrics, parse_metrics, value_of
 
-    samples = parse_metrics(fetch_metrics(_metrics_endpoint(metrics_url)))
-    found = {phase: value_of(samples, f"{PHASE_METRIC}_sum", model=f"{model}_stream", phase=phase)
-             for phase in FIRST_TOKEN_PHASES}
-    return {phase: value for phase, value in found.items() if value is not None}
-
-
-def _metrics_endpoint(metrics_url: str) -> str:
-    return metrics_url if metrics_url.rstrip("/").endswith("/metrics") else metrics_url.rstrip("/") + "/metrics"
+    url = metrics_url if metrics_url.rstrip("/").endswith("/metrics") else metrics_url.rstrip("/") + "/metrics"
+    samples = parse_metrics(fetch_metrics(url))
+    found = {key: value_of(samples, name, model=f"{model}_stream", **labels) for key, (name, labels) in wanted.items()}
+    return {key: value for key, value in found.items() if value is not None}
 
 
 def warm_up_chat(grpc_url: str, workload: Workload, turns: int, answers: str = "model") -> ChatResult:
