@@ -103,10 +103,7 @@ class VLMRuntime:
             raise InvalidInputError("prompt: empty; ask the model something", param="prompt")
         self._check_text([prompt], "prompt")
         params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format, options)
-        limits = self.settings.limits
-        image = self._images.decode(image_bytes, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
-                                    max_aspect_ratio=limits.max_image_aspect_ratio)
-        return GenerationRequest(images=(image,), prompt=prompt, params=params, task=task)
+        return GenerationRequest(images=(self._decode(image_bytes),), prompt=prompt, params=params, task=task)
 
     def make_chat_request(self, messages: str | bytes, images: Sequence[bytes] = (), *,
                           max_tokens: int | None = None, temperature: float | None = None,
@@ -139,12 +136,14 @@ class VLMRuntime:
                                     param="messages")
         self._check_text(texts, "messages")
         params = self._sampling(max_tokens, temperature, top_p, seed, ignore_eos, response_format, options)
-        limits = self.settings.limits
-        decoded = tuple(self._images.decode(data, max_bytes=limits.max_image_bytes,
-                                            max_pixels=limits.max_image_pixels,
-                                            max_aspect_ratio=limits.max_image_aspect_ratio, field=f"images[{i}]")
-                        for i, data in enumerate(images))
+        decoded = tuple(self._decode(data, f"images[{i}]") for i, data in enumerate(images))
         return GenerationRequest(images=decoded, prompt=chat, params=params, task=task)
+
+    def _decode(self, data: bytes, field: str = "image") -> Image.Image:
+        """One request image's file bytes, decoded within the model's limits (or as decoded lately)."""
+        limits = self.settings.limits
+        return self._images.decode(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                                   max_aspect_ratio=limits.max_image_aspect_ratio, field=field)
 
     def _check_text(self, texts: list[str], param: str) -> None:
         """The request's texts against the limits: total length, NUL, the family's reserved tokens."""
