@@ -115,6 +115,10 @@ class _Stream:
         self.choices = [_Choice(self, i) for i in range(self.n)]
         self.running = self.n
 
+    def note_sent(self) -> None:
+        """A streamed piece leaves now: the first one's time ends the request's time to first token."""
+        self.first_sent_at = self.first_sent_at or time.perf_counter()
+
 
 class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
     """Sends the engine requests' responses from its own thread. Thread-safe entry points: :meth:`open`,
@@ -262,8 +266,8 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
                                        self._new_logprobs(choice))
                 choice.extras = extras
                 response = self._whole_answer(state) if not state.running else None
-            if state.stream and not state.first_sent_at:
-                state.first_sent_at = time.perf_counter()
+            if state.stream:
+                state.note_sent()
             if not state.running:
                 self._observe(state)
                 state.request.finish(response)
@@ -272,7 +276,7 @@ class ResponseLoop(InboxWorker[_Opened | RequestOutput]):
         elif not text.endswith("\ufffd") and len(text) > choice.sent_chars:
             # Hold back a trailing replacement character: the next token may complete that UTF-8 sequence.
             piece, choice.sent_chars, choice.sent_tokens = text[choice.sent_chars:], len(text), out.generated_tokens
-            state.first_sent_at = state.first_sent_at or time.perf_counter()
+            state.note_sent()
             state.request.send(output_response(piece, out.generated_tokens, out.prompt_tokens, None,
                                                logprobs=self._new_logprobs(choice), index=choice.index))
         return out
