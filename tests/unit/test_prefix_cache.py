@@ -15,7 +15,7 @@ from PIL import Image
 from triton_vlm.chat import Chat, ImagePart, Message
 from triton_vlm.config import ConfigError, EngineConfig
 from triton_vlm.engine import LLMEngine, RequestOutput
-from triton_vlm.engine.prefix_cache import PrefixCache, PrefixKeys, prompt_keys
+from triton_vlm.engine.prefix_cache import Placement, PrefixCache, PrefixKeys, prompt_keys
 from triton_vlm.engine.request import SequenceStatus
 from triton_vlm.sampling import SamplingParams
 
@@ -105,6 +105,31 @@ def test_empty_slots_go_first_then_the_least_recently_used_idle_one() -> None:
     assert cache.place(None, [0, 1, 2], 8).slot == 1  # no empty slot: the one idle longest
     assert cache.place(prompts[2], [0, 2], 8).slot == 2  # its own prefix, not the LRU one
     assert cache.place(prompts[1], [0], 8).cached == 0  # slot 1 was overwritten: its blocks are gone
+
+
+def test_one_client_after_another_stays_within_reach_and_keeps_the_prefixes_beyond() -> None:
+    # Decode steps are as wide as the highest running slot: one request at a time must not climb the slots.
+    cache = PrefixCache(16, BLOCK, min_reach=2)
+    everything = list(range(16))
+    early = keys([99] * 8)
+    cache.place(None, everything, 8)  # slot 0 busy ...
+    cache.place(None, everything[1:], 8)  # ... slot 1 busy ...
+    placed = cache.place(early, everything[2:], 8)  # ... so reach is 3 and this one takes slot 2
+    assert placed.slot == 2
+    cache.extend(2, early.keys)
+    for slot in (0, 1, 2):
+        cache.release(slot)
+    taken = []
+    for n in range(10):
+        prompt = keys([n] * 8)
+        slot = cache.place(prompt, everything, 8).slot
+        cache.extend(slot, prompt.keys)
+        cache.release(slot)
+        taken.append(slot)
+    assert set(taken) == {0, 1}  # within min_reach, the least recently used first
+    assert cache.place(early, everything, 8) == Placement(2, 4)  # beyond reach, its blocks stayed
+    busy_below = [3, 4, 5, *range(7, 16)]  # slots 0-2 and 6 busy: reach 7, and 3 is the lowest free below it
+    assert cache.place(None, busy_below, 8).slot == 3
 
 
 def holding(prompt: PrefixKeys) -> PrefixCache:

@@ -11,8 +11,15 @@ one key names the whole prefix up to the end of its block, at that block's posit
 until a new request needs a slot. A new request takes over the idle slot holding its longest prefix (no copy); where
 that prefix lives in a running request's slot, the scheduler asks for a copy into the new request's slot, which the
 runner enqueues before anything of the step can write there. A request without a match takes a slot that holds
-nothing, else the least recently used idle one. So the cache costs no memory beyond the slots the KV cache has
-anyway, and eviction is reuse.
+nothing, else the least recently used idle one, among the slots *within reach*. So the cache costs no memory beyond
+the slots the KV cache has anyway, and eviction is reuse.
+
+**Reach.** A decode step is as wide as the highest running slot (row i reads slot i), and a step of 64 rows costs an
+H100 more than a step of one at the same weight reads. Were every new prompt to take the lowest slot that holds
+nothing, a single client's requests would climb through all the slots and make each step as wide as the cache
+(the tiny llava served to one client on a CPU lost a third of its tokens a second). So a request without a match picks among the slots below
+``reach``: the width the running requests already need, and at least ``min_reach`` (idle slots there keep a few
+conversations cached at a low load); idle slots beyond keep their blocks for the requests that match them.
 
 Keys are built on the caller's thread (:func:`prompt_keys`); :class:`PrefixCache` belongs to the engine thread.
 """
@@ -112,8 +119,9 @@ class Placement:
 class PrefixCache:
     """Which blocks each slot holds, and which idle slots to reuse first. Engine thread only."""
 
-    def __init__(self, num_slots: int, block_size: int) -> None:
+    def __init__(self, num_slots: int, block_size: int, min_reach: int = 8) -> None:
         self.block_size = block_size
+        self.min_reach = min_reach
         #: Each slot's blocks with valid K/V, in prompt order (their keys).
         self._blocks: list[tuple[bytes, ...]] = [() for _ in range(num_slots)]
         #: Block key -> the slots that hold it.
@@ -166,11 +174,16 @@ class PrefixCache:
         return min(idle or holders), blocks
 
     def _emptiest(self, free: Sequence[int]) -> int:
-        """A free slot to overwrite: the lowest that holds nothing, else the least recently used idle one."""
-        empty = [slot for slot in free if slot not in self._idle]
+        """A free slot within reach to overwrite: the lowest that holds nothing, else the least recently used idle
+        one. Reach: as wide as the running slots (the highest + 1, at least their count + 1, so a free slot lies
+        below it) and at least ``min_reach``."""
+        busy = set(range(len(self._blocks))).difference(free)
+        reach = max(max(busy, default=-1) + 1, len(busy) + 1, self.min_reach)
+        candidates = [slot for slot in free if slot < reach]
+        empty = [slot for slot in candidates if slot not in self._idle]
         if empty:
             return min(empty)
-        return next(slot for slot in self._idle if slot in free)
+        return next(slot for slot in self._idle if slot < reach and slot in free)
 
     def _hold(self, slot: int, keys: tuple[bytes, ...]) -> None:
         """``slot`` now holds exactly ``keys``: the blocks it held beyond them (or all, on another chain) go."""
