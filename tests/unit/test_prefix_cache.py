@@ -74,62 +74,59 @@ def test_a_request_takes_over_the_idle_slot_that_holds_its_prefix() -> None:
     cache = PrefixCache(4, BLOCK)
     first = keys(list(range(20)))
     cache.place(None, [0, 1, 2, 3], 8)  # slot 0, busy and holding nothing
-    placed = cache.place(first, [1, 2, 3], 20)
-    assert (placed.slot, placed.cached, placed.source) == (1, 0, -1)
+    assert cache.place(first, [1, 2, 3], 20) == Placement(1)
     cache.extend(1, first.keys)
     cache.release(1)
-    again = cache.place(first, [1, 2, 3], 20)
     # At least one position is left to prefill: 19 positions, so four whole blocks.
-    assert (again.slot, again.cached, again.source) == (1, 16, -1)
-    assert cache.place(keys(list(range(30))), [2, 3], 30).source == 1  # busy now: copied from
+    assert cache.place(first, [1, 2, 3], 20) == Placement(1, 16)
+    assert cache.place(keys(list(range(30))), [2, 3], 30) == Placement(2, 16, ((1, 2, 16),))  # busy: copied
 
 
-def test_a_prefix_held_by_a_busy_slot_is_copied_into_an_empty_one() -> None:
+def test_a_prefix_held_by_a_busy_slot_is_copied_into_the_lowest_free_one() -> None:
     cache = PrefixCache(3, BLOCK)
     prompt = keys(list(range(12)))
     cache.place(prompt, [0, 1, 2], 12)
     cache.extend(0, prompt.keys[:2])  # two blocks prefilled so far
-    placed = cache.place(prompt, [1, 2], 12)
-    assert (placed.slot, placed.cached, placed.source) == (1, 8, 0)
+    assert cache.place(prompt, [1, 2], 12) == Placement(1, 8, ((0, 1, 8),))
 
 
-def test_empty_slots_go_first_then_the_least_recently_used_idle_one() -> None:
-    cache = PrefixCache(3, BLOCK)
-    prompts = [keys([n] * 8) for n in range(3)]
-    for slot, prompt in enumerate(prompts):
-        cache.place(prompt, [slot, *range(slot + 1, 3)], 8)
-        cache.extend(slot, prompt.keys)
-    cache.release(1)
+def test_one_client_after_another_runs_in_the_lowest_slot_and_earlier_prefixes_move_up() -> None:
+    # A decode step is as wide as the highest running slot: one request at a time must stay in slot 0.
+    cache = PrefixCache(4, BLOCK)
+    prompts = [keys([n] * 8) for n in range(4)]
+    everything = [0, 1, 2, 3]
+
+    def run(prompt: PrefixKeys) -> Placement:
+        placed = cache.place(prompt, everything, 8)
+        cache.extend(placed.slot, prompt.keys)
+        cache.release(placed.slot)
+        return placed
+
+    assert run(prompts[0]) == Placement(0)
+    assert run(prompts[1]) == Placement(0, 0, ((0, 3, 8),))  # prompt 0 moves to the highest empty slot
+    assert run(prompts[2]) == Placement(0, 0, ((0, 2, 8),))
+    # Prompt 0 again: prompt 2 makes way (to slot 1, the last empty one), then prompt 0's first block comes back
+    # from slot 3 (at least one position is left to prefill: 7 positions, one whole block).
+    assert run(prompts[0]) == Placement(0, 4, ((0, 1, 8), (3, 0, 4)))
+    # No empty slot left: prompt 0 (slot 0) moves over the least recently used idle slot, its own old copy in 3.
+    assert run(prompts[3]) == Placement(0, 0, ((0, 3, 8),))
+    # Prompt 1 (in slot 2) again: prompt 3 moves over prompt 2 (slot 1, used before prompt 0 in slot 3).
+    assert run(prompts[1]) == Placement(0, 4, ((0, 1, 8), (2, 0, 4)))
+
+
+def test_blocks_that_are_the_least_recently_used_are_dropped_rather_than_moved() -> None:
+    cache = PrefixCache(2, BLOCK)
+    a, b = keys([1] * 8), keys([2] * 8)
+    cache.place(a, [0, 1], 8)
+    cache.place(b, [1], 8)
+    cache.extend(0, a.keys)
+    cache.extend(1, b.keys)
     cache.release(0)
-    cache.release(2)
-    assert cache.place(None, [0, 1, 2], 8).slot == 1  # no empty slot: the one idle longest
-    assert cache.place(prompts[2], [0, 2], 8).slot == 2  # its own prefix, not the LRU one
-    assert cache.place(prompts[1], [0], 8).cached == 0  # slot 1 was overwritten: its blocks are gone
-
-
-def test_one_client_after_another_stays_within_reach_and_keeps_the_prefixes_beyond() -> None:
-    # Decode steps are as wide as the highest running slot: one request at a time must not climb the slots.
-    cache = PrefixCache(16, BLOCK, min_reach=2)
-    everything = list(range(16))
-    early = keys([99] * 8)
-    cache.place(None, everything, 8)  # slot 0 busy ...
-    cache.place(None, everything[1:], 8)  # ... slot 1 busy ...
-    placed = cache.place(early, everything[2:], 8)  # ... so reach is 3 and this one takes slot 2
-    assert placed.slot == 2
-    cache.extend(2, early.keys)
-    for slot in (0, 1, 2):
-        cache.release(slot)
-    taken = []
-    for n in range(10):
-        prompt = keys([n] * 8)
-        slot = cache.place(prompt, everything, 8).slot
-        cache.extend(slot, prompt.keys)
-        cache.release(slot)
-        taken.append(slot)
-    assert set(taken) == {0, 1}  # within min_reach, the least recently used first
-    assert cache.place(early, everything, 8) == Placement(2, 4)  # beyond reach, its blocks stayed
-    busy_below = [3, 4, 5, *range(7, 16)]  # slots 0-2 and 6 busy: reach 7, and 3 is the lowest free below it
-    assert cache.place(None, busy_below, 8).slot == 3
+    cache.release(1)
+    assert cache.place(keys([3] * 8), [0, 1], 8) == Placement(0)  # a was idle longest: gone, no copy
+    assert cache.place(b, [1], 8) == Placement(1, 4)  # b stayed where it was
+    cache.release(0)
+    assert cache.place(a, [0], 8) == Placement(0)
 
 
 def holding(prompt: PrefixKeys) -> PrefixCache:

@@ -166,10 +166,6 @@ class EngineConfig:
     prefix_caching: bool = True
     #: Positions per prefix-cache block: prefixes are matched in whole blocks.
     prefix_block_size: int = 16
-    #: A request with no cached prefix takes one of the first this many slots where fewer requests run: decode steps
-    #: are as wide as the highest running slot, so a low load keeps them narrow; slots beyond keep their prefixes
-    #: for requests that match them (engine/prefix_cache.py, "Reach").
-    prefix_min_reach: int = 8
     #: MB of recently seen images kept by the digest of their file, twice: decoded (the model's requests, batched
     #: or on the engine) and through the processor (the engine's one-image requests). A chat resends its image every
     #: turn; a kept one skips the decode and the processor, milliseconds of the turn's first token. 0: off.
@@ -177,8 +173,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for key, low in (("max_model_len", 16), ("max_num_seqs", 1), ("max_prefill_tokens", 16),
-                         ("graph_len_step", 16), ("stream_interval", 1), ("prefix_block_size", 1),
-                         ("prefix_min_reach", 1)):
+                         ("graph_len_step", 16), ("stream_interval", 1), ("prefix_block_size", 1)):
             _at_least(self, key, low)
         _at_least(self, "max_queue_size", 0, " (0: no bound)")
         _at_least(self, "image_cache_mb", 0, " (0: off)")

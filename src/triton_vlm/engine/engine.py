@@ -116,8 +116,7 @@ class LLMEngine:
             self.decoder.num_layers, self.decoder.num_kv_heads, self.decoder.head_dim, max_len,
             self.config.max_num_seqs, kv_cache_dtype(self.config.kv_cache_dtype, model.dtype), device,
             self.config.kv_cache_memory_fraction)
-        self.prefix_cache = (PrefixCache(self.cache.num_slots, self.config.prefix_block_size,
-                                         self.config.prefix_min_reach)
+        self.prefix_cache = (PrefixCache(self.cache.num_slots, self.config.prefix_block_size)
                              if self.config.prefix_caching else None)
         self.scheduler = Scheduler(self.config, self.cache, self.prefix_cache)
         self.runner = ModelRunner(adapter, model, self.decoder, self.cache, self.config)

@@ -8,18 +8,18 @@ ids and the content of the images whose rows it holds (image placeholders are th
 one key names the whole prefix up to the end of its block, at that block's position and no other.
 
 **Where cached K/V live.** Where a request left them: a finished request's slot keeps its blocks (it is *idle*)
-until a new request needs a slot. A new request takes over the idle slot holding its longest prefix (no copy); where
-that prefix lives in a running request's slot, the scheduler asks for a copy into the new request's slot, which the
-runner enqueues before anything of the step can write there. A request without a match takes a slot that holds
-nothing, else the least recently used idle one, among the slots *within reach*. So the cache costs no memory beyond
-the slots the KV cache has anyway, and eviction is reuse.
+until the slot is needed. A decode step is as wide as the highest running slot (row i reads slot i), and on an H100
+a step of 8 rows costs about 6% more than a step of one (the matmuls leave their one-row kernels), so a new request
+always takes the lowest free slot, as it would without the cache, and the cache works around that:
 
-**Reach.** A decode step is as wide as the highest running slot (row i reads slot i), and a step of 64 rows costs an
-H100 more than a step of one at the same weight reads. Were every new prompt to take the lowest slot that holds
-nothing, a single client's requests would climb through all the slots and make each step as wide as the cache
-(the tiny llava served to one client on a CPU lost a third of its tokens a second). So a request without a match picks among the slots below
-``reach``: the width the running requests already need, and at least ``min_reach`` (idle slots there keep a few
-conversations cached at a low load); idle slots beyond keep their blocks for the requests that match them.
+- its longest cached prefix in that very slot: taken over, nothing to copy;
+- elsewhere (an idle slot or a running request's): copied into it;
+- the slot idle with another prompt's blocks: those move first to the highest free slot that holds nothing, else
+  over the least recently used idle slot (where the slot's own blocks are the least recently used, they just go).
+
+The runner enqueues these copies before anything of the step can write to either slot: a device-side copy of a
+prompt's K/V (about 0.5 MB a position for a 7B model in fp16) costs well under a millisecond. So the cache takes
+no memory beyond the slots the KV cache has anyway, and eviction is reuse.
 
 Keys are built on the caller's thread (:func:`prompt_keys`); :class:`PrefixCache` belongs to the engine thread.
 """
@@ -108,20 +108,19 @@ def _rows_by_image(image_rows: Sequence[int], digests: list[bytes]) -> list[tupl
 
 @dataclass(frozen=True)
 class Placement:
-    """Where an admitted request goes: its slot, the positions of its prompt already there (or copied there from
-    ``source``), and that source slot (-1: no copy; the slot itself held them)."""
+    """Where an admitted request goes: its slot, the positions of its prompt there once ``copies`` ran, and those
+    copies ``(source slot, target slot, positions)``, to run in order before the step writes to any of them."""
 
     slot: int
     cached: int = 0
-    source: int = -1
+    copies: tuple[tuple[int, int, int], ...] = ()
 
 
 class PrefixCache:
     """Which blocks each slot holds, and which idle slots to reuse first. Engine thread only."""
 
-    def __init__(self, num_slots: int, block_size: int, min_reach: int = 8) -> None:
+    def __init__(self, num_slots: int, block_size: int) -> None:
         self.block_size = block_size
-        self.min_reach = min_reach
         #: Each slot's blocks with valid K/V, in prompt order (their keys).
         self._blocks: list[tuple[bytes, ...]] = [() for _ in range(num_slots)]
         #: Block key -> the slots that hold it.
@@ -130,18 +129,21 @@ class PrefixCache:
         self._idle: OrderedDict[int, None] = OrderedDict()
 
     def place(self, keys: PrefixKeys | None, free: Sequence[int], prompt_len: int, min_cached: int = 0) -> Placement:
-        """A slot for a new request among the ``free`` ones, with the longest cached prefix of its prompt. At least
-        one prompt position is left to prefill (its logits give the first token), and a prefix shorter than
-        ``min_cached`` (one the model must see in one chunk) counts as none. The slot now belongs to the request."""
+        """The lowest of the ``free`` slots for a new request, with the longest cached prefix of its prompt there (at
+        least one prompt position is left to prefill: its logits give the first token; a prefix shorter than
+        ``min_cached``, one the model must see in one chunk, counts as none). The slot now belongs to the request."""
+        slot = min(free)
         source, blocks = (-1, 0) if keys is None else self._longest(keys.keys[:(prompt_len - 1) // self.block_size])
         if blocks * self.block_size < min_cached:
             source, blocks = -1, 0
-        if source in free:  # an idle slot: it already holds them
-            placement = Placement(source, blocks * self.block_size)
-        else:
-            placement = Placement(self._emptiest(free), blocks * self.block_size, source)
-        self._hold(placement.slot, keys.keys[:blocks] if keys is not None else ())
-        return placement
+        copies = []
+        if source != slot:
+            move = self._move_out(slot, free, keep=source)
+            copies = [move] if move is not None else []
+            if source >= 0:
+                copies.append((source, slot, blocks * self.block_size))
+        self._hold(slot, keys.keys[:blocks] if keys is not None else ())
+        return Placement(slot, blocks * self.block_size, tuple(copies))
 
     def extend(self, slot: int, keys: Sequence[bytes]) -> None:
         """``slot``'s K/V now hold ``keys`` (a longer prefix of the same chain), as launched work leaves them."""
@@ -173,20 +175,31 @@ class PrefixCache:
         idle = [slot for slot in holders if slot in self._idle]
         return min(idle or holders), blocks
 
-    def _emptiest(self, free: Sequence[int]) -> int:
-        """A free slot within reach to overwrite: the lowest that holds nothing, else the least recently used idle
-        one. Reach: as wide as the running slots (the highest + 1, at least their count + 1, so a free slot lies
-        below it) and at least ``min_reach``."""
-        busy = set(range(len(self._blocks))).difference(free)
-        reach = max(max(busy, default=-1) + 1, len(busy) + 1, self.min_reach)
-        candidates = [slot for slot in free if slot < reach]
-        empty = [slot for slot in candidates if slot not in self._idle]
+    def _move_out(self, slot: int, free: Sequence[int], keep: int) -> tuple[int, int, int] | None:
+        """Move ``slot``'s idle blocks to the highest free slot that holds nothing, else over the least recently used
+        idle slot other than ``keep`` (the new request's source); the copy to enqueue, or None where ``slot`` held
+        nothing or its blocks were the ones to go."""
+        held = self._blocks[slot]
+        if not held:
+            return None
+        empty = [other for other in free if other != slot and not self._blocks[other]]
         if empty:
-            return min(empty)
-        return next(slot for slot in self._idle if slot < reach and slot in free)
+            target = max(empty)
+        else:
+            order = list(self._idle)
+            victims = [other for other in order if other in free and other not in (slot, keep)]
+            if not victims or (slot in self._idle and order.index(slot) < order.index(victims[0])):
+                return None  # nowhere to go, or the least recently used: dropped
+            target = victims[0]
+        # The moved blocks keep their place in the LRU order.
+        self._idle = OrderedDict((target if other == slot else other, None)
+                                 for other in self._idle if other != target)
+        self._hold(target, held, idle=True)
+        return slot, target, len(held) * self.block_size
 
-    def _hold(self, slot: int, keys: tuple[bytes, ...]) -> None:
-        """``slot`` now holds exactly ``keys``: the blocks it held beyond them (or all, on another chain) go."""
+    def _hold(self, slot: int, keys: tuple[bytes, ...], idle: bool = False) -> None:
+        """``slot`` now holds exactly ``keys``: the blocks it held beyond them (or all, on another chain) go. Unless
+        ``idle``, a request has the slot."""
         held = self._blocks[slot]
         for key in held[len(keys):] if held[:len(keys)] == keys else held:
             holders = self._holders.get(key)
@@ -197,4 +210,5 @@ class PrefixCache:
         for key in keys:
             self._holders.setdefault(key, set()).add(slot)
         self._blocks[slot] = keys
-        self._idle.pop(slot, None)
+        if not idle:
+            self._idle.pop(slot, None)

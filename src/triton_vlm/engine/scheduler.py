@@ -6,8 +6,8 @@ way. A prompt whose first chunk must hold a bidirectional prefix (``min_first_ch
 for it, or takes a step alone and exceeds the budget once.
 
 With a :class:`~triton_vlm.engine.prefix_cache.PrefixCache`, the scheduler also decides which slot a new request
-takes (the one holding its longest cached prefix, or a copy of that prefix into another) and tells the cache which
-blocks each slot holds as prompts are prefilled and requests finish.
+takes (always the lowest free one, as without the cache, and the copies that bring its longest cached prefix there)
+and tells the cache which blocks each slot holds as prompts are prefilled and requests finish.
 """
 
 from __future__ import annotations
@@ -101,8 +101,7 @@ class Scheduler:
                                       request.min_first_chunk)
         seq.slot = self.cache.allocate(placement.slot)
         seq.num_prefilled = seq.cached_positions = placement.cached
-        if placement.source >= 0:
-            out.copies.append((placement.source, placement.slot, placement.cached))
+        out.copies.extend(placement.copies)
 
     def prefilled(self, seq: Sequence) -> None:
         """``seq``'s prompt is in its slot up to ``num_prefilled`` (as the work launched so far leaves it)."""
