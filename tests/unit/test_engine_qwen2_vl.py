@@ -80,6 +80,22 @@ def test_one_request_matches_transformers_generate(loaded: Loaded, reference: li
     assert qwen.generate(items([0])) == reference[:1]
 
 
+def test_the_rotary_always_gets_three_rows_of_positions(loaded: Loaded, reference: list[list[int]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.17 (the GPU host's) indexes Qwen2-VL's rotary positions as [3, batch, positions] and fails on
+    the [1, tokens] that newer releases expand themselves: decode steps hand over one row, which must become three."""
+    qwen = engine(loaded, max_num_seqs=2)
+    rotary = type(qwen.decoder.rotary)
+    forward = rotary.forward
+
+    def strict(self: Any, x: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        assert position_ids.dim() == 3 and position_ids.shape[0] == 3, tuple(position_ids.shape)
+        return forward(self, x, position_ids)
+
+    monkeypatch.setattr(rotary, "forward", strict)
+    assert qwen.generate(items([0, 1])) == reference[:2]
+
+
 def test_batched_requests_of_different_sizes_match_transformers_generate(loaded: Loaded,
                                                                          reference: list[list[int]]) -> None:
     """Two slots for four requests: requests join while others decode, prompt chunks ride along in decode steps."""

@@ -118,8 +118,11 @@ class LlamaDecoder:
 
     # -- shared pieces ------------------------------------------------------------------------------------
     def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [tokens, 1, head_dim] for ``positions`` ([tokens], or [3, tokens] for multimodal RoPE, whose
-        rotary module also takes [tokens] as three equal rows); computed once per forward, shared by all layers."""
+        """cos/sin [tokens, 1, head_dim] for ``positions`` ([tokens], or [3, tokens] for multimodal RoPE, where
+        [tokens] means three equal rows); computed once per forward, shared by all layers."""
+        if self.multimodal_positions and positions.dim() == 1:
+            # Spelled out: transformers 5.25's Qwen2-VL rotary expands [1, tokens] itself, 5.17's indexes 3-D.
+            positions = positions.expand(3, -1)
         cos, sin = self.rotary(h, positions[..., None, :])
         return cos[0][:, None, :], sin[0][:, None, :]
 
