@@ -317,3 +317,20 @@ def test_the_full_size_llava_onevision_is_llava_onevision_qwen2_7b_ov() -> None:
         encoded = processor(images=[Image.new("RGB", size)], text=prompt, return_tensors="pt")
         assert tuple(encoded["pixel_values"].shape) == (1, tiles, 3, 384, 384)
         assert int((encoded["input_ids"] == config.image_token_id).sum()) == rows
+
+
+def test_a_small_tokenizer_under_a_full_size_vocabulary_still_gets_ids_it_can_decode(tmp_path: Path) -> None:
+    """The benchmarks' full-size checkpoints pair real vocabularies with tiny tokenizers: greedy random weights must
+    pick ids the tokenizer has, or every piece of a streamed answer decodes to nothing and arrives at the end."""
+    from triton_vlm.models.qwen2_vl.checkpoint import QWEN2_VL, TINY, train_tokenizer, write_random_checkpoint
+
+    known = len(train_tokenizer())
+    write_random_checkpoint(tmp_path, QWEN2_VL, TINY[QWEN2_VL], vocab_size=known + 20_000)
+    model = get_family("qwen2_vl").load(str(tmp_path), revision=None, dtype=torch.float32,
+                                        device=torch.device("cpu"), local_files_only=True,
+                                        trust_remote_code=False)[0]
+    assert model.get_output_embeddings().weight.shape[0] == known + 20_000
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([[5, 6, 7, 8]]), do_sample=False, max_new_tokens=24,
+                             min_new_tokens=24)
+    assert int(out[0, 4:].max()) < known

@@ -8,7 +8,9 @@ so400m and SmolLM2-1.7B, ``models/smolvlm/family.py:smolvlm_instruct_config``) c
 checkpoints' tokenizers (ids inside the real vocabularies); so do Qwen2-VL-7B-Instruct (``qwen2_vl``) and
 Qwen2.5-VL-7B-Instruct (``qwen2_5_vl``), with their real image processors' pixel bounds, and
 llava-onevision-qwen2-7b-ov (``llava_onevision``: SigLIP so400m at 384 px over anyres grids up to 6 x 6, Qwen2-7B),
-with its real grids and ``anyres_max_9``.
+with its real grids and ``anyres_max_9``. Where a tiny tokenizer sits under a real vocabulary, the output rows of the
+ids it lacks are zero (:func:`~triton_vlm.tiny.speak_within`): greedy random weights then answer in text, streamed
+piece by piece, not in ids that decode to nothing until the end.
 
 ``python -m triton_vlm.bench.checkpoints MODEL PATH`` writes one (on the GPU when there is one).
 """

@@ -159,7 +159,7 @@ def write_random_checkpoint(path: Path, sizes: Sizes = TINY, *, vocab_size: int 
     from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
     from triton_vlm.models.processors import save_processor
-    from triton_vlm.tiny import built_as, randomize_qkv_biases, seeded
+    from triton_vlm.tiny import built_as, randomize_qkv_biases, seeded, speak_within
 
     processor = random_processor(sizes)
     config = random_config(sizes, processor.tokenizer, vocab_size)
@@ -167,6 +167,7 @@ def write_random_checkpoint(path: Path, sizes: Sizes = TINY, *, vocab_size: int 
     with built_as(dtype, device):
         model = LlavaOnevisionForConditionalGeneration(config).eval()
         randomize_qkv_biases(model.model.language_model.layers)
+        speak_within(model, processor.tokenizer)
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(path)

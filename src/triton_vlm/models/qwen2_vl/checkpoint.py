@@ -82,7 +82,7 @@ def write_random_checkpoint(path: Path, variant: str = QWEN2_VL, sizes: Sizes | 
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from triton_vlm.tiny import built_as, randomize_qkv_biases, seeded
+    from triton_vlm.tiny import built_as, randomize_qkv_biases, seeded, speak_within
 
     if variant not in VARIANTS:
         raise ValueError(f"no random build for {variant!r}; known: {', '.join(VARIANTS)}")
@@ -103,6 +103,7 @@ def write_random_checkpoint(path: Path, variant: str = QWEN2_VL, sizes: Sizes | 
     with built_as(dtype, device):
         model = model_class(config).eval()
         randomize_qkv_biases(model.model.language_model.layers)
+        speak_within(model, tokenizer)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)

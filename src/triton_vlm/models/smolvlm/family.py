@@ -73,7 +73,7 @@ def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any =
     from transformers import Idefics3ForConditionalGeneration, Idefics3Processor, LlamaTokenizer
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    from triton_vlm.tiny import built_as, seeded, train_llama_style_vocab
+    from triton_vlm.tiny import built_as, seeded, speak_within, train_llama_style_vocab
 
     vocab, merges = train_llama_style_vocab(vocab_size=600)
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
@@ -91,6 +91,7 @@ def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any =
     seeded()
     with built_as(dtype, device):
         model = Idefics3ForConditionalGeneration(config).eval()
+        speak_within(model, tokenizer)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
