@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from triton_vlm.engine.vision import GraphedVision
 
@@ -103,3 +104,50 @@ def test_every_quick_gelu_of_a_clip_tower_is_fused_and_the_features_stay_the_sam
     assert sum(isinstance(m, FusedQuickGELU) for m in model.modules()) == vision_layers
     torch.testing.assert_close(adapter.encode_images(model, pixels), before)  # the twin on CPU
     assert fuse_quick_gelu(model) == 0
+
+
+#: Ops that make the host wait for the device (a tensor's value read back, or an output sized by the data): none
+#: can be captured in a CUDA graph, so a tower that runs one is left eager on the GPU.
+HOST_SYNCS = frozenset({"_local_scalar_dense", "is_nonzero", "item", "nonzero", "masked_select", "equal",
+                        "_assert_async", "unique", "repeat_interleave"})
+
+
+class RecordHostSyncs(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.__name__.split(".")[0]
+        if name in HOST_SYNCS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "kosmos2", "moondream2", "smolvlm"])
+def test_graphed_towers_never_wait_for_the_device(family: str) -> None:
+    """A CUDA graph captures no host sync: every tower the engine graphs (a family with one ``image_shape``) is
+    checked here, on the CPU, op by op (SmolVLM's asked the host whether its mask was all true: eager on the H100)."""
+    from tests.unit.helpers import load_tiny
+
+    loaded_family, model, _processor = load_tiny(family)
+    adapter = loaded_family.engine_adapter()
+    shape = adapter.image_shape(model)
+    assert shape is not None
+    pixels = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), RecordHostSyncs() as syncs:
+        adapter.encode_images(model, pixels)
+    assert syncs.seen == []
+
+
+def test_smolvlm_tower_without_a_mask_gives_the_models_own_features() -> None:
+    from tests.unit.helpers import load_tiny
+
+    family, model, _processor = load_tiny("smolvlm")
+    pixels = torch.randn(3, *family.engine_adapter().image_shape(model), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ours = family.engine_adapter().encode_images(model, pixels)
+        theirs = model.model.get_image_features(pixel_values=pixels[None])
+    theirs = getattr(theirs, "pooler_output", theirs)
+    theirs = torch.cat(list(theirs)) if isinstance(theirs, (list, tuple)) else theirs
+    torch.testing.assert_close(ours, theirs.reshape(ours.shape))

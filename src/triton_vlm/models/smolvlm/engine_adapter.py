@@ -45,12 +45,16 @@ class SmolVLMEngineAdapter(EngineAdapter):
 
     def encode_images(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
         """Tiles ``[N, 3, S, S]`` through the tower and the connector (pixel shuffle, projection), as the model's
-        ``get_image_features`` runs them: ``[N, image_seq_len, hidden]``. The all-true patch mask is made on the
-        device (the tower's own default is a host tensor copied over, which a CUDA graph cannot capture)."""
+        ``get_image_features`` runs them: ``[N, image_seq_len, hidden]``. Every tile is whole (``encode`` checks),
+        so the tower's parts run here without an attention mask: the tower itself builds one and asks the host
+        whether it is all true (``mask.all()``), a sync that no CUDA graph can capture (the H100 ran SmolVLM's tower
+        eagerly for it). The all-true patch mask its embeddings take is made on the device for the same reason."""
+        tower = model.model.vision_model
         patch = model.config.vision_config.patch_size
         patches = torch.ones((pixels.shape[0], pixels.shape[2] // patch, pixels.shape[3] // patch),
                              dtype=torch.bool, device=pixels.device)
-        hidden = model.model.vision_model(pixel_values=pixels, patch_attention_mask=patches).last_hidden_state
+        hidden = tower.embeddings(pixel_values=pixels, patch_attention_mask=patches)
+        hidden = tower.post_layernorm(tower.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state)
         features: torch.Tensor = model.model.connector(hidden)
         return features
 
