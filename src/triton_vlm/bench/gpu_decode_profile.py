@@ -1,11 +1,14 @@
 """One engine step on the GPU, kernel by kernel (a full-size architecture with random fp16 weights, in-process).
 
 python -m triton_vlm.bench.gpu_decode_profile --model llava|kosmos2|moondream2 [--batch 64] [--context 150]
-    [--quantization fp8] [--kv-cache-dtype fp8] [--prefill N] [--vision N1,N2,...] [--vision-overlap N]
+    [--quantization fp8] [--kv-cache-dtype fp8] [--prefill N] [--prefill-chunk START,LENGTH] [--vision N1,N2,...]
+    [--vision-overlap N]
 
 Times one decode step of ``--batch`` rows that each attend to ``--context`` positions (as the engine replays it,
 from its CUDA graph) and profiles it run eagerly, kernel by kernel. ``--prefill N`` also profiles one prefill step
-of N packed 628-position prompts (llava's image + prompt); ``--vision N1,N2`` times the prompt embeddings (vision
+of N packed 628-position prompts (llava's image + prompt); ``--prefill-chunk 624,96`` times one chunk of 96
+positions after 624 cached ones (a chat's turn 2) as the host launches it and as the device runs it (where the
+host's time is the larger, a short prefill costs what its launches cost); ``--vision N1,N2`` times the prompt embeddings (vision
 tower, projector, token embeddings) of N new requests per N and profiles the largest; ``--vision-overlap N`` times
 N requests' vision and the decode step one after the other, as the engine runs them, against side by side on two
 streams (what the decode step could hide). Recorded runs: bench/results/h100-llava-fp8-profile.txt,
@@ -38,6 +41,8 @@ def main() -> None:
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many prompts")
+    parser.add_argument("--prefill-chunk", default="", metavar="START,LENGTH",
+                        help="also time one prefill chunk of LENGTH positions after START cached ones: host and device")
     parser.add_argument("--vision-overlap", type=int, default=0, metavar="N",
                         help="also time N requests' vision beside the decode step")
     parser.add_argument("--vision", default="", metavar="N1,N2", help="also time and profile N requests' vision")
@@ -52,6 +57,9 @@ def main() -> None:
     print_profile(decode_step(engine, args.batch, args.context, graphs=False), rows=14, repeats=3)
     if args.prefill:
         profile_prefill(engine, args.prefill)
+    if args.prefill_chunk:
+        start, length = (int(n) for n in args.prefill_chunk.split(","))
+        time_prefill_chunk(engine, start, length)
     if args.vision_overlap:
         time_vision_overlap(engine, args.vision_overlap, args.batch, args.context)
     if args.vision:
@@ -102,6 +110,36 @@ def profile_prefill(engine: LLMEngine, count: int, prompt_len: int = 628) -> Non
     ms = timed(lambda: engine.runner.prefill(chunks), iters=5)
     print(f"prefill {count} x {prompt_len}: {ms:.1f} ms", flush=True)
     print_profile(lambda: engine.runner.prefill(chunks), rows=16)
+
+
+def time_prefill_chunk(engine: LLMEngine, start: int, length: int, iters: int = 20) -> None:
+    """One chunk of ``length`` positions after ``start`` cached ones (slot 0): the host's time to launch it (the
+    call returning, nothing waited for) against the device's span (CUDA events), each a median of ``iters``; then
+    its kernels."""
+    import statistics
+    import time
+
+    seq = Sequence(EngineRequest("c", [1] * (start + length), SamplingParams(max_tokens=1), _ignore))
+    seq.slot = 0
+    with torch.inference_mode():
+        seq.prompt_embeds = engine.decoder.embed_tokens(
+            torch.randint(0, 1000, (start + length,), device=engine.runner.device))
+    chunks = [PrefillChunk(seq, start, length)]
+    host, device = [], []
+    for _ in range(iters + 3):
+        torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        clock = time.perf_counter()
+        begin.record()
+        engine.runner.prefill(chunks)
+        end.record()
+        host.append((time.perf_counter() - clock) * 1e3)
+        torch.cuda.synchronize()
+        device.append(begin.elapsed_time(end))
+    # The device's span includes its idle gaps while the host launches; the profile's kernel sum has none.
+    print(f"prefill chunk {length} after {start}: host launch {statistics.median(host[3:]):.2f} ms, "
+          f"device span {statistics.median(device[3:]):.2f} ms", flush=True)
+    print_profile(lambda: engine.runner.prefill(chunks), rows=12)
 
 
 def new_sequences(engine: LLMEngine, count: int) -> list[Sequence]:
