@@ -67,6 +67,20 @@ def test_prefix_cache_and_n_choices_on_cuda_keep_the_tokens(case: tuple[ParityCa
     assert engine.cache.free_slots == engine.cache.num_slots and not engine.scheduler.has_work()
 
 
+@pytest.mark.parametrize("name", ["llava", "llava_next", "llava_onevision", "smolvlm"])
+def test_prefill_rows_on_cuda_keep_the_tokens(name: str) -> None:
+    """Short text chunks as graphed decode rows of their slot (``prefill_rows_max``: the slotted decode kernel,
+    the rows' own graphs), prompts in chunks of 16 and a second round one request at a time from the prefix
+    cache: the batched loop's tokens."""
+    parity = CASES[name]
+    loaded = parity.load("cuda")
+    reference = parity.reference(loaded)
+    engine = parity.engine(loaded, max_num_seqs=2, max_prefill_tokens=16, prefill_rows_max=16)
+    assert engine.generate(parity.items()) == reference
+    assert [engine.generate([item])[0] for item in parity.items()] == reference
+    assert engine.stats.row_prefills > 0 and engine.runner._row_graphs  # noqa: SLF001 (what the test is about)
+
+
 #: The tiny models' logits are ~0.5 in size, where float16 steps are 2.4e-4 (and their top two can be 1e-3 apart):
 #: the engine's kernels and HF's may order two nearly equal logits differently. A real fault (a wrong position, head
 #: or cache slot) moves logits by ~0.1 or more.

@@ -126,3 +126,20 @@ def test_windowed_flash_prefill_and_decode_kernel_follow_dense_attention(monkeyp
     assert all(kw.get("window_size_left") == (None if window is None else window - 1) for kw in calls)
     for slot in PROMPTS:
         torch.testing.assert_close(got[slot], expected[slot], atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float8_e4m3fn], ids=["fp16", "fp8"])
+def test_slotted_decode_attention_kernel_follows_its_twin(kv_dtype: torch.dtype) -> None:
+    """Rows naming their slots (a prompt chunk run as rows: several rows of one slot, growing lengths) read those
+    slots in the kernel as in the torch twin; without slots the kernel is the one every decode step runs."""
+    from triton_vlm.engine import kernels
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(8, 8, 512, 128, device="cuda", generator=generator, dtype=torch.float16).to(kv_dtype)
+    values = torch.randn(8, 8, 512, 128, device="cuda", generator=generator, dtype=torch.float16).to(kv_dtype)
+    q = torch.randn(20, 32, 128, device="cuda", generator=generator, dtype=torch.float16)
+    slots = torch.tensor([5] * 16 + [0, 1, 2, 7], device="cuda")
+    lengths = torch.tensor([*range(300, 316), 1, 40, 511, 128], device="cuda")
+    got = kernels.decode_attention(q, keys, values, lengths, slots=slots)
+    expected = kernels.decode_attention_torch(q, keys, values, lengths, 512, slots=slots)
+    torch.testing.assert_close(got, expected, atol=5e-3, rtol=5e-3)

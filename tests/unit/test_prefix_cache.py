@@ -110,8 +110,9 @@ def test_one_client_after_another_runs_in_the_lowest_slot_and_earlier_prefixes_m
     assert run(prompts[0]) == Placement(0, 4, ((0, 1, 8), (3, 0, 4)))
     # No empty slot left: prompt 0 (slot 0) moves over the least recently used idle slot, its own old copy in 3.
     assert run(prompts[3]) == Placement(0, 0, ((0, 3, 8),))
-    # Prompt 1 (in slot 2) again: prompt 3 moves over prompt 2 (slot 1, used before prompt 0 in slot 3).
-    assert run(prompts[1]) == Placement(0, 4, ((0, 1, 8), (2, 0, 4)))
+    # Prompt 1 again, every slot holding a prefix: it runs where it is (slot 2), and nothing is pushed out.
+    assert run(prompts[1]) == Placement(2, 4)
+    assert [cache.place(p, [0, 1, 3], 8).cached for p in (prompts[3], prompts[2], prompts[0])] == [4, 4, 4]
 
 
 def test_blocks_that_are_the_least_recently_used_are_dropped_rather_than_moved() -> None:

@@ -166,6 +166,10 @@ class EngineConfig:
     prefix_caching: bool = True
     #: Positions per prefix-cache block: prefixes are matched in whole blocks.
     prefix_block_size: int = 16
+    #: Prompt chunks of at most this many positions (up to 128), all text, run as decode rows of their slot, from
+    #: CUDA graphs: a chat's later turn then skips the host's launches of an eager prefill (on an H100 about 20 ms
+    #: for llava, whatever the chunk's length). 0: off, the default until it is measured on the GPU.
+    prefill_rows_max: int = 0
     #: MB of recently seen images kept by the digest of their file, twice: decoded (the model's requests, batched
     #: or on the engine) and through the processor (the engine's one-image requests). A chat resends its image every
     #: turn; a kept one skips the decode and the processor, milliseconds of the turn's first token. 0: off.
@@ -177,6 +181,7 @@ class EngineConfig:
             _at_least(self, key, low)
         _at_least(self, "max_queue_size", 0, " (0: no bound)")
         _at_least(self, "image_cache_mb", 0, " (0: off)")
+        _at_least(self, "prefill_rows_max", 0, " (0: off)")
         fraction = self.kv_cache_memory_fraction
         if not 0.05 <= fraction <= 0.98:
             raise ConfigError(f"kv_cache_memory_fraction must be in [0.05, 0.98], got {fraction!r}",

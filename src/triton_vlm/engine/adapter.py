@@ -100,6 +100,24 @@ def positioned(decoder: Decoder) -> TypeGuard[PositionedDecoder]:
     return bool(getattr(decoder, "multimodal_positions", False))
 
 
+class RowsDecoder(Decoder, Protocol):
+    """A :class:`Decoder` whose decode rows may name their slots (``slotted_rows``): a short prompt chunk then runs
+    as one row per position, all in its slot, through the decode step's graphs (:meth:`ModelRunner.prefill_rows`)."""
+
+    slotted_rows: bool
+
+    def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
+               cache: SlotKVCache, context: int | None = None, positions: torch.Tensor | None = None,
+               slots: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`Decoder.decode`, row i in slot ``slots[i]`` (default: slot i)."""
+        ...
+
+
+def slotted(decoder: Decoder) -> TypeGuard[RowsDecoder]:
+    """Whether ``decoder``'s decode rows may name their slots (``slotted_rows`` set and true)."""
+    return bool(getattr(decoder, "slotted_rows", False))
+
+
 class EngineFamily(Protocol):
     """The model family an engine serves (``triton_vlm.models.ModelFamily`` is one)."""
 

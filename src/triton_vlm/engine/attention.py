@@ -170,19 +170,22 @@ def last_rows(hidden: torch.Tensor, chunks: list[tuple[int, int, int]]) -> torch
 
 
 def decode_attention(cache: SlotKVCache, write_positions: torch.Tensor, lengths: torch.Tensor,
-                     context: int | None, fused: bool, window: int | None = None) -> Attend:
-    """For one token per slot (row i is slot i): the fused kernel reads each row's length on the device; the
-    torch twin masks up to ``context``. ``window``: each row sees only its last ``window`` positions."""
-    slots = torch.arange(write_positions.shape[0], device=write_positions.device)
+                     context: int | None, fused: bool, window: int | None = None,
+                     slots: torch.Tensor | None = None) -> Attend:
+    """For one token per row, row i in slot i (or in ``slots[i]``: a prompt chunk run as rows of one slot, each
+    row's K/V stored before any row attends, so row j sees rows up to j): the fused kernel reads each row's length
+    on the device; the torch twin masks up to ``context``. ``window``: each row sees only its last ``window``
+    positions."""
+    rows = torch.arange(write_positions.shape[0], device=write_positions.device) if slots is None else slots
 
     def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = cache.keys[index], cache.values[index]
-        if not (fused and kernels.store_kv(k, v, keys, values, slots, write_positions, FP8_MAX)):
-            keys[slots, :, write_positions] = to_storage(k, keys.dtype)
-            values[slots, :, write_positions] = to_storage(v, values.dtype)
+        if not (fused and kernels.store_kv(k, v, keys, values, rows, write_positions, FP8_MAX)):
+            keys[rows, :, write_positions] = to_storage(k, keys.dtype)
+            values[rows, :, write_positions] = to_storage(v, values.dtype)
         if fused:
-            return kernels.decode_attention(q, keys, values, lengths, window=window)
-        return kernels.decode_attention_torch(q, keys, values, lengths, context, window)
+            return kernels.decode_attention(q, keys, values, lengths, window=window, slots=slots)
+        return kernels.decode_attention_torch(q, keys, values, lengths, context, window, slots)
 
     return attend
 

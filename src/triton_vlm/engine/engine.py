@@ -64,6 +64,8 @@ class EngineStats:
     prefix_hits: int = 0
     prefix_misses: int = 0
     prefix_cached_tokens: int = 0
+    #: Prefill steps whose one short text chunk ran as decode rows of its slot (``prefill_rows_max``).
+    row_prefills: int = 0
     #: Host time by phase; "mixed" is steps that prefill and decode in one forward; "wait" is time spent waiting
     #: for the device to finish a step.
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
@@ -319,7 +321,14 @@ class LLMEngine:
                 self._count_cached(plan.admitted)
                 self.runner.build_prompt_embeds(plan.admitted)
                 lap("vision")
-            if plan.prefill and plan.decode and self.runner.mixes:
+            if self.runner.takes_as_rows(plan.prefill):  # a short text chunk: graphed rows, then the decodes
+                prefill_logits = self.runner.prefill_rows(plan.prefill[0])
+                self.stats.row_prefills += 1
+                lap("prefill")
+                if plan.decode:
+                    decode_logits = self.runner.decode(plan.decode, need_logits=bool(sampled))
+                    lap("decode")
+            elif plan.prefill and plan.decode and self.runner.mixes:
                 prefill_logits, decode_logits = self.runner.prefill_and_decode(plan.prefill, plan.decode)
                 lap("mixed")
             else:

@@ -48,14 +48,17 @@ def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                           context: int | None = None, window: int | None = None) -> torch.Tensor:
+                           context: int | None = None, window: int | None = None,
+                           slots: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per row over that row's cached K/V.
 
     ``q`` [batch, heads, head_dim]; ``keys``/``values`` [slots, kv_heads, positions, head_dim], row i reading
-    slot i, in q's dtype or fp8; ``lengths`` [batch] positions attended per row (at least 1); ``context`` >= every
-    length (computed when not given); ``window``: a sliding window (Mistral's), a row then attends only to its
-    last ``window`` positions. Returns [batch, heads * head_dim]."""
+    slot i (or ``slots[i]``: several rows may read one slot), in q's dtype or fp8; ``lengths`` [batch] positions
+    attended per row (at least 1); ``context`` >= every length (computed when not given); ``window``: a sliding
+    window (Mistral's), a row then attends only to its last ``window`` positions. Returns [batch, heads * head_dim]."""
     batch, heads, dim = q.shape
+    if slots is not None:
+        keys, values = keys[slots], values[slots]
     context = int(lengths.max()) if context is None else context
     positions = torch.arange(context, device=q.device)[None, :]
     mask = positions < lengths[:, None]
@@ -180,15 +183,16 @@ if triton is not None:
     @triton.jit
     def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, lengths_ptr, acc_ptr, stats_ptr, q_row_stride,
                                        kv_slot_stride, kv_head_stride, kv_pos_stride, scale, n_heads, n_splits,
-                                       window, GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                       SPLIT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-                                       WINDOWED: tl.constexpr):
+                                       window, slots_ptr, GROUP: tl.constexpr, HEADS: tl.constexpr,
+                                       HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                                       PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SLOTTED: tl.constexpr):
         # One (row, KV head, split): the GROUP query heads sharing that KV head (padded to HEADS >= 16 rows for
         # tensor-core dots), online softmax over positions [split * SPLIT, (split + 1) * SPLIT) below the row's
         # length. The loop stops at the length: a split past it only stores an empty partial (total 0), so a
         # short row in a long cache (kosmos2's ~150 of 768 positions) costs what its positions cost. WINDOWED
         # (a sliding window of ``window`` positions): the row starts at length - window, and the loop starts at
-        # the block that holds that start (a split wholly before it stores an empty partial too).
+        # the block that holds that start (a split wholly before it stores an empty partial too). SLOTTED: the row
+        # reads the slot ``slots_ptr`` names for it (a prompt chunk's rows all read theirs), else slot ``row``.
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -199,7 +203,10 @@ if triton is not None:
         dims = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + row * q_row_stride + heads[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None],
                     other=0.0)
-        base = row * kv_slot_stride + kv_head * kv_head_stride
+        if SLOTTED:
+            base = tl.load(slots_ptr + row) * kv_slot_stride + kv_head * kv_head_stride
+        else:
+            base = row * kv_slot_stride + kv_head * kv_head_stride
         m = tl.full([HEADS], -1.0e30, tl.float32)
         total = tl.zeros([HEADS], tl.float32)
         acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
@@ -463,11 +470,13 @@ def attention_tiles(batch: int, kv_heads: int) -> AttentionTiles:
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     tiles: AttentionTiles | None = None, window: int | None = None) -> torch.Tensor:
+                     tiles: AttentionTiles | None = None, window: int | None = None,
+                     slots: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`decode_attention_torch` as two kernels (split-KV flash decoding: partial softmax per split of
     the positions, then a merge). The grid depends on the cache's size, never on ``lengths``' values, so a
     CUDA graph captured once replays for any lengths. ``tiles``: :func:`attention_tiles` unless given;
-    ``window``: a sliding window, as the twin's (a kernel of its own, so the unwindowed one is unchanged)."""
+    ``window``: a sliding window, as the twin's (a kernel of its own, so the unwindowed one is unchanged);
+    ``slots``: each row's slot, read on the device (a kernel of its own too)."""
     batch, heads, dim = q.shape
     kv_heads, positions = keys.shape[1], keys.shape[2]
     tiles = tiles or attention_tiles(batch, kv_heads)
@@ -478,9 +487,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     group = heads // kv_heads
     _decode_attention_split_kernel[(batch, kv_heads, splits)](
         q, keys, values, lengths, acc, stats, q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-        dim ** -0.5, heads, splits, window or 0, GROUP=group, HEADS=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=dim, SPLIT=tiles.split, BLOCK=tiles.block, PRECISION=dot_precision(q.dtype),
-        WINDOWED=window is not None, num_warps=tiles.warps,
+        dim ** -0.5, heads, splits, window or 0, lengths if slots is None else slots, GROUP=group,
+        HEADS=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, SPLIT=tiles.split, BLOCK=tiles.block,
+        PRECISION=dot_precision(q.dtype), WINDOWED=window is not None, SLOTTED=slots is not None,
+        num_warps=tiles.warps,
         num_stages=tiles.stages or (3 if keys.element_size() == 1 else 2))
     out = torch.empty((batch, heads * dim), dtype=q.dtype, device=q.device)
     _decode_attention_merge_kernel[(batch, heads)](acc, stats, out, heads, splits, HEAD_DIM=dim,

@@ -13,7 +13,8 @@ a step of 8 rows costs about 6% more than a step of one (the matmuls leave their
 always takes the lowest free slot, as it would without the cache, and the cache works around that:
 
 - its longest cached prefix in that very slot: taken over, nothing to copy;
-- elsewhere (an idle slot or a running request's): copied into it;
+- elsewhere (an idle slot or a running request's): copied into it; but where every free slot holds blocks, an idle
+  slot with the prefix is taken over where it is (bringing it down would push out another conversation's);
 - the slot idle with another prompt's blocks: those move first to the highest free slot that holds nothing, else
   over the least recently used idle slot (where the slot's own blocks are the least recently used, they just go).
 
@@ -136,6 +137,8 @@ class PrefixCache:
         source, blocks = (-1, 0) if keys is None else self._longest(keys.keys[:(prompt_len - 1) // self.block_size])
         if blocks * self.block_size < min_cached:
             source, blocks = -1, 0
+        if source in free and not any(not self._blocks[other] for other in free):
+            slot = source  # every free slot holds a prefix: moving one down would cost another, so run where it is
         copies = []
         if source != slot:
             move = self._move_out(slot, free, keep=source)

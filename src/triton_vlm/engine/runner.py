@@ -25,7 +25,16 @@ from typing import Any
 import torch
 
 from triton_vlm.config import EngineConfig
-from triton_vlm.engine.adapter import Decoder, EngineAdapter, MixingDecoder, PositionedDecoder, mixes, positioned
+from triton_vlm.engine.adapter import (
+    Decoder,
+    EngineAdapter,
+    MixingDecoder,
+    PositionedDecoder,
+    RowsDecoder,
+    mixes,
+    positioned,
+    slotted,
+)
 from triton_vlm.engine.attention import avoid_per_shape_attention_plans
 from triton_vlm.engine.kernels import fused_available
 from triton_vlm.engine.kv_cache import SlotKVCache
@@ -38,6 +47,10 @@ log = logging.getLogger("triton_vlm")
 
 #: A graph key: (batch bucket, context bucket or None when attention reads lengths on the device).
 GraphKey = tuple[int, int | None]
+
+
+#: Row counts a prompt chunk run as decode rows is padded to (:meth:`ModelRunner.prefill_rows`), one graph each.
+ROW_BUCKETS = (16, 32, 64, 128)
 
 
 def batch_buckets(limit: int) -> list[int]:
@@ -75,6 +88,12 @@ class ModelRunner:
         self._positioned: PositionedDecoder | None = decoder if positioned(decoder) else None
         self.rope_offsets = (torch.zeros(limit, dtype=torch.long, device=self.device)
                              if self._positioned is not None else None)
+        #: Short text chunks as decode rows of their slot (``prefill_rows_max``; decoders whose rows name their slot
+        #: and rotate by cache positions): rows' tokens, K/V write positions, attended lengths and slots.
+        self._rows: RowsDecoder | None = (decoder if config.prefill_rows_max and slotted(decoder)
+                                          and self._positioned is None else None)
+        self._row_inputs = torch.zeros((4, ROW_BUCKETS[-1]), dtype=torch.long, device=self.device)
+        self._row_graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -116,6 +135,67 @@ class ModelRunner:
         else:
             hidden = self.decoder.prefill(embeds, packed, self.cache)
         return self.decoder.logits(hidden)
+
+    def takes_as_rows(self, chunks: list[PrefillChunk]) -> bool:
+        """Whether :meth:`prefill_rows` runs ``chunks``: one chunk, short (``prefill_rows_max``), all text (its
+        token ids embed as the prompt's embeddings do)."""
+        if self._rows is None or len(chunks) != 1:
+            return False
+        chunk = chunks[0]
+        if chunk.length > min(self.config.prefill_rows_max, ROW_BUCKETS[-1]):
+            return False
+        end = chunk.start + chunk.length
+        return not any(chunk.start <= row < end for row in chunk.seq.request.mm_inputs.get("image_rows") or ())
+
+    @torch.inference_mode()
+    def prefill_rows(self, chunk: PrefillChunk) -> torch.Tensor:
+        """``chunk`` as decode rows of its slot, one a position (padded to a :data:`ROW_BUCKETS` size with idle
+        rows), from a graph where there are graphs: each row stores its K/V and attends to the slot up to itself,
+        which is causal prefill. Logits after its last position [1, vocab]. An eager prefill costs its kernel
+        launches whatever its length; this costs one replay."""
+        assert self._rows is not None
+        size = next(b for b in ROW_BUCKETS if b >= chunk.length)
+        start, n, slot = chunk.start, chunk.length, chunk.seq.slot
+        idle = size - n
+        inputs = [*chunk.seq.request.prompt_ids[start:start + n], *[0] * idle,
+                  *range(start, start + n), *[self.cache.scratch_position] * idle,
+                  *range(start + 1, start + n + 1), *[1] * idle,
+                  *[slot] * size]
+        self._row_inputs[:, :size].copy_(device_longs(inputs, self.device).view(4, size))
+        context = None if self.decoder.fused else min(
+            self.cache.max_len, -(-(start + n) // self.config.graph_len_step) * self.config.graph_len_step)
+        if self.use_graphs:
+            key = (size, context)
+            if key not in self._row_graphs:
+                self._row_graphs[key] = self._capture_rows(size, context)
+            graph, logits = self._row_graphs[key]
+            graph.replay()
+        else:
+            logits = self._rows_step(size, context)
+        return logits[n - 1:n]
+
+    def _rows_step(self, size: int, context: int | None) -> torch.Tensor:
+        assert self._rows is not None
+        tokens, writes, lengths, slots = self._row_inputs[:, :size]
+        return self._rows.decode(tokens, writes, lengths, self.cache, context, slots=slots)
+
+    def _capture_rows(self, size: int, context: int | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Captured with idle rows (scratch writes in slot 0), then the real inputs put back.
+        saved = self._row_inputs[:, :size].clone()
+        for row, value in enumerate((0, self.cache.scratch_position, 1, 0)):
+            self._row_inputs[row, :size].fill_(value)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._rows_step(size, context)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._rows_step(size, context)
+        self._row_inputs[:, :size].copy_(saved)
+        log.debug("captured prefill-rows graph rows=%d context=%s", size, context)
+        return graph, logits
 
     # -- tokens -------------------------------------------------------------------------------------------
     def set_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:

@@ -75,6 +75,8 @@ class LlamaDecoder:
         #: Multimodal RoPE (Qwen2-VL): rows are rotated by positions the runner passes (a prompt's own 3-D ones; a
         #: decode row's length - 1 + its request's offset), not by their cache positions.
         self.multimodal_positions = "mrope_section" in (getattr(config, "rope_parameters", None) or {})
+        #: Decode rows may name their slots (:class:`~triton_vlm.engine.adapter.RowsDecoder`).
+        self.slotted_rows = True
         self.lm_head = lm_head
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -199,8 +201,9 @@ class LlamaDecoder:
 
     # -- decode -------------------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor, write_positions: torch.Tensor, lengths: torch.Tensor,
-               cache: SlotKVCache, context: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """One token for each of the first ``batch`` slots (row i is slot i).
+               cache: SlotKVCache, context: int | None = None, positions: torch.Tensor | None = None,
+               slots: torch.Tensor | None = None) -> torch.Tensor:
+        """One token for each of the first ``batch`` slots (row i is slot i, or ``slots[i]``).
 
         Per row: ``tokens`` the input token, ``write_positions`` where its K/V goes (the scratch column for idle
         rows) and ``lengths`` how many positions it attends to; ``positions`` its rotary position (default
@@ -209,7 +212,7 @@ class LlamaDecoder:
         h = self.embed_tokens(tokens)
         cos, sin = self._rope(h, lengths - 1 if positions is None else positions)
         h = self._layers(h, cos, sin, decode_attention(cache, write_positions, lengths, context, self.fused,
-                                                       self.window))
+                                                       self.window, slots))
         return self.logits(h)
 
     # -- both in one forward ------------------------------------------------------------------------------
