@@ -30,10 +30,17 @@ def case(request: pytest.FixtureRequest) -> tuple[ParityCase, Any, list[list[int
     return parity, loaded, parity.reference(loaded)
 
 
+def rows_engine(parity: ParityCase, loaded: Any, **config: Any) -> Any:
+    """An engine that runs rows on the CPU too (where there are no graphs, the runner keeps to prefill)."""
+    engine = parity.engine(loaded, **config)
+    engine.runner.rows_eagerly = True
+    return engine
+
+
 def test_chunks_after_the_image_run_as_rows_and_keep_the_tokens(case: tuple[ParityCase, Any, list[list[int]]]) -> None:
     """Prompts in chunks of 16: those holding image rows prefill as before, the text ones after them as rows."""
     parity, loaded, reference = case
-    engine = parity.engine(loaded, max_num_seqs=2, max_prefill_tokens=16, prefill_rows_max=16)
+    engine = rows_engine(parity, loaded, max_num_seqs=2, max_prefill_tokens=16, prefill_rows_max=16)
     assert engine.generate(parity.items()) == reference
     assert engine.stats.row_prefills > 0
     assert engine.cache.free_slots == engine.cache.num_slots
@@ -43,7 +50,7 @@ def test_a_later_turn_prefills_its_new_text_as_rows(case: tuple[ParityCase, Any,
     """The same requests again, one at a time as a chat's turns come: each starts from its cached prefix, and what
     is left (the prompt's last block or so) is short text."""
     parity, loaded, reference = case
-    engine = parity.engine(loaded, max_num_seqs=4, prefill_rows_max=128)
+    engine = rows_engine(parity, loaded, max_num_seqs=4, prefill_rows_max=128)
     assert engine.generate(parity.items()) == reference
     rows, hits = engine.stats.row_prefills, engine.stats.prefix_hits
     assert [engine.generate([item])[0] for item in parity.items()] == reference
@@ -51,12 +58,13 @@ def test_a_later_turn_prefills_its_new_text_as_rows(case: tuple[ParityCase, Any,
     assert engine.stats.prefix_hits - hits >= 2 and engine.stats.row_prefills - rows >= engine.stats.prefix_hits - hits
 
 
-def test_rows_are_off_unless_asked_for() -> None:
+def test_rows_are_off_unless_asked_for_and_graphed() -> None:
     parity = CASES["llava"]
     loaded = parity.load()
-    engine = parity.engine(loaded, max_num_seqs=2, max_prefill_tokens=16)
-    engine.generate(parity.items()[:1])
-    assert engine.stats.row_prefills == 0
+    for engine in (rows_engine(parity, loaded, max_num_seqs=2, max_prefill_tokens=16),
+                   parity.engine(loaded, max_num_seqs=2, max_prefill_tokens=16, prefill_rows_max=16)):
+        engine.generate(parity.items()[:1])
+        assert engine.stats.row_prefills == 0
     with pytest.raises(ConfigError, match="prefill_rows_max"):
         EngineConfig(prefill_rows_max=-1)
 
@@ -77,7 +85,7 @@ def test_slotted_rows_read_the_slots_they_name() -> None:
 def test_a_chunk_with_image_rows_is_not_taken_as_rows() -> None:
     parity = CASES["llava"]
     loaded = parity.load()
-    engine = parity.engine(loaded, prefill_rows_max=128)
+    engine = rows_engine(parity, loaded, prefill_rows_max=128)
     request = engine.prepare(noise(20, 20, 0), "hi", SamplingParams(max_tokens=2), lambda _: None)
     from triton_vlm.engine.request import Sequence
     from triton_vlm.engine.scheduler import PrefillChunk

@@ -167,8 +167,8 @@ class EngineConfig:
     #: Positions per prefix-cache block: prefixes are matched in whole blocks.
     prefix_block_size: int = 16
     #: Prompt chunks of at most this many positions (up to 128), all text, run as decode rows of their slot, from
-    #: CUDA graphs: a chat's later turn then skips the host's launches of an eager prefill (on an H100 about 20 ms
-    #: for llava, whatever the chunk's length). 0: off, the default until it is measured on the GPU.
+    #: CUDA graphs (so GPUs only): a chat's later turn then skips the host's launches of an eager prefill (on an
+    #: H100 about 20 ms for llava, whatever the chunk's length). 0: off, the default until it is measured there.
     prefill_rows_max: int = 0
     #: MB of recently seen images kept by the digest of their file, twice: decoded (the model's requests, batched
     #: or on the engine) and through the processor (the engine's one-image requests). A chat resends its image every

@@ -93,6 +93,9 @@ class ModelRunner:
         self._rows: RowsDecoder | None = (decoder if config.prefill_rows_max and slotted(decoder)
                                           and self._positioned is None else None)
         self._row_inputs = torch.zeros((4, ROW_BUCKETS[-1]), dtype=torch.long, device=self.device)
+        #: Rows without graphs too (tests on the CPU). Only a graph makes rows pay: run eagerly they cost more than
+        #: a prefill (the torch twin gathers the slot's K/V for every row).
+        self.rows_eagerly = False
         self._row_graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -138,8 +141,8 @@ class ModelRunner:
 
     def takes_as_rows(self, chunks: list[PrefillChunk]) -> bool:
         """Whether :meth:`prefill_rows` runs ``chunks``: one chunk, short (``prefill_rows_max``), all text (its
-        token ids embed as the prompt's embeddings do)."""
-        if self._rows is None or len(chunks) != 1:
+        token ids embed as the prompt's embeddings do), where decode steps replay graphs."""
+        if self._rows is None or len(chunks) != 1 or not (self.use_graphs or self.rows_eagerly):
             return False
         chunk = chunks[0]
         if chunk.length > min(self.config.prefill_rows_max, ROW_BUCKETS[-1]):
