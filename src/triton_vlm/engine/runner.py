@@ -165,16 +165,9 @@ class ModelRunner:
                   *range(start + 1, start + n + 1), *[1] * idle,
                   *[slot] * size]
         self._row_inputs[:, :size].copy_(device_longs(inputs, self.device).view(4, size))
-        context = None if self.decoder.fused else min(
-            self.cache.max_len, -(-(start + n) // self.config.graph_len_step) * self.config.graph_len_step)
-        if self.use_graphs:
-            key = (size, context)
-            if key not in self._row_graphs:
-                self._row_graphs[key] = self._capture_rows(size, context)
-            graph, logits = self._row_graphs[key]
-            graph.replay()
-        else:
-            logits = self._rows_step(size, context)
+        context = None if self.decoder.fused else self._context_bound(start + n)
+        logits = self._replayed(self._row_graphs, (size, context), lambda: self._capture_rows(size, context),
+                                lambda: self._rows_step(size, context))
         return logits[n - 1:n]
 
     def _rows_step(self, size: int, context: int | None) -> torch.Tensor:
@@ -183,22 +176,11 @@ class ModelRunner:
         return self._rows.decode(tokens, writes, lengths, self.cache, context, slots=slots)
 
     def _capture_rows(self, size: int, context: int | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Captured with idle rows (scratch writes in slot 0), then the real inputs put back.
-        saved = self._row_inputs[:, :size].clone()
-        for row, value in enumerate((0, self.cache.scratch_position, 1, 0)):
-            self._row_inputs[row, :size].fill_(value)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._rows_step(size, context)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._rows_step(size, context)
-        self._row_inputs[:, :size].copy_(saved)
+        # Idle rows: token 0 writing to the scratch column of slot 0, attending to one position.
+        captured = self._captured(lambda: self._rows_step(size, context), self._row_inputs[:, :size],
+                                  (0, self.cache.scratch_position, 1, 0))
         log.debug("captured prefill-rows graph rows=%d context=%s", size, context)
-        return graph, logits
+        return captured
 
     # -- tokens -------------------------------------------------------------------------------------------
     def set_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
@@ -230,15 +212,22 @@ class ModelRunner:
         batch = self.buckets[bisect.bisect_left(self.buckets, max(s.slot for s in seqs) + 1)]
         context = self._context(seqs)
         self._stage(seqs, batch)
-        if self.use_graphs:
-            key = (batch, context)
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(batch, context)
-            graph, logits = self._graphs[key]
-            graph.replay()
-        else:
-            logits = self._decode_step(batch, context)
+        logits = self._replayed(self._graphs, (batch, context), lambda: self._capture(batch, context),
+                                lambda: self._decode_step(batch, context))
         return logits if need_logits else None
+
+    def _replayed(self, graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]], key: GraphKey,
+                  capture: Callable[[], tuple[torch.cuda.CUDAGraph, torch.Tensor]],
+                  eager: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The step ``key`` names, replayed from ``graphs`` (captured on first use) where there are graphs; else
+        run eagerly. Its output (a graph's static one: read it before the next replay)."""
+        if not self.use_graphs:
+            return eager()
+        if key not in graphs:
+            graphs[key] = capture()
+        graph, output = graphs[key]
+        graph.replay()
+        return output
 
     @torch.inference_mode()
     def prefill_and_decode(self, chunks: list[PrefillChunk], seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,8 +251,12 @@ class ModelRunner:
         device; else the longest row rounded up to a graph bucket."""
         if self.decoder.fused:
             return None
+        return self._context_bound(max(s.length for s in seqs))
+
+    def _context_bound(self, length: int) -> int:
+        """``length`` rounded up to a graph bucket (``graph_len_step``), at most the cache's length."""
         step = self.config.graph_len_step
-        return min(self.cache.max_len, -(-max(s.length for s in seqs) // step) * step)
+        return min(self.cache.max_len, -(-length // step) * step)
 
     def _stage(self, seqs: list[Sequence], batch: int) -> None:
         """Copy a decode step's per-row inputs (K/V write position, attended length) for rows ``[0, batch)`` to
@@ -301,22 +294,30 @@ class ModelRunner:
         tokens.copy_(torch.where(positions != self.cache.scratch_position, logits.argmax(dim=-1), tokens))
 
     def _capture(self, batch: int, context: int | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Capture with every row idle (scratch writes, tokens kept), then restore the real inputs.
-        saved = self._step_inputs[:, :batch].clone()
-        self._step_inputs[0, :batch].fill_(self.cache.scratch_position)
-        self._step_inputs[1, :batch].fill_(1)
+        # Every row idle: scratch writes, attending to one position, tokens kept.
+        captured = self._captured(lambda: self._decode_step(batch, context), self._step_inputs[:, :batch],
+                                  (self.cache.scratch_position, 1))
+        log.debug("captured decode graph batch=%d context=%s", batch, context)
+        return captured
+
+    def _captured(self, step: Callable[[], torch.Tensor], inputs: torch.Tensor,
+                  idle: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """``step`` as a CUDA graph (warmed up on a side stream first) and its output. Meanwhile ``inputs``, the
+        step's staged rows, hold ``idle`` (a value a row) so that nothing real is written; then they are put back."""
+        saved = inputs.clone()
+        for row, value in enumerate(idle):
+            inputs[row].fill_(value)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._decode_step(batch, context)
+                step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_step(batch, context)
-        self._step_inputs[:, :batch].copy_(saved)
-        log.debug("captured decode graph batch=%d context=%s", batch, context)
-        return graph, logits
+            output = step()
+        inputs.copy_(saved)
+        return graph, output
 
     @torch.inference_mode()
     def warmup(self, max_batch: int | None = None) -> None:
