@@ -95,3 +95,18 @@ def test_a_chunk_with_image_rows_is_not_taken_as_rows() -> None:
     assert not engine.runner.takes_as_rows([PrefillChunk(seq, 0, len(request.prompt_ids))])
     after = max(rows) + 1
     assert engine.runner.takes_as_rows([PrefillChunk(seq, after, len(request.prompt_ids) - after)])
+
+
+def test_warmup_captures_the_rows_sizes_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphs are captured ahead of traffic: the decode buckets, and each rows size a chunk up to
+    ``prefill_rows_max`` can take (captures recorded here; the CPU has no graphs)."""
+    parity = CASES["llava"]
+    runner = parity.engine(parity.load(), max_num_seqs=4, prefill_rows_max=40).runner
+    captured: list[tuple[str, int]] = []
+    monkeypatch.setattr(runner, "use_graphs", True)
+    monkeypatch.setattr(runner, "_capture", lambda batch, context: captured.append(("decode", batch)) or (None, None))
+    monkeypatch.setattr(runner, "_capture_rows", lambda size, context: captured.append(("rows", size)) or (None, None))
+    runner.warmup()
+    assert captured == [("decode", b) for b in runner.buckets] + [("rows", 16), ("rows", 32), ("rows", 64)]
+    runner.warmup()
+    assert len(captured) == len(runner.buckets) + 3  # once each

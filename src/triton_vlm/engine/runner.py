@@ -321,17 +321,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warmup(self, max_batch: int | None = None) -> None:
-        """Capture every batch bucket ahead of traffic (at the first context bucket, where graphs have them)."""
+        """Capture every batch bucket ahead of traffic (at the first context bucket, where graphs have them), and
+        the prefill rows' sizes where they run: a chat's first later turn would otherwise pay for its capture."""
         if not self.use_graphs:
             return
         if isinstance(self.encode_images, GraphedVision):
             self.encode_images.warmup()
+        context = None if self.decoder.fused else self._context_bound(1)
         for batch in self.buckets:
             if max_batch and batch > max_batch:
                 break
-            key = (batch, None if self.decoder.fused else min(self.cache.max_len, self.config.graph_len_step))
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(*key)
+            if (batch, context) not in self._graphs:
+                self._graphs[batch, context] = self._capture(batch, context)
+        if self._rows is not None:
+            for size in ROW_BUCKETS[:bisect.bisect_left(ROW_BUCKETS, self.config.prefill_rows_max) + 1]:
+                if (size, context) not in self._row_graphs:
+                    self._row_graphs[size, context] = self._capture_rows(size, context)
 
 
 def _uncached_request(seq: Sequence) -> EngineRequest:
