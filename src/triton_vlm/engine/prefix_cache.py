@@ -130,7 +130,8 @@ class PrefixCache:
         self._idle: OrderedDict[int, None] = OrderedDict()
 
     def place(self, keys: PrefixKeys | None, free: Sequence[int], prompt_len: int, min_cached: int = 0) -> Placement:
-        """The lowest of the ``free`` slots for a new request, with the longest cached prefix of its prompt there (at
+        """The lowest of the ``free`` slots for a new request (where every free slot holds a prefix: the idle one
+        holding this prompt's), with the longest cached prefix of its prompt there once the placement's copies ran (at
         least one prompt position is left to prefill: its logits give the first token; a prefix shorter than
         ``min_cached``, one the model must see in one chunk, counts as none). The slot now belongs to the request."""
         slot = min(free)
