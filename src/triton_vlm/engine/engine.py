@@ -321,23 +321,19 @@ class LLMEngine:
                 self._count_cached(plan.admitted)
                 self.runner.build_prompt_embeds(plan.admitted)
                 lap("vision")
-            if self.runner.takes_as_rows(plan.prefill):  # a short text chunk: graphed rows, then the decodes
-                prefill_logits = self.runner.prefill_rows(plan.prefill[0])
-                self.stats.row_prefills += 1
-                lap("prefill")
-                if plan.decode:
-                    decode_logits = self.runner.decode(plan.decode, need_logits=bool(sampled))
-                    lap("decode")
-            elif plan.prefill and plan.decode and self.runner.mixes:
+            as_rows = self.runner.takes_as_rows(plan.prefill)  # a short text chunk: graphed rows, then the decodes
+            mixed = bool(plan.prefill and plan.decode and self.runner.mixes) and not as_rows
+            if mixed:
                 prefill_logits, decode_logits = self.runner.prefill_and_decode(plan.prefill, plan.decode)
                 lap("mixed")
-            else:
-                if plan.prefill:
-                    prefill_logits = self.runner.prefill(plan.prefill)
-                    lap("prefill")
-                if plan.decode:
-                    decode_logits = self.runner.decode(plan.decode, need_logits=bool(sampled))
-                    lap("decode")
+            elif plan.prefill:
+                prefill_logits = (self.runner.prefill_rows(plan.prefill[0]) if as_rows
+                                  else self.runner.prefill(plan.prefill))
+                self.stats.row_prefills += as_rows
+                lap("prefill")
+            if plan.decode and not mixed:
+                decode_logits = self.runner.decode(plan.decode, need_logits=bool(sampled))
+                lap("decode")
             if finished_prefill:  # their first token
                 assert prefill_logits is not None
                 keep = [i for i, c in enumerate(plan.prefill) if c.completes_prompt]
