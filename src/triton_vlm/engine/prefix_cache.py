@@ -10,7 +10,7 @@ one key names the whole prefix up to the end of its block, at that block's posit
 **Where cached K/V live.** Where a request left them: a finished request's slot keeps its blocks (it is *idle*)
 until the slot is needed. A decode step is as wide as the highest running slot (row i reads slot i), and on an H100
 a step of 8 rows costs about 6% more than a step of one (the matmuls leave their one-row kernels), so a new request
-always takes the lowest free slot, as it would without the cache, and the cache works around that:
+takes the lowest free slot, as it would without the cache, and the cache works around that:
 
 - its longest cached prefix in that very slot: taken over, nothing to copy;
 - elsewhere (an idle slot or a running request's): copied into it; but where every free slot holds blocks, an idle

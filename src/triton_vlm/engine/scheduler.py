@@ -6,8 +6,9 @@ way. A prompt whose first chunk must hold a bidirectional prefix (``min_first_ch
 for it, or takes a step alone and exceeds the budget once.
 
 With a :class:`~triton_vlm.engine.prefix_cache.PrefixCache`, the scheduler also decides which slot a new request
-takes (always the lowest free one, as without the cache, and the copies that bring its longest cached prefix there)
-and tells the cache which blocks each slot holds as prompts are prefilled and requests finish.
+takes (the lowest free one, as without the cache, and the copies that bring its longest cached prefix there; see
+:meth:`~triton_vlm.engine.prefix_cache.PrefixCache.place` for the one exception) and tells the cache which blocks
+each slot holds as prompts are prefilled and requests finish.
 """
 
 from __future__ import annotations
