@@ -18,6 +18,8 @@ h100-llava-vision-profile.txt, h100-vision-overlap.txt.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -116,9 +118,6 @@ def time_prefill_chunk(engine: LLMEngine, start: int, length: int, iters: int = 
     """One chunk of ``length`` positions after ``start`` cached ones (slot 0): the host's time to launch it (the
     call returning, nothing waited for) against the device's span (CUDA events), each a median of ``iters``; then
     its kernels."""
-    import statistics
-    import time
-
     seq = Sequence(EngineRequest("c", [1] * (start + length), SamplingParams(max_tokens=1), _ignore))
     seq.slot = 0
     with torch.inference_mode():
