@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from triton_vlm.models import get_family
+from triton_vlm.sampling import SamplingParams
 from triton_vlm.tiny import (
     TINY_FORMAT_VERSION,
     ensure_tiny_checkpoint,
@@ -254,6 +255,30 @@ def test_llava_geometry_is_llava_1_5s_processor_and_prompt_over_a_tiny_model(tmp
     ours, real = (p(images=image, text=text, return_tensors="pt") for p in (processor, llava_7b_processor()))
     assert torch.equal(ours["input_ids"], real["input_ids"]) and int((ours["input_ids"] == 32000).sum()) == 576
     assert tuple(ours["pixel_values"].shape) == (1, 3, 336, 336)
+
+
+def test_smolvlm_geometry_is_smolvlm_instructs_processor_over_a_tiny_model(tmp_path: Path) -> None:
+    """A checkpoint a server loads whose processor takes a 336 px image to 1536 px and splits it into 16 tiles of 384
+    px and the global view, 81 rows each (as SmolVLM-Instruct's), over a model of well under a million parameters:
+    what the host's share of a SmolVLM request costs, measurable on a CPU."""
+    from PIL import Image
+
+    from triton_vlm.bench.checkpoints import save_random_full_size
+
+    from .helpers import ParityCase
+
+    save_random_full_size("smolvlm_geometry", tmp_path, torch.device("cpu"))
+    family = get_family("smolvlm")
+    model, processor = family.load(str(tmp_path), revision=None, dtype=torch.float32, device=torch.device("cpu"),
+                                   local_files_only=True, trust_remote_code=False)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    text = family.render_input(processor, "What is shown?")
+    out = processor(images=[Image.new("RGB", (336, 336))], text=[text], return_tensors="pt")
+    assert tuple(out["pixel_values"].shape) == (1, 17, 3, 384, 384)
+    assert int((out["input_ids"] == model.config.image_token_id).sum()) == 17 * 81
+    engine = ParityCase.engine((family, model, processor), max_model_len=2048)
+    request = engine.prepare(Image.new("RGB", (336, 336)), "What is shown?", SamplingParams(max_tokens=2), None)
+    assert len(request.mm_inputs["image_rows"]) == 17 * 81  # the engine takes it whole
 
 
 def test_full_size_smolvlm_is_smolvlm_instruct_on_the_meta_device() -> None:

@@ -190,7 +190,8 @@ LLAVA_ONEVISION_VOCAB = 152128
 def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
     """Write ``model``'s full-size random fp16 checkpoint (llava, llava_next, llava_onevision, kosmos2, moondream2,
     smolvlm, qwen2_vl or qwen2_5_vl) to ``path``, so a server loads it the real way (llava's: 13.5 GB in fp16;
-    llava_next's: 15 GB; llava_onevision's: 16 GB)."""
+    llava_next's: 15 GB; llava_onevision's: 16 GB); or a real processor over a tiny model (``llava_geometry``,
+    ``smolvlm_geometry``: fp32, for CPUs)."""
     path.mkdir(parents=True, exist_ok=True)
     if model in IN_MEMORY:
         loaded, processor = IN_MEMORY[model](device)
@@ -209,9 +210,15 @@ def save_random_full_size(model: str, path: Path, device: torch.device) -> Path:
         write_onevision(path, llava_onevision_7b_sizes(), vocab_size=LLAVA_ONEVISION_VOCAB, dtype=torch.float16,
                         device=device)
         return path
+    if model == "smolvlm_geometry":  # SmolVLM-Instruct's processor over the tiny model (fp32, for CPUs)
+        from triton_vlm.models.smolvlm.family import write_random_checkpoint as write_smolvlm
+
+        write_smolvlm(path, geometry=True)
+        return path
     if model not in ("kosmos2", "moondream2", "smolvlm"):
         raise ValueError(f"no full-size random checkpoint for {model!r} (llava, llava_next, llava_onevision, "
-                         f"kosmos2, moondream2, smolvlm, {', '.join(QWEN_VL_MODELS)})")
+                         f"kosmos2, moondream2, smolvlm, {', '.join(QWEN_VL_MODELS)}; llava_geometry, "
+                         "smolvlm_geometry)")
     family = importlib.import_module(f"triton_vlm.models.{model}.family")
     family.write_random_checkpoint(path, full_size=True, dtype=torch.float16, device=device)
     return path

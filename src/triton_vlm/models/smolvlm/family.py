@@ -63,13 +63,16 @@ class SmolVLMFamily(ModelFamily):
         write_random_checkpoint(path)
 
 
-def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any = None, device: Any = None) -> None:
+def write_random_checkpoint(path: Path, *, full_size: bool = False, geometry: bool = False, dtype: Any = None,
+                            device: Any = None) -> None:
     """A random-weight Idefics3 with SmolVLM's processor and chat template and a tiny trained tokenizer.
 
     Tiny: 32 px tiles of 8 px patches, pixel shuffle by 2 (4 ``<image>`` tokens per tile); images are resized to 64
     px on their longest edge, so most split into 2 or 2x2 tiles plus the global view. ``full_size`` takes
     HuggingFaceTB/SmolVLM-Instruct's shapes for benchmarks (speed depends on shapes, not weight values): see
-    :func:`smolvlm_instruct_config`; the tokenizer's ids all lie inside its vocabulary."""
+    :func:`smolvlm_instruct_config`; the tokenizer's ids all lie inside its vocabulary. ``geometry``: the real
+    processor and image geometry (1536 px, 384 px tiles of 81 rows: 1377 rows for a square image) over the tiny
+    model, for measuring the host's share of a request on a CPU."""
     from transformers import Idefics3ForConditionalGeneration, Idefics3Processor, LlamaTokenizer
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
@@ -82,10 +85,12 @@ def write_random_checkpoint(path: Path, *, full_size: bool = False, dtype: Any =
                           "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))],
                          special_tokens=True)
     tokenizer.add_special_tokens({"eos_token": "<end_of_utterance>"})  # as SmolVLM-Instruct: a turn ends it
-    tile, longest = (384, 1536) if full_size else (32, 64)
+    tile, longest = (384, 1536) if full_size or geometry else (32, 64)
     image_processor = Idefics3ImageProcessorPil(size={"longest_edge": longest}, max_image_size={"longest_edge": tile},
                                                 do_image_splitting=True)
-    config = smolvlm_instruct_config(tokenizer) if full_size else tiny_config(tokenizer)
+    config = (smolvlm_instruct_config(tokenizer) if full_size
+              else tiny_config(tokenizer, image_size=384, patch_size=14, scale_factor=3) if geometry
+              else tiny_config(tokenizer))
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_len=image_seq_len(config), chat_template=CHAT_TEMPLATE)
     seeded()
@@ -110,20 +115,21 @@ def _token_ids(tokenizer: Any) -> dict[str, int]:
                 pad_token_id=tokenizer.pad_token_id)
 
 
-def tiny_config(tokenizer: Any) -> Any:
+def tiny_config(tokenizer: Any, *, image_size: int = 32, patch_size: int = 8, scale_factor: int = 2) -> Any:
     """The tiny test architecture; rope_theta as SmolVLM-Instruct's, tied embeddings as SmolVLM-256M/500M's.
     Weights drawn 10x wider than transformers' default (std 0.2): at 0.02 the two tied layers answer one token
-    whatever the image and prompt, and tests comparing token ids would then prove nothing."""
+    whatever the image and prompt, and tests comparing token ids would then prove nothing. The tile geometry
+    (``image_size``, ``patch_size``, ``scale_factor``) is the tiny tests' unless given."""
     from transformers import Idefics3Config
 
     return Idefics3Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+                           image_size=image_size, patch_size=patch_size),
         text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
                          max_position_embeddings=2048, rope_theta=273768.0, tie_word_embeddings=True,
                          initializer_range=0.2, **_token_ids(tokenizer)),
-        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
+        scale_factor=scale_factor, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
     )
 
 
