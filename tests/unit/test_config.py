@@ -74,12 +74,23 @@ def test_sections_are_frozen() -> None:
     (EngineConfig, {"max_queue_size": -1}, "max_queue_size", "max_queue_size must be >= 0 (0: no bound), got -1"),
     (EngineConfig, {"stream_interval": 0}, "stream_interval", "stream_interval must be >= 1"),
     (EngineConfig, {"quantization": "int4"}, "quantization", "quantization must be one of ('none', 'fp8')"),
+    (EngineConfig, {"prepare_workers": -1}, "prepare_workers", "prepare_workers must be >= 0 (0: by the host's"),
 ])
 def test_sections_validate_on_construction(section: type, kwargs: dict[str, object], key: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         section(**kwargs)
     assert info.value.key == key and fragment in str(info.value)
     assert isinstance(info.value, InvalidInputError)
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (64, 4)])
+def test_prepare_workers_by_default_take_a_quarter_of_the_cores_up_to_four(
+        monkeypatch: pytest.MonkeyPatch, cores: int, threads: int) -> None:
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert EngineConfig().prepare_threads() == threads
+    assert EngineConfig(prepare_workers=3).prepare_threads() == 3  # as set, whatever the host
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

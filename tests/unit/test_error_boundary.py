@@ -158,10 +158,12 @@ def execute_soon(model: Any, requests: list[Request]) -> float:
 
 
 # -- the stream model ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", ["1", "3"])
 def test_a_step_out_of_gpu_memory_fails_its_request_and_the_rest_of_the_batch_is_answered(
-        backend: SimpleNamespace, llava_runtime: VLMRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+        backend: SimpleNamespace, llava_runtime: VLMRuntime, monkeypatch: pytest.MonkeyPatch, workers: str) -> None:
+    """With the requests prepared on the service's thread, and by a pool of workers."""
     monkeypatch.setattr(backend.engine_service, "LLMEngine", SteppingEngine)
-    model = stream_model(backend, llava_runtime)
+    model = stream_model(backend, llava_runtime, prepare_workers=workers)
     batch = [Request("What is this?"), Request("oom: what is this?"), Request("And this?")]
     assert model.execute(batch) is None
     first, failed, last = (r.sender.final() for r in batch)
@@ -212,10 +214,11 @@ class ExplodingProcessor:
         return self._processor(*args, **kwargs)
 
 
+@pytest.mark.parametrize("workers", ["1", "3"])
 def test_a_processor_error_in_prepare_fails_its_request_and_the_rest_of_the_batch_is_answered(
-        backend: SimpleNamespace, llava_runtime: VLMRuntime) -> None:
-    """On the real engine: the processor runs inside ``engine.prepare``."""
-    model = stream_model(backend)
+        backend: SimpleNamespace, llava_runtime: VLMRuntime, workers: str) -> None:
+    """On the real engine: the processor runs inside ``engine.prepare`` (on the service's thread, or a worker's)."""
+    model = stream_model(backend, prepare_workers=workers)
     loaded = llava_runtime.ensure_loaded()
     model.runtime._loaded = replace(loaded, processor=ExplodingProcessor(loaded.processor))
     # Its own image: an image the engine processed lately skips the processor (only its text is tokenized).
@@ -238,7 +241,7 @@ def test_a_processor_error_in_prepare_fails_its_request_and_the_rest_of_the_batc
 def test_the_engine_builds_on_its_own_thread_while_requests_wait_in_order(
         backend: SimpleNamespace, llava_runtime: VLMRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
     """execute returns at once while the engine builds; the requests that arrived meanwhile are served, in the
-    order they came, once it is ready."""
+    order they came, once it is ready (one prepare worker: several may finish out of order)."""
     gate = threading.Event()
 
     class SlowToBuild(SteppingEngine):
@@ -251,7 +254,7 @@ def test_the_engine_builds_on_its_own_thread_while_requests_wait_in_order(
             type(self).instances.append(self)
 
     monkeypatch.setattr(backend.engine_service, "LLMEngine", SlowToBuild)
-    model = stream_model(backend, llava_runtime)
+    model = stream_model(backend, llava_runtime, prepare_workers="1")
     batches = [[Request("one?"), Request("two?")], [Request("three?")]]
     for batch in batches:
         assert execute_soon(model, batch) < 1.0
@@ -261,6 +264,69 @@ def test_the_engine_builds_on_its_own_thread_while_requests_wait_in_order(
     assert SlowToBuild.built_on == ["triton-vlm-engine-service"]
     assert SlowToBuild.instances[0].submitted == ["one?", "two?", "three?"]
     model.finalize()
+
+
+def test_requests_are_prepared_side_by_side_once_the_engine_is_built(
+        backend: SimpleNamespace, llava_runtime: VLMRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With prepare_workers 3, a burst is prepared by several workers at once: three prepares that each wait until
+    all three are inside meet (one after another, the first would wait alone and fail). The engine is built once,
+    on the service's thread, by the first request."""
+    meeting = threading.Barrier(3, timeout=10)
+    prepared_on: list[str] = []
+
+    class Meeting(SteppingEngine):
+        built_on: list[str] = []
+
+        def prepare(self, image: Any, prompt: str, params: Any, on_output: Any, **kwargs: Any) -> EngineRequest:
+            if "meet" in prompt:
+                prepared_on.append(threading.current_thread().name)
+                meeting.wait()
+            return super().prepare(image, prompt, params, on_output, **kwargs)
+
+    monkeypatch.setattr(backend.engine_service, "LLMEngine", Meeting)
+    model = stream_model(backend, llava_runtime, prepare_workers="3")
+    first = Request("What is this?")
+    model.execute([first])
+    assert first.sender.final().error is None
+    burst = [Request(f"meet {i}?") for i in range(3)]
+    model.execute(burst)
+    assert all(r.sender.final().error is None for r in burst)
+    assert all(r.sender.text() == expected_text(llava_runtime, 3) for r in burst)
+    assert len(set(prepared_on)) == 3 and all(name.startswith("triton-vlm-prepare") for name in prepared_on)
+    assert Meeting.built_on == ["triton-vlm-engine-service"]
+    model.finalize()
+
+
+def test_finalize_waits_for_the_prepare_workers_and_names_a_request_stuck_there(
+        backend: SimpleNamespace, llava_runtime: VLMRuntime, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    release = threading.Event()
+    entered = threading.Event()
+
+    class StuckInPrepare(SteppingEngine):
+        def prepare(self, image: Any, prompt: str, params: Any, on_output: Any, **kwargs: Any) -> EngineRequest:
+            if "stuck" in prompt:
+                entered.set()
+                release.wait(30)
+            return super().prepare(image, prompt, params, on_output, **kwargs)
+
+    monkeypatch.setattr(backend.engine_service, "LLMEngine", StuckInPrepare)
+    monkeypatch.setattr(backend.stream_model, "FINALIZE_WAIT_S", 0.3)
+    model = stream_model(backend, llava_runtime, prepare_workers="2")
+    first = Request("What is this?")
+    model.execute([first])
+    assert first.sender.final().error is None
+    stuck = Request("stuck?")
+    model.execute([stuck])
+    assert entered.wait(10)
+    with caplog.at_level(logging.INFO, logger="triton_vlm"):
+        model.finalize()
+    assert any("1 request(s) in the prepare workers" in r.getMessage() for r in caplog.records)
+    release.set()
+    error = stuck.sender.final().error  # prepared once the model stopped: refused, not lost
+    assert error.code == "UNAVAILABLE" and "is unloading" in error.message
 
 
 def test_an_engine_that_fails_to_build_answers_every_waiting_request_then_builds_for_the_next(

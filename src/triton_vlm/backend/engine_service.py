@@ -1,22 +1,29 @@
 """The engine of a ``<model>_stream`` model, as a service on its own thread ("triton-vlm-engine-service").
 
-Triton's ``execute`` only admits requests and queues them here. This thread takes them in order and does each one's
-own work: read and validate its inputs, build the engine if it is not built yet (weights, engine, CUDA graphs:
-never on Triton's execute thread), tokenize the request (``engine.prepare``, where the processor runs) and submit
-it (a request for ``n`` choices too: the engine runs one sequence per choice), or pass it to the batched tasks when the
-engine does not run its task.
+Triton's ``execute`` only admits requests and queues them here. Each request's own work: read and validate its
+inputs, build the engine if it is not built yet (weights, engine, CUDA graphs: never on Triton's execute thread),
+tokenize the request (``engine.prepare``, where the processor runs) and submit it (a request for ``n`` choices too:
+the engine runs one sequence per choice), or pass it to the batched tasks when the engine does not run its task.
+
+This thread takes the requests in order. Until the engine is built it serves each one itself (the first builds
+it); from then on it hands each to a pool of ``prepare_workers`` threads ("triton-vlm-prepare"), so a burst of
+requests is prepared side by side: image decoding and processing let go of the GIL, and one processor call per
+request after another would bound the engine's request rate (SmolVLM's, which tiles a 1536 px image: ~150 ms a
+request on a CPU core). With one worker the service's thread does it all.
 
 Requests that arrive while the engine builds wait in the queue and are served, in order, once it is ready. If the
 build fails, the request that asked for it and every one waiting then get the build's error
 (:class:`ModelUnavailableError`, or the load error), and the next request tries again.
 
 One error boundary wraps each request's work (:meth:`EngineService._serve`): whatever it raises (a bad input, a
-processor error, CUDA out of memory, a bug) becomes that request's error response, and the thread goes on with the
+processor error, CUDA out of memory, a bug) becomes that request's error response, and the service goes on with the
 next request.
 
 Ownership: anyone puts into the inbox, only this thread takes from it; the engine is built and published
-(:attr:`EngineService.engine`) by this thread and shut down by :meth:`EngineService.stop` once the thread stopped.
-The engine's own entry points (``submit``, ``abort``) are thread-safe; its loop runs on the engine's thread.
+(:attr:`EngineService.engine`) by this thread and shut down by :meth:`EngineService.stop` once the thread and the
+pool's work stopped. What the workers share is thread-safe: ``engine.prepare`` (the processor, the caches of
+decoded and processed images), the response loop's and the engine's inboxes. The engine's own entry points
+(``submit``, ``abort``) are thread-safe; its loop runs on the engine's thread.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -95,7 +103,7 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
     :meth:`stop`, :attr:`engine`."""
 
     def __init__(self, runtime: VLMRuntime, metrics: BackendMetrics, responses: ResponseLoop, tasks: BatchedTasks,
-                 build: EngineBuilder, faults: FaultInjection | None = None) -> None:
+                 build: EngineBuilder, faults: FaultInjection | None = None, prepare_workers: int = 1) -> None:
         super().__init__("triton-vlm-engine-service")
         self.runtime = runtime
         self.model_name = runtime.settings.model_name
@@ -104,9 +112,16 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
         self.tasks = tasks
         self.faults = faults or FaultInjection()
         self._build = build
-        self._ids = itertools.count(1)  # this thread's
+        self._ids = itertools.count(1)  # next() on a count is atomic: the workers share it
         #: Written once by this thread when the engine is ready; read by any (a reference: no lock needed).
         self._engine: Engine | None = None
+        self._pool = (ThreadPoolExecutor(prepare_workers, thread_name_prefix="triton-vlm-prepare")
+                      if prepare_workers > 1 else None)
+        #: The pool's requests not yet done (stop waits for them); added by this thread, removed by the workers.
+        self._preparing: set[Future[None]] = set()
+        self._preparing_lock = threading.Lock()
+        #: Set by :meth:`stop`: a request prepared after it is refused, not handed to a stopping engine.
+        self._stopping = threading.Event()
 
     @property
     def engine(self) -> Engine | None:
@@ -127,7 +142,15 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
         """Stop taking requests, then shut the engine down, waiting at most ``timeout`` seconds in all (the
         service's thread stops at once unless a build or a request is under way). Names what did not stop."""
         deadline = time.monotonic() + timeout
+        self._stopping.set()
         stuck = [] if self._join(timeout) else [f"thread {self.name}"]
+        if self._pool is not None:
+            with self._preparing_lock:
+                preparing = list(self._preparing)
+            _, unfinished = wait(preparing, timeout=max(deadline - time.monotonic(), 0.1))
+            if unfinished:
+                stuck.append(f"{len(unfinished)} request(s) in the prepare workers")
+            self._pool.shutdown(wait=False)
         engine = self._engine
         if engine is not None and not engine.shutdown(timeout=max(deadline - time.monotonic(), 0.1)):
             stuck.append("the engine thread")
@@ -148,8 +171,21 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
                     item.done.set_exception(exc)
                 else:
                     item.done.set_result(None)
+            elif self._pool is None or self._engine is None:
+                self._serve(item)  # before the engine is built, one request at a time: the first builds it
             else:
-                self._serve(item)
+                self._hand_to_pool(item)
+
+    def _hand_to_pool(self, request: OpenRequest) -> None:
+        assert self._pool is not None
+        with self._preparing_lock:
+            future = self._pool.submit(self._serve, request)
+            self._preparing.add(future)
+        future.add_done_callback(self._prepared)
+
+    def _prepared(self, future: Future[None]) -> None:
+        with self._preparing_lock:
+            self._preparing.discard(future)
 
     def _serve(self, request: OpenRequest) -> None:
         """The error boundary of one request's work: whatever it raises ends that request with its error."""
@@ -179,6 +215,8 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
         prepared = engine.prepare(list(parsed.images), parsed.prompt, parsed.params, self.responses.put,
                                   request_id=request.request_id)
         request.prepared = time.perf_counter()
+        if self._stopping.is_set():  # the response loop and the engine stop too: end it here
+            raise ModelUnavailableError(f"model {self.model_name!r} is unloading")
         self.responses.open(request, engine, True if stream is None else stream, parsed)
         # The response loop owns the request from here: a failure reaches it as the request's last output.
         try:

@@ -62,7 +62,8 @@ class TritonVLMStreamModel:
         self.responses = ResponseLoop(self.runtime, self.metrics, EngineMetrics(self.model_name), extra_outputs)
         self.tasks = BatchedTasks(self.runtime, self.metrics, extra_outputs)
         self.service = EngineService(self.runtime, self.metrics, self.responses, self.tasks,
-                                     functools.partial(build_engine, self.runtime), FaultInjection.from_env())
+                                     functools.partial(build_engine, self.runtime), FaultInjection.from_env(),
+                                     prepare_workers=settings.engine.prepare_threads())
         for part in (self.responses, self.tasks, self.service):
             part.start()
         if settings.weights.preload:

@@ -19,6 +19,7 @@ policy of a batched model): ``TRITON_VLM_LLAVA_MAX_QUEUE_SIZE`` bounds llava's q
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -174,6 +175,20 @@ class EngineConfig:
     #: or on the engine) and through the processor (the engine's one-image requests). A chat resends its image every
     #: turn; a kept one skips the decode and the processor, milliseconds of the turn's first token. 0: off.
     image_cache_mb: int = 256
+    #: Threads that read, decode and process requests for the engine (``engine.prepare``: the image processor runs
+    #: there), so a burst of requests is prepared side by side instead of one after another (PIL and NumPy let go of
+    #: the GIL). A processor that tiles a large image bounds the request rate otherwise: SmolVLM's takes ~150 ms a
+    #: request on one CPU core. They take cores from the engine's own thread: 0 (the default) is a quarter of the
+    #: cores this process may use, 1 to 4 (1 below 8 cores: the engine's thread then runs on the CPU too, or shares
+    #: too few cores). 1: on the engine service's own thread.
+    prepare_workers: int = 0
+
+    def prepare_threads(self) -> int:
+        """:attr:`prepare_workers` on this host (0 resolved from the cores this process may use)."""
+        if self.prepare_workers:
+            return self.prepare_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(4, cores // 4))
 
     def __post_init__(self) -> None:
         for key, low in (("max_model_len", 16), ("max_num_seqs", 1), ("max_prefill_tokens", 16),
@@ -182,6 +197,7 @@ class EngineConfig:
         _at_least(self, "max_queue_size", 0, " (0: no bound)")
         _at_least(self, "image_cache_mb", 0, " (0: off)")
         _at_least(self, "prefill_rows_max", 0, " (0: off)")
+        _at_least(self, "prepare_workers", 0, " (0: by the host's cores)")
         fraction = self.kv_cache_memory_fraction
         if not 0.05 <= fraction <= 0.98:
             raise ConfigError(f"kv_cache_memory_fraction must be in [0.05, 0.98], got {fraction!r}",
