@@ -61,9 +61,11 @@ class RunningServer(ServerHandle):
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     http, grpc, metrics = free_ports()
-    # DEBUG: one log line per request (tests/integration/test_observability.py reads them).
+    # DEBUG: one log line per request (tests/integration/test_observability.py reads them). llava_stream prepares
+    # its requests on two workers (the pool of a host of 8+ cores); the other engine models on the service's thread
+    # (what this 2-core machine's default gives).
     options = ServerOptions(models=SERVED_MODELS, tiny=True, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                            extra_env={"TRITON_VLM_LOG_LEVEL": "DEBUG"})
+                            extra_env={"TRITON_VLM_LOG_LEVEL": "DEBUG", "TRITON_VLM_LLAVA_STREAM_PREPARE_WORKERS": "2"})
     with open(log_path, "w") as log_file:
         server = TritonServer(options, log_file=log_file)
         server.start()

@@ -84,6 +84,9 @@ def test_concurrent_streams_equal_direct(triton: RunningServer, llava: VLMRuntim
                               prompts))
     client.close()
     assert texts == [_expected(llava, sample_image_bytes, p, max_tokens=10) for p in prompts]
+    # The session server prepares llava_stream's requests on two workers (conftest.py): these went through them.
+    assert "model llava_stream: engine ready in " in triton.log()
+    assert "(requests prepared on 2 workers)" in triton.log()
 
 
 def test_stream_errors_are_typed_and_the_stream_model_keeps_serving(triton: RunningServer,

@@ -115,6 +115,7 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
         self._ids = itertools.count(1)  # next() on a count is atomic: the workers share it
         #: Written once by this thread when the engine is ready; read by any (a reference: no lock needed).
         self._engine: Engine | None = None
+        self.prepare_workers = prepare_workers
         self._pool = (ThreadPoolExecutor(prepare_workers, thread_name_prefix="triton-vlm-prepare")
                       if prepare_workers > 1 else None)
         #: The pool's requests not yet done (stop waits for them); added by this thread, removed by the workers.
@@ -244,7 +245,9 @@ class EngineService(InboxWorker[OpenRequest | _Preload]):
             self.metrics.loaded.set(1)
             if loaded is not None:
                 self.metrics.load_seconds.set(loaded.load_seconds)
-            log.info("model %s: engine ready in %.1fs", self.model_name, time.monotonic() - started)
+            log.info("model %s: engine ready in %.1fs (requests prepared on %s)", self.model_name,
+                     time.monotonic() - started, "the service's thread" if self._pool is None
+                     else f"{self.prepare_workers} workers")
             self._engine = engine
         return self._engine
 
