@@ -138,7 +138,7 @@ class PrefixCache:
         source, blocks = (-1, 0) if keys is None else self._longest(keys.keys[:(prompt_len - 1) // self.block_size])
         if blocks * self.block_size < min_cached:
             source, blocks = -1, 0
-        if source in free and not any(not self._blocks[other] for other in free):
+        if source in free and all(self._blocks[other] for other in free):
             slot = source  # every free slot holds a prefix: moving one down would cost another, so run where it is
         copies = []
         if source != slot:

@@ -223,11 +223,18 @@ class ModelRunner:
         run eagerly. Its output (a graph's static one: read it before the next replay)."""
         if not self.use_graphs:
             return eager()
-        if key not in graphs:
-            graphs[key] = capture()
-        graph, output = graphs[key]
+        graph, output = self._graph(graphs, key, capture)
         graph.replay()
         return output
+
+    @staticmethod
+    def _graph(graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]], key: GraphKey,
+               capture: Callable[[], tuple[torch.cuda.CUDAGraph, torch.Tensor]]
+               ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """``graphs[key]``, captured first where it is missing."""
+        if key not in graphs:
+            graphs[key] = capture()
+        return graphs[key]
 
     @torch.inference_mode()
     def prefill_and_decode(self, chunks: list[PrefillChunk], seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,12 +338,10 @@ class ModelRunner:
         for batch in self.buckets:
             if max_batch and batch > max_batch:
                 break
-            if (batch, context) not in self._graphs:
-                self._graphs[batch, context] = self._capture(batch, context)
+            self._graph(self._graphs, (batch, context), functools.partial(self._capture, batch, context))
         if self._rows is not None:
             for size in ROW_BUCKETS[:bisect.bisect_left(ROW_BUCKETS, self.config.prefill_rows_max) + 1]:
-                if (size, context) not in self._row_graphs:
-                    self._row_graphs[size, context] = self._capture_rows(size, context)
+                self._graph(self._row_graphs, (size, context), functools.partial(self._capture_rows, size, context))
 
 
 def _uncached_request(seq: Sequence) -> EngineRequest:
